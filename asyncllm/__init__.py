@@ -1,0 +1,21 @@
+"""asyncllm: an LLM inference engine that lives inside your Python web app."""
+from asyncllm.config import EngineArgs
+from asyncllm.errors import (
+    EngineDeadError,
+    EngineOverloadedError,
+    EngineShutdownError,
+    InvalidRequestError,
+    PromptTooLongError,
+    RequestFailedError,
+)
+from asyncllm.llm import LLM
+from asyncllm.outputs import CompletionOutput, Logprob, RequestOutput
+from asyncllm.sampling_params import RequestOutputKind, SamplingParams
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LLM", "EngineArgs", "SamplingParams", "RequestOutputKind", "RequestOutput", "CompletionOutput", "Logprob",
+    "EngineDeadError", "EngineOverloadedError", "EngineShutdownError", "InvalidRequestError", "PromptTooLongError",
+    "RequestFailedError", "__version__",
+]

@@ -1,0 +1,101 @@
+"""EngineArgs (the one definition of every engine option) and the resolved configs.
+
+The CLI builds its flags from the fields of EngineArgs, so an option added here is
+an option of `asyncllm serve` too. `help` metadata becomes the flag's help text.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from asyncllm.sampling_params import SamplingLimits
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class EngineArgs:
+    model: str | None = _opt(None, "HF-format folder (config.json + *.safetensors) or a .gguf file; "
+                                   "default: the embedded SmolLM2-135M-Instruct")
+    tokenizer: str | None = _opt(None, "tokenizer folder, when not the model's own")
+    dtype: str = _opt("auto", "weights and activations dtype: auto, float32, bfloat16, float16",
+                      choices=["auto", "float32", "bfloat16", "float16"])
+    device: str = _opt("auto", "auto, cpu or cuda")
+    max_model_len: int | None = _opt(None, "longest prompt + output in tokens (default: the model's, capped by the KV cache)")
+    block_size: int = _opt(16, "tokens per KV cache block")
+    kv_cache_memory: int | None = _opt(None, "bytes of KV cache on the CPU (default 1 GiB)")
+    gpu_memory_utilization: float = _opt(0.9, "fraction of GPU memory for weights + KV cache (CUDA)")
+    max_num_seqs: int = _opt(128, "most requests running at once")
+    max_num_batched_tokens: int = _opt(1024, "token budget of one engine step (decodes + prompt chunks)")
+    enable_chunked_prefill: bool = _opt(True, "split long prompts across steps so decodes keep going")
+    enable_prefix_caching: bool = _opt(True, "reuse KV blocks of shared prompt prefixes across requests")
+    max_waiting_requests: int = _opt(1024, "admission limit: more waiting requests are refused (overloaded)")
+    seed: int = _opt(0, "seed of the engine's unseeded sampling")
+    chat_template: str | None = _opt(None, "Jinja chat template file overriding the tokenizer's")
+    served_model_name: str | None = _opt(None, "model name reported by the API (default: the model's name)")
+    enforce_eager: bool = _opt(True, "never compile the model (torch.compile); eager is the tested path")
+    max_n: int = _opt(16, "largest n (parallel samples) a request may ask for")
+    max_logprobs: int = _opt(20, "largest logprobs / prompt_logprobs a request may ask for")
+    max_stop_strings: int = _opt(16, "most stop strings per request")
+    max_stop_string_len: int = _opt(256, "longest stop string")
+    max_tokens_limit: int | None = _opt(None, "largest max_tokens a request may ask for (default: max_model_len)")
+
+    def create_engine_config(self) -> "EngineConfig":
+        return EngineConfig.from_args(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """EngineArgs after validation and defaulting; the engine reads only this."""
+
+    args: EngineArgs
+    device: torch.device
+    dtype_request: str
+    kv_cache_memory: int | None
+    limits: SamplingLimits
+
+    @classmethod
+    def from_args(cls, args: EngineArgs) -> "EngineConfig":
+        errors = []
+        if args.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            errors.append(f"dtype must be auto, float32, bfloat16 or float16, got {args.dtype!r}")
+        if args.block_size < 1 or args.block_size & (args.block_size - 1):
+            errors.append(f"block_size must be a power of two, got {args.block_size}")
+        if args.max_num_seqs < 1:
+            errors.append("max_num_seqs must be >= 1")
+        if args.max_num_batched_tokens < 1:
+            errors.append("max_num_batched_tokens must be >= 1")
+        if args.max_model_len is not None and args.max_model_len < 2:
+            errors.append("max_model_len must be >= 2")
+        if not args.enable_chunked_prefill and args.max_model_len is not None \
+                and args.max_num_batched_tokens < args.max_model_len:
+            errors.append("without chunked prefill, max_num_batched_tokens must be >= max_model_len")
+        if not 0 < args.gpu_memory_utilization <= 1:
+            errors.append("gpu_memory_utilization must be in (0, 1]")
+        if args.kv_cache_memory is not None and args.kv_cache_memory <= 0:
+            errors.append("kv_cache_memory must be > 0 bytes")
+        if errors:
+            raise ValueError("invalid engine arguments: " + "; ".join(errors))
+        if args.device == "auto":
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            device = torch.device(args.device)
+        kv_mem = args.kv_cache_memory
+        if kv_mem is None and device.type == "cpu":
+            kv_mem = int(os.environ.get("ASYNCLLM_KV_CACHE_MEMORY", 1 << 30))
+        limits = SamplingLimits(max_n=args.max_n, max_logprobs=args.max_logprobs,
+                                max_stop_strings=args.max_stop_strings,
+                                max_stop_string_len=args.max_stop_string_len)
+        return cls(args=args, device=device, dtype_request=args.dtype, kv_cache_memory=kv_mem, limits=limits)

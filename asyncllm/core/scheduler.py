@@ -1,0 +1,192 @@
+"""Scheduler: continuous batching with chunked prefill, prefix caching and preemption.
+
+There are no prefill/decode phases. Every request has `num_computed_tokens`; each step
+spends one token budget on running requests first (decodes, then unfinished prompt
+chunks), then admits waiting requests, chunking their prompts to fit the budget. When
+KV blocks run out, the lowest-priority / newest running request is preempted: its blocks
+are freed and it is recomputed later (prefix caching usually makes that cheap).
+"""
+from __future__ import annotations
+
+import bisect
+import itertools
+from dataclasses import dataclass
+
+from asyncllm.core.kv_cache_manager import KVCacheManager
+from asyncllm.core.sched_output import EngineCoreOutput, ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from asyncllm.engine.request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    enable_chunked_prefill: bool = True
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
+        self.config = config
+        self.kv = kv
+        self.requests: dict[str, Request] = {}
+        self.waiting: list[tuple[tuple, Request]] = []  # sorted by (priority, arrival, seq)
+        self.running: list[Request] = []
+        self._seq = itertools.count()
+        self.num_preemptions = 0
+
+    # ------------------------------------------------------------------ queues
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self._enqueue(request)
+
+    def _enqueue(self, request: Request) -> None:
+        key = (request.priority, request.arrival_time, next(self._seq))
+        bisect.insort(self.waiting, (key, request), key=lambda item: item[0])
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def finish_requests(self, request_ids: list[str], status: RequestStatus) -> list[Request]:
+        """Ends requests from outside a step (abort, stop string); frees their blocks now."""
+        finished = []
+        for rid in request_ids:
+            request = self.requests.get(rid)
+            if request is None or request.is_finished:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting = [(k, r) for k, r in self.waiting if r is not request]
+            request.status = status
+            self._release(request)
+            finished.append(request)
+        return finished
+
+    def _release(self, request: Request) -> None:
+        self.kv.free(request)
+        self.requests.pop(request.request_id, None)
+
+    # ------------------------------------------------------------------ schedule
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        scheduled_set: set[str] = set()
+        preempted: list[str] = []
+
+        # Running requests: decodes (one known token left to compute) before prompt chunks.
+        order = sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1)
+        for request in order:
+            if budget == 0:
+                break
+            if request.status != RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.kv.allocate_slots(request, num_new):
+                victim = self._pick_victim(exclude=scheduled_set)
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is request:
+                    break
+            else:
+                scheduled.append(self._scheduled(request, num_new))
+                scheduled_set.add(request.request_id)
+                budget -= num_new
+
+        # Waiting requests, while there is budget and room; none after a preemption (no room).
+        while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0][1]
+            use_cache = request.sampling_params.prompt_logprobs is None  # those need every position
+            hits, num_hit = self.kv.get_computed_blocks(request) if use_cache else ([], 0)
+            num_new = request.num_tokens - num_hit
+            if num_new > budget:
+                if not self.config.enable_chunked_prefill:
+                    break
+                num_new = budget
+            if not self.kv.allocate_slots(request, num_new, hits):
+                break
+            self.waiting.pop(0)
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_hit
+            if use_cache:
+                self.kv.stats.queries += request.num_tokens
+                self.kv.stats.hits += num_hit
+            request.num_computed_tokens = num_hit
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            scheduled.append(self._scheduled(request, num_new))
+            budget -= num_new
+
+        # One-token queries first: the attention backend batches them as decodes.
+        scheduled.sort(key=lambda s: s.num_new_tokens > 1)
+        return SchedulerOutput(scheduled, self.config.max_num_batched_tokens - budget, preempted)
+
+    def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
+        return ScheduledRequest(request, request.num_computed_tokens, num_new, self.kv.block_ids(request.request_id))
+
+    def _pick_victim(self, exclude: set[str]) -> Request:
+        """Lowest priority (largest value), then newest, among running requests not yet scheduled."""
+        candidates = [r for r in self.running if r.request_id not in exclude]
+        return max(candidates, key=lambda r: (r.priority, r.arrival_time))
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self._enqueue(request)
+
+    # ------------------------------------------------------------------ update
+
+    def update_from_output(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        outputs = []
+        for item in sched.scheduled:
+            request = item.request
+            if request.is_finished:
+                continue
+            request.num_computed_tokens += item.num_new_tokens
+            prompt_lp = result.prompt_logprobs.get(request.request_id)
+            token = result.sampled.get(request.request_id)
+            if token is None:
+                if prompt_lp:
+                    outputs.append(EngineCoreOutput(request.request_id, [], prompt_logprobs=prompt_lp))
+                continue
+            request.output_token_ids.append(token)
+            self._check_stop(request, token)
+            out = EngineCoreOutput(request.request_id, [token], logprobs=result.logprobs.get(request.request_id),
+                                   prompt_logprobs=prompt_lp, num_cached_tokens=max(request.num_cached_tokens, 0))
+            if request.is_finished:
+                out.finish_reason = request.status.finish_reason
+                out.stop_reason = request.stop_reason
+                self.running.remove(request)
+                self._release(request)
+            outputs.append(out)
+        return outputs
+
+    def _check_stop(self, request: Request, token: int) -> None:
+        params = request.sampling_params
+        n_out = request.num_output_tokens
+        if n_out >= params.min_tokens:
+            if not params.ignore_eos and token in request.eos_token_ids:
+                request.status = RequestStatus.FINISHED_STOPPED
+                return
+            if token in params.stop_token_ids:
+                request.status = RequestStatus.FINISHED_STOPPED
+                request.stop_reason = token
+                return
+        if n_out >= request.max_tokens or request.num_tokens >= self.config.max_model_len:
+            request.status = RequestStatus.FINISHED_LENGTH

@@ -1,0 +1,140 @@
+"""EngineCore: the synchronous step loop (no asyncio): schedule → execute → update.
+
+It owns the model runner, the KV cache manager and the scheduler. One step returns the
+token-level outputs of that step; text, stop strings and n > 1 aggregation happen in the
+OutputProcessor above it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from asyncllm.config import EngineConfig
+from asyncllm.core.kv_cache_manager import KVCacheManager
+from asyncllm.core.sched_output import EngineCoreOutput
+from asyncllm.core.scheduler import Scheduler, SchedulerConfig
+from asyncllm.engine.request import Request, RequestStatus
+from asyncllm.errors import PromptTooLongError
+from asyncllm.model.dtype import resolve_dtype
+from asyncllm.model.loader import Checkpoint, load_checkpoint
+from asyncllm.model.registry import build_model
+from asyncllm.worker.model_runner import KVCacheSpec, ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    num_blocks: int
+    num_used_blocks: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    prefix_cache_hit_rate: float
+    num_preemptions: int
+    prompt_tokens_computed: int
+    generation_tokens: int
+    num_steps: int
+
+
+@dataclass
+class LoadReport:
+    seconds: float
+    dtype: torch.dtype
+    num_blocks: int
+    max_model_len: int
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, checkpoint: Checkpoint | None = None):
+        started = time.perf_counter()
+        args = config.args
+        self.config = config
+        self.checkpoint = checkpoint or load_checkpoint(args.model, args.tokenizer)
+        model_cfg = self.checkpoint.config
+        self.dtype = resolve_dtype(config.dtype_request, config.device)
+        model = build_model(model_cfg, self.dtype, config.device)
+        model.load_weights(self.checkpoint.weights(self.dtype))
+        model.eval()
+
+        spec = KVCacheSpec(model_cfg.num_layers, model_cfg.num_kv_heads, model_cfg.head_dim, args.block_size,
+                           self.dtype)
+        num_blocks = self._num_blocks(spec)
+        capacity = num_blocks * args.block_size
+        max_model_len = min(args.max_model_len or model_cfg.max_position_embeddings, capacity)
+        if args.max_model_len is not None and args.max_model_len > model_cfg.max_position_embeddings:
+            raise ValueError(f"max_model_len {args.max_model_len} exceeds the model's "
+                             f"{model_cfg.max_position_embeddings} positions")
+        if args.max_model_len is not None and args.max_model_len > capacity:
+            logger.warning("max_model_len %d exceeds the KV cache (%d tokens); using %d",
+                           args.max_model_len, capacity, capacity)
+        self.max_model_len = max_model_len
+        self.runner = ModelRunner(model, model_cfg, spec, num_blocks, config.device, args.seed)
+        self.kv = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, max_model_len, args.enable_chunked_prefill),
+            self.kv)
+        self.num_steps = 0
+        self.prompt_tokens_computed = 0
+        self.generation_tokens = 0
+        self.load_report = LoadReport(time.perf_counter() - started, self.dtype, num_blocks, max_model_len)
+        logger.info("EngineCore ready in %.2fs: %s, dtype %s, %d KV blocks, max_model_len %d",
+                    self.load_report.seconds, self.checkpoint.name, self.dtype, num_blocks, max_model_len)
+
+    def _num_blocks(self, spec: KVCacheSpec) -> int:
+        if self.config.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.config.device)
+            used = total - free
+            budget = int(total * self.config.args.gpu_memory_utilization) - used
+            if budget <= 0:
+                raise ValueError("no GPU memory left for the KV cache; raise gpu_memory_utilization")
+            return max(1, spec.num_blocks_for(budget))
+        memory = self.config.kv_cache_memory
+        blocks = spec.num_blocks_for(memory)
+        if blocks < 1:
+            raise ValueError(f"kv_cache_memory={memory} bytes holds no block ({spec.bytes_per_block} bytes each)")
+        return blocks
+
+    # ------------------------------------------------------------------ requests
+
+    def add_request(self, request: Request) -> None:
+        blocks = self.kv.blocks_needed(request.num_prompt_tokens + 1)
+        if blocks > self.kv.pool.num_blocks:
+            raise PromptTooLongError(f"the prompt needs {blocks} KV blocks but the cache has "
+                                     f"{self.kv.pool.num_blocks}", param="prompt")
+        self.scheduler.add_request(request)
+
+    def abort_requests(self, request_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
+        self.scheduler.finish_requests(request_ids, status)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # ------------------------------------------------------------------ step
+
+    def step(self) -> list[EngineCoreOutput]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        result = self.runner.execute(sched)
+        outputs = self.scheduler.update_from_output(sched, result)
+        self.num_steps += 1
+        self.generation_tokens += len(result.sampled)
+        self.prompt_tokens_computed += sum(
+            max(0, min(s.start + s.num_new_tokens, s.request.num_prompt_tokens) - s.start) for s in sched.scheduled)
+        return outputs
+
+    def stats(self) -> EngineStats:
+        st = self.kv.stats
+        return EngineStats(self.scheduler.num_running, self.scheduler.num_waiting, self.kv.usage,
+                           self.kv.pool.num_blocks, self.kv.num_used_blocks(), st.queries, st.hits, st.hit_rate,
+                           self.scheduler.num_preemptions, self.prompt_tokens_computed, self.generation_tokens,
+                           self.num_steps)
+
+    def shutdown(self) -> None:
+        self.runner.release()

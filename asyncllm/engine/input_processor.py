@@ -1,0 +1,114 @@
+"""InputProcessor: a caller's prompt and SamplingParams → validated token ids and core Requests.
+
+Everything that can be wrong with a request is found here, before it is queued, so
+errors reach the caller at once (and the server answers 400 with the offending param).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Union
+
+from transformers import PreTrainedTokenizerBase
+
+from asyncllm.engine.request import Request
+from asyncllm.errors import InvalidRequestError, PromptTooLongError
+from asyncllm.sampling_params import SamplingLimits, SamplingParams
+
+ChatMessages = list[dict[str, Any]]
+PromptType = Union[str, list[int], ChatMessages, dict[str, Any]]
+
+
+@dataclass
+class ProcessedPrompt:
+    prompt: str | None
+    prompt_token_ids: list[int]
+
+
+def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: ChatMessages,
+                        add_generation_prompt: bool = True, **kwargs: Any) -> str:
+    if not messages:
+        raise InvalidRequestError("messages must not be empty", param="messages")
+    for m in messages:
+        if not isinstance(m, dict) or "role" not in m:
+            raise InvalidRequestError("each message needs a role and content", param="messages")
+    if tokenizer.chat_template is None:
+        raise InvalidRequestError("this model's tokenizer has no chat template; pass --chat-template", "messages")
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             **kwargs)
+    except Exception as exc:  # jinja errors: the template rejected these messages
+        raise InvalidRequestError(f"chat template failed on these messages: {exc}", param="messages") from None
+
+
+class InputProcessor:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, vocab_size: int, max_model_len: int,
+                 eos_token_ids: tuple[int, ...], limits: SamplingLimits, max_tokens_limit: int | None, seed: int):
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.limits = limits
+        self.max_tokens_limit = max_tokens_limit
+        self.seed = seed
+
+    def process_prompt(self, prompt: PromptType) -> ProcessedPrompt:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return self._token_prompt(list(prompt["prompt_token_ids"]), prompt.get("prompt"))
+            if "messages" in prompt:
+                return self.process_prompt(list(prompt["messages"]))
+            if "prompt" in prompt:
+                return self.process_prompt(prompt["prompt"])
+            raise InvalidRequestError("a dict prompt needs 'prompt', 'prompt_token_ids' or 'messages'", "prompt")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("the prompt must not be empty", param="prompt")
+            return ProcessedPrompt(prompt, self.tokenizer.encode(prompt))
+        if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+            text = apply_chat_template(self.tokenizer, prompt)
+            return ProcessedPrompt(text, self.tokenizer.encode(text, add_special_tokens=False))
+        if isinstance(prompt, list):
+            return self._token_prompt(prompt, None)
+        raise InvalidRequestError(f"unsupported prompt type {type(prompt).__name__}: pass a string, "
+                                  "token ids or chat messages", param="prompt")
+
+    def _token_prompt(self, ids: list[Any], text: str | None) -> ProcessedPrompt:
+        if not ids:
+            raise InvalidRequestError("the prompt must not be empty", param="prompt")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab_size for t in ids):
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {self.vocab_size})", param="prompt")
+        return ProcessedPrompt(text, list(ids))
+
+    def make_requests(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams, child_ids: list[str],
+                      priority: int = 0, arrival_time: float | None = None,
+                      cache_salt: str | None = None) -> list[Request]:
+        n_prompt = len(prompt.prompt_token_ids)
+        if n_prompt >= self.max_model_len:
+            raise PromptTooLongError(
+                f"the prompt has {n_prompt} tokens but this engine's max_model_len is {self.max_model_len} "
+                "(prompt + at least one output token must fit)", param="prompt")
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - n_prompt
+        if self.max_tokens_limit is not None and max_tokens > self.max_tokens_limit:
+            raise InvalidRequestError(f"max_tokens must be <= {self.max_tokens_limit}, got {max_tokens}", "max_tokens")
+        max_tokens = min(max_tokens, self.max_model_len - n_prompt)
+        if params.bad_words and not params._bad_words_token_ids:
+            params._bad_words_token_ids = self._bad_words_ids(params.bad_words)
+        arrival = arrival_time if arrival_time is not None else time.monotonic()
+        requests = []
+        for index, child_id in enumerate(child_ids):
+            # Sample i of a seeded request gets its own stream, so the n samples differ.
+            seed = None if params.seed is None else (params.seed + index * 1_000_003) % 2**64
+            requests.append(Request(child_id, prompt.prompt_token_ids, params, self.eos_token_ids, max_tokens,
+                                    priority=priority, arrival_time=arrival, cache_salt=cache_salt,
+                                    sample_seed=seed))
+        return requests
+
+    def _bad_words_ids(self, words: list[str]) -> list[list[int]]:
+        out = []
+        for word in words:
+            for variant in (word, " " + word.lstrip()):
+                ids = self.tokenizer.encode(variant, add_special_tokens=False)
+                if ids and ids not in out:
+                    out.append(ids)
+        return out

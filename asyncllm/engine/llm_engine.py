@@ -1,0 +1,103 @@
+"""LLMEngine: the synchronous driver both front ends share (offline `LLM`, the engine thread).
+
+add_request: prompt → validated core Requests (one per sample) + output state.
+step: EngineCore.step() → OutputProcessor → RequestOutputs; sequences that hit a stop
+string are finished in the core in the same step, so their blocks free at once.
+"""
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+
+from asyncllm.config import EngineArgs, EngineConfig
+from asyncllm.engine.engine_core import EngineCore
+from asyncllm.engine.input_processor import InputProcessor, PromptType
+from asyncllm.engine.output_processor import OutputProcessor, child_request_id
+from asyncllm.engine.request import RequestStatus
+from asyncllm.errors import InvalidRequestError, PromptTooLongError
+from asyncllm.model.tokenizer import apply_chat_template_override
+from asyncllm.outputs import RequestOutput
+from asyncllm.sampling_params import SamplingParams
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, core: EngineCore | None = None):
+        self.config = config
+        self.core = core or EngineCore(config)
+        self.tokenizer = self.core.checkpoint.tokenizer
+        apply_chat_template_override(self.tokenizer, config.args.chat_template)
+        model_cfg = self.core.checkpoint.config
+        eos = set(model_cfg.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = tuple(sorted(eos))
+        self.input_processor = InputProcessor(self.tokenizer, model_cfg.vocab_size, self.core.max_model_len,
+                                              self.eos_token_ids, config.limits, config.args.max_tokens_limit,
+                                              config.args.seed)
+        self.output_processor = OutputProcessor(self.tokenizer)
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs | None = None, **overrides) -> "LLMEngine":
+        args = args or EngineArgs()
+        for key, value in overrides.items():
+            if not hasattr(args, key):
+                raise TypeError(f"unknown engine argument {key!r}")
+            setattr(args, key, value)
+        return cls(args.create_engine_config())
+
+    @property
+    def model_name(self) -> str:
+        return self.config.args.served_model_name or self.core.checkpoint.name
+
+    @property
+    def max_model_len(self) -> int:
+        return self.core.max_model_len
+
+    def new_request_id(self) -> str:
+        return uuid.uuid4().hex
+
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
+                    priority: int = 0, arrival_time: float | None = None, cache_salt: str | None = None) -> None:
+        """Validates and queues a request; raises InvalidRequestError (nothing queued) when it cannot run."""
+        params = params if params is not None else SamplingParams()
+        if self.output_processor.has_request(request_id):
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
+        if not isinstance(priority, int):
+            raise InvalidRequestError("priority must be an integer", param="priority")
+        processed = self.input_processor.process_prompt(prompt)
+        params.check_limits(self.config.limits, self.core.checkpoint.config.vocab_size)
+        child_ids = [child_request_id(request_id, i, params.n) for i in range(params.n)]
+        requests = self.input_processor.make_requests(request_id, processed, params, child_ids, priority,
+                                                      arrival_time, cache_salt)
+        blocks = self.core.kv.blocks_needed(len(processed.prompt_token_ids) + 1)
+        if blocks > self.core.kv.pool.num_blocks:
+            raise PromptTooLongError(f"the prompt needs {blocks} KV blocks but the whole cache has "
+                                     f"{self.core.kv.pool.num_blocks}", param="prompt")
+        self.output_processor.add_request(request_id, processed.prompt, processed.prompt_token_ids, params,
+                                          requests[0].arrival_time)
+        for request in requests:
+            self.core.add_request(request)
+
+    def abort_request(self, request_ids: Iterable[str], reason: str = "abort",
+                      error: str | None = None) -> list[RequestOutput]:
+        """Ends user requests now (their blocks are freed); returns their final outputs."""
+        finals = []
+        for request_id in request_ids:
+            status = RequestStatus.FINISHED_ERROR if reason == "error" else RequestStatus.FINISHED_ABORTED
+            self.core.abort_requests(self.output_processor.child_ids(request_id), status)
+            final = self.output_processor.abort(request_id, reason, error)
+            if final is not None:
+                finals.append(final)
+        return finals
+
+    def step(self) -> list[RequestOutput]:
+        outputs, stopped = self.output_processor.process(self.core.step())
+        if stopped:
+            self.core.abort_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        return outputs
+
+    def has_unfinished_requests(self) -> bool:
+        return self.output_processor.num_unfinished > 0 or self.core.has_unfinished_requests()
+
+    def shutdown(self) -> None:
+        self.core.shutdown()

@@ -1,0 +1,87 @@
+"""LLM: the offline batch API (`llm.generate(prompts)`, `llm.chat(messages)`)."""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from asyncllm.config import EngineArgs
+from asyncllm.engine.input_processor import ChatMessages, PromptType, apply_chat_template
+from asyncllm.engine.llm_engine import LLMEngine
+from asyncllm.outputs import RequestOutput
+from asyncllm.sampling_params import RequestOutputKind, SamplingParams
+
+
+class LLM:
+    """Generates for a batch of prompts at once (continuous batching inside), returning outputs in order.
+
+    >>> llm = LLM()                                 # the embedded default model
+    >>> llm.generate(["Hello"], SamplingParams(max_tokens=8))[0].outputs[0].text
+    """
+
+    def __init__(self, model: str | None = None, **engine_args: Any):
+        self.engine = LLMEngine.from_engine_args(EngineArgs(model=model, **engine_args))
+        self._counter = 0
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True, priority: Sequence[int] | None = None) -> list[RequestOutput]:
+        prompt_list = _as_prompt_list(prompts)
+        if isinstance(sampling_params, Sequence):
+            if len(sampling_params) != len(prompt_list):
+                raise ValueError(f"got {len(sampling_params)} sampling params for {len(prompt_list)} prompts")
+            params_list = list(sampling_params)
+        else:
+            params_list = [sampling_params or SamplingParams()] * len(prompt_list)
+        if priority is not None and len(priority) != len(prompt_list):
+            raise ValueError(f"got {len(priority)} priorities for {len(prompt_list)} prompts")
+        return self._run(prompt_list, params_list, use_tqdm, priority)
+
+    def chat(self, messages: ChatMessages | Sequence[ChatMessages],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True, add_generation_prompt: bool = True,
+             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [apply_chat_template(self.engine.tokenizer, conv, add_generation_prompt,
+                                       **(chat_template_kwargs or {})) for conv in conversations]
+        token_prompts = [{"prompt": p, "prompt_token_ids": self.engine.tokenizer.encode(p, add_special_tokens=False)}
+                         for p in prompts]
+        return self.generate(token_prompts, sampling_params, use_tqdm)
+
+    def _run(self, prompts: list[PromptType], params_list: list[SamplingParams], use_tqdm: bool,
+             priority: Sequence[int] | None) -> list[RequestOutput]:
+        engine = self.engine
+        ids = []
+        try:
+            for i, (prompt, params) in enumerate(zip(prompts, params_list)):
+                request_id = f"llm-{self._counter}"
+                self._counter += 1
+                final_params = dataclasses.replace(params, output_kind=RequestOutputKind.FINAL_ONLY)
+                engine.add_request(request_id, prompt, final_params, priority=priority[i] if priority else 0)
+                ids.append(request_id)
+        except Exception:
+            engine.abort_request(ids)
+            raise
+        results: dict[str, RequestOutput] = {}
+        with tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True) as bar:
+            while engine.has_unfinished_requests():
+                for output in engine.step():
+                    if output.finished:
+                        results[output.request_id] = output
+                        bar.update(1)
+        return [results[i] for i in ids]
+
+
+def _as_prompt_list(prompts: Any) -> list[PromptType]:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    if isinstance(prompts, Sequence) and prompts and all(isinstance(t, int) for t in prompts):
+        return [list(prompts)]  # one prompt of token ids
+    if isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], dict) and "role" in prompts[0]:
+        return [list(prompts)]  # one conversation
+    return list(prompts)

@@ -1,0 +1,94 @@
+"""LlamaFamilyConfig: the few numbers our Llama-family model needs, from any HF config.
+
+Read from a transformers `PretrainedConfig` so that defaults of each model type
+apply, and written to tolerate both transformers 4 (`rope_theta` + `rope_scaling`)
+and 5 (`rope_parameters`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    theta: float
+    rope_type: str = "default"  # default | linear | llama3
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class LlamaFamilyConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope: RopeConfig
+    tie_word_embeddings: bool
+    attention_bias: bool  # Qwen2: q/k/v projections have a bias
+    qk_norm: bool  # Qwen3: RMSNorm over each head of q and k before rotary
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+
+    @classmethod
+    def from_hf(cls, config: Any, architecture: str) -> "LlamaFamilyConfig":
+        num_heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+        eos = getattr(config, "eos_token_id", None)
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+        sliding_window = getattr(config, "sliding_window", None)
+        if architecture.startswith("Qwen") and not getattr(config, "use_sliding_window", False):
+            sliding_window = None
+        hidden_act = getattr(config, "hidden_act", "silu")
+        if hidden_act != "silu":
+            raise ValueError(f"{architecture} with hidden_act={hidden_act!r} is not supported (only silu)")
+        return cls(
+            architecture=architecture,
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_layers=config.num_hidden_layers,
+            num_heads=num_heads,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
+            head_dim=head_dim,
+            rms_norm_eps=config.rms_norm_eps,
+            max_position_embeddings=getattr(config, "max_position_embeddings", 4096),
+            rope=_rope_from_hf(config),
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            attention_bias=bool(getattr(config, "attention_bias", False)) or architecture == "Qwen2ForCausalLM",
+            qk_norm=architecture == "Qwen3ForCausalLM",
+            mlp_bias=bool(getattr(config, "mlp_bias", False)),
+            sliding_window=sliding_window,
+            eos_token_ids=eos_ids,
+            bos_token_id=getattr(config, "bos_token_id", None),
+        )
+
+
+def _rope_from_hf(config: Any) -> RopeConfig:
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    scaling = getattr(config, "rope_scaling", None)
+    if isinstance(scaling, dict):
+        params = {**scaling, **params}
+    theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default")) or "default"
+    if rope_type not in ("default", "linear", "llama3"):
+        raise ValueError(f"rope type {rope_type!r} is not supported (default, linear, llama3)")
+    return RopeConfig(
+        theta=float(theta),
+        rope_type=rope_type,
+        factor=float(params.get("factor", 1.0)),
+        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(params.get("original_max_position_embeddings", 8192)),
+    )

@@ -1,0 +1,160 @@
+"""One Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) over a flat varlen batch.
+
+forward() takes the tokens of many requests in one run ([T] ids and positions) plus the
+attention metadata, so prompt chunks and decodes of different requests share one
+forward. Q/K/V and gate/up projections are fused at load time (one matmul each).
+The op order follows transformers' modeling_llama so fp32 results match it.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from asyncllm.model.arch_config import LlamaFamilyConfig
+from asyncllm.model.layers.attention import AttentionBackend, AttentionMetadata, TorchAttentionBackend
+from asyncllm.model.layers.norm import RMSNorm
+from asyncllm.model.layers.rotary import RotaryEmbedding
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: LlamaFamilyConfig, rotary: RotaryEmbedding):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.rotary = rotary
+        self.backend: AttentionBackend = TorchAttentionBackend(
+            self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5, cfg.sliding_window)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(-1, self.num_heads, self.head_dim)
+        k = k.reshape(-1, self.num_kv_heads, self.head_dim)
+        v = v.reshape(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        out = self.backend.forward(q, k, v.contiguous(), kv_cache, meta)
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: LlamaFamilyConfig):
+        super().__init__()
+        self.intermediate_size = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaFamilyConfig, rotary: RotaryEmbedding):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(cfg, rotary)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, h: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), positions, kv_cache, meta)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaFamilyForCausalLM(nn.Module):
+    # transformers names of the projections we fuse: fused name → [(part name, index)]
+    _FUSED = {
+        "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+        "gate_up_proj": ("gate_proj", "up_proj"),
+    }
+
+    def __init__(self, cfg: LlamaFamilyConfig):
+        super().__init__()
+        self.config = cfg
+        # One cos/sin table shared by every layer.
+        rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
+        self.rotary = rotary
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rotary) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                meta: AttentionMetadata) -> torch.Tensor:
+        """→ final hidden states [T, hidden]."""
+        h = self.embed_tokens(input_ids)
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            h = layer(h, positions, kv_cache, meta)
+        return self.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+    # ------------------------------------------------------------------ weights
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copies transformers-named tensors in, fusing q/k/v and gate/up; checks nothing is missing."""
+        params = dict(self.named_parameters())
+        part_offsets = self._fused_offsets()
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            name = name.removeprefix("model.")
+            if name == "lm_head.weight" and self.lm_head is None:
+                continue  # tied: some checkpoints still store the copy
+            if "rotary_emb.inv_freq" in name:
+                continue
+            target_name, rows = name, None
+            for fused, parts in self._FUSED.items():
+                for part in parts:
+                    if f".{part}." in name:
+                        target_name = name.replace(part, fused)
+                        rows = part_offsets[(target_name, part)]
+            if target_name not in params:
+                raise ValueError(f"checkpoint tensor {name!r} has no place in {self.config.architecture}")
+            param = params[target_name]
+            dest = param if rows is None else param[rows[0]:rows[1]]
+            if dest.shape != tensor.shape:
+                raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                 f"expected {tuple(dest.shape)}")
+            dest.copy_(tensor)
+            loaded.add(name if rows is None else f"{target_name}:{rows[0]}")
+        expected = {n for n in params if not any(f".{f}." in n for f in self._FUSED)}
+        expected |= {f"{n}:{rows[0]}" for (n, _), rows in part_offsets.items()}
+        missing = expected - loaded
+        if missing:
+            raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {sorted(missing)[:4]}")
+
+    def _fused_offsets(self) -> dict[tuple[str, str], tuple[int, int]]:
+        cfg = self.config
+        sizes = {
+            "q_proj": cfg.num_heads * cfg.head_dim, "k_proj": cfg.num_kv_heads * cfg.head_dim,
+            "v_proj": cfg.num_kv_heads * cfg.head_dim,
+            "gate_proj": cfg.intermediate_size, "up_proj": cfg.intermediate_size,
+        }
+        offsets = {}
+        for i in range(cfg.num_layers):
+            for fused, parts in self._FUSED.items():
+                module = "self_attn" if fused == "qkv_proj" else "mlp"
+                for kind in ("weight", "bias"):
+                    name = f"layers.{i}.{module}.{fused}.{kind}"
+                    if kind == "bias" and not (cfg.attention_bias if fused == "qkv_proj" else cfg.mlp_bias):
+                        continue
+                    start = 0
+                    for part in parts:
+                        offsets[(name, part)] = (start, start + sizes[part])
+                        start += sizes[part]
+        return offsets

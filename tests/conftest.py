@@ -1,0 +1,53 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import helpers  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fixed_seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def default_gguf() -> str:
+    from asyncllm.model.default_model import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, default_gguf) -> str:
+    """The default model's tokenizer saved as a HF folder (the tiny test models reuse it)."""
+    from asyncllm.model.tokenizer import load_gguf_tokenizer
+
+    path = tmp_path_factory.mktemp("tokenizer")
+    load_gguf_tokenizer(default_gguf).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tokenizer_dir):
+    """arch name → folder with a tiny random model of that architecture (built once per session)."""
+    cache: dict[str, str] = {}
+
+    def get(arch: str) -> str:
+        if arch not in cache:
+            cache[arch] = helpers.save_tiny_model(arch, tmp_path_factory.mktemp(arch), tokenizer_dir)
+        return cache[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def default_llm():
+    """The default model in fp32 (the dtype transformers compares with), shared by tests."""
+    from asyncllm import LLM
+
+    return LLM(dtype="float32", max_num_seqs=64)

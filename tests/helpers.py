@@ -1,0 +1,98 @@
+"""Shared test helpers: tiny random models of each architecture, transformers references."""
+from __future__ import annotations
+
+import shutil
+
+import torch
+
+TINY_COMMON = dict(
+    vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.1, rms_norm_eps=1e-6,
+    bos_token_id=None, eos_token_id=None, pad_token_id=0, tie_word_embeddings=False,
+)
+
+ARCHITECTURES = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"]
+
+
+def tiny_config(arch: str):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    if arch == "LlamaForCausalLM":
+        # Llama 3 rope scaling and tied embeddings: the two Llama variants worth covering.
+        return LlamaConfig(**{**TINY_COMMON, "tie_word_embeddings": True}, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    if arch == "MistralForCausalLM":
+        return MistralConfig(**TINY_COMMON, sliding_window=24, rope_parameters={"rope_type": "default",
+                                                                               "rope_theta": 10000.0})
+    if arch == "Qwen2ForCausalLM":
+        return Qwen2Config(**TINY_COMMON, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+    if arch == "Qwen3ForCausalLM":
+        return Qwen3Config(**{**TINY_COMMON, "head_dim": 32}, rope_parameters={"rope_type": "default",
+                                                                              "rope_theta": 1000000.0})
+    raise KeyError(arch)
+
+
+def save_tiny_model(arch: str, path, tokenizer_dir: str) -> str:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1234)
+    config = tiny_config(arch)
+    config.architectures = [arch]
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if arch == "Qwen2ForCausalLM":
+        # Random biases so the qkv-bias path is really exercised (they initialise to 0).
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.1)
+    model.save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        try:
+            shutil.copy(f"{tokenizer_dir}/{name}", path)
+        except FileNotFoundError:
+            pass
+    return str(path)
+
+
+def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
+    """transformers' greedy continuation of one prompt → (new token ids, raw logits per step)."""
+    out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                         return_dict_in_generate=True, output_logits=True, pad_token_id=0)
+    new = out.sequences[0, len(prompt_ids):].tolist()
+    return new, [logits[0] for logits in out.logits]
+
+
+def load_hf(path: str, gguf_file: str | None = None):
+    import os
+
+    from transformers import AutoModelForCausalLM
+
+    if gguf_file is not None:
+        model = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf_file), gguf_file=os.path.basename(gguf_file),
+                                                     dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.generation_config.eos_token_id = model.config.eos_token_id
+    return model.eval()
+
+
+TEXT_PROMPTS = [
+    "The quick brown fox",
+    "def fibonacci(n):",
+    "In 1492, Columbus",
+    "Water boils at",
+    "import numpy as np\n\nx = np.",
+    "Paris is the capital of",
+]
+
+CHAT_QUESTIONS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain recursion in one sentence.",
+    "List three primary colors.",
+    "What is 12 times 12?",
+    "Give me a tip for learning Python.",
+    "Who wrote Hamlet?",
+    "Translate 'good morning' into Spanish.",
+]

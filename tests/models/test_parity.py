@@ -1,0 +1,98 @@
+"""Greedy token ids equal to transformers on the same weights; logprobs close.
+
+Every supported architecture as a tiny random model saved with save_pretrained, and
+the default model (GGUF) against transformers loading the same GGUF file.
+"""
+import pytest
+import torch
+
+import helpers
+from asyncllm import LLM, SamplingParams
+
+
+def _check_logprobs(completion, hf_logits, atol=2e-3):
+    for step, (token, position, logits) in enumerate(zip(completion.token_ids, completion.logprobs, hf_logits)):
+        hf_lp = torch.log_softmax(logits.float(), dim=-1)
+        assert abs(position[token].logprob - hf_lp[token].item()) < atol, f"step {step}"
+        top_ours = sorted((lp.logprob for lp in position.values()), reverse=True)[:3]
+        top_hf = hf_lp.topk(3).values.tolist()
+        assert top_ours == pytest.approx(top_hf, abs=atol), f"step {step}"
+
+
+@pytest.mark.parametrize("arch", helpers.ARCHITECTURES)
+def test_tiny_model_matches_transformers(arch, tiny_models):
+    path = tiny_models(arch)
+    hf = helpers.load_hf(path)
+    llm = LLM(path, dtype="float32", kv_cache_memory=64 << 20)
+    tok = llm.get_tokenizer()
+    prompts = [tok.encode(p) for p in helpers.TEXT_PROMPTS[:5]]
+    params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True, logprobs=3)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    for prompt, out in zip(prompts, outputs):
+        hf_tokens, hf_logits = helpers.hf_greedy(hf, prompt, 32)
+        completion = out.outputs[0]
+        assert completion.token_ids == hf_tokens
+        assert completion.finish_reason == "length"
+        _check_logprobs(completion, hf_logits)
+
+
+def test_mistral_sliding_window_is_exercised(tiny_models):
+    """The tiny Mistral's window (24) is shorter than prompt + 32 tokens, so the mask matters."""
+    llm = LLM(tiny_models("MistralForCausalLM"), dtype="float32", kv_cache_memory=16 << 20)
+    assert llm.engine.core.checkpoint.config.sliding_window == 24
+
+
+@pytest.fixture(scope="module")
+def default_reference(default_gguf, default_llm):
+    """transformers' greedy 64-token answers to 8 chat prompts, on the same GGUF weights."""
+    hf = helpers.load_hf(None, gguf_file=default_gguf)
+    tok = default_llm.get_tokenizer()
+    refs = []
+    for question in helpers.CHAT_QUESTIONS:
+        text = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                       add_generation_prompt=True)
+        ids = tok.encode(text, add_special_tokens=False)
+        new, logits = helpers.hf_greedy(hf, ids, 64)
+        refs.append((question, ids, new, logits))
+    return refs
+
+
+def test_default_model_chat_matches_transformers(default_llm, default_reference):
+    conversations = [[{"role": "user", "content": q}] for q, *_ in default_reference]
+    params = SamplingParams(max_tokens=64, temperature=0, logprobs=3)
+    outputs = default_llm.chat(conversations, params, use_tqdm=False)
+    for (question, ids, hf_tokens, hf_logits), out in zip(default_reference, outputs):
+        assert out.prompt_token_ids == ids
+        completion = out.outputs[0]
+        assert completion.token_ids == hf_tokens, question
+        _check_logprobs(completion, hf_logits)
+        assert completion.text == default_llm.get_tokenizer().decode(hf_tokens, skip_special_tokens=True)
+
+
+def test_mixed_prefill_and_decode_batch_equals_alone(default_reference):
+    """Requests arrive while others decode; prompts are chunked (20-token budget) across steps."""
+    llm = LLM(dtype="float32", max_num_batched_tokens=20, enable_prefix_caching=False)
+    engine = llm.engine
+    steps = []
+    schedule = engine.core.scheduler.schedule
+
+    def recording_schedule():
+        out = schedule()
+        steps.append([(s.num_new_tokens, s.samples, s.start >= s.request.num_prompt_tokens) for s in out.scheduled])
+        return out
+
+    engine.core.scheduler.schedule = recording_schedule
+    params = SamplingParams(max_tokens=24, temperature=0)
+    finals = {}
+    pending = list(enumerate(default_reference))
+    while pending or engine.has_unfinished_requests():
+        if pending:
+            i, (_, ids, _, _) = pending.pop(0)
+            engine.add_request(f"mixed-{i}", {"prompt_token_ids": ids}, params)
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = out
+    # Some step ran a decode together with a prompt chunk that did not finish its prompt.
+    assert any(any(decode for _, _, decode in step) and any(not samples for _, samples, _ in step) for step in steps)
+    for i, (_, ids, hf_tokens, _) in enumerate(default_reference):
+        assert finals[f"mixed-{i}"].outputs[0].token_ids == hf_tokens[:24]
