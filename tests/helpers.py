@@ -96,3 +96,70 @@ CHAT_QUESTIONS = [
     "Who wrote Hamlet?",
     "Translate 'good morning' into Spanish.",
 ]
+
+
+def llama_cpp_permute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's convert_hf_to_gguf permutation of Q/K rows (what GGUF files store)."""
+    return weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(
+        weight.shape)
+
+
+def write_llama_gguf(hf_dir: str, path: str, default_gguf: str, qtype) -> None:
+    """Writes a tiny HF Llama as a llama.cpp-style GGUF (permuted Q/K, 2-D weights in `qtype`),
+    with the default model's tokenizer metadata so transformers can load it too."""
+    import gguf
+    import numpy as np
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from asyncllm.model.gguf_file import GGUFFile
+
+    cfg = AutoConfig.from_pretrained(hf_dir)
+    state = load_file(f"{hf_dir}/model.safetensors")
+    src = GGUFFile(default_gguf).metadata
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_name("tiny-llama")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(src["tokenizer.ggml.pre"])
+    w.add_token_list(src["tokenizer.ggml.tokens"])
+    w.add_token_types(src["tokenizer.ggml.token_type"].tolist())
+    w.add_token_merges(src["tokenizer.ggml.merges"])
+    w.add_bos_token_id(int(src["tokenizer.ggml.bos_token_id"]))
+    w.add_eos_token_id(int(src["tokenizer.ggml.eos_token_id"]))
+    w.add_add_bos_token(False)
+    w.add_chat_template(src["tokenizer.chat_template"])
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    layer_names = {"input_layernorm.weight": "attn_norm", "post_attention_layernorm.weight": "ffn_norm",
+                   "self_attn.q_proj.weight": "attn_q", "self_attn.k_proj.weight": "attn_k",
+                   "self_attn.v_proj.weight": "attn_v", "self_attn.o_proj.weight": "attn_output",
+                   "mlp.gate_proj.weight": "ffn_gate", "mlp.up_proj.weight": "ffn_up",
+                   "mlp.down_proj.weight": "ffn_down"}
+    for name, tensor in state.items():
+        if name in names:
+            gname = names[name]
+        else:
+            _, _, layer, rest = name.split(".", 3)
+            gname = f"blk.{layer}.{layer_names[rest]}.weight"
+        if name.endswith("q_proj.weight"):
+            tensor = llama_cpp_permute(tensor, cfg.num_attention_heads)
+        elif name.endswith("k_proj.weight"):
+            tensor = llama_cpp_permute(tensor, cfg.num_key_value_heads)
+        data = tensor.float().numpy()
+        if data.ndim == 2:
+            w.add_tensor(gname, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(gname, data.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
