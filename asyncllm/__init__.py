@@ -1,5 +1,6 @@
 """asyncllm: an LLM inference engine that lives inside your Python web app."""
 from asyncllm.config import EngineArgs
+from asyncllm.engine.async_engine import AsyncEngine
 from asyncllm.errors import (
     EngineDeadError,
     EngineOverloadedError,
@@ -15,7 +16,7 @@ from asyncllm.sampling_params import RequestOutputKind, SamplingParams
 __version__ = "0.1.0"
 
 __all__ = [
-    "LLM", "EngineArgs", "SamplingParams", "RequestOutputKind", "RequestOutput", "CompletionOutput", "Logprob",
+    "AsyncEngine", "LLM", "EngineArgs", "SamplingParams", "RequestOutputKind", "RequestOutput", "CompletionOutput", "Logprob",
     "EngineDeadError", "EngineOverloadedError", "EngineShutdownError", "InvalidRequestError", "PromptTooLongError",
     "RequestFailedError", "__version__",
 ]

@@ -14,7 +14,7 @@ import torch
 
 from asyncllm.config import EngineConfig
 from asyncllm.core.kv_cache_manager import KVCacheManager
-from asyncllm.core.sched_output import EngineCoreOutput
+from asyncllm.core.sched_output import EngineCoreOutput, ModelRunnerOutput, SchedulerOutput
 from asyncllm.core.scheduler import Scheduler, SchedulerConfig
 from asyncllm.engine.request import Request, RequestStatus
 from asyncllm.errors import PromptTooLongError
@@ -121,13 +121,43 @@ class EngineCore:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
-        result = self.runner.execute(sched)
-        outputs = self.scheduler.update_from_output(sched, result)
+        try:
+            result = self.runner.execute(sched)
+            failed: dict[str, BaseException] = {}
+        except Exception:  # noqa: BLE001 - isolated below, request by request
+            result, failed = self._execute_isolated(sched)
+        errors = []
+        for request_id, exc in failed.items():
+            self.scheduler.finish_requests([request_id], RequestStatus.FINISHED_ERROR)
+            logger.warning("request %s failed: %r", request_id, exc)
+            errors.append(EngineCoreOutput(request_id, [], finish_reason="error",
+                                           error=f"{type(exc).__name__}: {exc}"))
+        outputs = self.scheduler.update_from_output(sched, result) + errors
         self.num_steps += 1
         self.generation_tokens += len(result.sampled)
         self.prompt_tokens_computed += sum(
             max(0, min(s.start + s.num_new_tokens, s.request.num_prompt_tokens) - s.start) for s in sched.scheduled)
         return outputs
+
+    def _execute_isolated(self, sched: SchedulerOutput) -> tuple[ModelRunnerOutput, dict[str, BaseException]]:
+        """A batch failed: run each request alone so only the faulty ones fail.
+
+        Re-running is safe: a step writes each token's K/V to the same slot with the same
+        values, and the cache pages of one request are never read by another's failure.
+        """
+        merged = ModelRunnerOutput(sampled={})
+        failed: dict[str, BaseException] = {}
+        for item in sched.scheduled:
+            single = SchedulerOutput([item], item.num_new_tokens)
+            try:
+                part = self.runner.execute(single)
+            except Exception as exc:  # noqa: BLE001 - this request is the faulty one
+                failed[item.request.request_id] = exc
+                continue
+            merged.sampled.update(part.sampled)
+            merged.logprobs.update(part.logprobs)
+            merged.prompt_logprobs.update(part.prompt_logprobs)
+        return merged, failed
 
     def stats(self) -> EngineStats:
         st = self.kv.stats

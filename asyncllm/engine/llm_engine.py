@@ -8,16 +8,28 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from asyncllm.config import EngineArgs, EngineConfig
 from asyncllm.engine.engine_core import EngineCore
 from asyncllm.engine.input_processor import InputProcessor, PromptType
 from asyncllm.engine.output_processor import OutputProcessor, child_request_id
-from asyncllm.engine.request import RequestStatus
+from asyncllm.engine.request import Request, RequestStatus
 from asyncllm.errors import InvalidRequestError, PromptTooLongError
 from asyncllm.model.tokenizer import apply_chat_template_override
 from asyncllm.outputs import RequestOutput
 from asyncllm.sampling_params import SamplingParams
+
+
+@dataclass
+class PreparedRequest:
+    """A validated, tokenized request ready for the engine thread."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    requests: list[Request]
 
 
 class LLMEngine:
@@ -56,13 +68,17 @@ class LLMEngine:
     def new_request_id(self) -> str:
         return uuid.uuid4().hex
 
-    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
-                    priority: int = 0, arrival_time: float | None = None, cache_salt: str | None = None) -> None:
-        """Validates and queues a request; raises InvalidRequestError (nothing queued) when it cannot run."""
+    def prepare_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
+                        priority: int = 0, arrival_time: float | None = None,
+                        cache_salt: str | None = None) -> PreparedRequest:
+        """Validates and tokenizes (no engine state touched, safe off the engine thread).
+
+        Raises InvalidRequestError / PromptTooLongError; nothing is queued then.
+        """
         params = params if params is not None else SamplingParams()
-        if self.output_processor.has_request(request_id):
-            raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
-        if not isinstance(priority, int):
+        if not isinstance(request_id, str) or not request_id:
+            raise InvalidRequestError("request_id must be a non-empty string", param="request_id")
+        if not isinstance(priority, int) or isinstance(priority, bool):
             raise InvalidRequestError("priority must be an integer", param="priority")
         processed = self.input_processor.process_prompt(prompt)
         params.check_limits(self.config.limits, self.core.checkpoint.config.vocab_size)
@@ -73,10 +89,20 @@ class LLMEngine:
         if blocks > self.core.kv.pool.num_blocks:
             raise PromptTooLongError(f"the prompt needs {blocks} KV blocks but the whole cache has "
                                      f"{self.core.kv.pool.num_blocks}", param="prompt")
-        self.output_processor.add_request(request_id, processed.prompt, processed.prompt_token_ids, params,
-                                          requests[0].arrival_time)
-        for request in requests:
+        return PreparedRequest(request_id, processed.prompt, processed.prompt_token_ids, params, requests)
+
+    def submit(self, prepared: PreparedRequest) -> None:
+        """Queues a prepared request (engine thread only)."""
+        if self.output_processor.has_request(prepared.request_id):
+            raise InvalidRequestError(f"request id {prepared.request_id!r} is already in use", param="request_id")
+        self.output_processor.add_request(prepared.request_id, prepared.prompt, prepared.prompt_token_ids,
+                                          prepared.params, prepared.requests[0].arrival_time)
+        for request in prepared.requests:
             self.core.add_request(request)
+
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
+                    priority: int = 0, arrival_time: float | None = None, cache_salt: str | None = None) -> None:
+        self.submit(self.prepare_request(request_id, prompt, params, priority, arrival_time, cache_salt))
 
     def abort_request(self, request_ids: Iterable[str], reason: str = "abort",
                       error: str | None = None) -> list[RequestOutput]:
@@ -91,10 +117,12 @@ class LLMEngine:
         return finals
 
     def step(self) -> list[RequestOutput]:
-        outputs, stopped = self.output_processor.process(self.core.step())
-        if stopped:
-            self.core.abort_requests(stopped, RequestStatus.FINISHED_STOPPED)
-        return outputs
+        processed = self.output_processor.process(self.core.step())
+        if processed.stopped_ids:
+            self.core.abort_requests(processed.stopped_ids, RequestStatus.FINISHED_STOPPED)
+        if processed.failed_ids:
+            self.core.abort_requests(processed.failed_ids, RequestStatus.FINISHED_ERROR)
+        return processed.outputs
 
     def has_unfinished_requests(self) -> bool:
         return self.output_processor.num_unfinished > 0 or self.core.has_unfinished_requests()

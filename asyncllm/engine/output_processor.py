@@ -47,6 +47,13 @@ class _RequestState:
         return all(s.finish_reason is not None for s in self.sequences)
 
 
+@dataclass
+class ProcessedOutputs:
+    outputs: list[RequestOutput]
+    stopped_ids: list[str]  # sequences that hit a stop string: finish them in the core
+    failed_ids: list[str]  # sequences whose output processing raised: fail them in the core
+
+
 def child_request_id(request_id: str, index: int, n: int) -> str:
     return request_id if n == 1 else f"{request_id}#{index}"
 
@@ -91,11 +98,11 @@ class OutputProcessor:
     def num_unfinished(self) -> int:
         return len(self._states)
 
-    def process(self, core_outputs: list[EngineCoreOutput]) -> tuple[list[RequestOutput], list[str]]:
-        """→ (outputs to deliver, child ids stopped by a stop string that the core must finish)."""
+    def process(self, core_outputs: list[EngineCoreOutput]) -> ProcessedOutputs:
+        """Token outputs → RequestOutputs, plus the sequences the core must finish (stop strings, failures)."""
         now = time.monotonic()
         touched: dict[str, _RequestState] = {}
-        stopped: list[str] = []
+        result = ProcessedOutputs([], [], [])
         for out in core_outputs:
             entry = self._child_to_parent.get(out.request_id)
             if entry is None:
@@ -104,40 +111,52 @@ class OutputProcessor:
             if seq.finish_reason is not None:
                 continue
             touched[state.request_id] = state
-            metrics = state.metrics
-            if out.prompt_logprobs is not None and state.prompt_logprobs is not None and seq.index == 0:
-                state.prompt_logprobs.extend(self._convert_logprobs(lp) if lp else None
-                                             for lp in out.prompt_logprobs)
-            if out.error is not None:
-                state.error = out.error
-            for token in out.new_token_ids:
-                if metrics.first_token_time is None:
-                    metrics.first_token_time = now
-                metrics.last_token_time = now
-                metrics.num_cached_tokens = out.num_cached_tokens
-                seq.token_ids.append(token)
-                if out.logprobs is not None and seq.logprobs is not None:
-                    seq.logprobs.append(self._convert_logprobs(out.logprobs))
-                    seq.cumulative_logprob += out.logprobs.logprobs[0]
-                stop = seq.detok.add_token(token)
-                if stop is not None:
-                    seq.finish_reason, seq.stop_reason = "stop", stop
-                    stopped.append(out.request_id)
-                    break
-            if seq.finish_reason is None and out.finish_reason is not None:
-                seq.finish_reason, seq.stop_reason = out.finish_reason, out.stop_reason
-            if seq.finish_reason is not None:
-                self._child_to_parent.pop(out.request_id, None)
+            try:
+                self._process_one(state, seq, out, now, result.stopped_ids)
+            except Exception as exc:  # noqa: BLE001 - one request's failure must not touch the others
+                state.error = f"{type(exc).__name__}: {exc}"
+                for other in state.sequences:
+                    if other.finish_reason is None:
+                        other.finish_reason = "error"
+                        cid = child_request_id(state.request_id, other.index, len(state.sequences))
+                        self._child_to_parent.pop(cid, None)
+                        result.failed_ids.append(cid)
 
-        results = []
         for state in touched.values():
-            result = self._make_output(state)
-            if result is not None:
-                results.append(result)
+            output = self._make_output(state)
+            if output is not None:
+                result.outputs.append(output)
             if state.finished:
                 state.metrics.finished_time = now
                 del self._states[state.request_id]
-        return results, stopped
+        return result
+
+    def _process_one(self, state: _RequestState, seq: _Sequence, out: EngineCoreOutput, now: float,
+                     stopped: list[str]) -> None:
+        metrics = state.metrics
+        if out.prompt_logprobs is not None and state.prompt_logprobs is not None and seq.index == 0:
+            state.prompt_logprobs.extend(self._convert_logprobs(lp) if lp else None
+                                         for lp in out.prompt_logprobs)
+        if out.error is not None:
+            state.error = out.error
+        for token in out.new_token_ids:
+            if metrics.first_token_time is None:
+                metrics.first_token_time = now
+            metrics.last_token_time = now
+            metrics.num_cached_tokens = out.num_cached_tokens
+            seq.token_ids.append(token)
+            if out.logprobs is not None and seq.logprobs is not None:
+                seq.logprobs.append(self._convert_logprobs(out.logprobs))
+                seq.cumulative_logprob += out.logprobs.logprobs[0]
+            stop = seq.detok.add_token(token)
+            if stop is not None:
+                seq.finish_reason, seq.stop_reason = "stop", stop
+                stopped.append(out.request_id)
+                break
+        if seq.finish_reason is None and out.finish_reason is not None:
+            seq.finish_reason, seq.stop_reason = out.finish_reason, out.stop_reason
+        if seq.finish_reason is not None:
+            self._child_to_parent.pop(out.request_id, None)
 
     def abort(self, request_id: str, reason: str = "abort", error: str | None = None) -> RequestOutput | None:
         """Finishes a user request from outside the core (abort, failure) → its final output."""

@@ -1,0 +1,165 @@
+"""AsyncEngine: the asyncio (and trio, via anyio) face of the engine.
+
+    engine = AsyncEngine.from_args()
+    async for text in engine.stream("Tell me a joke", max_tokens=64):
+        print(text, end="")
+
+Validation and tokenization happen in the caller's task, so bad requests raise before
+anything is queued. The request then goes to the engine thread; outputs come back on a
+per-request stream in the caller's event loop. Leaving the `async for` early, cancelling
+the task or `aclose()` aborts the request, and its KV blocks are freed on the next step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+
+from asyncllm.config import EngineArgs
+from asyncllm.engine.engine_thread import EngineThread
+from asyncllm.engine.input_processor import PromptType
+from asyncllm.engine.llm_engine import LLMEngine
+from asyncllm.engine.request_stream import LoopHandle, RequestStream
+from asyncllm.engine.stats import EngineSnapshot
+from asyncllm.errors import EngineDeadError, InvalidRequestError
+from asyncllm.outputs import RequestOutput
+from asyncllm.sampling_params import RequestOutputKind, SamplingParams
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self._thread = EngineThread(engine, engine.config.args.max_waiting_requests)
+        self._shut_down = False
+
+    @classmethod
+    def from_args(cls, args: EngineArgs | None = None, **overrides: Any) -> "AsyncEngine":
+        """Loads the model now (errors surface here); the engine thread starts on first use or start()."""
+        return cls(LLMEngine.from_engine_args(args, **overrides))
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        if self._shut_down:
+            raise RuntimeError("this engine was shut down; create a new one")
+        self._thread.start()
+
+    def shutdown(self, timeout: float | None = 5.0) -> None:
+        """Stops accepting requests, lets in-flight ones finish for `timeout` s, aborts the rest.
+
+        Every open iterator ends (aborted ones with finish_reason "abort"). A second call is a no-op.
+        """
+        if self._shut_down:
+            return
+        self._shut_down = True
+        self._thread.shutdown(timeout)
+        self.engine.shutdown()
+
+    async def ashutdown(self, timeout: float | None = 5.0) -> None:
+        """shutdown() without blocking the event loop."""
+        await anyio.to_thread.run_sync(self.shutdown, timeout)
+
+    async def __aenter__(self) -> "AsyncEngine":
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.ashutdown()
+
+    @property
+    def is_healthy(self) -> bool:
+        return self._thread.dead_error is None and not self._shut_down and (
+            self._thread.is_alive or self._thread._thread.ident is None)
+
+    @property
+    def dead_error(self) -> EngineDeadError | None:
+        return self._thread.dead_error
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def stats(self) -> EngineSnapshot:
+        return self._thread.stats.snapshot
+
+    @property
+    def stats_collector(self):
+        return self._thread.stats
+
+    # ------------------------------------------------------------------ requests
+
+    async def generate(self, prompt: PromptType, sampling_params: SamplingParams | None = None,
+                       request_id: str | None = None, priority: int = 0,
+                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yields RequestOutputs as the request progresses (shape per sampling_params.output_kind)."""
+        request_id = request_id or uuid.uuid4().hex
+        prepared = self.engine.prepare_request(request_id, prompt, sampling_params, priority,
+                                               cache_salt=cache_salt)
+        stream = RequestStream(request_id, LoopHandle.current())
+        if self.dead_error is not None:
+            raise EngineDeadError(str(self.dead_error))
+        if not self._shut_down:
+            self._thread.start()  # lazy start
+        self._thread.submit(prepared, stream)
+        try:
+            while True:
+                output = await stream.get()
+                yield output
+                if output.finished:
+                    return
+        finally:
+            if not stream.finished:
+                self._thread.abort(request_id)
+
+    async def stream(self, prompt_or_messages: PromptType, sampling_params: SamplingParams | None = None,
+                     *, request_id: str | None = None, priority: int = 0, **params: Any) -> AsyncIterator[str]:
+        """Yields text deltas. Chat messages (list of {role, content}) go through the chat template.
+
+        `params` are SamplingParams fields, e.g. `stream(prompt, max_tokens=64, temperature=0)`.
+        """
+        params = _merge_params(sampling_params, params, RequestOutputKind.DELTA)
+        if params.n != 1:
+            raise InvalidRequestError("stream() yields one text; use generate() for n > 1", param="n")
+        gen = self.generate(prompt_or_messages, params, request_id=request_id, priority=priority)
+        try:
+            async for output in gen:
+                text = output.outputs[0].text if output.outputs else ""
+                if text:
+                    yield text
+        finally:
+            await gen.aclose()
+
+    async def complete(self, prompt_or_messages: PromptType, sampling_params: SamplingParams | None = None,
+                       *, request_id: str | None = None, priority: int = 0, **params: Any) -> RequestOutput:
+        """The finished RequestOutput of one request."""
+        params = _merge_params(sampling_params, params, RequestOutputKind.FINAL_ONLY)
+        gen = self.generate(prompt_or_messages, params, request_id=request_id, priority=priority)
+        try:
+            async for output in gen:
+                if output.finished:
+                    return output
+        finally:
+            await gen.aclose()
+        raise RuntimeError("the request ended without a final output")
+
+    async def abort(self, request_id: str) -> None:
+        self._thread.abort(request_id)
+
+
+def _merge_params(base: SamplingParams | None, overrides: dict[str, Any], kind: RequestOutputKind) -> SamplingParams:
+    if base is not None and overrides:
+        raise TypeError("pass either sampling_params or keyword sampling parameters, not both")
+    if base is None:
+        try:
+            base = SamplingParams(**overrides)
+        except TypeError as exc:
+            raise InvalidRequestError(f"unknown sampling parameter: {exc}") from None
+    return dataclasses.replace(base, output_kind=kind)

@@ -1,0 +1,197 @@
+"""EngineThread: the one thread that owns the model, the KV cache and the scheduler.
+
+Work arrives through one inbox (add, abort) guarded by a condition variable; the thread
+sleeps on it when idle (no busy polling) and wakes on new work. After each step it sends
+each event loop one batch of outputs. If the loop dies, every stream gets EngineDeadError.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from asyncllm.engine.llm_engine import LLMEngine, PreparedRequest
+from asyncllm.engine.request_stream import LoopHandle, RequestStream, deliver_batch
+from asyncllm.engine.stats import StatsCollector
+from asyncllm.errors import (
+    EngineDeadError,
+    EngineOverloadedError,
+    EngineShutdownError,
+    InvalidRequestError,
+    RequestFailedError,
+)
+from asyncllm.outputs import RequestOutput
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Add:
+    prepared: PreparedRequest
+    stream: RequestStream
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class EngineThread:
+    def __init__(self, engine: LLMEngine, max_waiting_requests: int):
+        self.engine = engine
+        self.max_waiting_requests = max_waiting_requests
+        self.stats = StatsCollector()
+        self._inbox: deque[_Add | _Abort] = deque()
+        self._cond = threading.Condition()
+        self._streams: dict[str, RequestStream] = {}  # engine-thread only
+        self._num_queued = 0  # adds not yet running: inbox + scheduler waiting (approximate, for admission)
+        self._accepting = True
+        self._drain_deadline: float | None = None
+        self.dead_error: EngineDeadError | None = None
+        self._thread = threading.Thread(target=self._run, name="asyncllm-engine", daemon=True)
+
+    # ------------------------------------------------------------------ caller side
+
+    def start(self) -> None:
+        if not self._thread.is_alive() and self._thread.ident is None:
+            self._thread.start()
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def submit(self, prepared: PreparedRequest, stream: RequestStream) -> None:
+        with self._cond:
+            if self.dead_error is not None:
+                raise EngineDeadError(str(self.dead_error))
+            if not self._accepting:
+                raise EngineShutdownError("the engine is shutting down and accepts no new requests")
+            if self._num_queued >= self.max_waiting_requests:
+                raise EngineOverloadedError(
+                    f"{self._num_queued} requests are already waiting (max_waiting_requests="
+                    f"{self.max_waiting_requests}); retry later")
+            self._num_queued += 1
+            self._inbox.append(_Add(prepared, stream))
+            self._cond.notify()
+
+    def abort(self, request_id: str) -> None:
+        with self._cond:
+            if self.dead_error is None:
+                self._inbox.append(_Abort(request_id))
+                self._cond.notify()
+
+    def shutdown(self, timeout: float | None) -> None:
+        """Stops accepting; in-flight requests may finish for up to `timeout` s, the rest are aborted."""
+        with self._cond:
+            if self._accepting:
+                self._accepting = False
+                self._drain_deadline = None if timeout is None else time.monotonic() + timeout
+            self._cond.notify()
+        if self._thread.ident is not None:
+            self._thread.join()
+
+    # ------------------------------------------------------------------ engine thread
+
+    def _run(self) -> None:
+        try:
+            while True:
+                commands = self._wait_for_work()
+                if commands is None:
+                    break
+                self._apply(commands)
+                if self.engine.has_unfinished_requests():
+                    started = time.perf_counter()
+                    outputs = self.engine.step()
+                    self.stats.record_step(self.engine, outputs, time.perf_counter() - started)
+                    self._deliver([(o.request_id, o) for o in outputs])
+                    with self._cond:
+                        self._num_queued = len(self._inbox_adds()) + self.engine.core.scheduler.num_waiting
+            self._finish_all_on_stop()
+        except BaseException as exc:  # noqa: BLE001 - the engine is dead; every waiter must learn it
+            logger.exception("engine thread died")
+            self._die(exc)
+        finally:
+            self.engine.shutdown()
+
+    def _inbox_adds(self) -> list[_Add]:
+        return [c for c in self._inbox if isinstance(c, _Add)]
+
+    def _wait_for_work(self) -> list[_Add | _Abort] | None:
+        """Sleeps until there is work; None when shutting down and drained (or past the deadline)."""
+        with self._cond:
+            while True:
+                busy = bool(self._inbox) or self.engine.has_unfinished_requests()
+                if not self._accepting:
+                    deadline = self._drain_deadline
+                    if not busy or (deadline is not None and time.monotonic() >= deadline):
+                        return None
+                if busy:
+                    commands = list(self._inbox)
+                    self._inbox.clear()
+                    return commands
+                self._cond.wait()
+
+    def _apply(self, commands: list[_Add | _Abort]) -> None:
+        finals: list[tuple[str, RequestOutput | BaseException]] = []
+        for command in commands:
+            if isinstance(command, _Add):
+                rid = command.prepared.request_id
+                try:
+                    if rid in self._streams:
+                        raise InvalidRequestError(f"request id {rid!r} is already in use", param="request_id")
+                    self.engine.submit(command.prepared)
+                except Exception as exc:  # noqa: BLE001 - fails this request only
+                    self._deliver_to(command.stream, exc)
+                    continue
+                self._streams[rid] = command.stream
+            else:
+                for final in self.engine.abort_request([command.request_id]):
+                    finals.append((final.request_id, final))
+        self._deliver(finals)
+
+    def _deliver(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
+        """One call per event loop per step."""
+        by_loop: dict[int, tuple[LoopHandle, list]] = {}
+        for request_id, item in items:
+            stream = self._streams.get(request_id)
+            if stream is None:
+                continue
+            if isinstance(item, RequestOutput) and item.error is not None:
+                item = RequestFailedError(f"request {request_id} failed in the engine: {item.error}")
+            if isinstance(item, BaseException) or item.finished:
+                del self._streams[request_id]
+            entry = by_loop.setdefault(id(stream.handle.key), (stream.handle, []))
+            entry[1].append((stream, item))
+        for handle, batch in by_loop.values():
+            if not handle.call_soon(deliver_batch, batch):
+                # The loop is closed: nobody will read these; free their KV blocks.
+                self.engine.abort_request([s.request_id for s, _ in batch])
+
+    def _deliver_to(self, stream: RequestStream, item: RequestOutput | BaseException) -> None:
+        stream.handle.call_soon(deliver_batch, [(stream, item)])
+
+    def _finish_all_on_stop(self) -> None:
+        """Shutdown: abort whatever still runs so every iterator ends."""
+        with self._cond:
+            pending = self._inbox_adds()
+            self._inbox.clear()
+        for command in pending:
+            self._deliver_to(command.stream, EngineShutdownError("the engine shut down before this request ran"))
+        finals = self.engine.abort_request(list(self._streams))
+        self._deliver([(f.request_id, f) for f in finals])
+
+    def _die(self, exc: BaseException) -> None:
+        error = EngineDeadError(f"the engine thread died: {type(exc).__name__}: {exc}")
+        with self._cond:
+            self.dead_error = error
+            pending = self._inbox_adds()
+            self._inbox.clear()
+        streams = list(self._streams.values()) + [c.stream for c in pending]
+        self._streams.clear()
+        by_loop: dict[int, tuple[LoopHandle, list]] = {}
+        for stream in streams:
+            by_loop.setdefault(id(stream.handle.key), (stream.handle, []))[1].append((stream, error))
+        for handle, batch in by_loop.values():
+            handle.call_soon(deliver_batch, batch)
