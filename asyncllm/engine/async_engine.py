@@ -21,7 +21,7 @@ import anyio
 from asyncllm.config import EngineArgs
 from asyncllm.engine.engine_thread import EngineThread
 from asyncllm.engine.input_processor import PromptType
-from asyncllm.engine.llm_engine import LLMEngine
+from asyncllm.engine.llm_engine import LLMEngine, PreparedRequest
 from asyncllm.engine.request_stream import LoopHandle, RequestStream
 from asyncllm.engine.stats import EngineSnapshot
 from asyncllm.errors import EngineDeadError, InvalidRequestError
@@ -100,9 +100,18 @@ class AsyncEngine:
                        request_id: str | None = None, priority: int = 0,
                        cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yields RequestOutputs as the request progresses (shape per sampling_params.output_kind)."""
-        request_id = request_id or uuid.uuid4().hex
-        prepared = self.engine.prepare_request(request_id, prompt, sampling_params, priority,
-                                               cache_salt=cache_salt)
+        prepared = self.prepare(prompt, sampling_params, request_id, priority, cache_salt)
+        async for output in self.generate_prepared(prepared):
+            yield output
+
+    def prepare(self, prompt: PromptType, sampling_params: SamplingParams | None = None,
+                request_id: str | None = None, priority: int = 0, cache_salt: str | None = None) -> PreparedRequest:
+        """Validates and tokenizes now (raises InvalidRequestError); run it with generate_prepared()."""
+        return self.engine.prepare_request(request_id or uuid.uuid4().hex, prompt, sampling_params, priority,
+                                           cache_salt=cache_salt)
+
+    async def generate_prepared(self, prepared: PreparedRequest) -> AsyncIterator[RequestOutput]:
+        request_id = prepared.request_id
         stream = RequestStream(request_id, LoopHandle.current())
         if self.dead_error is not None:
             raise EngineDeadError(str(self.dead_error))

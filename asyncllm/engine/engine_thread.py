@@ -149,6 +149,7 @@ class EngineThread:
             else:
                 for final in self.engine.abort_request([command.request_id]):
                     finals.append((final.request_id, final))
+        self.stats.record_outputs([f for _, f in finals])
         self._deliver(finals)
 
     def _deliver(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:

@@ -172,7 +172,8 @@ class OutputProcessor:
         return self._make_output(state, force=True)
 
     def _convert_logprobs(self, lp: TokenLogprobs) -> PositionLogprobs:
-        decoded = self.tokenizer.convert_ids_to_tokens(lp.token_ids)
+        # Each token's own text (not its byte-level vocabulary spelling such as "Ġhello").
+        decoded = self.tokenizer.batch_decode([[t] for t in lp.token_ids])
         return {tid: Logprob(val, rank, tok) for tid, val, rank, tok in zip(lp.token_ids, lp.logprobs, lp.ranks, decoded)}
 
     def _make_output(self, state: _RequestState, force: bool = False) -> RequestOutput | None:

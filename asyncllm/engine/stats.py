@@ -50,6 +50,12 @@ class StatsCollector:
             snap.kv_usage, snap.prefix_cache_hit_rate = st.kv_usage, st.prefix_cache_hit_rate
             snap.prompt_tokens, snap.generation_tokens = st.prompt_tokens_computed, st.generation_tokens
             snap.num_preemptions, snap.num_steps = st.num_preemptions, st.num_steps
+        self.record_outputs(outputs)
+
+    def record_outputs(self, outputs: list[RequestOutput]) -> None:
+        """Latency samples and finish counts of delivered outputs (steps and aborts alike)."""
+        with self._lock:
+            snap = self.snapshot
             for out in outputs:
                 m = out.metrics
                 if m is None or m.last_token_time is None:

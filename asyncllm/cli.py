@@ -1,0 +1,132 @@
+"""`asyncllm serve` (OpenAI-compatible server) and `asyncllm generate` (stream to the terminal).
+
+Every engine flag is generated from the fields of EngineArgs, so the two never drift.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+from asyncllm.config import EngineArgs
+
+_TYPES = {"int": int, "float": float, "str": str}
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine")
+    for f in dataclasses.fields(EngineArgs):
+        if f.name == "model":
+            continue
+        annotation = str(f.type)
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        if annotation == "bool":
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+            continue
+        base = annotation.split("|")[0].strip()
+        group.add_argument(flag, type=_TYPES.get(base, str), default=f.default, help=help_text,
+                           choices=f.metadata.get("choices"), metavar=base.upper())
+
+
+def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
+    values: dict[str, Any] = {f.name: getattr(ns, f.name) for f in dataclasses.fields(EngineArgs)
+                              if hasattr(ns, f.name)}
+    return EngineArgs(**values)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="asyncllm", description="An LLM inference engine for Python web apps")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible server")
+    serve.add_argument("model", nargs="?", default=None, help="model folder or .gguf (default: embedded SmolLM2)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")
+    serve.add_argument("--api-key", default=None, help="require this Bearer key (default: $ASYNCLLM_API_KEY)")
+    serve.add_argument("--no-browser-page", action="store_true", help="do not serve the chat page at /")
+    serve.add_argument("--max-body-bytes", type=int, default=4 << 20)
+    serve.add_argument("--log-level", default="info")
+    add_engine_args(serve)
+
+    gen = sub.add_parser("generate", help="stream one completion to the terminal")
+    gen.add_argument("prompt")
+    gen.add_argument("--model", default=None)
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--raw", action="store_true", help="complete the text as is, without the chat template")
+    add_engine_args(gen)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    ns = build_parser().parse_args(argv)
+    if ns.command == "serve":
+        return _serve(ns)
+    return _generate(ns)
+
+
+def _serve(ns: argparse.Namespace) -> int:
+    import uvicorn
+
+    from asyncllm.engine.async_engine import AsyncEngine
+    from asyncllm.server.app import build_app
+
+    logging.basicConfig(level=ns.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    args = engine_args_from(ns)
+    args.model = ns.model or args.model
+    started = time.perf_counter()
+    engine = AsyncEngine.from_args(args)
+    print(f"asyncllm: loaded {engine.model_name} in {time.perf_counter() - started:.2f}s "
+          f"(dtype {engine.engine.core.dtype}, max_model_len {engine.max_model_len})", flush=True)
+    app = build_app(engine, api_key=ns.api_key, served_model_name=args.served_model_name,
+                    browser_page=not ns.no_browser_page, max_body_bytes=ns.max_body_bytes)
+    config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.log_level, lifespan="on")
+    server = uvicorn.Server(config)
+
+    async def run() -> None:
+        task = asyncio.create_task(server.serve())
+        while not server.started and not task.done():
+            await asyncio.sleep(0.05)
+        if server.started:
+            port = server.servers[0].sockets[0].getsockname()[1]
+            print(f"asyncllm: serving http://{ns.host}:{port} (OpenAI API at /v1, chat page at /)", flush=True)
+        await task
+
+    asyncio.run(run())
+    return 0
+
+
+def _generate(ns: argparse.Namespace) -> int:
+    from asyncllm.engine.async_engine import AsyncEngine
+
+    t0 = time.perf_counter()
+    args = engine_args_from(ns)
+    args.model = ns.model
+    engine = AsyncEngine.from_args(args)
+    prompt: Any = ns.prompt if ns.raw else [{"role": "user", "content": ns.prompt}]
+
+    async def run() -> None:
+        first = True
+        async with engine:
+            async for text in engine.stream(prompt, max_tokens=ns.max_tokens, temperature=ns.temperature):
+                if first:
+                    print(f"[first token after {time.perf_counter() - t0:.2f}s]", file=sys.stderr, flush=True)
+                    first = False
+                sys.stdout.write(text)
+                sys.stdout.flush()
+        sys.stdout.write("\n")
+
+    asyncio.run(run())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

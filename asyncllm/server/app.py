@@ -1,0 +1,140 @@
+"""build_app(engine): the OpenAI-compatible API as a Starlette app you can run or mount.
+
+    app = FastAPI(lifespan=...)
+    app.mount("/llm", build_app(engine))
+
+Starlette does not run a mounted app's lifespan; compose `engine_lifespan(engine)` into
+the parent's lifespan to start/stop the engine with the app. Without it the engine starts
+on the first request (lazy start) and stops when the process exits.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import AsyncIterator, Iterable
+from importlib import resources
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+import asyncllm
+from asyncllm.engine.async_engine import AsyncEngine
+from asyncllm.server.auth import APIKeyMiddleware
+from asyncllm.server.chat import chat_prompt, create_chat_completion
+from asyncllm.server.completions import create_completion
+from asyncllm.server.errors import APIError, api_error_handler, method_not_allowed_handler, not_found_handler
+from asyncllm.server.limits import BodyLimitMiddleware
+from asyncllm.server.metrics import ServerMetrics
+from asyncllm.server.protocol import DetokenizeRequest, TokenizeRequest, now
+from asyncllm.server.serving import ServerContext, parse_body
+
+DEFAULT_PUBLIC_PATHS = ("/health", "/metrics", "/", "/version")
+
+
+@contextlib.asynccontextmanager
+async def engine_lifespan(engine: AsyncEngine) -> AsyncIterator[AsyncEngine]:
+    """Starts the engine with the app and shuts it down (without blocking the loop) at exit."""
+    engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.ashutdown()
+
+
+def build_app(engine: AsyncEngine, *, api_key: str | None = None, served_model_name: str | None = None,
+              public_paths: Iterable[str] = DEFAULT_PUBLIC_PATHS, browser_page: bool = True,
+              max_body_bytes: int = 4 << 20, max_prompts_per_request: int = 64,
+              run_lifespan: bool = True) -> Starlette:
+    """The API app. `api_key` (or ASYNCLLM_API_KEY) guards every route but `public_paths`."""
+    api_key = api_key if api_key is not None else os.environ.get("ASYNCLLM_API_KEY") or None
+    names = [served_model_name] if served_model_name else []
+    names += [n for n in (engine.model_name,) if n not in names]
+    metrics = ServerMetrics(engine, names[0])
+    ctx = ServerContext(engine, names, metrics, max_prompts_per_request)
+
+    def endpoint(name: str, handler):
+        async def wrapped(request: Request) -> Response:
+            status = 500
+            try:
+                response = await handler(request, ctx)
+                status = response.status_code
+                return response
+            except Exception as exc:
+                from asyncllm.server.errors import to_api_error
+
+                error = to_api_error(exc)
+                status = error.status
+                return error.response()
+            finally:
+                metrics.count(name, status)
+
+        return wrapped
+
+    async def health(request: Request, ctx: ServerContext) -> Response:
+        if engine.is_healthy:
+            return JSONResponse({"status": "ok"})
+        raise APIError(503, "the engine is not healthy", type_="service_unavailable", code="engine_dead")
+
+    async def version(request: Request, ctx: ServerContext) -> Response:
+        return JSONResponse({"version": asyncllm.__version__})
+
+    async def models(request: Request, ctx: ServerContext) -> Response:
+        return JSONResponse({"object": "list", "data": [
+            {"id": name, "object": "model", "created": now(), "owned_by": "asyncllm",
+             "max_model_len": engine.max_model_len} for name in ctx.model_names]})
+
+    async def tokenize(request: Request, ctx: ServerContext) -> Response:
+        body = await parse_body(request, TokenizeRequest)
+        ctx.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "pass exactly one of prompt or messages", param="prompt")
+        if body.messages is not None:
+            tokens = chat_prompt(ctx, body.messages, body.add_generation_prompt, None)["prompt_token_ids"]
+        else:
+            tokens = engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_model_len})
+
+    async def detokenize(request: Request, ctx: ServerContext) -> Response:
+        body = await parse_body(request, DetokenizeRequest)
+        ctx.check_model(body.model)
+        vocab = engine.engine.core.checkpoint.config.vocab_size
+        if any(not 0 <= t < vocab for t in body.tokens):
+            raise APIError(400, f"tokens must be in [0, {vocab})", param="tokens")
+        return JSONResponse({"prompt": engine.tokenizer.decode(body.tokens)})
+
+    async def page(request: Request, ctx: ServerContext) -> Response:
+        html = resources.files("asyncllm.server").joinpath("static/index.html").read_text(encoding="utf-8")
+        return HTMLResponse(html.replace("{{MODEL}}", ctx.model_name))
+
+    routes = [
+        Route("/health", endpoint("health", health), methods=["GET"]),
+        Route("/version", endpoint("version", version), methods=["GET"]),
+        Route("/metrics", metrics.endpoint, methods=["GET"]),
+        Route("/v1/models", endpoint("models", models), methods=["GET"]),
+        Route("/v1/completions", endpoint("completions", create_completion), methods=["POST"]),
+        Route("/v1/chat/completions", endpoint("chat", create_chat_completion), methods=["POST"]),
+        Route("/tokenize", endpoint("tokenize", tokenize), methods=["POST"]),
+        Route("/detokenize", endpoint("detokenize", detokenize), methods=["POST"]),
+    ]
+    if browser_page:
+        routes.append(Route("/", endpoint("page", page), methods=["GET"]))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with engine_lifespan(engine):
+            yield
+
+    app = Starlette(
+        routes=routes,
+        exception_handlers={404: not_found_handler, 405: method_not_allowed_handler, HTTPException: api_error_handler},
+        lifespan=lifespan if run_lifespan else None,
+    )
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=max_body_bytes)
+    if api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key, public_paths=public_paths)
+    app.state.engine = engine
+    app.state.context = ctx
+    return app

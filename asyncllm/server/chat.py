@@ -1,0 +1,131 @@
+"""POST /v1/chat/completions."""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from asyncllm.engine.input_processor import apply_chat_template
+from asyncllm.errors import InvalidRequestError
+from asyncllm.outputs import CompletionOutput
+from asyncllm.sampling_params import RequestOutputKind
+from asyncllm.server.completions import _finish
+from asyncllm.server.protocol import ChatCompletionRequest, ChatMessage, UsageInfo, now
+from asyncllm.server.serving import (
+    ServerContext,
+    check_context,
+    new_id,
+    parse_body,
+    sampling_params,
+    sse_response,
+    until_disconnected,
+)
+
+
+def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    out = []
+    for i, m in enumerate(messages):
+        content = m.content
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if part.type != "text" or part.text is None:
+                    raise InvalidRequestError(f"messages[{i}]: only text content parts are supported",
+                                              param="messages")
+                parts.append(part.text)
+            content = "\n".join(parts)
+        out.append({"role": m.role, "content": content or ""})
+    return out
+
+
+def chat_prompt(ctx: ServerContext, messages: list[ChatMessage], add_generation_prompt: bool,
+                kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    tokenizer = ctx.engine.tokenizer
+    text = apply_chat_template(tokenizer, message_dicts(messages), add_generation_prompt, **(kwargs or {}))
+    return {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
+
+
+def _chat_logprobs(c: CompletionOutput, top: int) -> dict | None:
+    if c.logprobs is None:
+        return None
+    content = []
+    for token_id, position in zip(c.token_ids, c.logprobs):
+        chosen = position[token_id]
+        alternatives = sorted((lp for lp in position.values() if lp.rank is not None and lp.rank <= top),
+                              key=lambda lp: lp.rank)
+        seen = set()
+        tops = []
+        for lp in alternatives:
+            if lp.rank in seen:
+                continue
+            seen.add(lp.rank)
+            tops.append({"token": lp.decoded_token, "logprob": lp.logprob,
+                         "bytes": list((lp.decoded_token or "").encode())})
+        content.append({"token": chosen.decoded_token, "logprob": chosen.logprob,
+                        "bytes": list((chosen.decoded_token or "").encode()), "top_logprobs": tops[:top]})
+    return {"content": content}
+
+
+async def create_chat_completion(request: Request, ctx: ServerContext) -> Response:
+    body = await parse_body(request, ChatCompletionRequest)
+    ctx.check_model(body.model)
+    if body.tools and body.tool_choice != "none":
+        raise InvalidRequestError("tool calling is not supported by this server", param="tools")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise InvalidRequestError("top_logprobs requires logprobs=true", param="top_logprobs")
+    top = body.top_logprobs or 0
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    kind = RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY
+    params = sampling_params(body, max_tokens=max_tokens, logprobs=top if body.logprobs else None, kind=kind)
+    prompt = chat_prompt(ctx, body.messages, body.add_generation_prompt, body.chat_template_kwargs)
+    request_id = new_id("chatcmpl")
+    engine = ctx.engine
+    prepared = engine.prepare(prompt, params, request_id, body.priority)
+    check_context(ctx, prepared, max_tokens)
+    created = now()
+
+    def chunk(choices: list[dict], **extra: Any) -> dict:
+        return {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": ctx.model_name,
+                "choices": choices, **extra}
+
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        async def events() -> AsyncIterator[dict]:
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None} for i in range(params.n)])
+            completion_tokens = 0
+            async for out in engine.generate_prepared(prepared):
+                for c in out.outputs:
+                    completion_tokens += len(c.token_ids)
+                    if not c.text and c.finish_reason is None:
+                        continue
+                    yield chunk([{"index": c.index, "delta": {"content": c.text} if c.text else {},
+                                  "logprobs": _chat_logprobs(c, top), "finish_reason": _finish(c.finish_reason)}])
+            if include_usage:
+                n_prompt = len(prepared.prompt_token_ids)
+                yield chunk([], usage=UsageInfo(prompt_tokens=n_prompt, completion_tokens=completion_tokens,
+                                                total_tokens=n_prompt + completion_tokens).model_dump())
+
+        return sse_response(events())
+
+    async def run():
+        async for out in engine.generate_prepared(prepared):
+            if out.finished:
+                return out
+        raise RuntimeError("request ended without output")
+
+    final = await until_disconnected(request, run)
+    choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                "logprobs": _chat_logprobs(c, top), "finish_reason": _finish(c.finish_reason)}
+               for c in sorted(final.outputs, key=lambda c: c.index)]
+    completion_tokens = sum(len(c.token_ids) for c in final.outputs)
+    n_prompt = len(prepared.prompt_token_ids)
+    return JSONResponse({
+        "id": request_id, "object": "chat.completion", "created": created, "model": ctx.model_name,
+        "choices": choices,
+        "usage": UsageInfo(prompt_tokens=n_prompt, completion_tokens=completion_tokens,
+                           total_tokens=n_prompt + completion_tokens).model_dump(),
+    })

@@ -1,0 +1,170 @@
+"""What the completion and chat endpoints share: parsing, model check, params, disconnects, SSE."""
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import anyio
+from pydantic import BaseModel, ValidationError
+from sse_starlette.sse import EventSourceResponse
+from starlette.requests import Request
+
+from asyncllm.engine.async_engine import AsyncEngine
+from asyncllm.engine.llm_engine import PreparedRequest
+from asyncllm.errors import InvalidRequestError
+from asyncllm.sampling_params import RequestOutputKind, SamplingParams
+from asyncllm.server.errors import APIError, to_api_error
+from asyncllm.server.metrics import ServerMetrics
+from asyncllm.server.protocol import _SamplingFields
+
+M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
+
+
+@dataclass
+class ServerContext:
+    engine: AsyncEngine
+    model_names: list[str]
+    metrics: ServerMetrics
+    max_prompts_per_request: int = 64
+
+    @property
+    def model_name(self) -> str:
+        return self.model_names[0]
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model not in self.model_names:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves {self.model_names[0]!r}",
+                           param="model", code="model_not_found")
+
+
+async def parse_body(request: Request, model: type[M]) -> M:
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise to_api_error(exc) from None
+
+
+def sampling_params(body: _SamplingFields, *, max_tokens: int | None, logprobs: int | None,
+                    kind: RequestOutputKind) -> SamplingParams:
+    if body.logit_bias is not None:
+        try:
+            bias = {int(k): v for k, v in body.logit_bias.items()}
+        except ValueError:
+            raise InvalidRequestError("logit_bias keys must be token ids", param="logit_bias") from None
+    else:
+        bias = None
+    fields: dict[str, Any] = dict(
+        n=body.n, max_tokens=max_tokens, stop=body.stop, seed=body.seed, logprobs=logprobs, logit_bias=bias,
+        ignore_eos=body.ignore_eos, stop_token_ids=body.stop_token_ids, skip_special_tokens=body.skip_special_tokens,
+        include_stop_str_in_output=body.include_stop_str_in_output, bad_words=body.bad_words,
+        allowed_token_ids=body.allowed_token_ids, output_kind=kind,
+    )
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k", "min_p",
+                 "repetition_penalty", "min_tokens"):
+        value = getattr(body, name)
+        if value is not None:
+            fields[name] = value
+    return SamplingParams(**fields)
+
+
+def check_context(ctx: ServerContext, prepared: PreparedRequest, max_tokens: int | None) -> None:
+    """OpenAI semantics: prompt + max_tokens beyond the context window is the caller's error."""
+    room = ctx.engine.max_model_len - len(prepared.prompt_token_ids)
+    if max_tokens is not None and max_tokens > room:
+        raise InvalidRequestError(
+            f"max_tokens={max_tokens} is too large: the prompt has {len(prepared.prompt_token_ids)} tokens and the "
+            f"context window is {ctx.engine.max_model_len}; at most {room} tokens can be generated",
+            param="max_tokens")
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+async def until_disconnected(request: Request, work: Callable[[], Awaitable[T]]) -> T:
+    """Runs `work`; if the client disconnects first, cancels it (which aborts its engine requests)."""
+    result: list[T] = []
+    failure: list[BaseException] = []
+
+    async with anyio.create_task_group() as tg:
+        async def watch() -> None:
+            while True:
+                message = await request.receive()
+                if message["type"] == "http.disconnect":
+                    tg.cancel_scope.cancel()
+                    return
+
+        async def run() -> None:
+            try:
+                result.append(await work())
+            except Exception as exc:  # noqa: BLE001 - re-raised below, unwrapped from the task group
+                failure.append(exc)
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(watch)
+        tg.start_soon(run)
+    if failure:
+        raise failure[0]
+    if not result:
+        raise APIError(499, "client disconnected", code="client_disconnected")
+    return result[0]
+
+
+async def merge(iterators: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+    """Items of several async iterators as they come, tagged by index. An error in one is
+    raised here; closing this generator closes (and so aborts) every iterator."""
+    if len(iterators) == 1:
+        async for item in iterators[0]:
+            yield 0, item
+        return
+    send, receive = anyio.create_memory_object_stream[tuple[int, Any]](max_buffer_size=4 * len(iterators))
+
+    async def pump(i: int, it: AsyncIterator[T], out) -> None:
+        async with out:
+            try:
+                async for item in it:
+                    await out.send((i, item))
+            except Exception as exc:  # noqa: BLE001 - forwarded to the consumer
+                await out.send((i, exc))
+            finally:
+                await it.aclose()  # type: ignore[attr-defined]
+
+    async with anyio.create_task_group() as tg:
+        async with send:
+            for i, it in enumerate(iterators):
+                tg.start_soon(pump, i, it, send.clone())
+        try:
+            async with receive:
+                async for i, item in receive:
+                    if isinstance(item, Exception):
+                        raise item
+                    yield i, item
+        finally:
+            tg.cancel_scope.cancel()
+
+
+def sse_response(events: AsyncIterator[dict[str, Any]]) -> EventSourceResponse:
+    """SSE of JSON events then `data: [DONE]`; an error mid-stream becomes an OpenAI error event."""
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for event in events:
+                yield json.dumps(event, ensure_ascii=False)
+        except Exception as exc:  # noqa: BLE001 - the headers are sent: report in-band
+            yield json.dumps(to_api_error(exc).body())
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+        yield "[DONE]"
+
+    return EventSourceResponse(body(), ping=15, sep="\n")
