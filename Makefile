@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install serve test test-fast bench clean
+.PHONY: install serve test bench chromium clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +29,14 @@ install: $(STAMP)
 serve: install
 	$(VENV)/bin/asyncllm serve $(ARGS)
 
-test: install
-	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+# The browser-page test drives Debian's chromium (headless); install it when missing.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { echo "installing Debian chromium for the browser test"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+test: install chromium
+	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: install
 	$(PY) benchmarks/throughput.py
