@@ -11,6 +11,7 @@ from asyncllm.errors import (
 )
 from asyncllm.llm import LLM
 from asyncllm.outputs import CompletionOutput, Logprob, RequestOutput
+from asyncllm.sampling.structured import GrammarError, StructuredOutputs
 from asyncllm.sampling_params import RequestOutputKind, SamplingParams
 
 __version__ = "0.1.0"
@@ -18,5 +19,5 @@ __version__ = "0.1.0"
 __all__ = [
     "AsyncEngine", "LLM", "EngineArgs", "SamplingParams", "RequestOutputKind", "RequestOutput", "CompletionOutput", "Logprob",
     "EngineDeadError", "EngineOverloadedError", "EngineShutdownError", "InvalidRequestError", "PromptTooLongError",
-    "RequestFailedError", "__version__",
+    "RequestFailedError", "StructuredOutputs", "GrammarError", "__version__",
 ]

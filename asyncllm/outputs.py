@@ -52,3 +52,4 @@ class RequestOutput:
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     num_cached_tokens: int = 0
     error: str | None = field(default=None, repr=False)
+    exception: BaseException | None = field(default=None, repr=False)

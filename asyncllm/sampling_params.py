@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from asyncllm.errors import InvalidRequestError
+from asyncllm.sampling.structured import StructuredOutputs
 
 
 class RequestOutputKind(enum.Enum):
@@ -56,6 +57,7 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    structured_outputs: StructuredOutputs | None = None
     # Filled by the engine: the token-id form of bad_words.
     _bad_words_token_ids: list[list[int]] = field(default_factory=list, repr=False)
 
@@ -126,6 +128,8 @@ class SamplingParams:
                 raise _err("allowed_token_ids must be a non-empty list of token ids", "allowed_token_ids")
         if self.bad_words is not None and not all(isinstance(w, str) and w for w in self.bad_words):
             raise _err("bad_words must be a list of non-empty strings", "bad_words")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputs):
+            raise _err("structured_outputs must be a StructuredOutputs", "structured_outputs")
         if not isinstance(self.output_kind, RequestOutputKind):
             raise _err(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}", "output_kind")
 

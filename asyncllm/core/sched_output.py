@@ -57,6 +57,7 @@ class EngineCoreOutput:
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     num_cached_tokens: int = 0
     error: str | None = None
+    exception: BaseException | None = None  # the error itself, for callers that map it (e.g. to HTTP 400)
 
     @property
     def finished(self) -> bool:

@@ -106,8 +106,13 @@ class Scheduler:
                 budget -= num_new
 
         # Waiting requests, while there is budget and room; none after a preemption (no room).
-        while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting[0][1]
+        position = 0
+        while (position < len(self.waiting) and budget > 0 and not preempted
+               and len(self.running) < self.config.max_num_seqs):
+            request = self.waiting[position][1]
+            if request.grammar is not None and request.grammar.guide is None:
+                position += 1  # its grammar is still compiling: the others go ahead
+                continue
             use_cache = request.sampling_params.prompt_logprobs is None  # those need every position
             hits, num_hit = self.kv.get_computed_blocks(request) if use_cache else ([], 0)
             num_new = request.num_tokens - num_hit
@@ -117,7 +122,7 @@ class Scheduler:
                 num_new = budget
             if not self.kv.allocate_slots(request, num_new, hits):
                 break
-            self.waiting.pop(0)
+            self.waiting.pop(position)
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_hit
             if use_cache:
@@ -166,6 +171,8 @@ class Scheduler:
                     outputs.append(EngineCoreOutput(request.request_id, [], prompt_logprobs=prompt_lp))
                 continue
             request.output_token_ids.append(token)
+            if request.grammar is not None:
+                request.grammar.accept(token)
             self._check_stop(request, token)
             out = EngineCoreOutput(request.request_id, [token], logprobs=result.logprobs.get(request.request_id),
                                    prompt_logprobs=prompt_lp, num_cached_tokens=max(request.num_cached_tokens, 0))
@@ -180,6 +187,9 @@ class Scheduler:
     def _check_stop(self, request: Request, token: int) -> None:
         params = request.sampling_params
         n_out = request.num_output_tokens
+        if request.grammar is not None and token == request.grammar.eos_token_id:
+            request.status = RequestStatus.FINISHED_STOPPED  # the structure is complete (even with ignore_eos)
+            return
         if n_out >= params.min_tokens:
             if not params.ignore_eos and token in request.eos_token_ids:
                 request.status = RequestStatus.FINISHED_STOPPED

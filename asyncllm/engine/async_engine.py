@@ -11,10 +11,12 @@ the task or `aclose()` aborts the request, and its KV blocks are freed on the ne
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 
@@ -26,7 +28,10 @@ from asyncllm.engine.request_stream import LoopHandle, RequestStream
 from asyncllm.engine.stats import EngineSnapshot
 from asyncllm.errors import EngineDeadError, InvalidRequestError
 from asyncllm.outputs import RequestOutput
+from asyncllm.sampling.structured import GrammarError, StructuredOutputs
 from asyncllm.sampling_params import RequestOutputKind, SamplingParams
+
+T = TypeVar("T")
 
 
 class AsyncEngine:
@@ -162,10 +167,41 @@ class AsyncEngine:
     async def abort(self, request_id: str) -> None:
         self._thread.abort(request_id)
 
+    async def wait_for_grammar(self, prepared: PreparedRequest) -> None:
+        """Awaits the structured-output compilation of a prepared request (raises GrammarError),
+        without blocking the event loop; lets a server answer 400 before it starts streaming."""
+        grammar = prepared.requests[0].grammar
+        if grammar is None:
+            return
+        limit = max(0.0, grammar.deadline - time.monotonic())
+        try:
+            await anyio.to_thread.run_sync(grammar.future.result, limit)
+        except concurrent.futures.TimeoutError:
+            raise GrammarError("compiling the structure took longer than the limit") from None
+
+    async def complete_json(self, prompt_or_messages: PromptType, model: type[T], **params: Any) -> T:
+        """Generates JSON constrained to `model`'s schema and returns the parsed pydantic model."""
+        out = await self.complete(prompt_or_messages, json_schema=model, **params)
+        return parse_json_output(out, model)
+
+
+def parse_json_output(output: RequestOutput, model: type[T]) -> T:
+    """The first completion of `output` parsed as `model` (a pydantic class)."""
+    completion = output.outputs[0]
+    if completion.finish_reason == "length":
+        raise ValueError("the JSON was cut by max_tokens before it was complete; raise max_tokens")
+    return model.model_validate_json(completion.text)
+
+
+_STRUCTURED_SHORTCUTS = {"json_schema": "json", "json_object": "json_object", "regex": "regex", "choice": "choice"}
+
 
 def _merge_params(base: SamplingParams | None, overrides: dict[str, Any], kind: RequestOutputKind) -> SamplingParams:
     if base is not None and overrides:
         raise TypeError("pass either sampling_params or keyword sampling parameters, not both")
+    structured = {_STRUCTURED_SHORTCUTS[k]: overrides.pop(k) for k in list(overrides) if k in _STRUCTURED_SHORTCUTS}
+    if structured:
+        overrides["structured_outputs"] = StructuredOutputs(**structured)
     if base is None:
         try:
             base = SamplingParams(**overrides)

@@ -118,9 +118,12 @@ class EngineCore:
     # ------------------------------------------------------------------ step
 
     def step(self) -> list[EngineCoreOutput]:
+        grammar_errors = self._check_grammars()
         sched = self.scheduler.schedule()
         if sched.is_empty:
-            return []
+            if not grammar_errors:
+                self._wait_for_grammars()
+            return grammar_errors
         try:
             result = self.runner.execute(sched)
             failed: dict[str, BaseException] = {}
@@ -132,12 +135,35 @@ class EngineCore:
             logger.warning("request %s failed: %r", request_id, exc)
             errors.append(EngineCoreOutput(request_id, [], finish_reason="error",
                                            error=f"{type(exc).__name__}: {exc}"))
-        outputs = self.scheduler.update_from_output(sched, result) + errors
+        outputs = self.scheduler.update_from_output(sched, result) + errors + grammar_errors
         self.num_steps += 1
         self.generation_tokens += len(result.sampled)
         self.prompt_tokens_computed += sum(
             max(0, min(s.start + s.num_new_tokens, s.request.num_prompt_tokens) - s.start) for s in sched.scheduled)
         return outputs
+
+    def _check_grammars(self) -> list[EngineCoreOutput]:
+        """Waiting requests whose grammar failed to compile (or took too long) fail now."""
+        failed = []
+        for _, request in list(self.scheduler.waiting):
+            if request.grammar is None or request.grammar.guide is not None:
+                continue
+            try:
+                request.grammar.ready()
+            except Exception as exc:  # noqa: BLE001 - this request's grammar only
+                self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_ERROR)
+                failed.append(EngineCoreOutput(request.request_id, [], finish_reason="error",
+                                               error=f"{type(exc).__name__}: {exc}", exception=exc))
+        return failed
+
+    def _wait_for_grammars(self, timeout: float = 0.05) -> None:
+        """Nothing to run but grammars compiling: sleep on them instead of spinning."""
+        import concurrent.futures
+
+        pending = [r.grammar.future for _, r in self.scheduler.waiting
+                   if r.grammar is not None and r.grammar.guide is None]
+        if pending:
+            concurrent.futures.wait(pending, timeout=timeout, return_when=concurrent.futures.FIRST_COMPLETED)
 
     def _execute_isolated(self, sched: SchedulerOutput) -> tuple[ModelRunnerOutput, dict[str, BaseException]]:
         """A batch failed: run each request alone so only the faulty ones fail.

@@ -160,7 +160,10 @@ class EngineThread:
             if stream is None:
                 continue
             if isinstance(item, RequestOutput) and item.error is not None:
-                item = RequestFailedError(f"request {request_id} failed in the engine: {item.error}")
+                if isinstance(item.exception, InvalidRequestError):
+                    item = item.exception  # the caller's fault (e.g. a grammar that cannot compile): say so
+                else:
+                    item = RequestFailedError(f"request {request_id} failed in the engine: {item.error}")
             if isinstance(item, BaseException) or item.finished:
                 del self._streams[request_id]
             entry = by_loop.setdefault(id(stream.handle.key), (stream.handle, []))

@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerBase
 
 from asyncllm.engine.request import Request
 from asyncllm.errors import InvalidRequestError, PromptTooLongError
+from asyncllm.sampling.structured import GrammarCompiler, GrammarState
 from asyncllm.sampling_params import SamplingLimits, SamplingParams
 
 ChatMessages = list[dict[str, Any]]
@@ -43,7 +44,8 @@ def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: ChatMessag
 
 class InputProcessor:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, vocab_size: int, max_model_len: int,
-                 eos_token_ids: tuple[int, ...], limits: SamplingLimits, max_tokens_limit: int | None, seed: int):
+                 eos_token_ids: tuple[int, ...], limits: SamplingLimits, max_tokens_limit: int | None, seed: int,
+                 grammars: GrammarCompiler | None = None):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
@@ -51,6 +53,7 @@ class InputProcessor:
         self.limits = limits
         self.max_tokens_limit = max_tokens_limit
         self.seed = seed
+        self.grammars = grammars
 
     def process_prompt(self, prompt: PromptType) -> ProcessedPrompt:
         if isinstance(prompt, dict):
@@ -95,13 +98,22 @@ class InputProcessor:
         if params.bad_words and not params._bad_words_token_ids:
             params._bad_words_token_ids = self._bad_words_ids(params.bad_words)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
+        future = None
+        if params.structured_outputs is not None:
+            if self.grammars is None:
+                raise InvalidRequestError("structured outputs are not available", param="structured_outputs")
+            future = self.grammars.submit(params.structured_outputs)  # validates now, compiles in the pool
         requests = []
         for index, child_id in enumerate(child_ids):
             # Sample i of a seeded request gets its own stream, so the n samples differ.
             seed = None if params.seed is None else (params.seed + index * 1_000_003) % 2**64
+            grammar = None
+            if future is not None:
+                grammar = GrammarState(future, self.grammars.eos_token_id,
+                                       time.monotonic() + self.grammars.limits.compile_timeout_s)
             requests.append(Request(child_id, prompt.prompt_token_ids, params, self.eos_token_ids, max_tokens,
                                     priority=priority, arrival_time=arrival, cache_salt=cache_salt,
-                                    sample_seed=seed))
+                                    sample_seed=seed, grammar=grammar))
         return requests
 
     def _bad_words_ids(self, words: list[str]) -> list[list[int]]:

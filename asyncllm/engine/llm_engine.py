@@ -18,6 +18,7 @@ from asyncllm.engine.request import Request, RequestStatus
 from asyncllm.errors import InvalidRequestError, PromptTooLongError
 from asyncllm.model.tokenizer import apply_chat_template_override
 from asyncllm.outputs import RequestOutput
+from asyncllm.sampling.structured import GrammarCompiler
 from asyncllm.sampling_params import SamplingParams
 
 
@@ -45,7 +46,7 @@ class LLMEngine:
         self.eos_token_ids = tuple(sorted(eos))
         self.input_processor = InputProcessor(self.tokenizer, model_cfg.vocab_size, self.core.max_model_len,
                                               self.eos_token_ids, config.limits, config.args.max_tokens_limit,
-                                              config.args.seed)
+                                              config.args.seed, GrammarCompiler(self.tokenizer))
         self.output_processor = OutputProcessor(self.tokenizer)
 
     @classmethod
@@ -128,4 +129,5 @@ class LLMEngine:
         return self.output_processor.num_unfinished > 0 or self.core.has_unfinished_requests()
 
     def shutdown(self) -> None:
+        self.input_processor.grammars.shutdown()
         self.core.shutdown()

@@ -41,6 +41,7 @@ class _RequestState:
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     sent_prompt_logprobs: bool = False
     error: str | None = None
+    exception: BaseException | None = None
 
     @property
     def finished(self) -> bool:
@@ -139,6 +140,7 @@ class OutputProcessor:
                                          for lp in out.prompt_logprobs)
         if out.error is not None:
             state.error = out.error
+            state.exception = out.exception
         for token in out.new_token_ids:
             if metrics.first_token_time is None:
                 metrics.first_token_time = now
@@ -207,4 +209,5 @@ class OutputProcessor:
             state.sent_prompt_logprobs = True
         return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, completions, finished,
                              metrics=state.metrics, prompt_logprobs=prompt_logprobs,
-                             num_cached_tokens=state.metrics.num_cached_tokens, error=state.error)
+                             num_cached_tokens=state.metrics.num_cached_tokens, error=state.error,
+                             exception=state.exception)

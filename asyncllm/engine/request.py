@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from asyncllm.sampling.structured import GrammarState
 from asyncllm.sampling_params import SamplingParams
 
 
@@ -52,6 +53,7 @@ class Request:
     cache_salt: str | None = None  # extra key of prefix-cache hashes (e.g. LoRA id, tenant)
     sample_seed: int | None = None  # this sequence's seed (sampler makes the generator lazily)
     generator: torch.Generator | None = None
+    grammar: GrammarState | None = None  # structured output automaton (None: unconstrained)
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = -1  # prompt tokens served by the prefix cache on first schedule

@@ -122,10 +122,17 @@ def _token_counts(token_lists: list[list[int]], vocab: int, device: torch.device
     return counts[:, :vocab]
 
 
-DEFAULT_PROCESSORS: tuple[type, ...] = (
+def _structured():
+    from asyncllm.sampling.structured import StructuredOutputProcessor
+
+    return StructuredOutputProcessor()
+
+
+DEFAULT_PROCESSORS: tuple = (
     AllowedTokensProcessor,
     LogitBiasProcessor,
     BadWordsProcessor,
     MinTokensProcessor,
     PenaltiesProcessor,
+    _structured,  # last: nothing may re-enable a token the structure forbids
 )

@@ -275,3 +275,21 @@ def test_streamed_error_event_shape(server):
         events = [line[5:].strip() for line in r.text.splitlines() if line.startswith("data:")]
         assert events[-1] == "[DONE]"
         assert all("choices" in json.loads(e) for e in events[:-1])
+
+
+def test_chat_template_override_and_page_toggle(tmp_path):
+    template = tmp_path / "plain.jinja"
+    template.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}[assistant] {% endif %}")
+    engine = AsyncEngine.from_args(dtype="float32", chat_template=str(template))
+    srv = RunningServer(build_app(engine, browser_page=False))
+    try:
+        tokens = httpx.post(srv.url + "/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
+        text = httpx.post(srv.url + "/detokenize", json={"tokens": tokens["tokens"]}).json()["prompt"]
+        assert text == "[user] hi\n[assistant] "
+        r = openai.OpenAI(base_url=srv.url + "/v1", api_key="x").chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3, temperature=0)
+        assert r.usage.prompt_tokens == tokens["count"]
+        assert httpx.get(srv.url + "/").status_code == 404
+    finally:
+        srv.stop()

@@ -1,0 +1,282 @@
+"""Structured outputs (JSON schema, JSON object, regex, choice) on top of outlines-core.
+
+- `StructuredOutputs` is what a request asks for (exactly one kind), validated cheaply and
+  synchronously against size/depth limits (a schema bomb is refused before compiling).
+- `GrammarCompiler` owns the outlines-core `Vocabulary` (built once per tokenizer) and an
+  LRU of compiled `Index`es keyed by (kind, spec); compilation runs in a worker pool (it
+  releases the GIL), so the engine thread keeps serving other requests meanwhile.
+- `GrammarState` is one sequence's automaton position (an outlines-core `Guide`).
+- `StructuredOutputProcessor` writes the constrained rows' token bitmasks and applies them
+  in one vectorised operation; unconstrained rows are not touched.
+"""
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from asyncllm.errors import InvalidRequestError
+
+
+class GrammarError(InvalidRequestError):
+    """The requested structure cannot be compiled (too big, too slow, or invalid)."""
+
+
+@dataclass(frozen=True)
+class StructuredLimits:
+    max_schema_bytes: int = 64 * 1024
+    max_schema_depth: int = 24
+    max_enum_values: int = 2048
+    max_regex_chars: int = 200_000
+    max_choices: int = 1024
+    compile_timeout_s: float = 10.0
+
+
+@dataclass
+class StructuredOutputs:
+    json: Any = None  # a JSON schema (dict or JSON text) or a pydantic model class
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        kinds = [self.json is not None, bool(self.json_object), self.regex is not None, self.choice is not None]
+        if sum(kinds) != 1:
+            raise InvalidRequestError("structured_outputs needs exactly one of json, json_object, regex, choice",
+                                      param="structured_outputs")
+        if self.json is not None:
+            self.json = _schema_dict(self.json)
+        if self.choice is not None:
+            if not isinstance(self.choice, list) or not self.choice or not all(isinstance(c, str) and c
+                                                                               for c in self.choice):
+                raise InvalidRequestError("choice must be a non-empty list of non-empty strings", param="choice")
+        if self.regex is not None and (not isinstance(self.regex, str) or not self.regex):
+            raise InvalidRequestError("regex must be a non-empty string", param="regex")
+
+    @property
+    def kind(self) -> str:
+        if self.json is not None:
+            return "json"
+        if self.json_object:
+            return "json_object"
+        return "regex" if self.regex is not None else "choice"
+
+    def key(self) -> tuple[str, str]:
+        """Canonical cache key: equal specs compile once."""
+        if self.json is not None:
+            return "json", json.dumps(self.json, sort_keys=True, separators=(",", ":"))
+        if self.json_object:
+            return "json_object", ""
+        if self.regex is not None:
+            return "regex", self.regex
+        return "choice", json.dumps(self.choice)
+
+
+def _schema_dict(schema: Any) -> dict:
+    if isinstance(schema, type) and hasattr(schema, "model_json_schema"):
+        return schema.model_json_schema()
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as exc:
+            raise InvalidRequestError(f"the JSON schema is not valid JSON: {exc}", param="json_schema") from None
+    if not isinstance(schema, dict):
+        raise InvalidRequestError("a JSON schema must be an object (or a pydantic model class)", param="json_schema")
+    return schema
+
+
+def _check_schema(schema: dict, limits: StructuredLimits) -> None:
+    size = len(json.dumps(schema))
+    if size > limits.max_schema_bytes:
+        raise GrammarError(f"the JSON schema is {size} bytes; the limit is {limits.max_schema_bytes}",
+                           param="json_schema")
+    enum_total = 0
+
+    def walk(node: Any, depth: int) -> None:
+        nonlocal enum_total
+        if depth > limits.max_schema_depth:
+            raise GrammarError(f"the JSON schema nests deeper than {limits.max_schema_depth} levels",
+                               param="json_schema")
+        if isinstance(node, dict):
+            if isinstance(node.get("enum"), list):
+                enum_total += len(node["enum"])
+            for value in node.values():
+                walk(value, depth + 1)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value, depth + 1)
+
+    walk(schema, 0)
+    if enum_total > limits.max_enum_values:
+        raise GrammarError(f"the JSON schema has {enum_total} enum values; the limit is {limits.max_enum_values}",
+                           param="json_schema")
+
+
+_REGEX_META = set(r".^$*+?()[]{}|\/")
+
+
+def _escape(text: str) -> str:
+    return "".join("\\" + ch if ch in _REGEX_META else ch for ch in text)
+
+
+def to_regex(spec: StructuredOutputs, limits: StructuredLimits) -> str:
+    """The regex outlines-core compiles for this spec (raises GrammarError when over limits)."""
+    from outlines_core.json_schema import build_regex_from_schema
+
+    if spec.json is not None:
+        _check_schema(spec.json, limits)
+        try:
+            regex = build_regex_from_schema(json.dumps(spec.json))
+        except Exception as exc:  # noqa: BLE001 - outlines rejects unsupported schemas
+            raise GrammarError(f"unsupported JSON schema: {exc}", param="json_schema") from None
+    elif spec.json_object:
+        regex = build_regex_from_schema('{"type": "object"}')
+    elif spec.regex is not None:
+        try:
+            re.compile(spec.regex)
+        except re.error as exc:
+            raise GrammarError(f"invalid regex: {exc}", param="regex") from None
+        regex = spec.regex
+    else:
+        if len(spec.choice) > limits.max_choices:
+            raise GrammarError(f"at most {limits.max_choices} choices", param="choice")
+        regex = "(" + "|".join(_escape(c) for c in spec.choice) + ")"
+    if len(regex) > limits.max_regex_chars:
+        raise GrammarError(f"the structure compiles to a {len(regex)}-character regex; the limit is "
+                           f"{limits.max_regex_chars}", param=_param(spec))
+    return regex
+
+
+def _param(spec: StructuredOutputs) -> str:
+    return {"json": "json_schema", "json_object": "response_format"}.get(spec.kind, spec.kind)
+
+
+def token_bytes_vocabulary(tokenizer) -> tuple[dict[bytes, list[int]], int]:
+    """{raw token bytes: [token ids]} of the non-special tokens, and the EOS id, for outlines-core."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    unicode_to_byte = {v: k for k, v in bytes_to_unicode().items()}
+    decoder = json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder") or {}
+    byte_level = "ByteLevel" in json.dumps(decoder)
+    special = set(tokenizer.all_special_ids)
+    vocab: dict[bytes, list[int]] = {}
+    byte_token = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+    for token, idx in tokenizer.get_vocab().items():
+        if idx in special:
+            continue
+        if byte_level and all(c in unicode_to_byte for c in token):
+            raw = bytes(unicode_to_byte[c] for c in token)
+        elif (m := byte_token.match(token)) is not None:
+            raw = bytes([int(m.group(1), 16)])
+        else:
+            raw = token.replace("\u2581", " ").encode()
+        if raw:
+            vocab.setdefault(raw, []).append(idx)
+    return vocab, tokenizer.eos_token_id
+
+
+class GrammarCompiler:
+    def __init__(self, tokenizer, limits: StructuredLimits | None = None, cache_size: int = 128, workers: int = 2):
+        self.tokenizer = tokenizer
+        self.limits = limits or StructuredLimits()
+        self._vocabulary = None
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[tuple[str, str], Future] = OrderedDict()
+        self._cache_size = cache_size
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="asyncllm-grammar")
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    def _vocab(self):
+        from outlines_core import Vocabulary
+
+        with self._lock:
+            if self._vocabulary is None:
+                mapping, eos = token_bytes_vocabulary(self.tokenizer)
+                self._vocabulary = Vocabulary(eos, mapping)
+            return self._vocabulary
+
+    def submit(self, spec: StructuredOutputs) -> Future:
+        """Validates now (GrammarError), compiles in the pool; equal specs share one Future (LRU)."""
+        regex = to_regex(spec, self.limits)
+        key = spec.key()
+        with self._lock:
+            future = self._cache.get(key)
+            if future is not None and not (future.done() and future.exception() is not None):
+                self._cache.move_to_end(key)
+                return future
+            future = self._pool.submit(self._compile, regex)
+            self._cache[key] = future
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+            return future
+
+    def _compile(self, regex: str):
+        from outlines_core import Index
+
+        try:
+            return Index(regex, self._vocab())
+        except Exception as exc:  # noqa: BLE001 - reported to the request
+            raise GrammarError(f"cannot build the token automaton: {exc}") from None
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class GrammarState:
+    """One sequence's position in its automaton; created when the Index is ready."""
+
+    def __init__(self, future: Future, eos_token_id: int, deadline: float):
+        self.future = future
+        self.eos_token_id = eos_token_id
+        self.deadline = deadline
+        self.guide = None
+
+    def ready(self) -> bool:
+        """True once the guide exists; raises the compile error (or a timeout) if compiling failed."""
+        if self.guide is not None:
+            return True
+        if not self.future.done():
+            import time
+
+            if time.monotonic() > self.deadline:
+                raise GrammarError("compiling the structure took longer than the limit")
+            return False
+        from outlines_core import Guide
+
+        self.guide = Guide(self.future.result())
+        return True
+
+    def accept(self, token: int) -> None:
+        if token != self.eos_token_id:
+            self.guide.advance(token)
+
+    def finished(self) -> bool:
+        return self.guide is not None and self.guide.is_finished()
+
+
+class StructuredOutputProcessor:
+    """Masks every token the automaton does not allow next, for the constrained rows only."""
+
+    def apply(self, logits: torch.Tensor, batch) -> None:
+        rows = [i for i, r in enumerate(batch.requests) if r.grammar is not None and r.grammar.guide is not None]
+        if not rows:
+            return
+        vocab = logits.shape[1]
+        words = (vocab + 31) // 32
+        bitmask = torch.zeros(len(rows), words, dtype=torch.int32)
+        for j, i in enumerate(rows):
+            row = bitmask[j]
+            batch.requests[i].grammar.guide.write_mask_into(row.data_ptr(), row.numel(), row.element_size())
+        shifts = torch.arange(32, dtype=torch.int32)
+        allowed = ((bitmask[:, :, None] >> shifts) & 1).bool().reshape(len(rows), words * 32)[:, :vocab]
+        index = torch.tensor(rows, device=logits.device)
+        logits[index] = logits[index].masked_fill(~allowed.to(logits.device), float("-inf"))
