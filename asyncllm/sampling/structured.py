@@ -125,6 +125,68 @@ def _escape(text: str) -> str:
     return "".join("\\" + ch if ch in _REGEX_META else ch for ch in text)
 
 
+# outlines-core ignores minimum/maximum; bounded numbers are swapped for placeholder consts
+# before building the regex, and each placeholder's literal is replaced by a range regex.
+_MAX_ENUMERATED_RANGE = 2000
+_FRACTION = r"(\.[0-9]{1,6})?"
+
+
+def _int_range(lo: int, hi: int) -> str:
+    """Regex of the decimal integers in [lo, hi] (0 <= lo <= hi), exact for ranges up to 2000 values."""
+    if hi - lo <= _MAX_ENUMERATED_RANGE:
+        return "(" + "|".join(str(v) for v in range(lo, hi + 1)) + ")"
+    digits = len(str(hi))  # wide range: bound the digit count only (approximate)
+    return f"(0|[1-9][0-9]{{0,{digits - 1}}})"
+
+
+def _number_regex(lo: int, hi: int, integer: bool) -> str:
+    """Numbers in [lo, hi] for integer bounds; fractions only where they stay inside."""
+    frac = "" if integer else _FRACTION
+    parts = []
+    if hi >= 0:
+        start = max(lo, 0)
+        if integer or start == hi:
+            parts.append(_int_range(start, hi))
+        else:
+            parts.append(_int_range(start, hi - 1) + frac + "|" + str(hi))
+    if lo < 0:
+        k_min = -hi if hi < 0 else 1
+        k_max = -lo
+        if integer or k_min == k_max:
+            parts.append("-" + _int_range(k_min, k_max))
+        else:
+            parts.append("-(" + _int_range(k_min, k_max - 1) + frac + "|" + str(k_max) + ")")
+    return "(" + "|".join(parts) + ")"
+
+
+def _replace_bounded_numbers(schema: Any, ranges: dict[str, str]) -> Any:
+    if isinstance(schema, list):
+        return [_replace_bounded_numbers(v, ranges) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    kind = schema.get("type")
+    lo, hi = schema.get("minimum"), schema.get("maximum")
+    if kind in ("integer", "number") and _is_int(lo) and _is_int(hi) and lo <= hi and "enum" not in schema:
+        placeholder = f"ASYNCLLMRANGE{len(ranges)}X"
+        ranges[placeholder] = _number_regex(int(lo), int(hi), kind == "integer")
+        return {"const": placeholder}
+    return {k: _replace_bounded_numbers(v, ranges) for k, v in schema.items()}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer()
+
+
+def json_schema_regex(schema: dict) -> str:
+    from outlines_core.json_schema import build_regex_from_schema
+
+    ranges: dict[str, str] = {}
+    regex = build_regex_from_schema(json.dumps(_replace_bounded_numbers(schema, ranges)))
+    for placeholder, number in ranges.items():
+        regex = regex.replace(f'"{placeholder}"', number)
+    return regex
+
+
 def to_regex(spec: StructuredOutputs, limits: StructuredLimits) -> str:
     """The regex outlines-core compiles for this spec (raises GrammarError when over limits)."""
     from outlines_core.json_schema import build_regex_from_schema
@@ -132,7 +194,7 @@ def to_regex(spec: StructuredOutputs, limits: StructuredLimits) -> str:
     if spec.json is not None:
         _check_schema(spec.json, limits)
         try:
-            regex = build_regex_from_schema(json.dumps(spec.json))
+            regex = json_schema_regex(spec.json)
         except Exception as exc:  # noqa: BLE001 - outlines rejects unsupported schemas
             raise GrammarError(f"unsupported JSON schema: {exc}", param="json_schema") from None
     elif spec.json_object:

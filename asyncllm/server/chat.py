@@ -84,6 +84,7 @@ async def create_chat_completion(request: Request, ctx: ServerContext) -> Respon
     engine = ctx.engine
     prepared = engine.prepare(prompt, params, request_id, body.priority)
     check_context(ctx, prepared, max_tokens)
+    await engine.wait_for_grammar(prepared)  # a structure that cannot compile is a 400, before streaming
     created = now()
 
     def chunk(choices: list[dict], **extra: Any) -> dict:

@@ -70,6 +70,7 @@ async def create_completion(request: Request, ctx: ServerContext) -> Response:
     prepared = [engine.prepare(p, params, f"{request_id}-{i}", body.priority) for i, p in enumerate(prompts)]
     for item in prepared:
         check_context(ctx, item, max_tokens)
+    await engine.wait_for_grammar(prepared[0])  # one shared compilation; a bad structure is a 400 here
     created = now()
     n = params.n
 

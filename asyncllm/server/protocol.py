@@ -19,6 +19,18 @@ class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(_Lenient):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Lenient):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
 class _SamplingFields(_Lenient):
     """Fields shared by /v1/completions and /v1/chat/completions, incl. vLLM's extras."""
 
@@ -47,6 +59,11 @@ class _SamplingFields(_Lenient):
     bad_words: list[str] | None = None
     allowed_token_ids: list[int] | None = None
     priority: int = 0
+    # structured outputs: OpenAI's response_format, and vLLM's guided_* extras
+    response_format: ResponseFormat | None = None
+    guided_json: Union[dict[str, Any], str, None] = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
 
 
 class CompletionRequest(_SamplingFields):

@@ -15,6 +15,7 @@ from starlette.requests import Request
 from asyncllm.engine.async_engine import AsyncEngine
 from asyncllm.engine.llm_engine import PreparedRequest
 from asyncllm.errors import InvalidRequestError
+from asyncllm.sampling.structured import StructuredOutputs
 from asyncllm.sampling_params import RequestOutputKind, SamplingParams
 from asyncllm.server.errors import APIError, to_api_error
 from asyncllm.server.metrics import ServerMetrics
@@ -75,7 +76,30 @@ def sampling_params(body: _SamplingFields, *, max_tokens: int | None, logprobs: 
         value = getattr(body, name)
         if value is not None:
             fields[name] = value
+    fields["structured_outputs"] = structured_outputs(body)
     return SamplingParams(**fields)
+
+
+def structured_outputs(body: _SamplingFields) -> StructuredOutputs | None:
+    specs = []
+    fmt = body.response_format
+    if fmt is not None and fmt.type == "json_object":
+        specs.append(("response_format", StructuredOutputs(json_object=True)))
+    elif fmt is not None and fmt.type == "json_schema":
+        if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+            raise InvalidRequestError("response_format json_schema needs json_schema.schema",
+                                      param="response_format")
+        specs.append(("response_format", StructuredOutputs(json=fmt.json_schema.schema_)))
+    if body.guided_json is not None:
+        specs.append(("guided_json", StructuredOutputs(json=body.guided_json)))
+    if body.guided_regex is not None:
+        specs.append(("guided_regex", StructuredOutputs(regex=body.guided_regex)))
+    if body.guided_choice is not None:
+        specs.append(("guided_choice", StructuredOutputs(choice=body.guided_choice)))
+    if len(specs) > 1:
+        raise InvalidRequestError("use only one of response_format, guided_json, guided_regex, guided_choice",
+                                  param=specs[1][0])
+    return specs[0][1] if specs else None
 
 
 def check_context(ctx: ServerContext, prepared: PreparedRequest, max_tokens: int | None) -> None:
