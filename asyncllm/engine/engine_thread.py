@@ -171,7 +171,7 @@ class EngineThread:
         for handle, batch in by_loop.values():
             if not handle.call_soon(deliver_batch, batch):
                 # The loop is closed: nobody will read these; free their KV blocks.
-                self.engine.abort_request([s.request_id for s, _ in batch])
+                self.stats.record_outputs(self.engine.abort_request([s.request_id for s, _ in batch]))
 
     def _deliver_to(self, stream: RequestStream, item: RequestOutput | BaseException) -> None:
         stream.handle.call_soon(deliver_batch, [(stream, item)])

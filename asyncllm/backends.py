@@ -1,0 +1,243 @@
+"""What framework adapters (LangChain, LlamaIndex) talk to: one streaming interface, two backends.
+
+- `LocalBackend(engine)`: in-process, straight into an AsyncEngine (no HTTP hop).
+- `RemoteBackend(base_url)`: an asyncllm (or any OpenAI-compatible) server over httpx + SSE.
+
+Both yield `Delta`s (text, then a last one with finish reason and usage). Closing the
+iterator early aborts the request (locally: the engine frees its KV blocks; remotely: the
+connection closes and the server aborts it). `iterate_sync` / `run_sync` let sync
+framework methods use the async backends from any thread.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass
+class Delta:
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    model: str | None = None
+
+
+@dataclass
+class GenerationOptions:
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: list[str] | None = None
+    json_schema: dict | None = None  # constrain the output to this JSON schema
+    extra: dict[str, Any] = field(default_factory=dict)  # any other SamplingParams / request fields
+
+    def sampling_kwargs(self) -> dict[str, Any]:
+        out = {k: v for k, v in (("max_tokens", self.max_tokens), ("temperature", self.temperature),
+                                 ("top_p", self.top_p), ("seed", self.seed), ("stop", self.stop)) if v is not None}
+        return {**out, **self.extra}
+
+
+class Backend(Protocol):
+    model_name: str
+    context_window: int
+
+    def stream(self, prompt: str | list[dict[str, Any]], options: GenerationOptions) -> AsyncIterator[Delta]:
+        """`prompt`: text (completion) or chat messages."""
+        ...
+
+
+class LocalBackend:
+    def __init__(self, engine):
+        self.engine = engine
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    @property
+    def context_window(self) -> int:
+        return self.engine.max_model_len
+
+    async def stream(self, prompt: str | list[dict[str, Any]], options: GenerationOptions) -> AsyncIterator[Delta]:
+        from asyncllm.sampling.structured import StructuredOutputs
+        from asyncllm.sampling_params import RequestOutputKind, SamplingParams
+
+        kwargs = options.sampling_kwargs()
+        kwargs.setdefault("max_tokens", None)  # a chat model answers until it is done
+        if options.json_schema is not None:
+            kwargs["structured_outputs"] = StructuredOutputs(json=options.json_schema)
+        params = SamplingParams(output_kind=RequestOutputKind.DELTA, **kwargs)
+        completion_tokens = 0
+        gen = self.engine.generate(prompt, params)
+        try:
+            async for out in gen:
+                c = out.outputs[0]
+                completion_tokens += len(c.token_ids)
+                if c.text:
+                    yield Delta(text=c.text)
+                if out.finished:
+                    yield Delta(finish_reason=c.finish_reason, prompt_tokens=len(out.prompt_token_ids),
+                                completion_tokens=completion_tokens, model=self.model_name)
+        finally:
+            await gen.aclose()
+
+
+class RemoteBackend:
+    """An OpenAI-compatible server (e.g. `asyncllm serve`) at `base_url` (without /v1)."""
+
+    def __init__(self, base_url: str, api_key: str | None = None, model: str | None = None, timeout: float = 600):
+        import httpx
+
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.timeout = timeout
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        with httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout) as client:
+            response = client.get("/v1/models")
+            response.raise_for_status()
+            info = response.json()["data"][0]
+        self.model_name = model or info["id"]
+        self.context_window = int(info.get("max_model_len") or 4096)
+        self._headers = headers
+
+    async def stream(self, prompt: str | list[dict[str, Any]], options: GenerationOptions) -> AsyncIterator[Delta]:
+        import httpx
+
+        chat = not isinstance(prompt, str)
+        body: dict[str, Any] = {"model": self.model_name, "stream": True,
+                                "stream_options": {"include_usage": True}, **options.sampling_kwargs()}
+        body["messages" if chat else "prompt"] = prompt
+        if not chat and "max_tokens" not in body:
+            body["max_tokens"] = None
+        if options.json_schema is not None:
+            body["response_format"] = {"type": "json_schema", "json_schema": {"name": "output",
+                                                                              "schema": options.json_schema}}
+        path = "/v1/chat/completions" if chat else "/v1/completions"
+        async with httpx.AsyncClient(base_url=self.base_url, headers=self._headers, timeout=self.timeout) as client:
+            async with client.stream("POST", path, json=body) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    message = response.json().get("error", {}).get("message", response.text)
+                    raise RuntimeError(f"asyncllm server error {response.status_code}: {message}")
+                finish = None
+                async for line in response.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    event = json.loads(data)
+                    if "error" in event:
+                        raise RuntimeError(f"asyncllm server error: {event['error']['message']}")
+                    for choice in event.get("choices", []):
+                        text = choice.get("delta", {}).get("content") if chat else choice.get("text")
+                        if text:
+                            yield Delta(text=text)
+                        finish = choice.get("finish_reason") or finish
+                    if event.get("usage"):
+                        usage = event["usage"]
+                        yield Delta(finish_reason=finish, prompt_tokens=usage["prompt_tokens"],
+                                    completion_tokens=usage["completion_tokens"], model=event.get("model"))
+
+
+def make_backend(engine=None, base_url: str | None = None, api_key: str | None = None) -> Backend:
+    if (engine is None) == (base_url is None):
+        raise ValueError("pass exactly one of engine (in-process) or base_url (remote server)")
+    return LocalBackend(engine) if engine is not None else RemoteBackend(base_url, api_key)
+
+
+# ----------------------------------------------------------------------------- sync bridges
+
+def run_sync(fn: Callable[[], Any]) -> Any:
+    """Runs the coroutine `fn()` to completion from sync code, even inside a running event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(fn())
+    result: list[Any] = []
+    error: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(asyncio.run(fn()))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            error.append(exc)
+
+    thread = threading.Thread(target=target, name="asyncllm-sync-bridge")
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
+_END = object()
+
+
+def iterate_sync(make_iterator: Callable[[], AsyncIterator[T]]) -> Iterator[T]:
+    """Iterates an async iterator from sync code (a helper thread runs its loop).
+
+    Closing the returned generator early cancels the async iterator (so the request aborts).
+    """
+    items: queue.Queue = queue.Queue(maxsize=64)
+    stop = threading.Event()
+    loop_box: list[asyncio.AbstractEventLoop] = []
+    task_box: list[asyncio.Task] = []
+
+    async def pump() -> None:
+        iterator = make_iterator()
+        try:
+            async for item in iterator:
+                while not stop.is_set():
+                    try:
+                        items.put_nowait(item)
+                        break
+                    except queue.Full:
+                        await asyncio.sleep(0.005)
+                if stop.is_set():
+                    break
+        except BaseException as exc:  # noqa: BLE001 - forwarded to the consumer
+            if not stop.is_set():
+                items.put(exc)
+            return
+        finally:
+            await iterator.aclose()  # type: ignore[attr-defined]
+        if not stop.is_set():
+            items.put(_END)
+
+    def target() -> None:
+        loop = asyncio.new_event_loop()
+        loop_box.append(loop)
+        task = loop.create_task(pump())
+        task_box.append(task)
+        try:
+            loop.run_until_complete(task)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            loop.close()
+
+    thread = threading.Thread(target=target, name="asyncllm-sync-stream", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = items.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        if loop_box and task_box and not task_box[0].done():
+            loop_box[0].call_soon_threadsafe(task_box[0].cancel)
+        thread.join(timeout=30)
