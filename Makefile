@@ -42,6 +42,7 @@ test: install chromium
 bench: install
 	$(PY) benchmarks/throughput.py
 	$(PY) benchmarks/latency.py
+	$(PY) benchmarks/structured.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

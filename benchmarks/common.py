@@ -65,3 +65,46 @@ def save(name: str, payload: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"machine": machine(), **payload}, indent=2))
     return path
+
+
+def measure_fp32_gflops() -> float:
+    """This machine's fp32 matmul throughput now (the compute bound of batched decoding)."""
+    import torch
+
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b
+    start = time.perf_counter()
+    reps = 0
+    while time.perf_counter() - start < 1.0:
+        a @ b
+        reps += 1
+    return 2 * 1024**3 * reps / (time.perf_counter() - start) / 1e9
+
+
+def measure_bandwidth_gbs() -> float:
+    """DRAM read bandwidth now (the bound of single-stream decoding, which reads every weight)."""
+    import torch
+
+    x = torch.randn(64 * 1024 * 1024 // 4 * 8)  # 512 MB, far beyond the caches
+    x.sum()
+    start = time.perf_counter()
+    reps = 0
+    while time.perf_counter() - start < 1.0:
+        x.sum()
+        reps += 1
+    return x.numel() * 4 * reps / (time.perf_counter() - start) / 1e9
+
+
+def load_transformers(dtype: str):
+    """transformers on the same weights: the default model's GGUF, dequantised, in `dtype`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from asyncllm.model.default_model import default_model_path
+
+    path = default_model_path()
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                 dtype=getattr(torch, dtype))
+    model.generation_config.eos_token_id = None  # EOS ignored, as in the workloads
+    model.generation_config.pad_token_id = 0
+    return model.eval()

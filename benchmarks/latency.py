@@ -1,0 +1,96 @@
+"""Latency: single-stream decode (128 in / 128 out), TTFT against prompt length, prefix-cache hit vs miss.
+
+Baselines in the same run, same weights and dtype: transformers `generate` for one stream.
+
+    python benchmarks/latency.py [--dtype float32] [--lengths 128,512,1024,2048]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from common import Timer, load_transformers, measure_bandwidth_gbs, print_table, pydoc_prompts, save  # noqa: E402
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--lengths", default="128,512,1024,2048")
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--skip-transformers", action="store_true")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from asyncllm import LLM, SamplingParams
+
+    bandwidth = measure_bandwidth_gbs()
+    llm = LLM(dtype=args.dtype, max_num_batched_tokens=4096, enable_prefix_caching=False)
+    tok = llm.get_tokenizer()
+    weights_bytes = sum(p.numel() * p.element_size() for p in llm.engine.core.runner.model.parameters())
+    bound = bandwidth * 1e9 / weights_bytes  # tokens/s if each step only read every weight once
+    prompt = pydoc_prompts(tok, 1, 128)[0]
+    one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    full = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
+    llm.generate({"prompt_token_ids": prompt}, one, use_tqdm=False)  # warm-up
+    with Timer() as prefill:
+        llm.generate({"prompt_token_ids": prompt}, one, use_tqdm=False)
+    with Timer() as total:
+        llm.generate({"prompt_token_ids": prompt}, full, use_tqdm=False)
+    ours_decode = (args.output_len - 1) / (total.seconds - prefill.seconds)
+    rows = [{"measure": "single-stream decode tok/s", "asyncllm": ours_decode, "transformers": None, "ratio": None,
+             "note": f"bandwidth bound {bound:.1f} tok/s ({bandwidth:.1f} GB/s); asyncllm at "
+                     f"{ours_decode / bound:.0%}"}]
+    lengths = [int(x) for x in args.lengths.split(",")]
+    long_prompts = {n: pydoc_prompts(tok, 1, n)[0] if n <= 1024 else (pydoc_prompts(tok, 4, 512)[0] * 8)[:n]
+                    for n in lengths}
+    ttft = {}
+    for n in lengths:
+        with Timer() as t:
+            llm.generate({"prompt_token_ids": long_prompts[n]}, one, use_tqdm=False)
+        ttft[n] = t.seconds
+    # Prefix cache: the same 1k-token prefix, a different ending each time.
+    cached = LLM(dtype=args.dtype, max_num_batched_tokens=4096, enable_prefix_caching=True)
+    prefix = long_prompts[1024] if 1024 in long_prompts else pydoc_prompts(tok, 1, 1024)[0]
+    with Timer() as miss:
+        cached.generate({"prompt_token_ids": prefix + tok.encode(" Question one?")}, one, use_tqdm=False)
+    with Timer() as hit:
+        cached.generate({"prompt_token_ids": prefix + tok.encode(" Another question?")}, one, use_tqdm=False)
+    result = {"decode_tok_per_s": ours_decode, "bandwidth_bound_tok_per_s": bound, "ttft": ttft,
+              "prefix_miss_s": miss.seconds, "prefix_hit_s": hit.seconds}
+    hf_decode, hf_ttft = None, {}
+    if not args.skip_transformers:
+        model = load_transformers(args.dtype)
+        ids = torch.tensor([prompt])
+        with torch.inference_mode():
+            model.generate(ids, max_new_tokens=2, do_sample=False)
+            with Timer() as hf_pre:
+                model.generate(ids, max_new_tokens=1, do_sample=False)
+            with Timer() as hf_total:
+                model.generate(ids, max_new_tokens=args.output_len, min_new_tokens=args.output_len, do_sample=False)
+            hf_decode = (args.output_len - 1) / (hf_total.seconds - hf_pre.seconds)
+            for n in lengths:
+                x = torch.tensor([long_prompts[n]])
+                with Timer() as t:
+                    model.generate(x, max_new_tokens=1, do_sample=False)
+                hf_ttft[n] = t.seconds
+        rows[0]["transformers"], rows[0]["ratio"] = hf_decode, ours_decode / hf_decode
+        result.update(hf_decode_tok_per_s=hf_decode, hf_ttft=hf_ttft)
+    for n in lengths:
+        rows.append({"measure": f"TTFT, {n}-token prompt (s)", "asyncllm": ttft[n], "transformers": hf_ttft.get(n),
+                     "ratio": (hf_ttft[n] / ttft[n]) if n in hf_ttft else None, "note": "ratio = speed-up"})
+    rows.append({"measure": "TTFT, 1k shared prefix: miss -> hit (s)", "asyncllm": hit.seconds,
+                 "transformers": None, "ratio": miss.seconds / hit.seconds,
+                 "note": f"miss {miss.seconds:.3f}s; ratio = miss / hit"})
+    print_table(f"Latency ({args.dtype})", rows)
+    path = save("latency", {"rows": rows, "result": result, "args": vars(args)})
+    print(f"wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""W1 offline throughput: 64 prompts x 128 real-text tokens -> 128 tokens each, greedy, EOS ignored.
+
+Baselines measured in the same run on the same weights and dtype: transformers `generate`
+as one static batch (all prompts are exactly 128 tokens, so no padding waste), and one
+prompt at a time (on a few prompts; reported as tokens/s).
+
+    python benchmarks/throughput.py [--num-prompts 64] [--dtype float32] [--skip-transformers]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from common import Timer, load_transformers, measure_fp32_gflops, print_table, pydoc_prompts, save  # noqa: E402
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--one-at-a-time", type=int, default=2, help="prompts for the one-at-a-time baseline")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--skip-transformers", action="store_true")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from asyncllm import LLM, SamplingParams
+
+    gflops = measure_fp32_gflops()
+    with Timer() as load:
+        llm = LLM(dtype=args.dtype, max_num_seqs=args.num_prompts, max_num_batched_tokens=2048)
+    prompts = pydoc_prompts(llm.get_tokenizer(), args.num_prompts, args.input_len)
+    params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], SamplingParams(max_tokens=4), use_tqdm=False)
+    with Timer() as t:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    ours = tokens / t.seconds
+    # FLOPs per generated token ~ 2 x parameters (+ the prefill of the prompt tokens).
+    n_params = sum(p.numel() for p in llm.engine.core.runner.model.parameters())
+    flops = 2 * n_params * (tokens + args.num_prompts * args.input_len)
+    rows = [{"system": f"asyncllm LLM ({args.dtype})", "tok_per_s": ours, "seconds": t.seconds,
+             "vs_hf_batch": None, "fraction_of_fp32_peak": flops / t.seconds / 1e9 / gflops}]
+    result = {"asyncllm_tok_per_s": ours, "fp32_gflops": gflops, "asyncllm_load_seconds": load.seconds}
+    if not args.skip_transformers:
+        model = load_transformers(args.dtype)
+        batch = torch.tensor(prompts)
+        with torch.inference_mode(), Timer() as hf_t:
+            model.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=args.output_len,
+                           min_new_tokens=args.output_len, do_sample=False)
+        hf_batch = args.num_prompts * args.output_len / hf_t.seconds
+        with torch.inference_mode(), Timer() as one_t:
+            for p in prompts[:args.one_at_a_time]:
+                ids = torch.tensor([p])
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.output_len,
+                               min_new_tokens=args.output_len, do_sample=False)
+        hf_one = args.one_at_a_time * args.output_len / one_t.seconds
+        rows[0]["vs_hf_batch"] = ours / hf_batch
+        rows += [{"system": f"transformers static batch {args.num_prompts}", "tok_per_s": hf_batch,
+                  "seconds": hf_t.seconds, "vs_hf_batch": 1.0, "fraction_of_fp32_peak": None},
+                 {"system": "transformers one at a time", "tok_per_s": hf_one, "seconds": one_t.seconds,
+                  "vs_hf_batch": hf_one / hf_batch, "fraction_of_fp32_peak": None}]
+        result.update(hf_batch_tok_per_s=hf_batch, hf_one_tok_per_s=hf_one, ratio_vs_hf_batch=ours / hf_batch,
+                      ratio_vs_hf_one=ours / hf_one)
+    print_table(f"W1 throughput: {args.num_prompts} x {args.input_len} in / {args.output_len} out, greedy "
+                f"(fp32 matmul peak measured now: {gflops:.0f} GFLOPS)", rows)
+    path = save("throughput", {"rows": rows, "result": result, "args": vars(args)})
+    print(f"wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
