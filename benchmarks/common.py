@@ -14,12 +14,16 @@ def pydoc_prompts(tokenizer, n: int, tokens: int) -> list[list[int]]:
     """n prompts of exactly `tokens` tokens: sections of Python's own docs (pydoc_data.topics)."""
     import pydoc_data.topics as topics
 
-    texts = [t for t in topics.topics.values() if len(t) > 4 * tokens]
-    prompts = []
-    for i in range(n):
-        ids = tokenizer.encode(texts[i % len(texts)], add_special_tokens=False)
-        prompts.append(ids[:tokens])
-    return prompts
+    long_enough = []
+    for text in topics.topics.values():
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) >= tokens:
+            long_enough.append(ids[:tokens])
+        if len(long_enough) >= n:
+            break
+    if not long_enough:
+        raise ValueError(f"no pydoc section has {tokens} tokens")
+    return [long_enough[i % len(long_enough)] for i in range(n)]
 
 
 def machine() -> dict:

@@ -25,3 +25,16 @@ class RunningServer:
         self.server.should_exit = True
         self.thread.join(timeout=30)
         assert not self.thread.is_alive(), "uvicorn did not stop"
+
+
+def stop_process(proc) -> None:
+    """Stops a server subprocess by its own pid: SIGINT (graceful shutdown), then SIGKILL after 30 s."""
+    import signal
+    import subprocess
+
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

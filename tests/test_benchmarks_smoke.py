@@ -1,13 +1,11 @@
 """The benchmark scripts run (tiny sizes); their real figures are in README, not asserted here."""
 import importlib.util
-import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load(name):
-    import importlib
     import sys
 
     if str(ROOT / "benchmarks") not in sys.path:

@@ -1,8 +1,6 @@
 """Every example runs against the default model (small max_tokens) and prints what it should."""
 import json
 import os
-import re
-import signal
 import subprocess
 import sys
 import time
@@ -10,6 +8,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from server_helpers import stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -76,9 +76,4 @@ def test_servers(script):
         if "fastapi" in script:
             assert httpx.get(f"http://127.0.0.1:{port}/hello").json() == {"message": "my own route"}
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)

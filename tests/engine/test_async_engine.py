@@ -25,7 +25,6 @@ def _engine(**kw) -> AsyncEngine:
 async def _wait_idle(engine: AsyncEngine, timeout: float = 10.0) -> None:
     """Until the engine thread has nothing left to do (aborts applied, blocks freed)."""
     deadline = time.monotonic() + timeout
-    core = engine.engine.core
     while time.monotonic() < deadline:
         if not engine.engine.has_unfinished_requests() and not engine._thread._inbox:
             return

@@ -3,7 +3,6 @@ import importlib.util
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import pytest
 
 from asyncllm import AsyncEngine
 from browser_helpers import HeadlessChromium
-from server_helpers import RunningServer
+from server_helpers import RunningServer, stop_process
 
 ROOT = Path(__file__).resolve().parents[2]
 CHAT = [{"role": "user", "content": "Name a fruit."}]
@@ -106,12 +105,7 @@ def test_cli_serve_and_generate():
         assert r.choices[0].text
         assert httpx.get(url + "/v1/models").status_code == 401
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
     gen = subprocess.run([sys.executable, "-m", "asyncllm.cli", "generate", "What is 2+2?", "--max-tokens", "16",
                           "--dtype", "float32"], capture_output=True, text=True, timeout=90, env=env)
     assert gen.returncode == 0, gen.stderr
