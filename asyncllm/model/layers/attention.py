@@ -67,25 +67,40 @@ class TorchAttentionBackend:
         return out
 
     def _gather(self, kv_cache: torch.Tensor, block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of the blocks in `block_table` ([..., nblk]) → [..., KVH, nblk * block_size, D]."""
+        """K and V of the blocks in `block_table` ([..., nblk]) → [..., H, nblk * block_size, D].
+
+        KV heads are repeated to the query heads here rather than passing `enable_gqa` to SDPA:
+        with `enable_gqa` the CPU falls back to SDPA's slow math path (measured: 1024-token
+        prefill 2.0 s instead of ~0.5 s), while expanded heads take the fused kernel.
+        """
         keys = kv_cache[0][block_table]  # [..., nblk, bs, KVH, D]
         values = kv_cache[1][block_table]
         shape = keys.shape[:-4] + (keys.shape[-4] * keys.shape[-3], self.num_kv_heads, self.head_dim)
-        return keys.reshape(shape).transpose(-3, -2), values.reshape(shape).transpose(-3, -2)
+        keys, values = keys.reshape(shape).transpose(-3, -2), values.reshape(shape).transpose(-3, -2)
+        if self.num_heads != self.num_kv_heads:
+            group = self.num_heads // self.num_kv_heads
+            keys = keys.repeat_interleave(group, dim=-3)
+            values = values.repeat_interleave(group, dim=-3)
+        return keys, values
 
     def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                 nd: int, block_size: int) -> torch.Tensor:
         max_len = max(meta.seq_lens[:nd])
         nblk = (max_len + block_size - 1) // block_size
-        keys, values = self._gather(kv_cache, meta.block_tables[:nd, :nblk])  # [B, KVH, S, D]
+        keys, values = self._gather(kv_cache, meta.block_tables[:nd, :nblk])  # [B, H, S, D]
+        if nd == 1 and self.sliding_window is None:
+            # One sequence: no padding to mask, so the fused kernel applies (a mask forces the math path).
+            length = meta.seq_lens[0]
+            out = F.scaled_dot_product_attention(q.unsqueeze(2), keys[:, :, :length], values[:, :, :length],
+                                                 scale=self.scale)
+            return out.squeeze(2)
         key_pos = torch.arange(nblk * block_size, device=q.device)
         seq_lens = meta.seq_lens_tensor[:nd, None]
         mask = key_pos[None, :] < seq_lens
         if self.sliding_window is not None:
             mask &= key_pos[None, :] >= seq_lens - self.sliding_window
         out = F.scaled_dot_product_attention(
-            q.unsqueeze(2), keys, values, attn_mask=mask[:, None, None, :], scale=self.scale,
-            enable_gqa=self.num_heads != self.num_kv_heads)  # [B, H, 1, D]
+            q.unsqueeze(2), keys, values, attn_mask=mask[:, None, None, :], scale=self.scale)  # [B, H, 1, D]
         return out.squeeze(2)
 
     def _prefill(self, q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
@@ -94,15 +109,16 @@ class TorchAttentionBackend:
         nblk = (seq_len + block_size - 1) // block_size
         keys, values = self._gather(kv_cache, block_table[:nblk])  # [KVH, S', D]
         keys, values = keys[:, :seq_len], values[:, :seq_len]
-        gqa = self.num_heads != self.num_kv_heads
-        qh = q.transpose(0, 1)  # [H, L, D]
+        # 4-D [1, H, L, D]: the CPU's fused (flash) kernel takes only 4-D inputs; 3-D falls back to math.
+        qh = q.transpose(0, 1).unsqueeze(0)
+        keys, values = keys.unsqueeze(0), values.unsqueeze(0)
         if q_len == seq_len and self.sliding_window is None:
-            out = F.scaled_dot_product_attention(qh, keys, values, is_causal=True, scale=self.scale, enable_gqa=gqa)
+            out = F.scaled_dot_product_attention(qh, keys, values, is_causal=True, scale=self.scale)
         else:
             q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
             k_pos = torch.arange(seq_len, device=q.device)[None, :]
             mask = k_pos <= q_pos
             if self.sliding_window is not None:
                 mask &= k_pos > q_pos - self.sliding_window
-            out = F.scaled_dot_product_attention(qh, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
-        return out.transpose(0, 1)
+            out = F.scaled_dot_product_attention(qh, keys, values, attn_mask=mask, scale=self.scale)
+        return out[0].transpose(0, 1)
