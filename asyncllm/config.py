@@ -41,7 +41,6 @@ class EngineArgs:
     seed: int = _opt(0, "seed of the engine's unseeded sampling")
     chat_template: str | None = _opt(None, "Jinja chat template file overriding the tokenizer's")
     served_model_name: str | None = _opt(None, "model name reported by the API (default: the model's name)")
-    enforce_eager: bool = _opt(True, "never compile the model (torch.compile); eager is the tested path")
     max_n: int = _opt(16, "largest n (parallel samples) a request may ask for")
     max_logprobs: int = _opt(20, "largest logprobs / prompt_logprobs a request may ask for")
     max_stop_strings: int = _opt(16, "most stop strings per request")

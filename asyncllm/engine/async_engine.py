@@ -78,7 +78,7 @@ class AsyncEngine:
     @property
     def is_healthy(self) -> bool:
         return self._thread.dead_error is None and not self._shut_down and (
-            self._thread.is_alive or self._thread._thread.ident is None)
+            self._thread.is_alive or not self._thread.started)
 
     @property
     def dead_error(self) -> EngineDeadError | None:

@@ -55,12 +55,17 @@ class EngineThread:
     # ------------------------------------------------------------------ caller side
 
     def start(self) -> None:
-        if not self._thread.is_alive() and self._thread.ident is None:
-            self._thread.start()
+        with self._cond:  # two event loops may start it at the same moment
+            if not self.started:
+                self._thread.start()
 
     @property
     def is_alive(self) -> bool:
         return self._thread.is_alive()
+
+    @property
+    def started(self) -> bool:
+        return self._thread.ident is not None
 
     def submit(self, prepared: PreparedRequest, stream: RequestStream) -> None:
         with self._cond:
@@ -89,7 +94,7 @@ class EngineThread:
                 self._accepting = False
                 self._drain_deadline = None if timeout is None else time.monotonic() + timeout
             self._cond.notify()
-        if self._thread.ident is not None:
+        if self.started:
             self._thread.join()
 
     # ------------------------------------------------------------------ engine thread
