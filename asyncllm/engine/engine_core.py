@@ -102,11 +102,15 @@ class EngineCore:
 
     # ------------------------------------------------------------------ requests
 
-    def add_request(self, request: Request) -> None:
-        blocks = self.kv.blocks_needed(request.num_prompt_tokens + 1)
+    def check_prompt_fits(self, num_prompt_tokens: int) -> None:
+        """A prompt (plus one output token) larger than the whole KV cache could never run."""
+        blocks = self.kv.blocks_needed(num_prompt_tokens + 1)
         if blocks > self.kv.pool.num_blocks:
-            raise PromptTooLongError(f"the prompt needs {blocks} KV blocks but the cache has "
+            raise PromptTooLongError(f"the prompt needs {blocks} KV blocks but the whole cache has "
                                      f"{self.kv.pool.num_blocks}", param="prompt")
+
+    def add_request(self, request: Request) -> None:
+        self.check_prompt_fits(request.num_prompt_tokens)
         self.scheduler.add_request(request)
 
     def abort_requests(self, request_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
@@ -129,12 +133,7 @@ class EngineCore:
             failed: dict[str, BaseException] = {}
         except Exception:  # noqa: BLE001 - isolated below, request by request
             result, failed = self._execute_isolated(sched)
-        errors = []
-        for request_id, exc in failed.items():
-            self.scheduler.finish_requests([request_id], RequestStatus.FINISHED_ERROR)
-            logger.warning("request %s failed: %r", request_id, exc)
-            errors.append(EngineCoreOutput(request_id, [], finish_reason="error",
-                                           error=f"{type(exc).__name__}: {exc}"))
+        errors = [self._fail(request_id, exc) for request_id, exc in failed.items()]
         outputs = self.scheduler.update_from_output(sched, result) + errors + grammar_errors
         self.num_steps += 1
         self.generation_tokens += len(result.sampled)
@@ -151,10 +150,15 @@ class EngineCore:
             try:
                 request.grammar.ready()
             except Exception as exc:  # noqa: BLE001 - this request's grammar only
-                self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_ERROR)
-                failed.append(EngineCoreOutput(request.request_id, [], finish_reason="error",
-                                               error=f"{type(exc).__name__}: {exc}", exception=exc))
+                failed.append(self._fail(request.request_id, exc))
         return failed
+
+    def _fail(self, request_id: str, exc: BaseException) -> EngineCoreOutput:
+        """Ends one request with an error (its blocks are freed) → the output that tells its caller."""
+        self.scheduler.finish_requests([request_id], RequestStatus.FINISHED_ERROR)
+        logger.warning("request %s failed: %r", request_id, exc)
+        return EngineCoreOutput(request_id, [], finish_reason="error", error=f"{type(exc).__name__}: {exc}",
+                                exception=exc)
 
     def _wait_for_grammars(self, timeout: float = 0.05) -> None:
         """Nothing to run but grammars compiling: sleep on them instead of spinning."""

@@ -11,6 +11,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 from asyncllm.engine.llm_engine import LLMEngine, PreparedRequest
 from asyncllm.engine.request_stream import LoopHandle, RequestStream, deliver_batch
@@ -107,9 +108,8 @@ class EngineThread:
                     break
                 self._apply(commands)
                 if self.engine.has_unfinished_requests():
-                    started = time.perf_counter()
                     outputs = self.engine.step()
-                    self.stats.record_step(self.engine, outputs, time.perf_counter() - started)
+                    self.stats.record_step(self.engine, outputs)
                     self._deliver([(o.request_id, o) for o in outputs])
                     with self._cond:
                         self._num_queued = len(self._inbox_adds()) + self.engine.core.scheduler.num_waiting
@@ -148,18 +148,22 @@ class EngineThread:
                         raise InvalidRequestError(f"request id {rid!r} is already in use", param="request_id")
                     self.engine.submit(command.prepared)
                 except Exception as exc:  # noqa: BLE001 - fails this request only
-                    self._deliver_to(command.stream, exc)
+                    self._send([(command.stream, exc)])
                     continue
                 self._streams[rid] = command.stream
             else:
-                for final in self.engine.abort_request([command.request_id]):
-                    finals.append((final.request_id, final))
-        self.stats.record_outputs([f for _, f in finals])
+                finals.extend(self._abort([command.request_id]))
         self._deliver(finals)
 
+    def _abort(self, request_ids: list[str]) -> list[tuple[str, RequestOutput]]:
+        """Aborts in the engine (blocks freed now) and counts the finals in the stats."""
+        finals = self.engine.abort_request(request_ids)
+        self.stats.record_outputs(finals)
+        return [(f.request_id, f) for f in finals]
+
     def _deliver(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
-        """One call per event loop per step."""
-        by_loop: dict[int, tuple[LoopHandle, list]] = {}
+        """Hands outputs (or errors) to their streams: one call per event loop per step."""
+        pairs: list[tuple[RequestStream, RequestOutput | BaseException]] = []
         for request_id, item in items:
             stream = self._streams.get(request_id)
             if stream is None:
@@ -171,25 +175,31 @@ class EngineThread:
                     item = RequestFailedError(f"request {request_id} failed in the engine: {item.error}")
             if isinstance(item, BaseException) or item.finished:
                 del self._streams[request_id]
-            entry = by_loop.setdefault(id(stream.handle.key), (stream.handle, []))
-            entry[1].append((stream, item))
+            pairs.append((stream, item))
+        undelivered = self._send(pairs)
+        if undelivered:
+            # Their loop is closed: nobody will read these; free their KV blocks.
+            self._abort([stream.request_id for stream, _ in undelivered])
+
+    @staticmethod
+    def _send(pairs: list[tuple[RequestStream, RequestOutput | BaseException]]) -> list[tuple[RequestStream, Any]]:
+        """One call per event loop; returns the pairs whose loop is closed."""
+        by_loop: dict[int, tuple[LoopHandle, list]] = {}
+        for stream, item in pairs:
+            by_loop.setdefault(id(stream.handle.key), (stream.handle, []))[1].append((stream, item))
+        undelivered = []
         for handle, batch in by_loop.values():
             if not handle.call_soon(deliver_batch, batch):
-                # The loop is closed: nobody will read these; free their KV blocks.
-                self.stats.record_outputs(self.engine.abort_request([s.request_id for s, _ in batch]))
-
-    def _deliver_to(self, stream: RequestStream, item: RequestOutput | BaseException) -> None:
-        stream.handle.call_soon(deliver_batch, [(stream, item)])
+                undelivered.extend(batch)
+        return undelivered
 
     def _finish_all_on_stop(self) -> None:
         """Shutdown: abort whatever still runs so every iterator ends."""
         with self._cond:
             pending = self._inbox_adds()
             self._inbox.clear()
-        for command in pending:
-            self._deliver_to(command.stream, EngineShutdownError("the engine shut down before this request ran"))
-        finals = self.engine.abort_request(list(self._streams))
-        self._deliver([(f.request_id, f) for f in finals])
+        self._send([(c.stream, EngineShutdownError("the engine shut down before this request ran")) for c in pending])
+        self._deliver(self._abort(list(self._streams)))
 
     def _die(self, exc: BaseException) -> None:
         error = EngineDeadError(f"the engine thread died: {type(exc).__name__}: {exc}")
@@ -199,8 +209,4 @@ class EngineThread:
             self._inbox.clear()
         streams = list(self._streams.values()) + [c.stream for c in pending]
         self._streams.clear()
-        by_loop: dict[int, tuple[LoopHandle, list]] = {}
-        for stream in streams:
-            by_loop.setdefault(id(stream.handle.key), (stream.handle, []))[1].append((stream, error))
-        for handle, batch in by_loop.values():
-            handle.call_soon(deliver_batch, batch)
+        self._send([(stream, error) for stream in streams])

@@ -15,7 +15,7 @@ from asyncllm.engine.engine_core import EngineCore
 from asyncllm.engine.input_processor import InputProcessor, PromptType
 from asyncllm.engine.output_processor import OutputProcessor, child_request_id
 from asyncllm.engine.request import Request, RequestStatus
-from asyncllm.errors import InvalidRequestError, PromptTooLongError
+from asyncllm.errors import InvalidRequestError
 from asyncllm.model.tokenizer import apply_chat_template_override
 from asyncllm.outputs import RequestOutput
 from asyncllm.sampling.structured import GrammarCompiler
@@ -86,10 +86,7 @@ class LLMEngine:
         child_ids = [child_request_id(request_id, i, params.n) for i in range(params.n)]
         requests = self.input_processor.make_requests(request_id, processed, params, child_ids, priority,
                                                       arrival_time, cache_salt)
-        blocks = self.core.kv.blocks_needed(len(processed.prompt_token_ids) + 1)
-        if blocks > self.core.kv.pool.num_blocks:
-            raise PromptTooLongError(f"the prompt needs {blocks} KV blocks but the whole cache has "
-                                     f"{self.core.kv.pool.num_blocks}", param="prompt")
+        self.core.check_prompt_fits(len(processed.prompt_token_ids))
         return PreparedRequest(request_id, processed.prompt, processed.prompt_token_ids, params, requests)
 
     def submit(self, prepared: PreparedRequest) -> None:

@@ -41,7 +41,7 @@ class StatsCollector:
         for fn in self._listeners:
             fn(kind, value)
 
-    def record_step(self, engine, outputs: list[RequestOutput], step_seconds: float) -> None:
+    def record_step(self, engine, outputs: list[RequestOutput]) -> None:
         core = engine.core
         st = core.stats()
         with self._lock:

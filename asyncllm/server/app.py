@@ -25,7 +25,13 @@ from asyncllm.engine.async_engine import AsyncEngine
 from asyncllm.server.auth import APIKeyMiddleware
 from asyncllm.server.chat import chat_prompt, create_chat_completion
 from asyncllm.server.completions import create_completion
-from asyncllm.server.errors import APIError, api_error_handler, method_not_allowed_handler, not_found_handler
+from asyncllm.server.errors import (
+    APIError,
+    api_error_handler,
+    method_not_allowed_handler,
+    not_found_handler,
+    to_api_error,
+)
 from asyncllm.server.limits import BodyLimitMiddleware
 from asyncllm.server.metrics import ServerMetrics
 from asyncllm.server.protocol import DetokenizeRequest, TokenizeRequest, now
@@ -63,8 +69,6 @@ def build_app(engine: AsyncEngine, *, api_key: str | None = None, served_model_n
                 status = response.status_code
                 return response
             except Exception as exc:
-                from asyncllm.server.errors import to_api_error
-
                 error = to_api_error(exc)
                 status = error.status
                 return error.response()

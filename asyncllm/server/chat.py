@@ -11,12 +11,12 @@ from asyncllm.engine.input_processor import apply_chat_template
 from asyncllm.errors import InvalidRequestError
 from asyncllm.outputs import CompletionOutput
 from asyncllm.sampling_params import RequestOutputKind
-from asyncllm.server.completions import _finish
-from asyncllm.server.protocol import ChatCompletionRequest, ChatMessage, UsageInfo, now
+from asyncllm.server.protocol import ChatCompletionRequest, ChatMessage, now, usage
 from asyncllm.server.serving import (
     ServerContext,
     check_context,
     new_id,
+    openai_finish_reason,
     parse_body,
     sampling_params,
     sse_response,
@@ -104,11 +104,10 @@ async def create_chat_completion(request: Request, ctx: ServerContext) -> Respon
                     if not c.text and c.finish_reason is None:
                         continue
                     yield chunk([{"index": c.index, "delta": {"content": c.text} if c.text else {},
-                                  "logprobs": _chat_logprobs(c, top), "finish_reason": _finish(c.finish_reason)}])
+                                  "logprobs": _chat_logprobs(c, top), "finish_reason": openai_finish_reason(c.finish_reason)}])
             if include_usage:
                 n_prompt = len(prepared.prompt_token_ids)
-                yield chunk([], usage=UsageInfo(prompt_tokens=n_prompt, completion_tokens=completion_tokens,
-                                                total_tokens=n_prompt + completion_tokens).model_dump())
+                yield chunk([], usage=usage(n_prompt, completion_tokens))
 
         return sse_response(events())
 
@@ -120,13 +119,12 @@ async def create_chat_completion(request: Request, ctx: ServerContext) -> Respon
 
     final = await until_disconnected(request, run)
     choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                "logprobs": _chat_logprobs(c, top), "finish_reason": _finish(c.finish_reason)}
+                "logprobs": _chat_logprobs(c, top), "finish_reason": openai_finish_reason(c.finish_reason)}
                for c in sorted(final.outputs, key=lambda c: c.index)]
     completion_tokens = sum(len(c.token_ids) for c in final.outputs)
     n_prompt = len(prepared.prompt_token_ids)
     return JSONResponse({
         "id": request_id, "object": "chat.completion", "created": created, "model": ctx.model_name,
         "choices": choices,
-        "usage": UsageInfo(prompt_tokens=n_prompt, completion_tokens=completion_tokens,
-                           total_tokens=n_prompt + completion_tokens).model_dump(),
+        "usage": usage(n_prompt, completion_tokens),
     })

@@ -10,12 +10,13 @@ from starlette.responses import JSONResponse, Response
 from asyncllm.errors import InvalidRequestError
 from asyncllm.outputs import CompletionOutput, RequestOutput
 from asyncllm.sampling_params import RequestOutputKind
-from asyncllm.server.protocol import CompletionRequest, UsageInfo, now
+from asyncllm.server.protocol import CompletionRequest, now, usage
 from asyncllm.server.serving import (
     ServerContext,
     check_context,
     merge,
     new_id,
+    openai_finish_reason,
     parse_body,
     sampling_params,
     sse_response,
@@ -99,13 +100,11 @@ async def create_completion(request: Request, ctx: ServerContext) -> Response:
                     yield {"id": request_id, "object": "text_completion", "created": created,
                            "model": ctx.model_name,
                            "choices": [{"index": index, "text": text, "logprobs": lp,
-                                        "finish_reason": _finish(c.finish_reason), "stop_reason": c.stop_reason}]}
+                                        "finish_reason": openai_finish_reason(c.finish_reason), "stop_reason": c.stop_reason}]}
             if include_usage:
                 prompt_tokens = sum(len(p.prompt_token_ids) for p in prepared)
                 yield {"id": request_id, "object": "text_completion", "created": created, "model": ctx.model_name,
-                       "choices": [], "usage": UsageInfo(prompt_tokens=prompt_tokens,
-                                                         completion_tokens=completion_tokens,
-                                                         total_tokens=prompt_tokens + completion_tokens).model_dump()}
+                       "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
 
         return sse_response(events())
 
@@ -124,16 +123,10 @@ async def create_completion(request: Request, ctx: ServerContext) -> Response:
             completion_tokens += len(c.token_ids)
             text = (out.prompt or "") + c.text if body.echo else c.text
             choices.append({"index": choice_index(i, c), "text": text, "logprobs": _logprobs_block(c, 0, body.logprobs or 0),
-                            "finish_reason": _finish(c.finish_reason), "stop_reason": c.stop_reason})
+                            "finish_reason": openai_finish_reason(c.finish_reason), "stop_reason": c.stop_reason})
     prompt_tokens = sum(len(p.prompt_token_ids) for p in prepared)
     return JSONResponse({
         "id": request_id, "object": "text_completion", "created": created, "model": ctx.model_name,
         "choices": choices,
-        "usage": UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                           total_tokens=prompt_tokens + completion_tokens).model_dump(),
+        "usage": usage(prompt_tokens, completion_tokens),
     })
-
-
-def _finish(reason: str | None) -> str | None:
-    """OpenAI knows stop and length; an aborted sequence reports as stopped."""
-    return None if reason is None else ("length" if reason == "length" else "stop")

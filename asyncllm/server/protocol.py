@@ -115,5 +115,11 @@ class UsageInfo(BaseModel):
     total_tokens: int = 0
 
 
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    """The `usage` object of a response or of the final stream chunk."""
+    return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=prompt_tokens + completion_tokens).model_dump()
+
+
 def now() -> int:
     return int(time.time())

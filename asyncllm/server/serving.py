@@ -112,6 +112,11 @@ def check_context(ctx: ServerContext, prepared: PreparedRequest, max_tokens: int
             param="max_tokens")
 
 
+def openai_finish_reason(reason: str | None) -> str | None:
+    """OpenAI knows stop and length; an aborted sequence reports as stopped."""
+    return None if reason is None else ("length" if reason == "length" else "stop")
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 

@@ -120,13 +120,7 @@ class ChatAsyncLLM(AsyncLLMFields, BaseChatModel):
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
-        async def collect():
-            final = None
-            async for chunk in self._astream(messages, stop, None, **kwargs):
-                final = chunk if final is None else final + chunk
-            return final
-
-        return self._result(run_sync(collect))
+        return run_sync(lambda: self._agenerate(messages, stop, None, **kwargs))
 
     # -- helpers
 
