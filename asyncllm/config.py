@@ -29,6 +29,8 @@ class EngineArgs:
     dtype: str = _opt("auto", "weights and activations dtype: auto, float32, bfloat16, float16",
                       choices=["auto", "float32", "bfloat16", "float16"])
     device: str = _opt("auto", "auto, cpu or cuda")
+    kernels: str = _opt("auto", "attention/norm/rotary kernels: auto (Triton on CUDA when installed, else "
+                                "torch), torch, or triton", choices=["auto", "torch", "triton"])
     max_model_len: int | None = _opt(None, "longest prompt + output in tokens (default: the model's, capped by the KV cache)")
     block_size: int = _opt(16, "tokens per KV cache block")
     kv_cache_memory: int | None = _opt(None, "bytes of KV cache on the CPU (default 1 GiB)")
@@ -62,6 +64,7 @@ class EngineConfig:
     args: EngineArgs
     device: torch.device
     dtype_request: str
+    kernels: str  # "torch" or "triton", resolved for the device
     kv_cache_memory: int | None
     limits: SamplingLimits
 
@@ -83,6 +86,10 @@ class EngineConfig:
             errors.append("without chunked prefill, max_num_batched_tokens must be >= max_model_len")
         if not 0 < args.gpu_memory_utilization <= 1:
             errors.append("gpu_memory_utilization must be in (0, 1]")
+        if args.kernels not in ("auto", "torch", "triton"):
+            errors.append(f"kernels must be auto, torch or triton, got {args.kernels!r}")
+        if args.kernels == "triton" and args.block_size < 16:
+            errors.append("kernels='triton' needs block_size >= 16")
         if args.kv_cache_memory is not None and args.kv_cache_memory <= 0:
             errors.append("kv_cache_memory must be > 0 bytes")
         if errors:
@@ -97,4 +104,30 @@ class EngineConfig:
         limits = SamplingLimits(max_n=args.max_n, max_logprobs=args.max_logprobs,
                                 max_stop_strings=args.max_stop_strings,
                                 max_stop_string_len=args.max_stop_string_len)
-        return cls(args=args, device=device, dtype_request=args.dtype, kv_cache_memory=kv_mem, limits=limits)
+        return cls(args=args, device=device, dtype_request=args.dtype, kernels=resolve_kernels(args, device),
+                   kv_cache_memory=kv_mem, limits=limits)
+
+
+def triton_kernels_available() -> bool:
+    try:
+        import asyncllm_kernels  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_kernels(args: EngineArgs, device: torch.device) -> str:
+    """Triton kernels run on CUDA; on the CPU only under Triton's interpreter (the tests' way to
+    run the engine through them without a GPU)."""
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if args.kernels == "torch":
+        return "torch"
+    if args.kernels == "auto":
+        usable = device.type == "cuda" and args.block_size >= 16
+        return "triton" if usable and triton_kernels_available() else "torch"
+    if device.type != "cuda" and not interpreted:
+        raise ValueError(f"kernels='triton' needs a CUDA device (this engine runs on {device.type}); "
+                         "use kernels='torch' or 'auto'")
+    if not triton_kernels_available():
+        raise ValueError("kernels='triton' needs the asyncllm-kernels package (pip install -e kernels)")
+    return "triton"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
 import torch
 
 TINY_COMMON = dict(
@@ -163,3 +164,12 @@ def write_llama_gguf(hf_dir: str, path: str, default_gguf: str, qtype) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def check_logprobs(completion, hf_logits, atol=2e-3):
+    for step, (token, position, logits) in enumerate(zip(completion.token_ids, completion.logprobs, hf_logits)):
+        hf_lp = torch.log_softmax(logits.float(), dim=-1)
+        assert abs(position[token].logprob - hf_lp[token].item()) < atol, f"step {step}"
+        top_ours = sorted((lp.logprob for lp in position.values()), reverse=True)[:3]
+        top_hf = hf_lp.topk(3).values.tolist()
+        assert top_ours == pytest.approx(top_hf, abs=atol), f"step {step}"

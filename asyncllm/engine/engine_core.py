@@ -58,7 +58,7 @@ class EngineCore:
         self.checkpoint = checkpoint or load_checkpoint(args.model, args.tokenizer)
         model_cfg = self.checkpoint.config
         self.dtype = resolve_dtype(config.dtype_request, config.device)
-        model = build_model(model_cfg, self.dtype, config.device)
+        model = build_model(model_cfg, self.dtype, config.device, config.kernels)
         model.load_weights(self.checkpoint.weights(self.dtype))
         model.eval()
 

@@ -17,10 +17,11 @@ from asyncllm.model.arch_config import LlamaFamilyConfig
 from asyncllm.model.layers.attention import AttentionBackend, AttentionMetadata, TorchAttentionBackend
 from asyncllm.model.layers.norm import RMSNorm
 from asyncllm.model.layers.rotary import RotaryEmbedding
+from asyncllm.model.layers.triton_attention import TritonAttentionBackend
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: LlamaFamilyConfig, rotary: RotaryEmbedding):
+    def __init__(self, cfg: LlamaFamilyConfig, rotary: RotaryEmbedding, kernels: str = "torch"):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = self.num_heads * self.head_dim
@@ -30,7 +31,8 @@ class LlamaAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.rotary = rotary
-        self.backend: AttentionBackend = TorchAttentionBackend(
+        backend_class = TritonAttentionBackend if kernels == "triton" else TorchAttentionBackend
+        self.backend: AttentionBackend = backend_class(
             self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5, cfg.sliding_window)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
@@ -60,17 +62,25 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: LlamaFamilyConfig, rotary: RotaryEmbedding):
+    def __init__(self, cfg: LlamaFamilyConfig, rotary: RotaryEmbedding, kernels: str = "torch"):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = LlamaAttention(cfg, rotary)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        triton = kernels == "triton"
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, use_triton=triton)
+        self.self_attn = LlamaAttention(cfg, rotary, kernels)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, use_triton=triton)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, h: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), positions, kv_cache, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+                kv_cache: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """h: the previous sub-layer's output, residual: the stream it adds to (None at layer 0).
+        Each norm adds first, then normalises (one fused kernel on the Triton path)."""
+        if residual is None:
+            residual, x = h, self.input_layernorm(h)
+        else:
+            x, residual = self.input_layernorm(h, residual)
+        h = self.self_attn(x, positions, kv_cache, meta)
+        x, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(x), residual
 
 
 class LlamaFamilyForCausalLM(nn.Module):
@@ -80,24 +90,25 @@ class LlamaFamilyForCausalLM(nn.Module):
         "gate_up_proj": ("gate_proj", "up_proj"),
     }
 
-    def __init__(self, cfg: LlamaFamilyConfig):
+    def __init__(self, cfg: LlamaFamilyConfig, kernels: str = "torch"):
         super().__init__()
         self.config = cfg
+        triton = kernels == "triton"
         # One cos/sin table shared by every layer.
-        rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
+        rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, use_triton=triton)
         self.rotary = rotary
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rotary) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rotary, kernels) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, use_triton=triton)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
         """→ final hidden states [T, hidden]."""
-        h = self.embed_tokens(input_ids)
+        h, residual = self.embed_tokens(input_ids), None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            h = layer(h, positions, kv_cache, meta)
-        return self.norm(h)
+            h, residual = layer(h, residual, positions, kv_cache, meta)
+        return self.norm(h, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

@@ -24,8 +24,9 @@ def resolve_architecture(architectures: list[str]) -> str:
         f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
 
 
-def build_model(config, dtype, device):
-    """The model with uninitialised weights of `dtype` on `device` (load_weights fills them)."""
+def build_model(config, dtype, device, kernels: str = "torch"):
+    """The model with uninitialised weights of `dtype` on `device` (load_weights fills them);
+    `kernels` is "torch" or "triton" (attention, RMSNorm and rotary from asyncllm_kernels)."""
     import torch
 
     from asyncllm.model.llama import LlamaFamilyForCausalLM
@@ -33,7 +34,7 @@ def build_model(config, dtype, device):
     resolve_architecture([config.architecture])
     # Built on meta: no random init of weights about to be overwritten.
     with torch.device("meta"):
-        model = LlamaFamilyForCausalLM(config).to(dtype)
+        model = LlamaFamilyForCausalLM(config, kernels).to(dtype)
     model = model.to_empty(device=device)
     # The rotary tables are not in checkpoints: computed on the real device, in fp32.
     model.rotary.build(device)

@@ -10,15 +10,6 @@ import helpers
 from asyncllm import LLM, SamplingParams
 
 
-def _check_logprobs(completion, hf_logits, atol=2e-3):
-    for step, (token, position, logits) in enumerate(zip(completion.token_ids, completion.logprobs, hf_logits)):
-        hf_lp = torch.log_softmax(logits.float(), dim=-1)
-        assert abs(position[token].logprob - hf_lp[token].item()) < atol, f"step {step}"
-        top_ours = sorted((lp.logprob for lp in position.values()), reverse=True)[:3]
-        top_hf = hf_lp.topk(3).values.tolist()
-        assert top_ours == pytest.approx(top_hf, abs=atol), f"step {step}"
-
-
 @pytest.mark.parametrize("arch", helpers.ARCHITECTURES)
 def test_tiny_model_matches_transformers(arch, tiny_models):
     path = tiny_models(arch)
@@ -33,7 +24,7 @@ def test_tiny_model_matches_transformers(arch, tiny_models):
         completion = out.outputs[0]
         assert completion.token_ids == hf_tokens
         assert completion.finish_reason == "length"
-        _check_logprobs(completion, hf_logits)
+        helpers.check_logprobs(completion, hf_logits)
 
 
 def test_mistral_sliding_window_is_exercised(tiny_models):
@@ -65,7 +56,7 @@ def test_default_model_chat_matches_transformers(default_llm, default_reference)
         assert out.prompt_token_ids == ids
         completion = out.outputs[0]
         assert completion.token_ids == hf_tokens, question
-        _check_logprobs(completion, hf_logits)
+        helpers.check_logprobs(completion, hf_logits)
         assert completion.text == default_llm.get_tokenizer().decode(hf_tokens, skip_special_tokens=True)
 
 

@@ -1,4 +1,6 @@
-"""RMSNorm, computed exactly as transformers' LlamaRMSNorm (fp32 statistics)."""
+"""RMSNorm, computed exactly as transformers' LlamaRMSNorm (fp32 statistics), with the residual
+add folded in (vLLM's shape: norm(x, residual) -> (normed, x + residual)), so the Triton
+kernel can fuse the two; in fp32 the add is the same IEEE sum transformers computes."""
 from __future__ import annotations
 
 import torch
@@ -6,14 +8,22 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float):
+    def __init__(self, hidden_size: int, eps: float, use_triton: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.use_triton = use_triton
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        input_dtype = x.dtype
-        x32 = x.to(torch.float32)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """Without residual: RMSNorm(x). With it: h = x + residual → (RMSNorm(h), h)."""
+        if self.use_triton and x.dim() == 2:
+            from asyncllm_kernels import rms_norm
+
+            return rms_norm(x, self.weight, self.eps, residual)
+        h = x if residual is None else x + residual
+        input_dtype = h.dtype
+        x32 = h.to(torch.float32)
         variance = x32.pow(2).mean(-1, keepdim=True)
         x32 = x32 * torch.rsqrt(variance + self.eps)
-        return self.weight * x32.to(input_dtype)
+        normed = self.weight * x32.to(input_dtype)
+        return normed if residual is None else (normed, h)

@@ -29,9 +29,10 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int):
+    def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int, use_triton: bool = False):
         super().__init__()
         self.rope, self.head_dim, self.max_positions = rope, head_dim, max_positions
+        self.use_triton = use_triton
         # Non-persistent buffers: moved with .to(device) but never part of the weights.
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
@@ -47,6 +48,10 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [T, H, D], k: [T, KVH, D]; positions: [T]."""
+        if self.use_triton:
+            from asyncllm_kernels import rotary_embedding
+
+            return rotary_embedding(positions, q, k, self.cos, self.sin)  # in place
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)
         sin = self.sin[positions].unsqueeze(1).to(q.dtype)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin

@@ -1,0 +1,44 @@
+"""Attention backend on asyncllm_kernels' Triton kernels: KV write, paged decode and varlen
+prefill read the paged cache directly (no gathered copies). Selected on CUDA."""
+from __future__ import annotations
+
+import torch
+
+from asyncllm.model.layers.attention import AttentionMetadata
+
+
+class TritonAttentionBackend:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None = None):
+        import asyncllm_kernels  # fails here, at model build, when the package is missing
+
+        self.kernels = asyncllm_kernels
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale
+        self.sliding_window = sliding_window
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        self.kernels.reshape_and_cache(k, v, kv_cache, meta.slot_mapping)
+        out = torch.empty_like(q)
+        nd = meta.num_decodes
+        if nd:
+            self.kernels.paged_decode_attention(q[:nd], kv_cache, meta.block_tables[:nd], meta.seq_lens_tensor[:nd],
+                                                self.scale, self.sliding_window, out=out[:nd])
+        if nd < meta.num_requests:
+            query_start, max_query_len = _prefill_context(meta)
+            self.kernels.varlen_prefill_attention(
+                q[nd:], kv_cache, meta.block_tables[nd:], query_start, meta.seq_lens_tensor[nd:], max_query_len,
+                self.scale, self.sliding_window, out=out[nd:])
+        return out
+
+
+def _prefill_context(meta: AttentionMetadata) -> tuple[torch.Tensor, int]:
+    """The prompt chunks' query offsets (relative to the first chunk) as a device tensor, and the
+    longest chunk; built once per step, shared by every layer."""
+    if "prefill" not in meta._memo:
+        nd = meta.num_decodes
+        starts = [s - meta.query_start_loc[nd] for s in meta.query_start_loc[nd:]]
+        longest = max(b - a for a, b in zip(starts, starts[1:]))
+        meta._memo["prefill"] = (torch.tensor(starts, dtype=torch.int32, device=meta.slot_mapping.device), longest)
+    return meta._memo["prefill"]

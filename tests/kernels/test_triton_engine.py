@@ -1,0 +1,44 @@
+"""The whole engine on the Triton kernels (under Triton's interpreter without a GPU) against
+transformers: greedy ids equal, logprobs close, with prompt chunks, prefix-cache hits,
+decodes sharing steps and Mistral's sliding window."""
+import os
+
+import pytest
+
+import helpers
+from asyncllm import LLM, SamplingParams
+
+DEVICE = os.environ.get("ASYNCLLM_TEST_DEVICE", "cpu")
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "MistralForCausalLM", "Qwen3ForCausalLM"])
+def test_triton_kernels_engine_matches_transformers(arch, tiny_models):
+    path = tiny_models(arch)
+    hf = helpers.load_hf(path)
+    # 20-token chunks: the 30-token prompts take two steps and share them with other requests' decodes.
+    llm = LLM(path, dtype="float32", device=DEVICE, kernels="triton", kv_cache_memory=16 << 20,
+              max_num_batched_tokens=20)
+    assert llm.engine.core.config.kernels == "triton"
+    tok = llm.get_tokenizer()
+    prompts = [tok.encode(" ".join(helpers.TEXT_PROMPTS[i:] + helpers.TEXT_PROMPTS[:i])) for i in range(3)]
+    prompts.append(prompts[0] + tok.encode(" and then some more words follow here"))  # prefix-cache hit
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=3)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    for prompt, out in zip(prompts, outputs):
+        hf_tokens, hf_logits = helpers.hf_greedy(hf, prompt, 24)
+        assert out.outputs[0].token_ids == hf_tokens
+        helpers.check_logprobs(out.outputs[0], hf_logits)
+    if arch == "MistralForCausalLM":
+        assert max(len(p) for p in prompts) + 24 > llm.engine.core.checkpoint.config.sliding_window
+
+
+def test_triton_kernels_refused_on_cpu_without_interpreter(monkeypatch):
+    from asyncllm.config import EngineArgs
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        EngineArgs(device="cpu", kernels="triton").create_engine_config()
+    assert EngineArgs(device="cpu", kernels="auto").create_engine_config().kernels == "torch"
+    with pytest.raises(ValueError, match="kernels must be"):
+        EngineArgs(device="cpu", kernels="cuda-graphs").create_engine_config()
