@@ -22,6 +22,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--lengths", default="128,512,1024,2048")
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--output", default="latency", help="results file name (without .json)")
     args = parser.parse_args(argv)
 
     import torch
@@ -87,7 +88,7 @@ def main(argv=None) -> dict:
                  "transformers": None, "ratio": miss.seconds / hit.seconds,
                  "note": f"miss {miss.seconds:.3f}s; ratio = miss / hit"})
     print_table(f"Latency ({args.dtype})", rows)
-    path = save("latency", {"rows": rows, "result": result, "args": vars(args)})
+    path = save(args.output, {"rows": rows, "result": result, "args": vars(args)})
     print(f"wrote {path}")
     return result
 

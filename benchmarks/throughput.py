@@ -26,6 +26,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--one-at-a-time", type=int, default=2, help="prompts for the one-at-a-time baseline")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--output", default="throughput", help="results file name (without .json)")
     args = parser.parse_args(argv)
 
     import torch
@@ -70,7 +71,7 @@ def main(argv=None) -> dict:
                       ratio_vs_hf_one=ours / hf_one)
     print_table(f"W1 throughput: {args.num_prompts} x {args.input_len} in / {args.output_len} out, greedy "
                 f"(fp32 matmul peak measured now: {gflops:.0f} GFLOPS)", rows)
-    path = save("throughput", {"rows": rows, "result": result, "args": vars(args)})
+    path = save(args.output, {"rows": rows, "result": result, "args": vars(args)})
     print(f"wrote {path}")
     return result
 

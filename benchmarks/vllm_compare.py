@@ -129,9 +129,9 @@ def main(argv=None) -> dict:
     finally:
         server.stop()
 
-    w1 = throughput.main([])
-    lat = latency.main(["--lengths", "128"])
-    w2 = serving.main([])
+    w1 = throughput.main(["--output", "vllm_compare_w1"])
+    lat = latency.main(["--lengths", "128", "--output", "vllm_compare_latency"])
+    w2 = serving.main(["--output", "vllm_compare_w2"])
     from asyncllm import LLM, SamplingParams
 
     ours_ids = [o.outputs[0].token_ids for o in LLM(dtype="float32").generate(

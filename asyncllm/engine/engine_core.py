@@ -20,6 +20,7 @@ from asyncllm.engine.request import Request, RequestStatus
 from asyncllm.errors import PromptTooLongError
 from asyncllm.model.dtype import resolve_dtype
 from asyncllm.model.loader import Checkpoint, load_checkpoint
+from asyncllm.model.layers.linear import prepack_supported
 from asyncllm.model.registry import build_model
 from asyncllm.worker.model_runner import KVCacheSpec, ModelRunner
 
@@ -60,6 +61,8 @@ class EngineCore:
         self.dtype = resolve_dtype(config.dtype_request, config.device)
         model = build_model(model_cfg, self.dtype, config.device, config.kernels)
         model.load_weights(self.checkpoint.weights(self.dtype))
+        if args.cpu_weight_prepack and prepack_supported(config.device, self.dtype):
+            model.prepack_weights()
         model.eval()
 
         spec = KVCacheSpec(model_cfg.num_layers, model_cfg.num_kv_heads, model_cfg.head_dim, args.block_size,

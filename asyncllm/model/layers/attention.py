@@ -33,7 +33,7 @@ class AttentionMetadata:
 
     def decode_context(self, sliding_window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """For the decodes: the block ids to read, flat [nd * nblk] (padding points at block 0),
-        and the additive mask [nd, nblk * block_size, 1] (0 where visible, -inf elsewhere).
+        and the additive mask [nd, 1, nblk * block_size] (0 where visible, -inf elsewhere).
         Built once per step and window, then shared by every layer."""
         key = ("decode", sliding_window)
         if key not in self._memo:
@@ -47,7 +47,7 @@ class AttentionMetadata:
                 visible &= key_pos[None, :] >= seq_lens - sliding_window
             bias = torch.zeros(visible.shape, dtype=torch.float32, device=table.device)
             bias.masked_fill_(~visible, float("-inf"))
-            self._memo[key] = (table.reshape(-1), bias[:, :, None])
+            self._memo[key] = (table.reshape(-1), bias[:, None, :])
         return self._memo[key]
 
 
@@ -113,25 +113,26 @@ class TorchAttentionBackend:
 
         K and V of the decodes' blocks are gathered whole blocks at a time ([nd, S, KVH*D]; one
         index_select each over contiguous 12 KB rows runs at memcpy speed, 3x faster than a
-        per-slot or advanced-index gather: measured). The
-        queries become a block-diagonal [nd, KVH*D, H] matrix (query head h only has values in
-        its KV head's D rows), so scores = K @ Q is one bmm over the gathered rows as they lie,
-        and P @ V gives every head against every KV head, whose diagonal blocks are the answer.
+        per-slot or advanced-index gather: measured). The queries become a block-diagonal
+        [nd, H, KVH*D] matrix (query head h only has values in its KV head's D columns), so
+        scores = Q @ K^T is one bmm over the gathered rows as they lie, and P @ V gives every
+        head against every KV head, whose diagonal blocks are the answer.
         The products with the zero blocks cost KVH x the (small) attention FLOPs but no copies.
         """
         blocks, bias = meta.decode_context(self.sliding_window)
         kvh, dim, heads = self.num_kv_heads, self.head_dim, self.num_heads
         group = heads // kvh
-        seq = bias.shape[1]
+        seq = bias.shape[2]
         num_blocks = kv_cache.shape[1]
         keys = kv_cache[0].view(num_blocks, -1).index_select(0, blocks).view(nd, seq, kvh * dim)
         values = kv_cache[1].view(num_blocks, -1).index_select(0, blocks).view(nd, seq, kvh * dim)
-        q_diag = q.new_zeros(nd, kvh, dim, kvh, group)
-        torch.diagonal(q_diag, dim1=1, dim2=3).copy_(q.view(nd, kvh, group, dim).permute(0, 3, 2, 1))
-        scores = torch.bmm(keys, q_diag.view(nd, kvh * dim, heads))  # [nd, S, H]
+        # q_diag[b, h, kvh(h) * D + d] = q[b, h, d], zeros elsewhere: [nd, H, KVH*D].
+        q_diag = q.new_zeros(nd, kvh, group, kvh, dim)
+        torch.diagonal(q_diag, dim1=1, dim2=3).copy_(q.view(nd, kvh, group, dim).permute(0, 2, 3, 1))
+        scores = torch.bmm(q_diag.view(nd, heads, kvh * dim), keys.transpose(1, 2))  # [nd, H, S], rows contiguous
         scores.mul_(self.scale).add_(bias)
-        probs = torch.softmax(scores, dim=1)
-        mixed = torch.bmm(probs.transpose(1, 2), values)  # [nd, H, KVH*D]
+        probs = torch.softmax(scores, dim=-1)
+        mixed = torch.bmm(probs, values)  # [nd, H, KVH*D]: every head against every KV head
         out = torch.diagonal(mixed.view(nd, kvh, group, kvh, dim), dim1=1, dim2=3)  # [nd, G, D, KVH]
         return out.permute(0, 3, 1, 2).reshape(nd, heads, dim)
 

@@ -1,0 +1,37 @@
+"""CPU fast paths change speed, never tokens: each one on vs off on the default model (fp32)."""
+import pytest
+import torch
+
+from asyncllm import LLM, SamplingParams
+from asyncllm.model.layers.linear import Linear, prepack_supported
+
+
+@pytest.mark.skipif(not prepack_supported(torch.device("cpu"), torch.float32), reason="torch built without oneDNN")
+def test_packed_linear_matches_plain_for_every_row_count():
+    torch.manual_seed(0)
+    layer = Linear(96, 160, bias=True)
+    inputs = {rows: torch.randn(rows, 96) for rows in (1, 2, 7, 64, 300)}
+    plain = {rows: layer(x) for rows, x in inputs.items()}
+    layer.pack()
+    assert layer.prepacked.packed is not None
+    for rows, x in inputs.items():
+        torch.testing.assert_close(layer(x), plain[rows], atol=1e-5, rtol=1e-5)
+
+
+def test_weight_prepack_and_batched_decode_keep_tokens(default_llm):
+    """Packed weights (batched rows) and the batched decode attention give the tokens of plain
+    weights, and of each prompt run alone (1 row: gemv and the same decode path at batch 1)."""
+    tok = default_llm.get_tokenizer()
+    prompts = [tok.encode(t) for t in ("The history of Rome", "def quicksort(xs):", "Water is made of",
+                                       "My favourite recipe", "The tallest mountain", "import json\n")]
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    packed = default_llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert any(m.prepacked.packed is not None for m in default_llm.engine.core.runner.model.modules()
+               if isinstance(m, Linear)) == prepack_supported(torch.device("cpu"), torch.float32)
+    plain_llm = LLM(dtype="float32", cpu_weight_prepack=False, kv_cache_memory=64 << 20)
+    assert all(m.prepacked.packed is None for m in plain_llm.engine.core.runner.model.modules()
+               if isinstance(m, Linear))
+    plain = plain_llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    alone = [plain_llm.generate({"prompt_token_ids": p}, params, use_tqdm=False)[0] for p in prompts[:2]]
+    assert [o.outputs[0].token_ids for o in packed] == [o.outputs[0].token_ids for o in plain]
+    assert [o.outputs[0].token_ids for o in alone] == [o.outputs[0].token_ids for o in packed[:2]]
