@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import anyio
 
 from asyncllm.config import EngineArgs
-from asyncllm.engine.engine_thread import EngineThread
+from asyncllm.engine.engine_thread import EngineThread, in_passing_thread
 from asyncllm.engine.input_processor import PromptType
 from asyncllm.engine.llm_engine import LLMEngine, PreparedRequest
 from asyncllm.engine.request_stream import LoopHandle, RequestStream
@@ -44,7 +44,7 @@ class AsyncEngine:
     @classmethod
     def from_args(cls, args: EngineArgs | None = None, **overrides: Any) -> "AsyncEngine":
         """Loads the model now (errors surface here); the engine thread starts on first use or start()."""
-        return cls(LLMEngine.from_engine_args(args, **overrides))
+        return cls(in_passing_thread(lambda: LLMEngine.from_engine_args(args, **overrides)))
 
     # ------------------------------------------------------------------ lifecycle
 
