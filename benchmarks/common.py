@@ -112,3 +112,30 @@ def load_transformers(dtype: str):
     model.generation_config.eos_token_id = None  # EOS ignored, as in the workloads
     model.generation_config.pad_token_id = 0
     return model.eval()
+
+
+def hf_generate_seconds(model, prompts: list[list[int]], new_tokens: int) -> float:
+    """Seconds for transformers `generate` to make exactly `new_tokens` greedy tokens for each
+    prompt, one prompt at a time (the naive baseline)."""
+    import torch
+
+    with torch.inference_mode(), Timer() as t:
+        for p in prompts:
+            ids = torch.tensor([p])
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False)
+    return t.seconds
+
+
+def stop_process(proc, timeout: float) -> None:
+    """SIGINT (a server's graceful shutdown), then SIGKILL after `timeout` seconds."""
+    import signal
+    import subprocess
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

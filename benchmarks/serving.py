@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import os
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from dataclasses import dataclass, field
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from common import Timer, load_transformers, print_table, pydoc_prompts, save  # noqa: E402
+from common import Timer, hf_generate_seconds, load_transformers, print_table, pydoc_prompts, save, stop_process  # noqa: E402
 
 
 @dataclass
@@ -113,14 +112,7 @@ class AsyncLLMServer:
         raise RuntimeError("asyncllm serve did not start")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
+        stop_process(self.proc, timeout=30)
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser()
@@ -155,15 +147,8 @@ def main(argv=None) -> dict:
                                                            "itl_p50_ms", "itl_p99_ms")}, "vs_hf_one": None}]
     result = {"server": label, **measured}
     if not args.skip_transformers:
-        import torch
-
-        model = load_transformers(args.dtype)
-        with torch.inference_mode(), Timer() as hf_t:
-            for p in prompts[:args.hf_requests]:
-                ids = torch.tensor([p])
-                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_tokens,
-                               min_new_tokens=args.max_tokens, do_sample=False)
-        hf_one = args.hf_requests * args.max_tokens / hf_t.seconds
+        seconds = hf_generate_seconds(load_transformers(args.dtype), prompts[:args.hf_requests], args.max_tokens)
+        hf_one = args.hf_requests * args.max_tokens / seconds
         rows[0]["vs_hf_one"] = measured["tok_per_s"] / hf_one
         rows.append({"server": "transformers generate, one request at a time", "tok_per_s": hf_one,
                      "ttft_p50_ms": None, "ttft_p99_ms": None, "itl_p50_ms": None, "itl_p99_ms": None,

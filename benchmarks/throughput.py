@@ -15,7 +15,7 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from common import Timer, load_transformers, measure_fp32_gflops, print_table, pydoc_prompts, save  # noqa: E402
+from common import Timer, hf_generate_seconds, load_transformers, measure_fp32_gflops, print_table, pydoc_prompts, save  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -56,16 +56,12 @@ def main(argv=None) -> dict:
             model.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=args.output_len,
                            min_new_tokens=args.output_len, do_sample=False)
         hf_batch = args.num_prompts * args.output_len / hf_t.seconds
-        with torch.inference_mode(), Timer() as one_t:
-            for p in prompts[:args.one_at_a_time]:
-                ids = torch.tensor([p])
-                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.output_len,
-                               min_new_tokens=args.output_len, do_sample=False)
-        hf_one = args.one_at_a_time * args.output_len / one_t.seconds
+        one_seconds = hf_generate_seconds(model, prompts[:args.one_at_a_time], args.output_len)
+        hf_one = args.one_at_a_time * args.output_len / one_seconds
         rows[0]["vs_hf_batch"] = ours / hf_batch
         rows += [{"system": f"transformers static batch {args.num_prompts}", "tok_per_s": hf_batch,
                   "seconds": hf_t.seconds, "vs_hf_batch": 1.0, "fraction_of_fp32_peak": None},
-                 {"system": "transformers one at a time", "tok_per_s": hf_one, "seconds": one_t.seconds,
+                 {"system": "transformers one at a time", "tok_per_s": hf_one, "seconds": one_seconds,
                   "vs_hf_batch": hf_one / hf_batch, "fraction_of_fp32_peak": None}]
         result.update(hf_batch_tok_per_s=hf_batch, hf_one_tok_per_s=hf_one, ratio_vs_hf_batch=ours / hf_batch,
                       ratio_vs_hf_one=ours / hf_one)

@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -28,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import latency  # noqa: E402
 import serving  # noqa: E402
 import throughput  # noqa: E402
-from common import load_transformers, print_table, pydoc_prompts, save  # noqa: E402
+from common import load_transformers, print_table, pydoc_prompts, save, stop_process  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -93,13 +92,7 @@ class VLLMServer:
         raise RuntimeError(f"vLLM server not ready after {max_wait}s; see {log}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout=60)
         self.log.close()
 
 

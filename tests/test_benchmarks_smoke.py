@@ -14,6 +14,7 @@ def _load(name):
         return importlib.import_module("common")
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -36,3 +37,23 @@ def test_throughput_and_latency_benchmarks_run(tmp_path, monkeypatch):
     assert lat["decode_tok_per_s"] > 0 and set(lat["ttft"]) == {32, 64}
     assert lat["prefix_hit_s"] > 0 and lat["prefix_miss_s"] > 0
     assert {p.name for p in tmp_path.iterdir()} >= {"throughput.json", "latency.json"}
+
+
+def test_serving_benchmark_runs_against_its_own_server(tmp_path, monkeypatch):
+    """W2 at a tiny size: starts `asyncllm serve` on port 0, streams with the openai client, stops it by pid."""
+    common = _load("common")
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    w2 = _load("serving").main(["--num-requests", "3", "--concurrency", "2", "--input-len", "16",
+                                "--max-tokens", "4", "--skip-transformers"])
+    assert w2["output_tokens"] == 3 * 4 and w2["tok_per_s"] > 0
+    assert w2["ttft_p50_ms"] > 0 and w2["itl_p50_ms"] > 0
+    assert (tmp_path / "serving.json").exists()
+
+
+def test_dtype_parity_benchmark_runs(tmp_path, monkeypatch):
+    common = _load("common")
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    result = _load("dtype_parity").main(["--dtypes", "float32,bfloat16", "--prompts", "1", "--max-tokens", "4"])
+    fp32, bf16 = result["rows"]
+    assert fp32["greedy_identical"] == "1/1" and fp32["logprob_abs_diff_max"] < 2e-3
+    assert bf16["dtype"] == "bfloat16" and bf16["logprob_abs_diff_max"] < 1.0

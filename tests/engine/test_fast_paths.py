@@ -35,3 +35,27 @@ def test_weight_prepack_and_batched_decode_keep_tokens(default_llm):
     alone = [plain_llm.generate({"prompt_token_ids": p}, params, use_tqdm=False)[0] for p in prompts[:2]]
     assert [o.outputs[0].token_ids for o in packed] == [o.outputs[0].token_ids for o in plain]
     assert [o.outputs[0].token_ids for o in alone] == [o.outputs[0].token_ids for o in packed[:2]]
+
+
+def test_model_load_thread_returns_result_raises_errors_and_leaves_no_threads():
+    """The model-load thread runs the work off the caller's thread, hands back its result or error,
+    and is gone afterwards (and with it the OpenMP pool its torch work created)."""
+    import os
+    import threading
+    import time
+
+    from asyncllm.engine.engine_thread import in_passing_thread
+
+    main = threading.get_ident()
+
+    def build():
+        return threading.get_native_id(), threading.get_ident(), torch.ones(1 << 20).add(1).sum().item()
+
+    native_id, ident, total = in_passing_thread(build)
+    assert ident != main and total == 2.0 * (1 << 20)
+    deadline = time.monotonic() + 5  # join() returns before the OS thread has quite finished exiting
+    while str(native_id) in os.listdir("/proc/self/task") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert str(native_id) not in os.listdir("/proc/self/task")  # the load thread is gone
+    with pytest.raises(ZeroDivisionError):
+        in_passing_thread(lambda: 1 / 0)
