@@ -10,8 +10,8 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from asyncllm.engine.llm_engine import LLMEngine, PreparedRequest
@@ -57,6 +57,7 @@ def in_passing_thread(build: Callable[[], T]) -> T:
     if error:
         raise error[0]
     return result[0]
+
 
 @dataclass
 class _Add:

@@ -4,7 +4,6 @@ Every supported architecture as a tiny random model saved with save_pretrained, 
 the default model (GGUF) against transformers loading the same GGUF file.
 """
 import pytest
-import torch
 
 import helpers
 from asyncllm import LLM, SamplingParams

@@ -88,20 +88,16 @@ class TorchAttentionBackend:
             out[start:end] = self._prefill(q[start:end], kv_cache, meta.block_tables[i], meta.seq_lens[i], block_size)
         return out
 
-    def _gather(self, kv_cache: torch.Tensor, block_table: torch.Tensor,
-                expand: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of the blocks in `block_table` ([..., nblk]) → [..., KVH or H, nblk * block_size, D].
-
-        `expand` repeats KV heads to the query heads: SDPA's fused CPU kernel refuses `enable_gqa`
-        (and masks), so where that kernel applies (prefill, one unmasked decode) expanding wins
-        (1024-token prefill 1.94 s → 0.95 s). Batched masked decodes stay on the math path, where
-        `enable_gqa` avoids copying K/V (expanding there halved W1 throughput: measured).
+    def _gather_expanded(self, kv_cache: torch.Tensor, block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of one request's blocks (`block_table`: [nblk]) → [H, nblk * block_size, D], KV
+        heads repeated to the query heads: SDPA's fused CPU kernel refuses `enable_gqa` (and
+        3-D inputs), and on its math path a 1024-token prefill took 1.94 s instead of 0.95 s.
         """
         keys = kv_cache[0][block_table]  # [..., nblk, bs, KVH, D]
         values = kv_cache[1][block_table]
         shape = keys.shape[:-4] + (keys.shape[-4] * keys.shape[-3], self.num_kv_heads, self.head_dim)
         keys, values = keys.reshape(shape).transpose(-3, -2), values.reshape(shape).transpose(-3, -2)
-        if expand and self.num_heads != self.num_kv_heads:
+        if self.num_heads != self.num_kv_heads:
             group = self.num_heads // self.num_kv_heads
             keys = keys.repeat_interleave(group, dim=-3)
             values = values.repeat_interleave(group, dim=-3)
@@ -140,7 +136,7 @@ class TorchAttentionBackend:
                  seq_len: int, block_size: int) -> torch.Tensor:
         q_len = q.shape[0]
         nblk = (seq_len + block_size - 1) // block_size
-        keys, values = self._gather(kv_cache, block_table[:nblk], expand=True)  # [H, S', D]
+        keys, values = self._gather_expanded(kv_cache, block_table[:nblk])  # [H, S', D]
         keys, values = keys[:, :seq_len], values[:, :seq_len]
         # 4-D [1, H, L, D]: the CPU's fused (flash) kernel takes only 4-D inputs; 3-D falls back to math.
         qh = q.transpose(0, 1).unsqueeze(0)
