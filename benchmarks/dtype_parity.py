@@ -34,24 +34,27 @@ def main(argv=None) -> dict:
 
     from asyncllm import LLM, SamplingParams
 
+    from asyncllm.engine.input_processor import apply_chat_template
+    from asyncllm.model.default_model import default_model_path
+    from asyncllm.model.tokenizer import load_gguf_tokenizer
+
+    # The prompts as LLM.chat builds them, and transformers' fp32 continuation of each: once.
+    tok = load_gguf_tokenizer(default_model_path())
+    prompts = [tok.encode(apply_chat_template(tok, [{"role": "user", "content": q}]), add_special_tokens=False)
+               for q in QUESTIONS[:args.prompts]]
     hf = load_transformers("float32")
-    hf.generation_config.eos_token_id = None
-    rows, reference = [], None
+    reference = []
+    with torch.inference_mode():
+        for p in prompts:
+            out = hf.generate(torch.tensor([p]), max_new_tokens=args.max_tokens, do_sample=False,
+                              return_dict_in_generate=True, output_logits=True, pad_token_id=0)
+            new = out.sequences[0, len(p):].tolist()
+            logprobs = [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, new)]
+            reference.append((new, logprobs))
+    del hf
+    rows = []
     for name in args.dtypes.split(","):
         llm = LLM(dtype=name)
-        tok = llm.get_tokenizer()
-        prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
-                   for q in QUESTIONS[:args.prompts]]
-        prompts = [p if isinstance(p, list) else p["input_ids"] for p in prompts]
-        if reference is None:
-            reference = []
-            with torch.inference_mode():
-                for p in prompts:
-                    out = hf.generate(torch.tensor([p]), max_new_tokens=args.max_tokens, do_sample=False,
-                                      return_dict_in_generate=True, output_logits=True, pad_token_id=0)
-                    new = out.sequences[0, len(p):].tolist()
-                    logprobs = [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, new)]
-                    reference.append((new, logprobs))
         greedy = llm.generate([{"prompt_token_ids": p} for p in prompts],
                               SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True),
                               use_tqdm=False)
@@ -68,7 +71,7 @@ def main(argv=None) -> dict:
         rows.append({"dtype": name, "greedy_identical": f"{identical}/{len(prompts)}",
                      "mean_first_diff_step": sum(first_diff) / len(first_diff),
                      "logprob_abs_diff_mean": sum(diffs) / len(diffs), "logprob_abs_diff_max": max(diffs)})
-        llm.engine.shutdown() if hasattr(llm.engine, "shutdown") else None
+        llm.engine.shutdown()
         del llm
     print_table(f"dtype parity vs transformers fp32 ({args.prompts} chat prompts x {args.max_tokens} greedy "
                 "tokens; logprobs teacher-forced on the fp32 continuation)", rows)

@@ -114,7 +114,7 @@ class LlamaFamilyForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return self.logits_linear.apply(hidden, weight).float()
+        return self.logits_linear.linear(hidden, weight).float()
 
     def prepack_weights(self) -> None:
         """oneDNN-packed copies of every projection and of the logits weight (see layers/linear.py)."""

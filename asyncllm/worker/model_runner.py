@@ -102,7 +102,6 @@ class ModelRunner:
             seq_lens_tensor=torch.tensor(seq_lens, dtype=torch.long, device=dev),
             block_tables=table.to(dev),
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            block_size=bs,
         )
         hidden = self.model(torch.tensor(input_ids, dtype=torch.long, device=dev),
                             torch.tensor(positions, dtype=torch.long, device=dev), self.kv_caches, meta)

@@ -23,21 +23,20 @@ class AttentionMetadata:
     seq_lens_tensor: torch.Tensor  # [B] int64, on the device
     block_tables: torch.Tensor  # [B, max_blocks] int64, padded with 0 (masked by seq_lens)
     slot_mapping: torch.Tensor  # [T] int64, cache slot of each new token
-    block_size: int = 16
-    # Per-step values every layer shares, built on first use (see decode_context).
+    # Per-step values every layer shares, built on first use (decode_context, prefill_query_starts).
     _memo: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_requests(self) -> int:
         return len(self.seq_lens)
 
-    def decode_context(self, sliding_window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode_context(self, sliding_window: int | None, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """For the decodes: the block ids to read, flat [nd * nblk] (padding points at block 0),
         and the additive mask [nd, 1, nblk * block_size] (0 where visible, -inf elsewhere).
         Built once per step and window, then shared by every layer."""
         key = ("decode", sliding_window)
         if key not in self._memo:
-            nd, bs = self.num_decodes, self.block_size
+            nd, bs = self.num_decodes, block_size
             nblk = (max(self.seq_lens[:nd]) + bs - 1) // bs
             table = self.block_tables[:nd, :nblk]
             key_pos = torch.arange(nblk * bs, device=table.device)
@@ -49,6 +48,17 @@ class AttentionMetadata:
             bias.masked_fill_(~visible, float("-inf"))
             self._memo[key] = (table.reshape(-1), bias[:, None, :])
         return self._memo[key]
+
+    def prefill_query_starts(self) -> tuple[torch.Tensor, int]:
+        """The prompt chunks' query offsets relative to the first chunk ([B - nd + 1] int32, on the
+        device) and the longest chunk: what the varlen prefill kernel takes. Built once per step."""
+        if "prefill" not in self._memo:
+            nd = self.num_decodes
+            starts = [s - self.query_start_loc[nd] for s in self.query_start_loc[nd:]]
+            longest = max(b - a for a, b in zip(starts, starts[1:]))
+            self._memo["prefill"] = (torch.tensor(starts, dtype=torch.int32, device=self.slot_mapping.device),
+                                     longest)
+        return self._memo["prefill"]
 
 
 class AttentionBackend(Protocol):
@@ -115,7 +125,7 @@ class TorchAttentionBackend:
         head against every KV head, whose diagonal blocks are the answer.
         The products with the zero blocks cost KVH x the (small) attention FLOPs but no copies.
         """
-        blocks, bias = meta.decode_context(self.sliding_window)
+        blocks, bias = meta.decode_context(self.sliding_window, block_size)
         kvh, dim, heads = self.num_kv_heads, self.head_dim, self.num_heads
         group = heads // kvh
         seq = bias.shape[2]

@@ -21,17 +21,18 @@ def prepack_supported(device: torch.device, dtype: torch.dtype) -> bool:
             and torch.backends.mkldnn.is_available())
 
 
-class PackedLinear(nn.Module):
-    """A weight (+ optional bias) with an optional oneDNN-packed copy; plain F.linear for 1 row."""
+class PackedLinear:
+    """The optional oneDNN-packed copy of a weight, and the matmul that uses it for >= 2 rows
+    (plain F.linear for one row). Not an nn.Module: the packed tensor is a CPU-only cache of
+    the weight, never a parameter, buffer or checkpoint entry."""
 
     def __init__(self):
-        super().__init__()
         self.packed: torch.Tensor | None = None
 
     def pack(self, weight: torch.Tensor) -> None:
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_HINT)
 
-    def apply(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.packed is None or x.dim() != 2 or x.shape[0] < 2:
             return F.linear(x, weight, bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
@@ -48,4 +49,4 @@ class Linear(nn.Linear):
         self.prepacked.pack(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.prepacked.apply(x, self.weight, self.bias)
+        return self.prepacked.linear(x, self.weight, self.bias)

@@ -12,14 +12,16 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
-        self.use_triton = use_triton
+        self.triton_rms_norm = None
+        if use_triton:
+            from asyncllm_kernels import rms_norm
+
+            self.triton_rms_norm = rms_norm
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """Without residual: RMSNorm(x). With it: h = x + residual → (RMSNorm(h), h)."""
-        if self.use_triton and x.dim() == 2:
-            from asyncllm_kernels import rms_norm
-
-            return rms_norm(x, self.weight, self.eps, residual)
+        if self.triton_rms_norm is not None and x.dim() == 2:
+            return self.triton_rms_norm(x, self.weight, self.eps, residual)
         h = x if residual is None else x + residual
         input_dtype = h.dtype
         x32 = h.to(torch.float32)

@@ -32,7 +32,11 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int, use_triton: bool = False):
         super().__init__()
         self.rope, self.head_dim, self.max_positions = rope, head_dim, max_positions
-        self.use_triton = use_triton
+        self.triton_rotary = None
+        if use_triton:
+            from asyncllm_kernels import rotary_embedding
+
+            self.triton_rotary = rotary_embedding
         # Non-persistent buffers: moved with .to(device) but never part of the weights.
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
@@ -48,10 +52,8 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [T, H, D], k: [T, KVH, D]; positions: [T]."""
-        if self.use_triton:
-            from asyncllm_kernels import rotary_embedding
-
-            return rotary_embedding(positions, q, k, self.cos, self.sin)  # in place
+        if self.triton_rotary is not None:
+            return self.triton_rotary(positions, q, k, self.cos, self.sin)  # in place
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)
         sin = self.sin[positions].unsqueeze(1).to(q.dtype)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin

@@ -26,19 +26,9 @@ class TritonAttentionBackend:
             self.kernels.paged_decode_attention(q[:nd], kv_cache, meta.block_tables[:nd], meta.seq_lens_tensor[:nd],
                                                 self.scale, self.sliding_window, out=out[:nd])
         if nd < meta.num_requests:
-            query_start, max_query_len = _prefill_context(meta)
+            query_start, max_query_len = meta.prefill_query_starts()
             self.kernels.varlen_prefill_attention(
                 q[nd:], kv_cache, meta.block_tables[nd:], query_start, meta.seq_lens_tensor[nd:], max_query_len,
                 self.scale, self.sliding_window, out=out[nd:])
         return out
 
-
-def _prefill_context(meta: AttentionMetadata) -> tuple[torch.Tensor, int]:
-    """The prompt chunks' query offsets (relative to the first chunk) as a device tensor, and the
-    longest chunk; built once per step, shared by every layer."""
-    if "prefill" not in meta._memo:
-        nd = meta.num_decodes
-        starts = [s - meta.query_start_loc[nd] for s in meta.query_start_loc[nd:]]
-        longest = max(b - a for a, b in zip(starts, starts[1:]))
-        meta._memo["prefill"] = (torch.tensor(starts, dtype=torch.int32, device=meta.slot_mapping.device), longest)
-    return meta._memo["prefill"]
