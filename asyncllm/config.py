@@ -37,6 +37,11 @@ class EngineArgs:
     cpu_weight_prepack: bool = _opt(True, "CPU: keep a oneDNN-packed copy of the projection weights for "
                                           "multi-row matmuls (faster batched decode and prefill; costs a "
                                           "second copy of those weights)")
+    quantization: str | None = _opt(None, "int4: CPU steps of few rows (decoding up to 8-16 streams) read "
+                                          "4-bit group-32 copies of the projection weights, computing in "
+                                          "bf16 (about 4x less weight traffic; prompts and larger batches "
+                                          "keep the dense weights, so it adds memory, never saves it)",
+                                    choices=["int4"])
     gpu_memory_utilization: float = _opt(0.9, "fraction of GPU memory for weights + KV cache (CUDA)")
     max_num_seqs: int = _opt(128, "most requests running at once")
     max_num_batched_tokens: int = _opt(1024, "token budget of one engine step (decodes + prompt chunks)")
@@ -93,6 +98,8 @@ class EngineConfig:
             errors.append(f"kernels must be auto, torch or triton, got {args.kernels!r}")
         if args.kernels == "triton" and args.block_size < 16:
             errors.append("kernels='triton' needs block_size >= 16")
+        if args.quantization not in (None, "int4"):
+            errors.append(f"quantization must be None or 'int4', got {args.quantization!r}")
         if args.kv_cache_memory is not None and args.kv_cache_memory <= 0:
             errors.append("kv_cache_memory must be > 0 bytes")
         if errors:

@@ -1,11 +1,11 @@
-"""Quality of each dtype against transformers in fp32 on the same weights (default model).
+"""Quality of each dtype (and of int4 decoding) against transformers in fp32 on the same weights.
 
-For every dtype: greedy 32-token answers to 8 chat prompts compared with transformers fp32
-(identical sequences, first differing step), and teacher-forced logprobs: transformers' fp32
-continuation fed back as the prompt with prompt_logprobs, so each reference token's logprob
-under the dtype is compared with fp32's, whatever greedy did.
+For every variant: greedy 32-token answers to 8 chat prompts (decoded together, as a server
+would) compared with transformers fp32 (identical sequences, first differing step), and the
+logprob of each token we chose against the logprob transformers fp32 gives that same token when
+it scores our whole sequence, so the comparison holds whatever greedy did.
 
-    python benchmarks/dtype_parity.py [--dtypes float32,bfloat16,float16]
+    python benchmarks/dtype_parity.py [--variants float32,bfloat16,float16,float32+int4,bfloat16+int4]
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--dtypes", default="float32,bfloat16,float16")
+    parser.add_argument("--variants", default="float32,bfloat16,float16,float32+int4,bfloat16+int4",
+                        help="dtype or dtype+quantization, comma-separated")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--prompts", type=int, default=8)
     args = parser.parse_args(argv)
@@ -43,38 +44,36 @@ def main(argv=None) -> dict:
     prompts = [tok.encode(apply_chat_template(tok, [{"role": "user", "content": q}]), add_special_tokens=False)
                for q in QUESTIONS[:args.prompts]]
     hf = load_transformers("float32")
-    reference = []
     with torch.inference_mode():
-        for p in prompts:
-            out = hf.generate(torch.tensor([p]), max_new_tokens=args.max_tokens, do_sample=False,
-                              return_dict_in_generate=True, output_logits=True, pad_token_id=0)
-            new = out.sequences[0, len(p):].tolist()
-            logprobs = [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, new)]
-            reference.append((new, logprobs))
-    del hf
-    rows = []
-    for name in args.dtypes.split(","):
-        llm = LLM(dtype=name)
-        greedy = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                              SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True),
-                              use_tqdm=False)
-        forced = llm.generate([{"prompt_token_ids": p + new} for p, (new, _) in zip(prompts, reference)],
-                              SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
-        identical, first_diff, diffs = 0, [], []
-        for p, out, scored, (new, ref_lp) in zip(prompts, greedy, forced, reference):
-            ours = list(out.outputs[0].token_ids)
-            identical += ours == new
-            first_diff.append(next((i for i, (a, b) in enumerate(zip(ours, new)) if a != b), len(new)))
-            for i, token in enumerate(new):
-                entry = scored.prompt_logprobs[len(p) + i]
-                diffs.append(abs(entry[token].logprob - ref_lp[i]))
-        rows.append({"dtype": name, "greedy_identical": f"{identical}/{len(prompts)}",
-                     "mean_first_diff_step": sum(first_diff) / len(first_diff),
-                     "logprob_abs_diff_mean": sum(diffs) / len(diffs), "logprob_abs_diff_max": max(diffs)})
-        llm.engine.shutdown()
-        del llm
-    print_table(f"dtype parity vs transformers fp32 ({args.prompts} chat prompts x {args.max_tokens} greedy "
-                "tokens; logprobs teacher-forced on the fp32 continuation)", rows)
+        reference = [hf.generate(torch.tensor([p]), max_new_tokens=args.max_tokens, do_sample=False,
+                                 pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+
+        def hf_logprobs(prompt: list[int], new: list[int]) -> list[float]:
+            """transformers fp32's logprob of each token of `new` after `prompt` (one forward)."""
+            logits = hf(torch.tensor([prompt + new])).logits[0, len(prompt) - 1:-1].float()
+            return torch.log_softmax(logits, -1).gather(1, torch.tensor(new)[:, None])[:, 0].tolist()
+
+        rows = []
+        for variant in args.variants.split(","):
+            dtype, _, quantization = variant.partition("+")
+            llm = LLM(dtype=dtype, quantization=quantization or None)
+            outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True, logprobs=0),
+                                use_tqdm=False)
+            identical, first_diff, diffs = 0, [], []
+            for p, out, ref in zip(prompts, outs, reference):
+                ours = list(out.outputs[0].token_ids)
+                identical += ours == ref
+                first_diff.append(next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), len(ref)))
+                theirs = hf_logprobs(p, ours)
+                diffs += [abs(step[t].logprob - lp) for step, t, lp in zip(out.outputs[0].logprobs, ours, theirs)]
+            rows.append({"variant": variant, "greedy_identical": f"{identical}/{len(prompts)}",
+                         "mean_first_diff_step": sum(first_diff) / len(first_diff),
+                         "logprob_abs_diff_mean": sum(diffs) / len(diffs), "logprob_abs_diff_max": max(diffs)})
+            llm.engine.shutdown()
+            del llm
+    print_table(f"Parity vs transformers fp32 ({args.prompts} chat prompts x {args.max_tokens} greedy tokens, "
+                "decoded together; logprobs of our tokens vs transformers fp32 scoring our sequence)", rows)
     print(f"wrote {save('dtype_parity', {'rows': rows, 'args': vars(args)})}")
     return {"rows": rows}
 

@@ -16,9 +16,34 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from common import Timer, load_transformers, measure_bandwidth_gbs, print_table, pydoc_prompts, save  # noqa: E402
 
 
+def median_seconds(run, repeats: int = 3) -> float:
+    """Median wall time of `repeats` runs (a single run varies by up to 2x with the allocator)."""
+    times = []
+    for _ in range(repeats):
+        with Timer() as t:
+            run()
+        times.append(t.seconds)
+    return sorted(times)[len(times) // 2]
+
+
+def decode_weight_bytes(model) -> int:
+    """Weight bytes one single-row decode step reads: every parameter (the embedding is read
+    whole as the tied logits weight), with a projection's 4-bit copy in place of its weight."""
+    from asyncllm.model.layers.linear import Linear
+
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    for module in model.modules():
+        if isinstance(module, Linear) and module.int4 is not None:
+            copy = (module.int4.packed, module.int4.scales_and_zeros)
+            total += sum(t.numel() * t.element_size() for t in copy) - module.weight.numel() * module.weight.element_size()
+    return total
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--quantization", default=None, choices=["int4"],
+                        help="asyncllm only (transformers runs the dense weights in --dtype)")
     parser.add_argument("--lengths", default="128,512,1024,2048")
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--skip-transformers", action="store_true")
@@ -30,10 +55,11 @@ def main(argv=None) -> dict:
     from asyncllm import LLM, SamplingParams
 
     bandwidth = measure_bandwidth_gbs()
-    llm = LLM(dtype=args.dtype, max_num_batched_tokens=4096, enable_prefix_caching=False)
+    variant = args.dtype + (f"+{args.quantization}" if args.quantization else "")
+    llm = LLM(dtype=args.dtype, quantization=args.quantization, max_num_batched_tokens=4096,
+              enable_prefix_caching=False)
     tok = llm.get_tokenizer()
-    weights_bytes = sum(p.numel() * p.element_size() for p in llm.engine.core.runner.model.parameters())
-    bound = bandwidth * 1e9 / weights_bytes  # tokens/s if each step only read every weight once
+    bound = bandwidth * 1e9 / decode_weight_bytes(llm.engine.core.runner.model)  # if a step only read the weights
     prompt = pydoc_prompts(tok, 1, 128)[0]
     one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
     full = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
@@ -49,13 +75,11 @@ def main(argv=None) -> dict:
     lengths = [int(x) for x in args.lengths.split(",")]
     long_prompts = {n: pydoc_prompts(tok, 1, n)[0] if n <= 1024 else (pydoc_prompts(tok, 4, 512)[0] * 8)[:n]
                     for n in lengths}
-    ttft = {}
-    for n in lengths:
-        with Timer() as t:
-            llm.generate({"prompt_token_ids": long_prompts[n]}, one, use_tqdm=False)
-        ttft[n] = t.seconds
+    ttft = {n: median_seconds(lambda: llm.generate({"prompt_token_ids": long_prompts[n]}, one, use_tqdm=False))
+            for n in lengths}
     # Prefix cache: the same 1k-token prefix, a different ending each time.
-    cached = LLM(dtype=args.dtype, max_num_batched_tokens=4096, enable_prefix_caching=True)
+    cached = LLM(dtype=args.dtype, quantization=args.quantization, max_num_batched_tokens=4096,
+                 enable_prefix_caching=True)
     prefix = long_prompts[1024] if 1024 in long_prompts else pydoc_prompts(tok, 1, 1024)[0]
     with Timer() as miss:
         cached.generate({"prompt_token_ids": prefix + tok.encode(" Question one?")}, one, use_tqdm=False)
@@ -74,11 +98,9 @@ def main(argv=None) -> dict:
             with Timer() as hf_total:
                 model.generate(ids, max_new_tokens=args.output_len, min_new_tokens=args.output_len, do_sample=False)
             hf_decode = (args.output_len - 1) / (hf_total.seconds - hf_pre.seconds)
-            for n in lengths:
-                x = torch.tensor([long_prompts[n]])
-                with Timer() as t:
-                    model.generate(x, max_new_tokens=1, do_sample=False)
-                hf_ttft[n] = t.seconds
+            hf_ttft = {n: median_seconds(lambda: model.generate(torch.tensor([long_prompts[n]]), max_new_tokens=1,
+                                                                do_sample=False))
+                       for n in lengths}
         rows[0]["transformers"], rows[0]["ratio"] = hf_decode, ours_decode / hf_decode
         result.update(hf_decode_tok_per_s=hf_decode, hf_ttft=hf_ttft)
     for n in lengths:
@@ -87,7 +109,7 @@ def main(argv=None) -> dict:
     rows.append({"measure": "TTFT, 1k shared prefix: miss -> hit (s)", "asyncllm": hit.seconds,
                  "transformers": None, "ratio": miss.seconds / hit.seconds,
                  "note": f"miss {miss.seconds:.3f}s; ratio = miss / hit"})
-    print_table(f"Latency ({args.dtype})", rows)
+    print_table(f"Latency (asyncllm {variant}, transformers {args.dtype})", rows)
     path = save(args.output, {"rows": rows, "result": result, "args": vars(args)})
     print(f"wrote {path}")
     return result

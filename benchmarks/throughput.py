@@ -25,6 +25,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--one-at-a-time", type=int, default=2, help="prompts for the one-at-a-time baseline")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--quantization", default=None, choices=["int4"],
+                        help="asyncllm only (transformers runs the dense weights in --dtype)")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--output", default="throughput", help="results file name (without .json)")
     args = parser.parse_args(argv)
@@ -35,7 +37,8 @@ def main(argv=None) -> dict:
 
     gflops = measure_fp32_gflops()
     with Timer() as load:
-        llm = LLM(dtype=args.dtype, max_num_seqs=args.num_prompts, max_num_batched_tokens=2048)
+        llm = LLM(dtype=args.dtype, quantization=args.quantization, max_num_seqs=args.num_prompts,
+                  max_num_batched_tokens=2048)
     prompts = pydoc_prompts(llm.get_tokenizer(), args.num_prompts, args.input_len)
     params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
     llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], SamplingParams(max_tokens=4), use_tqdm=False)
@@ -46,7 +49,8 @@ def main(argv=None) -> dict:
     # FLOPs per generated token ~ 2 x parameters (+ the prefill of the prompt tokens).
     n_params = sum(p.numel() for p in llm.engine.core.runner.model.parameters())
     flops = 2 * n_params * (tokens + args.num_prompts * args.input_len)
-    rows = [{"system": f"asyncllm LLM ({args.dtype})", "tok_per_s": ours, "seconds": t.seconds,
+    variant = args.dtype + (f"+{args.quantization}" if args.quantization else "")
+    rows = [{"system": f"asyncllm LLM ({variant})", "tok_per_s": ours, "seconds": t.seconds,
              "vs_hf_batch": None, "fraction_of_fp32_peak": flops / t.seconds / 1e9 / gflops}]
     result = {"asyncllm_tok_per_s": ours, "fp32_gflops": gflops, "asyncllm_load_seconds": load.seconds}
     if not args.skip_transformers:

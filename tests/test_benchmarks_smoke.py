@@ -53,7 +53,7 @@ def test_serving_benchmark_runs_against_its_own_server(tmp_path, monkeypatch):
 def test_dtype_parity_benchmark_runs(tmp_path, monkeypatch):
     common = _load("common")
     monkeypatch.setattr(common, "RESULTS", tmp_path)
-    result = _load("dtype_parity").main(["--dtypes", "float32,bfloat16", "--prompts", "1", "--max-tokens", "4"])
-    fp32, bf16 = result["rows"]
+    result = _load("dtype_parity").main(["--variants", "float32,float32+int4", "--prompts", "1", "--max-tokens", "4"])
+    fp32, int4 = result["rows"]
     assert fp32["greedy_identical"] == "1/1" and fp32["logprob_abs_diff_max"] < 2e-3
-    assert bf16["dtype"] == "bfloat16" and bf16["logprob_abs_diff_max"] < 1.0
+    assert int4["variant"] == "float32+int4" and int4["logprob_abs_diff_max"] < 1.0

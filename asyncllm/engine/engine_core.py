@@ -20,6 +20,7 @@ from asyncllm.engine.request import Request, RequestStatus
 from asyncllm.errors import PromptTooLongError
 from asyncllm.model.dtype import resolve_dtype
 from asyncllm.model.loader import Checkpoint, load_checkpoint
+from asyncllm.model.layers.int4 import int4_max_rows, int4_supported
 from asyncllm.model.layers.linear import prepack_supported
 from asyncllm.model.registry import build_model
 from asyncllm.worker.model_runner import KVCacheSpec, ModelRunner
@@ -55,6 +56,9 @@ class EngineCore:
     def __init__(self, config: EngineConfig, checkpoint: Checkpoint | None = None):
         started = time.perf_counter()
         args = config.args
+        if args.quantization == "int4" and not int4_supported(config.device):
+            raise ValueError(f"quantization='int4' runs on the CPU (torch's int4 CPU kernel); this engine runs on "
+                             f"{config.device.type}: leave quantization unset there")
         self.config = config
         self.checkpoint = checkpoint or load_checkpoint(args.model, args.tokenizer)
         model_cfg = self.checkpoint.config
@@ -63,6 +67,8 @@ class EngineCore:
         model.load_weights(self.checkpoint.weights(self.dtype))
         if args.cpu_weight_prepack and prepack_supported(config.device, self.dtype):
             model.prepack_weights()
+        if args.quantization == "int4":
+            self._quantize_int4(model)
         model.eval()
 
         spec = KVCacheSpec(model_cfg.num_layers, model_cfg.num_kv_heads, model_cfg.head_dim, args.block_size,
@@ -88,6 +94,11 @@ class EngineCore:
         self.load_report = LoadReport(time.perf_counter() - started, self.dtype, num_blocks, max_model_len)
         logger.info("EngineCore ready in %.2fs: %s, dtype %s, %d KV blocks, max_model_len %d",
                     self.load_report.seconds, self.checkpoint.name, self.dtype, num_blocks, max_model_len)
+
+    def _quantize_int4(self, model) -> None:
+        done, skipped = model.quantize_int4(int4_max_rows(self.dtype))
+        logger.info("int4: %d projections have 4-bit copies for steps of <= %d rows (%d left dense: shape)",
+                    done, int4_max_rows(self.dtype), skipped)
 
     def _num_blocks(self, spec: KVCacheSpec) -> int:
         if self.config.device.type == "cuda":

@@ -15,6 +15,7 @@ from torch import nn
 
 from asyncllm.model.arch_config import LlamaFamilyConfig
 from asyncllm.model.layers.attention import AttentionBackend, AttentionMetadata, TorchAttentionBackend
+from asyncllm.model.layers.int4 import int4_shape_supported
 from asyncllm.model.layers.linear import Linear, PackedLinear
 from asyncllm.model.layers.norm import RMSNorm
 from asyncllm.model.layers.rotary import RotaryEmbedding
@@ -122,6 +123,19 @@ class LlamaFamilyForCausalLM(nn.Module):
             if isinstance(module, Linear):
                 module.pack()
         self.logits_linear.pack(self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
+
+    def quantize_int4(self, max_rows: int) -> tuple[int, int]:
+        """4-bit copies of the projections the kernel's layout fits (layers/int4.py), read by steps of
+        at most `max_rows` rows. → (projections quantised, projections left dense)."""
+        done = skipped = 0
+        for module in self.modules():
+            if isinstance(module, Linear):
+                if int4_shape_supported(module.out_features, module.in_features):
+                    module.quantize_int4(max_rows)
+                    done += 1
+                else:
+                    skipped += 1
+        return done, skipped
 
     # ------------------------------------------------------------------ weights
 

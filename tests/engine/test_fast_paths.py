@@ -7,15 +7,17 @@ from asyncllm.model.layers.linear import Linear, prepack_supported
 
 
 @pytest.mark.skipif(not prepack_supported(torch.device("cpu"), torch.float32), reason="torch built without oneDNN")
-def test_packed_linear_matches_plain_for_every_row_count():
+@pytest.mark.parametrize("dtype,tolerance,packed_from_rows", [(torch.float32, 1e-5, 2), (torch.bfloat16, 2e-2, 1)])
+def test_packed_linear_matches_plain_for_every_row_count(dtype, tolerance, packed_from_rows):
+    """fp32 keeps gemv for one row; bf16 reads the packed weight from one row on (faster there)."""
     torch.manual_seed(0)
-    layer = Linear(96, 160, bias=True)
-    inputs = {rows: torch.randn(rows, 96) for rows in (1, 2, 7, 64, 300)}
+    layer = Linear(96, 160, bias=True).to(dtype)
+    inputs = {rows: torch.randn(rows, 96, dtype=dtype) for rows in (1, 2, 7, 64, 300)}
     plain = {rows: layer(x) for rows, x in inputs.items()}
     layer.pack()
-    assert layer.prepacked.packed is not None
+    assert layer.prepacked.packed is not None and layer.prepacked.min_rows == packed_from_rows
     for rows, x in inputs.items():
-        torch.testing.assert_close(layer(x), plain[rows], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(layer(x), plain[rows], atol=tolerance, rtol=tolerance)
 
 
 def test_weight_prepack_and_batched_decode_keep_tokens(default_llm):

@@ -3,15 +3,21 @@
 MKL's sgemm is efficient for one row (gemv, bandwidth-bound) and for big prompt chunks, but at
 the 2-64 rows of batched decoding it re-packs the weight every call: measured on this project's
 CPUs, a decode-shaped layer stack took 36 ms at 8 rows against 17 ms at 1 row. oneDNN with the
-weight reordered once into its blocked layout takes 25 ms at 8 rows and ~10% less at 64. One row
-keeps the plain weight (gemv beats the packed path there), so packing costs a second copy of
-the projection weights: `EngineArgs.cpu_weight_prepack` turns it off.
+weight reordered once into its blocked layout takes 25 ms at 8 rows and ~10% less at 64. One fp32
+row keeps the plain weight (gemv beats the packed path there), so packing costs a second copy of
+the projection weights: `EngineArgs.cpu_weight_prepack` turns it off. In bf16 the packed path
+wins at one row too (AMX: the stack takes 10.4 ms packed against 16.4 ms with torch's bf16 gemv).
+
+With `EngineArgs.quantization="int4"` a Linear also holds a 4-bit copy (layers/int4.py) that
+steps with few rows read instead.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from asyncllm.model.layers.int4 import Int4Weight
 
 _PACK_HINT = 8  # rows the blocked layout is tuned for; it serves any row count (measured 1-64)
 
@@ -28,25 +34,37 @@ class PackedLinear:
 
     def __init__(self):
         self.packed: torch.Tensor | None = None
+        self.min_rows = 2
 
     def pack(self, weight: torch.Tensor) -> None:
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_HINT)
+        self.min_rows = 1 if weight.dtype == torch.bfloat16 else 2
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if self.packed is None or x.dim() != 2 or x.shape[0] < 2:
+        if self.packed is None or x.dim() != 2 or x.shape[0] < self.min_rows:
             return F.linear(x, weight, bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
 
 
 class Linear(nn.Linear):
-    """nn.Linear that uses its packed copy for multi-row inputs once `pack()` was called."""
+    """nn.Linear that uses its packed copy once `pack()` was called, and its 4-bit copy for steps
+    of at most `int4_max_rows` rows once `quantize_int4()` was."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__(in_features, out_features, bias=bias)
         self.prepacked = PackedLinear()
+        self.int4: Int4Weight | None = None
+        self.int4_max_rows = 0
 
     def pack(self) -> None:
         self.prepacked.pack(self.weight)
 
+    def quantize_int4(self, max_rows: int) -> None:
+        self.int4 = Int4Weight.quantize(self.weight)
+        self.int4_max_rows = max_rows
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int4 is not None and x.dim() == 2 and x.shape[0] <= self.int4_max_rows:
+            out = self.int4.linear(x)
+            return out if self.bias is None else out + self.bias
         return self.prepacked.linear(x, self.weight, self.bias)
