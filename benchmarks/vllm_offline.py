@@ -15,6 +15,7 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--prompts", required=True, help="JSON list of token-id lists")
     parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--dtype", default="float32")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -22,7 +23,7 @@ def main() -> None:
 
     prompts = json.load(open(args.prompts))
     started = time.perf_counter()
-    llm = LLM(model=args.model, dtype="float32", max_num_seqs=len(prompts), seed=0)
+    llm = LLM(model=args.model, dtype=args.dtype, max_num_seqs=len(prompts), seed=0)
     load_seconds = time.perf_counter() - started
     full = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
     one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
