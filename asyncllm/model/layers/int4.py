@@ -23,7 +23,6 @@ _INNER_K_TILES = 2  # the CPU kernel's packing parameter (2, 4 or 8; no measurab
 COMPUTE_DTYPE = torch.bfloat16  # the kernel's only fast activation dtype (fp32 and fp16 fall back ~30x slower)
 
 
-
 def int4_max_rows(model_dtype: torch.dtype) -> int:
     """Most rows a step may have for the 4-bit copy to beat the model's dense packed weights.
     Measured on the default model's projection stack: the 4-bit kernel costs 3.5 ms + ~1.2 ms
@@ -54,6 +53,7 @@ class GroupQuantized:
 
 
 def quantize_groups(weight: torch.Tensor) -> GroupQuantized:
+    """[out_features, in_features] → 4-bit codes by the Q4_1 rule, groups along in_features."""
     out_features, in_features = weight.shape
     if not int4_shape_supported(out_features, in_features):
         raise ValueError(f"int4 needs in_features % {GROUP_SIZE} == 0 and out_features % 16 == 0, "
