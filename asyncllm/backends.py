@@ -18,6 +18,8 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+from asyncllm.threads import in_passing_thread
+
 T = TypeVar("T")
 
 
@@ -163,21 +165,7 @@ def run_sync(fn: Callable[[], Any]) -> Any:
         asyncio.get_running_loop()
     except RuntimeError:
         return asyncio.run(fn())
-    result: list[Any] = []
-    error: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            result.append(asyncio.run(fn()))
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-            error.append(exc)
-
-    thread = threading.Thread(target=target, name="asyncllm-sync-bridge")
-    thread.start()
-    thread.join()
-    if error:
-        raise error[0]
-    return result[0]
+    return in_passing_thread(lambda: asyncio.run(fn()), name="asyncllm-sync-bridge")
 
 
 _END = object()

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import torch
 
+from asyncllm.model.layers.int4 import int4_supported
 from asyncllm.sampling_params import SamplingLimits
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -108,6 +109,9 @@ class EngineConfig:
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         else:
             device = torch.device(args.device)
+        if args.quantization == "int4" and not int4_supported(device):
+            raise ValueError(f"quantization='int4' runs on the CPU (torch's int4 CPU kernel); this engine runs on "
+                             f"{device.type}: leave quantization unset there")
         kv_mem = args.kv_cache_memory
         if kv_mem is None and device.type == "cpu":
             kv_mem = int(os.environ.get("ASYNCLLM_KV_CACHE_MEMORY", 1 << 30))

@@ -20,7 +20,7 @@ from asyncllm.engine.request import Request, RequestStatus
 from asyncllm.errors import PromptTooLongError
 from asyncllm.model.dtype import resolve_dtype
 from asyncllm.model.loader import Checkpoint, load_checkpoint
-from asyncllm.model.layers.int4 import int4_max_rows, int4_supported
+from asyncllm.model.layers.int4 import int4_max_rows
 from asyncllm.model.layers.linear import prepack_supported
 from asyncllm.model.registry import build_model
 from asyncllm.worker.model_runner import KVCacheSpec, ModelRunner
@@ -56,9 +56,6 @@ class EngineCore:
     def __init__(self, config: EngineConfig, checkpoint: Checkpoint | None = None):
         started = time.perf_counter()
         args = config.args
-        if args.quantization == "int4" and not int4_supported(config.device):
-            raise ValueError(f"quantization='int4' runs on the CPU (torch's int4 CPU kernel); this engine runs on "
-                             f"{config.device.type}: leave quantization unset there")
         self.config = config
         self.checkpoint = checkpoint or load_checkpoint(args.model, args.tokenizer)
         model_cfg = self.checkpoint.config
@@ -96,9 +93,10 @@ class EngineCore:
                     self.load_report.seconds, self.checkpoint.name, self.dtype, num_blocks, max_model_len)
 
     def _quantize_int4(self, model) -> None:
-        done, skipped = model.quantize_int4(int4_max_rows(self.dtype))
+        max_rows = int4_max_rows(self.dtype)
+        done, skipped = model.quantize_int4(max_rows)
         logger.info("int4: %d projections have 4-bit copies for steps of <= %d rows (%d left dense: shape)",
-                    done, int4_max_rows(self.dtype), skipped)
+                    done, max_rows, skipped)
 
     def _num_blocks(self, spec: KVCacheSpec) -> int:
         if self.config.device.type == "cuda":

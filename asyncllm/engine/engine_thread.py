@@ -10,9 +10,8 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from asyncllm.engine.llm_engine import LLMEngine, PreparedRequest
 from asyncllm.engine.request_stream import LoopHandle, RequestStream, deliver_batch
@@ -27,36 +26,6 @@ from asyncllm.errors import (
 from asyncllm.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
-
-
-T = TypeVar("T")
-
-
-def in_passing_thread(build: Callable[[], T]) -> T:
-    """Runs `build` (the model load) in a short-lived thread and returns its result or raises its error.
-
-    Why: torch's CPU kernels run on libgomp. Every thread that starts a parallel region gets its
-    own pool of OpenMP workers, kept while the thread lives, and once the process has more
-    OpenMP threads than CPUs libgomp stops spin-waiting between regions and sleeps on a futex
-    instead. Loading the model on the app's thread would leave that thread's pool behind and
-    push the engine thread over the limit: measured on 2 cores, 75 us instead of 10 us per
-    parallel region, a 40% slower decode step at batch 8. A thread that exits frees its pool.
-    """
-    result: list[T] = []
-    error: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            result.append(build())
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-            error.append(exc)
-
-    thread = threading.Thread(target=run, name="asyncllm-load")
-    thread.start()
-    thread.join()
-    if error:
-        raise error[0]
-    return result[0]
 
 
 @dataclass

@@ -113,29 +113,30 @@ class LlamaFamilyForCausalLM(nn.Module):
             h, residual = layer(h, residual, positions, kv_cache, meta)
         return self.norm(h, residual)[0]
 
+    @property
+    def logits_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return self.logits_linear.linear(hidden, weight).float()
+        return self.logits_linear.linear(hidden, self.logits_weight).float()
+
+    def projections(self) -> list[Linear]:
+        return [module for module in self.modules() if isinstance(module, Linear)]
 
     def prepack_weights(self) -> None:
         """oneDNN-packed copies of every projection and of the logits weight (see layers/linear.py)."""
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.pack()
-        self.logits_linear.pack(self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
+        for projection in self.projections():
+            projection.pack()
+        self.logits_linear.pack(self.logits_weight)
 
     def quantize_int4(self, max_rows: int) -> tuple[int, int]:
         """4-bit copies of the projections the kernel's layout fits (layers/int4.py), read by steps of
         at most `max_rows` rows. → (projections quantised, projections left dense)."""
-        done = skipped = 0
-        for module in self.modules():
-            if isinstance(module, Linear):
-                if int4_shape_supported(module.out_features, module.in_features):
-                    module.quantize_int4(max_rows)
-                    done += 1
-                else:
-                    skipped += 1
-        return done, skipped
+        projections = self.projections()
+        fitting = [p for p in projections if int4_shape_supported(p.out_features, p.in_features)]
+        for projection in fitting:
+            projection.quantize_int4(max_rows)
+        return len(fitting), len(projections) - len(fitting)
 
     # ------------------------------------------------------------------ weights
 

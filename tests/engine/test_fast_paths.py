@@ -46,7 +46,7 @@ def test_model_load_thread_returns_result_raises_errors_and_leaves_no_threads():
     import threading
     import time
 
-    from asyncllm.engine.engine_thread import in_passing_thread
+    from asyncllm.threads import in_passing_thread
 
     main = threading.get_ident()
 

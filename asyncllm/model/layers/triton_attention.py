@@ -31,4 +31,3 @@ class TritonAttentionBackend:
                 q[nd:], kv_cache, meta.block_tables[nd:], query_start, meta.seq_lens_tensor[nd:], max_query_len,
                 self.scale, self.sliding_window, out=out[nd:])
         return out
-
