@@ -71,6 +71,26 @@ def save(name: str, payload: dict) -> Path:
     return path
 
 
+def publish(title: str, rows: list[dict], name: str, payload: dict) -> Path:
+    """Prints the table and writes `payload` (with the machine) to benchmarks/results/<name>.json."""
+    print_table(title, rows)
+    path = save(name, payload)
+    print(f"wrote {path}")
+    return path
+
+
+def add_variant_args(parser) -> None:
+    """--dtype of asyncllm and its baselines, --quantization of asyncllm alone."""
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--quantization", default=None, choices=["int4"],
+                        help="asyncllm's; the baselines run the dense weights in --dtype")
+
+
+def variant_name(args) -> str:
+    """'float32', 'float32+int4', ...: what asyncllm ran."""
+    return args.dtype + (f"+{args.quantization}" if args.quantization else "")
+
+
 def measure_fp32_gflops() -> float:
     """This machine's fp32 matmul throughput now (the compute bound of batched decoding)."""
     import torch

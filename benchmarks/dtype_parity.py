@@ -16,7 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from common import load_transformers, print_table, save  # noqa: E402
+from common import load_transformers, publish  # noqa: E402
 
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain recursion in one sentence.",
              "List three primary colors.", "What is 12 times 12?", "Give me a tip for learning Python.",
@@ -72,9 +72,9 @@ def main(argv=None) -> dict:
                          "logprob_abs_diff_mean": sum(diffs) / len(diffs), "logprob_abs_diff_max": max(diffs)})
             llm.engine.shutdown()
             del llm
-    print_table(f"Parity vs transformers fp32 ({args.prompts} chat prompts x {args.max_tokens} greedy tokens, "
-                "decoded together; logprobs of our tokens vs transformers fp32 scoring our sequence)", rows)
-    print(f"wrote {save('dtype_parity', {'rows': rows, 'args': vars(args)})}")
+    publish(f"Parity vs transformers fp32 ({args.prompts} chat prompts x {args.max_tokens} greedy tokens, "
+            "decoded together; logprobs of our tokens vs transformers fp32 scoring our sequence)", rows,
+            "dtype_parity", {"rows": rows, "args": vars(args)})
     return {"rows": rows}
 
 

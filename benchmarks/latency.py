@@ -13,7 +13,8 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from common import Timer, load_transformers, measure_bandwidth_gbs, print_table, pydoc_prompts, save  # noqa: E402
+from common import (Timer, add_variant_args, load_transformers, measure_bandwidth_gbs, publish,  # noqa: E402
+                    pydoc_prompts, variant_name)
 
 
 def median_seconds(run, repeats: int = 3) -> float:
@@ -29,21 +30,19 @@ def median_seconds(run, repeats: int = 3) -> float:
 def decode_weight_bytes(model) -> int:
     """Weight bytes one single-row decode step reads: every parameter (the embedding is read
     whole as the tied logits weight), with a projection's 4-bit copy in place of its weight."""
-    from asyncllm.model.layers.linear import Linear
+    def size(t) -> int:
+        return t.numel() * t.element_size()
 
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    for module in model.modules():
-        if isinstance(module, Linear) and module.int4 is not None:
-            copy = (module.int4.packed, module.int4.scales_and_zeros)
-            total += sum(t.numel() * t.element_size() for t in copy) - module.weight.numel() * module.weight.element_size()
+    total = sum(size(p) for p in model.parameters())
+    for projection in model.projections():
+        if projection.int4 is not None:
+            total += size(projection.int4.packed) + size(projection.int4.scales_and_zeros) - size(projection.weight)
     return total
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--quantization", default=None, choices=["int4"],
-                        help="asyncllm only (transformers runs the dense weights in --dtype)")
+    add_variant_args(parser)
     parser.add_argument("--lengths", default="128,512,1024,2048")
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--skip-transformers", action="store_true")
@@ -55,7 +54,6 @@ def main(argv=None) -> dict:
     from asyncllm import LLM, SamplingParams
 
     bandwidth = measure_bandwidth_gbs()
-    variant = args.dtype + (f"+{args.quantization}" if args.quantization else "")
     llm = LLM(dtype=args.dtype, quantization=args.quantization, max_num_batched_tokens=4096,
               enable_prefix_caching=False)
     tok = llm.get_tokenizer()
@@ -109,9 +107,8 @@ def main(argv=None) -> dict:
     rows.append({"measure": "TTFT, 1k shared prefix: miss -> hit (s)", "asyncllm": hit.seconds,
                  "transformers": None, "ratio": miss.seconds / hit.seconds,
                  "note": f"miss {miss.seconds:.3f}s; ratio = miss / hit"})
-    print_table(f"Latency (asyncllm {variant}, transformers {args.dtype})", rows)
-    path = save(args.output, {"rows": rows, "result": result, "args": vars(args)})
-    print(f"wrote {path}")
+    publish(f"Latency (asyncllm {variant_name(args)}, transformers {args.dtype})", rows, args.output,
+            {"rows": rows, "result": result, "args": vars(args)})
     return result
 
 

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from common import Timer, hf_generate_seconds, load_transformers, print_table, pydoc_prompts, save, stop_process  # noqa: E402
+from common import (Timer, add_variant_args, hf_generate_seconds, load_transformers, publish,  # noqa: E402
+                    pydoc_prompts, stop_process, variant_name)
 
 
 @dataclass
@@ -125,8 +126,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--quantization", default=None, choices=["int4"], help="asyncllm's (transformers: dense)")
+    add_variant_args(parser)
     parser.add_argument("--hf-requests", type=int, default=4, help="requests for the transformers baseline")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--output", default="serving", help="results file name (without .json)")
@@ -139,8 +139,7 @@ def main(argv=None) -> dict:
     server = None
     if args.base_url is None:
         server = AsyncLLMServer(args.dtype, args.quantization)
-        variant = args.dtype + (f"+{args.quantization}" if args.quantization else "")
-        base_url, label = server.base_url, args.label or f"asyncllm serve ({variant})"
+        base_url, label = server.base_url, args.label or f"asyncllm serve ({variant_name(args)})"
     else:
         base_url, label = args.base_url, args.label or args.base_url
     try:
@@ -159,10 +158,9 @@ def main(argv=None) -> dict:
                      "ttft_p50_ms": None, "ttft_p99_ms": None, "itl_p50_ms": None, "itl_p99_ms": None,
                      "vs_hf_one": 1.0})
         result.update(hf_one_tok_per_s=hf_one, ratio_vs_hf_one=measured["tok_per_s"] / hf_one)
-    print_table(f"W2 serving: {args.num_requests} requests, {args.concurrency} concurrent streams, "
-                f"{args.input_len} in / {args.max_tokens} out", rows)
-    path = save(args.output, {"rows": rows, "result": result, "args": vars(args)})
-    print(f"wrote {path}")
+    publish(f"W2 serving: {args.num_requests} requests, {args.concurrency} concurrent streams, "
+            f"{args.input_len} in / {args.max_tokens} out", rows, args.output,
+            {"rows": rows, "result": result, "args": vars(args)})
     return result
 
 

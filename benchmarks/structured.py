@@ -11,7 +11,7 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from common import Timer, print_table, save  # noqa: E402
+from common import Timer, publish  # noqa: E402
 
 SCHEMA = {"type": "object", "properties": {
     "title": {"type": "string", "maxLength": 40},
@@ -44,9 +44,8 @@ def main(argv=None) -> dict:
                      "tok_per_s": tokens / t.seconds})
     rows[1]["ratio_vs_free"] = rows[1]["tok_per_s"] / rows[0]["tok_per_s"]
     rows[0]["ratio_vs_free"] = 1.0
-    print_table("Structured outputs: same batch, free vs constrained", rows)
-    path = save("structured", {"rows": rows, "args": vars(args)})
-    print(f"wrote {path}")
+    publish("Structured outputs: same batch, free vs constrained", rows, "structured",
+            {"rows": rows, "args": vars(args)})
     return {"rows": rows}
 
 

@@ -15,7 +15,8 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from common import Timer, hf_generate_seconds, load_transformers, measure_fp32_gflops, print_table, pydoc_prompts, save  # noqa: E402
+from common import (Timer, add_variant_args, hf_generate_seconds, load_transformers,  # noqa: E402
+                    measure_fp32_gflops, publish, pydoc_prompts, variant_name)
 
 
 def main(argv=None) -> dict:
@@ -24,9 +25,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--one-at-a-time", type=int, default=2, help="prompts for the one-at-a-time baseline")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--quantization", default=None, choices=["int4"],
-                        help="asyncllm only (transformers runs the dense weights in --dtype)")
+    add_variant_args(parser)
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--output", default="throughput", help="results file name (without .json)")
     args = parser.parse_args(argv)
@@ -49,8 +48,7 @@ def main(argv=None) -> dict:
     # FLOPs per generated token ~ 2 x parameters (+ the prefill of the prompt tokens).
     n_params = sum(p.numel() for p in llm.engine.core.runner.model.parameters())
     flops = 2 * n_params * (tokens + args.num_prompts * args.input_len)
-    variant = args.dtype + (f"+{args.quantization}" if args.quantization else "")
-    rows = [{"system": f"asyncllm LLM ({variant})", "tok_per_s": ours, "seconds": t.seconds,
+    rows = [{"system": f"asyncllm LLM ({variant_name(args)})", "tok_per_s": ours, "seconds": t.seconds,
              "vs_hf_batch": None, "fraction_of_fp32_peak": flops / t.seconds / 1e9 / gflops}]
     result = {"asyncllm_tok_per_s": ours, "fp32_gflops": gflops, "asyncllm_load_seconds": load.seconds}
     if not args.skip_transformers:
@@ -69,10 +67,9 @@ def main(argv=None) -> dict:
                   "vs_hf_batch": hf_one / hf_batch, "fraction_of_fp32_peak": None}]
         result.update(hf_batch_tok_per_s=hf_batch, hf_one_tok_per_s=hf_one, ratio_vs_hf_batch=ours / hf_batch,
                       ratio_vs_hf_one=ours / hf_one)
-    print_table(f"W1 throughput: {args.num_prompts} x {args.input_len} in / {args.output_len} out, greedy "
-                f"(fp32 matmul peak measured now: {gflops:.0f} GFLOPS)", rows)
-    path = save(args.output, {"rows": rows, "result": result, "args": vars(args)})
-    print(f"wrote {path}")
+    publish(f"W1 throughput: {args.num_prompts} x {args.input_len} in / {args.output_len} out, greedy "
+            f"(fp32 matmul peak measured now: {gflops:.0f} GFLOPS)", rows, args.output,
+            {"rows": rows, "result": result, "args": vars(args)})
     return result
 
 

@@ -27,7 +27,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import latency  # noqa: E402
 import serving  # noqa: E402
 import throughput  # noqa: E402
-from common import load_transformers, print_table, pydoc_prompts, save, stop_process  # noqa: E402
+from common import (add_variant_args, load_transformers, print_table, pydoc_prompts, save,  # noqa: E402
+                    stop_process, variant_name)
 
 HERE = Path(__file__).resolve().parent
 
@@ -100,15 +101,13 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--vllm-python", default=str(HERE.parent / ".venv-vllm" / "bin" / "python"))
     parser.add_argument("--hf-folder", default=str(HERE / ".hf-model"))
-    parser.add_argument("--dtype", default="float32", help="both engines' dtype")
-    parser.add_argument("--quantization", default=None, choices=["int4"],
-                        help="asyncllm's (vLLM runs the dense weights in --dtype)")
+    add_variant_args(parser)  # vLLM runs --dtype too, on the dense weights
     args = parser.parse_args(argv)
 
     from asyncllm.model.default_model import default_model_path
     from asyncllm.model.tokenizer import load_gguf_tokenizer
 
-    variant = args.dtype + (f"+{args.quantization}" if args.quantization else "")
+    variant = variant_name(args)
     suffix = "" if variant == "float32" else "_" + variant.replace("+", "_")  # result file names
     model_dir = export_hf_folder(Path(args.hf_folder))
     work = HERE / ".vllm-run"
@@ -118,7 +117,8 @@ def main(argv=None) -> dict:
 
     # vLLM alone first (nothing else running), then asyncllm, each with the whole machine.
     subprocess.run([args.vllm_python, str(HERE / "vllm_offline.py"), "--model", str(model_dir),
-                    "--dtype", args.dtype, "--prompts", str(work / "prompts.json"), "--out", str(work / "offline.json")],
+                    "--dtype", args.dtype, "--prompts", str(work / "prompts.json"),
+                    "--out", str(work / "offline.json")],
                    check=True, env=vllm_env())
     theirs = json.loads((work / "offline.json").read_text())
     server = VLLMServer(args.vllm_python, model_dir, args.dtype, work / "server.log")
