@@ -6,6 +6,7 @@ an option of `asyncllm serve` too. `help` metadata becomes the flag's help text.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -14,6 +15,8 @@ import torch
 
 from asyncllm.model.layers.int4 import int4_supported
 from asyncllm.sampling_params import SamplingLimits
+
+logger = logging.getLogger(__name__)
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -30,8 +33,10 @@ class EngineArgs:
     dtype: str = _opt("auto", "weights and activations dtype: auto, float32, bfloat16, float16",
                       choices=["auto", "float32", "bfloat16", "float16"])
     device: str = _opt("auto", "auto, cpu or cuda")
-    kernels: str = _opt("auto", "attention/norm/rotary kernels: auto (Triton on CUDA when installed, else "
-                                "torch), torch, or triton", choices=["auto", "torch", "triton"])
+    kernels: str = _opt("auto", "attention/norm/rotary kernels: auto (Triton on CUDA when installed; on the "
+                                "CPU the C kernels, built with gcc at first use, when they build), torch, "
+                                "triton, or cpu",
+                        choices=["auto", "torch", "triton", "cpu"])
     max_model_len: int | None = _opt(None, "longest prompt + output in tokens (default: the model's, capped by the KV cache)")
     block_size: int = _opt(16, "tokens per KV cache block")
     kv_cache_memory: int | None = _opt(None, "bytes of KV cache on the CPU (default 1 GiB)")
@@ -73,7 +78,7 @@ class EngineConfig:
     args: EngineArgs
     device: torch.device
     dtype_request: str
-    kernels: str  # "torch" or "triton", resolved for the device
+    kernels: str  # "torch", "triton" or "cpu", resolved for the device
     kv_cache_memory: int | None
     limits: SamplingLimits
 
@@ -95,8 +100,8 @@ class EngineConfig:
             errors.append("without chunked prefill, max_num_batched_tokens must be >= max_model_len")
         if not 0 < args.gpu_memory_utilization <= 1:
             errors.append("gpu_memory_utilization must be in (0, 1]")
-        if args.kernels not in ("auto", "torch", "triton"):
-            errors.append(f"kernels must be auto, torch or triton, got {args.kernels!r}")
+        if args.kernels not in ("auto", "torch", "triton", "cpu"):
+            errors.append(f"kernels must be auto, torch, triton or cpu, got {args.kernels!r}")
         if args.kernels == "triton" and args.block_size < 16:
             errors.append("kernels='triton' needs block_size >= 16")
         if args.quantization not in (None, "int4"):
@@ -132,9 +137,22 @@ def triton_kernels_available() -> bool:
 
 def resolve_kernels(args: EngineArgs, device: torch.device) -> str:
     """Triton kernels run on CUDA; on the CPU only under Triton's interpreter (the tests' way to
-    run the engine through them without a GPU)."""
+    run the engine through them without a GPU). The C kernels run on the CPU; `auto` falls back
+    to torch (with a warning saying why) where they do not build."""
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     if args.kernels == "torch":
+        return "torch"
+    if args.kernels == "cpu" or (args.kernels == "auto" and device.type == "cpu"):
+        if device.type != "cpu":
+            raise ValueError(f"kernels='cpu' runs on the CPU (this engine runs on {device.type}); use 'auto'")
+        from asyncllm.model.layers.cpu_kernels import library
+
+        error = library.build_error()
+        if error is None:
+            return "cpu"
+        if args.kernels == "cpu":
+            raise ValueError(f"kernels='cpu': {error}")
+        logger.warning("CPU kernels unavailable, using torch ops: %s", error)
         return "torch"
     if args.kernels == "auto":
         usable = device.type == "cuda" and args.block_size >= 16

@@ -15,6 +15,7 @@ from torch import nn
 
 from asyncllm.model.arch_config import LlamaFamilyConfig
 from asyncllm.model.layers.attention import AttentionBackend, AttentionMetadata, TorchAttentionBackend
+from asyncllm.model.layers.cpu_attention import CpuAttentionBackend
 from asyncllm.model.layers.int4 import int4_shape_supported
 from asyncllm.model.layers.linear import Linear, PackedLinear
 from asyncllm.model.layers.norm import RMSNorm
@@ -33,7 +34,8 @@ class LlamaAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.rotary = rotary
-        backend_class = TritonAttentionBackend if kernels == "triton" else TorchAttentionBackend
+        backends = {"triton": TritonAttentionBackend, "cpu": CpuAttentionBackend}
+        backend_class = backends.get(kernels, TorchAttentionBackend)
         self.backend: AttentionBackend = backend_class(
             self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5, cfg.sliding_window)
 
@@ -47,7 +49,7 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
-        out = self.backend.forward(q, k, v.contiguous(), kv_cache, meta)
+        out = self.backend.forward(q, k, v, kv_cache, meta)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
@@ -66,10 +68,9 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, cfg: LlamaFamilyConfig, rotary: RotaryEmbedding, kernels: str = "torch"):
         super().__init__()
-        triton = kernels == "triton"
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, use_triton=triton)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels)
         self.self_attn = LlamaAttention(cfg, rotary, kernels)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, use_triton=triton)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels)
         self.mlp = LlamaMLP(cfg)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
@@ -95,13 +96,12 @@ class LlamaFamilyForCausalLM(nn.Module):
     def __init__(self, cfg: LlamaFamilyConfig, kernels: str = "torch"):
         super().__init__()
         self.config = cfg
-        triton = kernels == "triton"
         # One cos/sin table shared by every layer.
-        rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, use_triton=triton)
+        rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, kernels)
         self.rotary = rotary
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rotary, kernels) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, use_triton=triton)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.logits_linear = PackedLinear()
 

@@ -87,16 +87,21 @@ class TorchAttentionBackend:
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        write_kv_cache(k, v, kv_cache, meta.slot_mapping)
-        out = torch.empty_like(q)
+        self._write_kv(k, v, kv_cache, meta.slot_mapping)
         block_size = kv_cache.shape[2]
         nd = meta.num_decodes
+        if nd == meta.num_requests:  # decodes only (most steps): their output is the whole answer
+            return self._decode(q, kv_cache, meta, nd, block_size)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if nd:
             out[:nd] = self._decode(q[:nd], kv_cache, meta, nd, block_size)
         for i in range(nd, meta.num_requests):
             start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
             out[start:end] = self._prefill(q[start:end], kv_cache, meta.block_tables[i], meta.seq_lens[i], block_size)
         return out
+
+    def _write_kv(self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        write_kv_cache(k, v, kv_cache, slot_mapping)
 
     def _gather_expanded(self, kv_cache: torch.Tensor, block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of one request's blocks (`block_table`: [nblk]) → [H, nblk * block_size, D], KV

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from asyncllm.model.arch_config import RopeConfig
+from asyncllm.model.layers import cpu_kernels
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
@@ -29,11 +30,12 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int, use_triton: bool = False):
+    def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int, kernels: str = "torch"):
         super().__init__()
         self.rope, self.head_dim, self.max_positions = rope, head_dim, max_positions
+        self.kernels = kernels
         self.triton_rotary = None
-        if use_triton:
+        if kernels == "triton":
             from asyncllm_kernels import rotary_embedding
 
             self.triton_rotary = rotary_embedding
@@ -51,9 +53,11 @@ class RotaryEmbedding(nn.Module):
         self.sin = emb.sin().to(device)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, H, D], k: [T, KVH, D]; positions: [T]."""
+        """q: [T, H, D], k: [T, KVH, D]; positions: [T]. The kernels rotate in place."""
         if self.triton_rotary is not None:
-            return self.triton_rotary(positions, q, k, self.cos, self.sin)  # in place
+            return self.triton_rotary(positions, q, k, self.cos, self.sin)
+        if self.kernels == "cpu" and cpu_kernels.supports(q, k) and positions.dtype == torch.int64:
+            return cpu_kernels.rotary_(positions, q, k, self.cos, self.sin)
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)
         sin = self.sin[positions].unsqueeze(1).to(q.dtype)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin

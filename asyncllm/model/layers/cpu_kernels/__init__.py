@@ -1,0 +1,85 @@
+"""Fused CPU kernels for the per-layer small ops (C, built with gcc at first use, see library.py).
+
+At batch 1 a decode step spends a third of its time dispatching ~40 small torch ops per layer;
+at batch 64, gathering K/V copies for attention costs as much as a third of the projections.
+These replace them with one call each: add + RMSNorm, rotary in place, KV write, and paged decode
+attention reading the cache where it lies. fp32 and bf16; other dtypes keep the torch path.
+Each has a torch reference it is tested against (tests/kernels/test_cpu_kernels.py).
+"""
+from __future__ import annotations
+
+import torch
+
+from asyncllm.model.layers.cpu_kernels.library import KernelBuildError, build_error, load_library
+
+__all__ = ["KernelBuildError", "build_error", "supports", "rms_norm", "rotary_", "write_kv_cache",
+           "paged_decode_attention"]
+
+_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+
+def supports(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels take these tensors: CPU, fp32 or bf16."""
+    return all(t.device.type == "cpu" and t.dtype in _SUFFIX for t in tensors)
+
+
+def _typed(name: str, dtype: torch.dtype):
+    return getattr(load_library(), f"{name}_{_SUFFIX[dtype]}")
+
+
+def _rows_contiguous(t: torch.Tensor) -> bool:
+    return t.stride(-1) == 1 and all(t.stride(i) == t.stride(i + 1) * t.shape[i + 1]
+                                     for i in range(1, t.dim() - 1))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Without residual: RMSNorm(x). With it: h = x + residual → (RMSNorm(h), h); h is written
+    into `residual` (the stream is owned by the forward) and returned."""
+    x = x.contiguous()
+    rows, hidden = x.shape
+    out = torch.empty_like(x)
+    if residual is not None:
+        assert residual.is_contiguous() and residual.shape == x.shape
+    _typed("rms_norm", x.dtype)(x.data_ptr(), None if residual is None else residual.data_ptr(),
+                                None if residual is None else residual.data_ptr(), out.data_ptr(),
+                                weight.data_ptr(), rows, hidden, eps, torch.get_num_threads())
+    return out if residual is None else (out, residual)
+
+
+def rotary_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+            sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotates q [T, H, D] and k [T, KVH, D] in place (heads contiguous within a token's row)."""
+    assert _rows_contiguous(q) and _rows_contiguous(k) and positions.dtype == torch.int64
+    tokens, heads, dim = q.shape
+    _typed("rotary", q.dtype)(q.data_ptr(), q.stride(0), heads, k.data_ptr(), k.stride(0), k.shape[1],
+                              positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), tokens, dim,
+                              torch.get_num_threads())
+    return q, k
+
+
+def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """k, v: [T, KVH, D] → their slots of kv_cache [2, num_blocks, block_size, KVH, D]."""
+    assert _rows_contiguous(k) and _rows_contiguous(v) and kv_cache.is_contiguous()
+    assert slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous()
+    size = k.element_size()
+    load_library().write_kv_cache(k.data_ptr(), k.stride(0) * size, v.data_ptr(), v.stride(0) * size,
+                                  kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), slot_mapping.data_ptr(),
+                                  k.shape[0], k.shape[1] * k.shape[2] * size, torch.get_num_threads())
+
+
+def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                           seq_lens: torch.Tensor, scale: float, sliding_window: int | None) -> torch.Tensor:
+    """One query token per sequence: q [B, H, D] → [B, H, D], attending over each sequence's
+    first seq_lens[b] cache slots through block_tables [B, max_blocks] (int64)."""
+    assert _rows_contiguous(q) and kv_cache.is_contiguous() and kv_cache.dtype == q.dtype
+    assert block_tables.dtype == torch.int64 and block_tables.stride(1) == 1
+    assert seq_lens.dtype == torch.int64 and seq_lens.is_contiguous()
+    seqs, heads, dim = q.shape
+    _, _, block_size, kv_heads, _ = kv_cache.shape
+    out = torch.empty(seqs, heads, dim, dtype=q.dtype)
+    _typed("paged_decode_attention", q.dtype)(
+        q.data_ptr(), q.stride(0), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), block_tables.data_ptr(),
+        block_tables.stride(0), seq_lens.data_ptr(), out.data_ptr(), seqs, heads, kv_heads, dim, block_size,
+        scale, sliding_window or 0, torch.get_num_threads())
+    return out

@@ -1,0 +1,149 @@
+/* CPU kernels for the decode step's small ops: fused add + RMSNorm, rotary in place, KV cache
+ * write, and paged decode attention that reads K/V blocks where they lie in the cache.
+ *
+ * Plain C called through ctypes (asyncllm/model/layers/cpu_kernels/library.py compiles it with
+ * gcc at first use). Parallel loops use OpenMP: the library links libgomp.so.1, which resolves
+ * to the copy torch has already loaded, so these loops share torch's worker threads.
+ * Compiled with -ffp-contract=off so elementwise fp32 results equal torch's (no fused
+ * multiply-adds where torch rounds twice).
+ *
+ * kernels_impl.h is included once per element type (float and bf16) with T/LOAD/STORE set.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef uint16_t bf16_t;
+
+static inline float bf16_to_float(bf16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* Round to nearest even, NaN kept quiet: what torch's c10::BFloat16 conversion does. */
+static inline bf16_t float_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (bf16_t)((bits >> 16) | 0x40u);
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (bf16_t)(bits >> 16);
+}
+
+/* exp(x) for x <= 0 (softmax after subtracting the max): Cephes' expf range reduction and
+ * polynomial, about 1 ulp, written so gcc vectorises it (libm's expf is a scalar call). */
+static inline float exp_nonpositive(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    float n = floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    float y = p * (r * r) + r + 1.0f;
+    union { int32_t bits; float value; } scale = {.bits = ((int32_t)n + 127) << 23};  /* 2^n */
+    return y * scale.value;
+}
+
+/* Sixteen floats as one value (gcc vector extensions: one AVX-512 register, two AVX2 ones). */
+typedef float v16sf __attribute__((vector_size(64)));
+typedef int32_t v16si __attribute__((vector_size(64)));
+typedef uint16_t v16hu __attribute__((vector_size(32)));
+typedef uint32_t v16su __attribute__((vector_size(64)));
+
+static inline v16sf load16_f32(const float *p) {
+    v16sf v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline v16sf load16_bf16(const bf16_t *p) {
+    v16hu h;
+    memcpy(&h, p, sizeof h);
+    v16su bits = __builtin_convertvector(h, v16su) << 16;
+    v16sf v;
+    memcpy(&v, &bits, sizeof v);
+    return v;
+}
+
+/* Sums of 16 vectors at once: lane i holds the sum of p[bitreverse4(i)]. A transposing tree of
+ * shuffles and adds, 2 instructions per sum instead of one horizontal reduction (~10) each. */
+static const int SUM16_ORDER[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+
+static inline v16sf sum16(const v16sf p[16]) {
+    const v16si l1 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+    const v16si h1 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
+    const v16si l2 = {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27};
+    const v16si h2 = {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31};
+    const v16si l3 = {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29};
+    const v16si h3 = {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31};
+    const v16si l4 = {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30};
+    const v16si h4 = {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31};
+    v16sf a[8], b[4], c[2];
+    for (int k = 0; k < 8; k++)
+        a[k] = __builtin_shuffle(p[2 * k], p[2 * k + 1], l1) + __builtin_shuffle(p[2 * k], p[2 * k + 1], h1);
+    for (int k = 0; k < 4; k++)
+        b[k] = __builtin_shuffle(a[2 * k], a[2 * k + 1], l2) + __builtin_shuffle(a[2 * k], a[2 * k + 1], h2);
+    for (int k = 0; k < 2; k++)
+        c[k] = __builtin_shuffle(b[2 * k], b[2 * k + 1], l3) + __builtin_shuffle(b[2 * k], b[2 * k + 1], h3);
+    return __builtin_shuffle(c[0], c[1], l4) + __builtin_shuffle(c[0], c[1], h4);
+}
+
+/* p[i] = exp(p[i] - max) / sum over the row: torch's softmax, with exp_nonpositive. */
+static void softmax_row(float *p, int64_t n) {
+    float top = p[0];
+#pragma omp simd reduction(max : top)
+    for (int64_t i = 1; i < n; i++) top = fmaxf(top, p[i]);
+    float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t i = 0; i < n; i++) {
+        p[i] = exp_nonpositive(p[i] - top);
+        total += p[i];
+    }
+    float inv_total = 1.0f / total;
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) p[i] *= inv_total;
+}
+
+#define T float
+#define SUFFIX f32
+#define LOAD16 load16_f32
+#define LOAD(p) (p)
+#define STORE(x) (x)
+#include "kernels_impl.h"
+#undef T
+#undef SUFFIX
+#undef LOAD
+#undef STORE
+#undef LOAD16
+
+#define T bf16_t
+#define SUFFIX bf16
+#define LOAD16 load16_bf16
+#define LOAD(p) bf16_to_float(p)
+#define STORE(x) float_to_bf16(x)
+#include "kernels_impl.h"
+#undef T
+#undef SUFFIX
+#undef LOAD
+#undef STORE
+#undef LOAD16
+
+/* KV write (dtype-free: rows are copied as bytes). k, v: [tokens, row_bytes] with the given
+ * byte strides; the cache: [num_slots, row_bytes] per K and V. Negative slots are skipped. */
+void write_kv_cache(const char *k, int64_t k_stride, const char *v, int64_t v_stride,
+                    char *k_cache, char *v_cache, const int64_t *slot_mapping,
+                    int64_t tokens, int64_t row_bytes, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) if (tokens >= 64) schedule(static)
+    for (int64_t t = 0; t < tokens; t++) {
+        int64_t slot = slot_mapping[t];
+        if (slot < 0) continue;
+        memcpy(k_cache + slot * row_bytes, k + t * k_stride, (size_t)row_bytes);
+        memcpy(v_cache + slot * row_bytes, v + t * v_stride, (size_t)row_bytes);
+    }
+}

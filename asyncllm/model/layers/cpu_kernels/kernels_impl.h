@@ -1,0 +1,221 @@
+/* Kernels for one element type; included by kernels.c with T, SUFFIX, LOAD and STORE defined.
+ * Statistics and accumulations run in fp32 whatever T is. */
+#define CONCAT_(a, b) a##_##b
+#define CONCAT(a, b) CONCAT_(a, b)
+#define NAME(base) CONCAT(base, SUFFIX)
+
+/* h = x + residual (rounded to T, as torch adds in T), residual_out = h,
+ * out = weight * T(h * rsqrt(mean(h^2) + eps)): transformers' LlamaRMSNorm with vLLM's fused add.
+ * residual may be NULL (no add); residual_out may alias residual. Rows are contiguous. */
+void NAME(rms_norm)(const T *x, const T *residual, T *residual_out, T *out, const T *weight,
+                    int64_t rows, int64_t hidden, float eps, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) if (rows >= 8) schedule(static)
+    for (int64_t row = 0; row < rows; row++) {
+        const T *xr = x + row * hidden;
+        T *outr = out + row * hidden;
+        float sum = 0.0f;
+        if (residual != NULL) {
+            const T *rr = residual + row * hidden;
+            T *ror = residual_out + row * hidden;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t i = 0; i < hidden; i++) {
+                float h = LOAD(STORE(LOAD(xr[i]) + LOAD(rr[i])));
+                ror[i] = STORE(h);
+                sum += h * h;
+            }
+            xr = ror;
+        } else {
+#pragma omp simd reduction(+ : sum)
+            for (int64_t i = 0; i < hidden; i++) {
+                float h = LOAD(xr[i]);
+                sum += h * h;
+            }
+        }
+        float inv = 1.0f / sqrtf(sum / (float)hidden + eps);
+#pragma omp simd
+        for (int64_t i = 0; i < hidden; i++) {
+            float normed = LOAD(STORE(LOAD(xr[i]) * inv));
+            outr[i] = STORE(LOAD(weight[i]) * normed);
+        }
+    }
+}
+
+/* Rotary embedding (rotate-half layout) in place on q [tokens, q_heads, dim] and k [tokens,
+ * k_heads, dim] (rows `q_stride` / `k_stride` elements apart, heads contiguous), with fp32
+ * cos/sin tables [max_positions, dim]. Rounds like torch's q * cos + rotate_half(q) * sin in T. */
+static inline void NAME(rotate_head)(T *x, const float *cos, const float *sin, int64_t half) {
+    for (int64_t i = 0; i < half; i++) {
+        float a = LOAD(x[i]), b = LOAD(x[i + half]);
+        float c1 = LOAD(STORE(cos[i])), s1 = LOAD(STORE(sin[i]));
+        float c2 = LOAD(STORE(cos[i + half])), s2 = LOAD(STORE(sin[i + half]));
+        float first = LOAD(STORE(a * c1)) + LOAD(STORE(-b * s1));
+        float second = LOAD(STORE(b * c2)) + LOAD(STORE(a * s2));
+        x[i] = STORE(first);
+        x[i + half] = STORE(second);
+    }
+}
+
+void NAME(rotary)(T *q, int64_t q_stride, int64_t q_heads, T *k, int64_t k_stride, int64_t k_heads,
+                  const int64_t *positions, const float *cos, const float *sin, int64_t tokens,
+                  int64_t dim, int num_threads) {
+    int64_t half = dim / 2;
+#pragma omp parallel for num_threads(num_threads) if (tokens >= 16) schedule(static)
+    for (int64_t t = 0; t < tokens; t++) {
+        const float *c = cos + positions[t] * dim, *s = sin + positions[t] * dim;
+        for (int64_t h = 0; h < q_heads; h++) NAME(rotate_head)(q + t * q_stride + h * dim, c, s, half);
+        for (int64_t h = 0; h < k_heads; h++) NAME(rotate_head)(k + t * k_stride + h * dim, c, s, half);
+    }
+}
+
+/* Asks for the next cache block while this one is worked on: blocks lie at random places, so the
+ * hardware prefetcher cannot guess the jump. */
+static inline void NAME(prefetch_block)(const T *block, int64_t elements) {
+    const char *bytes = (const char *)block;
+    for (int64_t i = 0; i < elements * (int64_t)sizeof(T); i += 64) __builtin_prefetch(bytes + i, 0, 3);
+}
+
+/* scores[h][off] = scale * q_h . key(off) for query heads [h0, h1) and the block rows [lo, hi)
+ * (`rows`: the block's first row; scores: [heads][n], already offset to the block's tokens). */
+static inline __attribute__((always_inline)) void NAME(block_scores)(
+        const float *qf, const T *rows, int64_t lo, int64_t hi, int64_t h0, int64_t h1, int64_t group,
+        int64_t dim, int64_t token_stride, float scale, float *scores, int64_t n) {
+    for (int64_t h = h0; h < h1; h++) {
+        const float *qh = qf + h * dim;
+        const T *keys = rows + (h / group) * dim;
+        if (dim % 16 == 0) {
+            /* Sixteen keys at a time: per-key vectors of partial products, then one sum16. */
+            for (int64_t t0 = lo; t0 < hi; t0 += 16) {
+                int64_t m = hi - t0 < 16 ? hi - t0 : 16;
+                v16sf part[16];
+                for (int64_t u = 0; u < 16; u++) {
+                    v16sf sum = {0};
+                    if (u < m)
+                        for (int64_t c = 0; c < dim; c += 16)
+                            sum += load16_f32(qh + c) * LOAD16(keys + (t0 + u) * token_stride + c);
+                    part[u] = sum;
+                }
+                v16sf dots = sum16(part);
+                for (int i = 0; i < 16; i++)
+                    if (SUM16_ORDER[i] < m) scores[h * n + t0 + SUM16_ORDER[i]] = dots[i] * scale;
+            }
+            continue;
+        }
+        for (int64_t off = lo; off < hi; off++) {
+            const T *key = keys + off * token_stride;
+            float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t d = 0; d < dim; d++) dot += qh[d] * LOAD(key[d]);
+            scores[h * n + off] = dot * scale;
+        }
+    }
+}
+
+/* acc_h += sum over the block rows [lo, hi) of probs[h][off] * value(off), heads [h0, h1). */
+static inline __attribute__((always_inline)) void NAME(block_mix)(
+        const float *probs, int64_t n, const T *rows, int64_t lo, int64_t hi, int64_t h0, int64_t h1,
+        int64_t group, int64_t dim, int64_t token_stride, float *acc) {
+    for (int64_t h = h0; h < h1; h++) {
+        float *ah = acc + h * dim;
+        const float *weights = probs + h * n;
+        const T *values = rows + (h / group) * dim;
+        if (dim % 16 == 0 && dim <= 256) {
+            /* The head's accumulator stays in registers across the block's values. */
+            v16sf sums[16];
+            for (int64_t c = 0; c < dim; c += 16) sums[c / 16] = load16_f32(ah + c);
+            for (int64_t off = lo; off < hi; off++)
+                for (int64_t c = 0; c < dim; c += 16)
+                    sums[c / 16] += weights[off] * LOAD16(values + off * token_stride + c);
+            for (int64_t c = 0; c < dim; c += 16) memcpy(ah + c, &sums[c / 16], sizeof(v16sf));
+            continue;
+        }
+        for (int64_t off = lo; off < hi; off++) {
+            const T *value = values + off * token_stride;
+#pragma omp simd
+            for (int64_t d = 0; d < dim; d++) ah[d] += weights[off] * LOAD(value[d]);
+        }
+    }
+}
+
+/* Decode attention for one sequence and KV heads [g0, g1), for every query head sharing them:
+ * scores block by block, a softmax as torch computes it (max, exp, sum, divide), then P @ V
+ * block by block; each K and V row of those heads is read from memory once. Inlined with `dim`
+ * a constant for the common head sizes, so the inner loops unroll. q, out: this sequence's
+ * [heads, dim]; qf, acc: [heads * dim] scratch; probs: [heads * (len - first)] scratch. */
+static inline __attribute__((always_inline)) void NAME(attend)(
+        const T *q, const T *k_cache, const T *v_cache, const int64_t *table, int64_t first, int64_t len,
+        T *out, int64_t g0, int64_t g1, int64_t group, int64_t dim, int64_t token_stride, int64_t block_stride,
+        int64_t block_size, float scale, float *qf, float *acc, float *probs) {
+    int64_t n = len - first;
+    int64_t h0 = g0 * group, h1 = g1 * group;
+    int64_t first_block = first / block_size, end_block = (len + block_size - 1) / block_size;
+    for (int64_t i = h0 * dim; i < h1 * dim; i++) qf[i] = LOAD(q[i]);
+    for (int64_t i = h0 * dim; i < h1 * dim; i++) acc[i] = 0.0f;
+    for (int pass = 0; pass < 2; pass++) {  /* 0: scores from K; 1: P @ V */
+        const T *cache = pass == 0 ? k_cache : v_cache;
+        for (int64_t blk = first_block; blk < end_block; blk++) {
+            /* Block `blk` holds tokens blk * block_size + [lo, hi) of the visible range. */
+            int64_t lo = blk * block_size < first ? first - blk * block_size : 0;
+            int64_t hi = (blk + 1) * block_size > len ? len - blk * block_size : block_size;
+            if (blk + 1 < end_block) NAME(prefetch_block)(cache + table[blk + 1] * block_stride, block_stride);
+            const T *rows = cache + table[blk] * block_stride;
+            float *block_probs = probs + blk * block_size - first;
+            if (pass == 0)
+                NAME(block_scores)(qf, rows, lo, hi, h0, h1, group, dim, token_stride, scale, block_probs, n);
+            else
+                NAME(block_mix)(block_probs, n, rows, lo, hi, h0, h1, group, dim, token_stride, acc);
+        }
+        if (pass == 0)
+            for (int64_t h = h0; h < h1; h++) softmax_row(probs + h * n, n);
+    }
+    for (int64_t i = h0 * dim; i < h1 * dim; i++) out[i] = STORE(acc[i]);
+}
+
+/* Decode attention over the paged cache, one query token per sequence.
+ * q: [seqs, heads, dim] rows q_stride apart; caches: [num_blocks, block_size, kv_heads, dim];
+ * block_tables: [seqs, bt_stride]; seq_lens: [seqs] (context incl. the new token);
+ * window > 0 keeps the last `window` keys. out: [seqs, heads, dim] contiguous.
+ * With enough sequences to share out, one task per sequence (all its KV heads); otherwise one
+ * task per (sequence, KV head) so a single long sequence still uses every thread. */
+void NAME(paged_decode_attention)(const T *q, int64_t q_stride, const T *k_cache, const T *v_cache,
+                                  const int64_t *block_tables, int64_t bt_stride, const int64_t *seq_lens,
+                                  T *out, int64_t seqs, int64_t heads, int64_t kv_heads, int64_t dim,
+                                  int64_t block_size, float scale, int64_t window, int num_threads) {
+    int64_t group = heads / kv_heads;
+    int64_t max_len = 1;
+    for (int64_t b = 0; b < seqs; b++) max_len = seq_lens[b] > max_len ? seq_lens[b] : max_len;
+    int64_t token_stride = kv_heads * dim, block_stride = block_size * token_stride;
+    int64_t heads_per_task = seqs >= 4 * num_threads ? kv_heads : 1;
+    int64_t tasks = seqs * (kv_heads / heads_per_task);
+#pragma omp parallel num_threads(num_threads) if (tasks > 1)
+    {
+        float *qf = malloc(sizeof(float) * heads * dim);
+        float *acc = malloc(sizeof(float) * heads * dim);
+        float *probs = malloc(sizeof(float) * heads * max_len);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < tasks; task++) {
+            int64_t b = task * heads_per_task / kv_heads;
+            int64_t g0 = task * heads_per_task % kv_heads, g1 = g0 + heads_per_task;
+            int64_t len = seq_lens[b];
+            int64_t first = (window > 0 && len > window) ? len - window : 0;
+            const T *qb = q + b * q_stride;
+            const int64_t *table = block_tables + b * bt_stride;
+            T *ob = out + b * heads * dim;
+            if (dim == 64)
+                NAME(attend)(qb, k_cache, v_cache, table, first, len, ob, g0, g1, group, 64, token_stride,
+                             block_stride, block_size, scale, qf, acc, probs);
+            else if (dim == 128)
+                NAME(attend)(qb, k_cache, v_cache, table, first, len, ob, g0, g1, group, 128, token_stride,
+                             block_stride, block_size, scale, qf, acc, probs);
+            else
+                NAME(attend)(qb, k_cache, v_cache, table, first, len, ob, g0, g1, group, dim, token_stride,
+                             block_stride, block_size, scale, qf, acc, probs);
+        }
+        free(qf);
+        free(acc);
+        free(probs);
+    }
+}
+
+#undef NAME
+#undef CONCAT
+#undef CONCAT_

@@ -1,0 +1,117 @@
+"""The C kernels of asyncllm/model/layers/cpu_kernels against the torch code they replace."""
+import pytest
+import torch
+
+from asyncllm.model.arch_config import RopeConfig
+from asyncllm.model.layers import cpu_kernels
+from asyncllm.model.layers.attention import AttentionMetadata, TorchAttentionBackend
+from asyncllm.model.layers.norm import RMSNorm
+from asyncllm.model.layers.rotary import RotaryEmbedding
+
+pytestmark = pytest.mark.timeout(120)
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _tol(dtype):
+    return dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+
+
+def test_kernels_build_here():
+    # The dev and CI machines have gcc: the kernels must build (a failure prints the compiler's error).
+    assert cpu_kernels.build_error() is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 5, 33])
+def test_rms_norm_matches_torch(dtype, rows):
+    torch.manual_seed(0)
+    norm = RMSNorm(96, 1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(96))
+    x, residual = torch.randn(rows, 96, dtype=dtype), torch.randn(rows, 96, dtype=dtype)
+    expected_normed, expected_sum = norm(x, residual)
+    stream = residual.clone()
+    normed, summed = cpu_kernels.rms_norm(x, norm.weight, 1e-5, stream)
+    assert summed is stream and torch.equal(summed, expected_sum)  # the add rounds as torch's
+    torch.testing.assert_close(normed, expected_normed, **_tol(dtype))
+    torch.testing.assert_close(cpu_kernels.rms_norm(x, norm.weight, 1e-5), norm(x), **_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_matches_torch_exactly(dtype):
+    torch.manual_seed(0)
+    rotary = RotaryEmbedding(RopeConfig(theta=10000.0), 32, 256)
+    rotary.build(torch.device("cpu"))
+    # q and k as the model has them: views into one fused qkv output, rows 3 heads wider than q.
+    qkv = torch.randn(7, 4 + 2 + 2, 32, dtype=dtype)
+    q, k = qkv[:, :4], qkv[:, 4:6]
+    positions = torch.tensor([0, 1, 2, 100, 101, 255, 3])
+    expected_q, expected_k = rotary(positions, q, k)
+    before_v = qkv[:, 6:].clone()
+    cpu_kernels.rotary_(positions, q, k, rotary.cos, rotary.sin)
+    # Element-for-element the same roundings as torch's q * cos + rotate_half(q) * sin.
+    assert torch.equal(q, expected_q) and torch.equal(k, expected_k)
+    assert torch.equal(qkv[:, 6:], before_v)
+
+
+def _paged_case(dtype, seq_lens, block_size=4, kv_heads=2, heads=6, dim=16, num_blocks=40):
+    generator = torch.Generator().manual_seed(1)
+    cache = torch.randn(2, num_blocks, block_size, kv_heads, dim, generator=generator).to(dtype)
+    need = [(n + block_size - 1) // block_size for n in seq_lens]
+    perm = torch.randperm(num_blocks, generator=generator)
+    tables = torch.zeros(len(seq_lens), max(need) + 1, dtype=torch.int64)  # one spare column of padding
+    used = 0
+    for i, n in enumerate(need):
+        tables[i, :n] = perm[used:used + n]
+        used += n
+    q = torch.randn(len(seq_lens), heads, dim, generator=generator).to(dtype)
+    meta = AttentionMetadata(num_decodes=len(seq_lens), query_start_loc=list(range(len(seq_lens) + 1)),
+                             seq_lens=list(seq_lens), seq_lens_tensor=torch.tensor(seq_lens),
+                             block_tables=tables, slot_mapping=torch.empty(0, dtype=torch.int64))
+    return cache, tables, q, meta
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("dim,block_size", [(16, 4), (16, 32), (8, 4)])  # 16-wide path; any-dim path
+def test_paged_decode_attention_matches_torch_backend(dtype, window, dim, block_size):
+    # Nine sequences take the one-task-per-sequence split (>= 4 per thread); four, per KV head.
+    seq_lens = [1, 7, 16, 29] if block_size == 4 else [1, 40, 70, 33, 5, 64, 65, 2, 31]
+    cache, tables, q, meta = _paged_case(dtype, seq_lens, block_size=block_size, dim=dim)
+    reference = TorchAttentionBackend(6, 2, dim, 0.25, window)
+    expected = reference._decode(q, cache, meta, len(seq_lens), block_size)
+    got = cpu_kernels.paged_decode_attention(q, cache, tables, meta.seq_lens_tensor, 0.25, window)
+    torch.testing.assert_close(got, expected, **_tol(dtype))
+    # Each sequence alone gives the same bits as in the batch: results never depend on batch mates.
+    for b in range(len(seq_lens)):
+        alone = cpu_kernels.paged_decode_attention(q[b:b + 1], cache, tables[b:b + 1], meta.seq_lens_tensor[b:b + 1],
+                                                   0.25, window)
+        assert torch.equal(alone[0], got[b])
+
+
+def test_paged_decode_attention_reads_strided_queries():
+    # The model hands q as a view into the fused qkv output (row stride wider than H * D).
+    cache, tables, q, meta = _paged_case(torch.float32, [9, 3])
+    wide = torch.zeros(2, 10, 16)
+    wide[:, :6] = q
+    got = cpu_kernels.paged_decode_attention(wide[:, :6], cache, tables, meta.seq_lens_tensor, 0.25, None)
+    assert torch.equal(got, cpu_kernels.paged_decode_attention(q, cache, tables, meta.seq_lens_tensor, 0.25, None))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_write_kv_cache_matches_torch(dtype):
+    from asyncllm.model.layers.attention import write_kv_cache
+
+    torch.manual_seed(0)
+    cache = torch.randn(2, 6, 4, 2, 8).to(dtype)
+    expected = cache.clone()
+    qkv = torch.randn(70, 3, 2, 8).to(dtype)  # k and v as strided views; 70 tokens takes the parallel loop
+    big = torch.randn(2, 20, 4, 2, 8).to(dtype)
+    big_expected = big.clone()
+    slots = torch.randperm(80)[:70]
+    write_kv_cache(qkv[:, 1], qkv[:, 2], big_expected, slots)
+    cpu_kernels.write_kv_cache(qkv[:, 1], qkv[:, 2], big, slots)
+    assert torch.equal(big, big_expected)
+    write_kv_cache(qkv[:3, 1], qkv[:3, 2], expected, torch.tensor([5, 0, 23]))
+    cpu_kernels.write_kv_cache(qkv[:3, 1], qkv[:3, 2], cache, torch.tensor([5, 0, 23]))
+    assert torch.equal(cache, expected)
