@@ -43,6 +43,9 @@ class EngineArgs:
     cpu_weight_prepack: bool = _opt(True, "CPU: keep a oneDNN-packed copy of the projection weights for "
                                           "multi-row matmuls (faster batched decode and prefill; costs a "
                                           "second copy of those weights)")
+    cpu_malloc_tuning: bool = _opt(True, "CPU, glibc: keep freed activation buffers in the heap (mallopt mmap and "
+                                         "trim thresholds) instead of page-faulting them in again every step; "
+                                         "prompts ~1.4x faster here; the process keeps its peak heap")
     quantization: str | None = _opt(None, "int4: CPU steps of few rows (decoding up to 8-16 streams) read "
                                           "4-bit group-32 copies of the projection weights, computing in "
                                           "bf16 (about 4x less weight traffic; prompts and larger batches "

@@ -23,6 +23,7 @@ from asyncllm.model.loader import Checkpoint, load_checkpoint
 from asyncllm.model.layers.int4 import int4_max_rows
 from asyncllm.model.layers.linear import prepack_supported
 from asyncllm.model.registry import build_model
+from asyncllm.worker.cpu_allocator import keep_freed_memory_in_heap
 from asyncllm.worker.model_runner import KVCacheSpec, ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,9 @@ class EngineCore:
         if args.quantization == "int4":
             self._quantize_int4(model)
         model.eval()
+        if args.cpu_malloc_tuning and config.device.type == "cpu":
+            # After the load, so its temporary buffers have gone back to the OS.
+            keep_freed_memory_in_heap()
 
         spec = KVCacheSpec(model_cfg.num_layers, model_cfg.num_kv_heads, model_cfg.head_dim, args.block_size,
                            self.dtype)
