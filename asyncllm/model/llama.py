@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from asyncllm.model.arch_config import LlamaFamilyConfig
+from asyncllm.model.layers import cpu_kernels
 from asyncllm.model.layers.attention import AttentionBackend, AttentionMetadata, TorchAttentionBackend
 from asyncllm.model.layers.cpu_attention import CpuAttentionBackend
 from asyncllm.model.layers.int4 import int4_shape_supported
@@ -54,14 +55,18 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: LlamaFamilyConfig):
+    def __init__(self, cfg: LlamaFamilyConfig, kernels: str = "torch"):
         super().__init__()
         self.intermediate_size = cfg.intermediate_size
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.cpu_kernels = kernels == "cpu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.cpu_kernels and gate_up.dim() == 2 and cpu_kernels.supports(gate_up):
+            return self.down_proj(cpu_kernels.silu_and_mul(gate_up))  # one pass instead of three
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -71,7 +76,7 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels)
         self.self_attn = LlamaAttention(cfg, rotary, kernels)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels)
-        self.mlp = LlamaMLP(cfg)
+        self.mlp = LlamaMLP(cfg, kernels)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:

@@ -54,6 +54,19 @@ def test_rotary_matches_torch_exactly(dtype):
     assert torch.equal(qkv[:, 6:], before_v)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 70])  # 70 x 1000 takes the parallel loop
+def test_silu_and_mul_matches_torch(dtype, rows):
+    torch.manual_seed(0)
+    gate_up = (torch.randn(rows, 2000) * 6).to(dtype)
+    gate_up[0, :4] = torch.tensor([-200.0, -90.0, 0.0, 90.0])  # far tails: no overflow, no NaN
+    gate, up = gate_up.split(1000, dim=-1)
+    expected = torch.nn.functional.silu(gate) * up
+    got = cpu_kernels.silu_and_mul(gate_up)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, **_tol(dtype))
+
+
 def _paged_case(dtype, seq_lens, block_size=4, kv_heads=2, heads=6, dim=16, num_blocks=40):
     generator = torch.Generator().manual_seed(1)
     cache = torch.randn(2, num_blocks, block_size, kv_heads, dim, generator=generator).to(dtype)

@@ -2,8 +2,8 @@
 
 At batch 1 a decode step spends a third of its time dispatching ~40 small torch ops per layer;
 at batch 64, gathering K/V copies for attention costs as much as a third of the projections.
-These replace them with one call each: add + RMSNorm, rotary in place, KV write, and paged decode
-attention reading the cache where it lies. fp32 and bf16; other dtypes keep the torch path.
+These replace them with one call each: add + RMSNorm, rotary in place, SiLU-and-multiply, KV write,
+and paged decode attention reading the cache where it lies. fp32 and bf16; other dtypes keep the torch path.
 Each has a torch reference it is tested against (tests/kernels/test_cpu_kernels.py).
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 
 from asyncllm.model.layers.cpu_kernels.library import KernelBuildError, build_error, load_library
 
-__all__ = ["KernelBuildError", "build_error", "supports", "rms_norm", "rotary_", "write_kv_cache",
+__all__ = ["KernelBuildError", "build_error", "supports", "rms_norm", "rotary_", "silu_and_mul", "write_kv_cache",
            "paged_decode_attention"]
 
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
@@ -56,6 +56,16 @@ def rotary_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torc
                               positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), tokens, dim,
                               torch.get_num_threads())
     return q, k
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[rows, 2 * inter] (gate, then up) → silu(gate) * up [rows, inter]."""
+    gate_up = gate_up.contiguous()
+    rows, width = gate_up.shape
+    out = torch.empty(rows, width // 2, dtype=gate_up.dtype)
+    _typed("silu_and_mul", gate_up.dtype)(gate_up.data_ptr(), out.data_ptr(), rows, width // 2,
+                                          torch.get_num_threads())
+    return out
 
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:

@@ -32,11 +32,14 @@ static inline bf16_t float_to_bf16(float f) {
     return (bf16_t)(bits >> 16);
 }
 
-/* exp(x) for x <= 0 (softmax after subtracting the max): Cephes' expf range reduction and
- * polynomial, about 1 ulp, written so gcc vectorises it (libm's expf is a scalar call). */
+/* exp(x) for x <= 0 (softmax after subtracting the max; silu's e^-|g|): Cephes' expf range
+ * reduction and polynomial, about 1 ulp. n = round(x / ln 2) comes from adding 1.5 * 2^23, which
+ * leaves n in the low mantissa bits: unlike floorf and a float-to-int conversion, gcc vectorises
+ * that (libm's expf is a scalar call). */
 static inline float exp_nonpositive(float x) {
     x = x < -87.0f ? -87.0f : x;
-    float n = floorf(x * 1.44269504088896341f + 0.5f);
+    float shifted = x * 1.44269504088896341f + 12582912.0f;
+    float n = shifted - 12582912.0f;
     float r = x - n * 0.693359375f;
     r = r + n * 2.12194440e-4f;
     float p = 1.9875691500e-4f;
@@ -46,7 +49,8 @@ static inline float exp_nonpositive(float x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     float y = p * (r * r) + r + 1.0f;
-    union { int32_t bits; float value; } scale = {.bits = ((int32_t)n + 127) << 23};  /* 2^n */
+    union { float value; int32_t bits; } rounded = {.value = shifted};
+    union { int32_t bits; float value; } scale = {.bits = (rounded.bits - 0x4B400000 + 127) << 23};  /* 2^n */
     return y * scale.value;
 }
 

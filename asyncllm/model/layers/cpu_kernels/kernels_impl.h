@@ -67,6 +67,24 @@ void NAME(rotary)(T *q, int64_t q_stride, int64_t q_heads, T *k, int64_t k_strid
     }
 }
 
+/* out = silu(gate) * up for gate_up [rows, 2 * inter] (the fused projection: gate, then up),
+ * rounded like torch's F.silu(gate) * up in T. silu(g) = g / (1 + e^-g), written with
+ * z = e^-|g| <= 1 so the vectorised exp never overflows. */
+void NAME(silu_and_mul)(const T *gate_up, T *out, int64_t rows, int64_t inter, int num_threads) {
+#pragma omp parallel for num_threads(num_threads) if (rows * inter >= 65536) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const T *gate = gate_up + r * 2 * inter, *up = gate + inter;
+        T *o = out + r * inter;
+#pragma omp simd
+        for (int64_t i = 0; i < inter; i++) {
+            float g = LOAD(gate[i]);
+            float z = exp_nonpositive(-fabsf(g));
+            float silu = (g >= 0.0f ? g : g * z) / (1.0f + z);
+            o[i] = STORE(LOAD(STORE(silu)) * LOAD(up[i]));
+        }
+    }
+}
+
 /* Asks for the next cache block while this one is worked on: blocks lie at random places, so the
  * hardware prefetcher cannot guess the jump. */
 static inline void NAME(prefetch_block)(const T *block, int64_t elements) {

@@ -28,6 +28,7 @@ _P, _I64, _F32, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c
 SIGNATURES = {
     "rms_norm": (_P, _P, _P, _P, _P, _I64, _I64, _F32, _INT),
     "rotary": (_P, _I64, _I64, _P, _I64, _I64, _P, _P, _P, _I64, _I64, _INT),
+    "silu_and_mul": (_P, _P, _I64, _I64, _INT),
     "paged_decode_attention": (_P, _I64, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _F32, _I64,
                                _INT),
 }
