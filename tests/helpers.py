@@ -173,3 +173,21 @@ def check_logprobs(completion, hf_logits, atol=2e-3):
         top_ours = sorted((lp.logprob for lp in position.values()), reverse=True)[:3]
         top_hf = hf_lp.topk(3).values.tolist()
         assert top_ours == pytest.approx(top_hf, abs=atol), f"step {step}"
+
+
+def check_mixed_steps_match_transformers(llm, hf, max_tokens: int = 24) -> list[list[int]]:
+    """Three ~30-token prompts and a fourth that extends the first (a prefix-cache hit), decoded
+    together (with a small token budget, prompt chunks share steps with decodes): greedy ids equal
+    to transformers' and logprobs close. → the prompts, for callers checking more."""
+    from asyncllm import SamplingParams
+
+    tok = llm.get_tokenizer()
+    prompts = [tok.encode(" ".join(TEXT_PROMPTS[i:] + TEXT_PROMPTS[:i])) for i in range(3)]
+    prompts.append(prompts[0] + tok.encode(" and then some more words follow here"))
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, logprobs=3)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    for prompt, out in zip(prompts, outputs):
+        hf_tokens, hf_logits = hf_greedy(hf, prompt, max_tokens)
+        assert out.outputs[0].token_ids == hf_tokens
+        check_logprobs(out.outputs[0], hf_logits)
+    return prompts

@@ -5,7 +5,7 @@ kernel choice resolves, and the errors when the C kernels cannot be built."""
 import pytest
 
 import helpers
-from asyncllm import LLM, SamplingParams
+from asyncllm import LLM
 from asyncllm.config import EngineArgs
 from asyncllm.model.layers.cpu_kernels import library
 
@@ -20,15 +20,7 @@ def test_engine_kernels_match_transformers(arch, kernels, tiny_models):
     # 20-token chunks: the 30-token prompts take two steps and share them with other requests' decodes.
     llm = LLM(path, dtype="float32", kernels=kernels, kv_cache_memory=16 << 20, max_num_batched_tokens=20)
     assert llm.engine.core.config.kernels == kernels
-    tok = llm.get_tokenizer()
-    prompts = [tok.encode(" ".join(helpers.TEXT_PROMPTS[i:] + helpers.TEXT_PROMPTS[:i])) for i in range(3)]
-    prompts.append(prompts[0] + tok.encode(" and then some more words follow here"))  # prefix-cache hit
-    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=3)
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    for prompt, out in zip(prompts, outputs):
-        hf_tokens, hf_logits = helpers.hf_greedy(hf, prompt, 24)
-        assert out.outputs[0].token_ids == hf_tokens
-        helpers.check_logprobs(out.outputs[0], hf_logits)
+    prompts = helpers.check_mixed_steps_match_transformers(llm, hf)
     if arch == "MistralForCausalLM":
         assert max(len(p) for p in prompts) + 24 > llm.engine.core.checkpoint.config.sliding_window
 

@@ -6,7 +6,7 @@ import os
 import pytest
 
 import helpers
-from asyncllm import LLM, SamplingParams
+from asyncllm import LLM
 
 DEVICE = os.environ.get("ASYNCLLM_TEST_DEVICE", "cpu")
 pytestmark = pytest.mark.timeout(600)
@@ -20,15 +20,7 @@ def test_triton_kernels_engine_matches_transformers(arch, tiny_models):
     llm = LLM(path, dtype="float32", device=DEVICE, kernels="triton", kv_cache_memory=16 << 20,
               max_num_batched_tokens=20)
     assert llm.engine.core.config.kernels == "triton"
-    tok = llm.get_tokenizer()
-    prompts = [tok.encode(" ".join(helpers.TEXT_PROMPTS[i:] + helpers.TEXT_PROMPTS[:i])) for i in range(3)]
-    prompts.append(prompts[0] + tok.encode(" and then some more words follow here"))  # prefix-cache hit
-    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=3)
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    for prompt, out in zip(prompts, outputs):
-        hf_tokens, hf_logits = helpers.hf_greedy(hf, prompt, 24)
-        assert out.outputs[0].token_ids == hf_tokens
-        helpers.check_logprobs(out.outputs[0], hf_logits)
+    prompts = helpers.check_mixed_steps_match_transformers(llm, hf)
     if arch == "MistralForCausalLM":
         assert max(len(p) for p in prompts) + 24 > llm.engine.core.checkpoint.config.sliding_window
 
