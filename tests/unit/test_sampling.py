@@ -56,6 +56,15 @@ def test_greedy_top_k_1_and_tiny_top_p_pick_the_argmax():
     assert out.token_ids == logits.argmax(-1).tolist()
 
 
+def test_greedy_ties_pick_the_first_index_as_argmax_does():
+    logits = torch.zeros(3, 50)
+    logits[0, [7, 30]] = 2.0  # a tie
+    logits[1, [4, 9]] = float("nan")  # NaN wins, first one (torch's argmax rule)
+    logits[2] = 1.0  # all equal
+    out = _sample([_req(i, temperature=0) for i in range(3)], logits)
+    assert out.token_ids == logits.argmax(-1).tolist() == [7, 4, 0]
+
+
 def test_random_sampling_follows_the_distribution():
     logits = torch.log(torch.tensor([[0.7, 0.2, 0.1, 0.0]]))
     sampler = Sampler(0, torch.device("cpu"))
