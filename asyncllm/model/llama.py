@@ -60,11 +60,11 @@ class LlamaMLP(nn.Module):
         self.intermediate_size = cfg.intermediate_size
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
-        self.cpu_kernels = kernels == "cpu"
+        self.kernels = kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        if self.cpu_kernels and gate_up.dim() == 2 and cpu_kernels.supports(gate_up):
+        if self.kernels == "cpu" and gate_up.dim() == 2 and cpu_kernels.supports(gate_up):
             return self.down_proj(cpu_kernels.silu_and_mul(gate_up))  # one pass instead of three
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)

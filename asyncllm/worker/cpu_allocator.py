@@ -29,9 +29,9 @@ def keep_freed_memory_in_heap() -> bool:
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        done = libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and libc.mallopt(_M_TRIM_THRESHOLD,
-                                                                                      TRIM_THRESHOLD) == 1
+        if libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) != 1:
+            return False
+        return libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
     except (OSError, AttributeError) as exc:
         logger.info("malloc thresholds left as they are: %s", exc)
         return False
-    return done

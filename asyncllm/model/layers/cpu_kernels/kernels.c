@@ -1,5 +1,6 @@
-/* CPU kernels for the decode step's small ops: fused add + RMSNorm, rotary in place, KV cache
- * write, and paged decode attention that reads K/V blocks where they lie in the cache.
+/* CPU kernels for the decode step's small ops: fused add + RMSNorm, rotary in place,
+ * SiLU-and-multiply, KV cache write, and paged decode attention that reads K/V blocks where they
+ * lie in the cache.
  *
  * Plain C called through ctypes (asyncllm/model/layers/cpu_kernels/library.py compiles it with
  * gcc at first use). Parallel loops use OpenMP: the library links libgomp.so.1, which resolves
