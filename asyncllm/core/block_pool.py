@@ -1,9 +1,12 @@
 """BlockPool: the KV cache's blocks, their reference counts, and the prefix-cache map.
 
-A block is free when its ref count is 0. Free blocks wait in an LRU queue; a free block
-that still holds a cached prefix (it has a hash) stays findable until it is reused, and
-the least recently freed is reused first. Blocks are never freed twice: freeing one with
-ref count 0 is a bug and raises.
+A block is free when its ref count is 0. Free blocks wait in one queue, reused from its
+front: first freed blocks that hold nothing (no hash), then never-used blocks in id order,
+then blocks that still hold a cached prefix, least recently freed first (until reused they
+stay findable). Empty used blocks go first because their memory is already committed: on the
+CPU the cache is lazily mapped, and a never-used block costs page faults on its first write
+(worker/kv_memory.py). Blocks are never freed twice: freeing one with ref count 0 is a bug
+and raises.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
         self.blocks = [KVCacheBlock(i) for i in range(num_blocks)]
-        # Insertion order = LRU order: the first entry is evicted (reused) first.
+        # Queue order = reuse order: the first entry is reused (and evicted, if cached) first.
         self._free: OrderedDict[int, KVCacheBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
         self._cached: dict[BlockHash, KVCacheBlock] = {}
         self.num_evictions = 0
@@ -70,13 +73,16 @@ class BlockPool:
             block.ref_cnt += 1
 
     def free_blocks(self, blocks: list[KVCacheBlock]) -> None:
-        """Drops one reference of each; give them tail-first so a request's last blocks are evicted first."""
+        """Drops one reference of each; give them tail-first so a request's last blocks are evicted
+        first. A block left holding no cached prefix goes to the front of the queue."""
         for block in blocks:
             if block.ref_cnt <= 0:
                 raise RuntimeError(f"block {block.block_id} freed twice")
             block.ref_cnt -= 1
             if block.ref_cnt == 0:
                 self._free[block.block_id] = block
+                if block.block_hash is None:
+                    self._free.move_to_end(block.block_id, last=False)
 
     def cache_block(self, block: KVCacheBlock, block_hash: BlockHash) -> None:
         """Registers a full block under its chained hash (first writer wins on duplicates)."""

@@ -110,9 +110,10 @@ class EngineThread:
                 if self.engine.has_unfinished_requests():
                     outputs = self.engine.step()
                     self.stats.record_step(self.engine, outputs)
-                    self._deliver([(o.request_id, o) for o in outputs])
+                    # Recount before delivering: a caller woken by these outputs may submit at once.
                     with self._cond:
                         self._num_queued = len(self._inbox_adds()) + self.engine.core.scheduler.num_waiting
+                    self._deliver([(o.request_id, o) for o in outputs])
             self._finish_all_on_stop()
         except BaseException as exc:  # noqa: BLE001 - the engine is dead; every waiter must learn it
             logger.exception("engine thread died")

@@ -220,18 +220,19 @@ async def test_validation_raises_before_queueing(shared_engine):
 
 @pytest.mark.anyio
 async def test_overload_is_refused_immediately():
-    engine = _engine(max_waiting_requests=3, max_num_seqs=1)
+    engine = _engine(max_waiting_requests=2, max_num_seqs=1)
     try:
-        # Three long requests: one runs (max_num_seqs=1), two wait.
+        # Three long requests: the first runs (max_num_seqs=1; it has streamed a token), two wait.
         gens = [engine.generate(f"p{i}", SamplingParams(max_tokens=50, ignore_eos=True)) for i in range(3)]
+        await gens[0].__anext__()
 
         async def start(g):
             await g.__anext__()
 
         async with anyio.create_task_group() as tg:
-            for g in gens:
+            for g in gens[1:]:
                 tg.start_soon(start, g)
-            await anyio.sleep(0.05)
+            await anyio.sleep(0.05)  # both submitted (submission does not wait for the engine)
             started = time.monotonic()
             with pytest.raises(EngineOverloadedError, match="max_waiting_requests"):
                 for i in range(5):

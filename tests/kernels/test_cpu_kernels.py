@@ -128,3 +128,66 @@ def test_write_kv_cache_matches_torch(dtype):
     write_kv_cache(qkv[:3, 1], qkv[:3, 2], expected, torch.tensor([5, 0, 23]))
     cpu_kernels.write_kv_cache(qkv[:3, 1], qkv[:3, 2], cache, torch.tensor([5, 0, 23]))
     assert torch.equal(cache, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])  # every tile shape, and rows that pad a tile
+@pytest.mark.parametrize("n, k", [(48, 32), (96, 576), (16, 1536)])
+def test_linear_few_rows_matches_matmul(dtype, rows, n, k):
+    torch.manual_seed(0)
+    weight = (torch.randn(n, k) * 0.05).to(dtype)
+    x = torch.randn(rows, k).to(dtype)
+    got = cpu_kernels.linear_few_rows(x, weight)
+    exact = x.double() @ weight.double().t()
+    # fp32: accumulation-order error only, as small as torch's own; bf16: one output rounding.
+    torch_error = (torch.nn.functional.linear(x, weight).double() - exact).abs().max().item()
+    error = (got.double() - exact).abs().max().item()
+    assert got.dtype == dtype and got.shape == (rows, n)
+    assert error <= max(2 * torch_error, 1e-5 if dtype == torch.float32 else 1e-2)
+    # A row's result does not depend on the values of the other rows in its tile.
+    others = torch.randn(rows, k).to(dtype)
+    for r in range(rows):
+        mixed = others.clone()
+        mixed[r] = x[r]
+        assert torch.equal(cpu_kernels.linear_few_rows(mixed, weight)[r], got[r])
+
+
+def test_linear_few_rows_reads_strided_rows():
+    torch.manual_seed(0)
+    weight = torch.randn(32, 64)
+    wide = torch.randn(4, 100)
+    x = wide[:, 10:74]  # a view: rows 100 elements apart
+    assert cpu_kernels.few_rows_supported(x, weight)
+    torch.testing.assert_close(cpu_kernels.linear_few_rows(x, weight), x @ weight.t(), atol=1e-5, rtol=1e-5)
+
+
+def test_few_rows_supported_refuses_what_it_cannot_take():
+    x = torch.randn(4, 64)
+    assert cpu_kernels.few_rows_supported(x, torch.randn(32, 64))
+    assert not cpu_kernels.few_rows_supported(torch.randn(9, 64), torch.randn(32, 64))  # too many rows
+    assert not cpu_kernels.few_rows_supported(x, torch.randn(24, 64))  # n not a multiple of 16
+    assert not cpu_kernels.few_rows_supported(torch.randn(4, 40), torch.randn(32, 40))  # k neither
+    assert not cpu_kernels.few_rows_supported(x, torch.randn(64, 32).t())  # weight not row-major
+    assert not cpu_kernels.few_rows_supported(x.half(), torch.randn(32, 64).half())  # no fp16 kernels
+
+
+@pytest.mark.parametrize("rows", [1, 4, 8, 9])
+def test_linear_routes_few_fp32_rows_to_the_kernel(rows, monkeypatch):
+    from asyncllm.model.layers.linear import Linear
+
+    torch.manual_seed(0)
+    layer = Linear(64, 32, bias=True, kernels="cpu")
+    layer.pack()
+    calls = []
+    real = cpu_kernels.linear_few_rows
+    monkeypatch.setattr(cpu_kernels, "linear_few_rows", lambda *a: calls.append(a) or real(*a))
+    x = torch.randn(rows, 64)
+    with torch.no_grad():
+        got = layer(x)
+        torch.testing.assert_close(got, torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+        # One row keeps F.linear (bit-equal with transformers' batch-1 path); more than 8 the packed GEMM.
+        assert len(calls) == (1 if 2 <= rows <= 8 else 0)
+        torch_layer = Linear(64, 32, bias=True, kernels="torch")
+        torch_layer.load_state_dict(layer.state_dict())
+        torch_layer(x)
+        assert len(calls) == (1 if 2 <= rows <= 8 else 0)

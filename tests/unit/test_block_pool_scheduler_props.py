@@ -110,3 +110,19 @@ def test_extra_keys_separate_cache_entries():
     other = Request("c", [1, 2, 3, 4, 5], SamplingParams(), frozenset(), 4, cache_salt="lora-2")
     assert kv.get_computed_blocks(same)[1] == 4
     assert kv.get_computed_blocks(other)[1] == 0
+
+
+def test_empty_freed_blocks_are_reused_before_never_used_and_cached_ones():
+    from asyncllm.core.block_pool import BlockPool
+
+    pool = BlockPool(num_blocks=6, enable_caching=True)
+    a, b, c = pool.get_new_blocks(3)
+    assert [x.block_id for x in (a, b, c)] == [0, 1, 2]  # never-used blocks go out in id order
+    pool.cache_block(a, b"prefix")
+    pool.free_blocks([c, b, a])
+    # b and c hold nothing: reused first (their memory is committed); then never-used 3, 4, 5;
+    # the cached block a last, so its prefix stays findable as long as possible.
+    assert [x.block_id for x in pool.get_new_blocks(5)] == [1, 2, 3, 4, 5]
+    assert pool.get_cached_block(b"prefix") is a
+    assert pool.get_new_blocks(1)[0] is a and pool.get_cached_block(b"prefix") is None
+    pool.check_invariants()

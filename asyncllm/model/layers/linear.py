@@ -8,6 +8,11 @@ row keeps the plain weight (gemv beats the packed path there), so packing costs 
 the projection weights: `EngineArgs.cpu_weight_prepack` turns it off. In bf16 the packed path
 wins at one row too (AMX: the stack takes 10.4 ms packed against 16.4 ms with torch's bf16 gemv).
 
+With the C kernels (`kernels="cpu"`), fp32 steps of 2-8 rows use `linear_few_rows` instead: it
+streams each weight row once past all the rows (layers/cpu_kernels). Such a step is bound by
+reading the weights from memory, and on the default model's projection and logits weights
+(~540 MB, from DRAM) it took 21 / 25 ms at 4 / 8 rows against oneDNN's 25 / 30 ms.
+
 With `EngineArgs.quantization="int4"` a Linear also holds a 4-bit copy (layers/int4.py) that
 steps with few rows read instead.
 """
@@ -17,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from asyncllm.model.layers import cpu_kernels
 from asyncllm.model.layers.int4 import Int4Weight
 
 _PACK_HINT = 8  # rows the blocked layout is tuned for; it serves any row count (measured 1-64)
@@ -29,18 +35,24 @@ def prepack_supported(device: torch.device, dtype: torch.dtype) -> bool:
 
 class PackedLinear:
     """The optional oneDNN-packed copy of a weight, and the matmul that uses it for >= 2 rows
-    (plain F.linear for one row). Not an nn.Module: the packed tensor is a CPU-only cache of
-    the weight, never a parameter, buffer or checkpoint entry."""
+    (plain F.linear for one row; the C kernel for 2-8 fp32 rows when `kernels == "cpu"`). Not an
+    nn.Module: the packed tensor is a CPU-only cache of the weight, never a parameter, buffer or
+    checkpoint entry."""
 
-    def __init__(self):
+    def __init__(self, kernels: str = "torch"):
         self.packed: torch.Tensor | None = None
         self.min_rows = 2
+        self.kernels = kernels
 
     def pack(self, weight: torch.Tensor) -> None:
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_HINT)
         self.min_rows = 1 if weight.dtype == torch.bfloat16 else 2
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if (self.kernels == "cpu" and x.dim() == 2 and x.dtype == torch.float32
+                and 2 <= x.shape[0] <= cpu_kernels.FEW_ROWS_MAX and cpu_kernels.few_rows_supported(x, weight)):
+            out = cpu_kernels.linear_few_rows(x, weight)
+            return out if bias is None else out + bias
         if self.packed is None or x.dim() != 2 or x.shape[0] < self.min_rows:
             return F.linear(x, weight, bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
@@ -50,9 +62,9 @@ class Linear(nn.Linear):
     """nn.Linear that uses its packed copy once `pack()` was called, and its 4-bit copy for steps
     of at most `int4_max_rows` rows once `quantize_int4()` was."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, kernels: str = "torch"):
         super().__init__(in_features, out_features, bias=bias)
-        self.prepacked = PackedLinear()
+        self.prepacked = PackedLinear(kernels)
         self.int4: Int4Weight | None = None
         self.int4_max_rows = 0
 

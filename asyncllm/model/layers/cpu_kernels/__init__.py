@@ -13,7 +13,7 @@ import torch
 from asyncllm.model.layers.cpu_kernels.library import KernelBuildError, build_error, load_library
 
 __all__ = ["KernelBuildError", "build_error", "supports", "rms_norm", "rotary_", "silu_and_mul", "write_kv_cache",
-           "paged_decode_attention"]
+           "paged_decode_attention", "linear_few_rows", "FEW_ROWS_MAX"]
 
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
@@ -56,6 +56,25 @@ def rotary_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torc
                               positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), tokens, dim,
                               torch.get_num_threads())
     return q, k
+
+
+FEW_ROWS_MAX = 8  # most activation rows linear_few_rows takes
+
+
+def few_rows_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether linear_few_rows takes x [rows, k] @ weight [n, k]^T."""
+    rows, k = x.shape
+    return (supports(x, weight) and x.dtype == weight.dtype and 1 <= rows <= FEW_ROWS_MAX
+            and k % 16 == 0 and weight.shape[0] % 16 == 0 and weight.is_contiguous() and x.stride(1) == 1)
+
+
+def linear_few_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, weight) for the few rows of a decode step (see few_rows_supported)."""
+    rows, k = x.shape
+    out = torch.empty(rows, weight.shape[0], dtype=x.dtype)
+    _typed("linear_few_rows", x.dtype)(x.data_ptr(), x.stride(0), weight.data_ptr(), out.data_ptr(), rows,
+                                       weight.shape[0], k, torch.get_num_threads())
+    return out
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 /* CPU kernels for the decode step's small ops: fused add + RMSNorm, rotary in place,
- * SiLU-and-multiply, KV cache write, and paged decode attention that reads K/V blocks where they
- * lie in the cache.
+ * SiLU-and-multiply, KV cache write, paged decode attention that reads K/V blocks where they
+ * lie in the cache, and the matmul of a decode step's few rows.
  *
  * Plain C called through ctypes (asyncllm/model/layers/cpu_kernels/library.py compiles it with
  * gcc at first use). Parallel loops use OpenMP: the library links libgomp.so.1, which resolves
@@ -11,7 +11,7 @@
  * kernels_impl.h is included once per element type (float and bf16) with T/LOAD/STORE set.
  */
 #include <math.h>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__FMA__)
 #include <immintrin.h>
 #endif
 #include <stdint.h>
@@ -109,6 +109,22 @@ static inline v16sf sum16(const v16sf p[16]) {
     return __builtin_shuffle(c[0], c[1], l4) + __builtin_shuffle(c[0], c[1], h4);
 }
 
+/* a * b + c rounded once. The library is built with -ffp-contract=off (elementwise kernels
+ * must round like torch), so matmul accumulations ask for fused multiply-adds explicitly. */
+static inline v16sf fma16(v16sf a, v16sf b, v16sf c) {
+#if defined(__AVX512F__)
+    return (v16sf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(__FMA__)
+    typedef float v8sf __attribute__((vector_size(32)));
+    union { v16sf whole; v8sf half[2]; } ua = {a}, ub = {b}, uc = {c}, r;
+    for (int i = 0; i < 2; i++)
+        r.half[i] = (v8sf)_mm256_fmadd_ps((__m256)ua.half[i], (__m256)ub.half[i], (__m256)uc.half[i]);
+    return r.whole;
+#else
+    return a * b + c;
+#endif
+}
+
 /* p[i] = exp(p[i] - max) / sum over the row: torch's softmax, with exp_nonpositive. */
 static void softmax_row(float *p, int64_t n) {
     float top = p[0];
@@ -124,6 +140,8 @@ static void softmax_row(float *p, int64_t n) {
 #pragma omp simd
     for (int64_t i = 0; i < n; i++) p[i] *= inv_total;
 }
+
+#define FEW_ROWS_PREFETCH 8  /* rows; 4-16 measured alike, none or a non-temporal hint much slower */
 
 #define T float
 #define SUFFIX f32

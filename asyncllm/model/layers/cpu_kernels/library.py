@@ -29,6 +29,7 @@ SIGNATURES = {
     "rms_norm": (_P, _P, _P, _P, _P, _I64, _I64, _F32, _INT),
     "rotary": (_P, _I64, _I64, _P, _I64, _I64, _P, _P, _P, _I64, _I64, _INT),
     "silu_and_mul": (_P, _P, _I64, _I64, _INT),
+    "linear_few_rows": (_P, _I64, _P, _P, _I64, _I64, _I64, _INT),
     "paged_decode_attention": (_P, _I64, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _F32, _I64,
                                _INT),
 }
