@@ -5,7 +5,7 @@ front: first freed blocks that hold nothing (no hash), then never-used blocks in
 then blocks that still hold a cached prefix, least recently freed first (until reused they
 stay findable). Empty used blocks go first because their memory is already committed: on the
 CPU the cache is lazily mapped, and a never-used block costs page faults on its first write
-(worker/kv_memory.py). Blocks are never freed twice: freeing one with ref count 0 is a bug
+(docs/PERFORMANCE.md). Blocks are never freed twice: freeing one with ref count 0 is a bug
 and raises.
 """
 from __future__ import annotations

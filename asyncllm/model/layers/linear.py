@@ -11,7 +11,7 @@ wins at one row too (AMX: the stack takes 10.4 ms packed against 16.4 ms with to
 With the C kernels (`kernels="cpu"`), fp32 steps of 2-8 rows use `linear_few_rows` instead: it
 streams each weight row once past all the rows (layers/cpu_kernels). Such a step is bound by
 reading the weights from memory, and on the default model's projection and logits weights
-(~540 MB, from DRAM) it took 21 / 25 ms at 4 / 8 rows against oneDNN's 25 / 30 ms.
+(~540 MB, from DRAM) it took 21.0 / 26.3 ms at 4 / 8 rows against oneDNN's 24.8 / 28.5 ms.
 
 With `EngineArgs.quantization="int4"` a Linear also holds a 4-bit copy (layers/int4.py) that
 steps with few rows read instead.

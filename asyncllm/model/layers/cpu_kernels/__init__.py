@@ -3,7 +3,9 @@
 At batch 1 a decode step spends a third of its time dispatching ~40 small torch ops per layer;
 at batch 64, gathering K/V copies for attention costs as much as a third of the projections.
 These replace them with one call each: add + RMSNorm, rotary in place, SiLU-and-multiply, KV write,
-and paged decode attention reading the cache where it lies. fp32 and bf16; other dtypes keep the torch path.
+and paged decode attention reading the cache where it lies; and the matmul of a decode step's 2-8
+rows, which MKL and oneDNN run well below the memory bandwidth it is bound by (layers/linear.py).
+fp32 and bf16; other dtypes keep the torch path.
 Each has a torch reference it is tested against (tests/kernels/test_cpu_kernels.py).
 """
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 from asyncllm.model.layers.cpu_kernels.library import KernelBuildError, build_error, load_library
 
 __all__ = ["KernelBuildError", "build_error", "supports", "rms_norm", "rotary_", "silu_and_mul", "write_kv_cache",
-           "paged_decode_attention", "linear_few_rows", "FEW_ROWS_MAX"]
+           "paged_decode_attention", "few_rows_supported", "linear_few_rows", "FEW_ROWS_MAX"]
 
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
