@@ -169,6 +169,7 @@ def test_few_rows_supported_refuses_what_it_cannot_take():
     assert not cpu_kernels.few_rows_supported(torch.randn(4, 40), torch.randn(32, 40))  # k neither
     assert not cpu_kernels.few_rows_supported(x, torch.randn(64, 32).t())  # weight not row-major
     assert not cpu_kernels.few_rows_supported(x.half(), torch.randn(32, 64).half())  # no fp16 kernels
+    assert not cpu_kernels.few_rows_supported(torch.randn(2, 4, 64), torch.randn(32, 64))  # not [rows, k]
 
 
 @pytest.mark.parametrize("rows", [1, 4, 8, 9])

@@ -49,8 +49,9 @@ class PackedLinear:
         self.min_rows = 1 if weight.dtype == torch.bfloat16 else 2
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if (self.kernels == "cpu" and x.dim() == 2 and x.dtype == torch.float32
-                and 2 <= x.shape[0] <= cpu_kernels.FEW_ROWS_MAX and cpu_kernels.few_rows_supported(x, weight)):
+        # fp32 only (bf16's packed AMX path is faster); one row stays on F.linear below.
+        if (self.kernels == "cpu" and x.dtype == torch.float32 and x.shape[0] >= 2
+                and cpu_kernels.few_rows_supported(x, weight)):
             out = cpu_kernels.linear_few_rows(x, weight)
             return out if bias is None else out + bias
         if self.packed is None or x.dim() != 2 or x.shape[0] < self.min_rows:

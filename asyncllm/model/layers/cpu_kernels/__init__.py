@@ -64,10 +64,10 @@ FEW_ROWS_MAX = 8  # most activation rows linear_few_rows takes
 
 
 def few_rows_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether linear_few_rows takes x [rows, k] @ weight [n, k]^T."""
-    rows, k = x.shape
-    return (supports(x, weight) and x.dtype == weight.dtype and 1 <= rows <= FEW_ROWS_MAX
-            and k % 16 == 0 and weight.shape[0] % 16 == 0 and weight.is_contiguous() and x.stride(1) == 1)
+    """Whether linear_few_rows takes x [rows, k] @ weight [n, k]^T. The row count is checked
+    first: callers ask on every matmul, and most steps have more rows."""
+    return (x.dim() == 2 and 1 <= x.shape[0] <= FEW_ROWS_MAX and supports(x, weight) and x.dtype == weight.dtype
+            and x.shape[1] % 16 == 0 and weight.shape[0] % 16 == 0 and weight.is_contiguous() and x.stride(1) == 1)
 
 
 def linear_few_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
