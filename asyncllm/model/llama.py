@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from asyncllm.model.arch_config import LlamaFamilyConfig
+from asyncllm.model.cpu_decode import CpuDecodeStack
 from asyncllm.model.layers import cpu_kernels
 from asyncllm.model.layers.attention import AttentionBackend, AttentionMetadata, TorchAttentionBackend
 from asyncllm.model.layers.cpu_attention import CpuAttentionBackend
@@ -33,8 +34,11 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias,
                                kernels=kernels)
         self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False, kernels=kernels)
-        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        # Per head, over [tokens * heads, head_dim] rows; on the C kernel as the other norms
+        # (what the whole-stack decode call computes too: cpu_decode.py).
+        norm_kernels = "cpu" if kernels == "cpu" else "torch"
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, norm_kernels) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, norm_kernels) if cfg.qk_norm else None
         self.rotary = rotary
         backends = {"triton": TritonAttentionBackend, "cpu": CpuAttentionBackend}
         backend_class = backends.get(kernels, TorchAttentionBackend)
@@ -49,7 +53,8 @@ class LlamaAttention(nn.Module):
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view(-1, self.num_heads, self.head_dim)
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view(-1, self.num_kv_heads, self.head_dim)
         q, k = self.rotary(positions, q, k)
         out = self.backend.forward(q, k, v, kv_cache, meta)
         return self.o_proj(out.reshape(-1, self.q_size))
@@ -110,10 +115,20 @@ class LlamaFamilyForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.logits_linear = PackedLinear(kernels)
+        self.kernels = kernels
+        # Decode steps of a few sequences in one C call (cpu_decode.py); built on first use, once
+        # load-time changes (4-bit copies) are done. None: the per-op forward for every step.
+        self.decode_stack: CpuDecodeStack | None = None
+        self.use_decode_stack = kernels == "cpu"
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
         """→ final hidden states [T, hidden]."""
+        if self.use_decode_stack:
+            if self.decode_stack is None:
+                self.decode_stack = CpuDecodeStack(self)
+            if self.decode_stack.takes(input_ids.shape[0], meta, kv_caches):
+                return self.decode_stack.forward(input_ids, positions, kv_caches, meta)
         h, residual = self.embed_tokens(input_ids), None
         for layer, kv_cache in zip(self.layers, kv_caches):
             h, residual = layer(h, residual, positions, kv_cache, meta)

@@ -141,7 +141,24 @@ static void softmax_row(float *p, int64_t n) {
     for (int64_t i = 0; i < n; i++) p[i] *= inv_total;
 }
 
+/* Decode attention splits into one task per sequence (all its KV heads) when there are enough
+ * sequences to share out, else one per (sequence, KV head) so a single long sequence still uses
+ * every thread. */
+static inline int64_t attention_heads_per_task(int64_t seqs, int64_t kv_heads, int num_threads) {
+    return seqs >= 4 * num_threads ? kv_heads : 1;
+}
+
+static inline int64_t max_seq_len(const int64_t *seq_lens, int64_t seqs) {
+    int64_t longest = 1;
+    for (int64_t b = 0; b < seqs; b++) longest = seq_lens[b] > longest ? seq_lens[b] : longest;
+    return longest;
+}
+
 #define FEW_ROWS_PREFETCH 8  /* rows; 4-16 measured alike, none or a non-temporal hint much slower */
+
+#define CONCAT_(a, b) a##_##b
+#define CONCAT(a, b) CONCAT_(a, b)
+#define NAME(base) CONCAT(base, SUFFIX)
 
 #define T float
 #define SUFFIX f32
@@ -149,6 +166,7 @@ static void softmax_row(float *p, int64_t n) {
 #define LOAD(p) (p)
 #define STORE(x) (x)
 #include "kernels_impl.h"
+#include "decode_stack_impl.h"
 #undef T
 #undef SUFFIX
 #undef LOAD
@@ -161,11 +179,15 @@ static void softmax_row(float *p, int64_t n) {
 #define LOAD(p) bf16_to_float(p)
 #define STORE(x) float_to_bf16(x)
 #include "kernels_impl.h"
+#include "decode_stack_impl.h"
 #undef T
 #undef SUFFIX
 #undef LOAD
 #undef STORE
 #undef LOAD16
+#undef NAME
+#undef CONCAT
+#undef CONCAT_
 
 /* KV write (dtype-free: rows are copied as bytes). k, v: [tokens, row_bytes] with the given
  * byte strides; the cache: [num_slots, row_bytes] per K and V. Negative slots are skipped. */

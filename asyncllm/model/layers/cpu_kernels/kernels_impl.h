@@ -1,43 +1,44 @@
-/* Kernels for one element type; included by kernels.c with T, SUFFIX, LOAD and STORE defined.
+/* Kernels for one element type; included by kernels.c with T, SUFFIX, LOAD and STORE defined
+ * (NAME(x) is x_SUFFIX).
  * Statistics and accumulations run in fp32 whatever T is. */
-#define CONCAT_(a, b) a##_##b
-#define CONCAT(a, b) CONCAT_(a, b)
-#define NAME(base) CONCAT(base, SUFFIX)
 
 /* h = x + residual (rounded to T, as torch adds in T), residual_out = h,
  * out = weight * T(h * rsqrt(mean(h^2) + eps)): transformers' LlamaRMSNorm with vLLM's fused add.
- * residual may be NULL (no add); residual_out may alias residual. Rows are contiguous. */
+ * residual may be NULL (no add); residual_out may alias residual. One row of `hidden` values. */
+static inline void NAME(rms_norm_row)(const T *xr, const T *rr, T *ror, T *outr, const T *weight, int64_t hidden,
+                                      float eps) {
+    float sum = 0.0f;
+    if (rr != NULL) {
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < hidden; i++) {
+            float h = LOAD(STORE(LOAD(xr[i]) + LOAD(rr[i])));
+            ror[i] = STORE(h);
+            sum += h * h;
+        }
+        xr = ror;
+    } else {
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < hidden; i++) {
+            float h = LOAD(xr[i]);
+            sum += h * h;
+        }
+    }
+    float inv = 1.0f / sqrtf(sum / (float)hidden + eps);
+#pragma omp simd
+    for (int64_t i = 0; i < hidden; i++) {
+        float normed = LOAD(STORE(LOAD(xr[i]) * inv));
+        outr[i] = STORE(LOAD(weight[i]) * normed);
+    }
+}
+
+/* rms_norm_row over contiguous rows. */
 void NAME(rms_norm)(const T *x, const T *residual, T *residual_out, T *out, const T *weight,
                     int64_t rows, int64_t hidden, float eps, int num_threads) {
 #pragma omp parallel for num_threads(num_threads) if (rows >= 8) schedule(static)
-    for (int64_t row = 0; row < rows; row++) {
-        const T *xr = x + row * hidden;
-        T *outr = out + row * hidden;
-        float sum = 0.0f;
-        if (residual != NULL) {
-            const T *rr = residual + row * hidden;
-            T *ror = residual_out + row * hidden;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t i = 0; i < hidden; i++) {
-                float h = LOAD(STORE(LOAD(xr[i]) + LOAD(rr[i])));
-                ror[i] = STORE(h);
-                sum += h * h;
-            }
-            xr = ror;
-        } else {
-#pragma omp simd reduction(+ : sum)
-            for (int64_t i = 0; i < hidden; i++) {
-                float h = LOAD(xr[i]);
-                sum += h * h;
-            }
-        }
-        float inv = 1.0f / sqrtf(sum / (float)hidden + eps);
-#pragma omp simd
-        for (int64_t i = 0; i < hidden; i++) {
-            float normed = LOAD(STORE(LOAD(xr[i]) * inv));
-            outr[i] = STORE(LOAD(weight[i]) * normed);
-        }
-    }
+    for (int64_t row = 0; row < rows; row++)
+        NAME(rms_norm_row)(x + row * hidden, residual == NULL ? NULL : residual + row * hidden,
+                           residual == NULL ? NULL : residual_out + row * hidden, out + row * hidden, weight,
+                           hidden, eps);
 }
 
 /* out[m][n0 + r] = x[m] . w[n0 + r] for r < ROWS weight rows and m < MB activation rows, as
@@ -66,15 +67,16 @@ static inline __attribute__((always_inline)) void NAME(few_rows_tile)(
 /* out [rows, n] = x [rows, k] @ w [n, k]^T for the 1-8 rows of a decode step (nn.Linear's
  * layout, no bias). Such a step is bound by reading the weight: each weight row is read once
  * and multiplied by every activation row while it is in registers; x stays in L1. Needs
- * k % 16 == 0 and n % 16 == 0; rows of x and out are `x_stride` / `n` elements apart. */
-void NAME(linear_few_rows)(const T *x, int64_t x_stride, const T *w, T *out, int64_t rows, int64_t n,
-                           int64_t k, int num_threads) {
+ * k % 16 == 0 and n % 16 == 0; rows of x and out are `x_stride` / `n` elements apart.
+ * An orphaned `omp for`: the calling parallel region's threads share the weight rows. */
+static void NAME(few_rows_for)(const T *x, int64_t x_stride, const T *w, T *out, int64_t rows, int64_t n,
+                               int64_t k) {
     const T *xs[8];
     int mb = rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : 8;
     for (int m = 0; m < 8; m++) xs[m] = x + (m < rows ? m : 0) * x_stride;
 #define FEW_ROWS_CASE(MB)                                                                       \
     case MB:                                                                                    \
-        _Pragma("omp parallel for num_threads(num_threads) schedule(static)")                   \
+        _Pragma("omp for schedule(static)")                                                     \
         for (int64_t n0 = 0; n0 < n; n0 += 16 / MB)                                             \
             NAME(few_rows_tile)(xs, w, out, n, n0, k, rows, MB, 16 / MB);                        \
         break;
@@ -85,6 +87,12 @@ void NAME(linear_few_rows)(const T *x, int64_t x_stride, const T *w, T *out, int
         FEW_ROWS_CASE(8)
     }
 #undef FEW_ROWS_CASE
+}
+
+void NAME(linear_few_rows)(const T *x, int64_t x_stride, const T *w, T *out, int64_t rows, int64_t n,
+                           int64_t k, int num_threads) {
+#pragma omp parallel num_threads(num_threads)
+    NAME(few_rows_for)(x, x_stride, w, out, rows, n, k);
 }
 
 /* Rotary embedding (rotate-half layout) in place on q [tokens, q_heads, dim] and k [tokens,
@@ -102,34 +110,39 @@ static inline void NAME(rotate_head)(T *x, const float *cos, const float *sin, i
     }
 }
 
+/* One token's query heads q [q_heads, dim] and key heads k [k_heads, dim] at `position`. */
+static inline void NAME(rotary_token)(T *q, int64_t q_heads, T *k, int64_t k_heads, int64_t position,
+                                      const float *cos, const float *sin, int64_t dim) {
+    const float *c = cos + position * dim, *s = sin + position * dim;
+    for (int64_t h = 0; h < q_heads; h++) NAME(rotate_head)(q + h * dim, c, s, dim / 2);
+    for (int64_t h = 0; h < k_heads; h++) NAME(rotate_head)(k + h * dim, c, s, dim / 2);
+}
+
 void NAME(rotary)(T *q, int64_t q_stride, int64_t q_heads, T *k, int64_t k_stride, int64_t k_heads,
                   const int64_t *positions, const float *cos, const float *sin, int64_t tokens,
                   int64_t dim, int num_threads) {
-    int64_t half = dim / 2;
 #pragma omp parallel for num_threads(num_threads) if (tokens >= 16) schedule(static)
-    for (int64_t t = 0; t < tokens; t++) {
-        const float *c = cos + positions[t] * dim, *s = sin + positions[t] * dim;
-        for (int64_t h = 0; h < q_heads; h++) NAME(rotate_head)(q + t * q_stride + h * dim, c, s, half);
-        for (int64_t h = 0; h < k_heads; h++) NAME(rotate_head)(k + t * k_stride + h * dim, c, s, half);
-    }
+    for (int64_t t = 0; t < tokens; t++)
+        NAME(rotary_token)(q + t * q_stride, q_heads, k + t * k_stride, k_heads, positions[t], cos, sin, dim);
 }
 
 /* out = silu(gate) * up for gate_up [rows, 2 * inter] (the fused projection: gate, then up),
  * rounded like torch's F.silu(gate) * up in T. silu(g) = g / (1 + e^-g), written with
  * z = e^-|g| <= 1 so the vectorised exp never overflows. */
+static inline void NAME(silu_and_mul_row)(const T *gate, const T *up, T *o, int64_t inter) {
+#pragma omp simd
+    for (int64_t i = 0; i < inter; i++) {
+        float g = LOAD(gate[i]);
+        float z = exp_nonpositive(-fabsf(g));
+        float silu = (g >= 0.0f ? g : g * z) / (1.0f + z);
+        o[i] = STORE(LOAD(STORE(silu)) * LOAD(up[i]));
+    }
+}
+
 void NAME(silu_and_mul)(const T *gate_up, T *out, int64_t rows, int64_t inter, int num_threads) {
 #pragma omp parallel for num_threads(num_threads) if (rows * inter >= 65536) schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        const T *gate = gate_up + r * 2 * inter, *up = gate + inter;
-        T *o = out + r * inter;
-#pragma omp simd
-        for (int64_t i = 0; i < inter; i++) {
-            float g = LOAD(gate[i]);
-            float z = exp_nonpositive(-fabsf(g));
-            float silu = (g >= 0.0f ? g : g * z) / (1.0f + z);
-            o[i] = STORE(LOAD(STORE(silu)) * LOAD(up[i]));
-        }
-    }
+    for (int64_t r = 0; r < rows; r++)
+        NAME(silu_and_mul_row)(gate_up + r * 2 * inter, gate_up + r * 2 * inter + inter, out + r * inter, inter);
 }
 
 /* Asks for the next cache block while this one is worked on: blocks lie at random places, so the
@@ -235,52 +248,58 @@ static inline __attribute__((always_inline)) void NAME(attend)(
     for (int64_t i = h0 * dim; i < h1 * dim; i++) out[i] = STORE(acc[i]);
 }
 
+/* The tasks of paged_decode_attention as an orphaned `omp for` (the calling parallel region's
+ * threads share them); qf, acc: [heads * dim], probs: [heads * max_len] scratch of this thread. */
+static void NAME(decode_attention_for)(const T *q, int64_t q_stride, const T *k_cache, const T *v_cache,
+                                       const int64_t *block_tables, int64_t bt_stride, const int64_t *seq_lens,
+                                       T *out, int64_t seqs, int64_t heads, int64_t kv_heads, int64_t dim,
+                                       int64_t block_size, float scale, int64_t window, int64_t heads_per_task,
+                                       float *qf, float *acc, float *probs) {
+    int64_t group = heads / kv_heads;
+    int64_t token_stride = kv_heads * dim, block_stride = block_size * token_stride;
+    int64_t tasks = seqs * (kv_heads / heads_per_task);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < tasks; task++) {
+        int64_t b = task * heads_per_task / kv_heads;
+        int64_t g0 = task * heads_per_task % kv_heads, g1 = g0 + heads_per_task;
+        int64_t len = seq_lens[b];
+        int64_t first = (window > 0 && len > window) ? len - window : 0;
+        const T *qb = q + b * q_stride;
+        const int64_t *table = block_tables + b * bt_stride;
+        T *ob = out + b * heads * dim;
+        if (dim == 64)
+            NAME(attend)(qb, k_cache, v_cache, table, first, len, ob, g0, g1, group, 64, token_stride,
+                         block_stride, block_size, scale, qf, acc, probs);
+        else if (dim == 128)
+            NAME(attend)(qb, k_cache, v_cache, table, first, len, ob, g0, g1, group, 128, token_stride,
+                         block_stride, block_size, scale, qf, acc, probs);
+        else
+            NAME(attend)(qb, k_cache, v_cache, table, first, len, ob, g0, g1, group, dim, token_stride,
+                         block_stride, block_size, scale, qf, acc, probs);
+    }
+}
+
 /* Decode attention over the paged cache, one query token per sequence.
  * q: [seqs, heads, dim] rows q_stride apart; caches: [num_blocks, block_size, kv_heads, dim];
  * block_tables: [seqs, bt_stride]; seq_lens: [seqs] (context incl. the new token);
- * window > 0 keeps the last `window` keys. out: [seqs, heads, dim] contiguous.
- * With enough sequences to share out, one task per sequence (all its KV heads); otherwise one
- * task per (sequence, KV head) so a single long sequence still uses every thread. */
+ * window > 0 keeps the last `window` keys. out: [seqs, heads, dim] contiguous. */
 void NAME(paged_decode_attention)(const T *q, int64_t q_stride, const T *k_cache, const T *v_cache,
                                   const int64_t *block_tables, int64_t bt_stride, const int64_t *seq_lens,
                                   T *out, int64_t seqs, int64_t heads, int64_t kv_heads, int64_t dim,
                                   int64_t block_size, float scale, int64_t window, int num_threads) {
-    int64_t group = heads / kv_heads;
-    int64_t max_len = 1;
-    for (int64_t b = 0; b < seqs; b++) max_len = seq_lens[b] > max_len ? seq_lens[b] : max_len;
-    int64_t token_stride = kv_heads * dim, block_stride = block_size * token_stride;
-    int64_t heads_per_task = seqs >= 4 * num_threads ? kv_heads : 1;
+    int64_t max_len = max_seq_len(seq_lens, seqs);
+    int64_t heads_per_task = attention_heads_per_task(seqs, kv_heads, num_threads);
     int64_t tasks = seqs * (kv_heads / heads_per_task);
 #pragma omp parallel num_threads(num_threads) if (tasks > 1)
     {
         float *qf = malloc(sizeof(float) * heads * dim);
         float *acc = malloc(sizeof(float) * heads * dim);
         float *probs = malloc(sizeof(float) * heads * max_len);
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t task = 0; task < tasks; task++) {
-            int64_t b = task * heads_per_task / kv_heads;
-            int64_t g0 = task * heads_per_task % kv_heads, g1 = g0 + heads_per_task;
-            int64_t len = seq_lens[b];
-            int64_t first = (window > 0 && len > window) ? len - window : 0;
-            const T *qb = q + b * q_stride;
-            const int64_t *table = block_tables + b * bt_stride;
-            T *ob = out + b * heads * dim;
-            if (dim == 64)
-                NAME(attend)(qb, k_cache, v_cache, table, first, len, ob, g0, g1, group, 64, token_stride,
-                             block_stride, block_size, scale, qf, acc, probs);
-            else if (dim == 128)
-                NAME(attend)(qb, k_cache, v_cache, table, first, len, ob, g0, g1, group, 128, token_stride,
-                             block_stride, block_size, scale, qf, acc, probs);
-            else
-                NAME(attend)(qb, k_cache, v_cache, table, first, len, ob, g0, g1, group, dim, token_stride,
-                             block_stride, block_size, scale, qf, acc, probs);
-        }
+        NAME(decode_attention_for)(q, q_stride, k_cache, v_cache, block_tables, bt_stride, seq_lens, out, seqs,
+                                   heads, kv_heads, dim, block_size, scale, window, heads_per_task, qf, acc, probs);
         free(qf);
         free(acc);
         free(probs);
     }
 }
 
-#undef NAME
-#undef CONCAT
-#undef CONCAT_

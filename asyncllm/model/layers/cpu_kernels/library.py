@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch  # noqa: F401  (loads torch's libgomp first, so the library's OpenMP resolves to it)
 
-SOURCES = ("kernels.c", "kernels_impl.h")
+SOURCES = ("kernels.c", "kernels_impl.h", "decode_stack_impl.h")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 # gcc keeps to 256-bit vectors on AVX-512 CPUs unless told; the attention loops gain from 512.
 X86_FLAGS = ("-mprefer-vector-width=512",)
@@ -32,6 +32,7 @@ SIGNATURES = {
     "linear_few_rows": (_P, _I64, _P, _P, _I64, _I64, _I64, _INT),
     "paged_decode_attention": (_P, _I64, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _F32, _I64,
                                _INT),
+    "decode_stack": (_P, _P, _I64, _P, _P, _P, _I64, _P, _P, _P, _INT),
 }
 TYPED_SUFFIXES = ("f32", "bf16")
 
@@ -102,6 +103,9 @@ def load_library() -> ctypes.CDLL:
             fn.argtypes, fn.restype = argtypes, None
     lib.write_kv_cache.argtypes = (_P, _I64, _P, _I64, _P, _P, _P, _I64, _I64, _INT)
     lib.write_kv_cache.restype = None
+    for suffix in TYPED_SUFFIXES:
+        fn = getattr(lib, f"decode_stack_scratch_{suffix}")
+        fn.argtypes, fn.restype = (_P,), _I64
     return lib
 
 

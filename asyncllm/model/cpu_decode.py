@@ -1,0 +1,75 @@
+"""Decode steps of 1-8 sequences through one C call for the whole decoder (kernels="cpu", fp32).
+
+Such a step is bound by reading every weight from memory (~540 MB in fp32 for the default
+model), and the per-op forward spent ~20% of a batch-1 step between the matmuls: Python calls,
+tensor views and an OpenMP fork/join for each of ~10 small ops per layer. `decode_stack`
+(layers/cpu_kernels/decode_stack_impl.h) runs the same ops in the same order in one parallel
+region. Prompt steps, bigger batches, other dtypes and 4-bit weights keep the per-op forward.
+
+At 2-8 rows its results equal the per-op C path's bit for bit (the same row functions and
+matmul tiles). At one row the per-op path runs the projections through torch's F.linear (MKL's
+gemv, as transformers does) and this one through the few-rows kernel, so results differ in
+rounding only (tested against transformers like every path).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from asyncllm.model.layers import cpu_kernels
+from asyncllm.model.layers.attention import AttentionMetadata
+from asyncllm.model.layers.cpu_kernels.decode_stack import DecodeShape, DecodeStackArgs
+
+MAX_ROWS = cpu_kernels.FEW_ROWS_MAX  # the few-rows matmul's limit
+
+
+def _weights_fit(model: nn.Module) -> bool:
+    """fp32 dense weights whose matmul shapes the few-rows kernel takes (multiples of 16)."""
+    for projection in model.projections():
+        if projection.int4 is not None or projection.weight.dtype != torch.float32:
+            return False
+        if projection.in_features % 16 or projection.out_features % 16 or not projection.weight.is_contiguous():
+            return False
+    return model.config.head_dim % 2 == 0
+
+
+class CpuDecodeStack:
+    """The C structure for one model and KV cache, built on the first decode step it takes (after
+    load-time changes such as 4-bit copies), rebuilt if the engine hands over other caches."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.enabled = _weights_fit(model)
+        self._args: DecodeStackArgs | None = None
+
+    def takes(self, num_tokens: int, meta: AttentionMetadata, kv_caches: list[torch.Tensor]) -> bool:
+        return (self.enabled and num_tokens <= MAX_ROWS and meta.num_decodes == meta.num_requests == num_tokens
+                and kv_caches[0].dtype == torch.float32)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                meta: AttentionMetadata) -> torch.Tensor:
+        """→ final hidden states [T, hidden], as the model's forward returns them."""
+        args = self._args
+        if args is None or args.kv_caches is not kv_caches:
+            args = self._args = self._build(kv_caches)
+        return args.run(self.model.embed_tokens(input_ids), positions, meta.slot_mapping, meta.block_tables,
+                        meta.seq_lens_tensor)
+
+    def _build(self, kv_caches: list[torch.Tensor]) -> DecodeStackArgs:
+        model, cfg = self.model, self.model.config
+        attention0 = model.layers[0].self_attn
+        shape = DecodeShape(hidden=cfg.hidden_size, heads=cfg.num_heads, kv_heads=cfg.num_kv_heads,
+                            head_dim=cfg.head_dim, intermediate=cfg.intermediate_size, eps=cfg.rms_norm_eps,
+                            scale=attention0.backend.scale, window=cfg.sliding_window or 0)
+        layers = []
+        for layer in model.layers:
+            attention, mlp = layer.self_attn, layer.mlp
+            layers.append({
+                "input_norm": layer.input_layernorm.weight, "post_norm": layer.post_attention_layernorm.weight,
+                "qkv": attention.qkv_proj.weight, "qkv_bias": attention.qkv_proj.bias,
+                "q_norm": None if attention.q_norm is None else attention.q_norm.weight,
+                "k_norm": None if attention.k_norm is None else attention.k_norm.weight,
+                "o": attention.o_proj.weight, "gate_up": mlp.gate_up_proj.weight, "gate_up_bias": mlp.gate_up_proj.bias,
+                "down": mlp.down_proj.weight, "down_bias": mlp.down_proj.bias,
+            })
+        return DecodeStackArgs(shape, layers, model.norm.weight, model.rotary.cos, model.rotary.sin, kv_caches)

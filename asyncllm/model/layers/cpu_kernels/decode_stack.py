@@ -1,0 +1,86 @@
+"""ctypes side of `decode_stack` (decode_stack_impl.h): the decoder's whole forward for a decode
+step of 1-8 sequences in one C call. The structures mirror the C ones field for field; they
+hold raw pointers, so `DecodeStackArgs` keeps the tensors they point into alive."""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import torch
+
+from asyncllm.model.layers.cpu_kernels import _SUFFIX, _typed
+from asyncllm.model.layers.cpu_kernels.library import load_library
+
+LAYER_TENSORS = ("input_norm", "qkv", "qkv_bias", "q_norm", "k_norm", "o", "post_norm", "gate_up", "gate_up_bias",
+                 "down", "down_bias")
+
+
+class DecodeLayer(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in LAYER_TENSORS] + [
+        ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p)]
+
+
+class DecodeStack(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int64) for name in (
+        "num_layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "block_size", "window")] + [
+        ("eps", ctypes.c_double), ("scale", ctypes.c_double), ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p),
+        ("final_norm", ctypes.c_void_p), ("layers", ctypes.POINTER(DecodeLayer))]
+
+
+@dataclass(frozen=True)
+class DecodeShape:
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    eps: float
+    scale: float
+    window: int  # 0: no sliding window
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class DecodeStackArgs:
+    """The C structure for one model and KV cache, with the tensors it points into."""
+
+    def __init__(self, shape: DecodeShape, layers: list[dict[str, torch.Tensor | None]], final_norm: torch.Tensor,
+                 cos: torch.Tensor, sin: torch.Tensor, kv_caches: list[torch.Tensor]):
+        for tensor in (final_norm, cos, sin, *kv_caches):
+            assert tensor.is_contiguous()
+        self.dtype = final_norm.dtype
+        self._keep = (layers, final_norm, cos, sin, kv_caches)
+        self.kv_caches = kv_caches
+        self._layers = (DecodeLayer * len(layers))()
+        for entry, tensors, cache in zip(self._layers, layers, kv_caches):
+            for name in LAYER_TENSORS:
+                tensor = tensors.get(name)
+                assert tensor is None or (tensor.is_contiguous() and tensor.dtype == self.dtype), name
+                setattr(entry, name, _ptr(tensor))
+            entry.k_cache, entry.v_cache = cache[0].data_ptr(), cache[1].data_ptr()
+        self.block_size = kv_caches[0].shape[2]
+        self.struct = DecodeStack(
+            num_layers=len(layers), hidden=shape.hidden, heads=shape.heads, kv_heads=shape.kv_heads,
+            head_dim=shape.head_dim, intermediate=shape.intermediate, block_size=self.block_size,
+            window=shape.window, eps=shape.eps, scale=shape.scale, cos=cos.data_ptr(), sin=sin.data_ptr(),
+            final_norm=final_norm.data_ptr(), layers=self._layers)
+        self.scratch_per_row = getattr(load_library(), f"decode_stack_scratch_{_SUFFIX[self.dtype]}")(
+            ctypes.byref(self.struct))
+
+    def run(self, embeddings: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+            block_tables: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+        """embeddings [rows, hidden] (overwritten) → the final norm's output [rows, hidden]."""
+        rows = embeddings.shape[0]
+        assert embeddings.is_contiguous() and embeddings.dtype == self.dtype
+        for index in (positions, slot_mapping, seq_lens):
+            assert index.dtype == torch.int64 and index.is_contiguous() and index.shape[0] == rows
+        assert block_tables.dtype == torch.int64 and block_tables.stride(1) == 1 and block_tables.shape[0] == rows
+        scratch = torch.empty(rows * self.scratch_per_row, dtype=self.dtype)
+        out = torch.empty_like(embeddings)
+        _typed("decode_stack", self.dtype)(
+            ctypes.byref(self.struct), embeddings.data_ptr(), rows, positions.data_ptr(), slot_mapping.data_ptr(),
+            block_tables.data_ptr(), block_tables.stride(0), seq_lens.data_ptr(), scratch.data_ptr(),
+            out.data_ptr(), torch.get_num_threads())
+        return out

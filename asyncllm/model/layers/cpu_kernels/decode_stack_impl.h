@@ -1,0 +1,118 @@
+/* The whole decoder stack for a decode step of a few sequences, in one call; included by
+ * kernels.c once per element type after kernels_impl.h, whose row functions it uses.
+ *
+ * At 1-8 rows a step is bound by reading the weights (~540 MB in fp32 for the default model),
+ * and the per-op path spends ~20% of a batch-1 step between the matmuls: ~10 Python-level
+ * calls and as many OpenMP fork/joins per layer for ops that take a few microseconds each.
+ * Here one parallel region runs every layer; the small ops run on one thread (`omp single`)
+ * and the matmuls and attention are shared out (`omp for`), with a barrier after each. The ops,
+ * their order and their rounding are the per-op C path's (same row functions, same matmul
+ * tiles), so both give the same bits. */
+
+#ifndef DECODE_STACK_TYPES
+#define DECODE_STACK_TYPES
+/* One layer's tensors (element type T; NULL where the model has none). Mirrored by ctypes in
+ * cpu_kernels/decode_stack.py: keep the field order. */
+typedef struct {
+    const void *input_norm, *qkv, *qkv_bias, *q_norm, *k_norm, *o, *post_norm, *gate_up, *gate_up_bias, *down,
+        *down_bias;
+    void *k_cache, *v_cache; /* [num_blocks, block_size, kv_heads, head_dim] each */
+} DecodeLayer;
+
+typedef struct {
+    int64_t num_layers, hidden, heads, kv_heads, head_dim, intermediate, block_size, window;
+    double eps, scale;
+    const float *cos, *sin; /* [max_positions, head_dim] */
+    const void *final_norm;
+    const DecodeLayer *layers;
+} DecodeStack;
+#endif
+
+static inline void NAME(add_bias_row)(T *row, const T *bias, int64_t n) {
+    for (int64_t i = 0; i < n; i++) row[i] = STORE(LOAD(row[i]) + LOAD(bias[i]));
+}
+
+/* Elements of scratch decode_stack needs per row. */
+int64_t NAME(decode_stack_scratch)(const DecodeStack *m) {
+    int64_t q_size = m->heads * m->head_dim, qkv_n = q_size + 2 * m->kv_heads * m->head_dim;
+    return 2 * m->hidden + qkv_n + q_size + 3 * m->intermediate;
+}
+
+/* h: [rows, hidden] the step's embeddings (overwritten); one token per sequence at positions[r],
+ * written to cache slot slots[r] (< 0: not written); block_tables [rows, bt_stride] and seq_lens
+ * [rows] as paged_decode_attention takes them. out [rows, hidden]: the final norm's output.
+ * scratch: rows * decode_stack_scratch(m) elements. */
+void NAME(decode_stack)(const DecodeStack *m, T *h, int64_t rows, const int64_t *positions, const int64_t *slots,
+                        const int64_t *block_tables, int64_t bt_stride, const int64_t *seq_lens, T *scratch,
+                        T *out, int num_threads) {
+    const int64_t hidden = m->hidden, heads = m->heads, kv_heads = m->kv_heads, dim = m->head_dim;
+    const int64_t inter = m->intermediate, q_size = heads * dim, kv_size = kv_heads * dim;
+    const int64_t qkv_n = q_size + 2 * kv_size;
+    T *residual = scratch, *x = residual + rows * hidden, *qkv = x + rows * hidden, *attn = qkv + rows * qkv_n;
+    T *gate_up = attn + rows * q_size, *act = gate_up + rows * 2 * inter;
+    const int64_t max_len = max_seq_len(seq_lens, rows);
+    const int64_t heads_per_task = attention_heads_per_task(rows, kv_heads, num_threads);
+    const float eps = (float)m->eps, scale = (float)m->scale;
+#pragma omp parallel num_threads(num_threads)
+    {
+        float *qf = malloc(sizeof(float) * q_size), *acc = malloc(sizeof(float) * q_size);
+        float *probs = malloc(sizeof(float) * heads * max_len);
+        for (int64_t l = 0; l < m->num_layers; l++) {
+            const DecodeLayer *layer = &m->layers[l];
+#pragma omp single
+            for (int64_t r = 0; r < rows; r++) {
+                T *hr = h + r * hidden, *rr = residual + r * hidden, *xr = x + r * hidden;
+                if (l == 0) { /* the embeddings start the residual stream: no add */
+                    memcpy(rr, hr, sizeof(T) * hidden);
+                    NAME(rms_norm_row)(rr, NULL, NULL, xr, layer->input_norm, hidden, eps);
+                } else {
+                    NAME(rms_norm_row)(hr, rr, rr, xr, layer->input_norm, hidden, eps);
+                }
+            }
+            NAME(few_rows_for)(x, hidden, layer->qkv, qkv, rows, qkv_n, hidden);
+#pragma omp single
+            for (int64_t r = 0; r < rows; r++) {
+                T *q = qkv + r * qkv_n, *k = q + q_size, *v = k + kv_size;
+                if (layer->qkv_bias != NULL) NAME(add_bias_row)(q, layer->qkv_bias, qkv_n);
+                if (layer->q_norm != NULL) {
+                    for (int64_t i = 0; i < heads; i++)
+                        NAME(rms_norm_row)(q + i * dim, NULL, NULL, q + i * dim, layer->q_norm, dim, eps);
+                    for (int64_t i = 0; i < kv_heads; i++)
+                        NAME(rms_norm_row)(k + i * dim, NULL, NULL, k + i * dim, layer->k_norm, dim, eps);
+                }
+                NAME(rotary_token)(q, heads, k, kv_heads, positions[r], m->cos, m->sin, dim);
+                if (slots[r] >= 0) {
+                    memcpy((T *)layer->k_cache + slots[r] * kv_size, k, sizeof(T) * kv_size);
+                    memcpy((T *)layer->v_cache + slots[r] * kv_size, v, sizeof(T) * kv_size);
+                }
+            }
+            NAME(decode_attention_for)(qkv, qkv_n, layer->k_cache, layer->v_cache, block_tables, bt_stride, seq_lens,
+                                       attn, rows, heads, kv_heads, dim, m->block_size, scale, m->window,
+                                       heads_per_task, qf, acc, probs);
+            NAME(few_rows_for)(attn, q_size, layer->o, h, rows, hidden, q_size);
+#pragma omp single
+            for (int64_t r = 0; r < rows; r++)
+                NAME(rms_norm_row)(h + r * hidden, residual + r * hidden, residual + r * hidden, x + r * hidden,
+                                   layer->post_norm, hidden, eps);
+            NAME(few_rows_for)(x, hidden, layer->gate_up, gate_up, rows, 2 * inter, hidden);
+#pragma omp single
+            for (int64_t r = 0; r < rows; r++) {
+                T *gu = gate_up + r * 2 * inter;
+                if (layer->gate_up_bias != NULL) NAME(add_bias_row)(gu, layer->gate_up_bias, 2 * inter);
+                NAME(silu_and_mul_row)(gu, gu + inter, act + r * inter, inter);
+            }
+            NAME(few_rows_for)(act, inter, layer->down, h, rows, hidden, inter);
+            if (layer->down_bias != NULL) {
+#pragma omp single
+                for (int64_t r = 0; r < rows; r++) NAME(add_bias_row)(h + r * hidden, layer->down_bias, hidden);
+            }
+        }
+#pragma omp single
+        for (int64_t r = 0; r < rows; r++)
+            NAME(rms_norm_row)(h + r * hidden, residual + r * hidden, residual + r * hidden, out + r * hidden,
+                               m->final_norm, hidden, eps);
+        free(qf);
+        free(acc);
+        free(probs);
+    }
+}

@@ -1,0 +1,103 @@
+"""The whole-decoder C call for decode steps of 1-8 sequences (model/cpu_decode.py): the same bits
+as the per-op C path at 2-8 rows, close at one row, equal to transformers through the engine, and
+only taken by the steps it is built for."""
+import pytest
+import torch
+
+import helpers
+from asyncllm import LLM, SamplingParams
+from asyncllm.model.cpu_decode import MAX_ROWS
+
+pytestmark = pytest.mark.timeout(600)
+
+ARCHS = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"]
+
+
+class StepRecorder:
+    """Wraps a model's forward: records the steps it runs and which path ran each."""
+
+    def __init__(self, model):
+        self.model, self.steps, self.stack_calls = model, [], 0
+        self._forward, self._stack_forward = model.forward, None
+        model.forward = self._record
+
+    def _record(self, input_ids, positions, kv_caches, meta):
+        stack = self.model.decode_stack
+        if stack is not None and self._stack_forward is None:
+            self._stack_forward = stack.forward
+            stack.forward = self._count_stack
+        self.steps.append((input_ids.clone(), positions.clone(), kv_caches, meta))
+        return self._forward(input_ids, positions, kv_caches, meta)
+
+    def _count_stack(self, *args):
+        self.stack_calls += 1
+        return self._stack_forward(*args)
+
+
+def _generate(llm, num_prompts: int, max_tokens: int = 12):
+    tok = llm.get_tokenizer()
+    prompts = [{"prompt_token_ids": tok.encode(helpers.TEXT_PROMPTS[i % len(helpers.TEXT_PROMPTS)])[:20 + i]}
+               for i in range(num_prompts)]
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    return llm.generate(prompts, params, use_tqdm=False)
+
+
+def _decode_steps(recorder, rows: int):
+    return [s for s in recorder.steps if s[3].num_decodes == s[3].num_requests == s[0].shape[0] == rows]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_stack_equals_the_per_op_path(arch, tiny_models):
+    """Recorded decode steps rerun through both paths (each writes the same K/V into the same
+    slots): bit for bit at 2-8 rows, within fp32 rounding at one row (F.linear vs the kernel)."""
+    llm = LLM(tiny_models(arch), dtype="float32", kernels="cpu", kv_cache_memory=16 << 20)
+    model = llm.engine.core.runner.model
+    recorder = StepRecorder(model)
+    for rows in (1, 3, 8):
+        _generate(llm, rows)
+    model.forward = recorder._forward
+    assert recorder.stack_calls > 0
+    for rows in (1, 3, 8):
+        steps = _decode_steps(recorder, rows)
+        assert steps, rows
+        input_ids, positions, kv_caches, meta = steps[-1]
+        with torch.inference_mode():
+            model.use_decode_stack = False
+            per_op = model(input_ids, positions, kv_caches, meta)
+            model.use_decode_stack = True
+            stacked = model(input_ids, positions, kv_caches, meta)
+        if rows == 1:
+            torch.testing.assert_close(stacked, per_op, rtol=1e-4, atol=1e-4)
+        else:
+            assert torch.equal(stacked, per_op), (stacked - per_op).abs().max()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_engine_on_the_stack_matches_transformers(arch, tiny_models):
+    """Prompt chunks sharing steps with decodes, a prefix-cache hit, Mistral's window exceeded:
+    the decode-only steps of up to 4 sequences run on the stack, and the ids equal transformers'."""
+    path = tiny_models(arch)
+    llm = LLM(path, dtype="float32", kernels="cpu", kv_cache_memory=16 << 20, max_num_batched_tokens=20)
+    recorder = StepRecorder(llm.engine.core.runner.model)
+    helpers.check_mixed_steps_match_transformers(llm, helpers.load_hf(path))
+    decode_only = [s for s in recorder.steps if s[3].num_decodes == s[3].num_requests == s[0].shape[0]]
+    assert recorder.stack_calls == len(decode_only) > 0
+
+
+def test_stack_takes_only_the_steps_it_is_built_for(tiny_models):
+    path = tiny_models("LlamaForCausalLM")
+    llm = LLM(path, dtype="float32", kernels="cpu", kv_cache_memory=16 << 20, max_num_seqs=12)
+    model = llm.engine.core.runner.model
+    recorder = StepRecorder(model)
+    _generate(llm, MAX_ROWS + 3)  # decode steps of 11 rows: per-op
+    _generate(llm, 2)  # decode steps of 2 rows: the stack
+    decodes = [s for s in recorder.steps if s[3].num_decodes == s[3].num_requests == s[0].shape[0]]
+    assert {s[0].shape[0] for s in decodes} == {MAX_ROWS + 3, 2}
+    assert len(recorder.steps) > len(decodes)  # the prompt steps
+    assert recorder.stack_calls == len([s for s in decodes if s[0].shape[0] == 2])
+
+    for kwargs in ({"kernels": "torch"}, {"dtype": "bfloat16"}, {"quantization": "int4"}):
+        other = LLM(path, **{"dtype": "float32", "kv_cache_memory": 16 << 20, **kwargs})
+        other_model = other.engine.core.runner.model
+        _generate(other, 2, max_tokens=3)
+        assert other_model.decode_stack is None or not other_model.decode_stack.enabled, kwargs
