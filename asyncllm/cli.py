@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-bytes", type=int, default=4 << 20)
     serve.add_argument("--log-level", default="info")
     add_engine_args(serve)
+    # A server process owns its machine's memory: take the whole KV cache up front rather than
+    # page-faulting it in during the first requests (--no-kv-cache-prefault to keep it lazy).
+    serve.set_defaults(kv_cache_prefault=True)
 
     gen = sub.add_parser("generate", help="stream one completion to the terminal")
     gen.add_argument("prompt")

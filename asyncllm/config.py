@@ -40,6 +40,10 @@ class EngineArgs:
     max_model_len: int | None = _opt(None, "longest prompt + output in tokens (default: the model's, capped by the KV cache)")
     block_size: int = _opt(16, "tokens per KV cache block")
     kv_cache_memory: int | None = _opt(None, "bytes of KV cache on the CPU (default 1 GiB)")
+    kv_cache_prefault: bool = _opt(False, "CPU: map every page of the KV cache at start (as vLLM does) instead of "
+                                          "on first use, which on a VM costs a few us per 4 KiB page inside the "
+                                          "first requests' steps; the process then holds all of kv_cache_memory "
+                                          "from the start. On by default for `asyncllm serve`")
     cpu_weight_prepack: bool = _opt(True, "CPU: keep a oneDNN-packed copy of the projection weights for "
                                           "multi-row matmuls (faster batched decode and prefill; costs a "
                                           "second copy of those weights)")

@@ -84,7 +84,8 @@ class EngineCore:
             logger.warning("max_model_len %d exceeds the KV cache (%d tokens); using %d",
                            args.max_model_len, capacity, capacity)
         self.max_model_len = max_model_len
-        self.runner = ModelRunner(model, model_cfg, spec, num_blocks, config.device, args.seed)
+        self.runner = ModelRunner(model, model_cfg, spec, num_blocks, config.device, args.seed,
+                                  prefault=args.kv_cache_prefault)
         self.kv = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, max_model_len, args.enable_chunked_prefill),
