@@ -5,7 +5,8 @@ at batch 64, gathering K/V copies for attention costs as much as a third of the 
 These replace them with one call each: add + RMSNorm, rotary in place, SiLU-and-multiply, KV write,
 and paged decode attention reading the cache where it lies; and the matmul of a decode step's 2-8
 rows, which MKL and oneDNN run well below the memory bandwidth it is bound by (layers/linear.py).
-fp32 and bf16; other dtypes keep the torch path.
+fp32 and bf16; other dtypes keep the torch path. decode_stack.py binds the call that runs all
+of them for every layer of a small decode step at once (model/cpu_decode.py).
 Each has a torch reference it is tested against (tests/kernels/test_cpu_kernels.py).
 """
 from __future__ import annotations

@@ -8,7 +8,8 @@
  * Compiled with -ffp-contract=off so elementwise fp32 results equal torch's (no fused
  * multiply-adds where torch rounds twice).
  *
- * kernels_impl.h is included once per element type (float and bf16) with T/LOAD/STORE set.
+ * kernels_impl.h is included once per element type (float and bf16) with T/LOAD/STORE set, and
+ * after it decode_stack_impl.h: the whole decoder of a 1-8-row decode step in one call.
  */
 #include <math.h>
 #if defined(__AVX512F__) || defined(__FMA__)
