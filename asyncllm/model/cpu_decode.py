@@ -24,13 +24,10 @@ MAX_ROWS = cpu_kernels.FEW_ROWS_MAX  # the few-rows matmul's limit
 
 
 def _weights_fit(model: nn.Module) -> bool:
-    """fp32 dense weights whose matmul shapes the few-rows kernel takes (multiples of 16)."""
-    for projection in model.projections():
-        if projection.int4 is not None or projection.weight.dtype != torch.float32:
-            return False
-        if projection.in_features % 16 or projection.out_features % 16 or not projection.weight.is_contiguous():
-            return False
-    return model.config.head_dim % 2 == 0
+    """fp32 dense weights whose shapes the few-rows matmul takes."""
+    return model.config.head_dim % 2 == 0 and all(
+        p.int4 is None and p.weight.dtype == torch.float32 and cpu_kernels.few_rows_weight_supported(p.weight)
+        for p in model.projections())
 
 
 class CpuDecodeStack:

@@ -115,9 +115,8 @@ class LlamaFamilyForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.logits_linear = PackedLinear(kernels)
-        self.kernels = kernels
-        # Decode steps of a few sequences in one C call (cpu_decode.py); built on first use, once
-        # load-time changes (4-bit copies) are done. None: the per-op forward for every step.
+        # Decode steps of a few sequences in one C call (cpu_decode.py); built by the first
+        # forward, once load-time changes (4-bit copies) are done.
         self.decode_stack: CpuDecodeStack | None = None
         self.use_decode_stack = kernels == "cpu"
 

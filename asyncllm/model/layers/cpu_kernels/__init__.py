@@ -16,7 +16,8 @@ import torch
 from asyncllm.model.layers.cpu_kernels.library import KernelBuildError, build_error, load_library
 
 __all__ = ["KernelBuildError", "build_error", "supports", "rms_norm", "rotary_", "silu_and_mul", "write_kv_cache",
-           "paged_decode_attention", "few_rows_supported", "linear_few_rows", "FEW_ROWS_MAX"]
+           "paged_decode_attention", "few_rows_supported", "few_rows_weight_supported", "linear_few_rows",
+           "FEW_ROWS_MAX"]
 
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
@@ -64,11 +65,17 @@ def rotary_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torc
 FEW_ROWS_MAX = 8  # most activation rows linear_few_rows takes
 
 
+def few_rows_weight_supported(weight: torch.Tensor) -> bool:
+    """Whether linear_few_rows takes this weight [n, k]: whole 16-row tiles, 16-wide k, contiguous."""
+    return (supports(weight) and weight.dim() == 2 and weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0
+            and weight.is_contiguous())
+
+
 def few_rows_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether linear_few_rows takes x [rows, k] @ weight [n, k]^T. The row count is checked
     first: callers ask on every matmul, and most steps have more rows."""
-    return (x.dim() == 2 and 1 <= x.shape[0] <= FEW_ROWS_MAX and supports(x, weight) and x.dtype == weight.dtype
-            and x.shape[1] % 16 == 0 and weight.shape[0] % 16 == 0 and weight.is_contiguous() and x.stride(1) == 1)
+    return (x.dim() == 2 and 1 <= x.shape[0] <= FEW_ROWS_MAX and supports(x) and x.dtype == weight.dtype
+            and x.shape[1] % 16 == 0 and x.stride(1) == 1 and few_rows_weight_supported(weight))
 
 
 def linear_few_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

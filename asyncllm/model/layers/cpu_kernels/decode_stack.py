@@ -8,8 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from asyncllm.model.layers.cpu_kernels import _SUFFIX, _typed
-from asyncllm.model.layers.cpu_kernels.library import load_library
+from asyncllm.model.layers.cpu_kernels import _typed
 
 LAYER_TENSORS = ("input_norm", "qkv", "qkv_bias", "q_norm", "k_norm", "o", "post_norm", "gate_up", "gate_up_bias",
                  "down", "down_bias")
@@ -66,8 +65,7 @@ class DecodeStackArgs:
             head_dim=shape.head_dim, intermediate=shape.intermediate, block_size=self.block_size,
             window=shape.window, eps=shape.eps, scale=shape.scale, cos=cos.data_ptr(), sin=sin.data_ptr(),
             final_norm=final_norm.data_ptr(), layers=self._layers)
-        self.scratch_per_row = getattr(load_library(), f"decode_stack_scratch_{_SUFFIX[self.dtype]}")(
-            ctypes.byref(self.struct))
+        self.scratch_per_row = _typed("decode_stack_scratch", self.dtype)(ctypes.byref(self.struct))
 
     def run(self, embeddings: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
             block_tables: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
