@@ -44,9 +44,10 @@ class EngineArgs:
                                           "on first use, which on a VM costs a few us per 4 KiB page inside the "
                                           "first requests' steps; the process then holds all of kv_cache_memory "
                                           "from the start. On by default for `asyncllm serve`")
-    cpu_weight_prepack: bool = _opt(True, "CPU: keep a oneDNN-packed copy of the projection weights for "
-                                          "multi-row matmuls (faster batched decode and prefill; costs a "
-                                          "second copy of those weights)")
+    cpu_weight_prepack: bool = _opt(True, "CPU: keep a packed copy of the projection and logits weights for "
+                                          "multi-row matmuls (column panels for the C kernels in fp32, else "
+                                          "oneDNN's layout; faster batched decode and prefill; costs a second "
+                                          "copy of those weights)")
     cpu_malloc_tuning: bool = _opt(True, "CPU, glibc: keep freed activation buffers in the heap (mallopt mmap and "
                                          "trim thresholds) instead of page-faulting them in again every step; "
                                          "prompts ~1.4x faster here; the process keeps its peak heap")

@@ -144,7 +144,7 @@ class LlamaFamilyForCausalLM(nn.Module):
         return [module for module in self.modules() if isinstance(module, Linear)]
 
     def prepack_weights(self) -> None:
-        """oneDNN-packed copies of every projection and of the logits weight (see layers/linear.py)."""
+        """Packed copies of every projection and of the logits weight (see layers/linear.py)."""
         for projection in self.projections():
             projection.pack()
         self.logits_linear.pack(self.logits_weight)

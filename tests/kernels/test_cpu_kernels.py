@@ -192,3 +192,57 @@ def test_linear_routes_few_fp32_rows_to_the_kernel(rows, monkeypatch):
         torch_layer.load_state_dict(layer.state_dict())
         torch_layer(x)
         assert len(calls) == (1 if 2 <= rows <= 8 else 0)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 8, 9, 64, 301])  # tiles of every height, chunks past 256 rows
+@pytest.mark.parametrize("n, k", [(96, 576), (50, 33), (1000, 100)])  # n not a whole panel, odd k
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_panel_linear_matches_matmul(rows, n, k, with_bias):
+    torch.manual_seed(0)
+    weight, x = torch.randn(n, k) * 0.05, torch.randn(rows, k)
+    bias = torch.randn(n) if with_bias else None
+    packed = cpu_kernels.pack_panels(weight)
+    got = cpu_kernels.panel_linear(x, packed, n, bias)
+    exact = x.double() @ weight.double().t() + (0 if bias is None else bias.double())
+    torch_error = (torch.nn.functional.linear(x, weight, bias).double() - exact).abs().max().item()
+    assert got.shape == (rows, n) and got.dtype == torch.float32
+    assert (got.double() - exact).abs().max().item() <= max(2 * torch_error, 1e-5)
+    # One FMA chain per output: a row's result is bit-equal alone and in any batch.
+    for r in sorted({0, rows // 2, rows - 1}):
+        assert torch.equal(cpu_kernels.panel_linear(x[r:r + 1], packed, n, bias)[0], got[r])
+    assert torch.equal(cpu_kernels.panel_linear(x.flip(0), packed, n, bias), got.flip(0))
+
+
+def test_panel_linear_reads_strided_rows_and_leaves_the_weight():
+    torch.manual_seed(0)
+    weight = torch.randn(80, 64)
+    before = weight.clone()
+    packed = cpu_kernels.pack_panels(weight)
+    wide = torch.randn(20, 100)
+    x = wide[:, 10:74]  # rows 100 elements apart
+    torch.testing.assert_close(cpu_kernels.panel_linear(x, packed, 80), x @ weight.t(), atol=1e-5, rtol=1e-5)
+    assert torch.equal(weight, before)
+    assert not cpu_kernels.panel_weight_supported(weight.bfloat16())  # fp32 only
+    assert not cpu_kernels.panel_weight_supported(torch.randn(64, 80).t())  # weight rows must be contiguous
+
+
+@pytest.mark.parametrize("dtype, layout", [(torch.float32, "panels"), (torch.bfloat16, "onednn")])
+def test_linear_packs_panels_for_fp32_c_kernels(dtype, layout, monkeypatch):
+    """With kernels="cpu" an fp32 Linear packs column panels and sends >= 9 rows to panel_linear;
+    bf16 (AMX) keeps oneDNN's packed copy."""
+    from asyncllm.model.layers.linear import Linear
+
+    torch.manual_seed(0)
+    layer = Linear(64, 96, bias=True, kernels="cpu").to(dtype)
+    layer.pack()
+    assert layer.prepacked.is_packed
+    assert (layer.prepacked.panels is not None) == (layout == "panels")
+    calls = []
+    real = cpu_kernels.panel_linear
+    monkeypatch.setattr(cpu_kernels, "panel_linear", lambda *a: calls.append(a) or real(*a))
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    with torch.no_grad():
+        for rows in (1, 5, 9, 40):
+            x = torch.randn(rows, 64, dtype=dtype)
+            torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), **tolerance)
+    assert len(calls) == (2 if layout == "panels" else 0)  # 9 and 40 rows

@@ -3,8 +3,9 @@
 At batch 1 a decode step spends a third of its time dispatching ~40 small torch ops per layer;
 at batch 64, gathering K/V copies for attention costs as much as a third of the projections.
 These replace them with one call each: add + RMSNorm, rotary in place, SiLU-and-multiply, KV write,
-and paged decode attention reading the cache where it lies; and the matmul of a decode step's 2-8
-rows, which MKL and oneDNN run well below the memory bandwidth it is bound by (layers/linear.py).
+and paged decode attention reading the cache where it lies; the matmul of a decode step's 2-8
+rows, which MKL and oneDNN run well below the memory bandwidth it is bound by (layers/linear.py);
+and the fp32 matmul of bigger steps against a weight packed into column panels (panel_gemm_impl.h).
 fp32 and bf16; other dtypes keep the torch path. decode_stack.py binds the call that runs all
 of them for every layer of a small decode step at once (model/cpu_decode.py).
 Each has a torch reference it is tested against (tests/kernels/test_cpu_kernels.py).
@@ -17,7 +18,7 @@ from asyncllm.model.layers.cpu_kernels.library import KernelBuildError, build_er
 
 __all__ = ["KernelBuildError", "build_error", "supports", "rms_norm", "rotary_", "silu_and_mul", "write_kv_cache",
            "paged_decode_attention", "few_rows_supported", "few_rows_weight_supported", "linear_few_rows",
-           "FEW_ROWS_MAX"]
+           "FEW_ROWS_MAX", "panel_weight_supported", "pack_panels", "panel_linear"]
 
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
@@ -121,4 +122,37 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         q.data_ptr(), q.stride(0), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), block_tables.data_ptr(),
         block_tables.stride(0), seq_lens.data_ptr(), out.data_ptr(), seqs, heads, kv_heads, dim, block_size,
         scale, sliding_window or 0, torch.get_num_threads())
+    return out
+
+
+def panel_weight_supported(weight: torch.Tensor) -> bool:
+    """Whether pack_panels takes this weight [n, k]: fp32 on the CPU, elements of a row adjacent."""
+    return supports(weight) and weight.dtype == torch.float32 and weight.dim() == 2 and weight.stride(1) == 1
+
+
+def pack_panels(weight: torch.Tensor) -> torch.Tensor:
+    """The weight [n, k] in panel_linear's layout: [panels, k, panel width], columns side by side,
+    zero past n. A copy: the weight itself is left as it is."""
+    assert panel_weight_supported(weight)
+    n, k = weight.shape
+    lib = load_library()
+    width = lib.panel_width()
+    packed = torch.empty((n + width - 1) // width, k, width, dtype=torch.float32)
+    lib.pack_panels_f32(weight.data_ptr(), weight.stride(0), packed.data_ptr(), n, k, torch.get_num_threads())
+    return packed
+
+
+def panel_linear(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for x [rows, k] fp32, with `packed = pack_panels(weight)` and n =
+    weight.shape[0]. Each output is one multiply-add chain over k, whatever the row count."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    rows, k = x.shape
+    assert x.dtype == torch.float32 and packed.shape[1] == k and n <= packed.shape[0] * packed.shape[2]
+    if bias is not None:
+        assert bias.dtype == torch.float32 and bias.is_contiguous() and bias.shape == (n,)
+    out = torch.empty(rows, n, dtype=torch.float32)
+    load_library().panel_linear_f32(x.data_ptr(), x.stride(0), rows, packed.data_ptr(),
+                                    None if bias is None else bias.data_ptr(), out.data_ptr(), n, k,
+                                    torch.get_num_threads())
     return out

@@ -10,6 +10,7 @@
  *
  * kernels_impl.h is included once per element type (float and bf16) with T/LOAD/STORE set, and
  * after it decode_stack_impl.h: the whole decoder of a 1-8-row decode step in one call.
+ * panel_gemm_impl.h (fp32 only, included once): the matmul of steps with more rows.
  */
 #include <math.h>
 #if defined(__AVX512F__) || defined(__FMA__)
@@ -189,6 +190,8 @@ static inline int64_t max_seq_len(const int64_t *seq_lens, int64_t seqs) {
 #undef NAME
 #undef CONCAT
 #undef CONCAT_
+
+#include "panel_gemm_impl.h"
 
 /* KV write (dtype-free: rows are copied as bytes). k, v: [tokens, row_bytes] with the given
  * byte strides; the cache: [num_slots, row_bytes] per K and V. Negative slots are skipped. */

@@ -1,0 +1,134 @@
+/* fp32 matmul for steps of more than a few rows (batched decode, prompt chunks) against a weight
+ * packed once into column panels. Included once by kernels.c.
+ *
+ * Why not oneDNN's packed GEMM (layers/linear.py): at the 16-128 rows of batched decoding it ran
+ * the default model's projection stack at ~110-210 GFLOPS here, well below this CPU's fp32 peak,
+ * because a step reads each weight once from DRAM and that stream was not overlapped with the
+ * arithmetic. Here each panel of PANEL_WIDTH weight columns is read from DRAM while the previous
+ * panel is being used: every pass over a panel (one per PANEL_ROWS activation rows) also
+ * prefetches its share of the next panel into L2.
+ *
+ * Layout: packed[p][c][j] = w[p * PANEL_WIDTH + j][c] (zero past n): the weight columns of one
+ * panel side by side, so one k step loads PANEL_VECS vectors of weights and broadcasts one value
+ * per activation row. Each output is one fused multiply-add chain over k in order, so a row's
+ * result never depends on how many rows the call has or where the row sits in it.
+ */
+
+#ifdef __AVX512F__
+#define PANEL_LANES 16
+#define PANEL_VECS 3 /* 48 columns */
+#define PANEL_ROWS 8 /* 24 accumulators + 3 weight vectors + 1 broadcast of 32 registers */
+typedef float panel_vec __attribute__((vector_size(64)));
+static inline panel_vec panel_splat(float s) { return (panel_vec)_mm512_set1_ps(s); }
+static inline panel_vec panel_fma(panel_vec a, panel_vec b, panel_vec c) {
+    return (panel_vec)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+}
+#else
+#define PANEL_LANES 8
+#define PANEL_VECS 2 /* 16 columns */
+#define PANEL_ROWS 6 /* 12 accumulators + 2 + 1 of AVX2's 16 registers */
+typedef float panel_vec __attribute__((vector_size(32)));
+static inline panel_vec panel_splat(float s) { return (panel_vec){s, s, s, s, s, s, s, s}; }
+static inline panel_vec panel_fma(panel_vec a, panel_vec b, panel_vec c) {
+#ifdef __FMA__
+    return (panel_vec)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+    return a * b + c;
+#endif
+}
+#endif
+#define PANEL_WIDTH (PANEL_LANES * PANEL_VECS)
+
+/* By value: taking the accumulators' addresses would keep them in memory instead of registers. */
+static inline void panel_store(float *p, panel_vec v) { memcpy(p, &v, sizeof v); }
+static inline panel_vec panel_load(const float *p) {
+    panel_vec v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+/* Activation rows per pass over all panels: their x (up to 256 x 1536 floats) stays in L2 while
+ * the panels stream past; measured 128-512 alike at 1024 rows. */
+#define PANEL_CHUNK_ROWS 256
+#define PANEL_PREFETCH_STEPS 16 /* k steps ahead, into L1, within the current panel */
+
+int64_t panel_width(void) { return PANEL_WIDTH; }
+
+/* w [n, k] (nn.Linear's layout, rows `w_stride` apart) → packed [ceil(n / PANEL_WIDTH)][k][PANEL_WIDTH]. */
+void pack_panels_f32(const float *w, int64_t w_stride, float *packed, int64_t n, int64_t k, int num_threads) {
+    int64_t panels = (n + PANEL_WIDTH - 1) / PANEL_WIDTH;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t p = 0; p < panels; p++)
+        for (int64_t c = 0; c < k; c++)
+            for (int64_t j = 0; j < PANEL_WIDTH; j++) {
+                int64_t col = p * PANEL_WIDTH + j;
+                packed[(p * k + c) * PANEL_WIDTH + j] = col < n ? w[col * w_stride + c] : 0.0f;
+            }
+}
+
+/* out[m][0:cols] = x[m] @ panel (+ bias) for `ROWS` rows, one accumulator chain per output.
+ * `next` walks the caller's share of the next panel (`next_step` floats per k step). */
+static inline __attribute__((always_inline)) void panel_tile(
+        const float *x, int64_t x_stride, const float *panel, const float *bias, float *out, int64_t out_stride,
+        int64_t k, int64_t cols, const float *next, int64_t next_step, const int ROWS) {
+    panel_vec acc[PANEL_ROWS][PANEL_VECS];
+    for (int m = 0; m < ROWS; m++)
+        for (int v = 0; v < PANEL_VECS; v++) acc[m][v] = (panel_vec){0};
+    for (int64_t c = 0; c < k; c++) {
+        panel_vec w[PANEL_VECS];
+        for (int v = 0; v < PANEL_VECS; v++) w[v] = panel_load(panel + c * PANEL_WIDTH + v * PANEL_LANES);
+        __builtin_prefetch(panel + (c + PANEL_PREFETCH_STEPS) * PANEL_WIDTH, 0, 3);
+        __builtin_prefetch(next + c * next_step, 0, 2);
+        for (int m = 0; m < ROWS; m++) {
+            panel_vec b = panel_splat(x[m * x_stride + c]);
+            for (int v = 0; v < PANEL_VECS; v++) acc[m][v] = panel_fma(w[v], b, acc[m][v]);
+        }
+    }
+    for (int m = 0; m < ROWS; m++) {
+        float row[PANEL_WIDTH];
+        for (int v = 0; v < PANEL_VECS; v++) panel_store(row + v * PANEL_LANES, acc[m][v]);
+        float *o = out + m * out_stride;
+        if (bias != NULL)
+            for (int64_t j = 0; j < cols; j++) o[j] = row[j] + bias[j];
+        else
+            memcpy(o, row, (size_t)cols * sizeof(float));
+    }
+}
+
+/* out [rows, n] = x [rows, k] (rows `x_stride` apart) @ w^T (+ bias [n] or NULL), w packed by
+ * pack_panels_f32. The threads share out the panels; rows go in chunks of PANEL_CHUNK_ROWS. */
+void panel_linear_f32(const float *x, int64_t x_stride, int64_t rows, const float *packed, const float *bias,
+                      float *out, int64_t n, int64_t k, int num_threads) {
+    int64_t panels = (n + PANEL_WIDTH - 1) / PANEL_WIDTH;
+#pragma omp parallel num_threads(num_threads)
+    for (int64_t m0 = 0; m0 < rows; m0 += PANEL_CHUNK_ROWS) {
+        int64_t chunk = rows - m0 < PANEL_CHUNK_ROWS ? rows - m0 : PANEL_CHUNK_ROWS;
+        int64_t passes = (chunk + PANEL_ROWS - 1) / PANEL_ROWS;
+        /* Each pass prefetches 1 / passes of the next panel: PANEL_WIDTH * k floats in all. */
+        int64_t next_step = (PANEL_WIDTH + passes - 1) / passes;
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < panels; p++) {
+            const float *panel = packed + p * k * PANEL_WIDTH;
+            const float *next = p + 1 < panels ? panel + k * PANEL_WIDTH : panel;
+            int64_t cols = n - p * PANEL_WIDTH < PANEL_WIDTH ? n - p * PANEL_WIDTH : PANEL_WIDTH;
+            const float *b = bias == NULL ? NULL : bias + p * PANEL_WIDTH;
+            for (int64_t pass = 0; pass < passes; pass++) {
+                int64_t m = m0 + pass * PANEL_ROWS;
+                int64_t left = rows - m < PANEL_ROWS ? rows - m : PANEL_ROWS;
+                const float *xm = x + m * x_stride;
+                float *om = out + m * n + p * PANEL_WIDTH;
+                const float *share = next + pass * k * next_step;
+#define PANEL_TILE_CASE(R) \
+    case R: panel_tile(xm, x_stride, panel, b, om, n, k, cols, share, next_step, R); break;
+                switch (left) {
+                    PANEL_TILE_CASE(1) PANEL_TILE_CASE(2) PANEL_TILE_CASE(3) PANEL_TILE_CASE(4)
+                    PANEL_TILE_CASE(5) PANEL_TILE_CASE(6)
+#if PANEL_ROWS == 8
+                    PANEL_TILE_CASE(7) PANEL_TILE_CASE(8)
+#endif
+                    default: break;
+                }
+#undef PANEL_TILE_CASE
+            }
+        }
+    }
+}
