@@ -95,13 +95,22 @@ class TorchAttentionBackend:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if nd:
             out[:nd] = self._decode(q[:nd], kv_cache, meta, nd, block_size)
-        for i in range(nd, meta.num_requests):
+        i = nd
+        while i < meta.num_requests:
             start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
             if end - start == meta.seq_lens[i]:  # a whole prompt, nothing cached: K/V are this step's
-                out[start:end] = self._prefill_fresh(q[start:end], k[start:end], v[start:end])
+                # ... and the whole prompts of the same length right after it go in the same call.
+                count = 1
+                while (i + count < meta.num_requests and meta.seq_lens[i + count] == end - start
+                       and meta.query_start_loc[i + count + 1] - meta.query_start_loc[i + count] == end - start):
+                    count += 1
+                stop = meta.query_start_loc[i + count]
+                out[start:stop] = self._prefill_fresh(q[start:stop], k[start:stop], v[start:stop], count)
+                i += count
             else:
                 out[start:end] = self._prefill(q[start:end], kv_cache, meta.block_tables[i], meta.seq_lens[i],
                                                block_size)
+                i += 1
         return out
 
     def _write_kv(self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -154,25 +163,30 @@ class TorchAttentionBackend:
             return kv
         return kv.repeat_interleave(self.num_heads // self.num_kv_heads, dim=-3)
 
-    def _prefill_fresh(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """A prompt chunk with no cached context attends over its own K/V ([L, KVH, D], as computed
-        this step) instead of reading them back from the cache: no gather of its blocks (a wave of
-        8 x 128-token prompts spent ~40 of its ~85 ms of prefill attention gathering)."""
-        keys, values = self._expand_heads(k.transpose(0, 1)), self._expand_heads(v.transpose(0, 1))
-        return self._sdpa(q, keys, values, q.shape[0])
+    def _prefill_fresh(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, count: int) -> torch.Tensor:
+        """`count` prompt chunks of one length with no cached context, laid end to end (q [count * L,
+        H, D]; k, v [count * L, KVH, D], as computed this step), each attending over its own K/V:
+        no gather of their blocks from the cache (a wave of 8 x 128-token prompts spent ~40 of its
+        ~85 ms of prefill attention gathering), and one SDPA call for all of them (8 x 128 tokens:
+        104 -> 54 ms per 30 layers, the same values: each (prompt, head) is its own task either way)."""
+        length = q.shape[0] // count
+        keys = self._expand_heads(k.view(count, length, self.num_kv_heads, self.head_dim).transpose(1, 2))
+        values = self._expand_heads(v.view(count, length, self.num_kv_heads, self.head_dim).transpose(1, 2))
+        out = self._sdpa(q.view(count, length, self.num_heads, self.head_dim), keys, values, length)
+        return out.reshape(q.shape)
 
     def _prefill(self, q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                  seq_len: int, block_size: int) -> torch.Tensor:
         nblk = (seq_len + block_size - 1) // block_size
         keys, values = self._gather_expanded(kv_cache, block_table[:nblk])  # [H, S', D]
-        return self._sdpa(q, keys[:, :seq_len], values[:, :seq_len], seq_len)
+        return self._sdpa(q[None], keys[None, :, :seq_len], values[None, :, :seq_len], seq_len)[0]
 
     def _sdpa(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, seq_len: int) -> torch.Tensor:
-        """q [L, H, D] (the last L of seq_len positions) over keys, values [H, seq_len, D] → [L, H, D]."""
-        q_len = q.shape[0]
-        # 4-D [1, H, L, D]: the CPU's fused (flash) kernel takes only 4-D inputs; 3-D falls back to math.
-        qh = q.transpose(0, 1).unsqueeze(0)
-        keys, values = keys.unsqueeze(0), values.unsqueeze(0)
+        """q [B, L, H, D] (the last L of seq_len positions) over keys, values [B, H, seq_len, D] →
+        [B, L, H, D]."""
+        q_len = q.shape[1]
+        # 4-D [B, H, L, D]: the CPU's fused (flash) kernel takes only 4-D inputs; 3-D falls back to math.
+        qh = q.transpose(1, 2)
         if q_len == seq_len and self.sliding_window is None:
             out = F.scaled_dot_product_attention(qh, keys, values, is_causal=True, scale=self.scale)
         else:
@@ -182,4 +196,4 @@ class TorchAttentionBackend:
             if self.sliding_window is not None:
                 mask &= k_pos > q_pos - self.sliding_window
             out = F.scaled_dot_product_attention(qh, keys, values, attn_mask=mask, scale=self.scale)
-        return out[0].transpose(0, 1)
+        return out.transpose(1, 2)

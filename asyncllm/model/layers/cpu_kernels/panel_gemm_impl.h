@@ -66,18 +66,20 @@ void pack_panels_f32(const float *w, int64_t w_stride, float *packed, int64_t n,
 }
 
 /* out[m][0:cols] = x[m] @ panel (+ bias) for `ROWS` rows, one accumulator chain per output.
- * `next` walks the caller's share of the next panel (`next_step` floats per k step). */
+ * Along the way the `share` floats from `next` (the caller's part of the next panel) go to L2. */
 static inline __attribute__((always_inline)) void panel_tile(
         const float *x, int64_t x_stride, const float *panel, const float *bias, float *out, int64_t out_stride,
-        int64_t k, int64_t cols, const float *next, int64_t next_step, const int ROWS) {
+        int64_t k, int64_t cols, const float *next, int64_t share, const int ROWS) {
     panel_vec acc[PANEL_ROWS][PANEL_VECS];
     for (int m = 0; m < ROWS; m++)
         for (int v = 0; v < PANEL_VECS; v++) acc[m][v] = (panel_vec){0};
+    int64_t issued = 0;
     for (int64_t c = 0; c < k; c++) {
         panel_vec w[PANEL_VECS];
         for (int v = 0; v < PANEL_VECS; v++) w[v] = panel_load(panel + c * PANEL_WIDTH + v * PANEL_LANES);
         __builtin_prefetch(panel + (c + PANEL_PREFETCH_STEPS) * PANEL_WIDTH, 0, 3);
-        __builtin_prefetch(next + c * next_step, 0, 2);
+        /* Spread evenly: by the end of step c, (c + 1) / k of the share has been asked for. */
+        for (int64_t want = (c + 1) * share / k; issued < want; issued += 16) __builtin_prefetch(next + issued, 0, 2);
         for (int m = 0; m < ROWS; m++) {
             panel_vec b = panel_splat(x[m * x_stride + c]);
             for (int v = 0; v < PANEL_VECS; v++) acc[m][v] = panel_fma(w[v], b, acc[m][v]);
@@ -103,8 +105,8 @@ void panel_linear_f32(const float *x, int64_t x_stride, int64_t rows, const floa
     for (int64_t m0 = 0; m0 < rows; m0 += PANEL_CHUNK_ROWS) {
         int64_t chunk = rows - m0 < PANEL_CHUNK_ROWS ? rows - m0 : PANEL_CHUNK_ROWS;
         int64_t passes = (chunk + PANEL_ROWS - 1) / PANEL_ROWS;
-        /* Each pass prefetches 1 / passes of the next panel: PANEL_WIDTH * k floats in all. */
-        int64_t next_step = (PANEL_WIDTH + passes - 1) / passes;
+        /* Each pass prefetches 1 / passes of the next panel (PANEL_WIDTH * k floats), in whole lines. */
+        int64_t share = (PANEL_WIDTH * k / passes + 15) / 16 * 16;
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < panels; p++) {
             const float *panel = packed + p * k * PANEL_WIDTH;
@@ -116,9 +118,9 @@ void panel_linear_f32(const float *x, int64_t x_stride, int64_t rows, const floa
                 int64_t left = rows - m < PANEL_ROWS ? rows - m : PANEL_ROWS;
                 const float *xm = x + m * x_stride;
                 float *om = out + m * n + p * PANEL_WIDTH;
-                const float *share = next + pass * k * next_step;
+
 #define PANEL_TILE_CASE(R) \
-    case R: panel_tile(xm, x_stride, panel, b, om, n, k, cols, share, next_step, R); break;
+    case R: panel_tile(xm, x_stride, panel, b, om, n, k, cols, next + pass * share, share, R); break;
                 switch (left) {
                     PANEL_TILE_CASE(1) PANEL_TILE_CASE(2) PANEL_TILE_CASE(3) PANEL_TILE_CASE(4)
                     PANEL_TILE_CASE(5) PANEL_TILE_CASE(6)
