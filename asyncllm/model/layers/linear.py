@@ -15,7 +15,7 @@ reading the weights from memory, and on the default model's projection and logit
 
 Steps of more rows (batched decoding, prompt chunks) in fp32 with the C kernels use
 `panel_linear` on a copy packed into column panels (cpu_kernels/panel_gemm_impl.h) in place of
-oneDNN's packed copy: on the same stack it ran 1.4-1.5x faster at 16-64 rows (oneDNN left the
+oneDNN's packed copy: on the same stack it ran 1.2-1.4x faster at 16-64 rows (oneDNN left the
 weight stream from DRAM unoverlapped with the arithmetic) and as fast at 1024.
 
 With `EngineArgs.quantization="int4"` a Linear also holds a 4-bit copy (layers/int4.py) that
