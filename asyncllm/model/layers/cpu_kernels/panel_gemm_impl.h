@@ -2,7 +2,7 @@
  * packed once into column panels. Included once by kernels.c.
  *
  * Why not oneDNN's packed GEMM (layers/linear.py): at the 16-128 rows of batched decoding it ran
- * the default model's projection stack at ~110-210 GFLOPS here, well below this CPU's fp32 peak,
+ * the default model's projection stack at ~120-280 GFLOPS here, well below this CPU's fp32 peak,
  * because a step reads each weight once from DRAM and that stream was not overlapped with the
  * arithmetic. Here each panel of PANEL_WIDTH weight columns is read from DRAM while the previous
  * panel is being used: every pass over a panel (one per PANEL_ROWS activation rows) also
@@ -115,10 +115,9 @@ void panel_linear_f32(const float *x, int64_t x_stride, int64_t rows, const floa
             const float *b = bias == NULL ? NULL : bias + p * PANEL_WIDTH;
             for (int64_t pass = 0; pass < passes; pass++) {
                 int64_t m = m0 + pass * PANEL_ROWS;
-                int64_t left = rows - m < PANEL_ROWS ? rows - m : PANEL_ROWS;
+                int64_t left = m0 + chunk - m < PANEL_ROWS ? m0 + chunk - m : PANEL_ROWS;  /* this chunk's */
                 const float *xm = x + m * x_stride;
                 float *om = out + m * n + p * PANEL_WIDTH;
-
 #define PANEL_TILE_CASE(R) \
     case R: panel_tile(xm, x_stride, panel, b, om, n, k, cols, next + pass * share, share, R); break;
                 switch (left) {
