@@ -49,6 +49,12 @@ class AttentionMetadata:
             self._memo[key] = (table.reshape(-1), bias[:, None, :])
         return self._memo[key]
 
+    def whole_prompt_length(self, i: int) -> int | None:
+        """Request i's token count if this step holds all of its context (a prompt with nothing
+        cached), else None."""
+        length = self.query_start_loc[i + 1] - self.query_start_loc[i]
+        return length if length == self.seq_lens[i] else None
+
     def prefill_query_starts(self) -> tuple[torch.Tensor, int]:
         """The prompt chunks' query offsets relative to the first chunk ([B - nd + 1] int32, on the
         device) and the longest chunk: what the varlen prefill kernel takes. Built once per step."""
@@ -97,20 +103,20 @@ class TorchAttentionBackend:
             out[:nd] = self._decode(q[:nd], kv_cache, meta, nd, block_size)
         i = nd
         while i < meta.num_requests:
-            start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
-            if end - start == meta.seq_lens[i]:  # a whole prompt, nothing cached: K/V are this step's
-                # ... and the whole prompts of the same length right after it go in the same call.
-                count = 1
-                while (i + count < meta.num_requests and meta.seq_lens[i + count] == end - start
-                       and meta.query_start_loc[i + count + 1] - meta.query_start_loc[i + count] == end - start):
-                    count += 1
-                stop = meta.query_start_loc[i + count]
-                out[start:stop] = self._prefill_fresh(q[start:stop], k[start:stop], v[start:stop], count)
-                i += count
-            else:
+            start, length = meta.query_start_loc[i], meta.whole_prompt_length(i)
+            if length is None:  # a chunk with cached context: its K/V come from the cache
+                end = meta.query_start_loc[i + 1]
                 out[start:end] = self._prefill(q[start:end], kv_cache, meta.block_tables[i], meta.seq_lens[i],
                                                block_size)
                 i += 1
+                continue
+            # A whole prompt (K/V are this step's), with the whole prompts of its length right after it.
+            count = 1
+            while i + count < meta.num_requests and meta.whole_prompt_length(i + count) == length:
+                count += 1
+            stop = meta.query_start_loc[i + count]
+            out[start:stop] = self._prefill_fresh(q[start:stop], k[start:stop], v[start:stop], count)
+            i += count
         return out
 
     def _write_kv(self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:

@@ -68,12 +68,11 @@ class PackedLinear:
                 and cpu_kernels.few_rows_supported(x, weight)):
             out = cpu_kernels.linear_few_rows(x, weight)
             return out if bias is None else out + bias
-        if x.dim() != 2 or x.shape[0] < self.min_rows:
-            return F.linear(x, weight, bias)
-        if self.panels is not None:
-            return cpu_kernels.panel_linear(x, self.panels, weight.shape[0], bias)
-        if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
+        if x.dim() == 2 and x.shape[0] >= self.min_rows:
+            if self.panels is not None:
+                return cpu_kernels.panel_linear(x, self.panels, weight.shape[0], bias)
+            if self.packed is not None:
+                return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
         return F.linear(x, weight, bias)
 
 
