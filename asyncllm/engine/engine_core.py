@@ -98,10 +98,10 @@ class EngineCore:
                     self.load_report.seconds, self.checkpoint.name, self.dtype, num_blocks, max_model_len)
 
     def _quantize_int4(self, model) -> None:
-        max_rows = int4_max_rows(self.dtype)
-        done, skipped = model.quantize_int4(max_rows)
-        logger.info("int4: %d projections have 4-bit copies for steps of <= %d rows (%d left dense: shape)",
-                    done, max_rows, skipped)
+        done, skipped = model.quantize_int4(int4_max_rows(self.dtype))
+        rows = max((p.int4_max_rows for p in model.projections() if p.int4 is not None), default=0)
+        logger.info("int4: %d projections have 4-bit copies for steps of <= %d rows (%d left dense: shape)%s",
+                    done, rows, skipped, "; the logits weight an 8-bit copy" if model.logits_quant is not None else "")
 
     def _num_blocks(self, spec: KVCacheSpec) -> int:
         if self.config.device.type == "cuda":

@@ -4,7 +4,9 @@ Such a step is bound by reading every weight from memory (~540 MB in fp32 for th
 model), and the per-op forward spent ~20% of a batch-1 step between the matmuls: Python calls,
 tensor views and an OpenMP fork/join for each of ~10 small ops per layer. `decode_stack`
 (layers/cpu_kernels/decode_stack_impl.h) runs the same ops in the same order in one parallel
-region. Prompt steps, bigger batches, other dtypes and 4-bit weights keep the per-op forward.
+region. Prompt steps, bigger batches and other dtypes keep the per-op forward. With
+`quantization="int4"` the projections that have 4-bit blocks (layers/block_quant.py) are read
+from them here too, by the same C kernel the per-op path calls.
 
 At 2-8 rows its results equal the per-op C path's bit for bit (the same row functions and
 matmul tiles). At one row the per-op path runs the projections through torch's F.linear (MKL's
@@ -18,16 +20,28 @@ from torch import nn
 
 from asyncllm.model.layers import cpu_kernels
 from asyncllm.model.layers.attention import AttentionMetadata
+from asyncllm.model.layers.block_quant import BlockQuantWeight
 from asyncllm.model.layers.cpu_kernels.decode_stack import DecodeShape, DecodeStackArgs
 
 MAX_ROWS = cpu_kernels.FEW_ROWS_MAX  # the few-rows matmul's limit
 
 
+def _projection_fits(p) -> bool:
+    """fp32, and either 4-bit blocks for every step the stack takes or a dense weight whose shape
+    the few-rows matmul takes (torch's int4 layout: neither)."""
+    if p.weight.dtype != torch.float32:
+        return False
+    if p.int4 is None:
+        return cpu_kernels.few_rows_weight_supported(p.weight)
+    return isinstance(p.int4, BlockQuantWeight) and p.int4.bits == 4 and p.int4_max_rows >= MAX_ROWS
+
+
 def _weights_fit(model: nn.Module) -> bool:
-    """fp32 dense weights whose shapes the few-rows matmul takes."""
-    return model.config.head_dim % 2 == 0 and all(
-        p.int4 is None and p.weight.dtype == torch.float32 and cpu_kernels.few_rows_weight_supported(p.weight)
-        for p in model.projections())
+    return model.config.head_dim % 2 == 0 and all(_projection_fits(p) for p in model.projections())
+
+
+def _q4(p) -> torch.Tensor | None:
+    return None if p.int4 is None else p.int4.blocks
 
 
 class CpuDecodeStack:
@@ -68,5 +82,7 @@ class CpuDecodeStack:
                 "k_norm": None if attention.k_norm is None else attention.k_norm.weight,
                 "o": attention.o_proj.weight, "gate_up": mlp.gate_up_proj.weight, "gate_up_bias": mlp.gate_up_proj.bias,
                 "down": mlp.down_proj.weight, "down_bias": mlp.down_proj.bias,
+                "qkv_q4": _q4(attention.qkv_proj), "o_q4": _q4(attention.o_proj),
+                "gate_up_q4": _q4(mlp.gate_up_proj), "down_q4": _q4(mlp.down_proj),
             })
         return DecodeStackArgs(shape, layers, model.norm.weight, model.rotary.cos, model.rotary.sin, kv_caches)

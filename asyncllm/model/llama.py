@@ -18,6 +18,7 @@ from asyncllm.model.cpu_decode import CpuDecodeStack
 from asyncllm.model.layers import cpu_kernels
 from asyncllm.model.layers.attention import AttentionBackend, AttentionMetadata, TorchAttentionBackend
 from asyncllm.model.layers.cpu_attention import CpuAttentionBackend
+from asyncllm.model.layers.block_quant import BlockQuantWeight, block_quant_supported
 from asyncllm.model.layers.int4 import int4_shape_supported
 from asyncllm.model.layers.linear import Linear, PackedLinear
 from asyncllm.model.layers.norm import RMSNorm
@@ -115,6 +116,11 @@ class LlamaFamilyForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.logits_linear = PackedLinear(kernels)
+        # quantization="int4" with the C kernels: an 8-bit copy of the logits weight for decode
+        # steps of up to logits_quant_max_rows rows (quantize_int4).
+        self.logits_quant: BlockQuantWeight | None = None
+        self.logits_quant_max_rows = 0
+        self.kernels = kernels
         # Decode steps of a few sequences in one C call (cpu_decode.py); built by the first
         # forward, once load-time changes (4-bit copies) are done.
         self.decode_stack: CpuDecodeStack | None = None
@@ -138,6 +144,8 @@ class LlamaFamilyForCausalLM(nn.Module):
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.logits_quant is not None and hidden.shape[0] <= self.logits_quant_max_rows:
+            return self.logits_quant.linear(hidden).float()
         return self.logits_linear.linear(hidden, self.logits_weight).float()
 
     def projections(self) -> list[Linear]:
@@ -151,11 +159,17 @@ class LlamaFamilyForCausalLM(nn.Module):
 
     def quantize_int4(self, max_rows: int) -> tuple[int, int]:
         """4-bit copies of the projections the kernel's layout fits (layers/int4.py), read by steps of
-        at most `max_rows` rows. → (projections quantised, projections left dense)."""
+        at most `max_rows` rows. With the C kernels in fp32, the logits weight also gets an 8-bit
+        copy (Q8_0, as llama.cpp's 4-bit files keep the output weight; layers/block_quant.py).
+        → (projections quantised, projections left dense)."""
         projections = self.projections()
         fitting = [p for p in projections if int4_shape_supported(p.out_features, p.in_features)]
         for projection in fitting:
             projection.quantize_int4(max_rows)
+        logits = self.logits_weight
+        if self.kernels == "cpu" and logits.dtype == torch.float32 and block_quant_supported(logits):
+            self.logits_quant = BlockQuantWeight.quantize(logits, bits=8)
+            self.logits_quant_max_rows = min(max_rows, cpu_kernels.FEW_ROWS_MAX)
         return len(fitting), len(projections) - len(fitting)
 
     # ------------------------------------------------------------------ weights

@@ -1,8 +1,9 @@
 """quantization="int4": 4-bit copies of the projections read by steps of few rows (CPU).
 
-The quantiser recovers Q4_1 GGUF weights exactly; the kernel computes what the codes say (in
-bf16); Linear routes by row count; and the engine's decode with it stays close to transformers
-fp32 (logprobs of the tokens it picks). Quality on the default model: benchmarks/dtype_parity.py."""
+The quantiser recovers Q4_1 GGUF weights exactly; torch's kernel computes what the codes say (in
+bf16); Linear routes by row count; and the engine's decode with it (torch's kernel, or the C
+kernels' blocks: tests/kernels/test_block_quant.py) stays close to transformers fp32 (logprobs of
+the tokens it picks). Quality on the default model: benchmarks/dtype_parity.py."""
 import shutil
 
 import pytest
@@ -12,8 +13,9 @@ import helpers
 from asyncllm import LLM, EngineArgs, SamplingParams
 from asyncllm.model.default_model import default_model_path
 from asyncllm.model.gguf_file import GGUFFile
-from asyncllm.model.layers.int4 import (COMPUTE_DTYPE, GROUP_SIZE, GroupQuantized, Int4Weight, int4_max_rows,
-                                        int4_supported, quantize_groups)
+from asyncllm.model.layers.int4 import (COMPUTE_DTYPE, GROUP_SIZE, Int4Weight, int4_max_rows, int4_supported,
+                                        quantize_groups)
+from asyncllm.model.layers.block_quant import BlockQuantWeight
 from asyncllm.model.layers.linear import Linear
 
 pytestmark = pytest.mark.skipif(not int4_supported(torch.device("cpu")),
@@ -21,9 +23,12 @@ pytestmark = pytest.mark.skipif(not int4_supported(torch.device("cpu")),
 
 
 def held_weight(weight: torch.Tensor) -> torch.Tensor:
-    """`weight` as the 4-bit kernel holds it: the codes, with scale and zero rounded to bf16."""
+    """`weight` as torch's 4-bit kernel holds it: (codes - 8) * scale + zero, with scale and zero
+    rounded to bf16."""
     q = quantize_groups(weight)
-    return GroupQuantized(q.codes, q.scale.to(COMPUTE_DTYPE).float(), q.zero.to(COMPUTE_DTYPE).float()).dequantize()
+    scale, zero = q.scale.to(COMPUTE_DTYPE).float(), q.zero.to(COMPUTE_DTYPE).float()
+    codes = q.codes.reshape(*scale.shape, GROUP_SIZE).float()
+    return ((codes - 8) * scale[..., None] + zero[..., None]).reshape(weight.shape)
 
 
 def test_quantiser_recovers_a_q4_1_weight_exactly():
@@ -84,7 +89,7 @@ def test_kernel_computes_what_the_codes_say(rows):
 
 def test_linear_reads_the_4bit_copy_only_for_few_rows():
     torch.manual_seed(2)
-    layer = Linear(64, 96, bias=True)
+    layer = Linear(64, 96, bias=True)  # kernels="torch": torch's int4 layout
     layer.pack()
     dense = {rows: layer(torch.ones(rows, 64)) for rows in (1, 4, 5)}
     layer.quantize_int4(max_rows=4)
@@ -101,12 +106,15 @@ def test_max_rows_follow_the_model_dtype():
     assert int4_max_rows(torch.float32) == 16
 
 
+@pytest.mark.parametrize("kernels", ["torch", "cpu"])
 @pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen2ForCausalLM"])
-def test_engine_int4_decode_stays_close_to_transformers_fp32(arch, tiny_models, tmp_path):
+def test_engine_int4_decode_stays_close_to_transformers_fp32(arch, kernels, tiny_models, tmp_path):
     """A tiny model whose projections are 4-bit already (as the default model's Q4_1 ones are), so
-    the 4-bit copies hold the dense weights again and what is left is the kernel's bf16 arithmetic.
-    Every projection quantised; each greedy token's logprob (4-bit decode steps) against
-    transformers fp32 scoring the same sequence."""
+    the 4-bit copies hold the dense weights again and what is left is the kernel's arithmetic:
+    torch's in bf16 (kernels="torch"), or the C kernel's in fp32 (kernels="cpu", which also reads
+    the logits weight as 8-bit blocks and runs the decode steps as one call). Every projection
+    quantised; each greedy token's logprob (4-bit decode steps) against transformers fp32 scoring
+    the same sequence."""
     hf = helpers.load_hf(tiny_models(arch))
     with torch.no_grad():
         for module in hf.model.layers.modules():
@@ -115,11 +123,16 @@ def test_engine_int4_decode_stays_close_to_transformers_fp32(arch, tiny_models, 
     hf.save_pretrained(tmp_path)
     shutil.copy(f"{tiny_models(arch)}/tokenizer.json", tmp_path)
     shutil.copy(f"{tiny_models(arch)}/tokenizer_config.json", tmp_path)
-    llm = LLM(str(tmp_path), dtype="float32", quantization="int4", kv_cache_memory=16 << 20)
-    layers = [m for m in llm.engine.core.runner.model.modules() if isinstance(m, Linear)]
-    assert layers and all(m.int4 is not None and m.int4_max_rows == 16 for m in layers)
+    llm = LLM(str(tmp_path), dtype="float32", quantization="int4", kv_cache_memory=16 << 20, kernels=kernels)
+    model = llm.engine.core.runner.model
+    layers = [m for m in model.modules() if isinstance(m, Linear)]
+    copy_type, max_rows = (Int4Weight, 16) if kernels == "torch" else (BlockQuantWeight, 8)
+    assert layers and all(isinstance(m.int4, copy_type) and m.int4_max_rows == max_rows for m in layers)
+    assert (model.logits_quant is not None) == (kernels == "cpu")
     for m in layers:  # the 4-bit copy holds the weight itself
         torch.testing.assert_close(held_weight(m.weight), m.weight, atol=1e-6, rtol=0)
+        if kernels == "cpu":
+            torch.testing.assert_close(m.int4.dequantize(), m.weight, atol=1e-6, rtol=0)
     tok = llm.get_tokenizer()
     prompts = [tok.encode(text) for text in helpers.TEXT_PROMPTS[:4]]
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
@@ -134,6 +147,8 @@ def test_engine_int4_decode_stays_close_to_transformers_fp32(arch, tiny_models, 
                       for i, (step, t) in enumerate(zip(out.outputs[0].logprobs, ours))]
     assert len(diffs) == 64
     assert max(diffs) < 0.05, f"max |logprob diff| {max(diffs):.4f}"
+    if kernels == "cpu":
+        assert model.decode_stack is not None and model.decode_stack.enabled
 
 
 def test_int4_is_refused_off_the_cpu_and_for_unknown_schemes():

@@ -41,29 +41,51 @@ def int4_shape_supported(out_features: int, in_features: int) -> bool:
 
 @dataclass
 class GroupQuantized:
-    """A weight as 4-bit codes with one scale and zero per group: w ≈ (codes - 8) * scale + zero."""
-    codes: torch.Tensor  # [out_features, in_features] int32 in 0..15
+    """A weight as integer codes with one scale (and, for 4 bits, one minimum) per group of
+    GROUP_SIZE input columns: w ≈ codes * scale + low."""
+    codes: torch.Tensor  # [out_features, in_features] int32: 0..15 (4 bits), -127..127 (8 bits)
     scale: torch.Tensor  # [out_features, in_features / GROUP_SIZE] fp32
-    zero: torch.Tensor   # same shape
+    low: torch.Tensor    # same shape; zeros for 8 bits
+    bits: int = 4
+
+    @property
+    def zero(self) -> torch.Tensor:
+        """What torch's int4 kernel adds: w = (codes - 8) * scale + zero."""
+        return self.low + 8 * self.scale
 
     def dequantize(self) -> torch.Tensor:
         out_features, in_features = self.codes.shape
         codes = self.codes.reshape(out_features, -1, GROUP_SIZE).float()
-        return ((codes - 8) * self.scale[..., None] + self.zero[..., None]).reshape(out_features, in_features)
+        return (codes * self.scale[..., None] + self.low[..., None]).reshape(out_features, in_features)
+
+
+def _groups(weight: torch.Tensor) -> torch.Tensor:
+    out_features, in_features = weight.shape
+    if not int4_shape_supported(out_features, in_features):
+        raise ValueError(f"group quantisation needs in_features % {GROUP_SIZE} == 0 and out_features % 16 == 0, "
+                         f"got a {out_features}x{in_features} weight")
+    return weight.detach().float().reshape(out_features, in_features // GROUP_SIZE, GROUP_SIZE)
 
 
 def quantize_groups(weight: torch.Tensor) -> GroupQuantized:
     """[out_features, in_features] → 4-bit codes by the Q4_1 rule, groups along in_features."""
-    out_features, in_features = weight.shape
-    if not int4_shape_supported(out_features, in_features):
-        raise ValueError(f"int4 needs in_features % {GROUP_SIZE} == 0 and out_features % 16 == 0, "
-                         f"got a {out_features}x{in_features} weight")
-    groups = weight.detach().float().reshape(out_features, in_features // GROUP_SIZE, GROUP_SIZE)
+    groups = _groups(weight)
     low, high = groups.amin(-1), groups.amax(-1)
     scale = (high - low) / 15
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: all codes 0
     codes = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, 15)
-    return GroupQuantized(codes.to(torch.int32).reshape(out_features, in_features), scale, low + 8 * scale)
+    return GroupQuantized(codes.to(torch.int32).reshape(weight.shape), scale, low)
+
+
+def quantize_groups_int8(weight: torch.Tensor) -> GroupQuantized:
+    """[out_features, in_features] → 8-bit codes by llama.cpp's Q8_0 rule: scale = max |w| / 127
+    per group, code = round(w / scale). A weight that came from a Q8_0 GGUF (scales in fp16)
+    comes back exactly."""
+    groups = _groups(weight)
+    scale = groups.abs().amax(-1) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group: codes 0
+    codes = (groups / scale[..., None]).round().clamp(-127, 127)
+    return GroupQuantized(codes.to(torch.int32).reshape(weight.shape), scale, torch.zeros_like(scale), bits=8)
 
 
 @dataclass
@@ -81,6 +103,10 @@ class Int4Weight:
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.codes, _INNER_K_TILES)
         scales_and_zeros = torch.stack([q.scale.t(), q.zero.t()], dim=-1).contiguous().to(COMPUTE_DTYPE)
         return cls(packed, scales_and_zeros)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales_and_zeros))
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """x [rows, in_features] in any float dtype → [rows, out_features] in x's dtype."""

@@ -18,8 +18,9 @@ Steps of more rows (batched decoding, prompt chunks) in fp32 with the C kernels 
 oneDNN's packed copy: on the same stack it ran 1.2-1.4x faster at 16-64 rows (oneDNN left the
 weight stream from DRAM unoverlapped with the arithmetic) and as fast at 1024.
 
-With `EngineArgs.quantization="int4"` a Linear also holds a 4-bit copy (layers/int4.py) that
-steps with few rows read instead.
+With `EngineArgs.quantization="int4"` a Linear also holds a 4-bit copy that steps with few rows
+read instead: in the C kernels' block layout under `kernels="cpu"` (layers/block_quant.py, fp32
+activations), else in torch's int4 layout (layers/int4.py, bf16 arithmetic).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from asyncllm.model.layers import cpu_kernels
+from asyncllm.model.layers.block_quant import BlockQuantWeight, block_quant_supported
 from asyncllm.model.layers.int4 import Int4Weight
 
 _PACK_HINT = 8  # rows the blocked layout is tuned for; it serves any row count (measured 1-64)
@@ -83,15 +85,22 @@ class Linear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, kernels: str = "torch"):
         super().__init__(in_features, out_features, bias=bias)
         self.prepacked = PackedLinear(kernels)
-        self.int4: Int4Weight | None = None
+        self.int4: Int4Weight | BlockQuantWeight | None = None
         self.int4_max_rows = 0
 
     def pack(self) -> None:
         self.prepacked.pack(self.weight)
 
     def quantize_int4(self, max_rows: int) -> None:
-        self.int4 = Int4Weight.quantize(self.weight)
-        self.int4_max_rows = max_rows
+        """A 4-bit copy for steps of at most `max_rows` rows: the C kernel's blocks (fp32 models
+        under kernels="cpu"; it takes up to FEW_ROWS_MAX rows), else torch's int4 layout."""
+        if self.prepacked.kernels == "cpu" and self.weight.dtype == torch.float32 and block_quant_supported(
+                self.weight):
+            self.int4 = BlockQuantWeight.quantize(self.weight, bits=4)
+            self.int4_max_rows = min(max_rows, cpu_kernels.FEW_ROWS_MAX)
+        else:
+            self.int4 = Int4Weight.quantize(self.weight)
+            self.int4_max_rows = max_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.int4 is not None and x.dim() == 2 and x.shape[0] <= self.int4_max_rows:

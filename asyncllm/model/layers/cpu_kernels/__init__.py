@@ -4,7 +4,8 @@ At batch 1 a decode step spends a third of its time dispatching ~40 small torch 
 at batch 64, gathering K/V copies for attention costs as much as a third of the projections.
 These replace them with one call each: add + RMSNorm, rotary in place, SiLU-and-multiply, KV write,
 and paged decode attention reading the cache where it lies; the matmul of a decode step's 2-8
-rows, which MKL and oneDNN run well below the memory bandwidth it is bound by (layers/linear.py);
+rows, which MKL and oneDNN run well below the memory bandwidth it is bound by (layers/linear.py),
+and the same against 4- and 8-bit blocks (layers/block_quant.py);
 and the fp32 matmul of bigger steps against a weight packed into column panels (panel_gemm_impl.h).
 fp32 and bf16; other dtypes keep the torch path. decode_stack.py binds the call that runs all
 of them for every layer of a small decode step at once (model/cpu_decode.py).
@@ -18,7 +19,7 @@ from asyncllm.model.layers.cpu_kernels.library import KernelBuildError, build_er
 
 __all__ = ["KernelBuildError", "build_error", "supports", "rms_norm", "rotary_", "silu_and_mul", "write_kv_cache",
            "paged_decode_attention", "few_rows_supported", "few_rows_weight_supported", "linear_few_rows",
-           "FEW_ROWS_MAX", "panel_weight_supported", "pack_panels", "panel_linear"]
+           "FEW_ROWS_MAX", "linear_quant_rows", "panel_weight_supported", "pack_panels", "panel_linear"]
 
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
@@ -85,6 +86,23 @@ def linear_few_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     out = torch.empty(rows, weight.shape[0], dtype=x.dtype)
     _typed("linear_few_rows", x.dtype)(x.data_ptr(), x.stride(0), weight.data_ptr(), out.data_ptr(), rows,
                                        weight.shape[0], k, torch.get_num_threads())
+    return out
+
+
+def linear_quant_rows(x: torch.Tensor, blocks: torch.Tensor, bits: int, n: int, k: int) -> torch.Tensor:
+    """x [rows, k] @ w^T for 1-FEW_ROWS_MAX rows, w [n, k] as 4- or 8-bit blocks
+    (layers/block_quant.py; k % 32 == 0, n % 16 == 0)."""
+    rows = x.shape[0]
+    if not (x.dim() == 2 and 1 <= rows <= FEW_ROWS_MAX and x.shape[1] == k and supports(x)):
+        raise ValueError(f"linear_quant_rows takes 1-{FEW_ROWS_MAX} fp32/bf16 CPU rows of {k}, got "
+                         f"{tuple(x.shape)} {x.dtype} on {x.device}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    assert blocks.dtype == torch.uint8 and blocks.is_contiguous() and blocks.shape[0] == n
+    assert bits in (4, 8) and k % 32 == 0 and n % 16 == 0
+    out = torch.empty(rows, n, dtype=x.dtype)
+    _typed("linear_quant_rows", x.dtype)(x.data_ptr(), x.stride(0), blocks.data_ptr(), bits, out.data_ptr(), rows,
+                                         n, k, torch.get_num_threads())
     return out
 
 

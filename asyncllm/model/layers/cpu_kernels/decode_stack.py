@@ -12,10 +12,12 @@ from asyncllm.model.layers.cpu_kernels import _typed
 
 LAYER_TENSORS = ("input_norm", "qkv", "qkv_bias", "q_norm", "k_norm", "o", "post_norm", "gate_up", "gate_up_bias",
                  "down", "down_bias")
+QUANTIZED = ("qkv", "o", "gate_up", "down")  # projections that may have 4-bit blocks ("<name>_q4": uint8)
 
 
 class DecodeLayer(ctypes.Structure):
     _fields_ = [(name, ctypes.c_void_p) for name in LAYER_TENSORS] + [
+        (f"{name}_q4", ctypes.c_void_p) for name in QUANTIZED] + [
         ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p)]
 
 
@@ -58,6 +60,10 @@ class DecodeStackArgs:
                 tensor = tensors.get(name)
                 assert tensor is None or (tensor.is_contiguous() and tensor.dtype == self.dtype), name
                 setattr(entry, name, _ptr(tensor))
+            for name in QUANTIZED:
+                blocks = tensors.get(f"{name}_q4")
+                assert blocks is None or (blocks.is_contiguous() and blocks.dtype == torch.uint8), name
+                setattr(entry, f"{name}_q4", _ptr(blocks))
             entry.k_cache, entry.v_cache = cache[0].data_ptr(), cache[1].data_ptr()
         self.block_size = kv_caches[0].shape[2]
         self.struct = DecodeStack(

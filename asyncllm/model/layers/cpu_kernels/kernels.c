@@ -168,6 +168,7 @@ static inline int64_t max_seq_len(const int64_t *seq_lens, int64_t seqs) {
 #define LOAD(p) (p)
 #define STORE(x) (x)
 #include "kernels_impl.h"
+#include "quant_rows_impl.h"
 #include "decode_stack_impl.h"
 #undef T
 #undef SUFFIX
@@ -181,6 +182,7 @@ static inline int64_t max_seq_len(const int64_t *seq_lens, int64_t seqs) {
 #define LOAD(p) bf16_to_float(p)
 #define STORE(x) float_to_bf16(x)
 #include "kernels_impl.h"
+#include "quant_rows_impl.h"
 #include "decode_stack_impl.h"
 #undef T
 #undef SUFFIX

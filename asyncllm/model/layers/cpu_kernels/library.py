@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch  # noqa: F401  (loads torch's libgomp first, so the library's OpenMP resolves to it)
 
-SOURCES = ("kernels.c", "kernels_impl.h", "decode_stack_impl.h", "panel_gemm_impl.h")
+SOURCES = ("kernels.c", "kernels_impl.h", "quant_rows_impl.h", "decode_stack_impl.h", "panel_gemm_impl.h")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 # gcc keeps to 256-bit vectors on AVX-512 CPUs unless told; the attention loops gain from 512.
 X86_FLAGS = ("-mprefer-vector-width=512",)
@@ -30,6 +30,7 @@ SIGNATURES = {
     "rotary": (_P, _I64, _I64, _P, _I64, _I64, _P, _P, _P, _I64, _I64, _INT),
     "silu_and_mul": (_P, _P, _I64, _I64, _INT),
     "linear_few_rows": (_P, _I64, _P, _P, _I64, _I64, _I64, _INT),
+    "linear_quant_rows": (_P, _I64, _P, _I64, _P, _I64, _I64, _I64, _INT),
     "paged_decode_attention": (_P, _I64, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _F32, _I64,
                                _INT),
     "decode_stack": (_P, _P, _I64, _P, _P, _P, _I64, _P, _P, _P, _INT),

@@ -1,0 +1,94 @@
+"""Group-quantised weights in the C kernels' block layout, for decode steps of 1-8 rows on the CPU
+(`quantization="int4"` with `kernels="cpu"`; cpu_kernels/quant_rows_impl.h).
+
+torch's int4 CPU kernel (layers/int4.py) computes in bf16 and, at one row, left ~6 ms of a
+~14 ms step to the ops around it. This layout is read by a C kernel with fp32 (or bf16)
+activations, which also runs inside the one-call decoder (model/cpu_decode.py), and takes 8-bit
+blocks too, so the logits weight (~113 MB in fp32 for the default model, a fifth of what a
+step reads) can be read at 1.125 bytes per parameter.
+
+One row of the weight is a run of blocks, one per GROUP_SIZE input columns:
+  4 bits (Q4_1): fp32 scale, fp32 min, 16 bytes; byte j = code of column j | code of column j+16 << 4
+  8 bits (Q8_0): fp32 scale, 32 signed bytes
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from asyncllm.model.layers import cpu_kernels
+from asyncllm.model.layers.int4 import GROUP_SIZE, GroupQuantized, int4_shape_supported, quantize_groups, \
+    quantize_groups_int8
+
+BLOCK_BYTES = {4: 8 + GROUP_SIZE // 2, 8: 4 + GROUP_SIZE}
+
+
+def block_quant_supported(weight: torch.Tensor) -> bool:
+    """Whether the C kernel takes this weight [n, k] (whole groups along k, 16-row tiles along n)
+    and its activations (the model's dtype: fp32 or bf16, on the CPU)."""
+    return (weight.dim() == 2 and int4_shape_supported(*weight.shape) and cpu_kernels.supports(weight))
+
+
+def _as_bytes(values: torch.Tensor) -> torch.Tensor:
+    """[n, groups] fp32 → [n, groups, 4] of their bytes."""
+    return values.contiguous().unsqueeze(-1).view(torch.uint8)
+
+
+@dataclass
+class BlockQuantWeight:
+    """A projection weight as blocks of `bits`-bit codes, with the matmul of few rows that reads it."""
+    blocks: torch.Tensor  # [out_features, in_features / GROUP_SIZE * BLOCK_BYTES[bits]] uint8
+    bits: int
+    in_features: int
+
+    @property
+    def out_features(self) -> int:
+        return self.blocks.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.blocks.numel()
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, bits: int) -> "BlockQuantWeight":
+        if bits not in BLOCK_BYTES:
+            raise ValueError(f"bits must be 4 or 8, got {bits}")
+        return cls.from_groups(quantize_groups(weight) if bits == 4 else quantize_groups_int8(weight))
+
+    @classmethod
+    def from_groups(cls, q: GroupQuantized) -> "BlockQuantWeight":
+        n, k = q.codes.shape
+        codes = q.codes.reshape(n, k // GROUP_SIZE, GROUP_SIZE)
+        if q.bits == 4:
+            packed = (codes[..., :GROUP_SIZE // 2] | (codes[..., GROUP_SIZE // 2:] << 4)).to(torch.uint8)
+            parts = [_as_bytes(q.scale), _as_bytes(q.low), packed]
+        else:
+            parts = [_as_bytes(q.scale), codes.to(torch.int8).view(torch.uint8)]
+        return cls(torch.cat(parts, dim=-1).reshape(n, -1).contiguous(), q.bits, k)
+
+    def groups(self) -> GroupQuantized:
+        """The codes, scales and minimums back out of the blocks (what the kernel reads)."""
+        n, k = self.out_features, self.in_features
+        blocks = self.blocks.reshape(n, k // GROUP_SIZE, BLOCK_BYTES[self.bits])
+        scale = blocks[..., 0:4].contiguous().view(torch.float32)[..., 0]
+        if self.bits == 4:
+            low = blocks[..., 4:8].contiguous().view(torch.float32)[..., 0]
+            packed = blocks[..., 8:].to(torch.int32)
+            codes = torch.cat([packed & 15, packed >> 4], dim=-1)
+        else:
+            low = torch.zeros_like(scale)
+            codes = blocks[..., 4:].contiguous().view(torch.int8).to(torch.int32)
+        return GroupQuantized(codes.reshape(n, k), scale, low, self.bits)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight as the kernel computes it: each w = code * scale + min rounded once."""
+        q = self.groups()
+        n, k = q.codes.shape
+        codes = q.codes.reshape(n, -1, GROUP_SIZE).double()
+        exact = codes * q.scale.double()[..., None] + q.low.double()[..., None]
+        return exact.float().reshape(n, k)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """x [rows <= FEW_ROWS_MAX, in_features] (fp32 or bf16) → [rows, out_features] in x's dtype."""
+        return cpu_kernels.linear_quant_rows(x, self.blocks, self.bits, self.out_features, self.in_features)

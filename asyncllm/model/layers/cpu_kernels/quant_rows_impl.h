@@ -1,0 +1,124 @@
+/* The matmul of a decode step's 1-8 rows against a group-quantised weight; included by kernels.c
+ * once per element type (of x and out) after kernels_impl.h, whose tile shapes it follows.
+ *
+ * A small decode step is bound by reading the weights: fp32 costs 4 bytes per parameter, these
+ * 0.75 (4-bit) or 1.125 (8-bit). Each weight row is a run of blocks, one per 32 input columns:
+ *   4-bit (llama.cpp's Q4_1): float scale, float min, 16 bytes of codes; byte j holds column j
+ *     in its low nibble and column j + 16 in its high one; w = code * scale + min.
+ *   8-bit (llama.cpp's Q8_0): float scale, 32 signed bytes; w = code * scale.
+ * Every block is unpacked to fp32 once per tile (w rounded once, by one fused multiply-add) and
+ * multiplied into every activation row while in registers, so each output is one multiply-add
+ * chain over k in order: a row's result does not depend on the step's other rows. The scale and
+ * min sit in the block (one stream per weight row, not three), and each block of the next tile is
+ * prefetched while this tile's is used. */
+
+#ifndef QUANT_ROWS_COMMON
+#define QUANT_ROWS_COMMON
+#define QUANT_GROUP 32
+
+static inline int64_t quant_block_bytes(int bits) { return bits == 4 ? 8 + 16 : 4 + 32; }
+
+static inline v16sf splat16(float s) {
+#ifdef __AVX512F__
+    return (v16sf)_mm512_set1_ps(s);
+#else
+    return (v16sf){s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s};
+#endif
+}
+
+/* 16 bytes → 16 int32 lanes, zero- or sign-extended. With intrinsics: gcc turns the generic
+ * __builtin_convertvector of bytes into one insert per lane (3x slower kernel). */
+static inline v16si widen16(const uint8_t *p, const int is_signed) {
+#if defined(__AVX512F__)
+    __m128i bytes = _mm_loadu_si128((const __m128i *)p);
+    return (v16si)(is_signed ? _mm512_cvtepi8_epi32(bytes) : _mm512_cvtepu8_epi32(bytes));
+#elif defined(__AVX2__)
+    union { v16si whole; __m256i half[2]; } u;
+    for (int i = 0; i < 2; i++) {
+        __m128i bytes = _mm_loadl_epi64((const __m128i *)(p + 8 * i));
+        u.half[i] = is_signed ? _mm256_cvtepi8_epi32(bytes) : _mm256_cvtepu8_epi32(bytes);
+    }
+    return u.whole;
+#else
+    v16si out;
+    for (int i = 0; i < 16; i++) out[i] = is_signed ? (int32_t)(int8_t)p[i] : (int32_t)p[i];
+    return out;
+#endif
+}
+
+/* One block's 32 weights as two vectors: columns 0-15 and 16-31. By value, so they stay in
+ * registers. */
+typedef struct { v16sf lo, hi; } quant_pair;
+
+static inline quant_pair unpack_block(const uint8_t *block, const int bits) {
+    float scale;
+    memcpy(&scale, block, sizeof scale);
+    v16sf s = splat16(scale);
+    quant_pair w;
+    if (bits == 4) {
+        float min;
+        memcpy(&min, block + 4, sizeof min);
+        v16si codes = widen16(block + 8, 0);
+        v16sf m = splat16(min);
+        w.lo = fma16(__builtin_convertvector(codes & 15, v16sf), s, m);
+        w.hi = fma16(__builtin_convertvector(codes >> 4, v16sf), s, m);
+    } else {
+        w.lo = __builtin_convertvector(widen16(block + 4, 1), v16sf) * s;
+        w.hi = __builtin_convertvector(widen16(block + 4 + 16, 1), v16sf) * s;
+    }
+    return w;
+}
+#endif
+
+/* out[m][n0 + r] = x[m] . w[n0 + r] for r < ROWS weight rows and m < MB activation rows, as in
+ * few_rows_tile (16 accumulators, x rows past `rows` repeat row 0 and are not stored). */
+static inline __attribute__((always_inline)) void NAME(quant_rows_tile)(
+        const T *const *xs, const uint8_t *w, int64_t row_bytes, T *out, int64_t out_stride, int64_t n0, int64_t k,
+        int64_t rows, const int MB, const int ROWS, const int bits) {
+    const int64_t block_bytes = quant_block_bytes(bits);
+    v16sf acc[16];
+    for (int i = 0; i < 16; i++) acc[i] = (v16sf){0};
+    for (int64_t c = 0, b = 0; c < k; c += QUANT_GROUP, b += block_bytes)
+        for (int r = 0; r < ROWS; r++) {
+            const uint8_t *block = w + (n0 + r) * row_bytes + b;
+            __builtin_prefetch(block + ROWS * row_bytes, 0, 3); /* this row of the next tile */
+            quant_pair wv = unpack_block(block, bits);
+            for (int m = 0; m < MB; m++) {
+                acc[r * MB + m] = fma16(LOAD16(xs[m] + c), wv.lo, acc[r * MB + m]);
+                acc[r * MB + m] = fma16(LOAD16(xs[m] + c + 16), wv.hi, acc[r * MB + m]);
+            }
+        }
+    v16sf dots = sum16(acc);
+    for (int i = 0; i < 16; i++) {
+        int r = SUM16_ORDER[i] / MB, m = SUM16_ORDER[i] % MB;
+        if (m < rows) out[m * out_stride + n0 + r] = STORE(dots[i]);
+    }
+}
+
+/* out [rows, n] = x [rows, k] @ w^T for 1-8 rows, w [n] rows of k / 32 blocks of `bits` (4 or 8).
+ * Needs k % 32 == 0 and n % 16 == 0. An orphaned `omp for`, like few_rows_for. */
+static void NAME(quant_rows_for)(const T *x, int64_t x_stride, const uint8_t *w, int bits, T *out, int64_t rows,
+                                 int64_t n, int64_t k) {
+    const T *xs[8];
+    const int64_t row_bytes = k / QUANT_GROUP * quant_block_bytes(bits);
+    int mb = rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : 8;
+    for (int m = 0; m < 8; m++) xs[m] = x + (m < rows ? m : 0) * x_stride;
+#define QUANT_ROWS_CASE(MB, BITS)                                                               \
+    case MB * 16 + BITS:                                                                        \
+        _Pragma("omp for schedule(static)")                                                     \
+        for (int64_t n0 = 0; n0 < n; n0 += 16 / MB)                                             \
+            NAME(quant_rows_tile)(xs, w, row_bytes, out, n, n0, k, rows, MB, 16 / MB, BITS);    \
+        break;
+    switch (mb * 16 + bits) {
+        QUANT_ROWS_CASE(1, 4) QUANT_ROWS_CASE(2, 4) QUANT_ROWS_CASE(4, 4) QUANT_ROWS_CASE(8, 4)
+        QUANT_ROWS_CASE(1, 8) QUANT_ROWS_CASE(2, 8) QUANT_ROWS_CASE(4, 8) QUANT_ROWS_CASE(8, 8)
+        default: break;
+    }
+#undef QUANT_ROWS_CASE
+}
+
+void NAME(linear_quant_rows)(const T *x, int64_t x_stride, const uint8_t *w, int64_t bits, T *out, int64_t rows,
+                             int64_t n, int64_t k, int num_threads) {
+#pragma omp parallel num_threads(num_threads)
+    NAME(quant_rows_for)(x, x_stride, w, (int)bits, out, rows, n, k);
+}

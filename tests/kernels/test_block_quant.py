@@ -1,0 +1,99 @@
+"""The C kernels' 4- and 8-bit block layout (layers/block_quant.py) and the matmul that reads it
+(cpu_kernels/quant_rows_impl.h): the blocks hold what the quantiser chose, the kernel computes x
+times those weights (against float64), a row's result does not depend on the other rows, and the
+default model's Q4_1 / Q8_0 tensors come back from the file's values."""
+import pytest
+import torch
+
+from asyncllm.model.default_model import default_model_path
+from asyncllm.model.gguf_file import GGUFFile
+from asyncllm.model.layers import cpu_kernels
+from asyncllm.model.layers.block_quant import BLOCK_BYTES, BlockQuantWeight, block_quant_supported
+from asyncllm.model.layers.int4 import quantize_groups, quantize_groups_int8
+
+pytestmark = [pytest.mark.timeout(120),
+              pytest.mark.skipif(cpu_kernels.build_error() is not None, reason="the C kernels do not build here")]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_blocks_hold_the_quantisers_codes_scales_and_minimums(bits):
+    torch.manual_seed(bits)
+    weight = torch.randn(48, 96) * 0.1
+    q = quantize_groups(weight) if bits == 4 else quantize_groups_int8(weight)
+    blocks = BlockQuantWeight.from_groups(q)
+    assert blocks.blocks.dtype == torch.uint8 and blocks.blocks.shape == (48, 3 * BLOCK_BYTES[bits])
+    assert blocks.nbytes == 48 * 3 * BLOCK_BYTES[bits]
+    back = blocks.groups()
+    assert back.bits == bits and torch.equal(back.codes, q.codes)
+    assert torch.equal(back.scale, q.scale) and torch.equal(back.low, q.low)
+    # Within half a step of the weight: 4 bits span (max - min) / 15, 8 bits max|w| / 127.
+    error = (blocks.dequantize() - weight).abs().reshape(48, 3, 32).amax(-1)
+    assert (error <= q.scale / 2 + 1e-6).all()
+
+
+def test_int8_quantiser_follows_q8_0():
+    weight = torch.zeros(16, 32)
+    weight[0] = torch.tensor([0.5, -1.27, 0.0, 0.01] * 8)  # rows 1-15: all-zero groups
+    q = quantize_groups_int8(weight)
+    assert q.bits == 8 and torch.allclose(q.scale[:, 0], torch.tensor([0.01] + [1.0] * 15))  # zeros: scale 1
+    assert q.codes[0, :4].tolist() == [50, -127, 0, 1] and int(q.codes[1:].abs().max()) == 0
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8])
+@pytest.mark.parametrize("n, k", [(16, 32), (80, 96), (48, 1536)])
+def test_kernel_matches_a_float64_matmul_of_its_weights(bits, dtype, rows, n, k):
+    torch.manual_seed(rows * 1000 + n + k)
+    weight = BlockQuantWeight.quantize(torch.randn(n, k) * 0.05, bits)
+    x = torch.randn(rows, k).to(dtype)
+    out = weight.linear(x)
+    assert out.dtype == dtype and out.shape == (rows, n)
+    expected = x.double() @ weight.dequantize().double().t()
+    tol = dict(atol=2e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(out.double(), expected, **tol)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_rows_result_does_not_depend_on_the_other_rows(bits):
+    torch.manual_seed(3)
+    weight = BlockQuantWeight.quantize(torch.randn(64, 160) * 0.05, bits)
+    x = torch.randn(8, 160)
+    together = weight.linear(x)
+    for rows in range(1, 9):
+        assert torch.equal(weight.linear(x[:rows]), together[:rows]), rows
+    assert torch.equal(weight.linear(x.flip(0)), together.flip(0))
+    assert torch.equal(torch.cat([weight.linear(x[i:i + 1]) for i in range(8)]), together)
+
+
+def test_kernel_reads_strided_rows():
+    torch.manual_seed(4)
+    weight = BlockQuantWeight.quantize(torch.randn(32, 64) * 0.05, 4)
+    wide = torch.randn(3, 100)
+    x = wide[:, 10:74]
+    assert not x.is_contiguous()
+    assert torch.equal(weight.linear(x), weight.linear(x.contiguous()))
+
+
+def test_bad_inputs_get_clear_errors():
+    weight = BlockQuantWeight.quantize(torch.randn(16, 64), 4)
+    for x in (torch.randn(9, 64), torch.randn(0, 64), torch.randn(2, 32), torch.randn(2, 64, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="linear_quant_rows takes"):
+            weight.linear(x)
+    with pytest.raises(ValueError, match="bits must be 4 or 8"):
+        BlockQuantWeight.quantize(torch.randn(16, 64), 3)
+    with pytest.raises(ValueError, match="in_features % 32"):
+        BlockQuantWeight.quantize(torch.randn(16, 48), 8)
+    assert not block_quant_supported(torch.randn(24, 64)) and block_quant_supported(torch.randn(16, 64))
+    assert not block_quant_supported(torch.randn(16, 64, dtype=torch.float64))
+
+
+def test_default_models_quantised_tensors_come_back_from_the_file():
+    """Its projections are Q4_1 and its embedding (the tied logits weight) Q8_0: the blocks made
+    from the dequantised fp32 tensors compute with the file's weights, to fp32 rounding."""
+    with GGUFFile(default_model_path()) as gguf:
+        assert gguf.tensors["token_embd.weight"].qtype.name == "Q8_0"
+        embedding = gguf.load("token_embd.weight")[:4096]
+        assert torch.equal(BlockQuantWeight.quantize(embedding, 8).dequantize(), embedding)
+        up = gguf.load("blk.0.ffn_up.weight")
+        torch.testing.assert_close(BlockQuantWeight.quantize(up, 4).dequantize(), up, atol=2e-6, rtol=0)
