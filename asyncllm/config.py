@@ -52,9 +52,11 @@ class EngineArgs:
                                          "trim thresholds) instead of page-faulting them in again every step; "
                                          "prompts ~1.4x faster here; the process keeps its peak heap")
     quantization: str | None = _opt(None, "int4: CPU steps of few rows (decoding up to 8-16 streams) read "
-                                          "4-bit group-32 copies of the projection weights, computing in "
-                                          "bf16 (about 4x less weight traffic; prompts and larger batches "
-                                          "keep the dense weights, so it adds memory, never saves it)",
+                                          "4-bit group-32 copies of the projection weights (with the C "
+                                          "kernels in fp32: Q4_1 blocks, and Q8_0 blocks of the logits "
+                                          "weight, computed in fp32; else torch's int4 kernel in bf16); "
+                                          "prompts and larger batches keep the dense weights, so it adds "
+                                          "memory, never saves it",
                                     choices=["int4"])
     gpu_memory_utilization: float = _opt(0.9, "fraction of GPU memory for weights + KV cache (CUDA)")
     max_num_seqs: int = _opt(128, "most requests running at once")
