@@ -156,7 +156,7 @@ static inline int64_t max_seq_len(const int64_t *seq_lens, int64_t seqs) {
     return longest;
 }
 
-#define FEW_ROWS_PREFETCH 8  /* rows; 4-16 measured alike, none or a non-temporal hint much slower */
+#define FEW_ROWS_PREFETCH 8  /* rows; 4-32 measured alike, none or a non-temporal hint much slower */
 
 #define CONCAT_(a, b) a##_##b
 #define CONCAT(a, b) CONCAT_(a, b)

@@ -91,7 +91,7 @@ static inline __attribute__((always_inline)) void NAME(quant_rows_tile)(
     for (int64_t c = 0, b = 0; c < k; c += QUANT_GROUP, b += block_bytes)
         for (int r = 0; r < ROWS; r++) {
             const uint8_t *block = w + (n0 + r) * row_bytes + b;
-            __builtin_prefetch(block + ROWS * row_bytes, 0, 3); /* this row of the next tile */
+            __builtin_prefetch(block + ROWS * row_bytes, 0, 3); /* this row of the next tile (into L2 only: alike) */
             quant_pair wv = unpack_block(block, bits);
             for (int m = 0; m < MB; m++) {
                 acc[r * MB + m] = fma16(LOAD16(xs[m] + c), wv.lo, acc[r * MB + m]);
