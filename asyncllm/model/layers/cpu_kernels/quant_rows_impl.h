@@ -10,7 +10,9 @@
  * multiplied into every activation row while in registers, so each output is one multiply-add
  * chain over k in order: a row's result does not depend on the step's other rows. The scale and
  * min sit in the block (one stream per weight row, not three), and each block of the next tile is
- * prefetched while this tile's is used. */
+ * prefetched while this tile's is used. Measured on 2 cores, the unpacking makes the 4-bit
+ * kernel compute-bound even at one row (~4 ms per token of the default model's projections
+ * with the weights in cache, against ~3.3 ms to stream their 80 MB). */
 
 #ifndef QUANT_ROWS_COMMON
 #define QUANT_ROWS_COMMON
@@ -91,7 +93,7 @@ static inline __attribute__((always_inline)) void NAME(quant_rows_tile)(
     for (int64_t c = 0, b = 0; c < k; c += QUANT_GROUP, b += block_bytes)
         for (int r = 0; r < ROWS; r++) {
             const uint8_t *block = w + (n0 + r) * row_bytes + b;
-            __builtin_prefetch(block + ROWS * row_bytes, 0, 3); /* this row of the next tile (into L2 only: alike) */
+            __builtin_prefetch(block + ROWS * row_bytes, 0, 3); /* this row of the next tile (L2 hint: alike) */
             quant_pair wv = unpack_block(block, bits);
             for (int m = 0; m < MB; m++) {
                 acc[r * MB + m] = fma16(LOAD16(xs[m] + c), wv.lo, acc[r * MB + m]);
