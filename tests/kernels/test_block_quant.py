@@ -31,6 +31,35 @@ def test_blocks_hold_the_quantisers_codes_scales_and_minimums(bits):
     assert (error <= q.scale / 2 + 1e-6).all()
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_c_quantiser_makes_the_torch_quantisers_blocks(bits):
+    """quantize() runs in C; from_groups(quantize_groups...) is the torch rule it must follow:
+    the same bytes, constant and all-zero groups and halfway codes (round half to even) included;
+    `exact` says whether the blocks give the weight back bit for bit."""
+    torch.manual_seed(10 + bits)
+    weight = torch.randn(32, 128) * 0.05
+    weight[1, :32] = 0.25  # constant
+    weight[2, 32:64] = 0.0  # all zeros
+    weight[3, :32] = torch.arange(32.0) % 16  # 4 bits: scale 1, min 0
+    weight[3, 5], weight[3, 6] = 2.5, 3.5  # halfway codes: 2 and 4
+    weight[4, :32] = (torch.arange(32.0) - 16) * 0.5  # max |w| 8 in one group
+    made = BlockQuantWeight.quantize(weight, bits)
+    reference = BlockQuantWeight.from_groups(quantize_groups(weight) if bits == 4 else quantize_groups_int8(weight))
+    assert torch.equal(made.blocks, reference.blocks)
+    assert not made.exact  # random weights are not 4- or 8-bit values
+    back = made.dequantize()
+    again = BlockQuantWeight.quantize(back, bits)  # what was dequantised quantises to the same blocks...
+    if bits == 8:
+        assert again.exact and torch.equal(again.blocks, made.blocks)
+    # Weights that are such values already: integers within the codes' range, per group.
+    integers = torch.randint(0, 16, (16, 64)).float() if bits == 4 else torch.randint(-127, 128, (16, 64)).float()
+    integers[:, 0], integers[:, 32] = (0, 0) if bits == 4 else (127, -127)  # each group spans the full range
+    integers[:, 1], integers[:, 33] = (15, 15) if bits == 4 else (0, 0)
+    integers[5] = 0.0
+    made = BlockQuantWeight.quantize(integers, bits)
+    assert made.exact and torch.equal(made.dequantize(), integers)
+
+
 def test_int8_quantiser_follows_q8_0():
     weight = torch.zeros(16, 32)
     weight[0] = torch.tensor([0.5, -1.27, 0.0, 0.01] * 8)  # rows 1-15: all-zero groups
@@ -90,10 +119,13 @@ def test_bad_inputs_get_clear_errors():
 
 def test_default_models_quantised_tensors_come_back_from_the_file():
     """Its projections are Q4_1 and its embedding (the tied logits weight) Q8_0: the blocks made
-    from the dequantised fp32 tensors compute with the file's weights, to fp32 rounding."""
+    from the dequantised fp32 tensors give the file's weights back bit for bit."""
     with GGUFFile(default_model_path()) as gguf:
         assert gguf.tensors["token_embd.weight"].qtype.name == "Q8_0"
         embedding = gguf.load("token_embd.weight")[:4096]
-        assert torch.equal(BlockQuantWeight.quantize(embedding, 8).dequantize(), embedding)
-        up = gguf.load("blk.0.ffn_up.weight")
-        torch.testing.assert_close(BlockQuantWeight.quantize(up, 4).dequantize(), up, atol=2e-6, rtol=0)
+        blocks = BlockQuantWeight.quantize(embedding, 8)
+        assert blocks.exact and torch.equal(blocks.dequantize(), embedding)
+        for name in ("blk.0.ffn_up.weight", "blk.7.attn_k.weight"):
+            weight = gguf.load(name)
+            blocks = BlockQuantWeight.quantize(weight, 4)
+            assert blocks.exact and torch.equal(blocks.dequantize(), weight), name

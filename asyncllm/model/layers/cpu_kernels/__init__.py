@@ -19,7 +19,7 @@ from asyncllm.model.layers.cpu_kernels.library import KernelBuildError, build_er
 
 __all__ = ["KernelBuildError", "build_error", "supports", "rms_norm", "rotary_", "silu_and_mul", "write_kv_cache",
            "paged_decode_attention", "few_rows_supported", "few_rows_weight_supported", "linear_few_rows",
-           "FEW_ROWS_MAX", "linear_quant_rows", "panel_weight_supported", "pack_panels", "panel_linear"]
+           "FEW_ROWS_MAX", "linear_quant_rows", "quantize_blocks", "panel_weight_supported", "pack_panels", "panel_linear"]
 
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
@@ -104,6 +104,18 @@ def linear_quant_rows(x: torch.Tensor, blocks: torch.Tensor, bits: int, n: int, 
     _typed("linear_quant_rows", x.dtype)(x.data_ptr(), x.stride(0), blocks.data_ptr(), bits, out.data_ptr(), rows,
                                          n, k, torch.get_num_threads())
     return out
+
+
+def quantize_blocks(weight: torch.Tensor, bits: int, block_bytes: int) -> tuple[torch.Tensor, int]:
+    """fp32 weight [n, k] (k % 32 == 0) → (blocks [n, k / 32 * block_bytes] uint8, how many weights
+    the blocks do not give back exactly), by the same rules and fp32 operations as layers/int4.py."""
+    assert weight.dtype == torch.float32 and weight.dim() == 2 and weight.stride(1) == 1 and bits in (4, 8)
+    n, k = weight.shape
+    assert k % 32 == 0
+    blocks = torch.empty(n, k // 32 * block_bytes, dtype=torch.uint8)
+    misses = load_library().quantize_blocks_f32(weight.data_ptr(), weight.stride(0), n, k, bits, blocks.data_ptr(),
+                                                torch.get_num_threads())
+    return blocks, int(misses)
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -80,6 +80,60 @@ static inline quant_pair unpack_block(const uint8_t *block, const int bits) {
     }
     return w;
 }
+
+/* One group of 32 fp32 weights → its block, by the rules of layers/int4.py in the same fp32
+ * operations (so the same codes and scales as the torch quantiser). → how many of the 32 the
+ * block does not give back exactly (as unpack_block computes them). */
+static int64_t quantize_group(const float *x, uint8_t *block, int bits) {
+    int64_t misses = 0;
+    if (bits == 4) {
+        float low = x[0], high = x[0];
+        for (int j = 1; j < QUANT_GROUP; j++) {
+            low = x[j] < low ? x[j] : low;
+            high = x[j] > high ? x[j] : high;
+        }
+        float scale = (high - low) / 15.0f;
+        if (!(scale > 0.0f)) scale = 1.0f; /* a constant group: every code 0 */
+        uint8_t codes[QUANT_GROUP];
+        for (int j = 0; j < QUANT_GROUP; j++) {
+            float q = nearbyintf((x[j] - low) / scale); /* round half to even, as torch.round */
+            q = q < 0.0f ? 0.0f : q > 15.0f ? 15.0f : q;
+            codes[j] = (uint8_t)q;
+            misses += fmaf(q, scale, low) != x[j];
+        }
+        memcpy(block, &scale, 4);
+        memcpy(block + 4, &low, 4);
+        for (int j = 0; j < QUANT_GROUP / 2; j++) block[8 + j] = (uint8_t)(codes[j] | codes[j + 16] << 4);
+    } else {
+        float top = 0.0f;
+        for (int j = 0; j < QUANT_GROUP; j++) top = fabsf(x[j]) > top ? fabsf(x[j]) : top;
+        float scale = top / 127.0f;
+        if (!(scale > 0.0f)) scale = 1.0f; /* all zeros: every code 0 */
+        memcpy(block, &scale, 4);
+        for (int j = 0; j < QUANT_GROUP; j++) {
+            float q = nearbyintf(x[j] / scale);
+            q = q < -127.0f ? -127.0f : q > 127.0f ? 127.0f : q;
+            block[4 + j] = (uint8_t)(int8_t)q;
+            misses += q * scale != x[j];
+        }
+    }
+    return misses;
+}
+
+/* w [n, k] (rows `w_stride` apart) → blocks [n][k / 32 * quant_block_bytes(bits)]. → how many
+ * weights the blocks do not reproduce exactly (0: the matmul against them computes with the
+ * weights themselves, as for a GGUF tensor stored in that format). */
+int64_t quantize_blocks_f32(const float *w, int64_t w_stride, int64_t n, int64_t k, int64_t bits, uint8_t *blocks,
+                            int num_threads) {
+    const int64_t block_bytes = quant_block_bytes((int)bits), groups = k / QUANT_GROUP;
+    int64_t misses = 0;
+#pragma omp parallel for num_threads(num_threads) schedule(static) reduction(+ : misses)
+    for (int64_t row = 0; row < n; row++)
+        for (int64_t g = 0; g < groups; g++)
+            misses += quantize_group(w + row * w_stride + g * QUANT_GROUP, blocks + (row * groups + g) * block_bytes,
+                                     (int)bits);
+    return misses;
+}
 #endif
 
 /* out[m][n0 + r] = x[m] . w[n0 + r] for r < ROWS weight rows and m < MB activation rows, as in
