@@ -127,6 +127,14 @@ static inline v16sf fma16(v16sf a, v16sf b, v16sf c) {
 #endif
 }
 
+static inline v16sf splat16(float s) {
+#ifdef __AVX512F__
+    return (v16sf)_mm512_set1_ps(s);
+#else
+    return (v16sf){s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s};
+#endif
+}
+
 /* p[i] = exp(p[i] - max) / sum over the row: torch's softmax, with exp_nonpositive. */
 static void softmax_row(float *p, int64_t n) {
     float top = p[0];

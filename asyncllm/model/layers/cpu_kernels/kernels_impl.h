@@ -177,7 +177,7 @@ static inline __attribute__((always_inline)) void NAME(block_scores)(
                     v16sf sum = {0};
                     if (u < m)
                         for (int64_t c = 0; c < dim; c += 16)
-                            sum += load16_f32(qh + c) * LOAD16(keys + (t0 + u) * token_stride + c);
+                            sum = fma16(load16_f32(qh + c), LOAD16(keys + (t0 + u) * token_stride + c), sum);
                     part[u] = sum;
                 }
                 v16sf dots = sum16(part);
@@ -211,7 +211,7 @@ static inline __attribute__((always_inline)) void NAME(block_mix)(
             for (int64_t c = 0; c < dim; c += 16) sums[c / 16] = load16_f32(ah + c);
             for (int64_t off = lo; off < hi; off++)
                 for (int64_t c = 0; c < dim; c += 16)
-                    sums[c / 16] += weights[off] * LOAD16(values + off * token_stride + c);
+                    sums[c / 16] = fma16(splat16(weights[off]), LOAD16(values + off * token_stride + c), sums[c / 16]);
             for (int64_t c = 0; c < dim; c += 16) memcpy(ah + c, &sums[c / 16], sizeof(v16sf));
             continue;
         }

@@ -20,14 +20,6 @@
 
 static inline int64_t quant_block_bytes(int bits) { return bits == 4 ? 8 + 16 : 4 + 32; }
 
-static inline v16sf splat16(float s) {
-#ifdef __AVX512F__
-    return (v16sf)_mm512_set1_ps(s);
-#else
-    return (v16sf){s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s};
-#endif
-}
-
 /* 16 bytes → 16 int32 lanes, zero- or sign-extended. With intrinsics: gcc turns the generic
  * __builtin_convertvector of bytes into one insert per lane (3x slower kernel). */
 static inline v16si widen16(const uint8_t *p, const int is_signed) {
