@@ -168,8 +168,12 @@ static inline __attribute__((always_inline)) void NAME(block_scores)(
         NAME(prefetch_part)(next, next_bytes, h - h0, h1 - h0);
         const float *qh = qf + h * dim;
         const T *keys = rows + (h / group) * dim;
-        if (dim % 16 == 0) {
-            /* Sixteen keys at a time: per-key vectors of partial products, then one sum16. */
+        if (dim % 16 == 0 && dim <= 256) {
+            /* The query in registers (loaded once: the score stores below may alias qf, so the
+             * compiler reloaded it for every key); sixteen keys at a time, per-key vectors of
+             * partial products, then one sum16. */
+            v16sf qv[16];
+            for (int64_t c = 0; c < dim; c += 16) qv[c / 16] = load16_f32(qh + c);
             for (int64_t t0 = lo; t0 < hi; t0 += 16) {
                 int64_t m = hi - t0 < 16 ? hi - t0 : 16;
                 v16sf part[16];
@@ -177,7 +181,7 @@ static inline __attribute__((always_inline)) void NAME(block_scores)(
                     v16sf sum = {0};
                     if (u < m)
                         for (int64_t c = 0; c < dim; c += 16)
-                            sum = fma16(load16_f32(qh + c), LOAD16(keys + (t0 + u) * token_stride + c), sum);
+                            sum = fma16(qv[c / 16], LOAD16(keys + (t0 + u) * token_stride + c), sum);
                     part[u] = sum;
                 }
                 v16sf dots = sum16(part);
