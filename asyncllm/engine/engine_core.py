@@ -99,16 +99,15 @@ class EngineCore:
 
     def _quantize_int4(self, model) -> None:
         done, skipped = model.quantize_int4(int4_max_rows(self.dtype))
-        copies = [p.int4 for p in model.projections() if p.int4 is not None]
-        rows = max((p.int4_max_rows for p in model.projections() if p.int4 is not None), default=0)
-        logits = model.logits_quant
+        quantized = [p for p in model.projections() if p.int4 is not None]
+        rows = max((p.int4_max_rows for p in quantized), default=0)
+        copies = [p.int4 for p in quantized] + ([model.logits_quant] if model.logits_quant is not None else [])
         # Exact copies (a GGUF quantised in these formats) make the int4 steps compute with the
         # weights themselves: the same outputs as the dense path.
-        exact = sum(getattr(c, "exact", False) for c in copies) + (logits is not None and logits.exact)
         logger.info("int4: %d projections have 4-bit copies for steps of <= %d rows (%d left dense: shape)%s; "
                     "%d of %d copies hold their weights exactly", done, rows, skipped,
-                    "; the logits weight an 8-bit copy" if logits is not None else "", exact,
-                    len(copies) + (logits is not None))
+                    "; the logits weight an 8-bit copy" if model.logits_quant is not None else "",
+                    sum(c.exact for c in copies), len(copies))
 
     def _num_blocks(self, spec: KVCacheSpec) -> int:
         if self.config.device.type == "cuda":

@@ -18,7 +18,8 @@ from asyncllm.model.cpu_decode import CpuDecodeStack
 from asyncllm.model.layers import cpu_kernels
 from asyncllm.model.layers.attention import AttentionBackend, AttentionMetadata, TorchAttentionBackend
 from asyncllm.model.layers.cpu_attention import CpuAttentionBackend
-from asyncllm.model.layers.block_quant import BlockQuantWeight, block_quant_supported
+from asyncllm.model.layers import block_quant
+from asyncllm.model.layers.block_quant import BlockQuantWeight
 from asyncllm.model.layers.int4 import int4_shape_supported
 from asyncllm.model.layers.linear import Linear, PackedLinear
 from asyncllm.model.layers.norm import RMSNorm
@@ -167,9 +168,9 @@ class LlamaFamilyForCausalLM(nn.Module):
         for projection in fitting:
             projection.quantize_int4(max_rows)
         logits = self.logits_weight
-        if self.kernels == "cpu" and logits.dtype == torch.float32 and block_quant_supported(logits):
+        if block_quant.blocks_serve(logits, self.kernels):
             self.logits_quant = BlockQuantWeight.quantize(logits, bits=8)
-            self.logits_quant_max_rows = min(max_rows, cpu_kernels.FEW_ROWS_MAX)
+            self.logits_quant_max_rows = min(max_rows, block_quant.MAX_ROWS)
         return len(fitting), len(projections) - len(fitting)
 
     # ------------------------------------------------------------------ weights

@@ -24,10 +24,20 @@ from asyncllm.model.layers.int4 import GROUP_SIZE, GroupQuantized, int4_shape_su
 BLOCK_BYTES = {4: 8 + GROUP_SIZE // 2, 8: 4 + GROUP_SIZE}
 
 
+MAX_ROWS = cpu_kernels.FEW_ROWS_MAX  # activation rows the kernel's tiles take
+
+
 def block_quant_supported(weight: torch.Tensor) -> bool:
     """Whether the C kernel takes this weight [n, k] (whole groups along k, 16-row tiles along n)
     and its activations (the model's dtype: fp32 or bf16, on the CPU)."""
     return (weight.dim() == 2 and int4_shape_supported(*weight.shape) and cpu_kernels.supports(weight))
+
+
+def blocks_serve(weight: torch.Tensor, kernels: str) -> bool:
+    """Whether quantization="int4" gives this weight C blocks: an fp32 model on the C kernels
+    (bf16 models and kernels="torch" keep torch's int4 kernel for the projections, and dense
+    logits)."""
+    return kernels == "cpu" and weight.dtype == torch.float32 and block_quant_supported(weight)
 
 
 def _as_bytes(values: torch.Tensor) -> torch.Tensor:
@@ -99,5 +109,5 @@ class BlockQuantWeight:
         return exact.float().reshape(n, k)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
-        """x [rows <= FEW_ROWS_MAX, in_features] (fp32 or bf16) → [rows, out_features] in x's dtype."""
+        """x [rows <= MAX_ROWS, in_features] (fp32 or bf16) → [rows, out_features] in x's dtype."""
         return cpu_kernels.linear_quant_rows(x, self.blocks, self.bits, self.out_features, self.in_features)

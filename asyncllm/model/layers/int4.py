@@ -93,6 +93,7 @@ class Int4Weight:
     """A projection weight in the CPU kernel's layout, with its matmul."""
     packed: torch.Tensor            # the kernel's tiled layout of the 4-bit codes
     scales_and_zeros: torch.Tensor  # [in_features / GROUP_SIZE, out_features, 2] in COMPUTE_DTYPE
+    exact = False  # scale and zero are held in bf16: never taken as the weight itself
 
     @classmethod
     def quantize(cls, weight: torch.Tensor) -> "Int4Weight":

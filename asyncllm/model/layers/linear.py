@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from asyncllm.model.layers import cpu_kernels
-from asyncllm.model.layers.block_quant import BlockQuantWeight, block_quant_supported
+from asyncllm.model.layers import block_quant
+from asyncllm.model.layers.block_quant import BlockQuantWeight
 from asyncllm.model.layers.int4 import Int4Weight
 
 _PACK_HINT = 8  # rows the blocked layout is tuned for; it serves any row count (measured 1-64)
@@ -93,11 +94,10 @@ class Linear(nn.Linear):
 
     def quantize_int4(self, max_rows: int) -> None:
         """A 4-bit copy for steps of at most `max_rows` rows: the C kernel's blocks (fp32 models
-        under kernels="cpu"; it takes up to FEW_ROWS_MAX rows), else torch's int4 layout."""
-        if self.prepacked.kernels == "cpu" and self.weight.dtype == torch.float32 and block_quant_supported(
-                self.weight):
+        under kernels="cpu"; it takes up to block_quant.MAX_ROWS rows), else torch's int4 layout."""
+        if block_quant.blocks_serve(self.weight, self.prepacked.kernels):
             self.int4 = BlockQuantWeight.quantize(self.weight, bits=4)
-            self.int4_max_rows = min(max_rows, cpu_kernels.FEW_ROWS_MAX)
+            self.int4_max_rows = min(max_rows, block_quant.MAX_ROWS)
         else:
             self.int4 = Int4Weight.quantize(self.weight)
             self.int4_max_rows = max_rows

@@ -66,6 +66,13 @@ static inline __attribute__((always_inline)) void NAME(few_rows_tile)(
     }
 }
 
+/* The 8 activation row pointers a tile reads (rows past `rows` repeat row 0) → the tile height
+ * for `rows` rows: 1, 2, 4 or 8. */
+static inline int NAME(tile_rows)(const T *x, int64_t x_stride, int64_t rows, const T **xs) {
+    for (int m = 0; m < 8; m++) xs[m] = x + (m < rows ? m : 0) * x_stride;
+    return rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : 8;
+}
+
 /* out [rows, n] = x [rows, k] @ w [n, k]^T for the 1-8 rows of a decode step (nn.Linear's
  * layout, no bias). Such a step is bound by reading the weight: each weight row is read once
  * and multiplied by every activation row while it is in registers; x stays in L1. Needs
@@ -74,8 +81,7 @@ static inline __attribute__((always_inline)) void NAME(few_rows_tile)(
 static void NAME(few_rows_for)(const T *x, int64_t x_stride, const T *w, T *out, int64_t rows, int64_t n,
                                int64_t k) {
     const T *xs[8];
-    int mb = rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : 8;
-    for (int m = 0; m < 8; m++) xs[m] = x + (m < rows ? m : 0) * x_stride;
+    int mb = NAME(tile_rows)(x, x_stride, rows, xs);
 #define FEW_ROWS_CASE(MB)                                                                       \
     case MB:                                                                                    \
         _Pragma("omp for schedule(static)")                                                     \

@@ -159,8 +159,7 @@ static void NAME(quant_rows_for)(const T *x, int64_t x_stride, const uint8_t *w,
                                  int64_t n, int64_t k) {
     const T *xs[8];
     const int64_t row_bytes = k / QUANT_GROUP * quant_block_bytes(bits);
-    int mb = rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : 8;
-    for (int m = 0; m < 8; m++) xs[m] = x + (m < rows ? m : 0) * x_stride;
+    int mb = NAME(tile_rows)(x, x_stride, rows, xs);
 #define QUANT_ROWS_CASE(MB, BITS)                                                               \
     case MB * 16 + BITS:                                                                        \
         _Pragma("omp for schedule(static)")                                                     \
