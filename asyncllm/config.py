@@ -51,13 +51,14 @@ class EngineArgs:
     cpu_malloc_tuning: bool = _opt(True, "CPU, glibc: keep freed activation buffers in the heap (mallopt mmap and "
                                          "trim thresholds) instead of page-faulting them in again every step; "
                                          "prompts ~1.4x faster here; the process keeps its peak heap")
-    quantization: str | None = _opt(None, "int4: CPU steps of few rows (decoding up to 8-16 streams) read "
-                                          "4-bit group-32 copies of the projection weights (with the C "
-                                          "kernels in fp32: Q4_1 blocks, and Q8_0 blocks of the logits "
-                                          "weight, computed in fp32; else torch's int4 kernel in bf16); "
-                                          "prompts and larger batches keep the dense weights, so it adds "
-                                          "memory, never saves it",
-                                    choices=["int4"])
+    quantization: str | None = _opt(None, "CPU steps of few rows (decoding up to 8 streams) read quantised "
+                                          "copies of the projection weights, groups of 32 along the input: int4 "
+                                          "(with the C kernels in fp32: llama.cpp's Q4_1 blocks, and Q8_0 "
+                                          "blocks of the logits weight, computed in fp32; else torch's int4 "
+                                          "kernel in bf16) or int8 (Q8_0 blocks of the projections and the "
+                                          "logits weight; needs the C kernels); prompts and larger batches "
+                                          "keep the dense weights, so it adds memory, never saves it",
+                                    choices=["int4", "int8"])
     gpu_memory_utilization: float = _opt(0.9, "fraction of GPU memory for weights + KV cache (CUDA)")
     max_num_seqs: int = _opt(128, "most requests running at once")
     max_num_batched_tokens: int = _opt(1024, "token budget of one engine step (decodes + prompt chunks)")
@@ -114,8 +115,8 @@ class EngineConfig:
             errors.append(f"kernels must be auto, torch, triton or cpu, got {args.kernels!r}")
         if args.kernels == "triton" and args.block_size < 16:
             errors.append("kernels='triton' needs block_size >= 16")
-        if args.quantization not in (None, "int4"):
-            errors.append(f"quantization must be None or 'int4', got {args.quantization!r}")
+        if args.quantization not in (None, "int4", "int8"):
+            errors.append(f"quantization must be None, 'int4' or 'int8', got {args.quantization!r}")
         if args.kv_cache_memory is not None and args.kv_cache_memory <= 0:
             errors.append("kv_cache_memory must be > 0 bytes")
         if errors:
@@ -127,13 +128,18 @@ class EngineConfig:
         if args.quantization == "int4" and not int4_supported(device):
             raise ValueError(f"quantization='int4' runs on the CPU (torch's int4 CPU kernel); this engine runs on "
                              f"{device.type}: leave quantization unset there")
+        kernels = resolve_kernels(args, device)
+        if args.quantization == "int8" and kernels != "cpu":
+            raise ValueError(f"quantization='int8' reads 8-bit blocks with the C kernels (kernels='cpu', or 'auto' "
+                             f"on a CPU where they build); this engine has device {device.type!r} and kernels "
+                             f"{kernels!r}: leave quantization unset there")
         kv_mem = args.kv_cache_memory
         if kv_mem is None and device.type == "cpu":
             kv_mem = int(os.environ.get("ASYNCLLM_KV_CACHE_MEMORY", 1 << 30))
         limits = SamplingLimits(max_n=args.max_n, max_logprobs=args.max_logprobs,
                                 max_stop_strings=args.max_stop_strings,
                                 max_stop_string_len=args.max_stop_string_len)
-        return cls(args=args, device=device, dtype_request=args.dtype, kernels=resolve_kernels(args, device),
+        return cls(args=args, device=device, dtype_request=args.dtype, kernels=kernels,
                    kv_cache_memory=kv_mem, limits=limits)
 
 

@@ -82,7 +82,7 @@ def publish(title: str, rows: list[dict], name: str, payload: dict) -> Path:
 def add_variant_args(parser) -> None:
     """--dtype of asyncllm and its baselines, --quantization of asyncllm alone."""
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--quantization", default=None, choices=["int4"],
+    parser.add_argument("--quantization", default=None, choices=["int4", "int8"],
                         help="asyncllm's; the baselines run the dense weights in --dtype")
 
 

@@ -1,11 +1,12 @@
 """Quality of each dtype (and of int4 decoding) against transformers in fp32 on the same weights.
 
-For every variant: greedy 32-token answers to 8 chat prompts (decoded together, as a server
+For every variant: greedy 32-token answers to 8 chat prompts (decoded together by default, as a server
 would) compared with transformers fp32 (identical sequences, first differing step), and the
 logprob of each token we chose against the logprob transformers fp32 gives that same token when
 it scores our whole sequence, so the comparison holds whatever greedy did.
 
-    python benchmarks/dtype_parity.py [--variants float32,bfloat16,float16,float32+int4,bfloat16+int4]
+    python benchmarks/dtype_parity.py [--variants float32,bfloat16,float16,float32+int4,bfloat16+int4,float32+int8,bfloat16+int8]
+                                      [--max-num-seqs N] [--output NAME]
 """
 from __future__ import annotations
 
@@ -25,10 +26,14 @@ QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--variants", default="float32,bfloat16,float16,float32+int4,bfloat16+int4",
+    parser.add_argument("--variants", default="float32,bfloat16,float16,float32+int4,bfloat16+int4,float32+int8,bfloat16+int8",
                         help="dtype or dtype+quantization, comma-separated")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--max-num-seqs", type=int, default=None,
+                        help="decode at most this many together (default: all prompts at once); bf16 models read "
+                             "8-bit blocks only in steps of <= 4 rows")
+    parser.add_argument("--output", default="dtype_parity", help="results file name (without .json)")
     args = parser.parse_args(argv)
 
     import torch
@@ -56,7 +61,7 @@ def main(argv=None) -> dict:
         rows = []
         for variant in args.variants.split(","):
             dtype, _, quantization = variant.partition("+")
-            llm = LLM(dtype=dtype, quantization=quantization or None)
+            llm = LLM(dtype=dtype, quantization=quantization or None, max_num_seqs=args.max_num_seqs or len(prompts))
             outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                                 SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True, logprobs=0),
                                 use_tqdm=False)
@@ -72,9 +77,10 @@ def main(argv=None) -> dict:
                          "logprob_abs_diff_mean": sum(diffs) / len(diffs), "logprob_abs_diff_max": max(diffs)})
             llm.engine.shutdown()
             del llm
-    publish(f"Parity vs transformers fp32 ({args.prompts} chat prompts x {args.max_tokens} greedy tokens, "
-            "decoded together; logprobs of our tokens vs transformers fp32 scoring our sequence)", rows,
-            "dtype_parity", {"rows": rows, "args": vars(args)})
+    together = args.max_num_seqs or len(prompts)
+    publish(f"Parity vs transformers fp32 ({len(prompts)} chat prompts x {args.max_tokens} greedy tokens, "
+            f"decoded {together} at a time; logprobs of our tokens vs transformers fp32 scoring our sequence)", rows,
+            args.output, {"rows": rows, "args": vars(args)})
     return {"rows": rows}
 
 

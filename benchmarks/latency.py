@@ -29,15 +29,15 @@ def median_seconds(run, repeats: int = 3) -> float:
 
 def decode_weight_bytes(model) -> int:
     """Weight bytes one single-row decode step reads: every parameter (the embedding is read
-    whole as the tied logits weight), with a projection's 4-bit copy in place of its weight and
+    whole as the tied logits weight), with a projection's quantised copy in place of its weight and
     the logits weight's 8-bit copy in place of it (the embedding lookup reads one row)."""
     def size(t) -> int:
         return t.numel() * t.element_size()
 
     total = sum(size(p) for p in model.parameters())
     for projection in model.projections():
-        if projection.int4 is not None:
-            total += projection.int4.nbytes - size(projection.weight)
+        if projection.quantized is not None:
+            total += projection.quantized.nbytes - size(projection.weight)
     if model.logits_quant is not None:
         total += model.logits_quant.nbytes - size(model.logits_weight)
     return total

@@ -20,6 +20,7 @@ from asyncllm.engine.request import Request, RequestStatus
 from asyncllm.errors import PromptTooLongError
 from asyncllm.model.dtype import resolve_dtype
 from asyncllm.model.loader import Checkpoint, load_checkpoint
+from asyncllm.model.layers.block_quant import QUANTIZATION_BITS
 from asyncllm.model.layers.int4 import int4_max_rows
 from asyncllm.model.layers.linear import prepack_supported
 from asyncllm.model.registry import build_model
@@ -65,8 +66,8 @@ class EngineCore:
         model.load_weights(self.checkpoint.weights(self.dtype))
         if args.cpu_weight_prepack and prepack_supported(config.device, self.dtype):
             model.prepack_weights()
-        if args.quantization == "int4":
-            self._quantize_int4(model)
+        if args.quantization is not None:
+            self._quantize(model, args.quantization)
         model.eval()
         if args.cpu_malloc_tuning and config.device.type == "cpu":
             # After the load, so its temporary buffers have gone back to the OS.
@@ -97,17 +98,19 @@ class EngineCore:
         logger.info("EngineCore ready in %.2fs: %s, dtype %s, %d KV blocks, max_model_len %d",
                     self.load_report.seconds, self.checkpoint.name, self.dtype, num_blocks, max_model_len)
 
-    def _quantize_int4(self, model) -> None:
-        done, skipped = model.quantize_int4(int4_max_rows(self.dtype))
-        quantized = [p for p in model.projections() if p.int4 is not None]
-        rows = max((p.int4_max_rows for p in quantized), default=0)
-        copies = [p.int4 for p in quantized] + ([model.logits_quant] if model.logits_quant is not None else [])
-        # Exact copies (a GGUF quantised in these formats) make the int4 steps compute with the
-        # weights themselves: the same outputs as the dense path.
-        logger.info("int4: %d projections have 4-bit copies for steps of <= %d rows (%d left dense: shape)%s; "
-                    "%d of %d copies hold their weights exactly", done, rows, skipped,
+    def _quantize(self, model, scheme: str) -> None:
+        bits = QUANTIZATION_BITS[scheme]
+        done, skipped = model.quantize(bits, int4_max_rows(self.dtype))
+        quantized = [p for p in model.projections() if p.quantized is not None]
+        rows = max((p.quantized_max_rows for p in quantized), default=0)
+        copies = [p.quantized for p in quantized] + ([model.logits_quant] if model.logits_quant is not None else [])
+        # Exact copies (a GGUF quantised in these formats) make the quantised steps compute with
+        # the weights themselves: the same outputs as the dense path.
+        logger.info("%s: %d projections have %d-bit copies for steps of <= %d rows (%d left dense: shape)%s; "
+                    "%d of %d copies hold their weights exactly; the copies add %.0f MB to the dense weights",
+                    scheme, done, bits, rows, skipped,
                     "; the logits weight an 8-bit copy" if model.logits_quant is not None else "",
-                    sum(c.exact for c in copies), len(copies))
+                    sum(c.exact for c in copies), len(copies), sum(c.nbytes for c in copies) / 1e6)
 
     def _num_blocks(self, spec: KVCacheSpec) -> int:
         if self.config.device.type == "cuda":

@@ -5,13 +5,11 @@ model), and the per-op forward spent ~20% of a batch-1 step between the matmuls:
 tensor views and an OpenMP fork/join for each of ~10 small ops per layer. `decode_stack`
 (layers/cpu_kernels/decode_stack_impl.h) runs the same ops in the same order in one parallel
 region. Prompt steps, bigger batches and other dtypes keep the per-op forward. With
-`quantization="int4"` the projections that have 4-bit blocks (layers/block_quant.py) are read
-from them here too, by the same C kernel the per-op path calls.
+`quantization` the projections that have 4- or 8-bit blocks (layers/block_quant.py) are read from
+them here too, by the same C kernel the per-op path calls.
 
-At 2-8 rows its results equal the per-op C path's bit for bit (the same row functions and
-matmul tiles). At one row the per-op path runs the projections through torch's F.linear (MKL's
-gemv, as transformers does) and this one through the few-rows kernel, so results differ in
-rounding only (tested against transformers like every path).
+Its results equal the per-op C path's bit for bit (the same row functions and matmul tiles, at
+one row as at eight; tested against transformers like every path).
 """
 from __future__ import annotations
 
@@ -27,21 +25,27 @@ MAX_ROWS = cpu_kernels.FEW_ROWS_MAX  # the few-rows matmul's limit
 
 
 def _projection_fits(p) -> bool:
-    """fp32, and either 4-bit blocks for every step the stack takes or a dense weight whose shape
-    the few-rows matmul takes (torch's int4 layout: neither)."""
+    """fp32, and either blocks for every step the stack takes or a dense weight whose shape the
+    few-rows matmul takes (torch's int4 layout: neither)."""
     if p.weight.dtype != torch.float32:
         return False
-    if p.int4 is None:
+    if p.quantized is None:
         return cpu_kernels.few_rows_weight_supported(p.weight)
-    return isinstance(p.int4, BlockQuantWeight) and p.int4.bits == 4 and p.int4_max_rows >= MAX_ROWS
+    return isinstance(p.quantized, BlockQuantWeight) and p.quantized_max_rows >= MAX_ROWS
 
 
 def _weights_fit(model: nn.Module) -> bool:
-    return model.config.head_dim % 2 == 0 and all(_projection_fits(p) for p in model.projections())
+    bits = {p.quantized.bits for p in model.projections() if isinstance(p.quantized, BlockQuantWeight)}
+    return (model.config.head_dim % 2 == 0 and len(bits) <= 1  # the C structure has one width
+            and all(_projection_fits(p) for p in model.projections()))
 
 
-def _q4(p) -> torch.Tensor | None:
-    return None if p.int4 is None else p.int4.blocks
+def _blocks(p) -> torch.Tensor | None:
+    return None if p.quantized is None else p.quantized.blocks
+
+
+def _quant_bits(model: nn.Module) -> int:
+    return next((p.quantized.bits for p in model.projections() if isinstance(p.quantized, BlockQuantWeight)), 0)
 
 
 class CpuDecodeStack:
@@ -71,7 +75,8 @@ class CpuDecodeStack:
         attention0 = model.layers[0].self_attn
         shape = DecodeShape(hidden=cfg.hidden_size, heads=cfg.num_heads, kv_heads=cfg.num_kv_heads,
                             head_dim=cfg.head_dim, intermediate=cfg.intermediate_size, eps=cfg.rms_norm_eps,
-                            scale=attention0.backend.scale, window=cfg.sliding_window or 0)
+                            scale=attention0.backend.scale, window=cfg.sliding_window or 0,
+                            quant_bits=_quant_bits(model))
         layers = []
         for layer in model.layers:
             attention, mlp = layer.self_attn, layer.mlp
@@ -82,7 +87,7 @@ class CpuDecodeStack:
                 "k_norm": None if attention.k_norm is None else attention.k_norm.weight,
                 "o": attention.o_proj.weight, "gate_up": mlp.gate_up_proj.weight, "gate_up_bias": mlp.gate_up_proj.bias,
                 "down": mlp.down_proj.weight, "down_bias": mlp.down_proj.bias,
-                "qkv_q4": _q4(attention.qkv_proj), "o_q4": _q4(attention.o_proj),
-                "gate_up_q4": _q4(mlp.gate_up_proj), "down_q4": _q4(mlp.down_proj),
+                "qkv_quant": _blocks(attention.qkv_proj), "o_quant": _blocks(attention.o_proj),
+                "gate_up_quant": _blocks(mlp.gate_up_proj), "down_quant": _blocks(mlp.down_proj),
             })
         return DecodeStackArgs(shape, layers, model.norm.weight, model.rotary.cos, model.rotary.sin, kv_caches)

@@ -117,8 +117,8 @@ class LlamaFamilyForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.logits_linear = PackedLinear(kernels)
-        # quantization="int4" with the C kernels: an 8-bit copy of the logits weight for decode
-        # steps of up to logits_quant_max_rows rows (quantize_int4).
+        # quantization with the C kernels: an 8-bit copy of the logits weight for decode steps of
+        # up to logits_quant_max_rows rows (quantize).
         self.logits_quant: BlockQuantWeight | None = None
         self.logits_quant_max_rows = 0
         self.kernels = kernels
@@ -158,19 +158,20 @@ class LlamaFamilyForCausalLM(nn.Module):
             projection.pack()
         self.logits_linear.pack(self.logits_weight)
 
-    def quantize_int4(self, max_rows: int) -> tuple[int, int]:
-        """4-bit copies of the projections the kernel's layout fits (layers/int4.py), read by steps of
-        at most `max_rows` rows. With the C kernels in fp32, the logits weight also gets an 8-bit
-        copy (Q8_0, as llama.cpp's 4-bit files keep the output weight; layers/block_quant.py).
+    def quantize(self, bits: int, max_rows: int) -> tuple[int, int]:
+        """`bits`-bit copies of the projections whose shape the layouts take (whole groups of 32
+        inputs, 16-row tiles), read by steps of at most `max_rows` rows (layers/linear.py). Where
+        the projections get C blocks, the logits weight gets an 8-bit copy too (Q8_0, as
+        llama.cpp's 4-bit files keep the output weight; layers/block_quant.py).
         → (projections quantised, projections left dense)."""
         projections = self.projections()
         fitting = [p for p in projections if int4_shape_supported(p.out_features, p.in_features)]
         for projection in fitting:
-            projection.quantize_int4(max_rows)
+            projection.quantize(bits, max_rows)
         logits = self.logits_weight
-        if block_quant.blocks_serve(logits, self.kernels):
+        if block_quant.block_rows(logits, self.kernels, bits):
             self.logits_quant = BlockQuantWeight.quantize(logits, bits=8)
-            self.logits_quant_max_rows = min(max_rows, block_quant.MAX_ROWS)
+            self.logits_quant_max_rows = min(max_rows, block_quant.block_rows(logits, self.kernels, 8))
         return len(fitting), len(projections) - len(fitting)
 
     # ------------------------------------------------------------------ weights

@@ -1,6 +1,6 @@
 """The whole-decoder C call for decode steps of 1-8 sequences (model/cpu_decode.py): the same bits
-as the per-op C path at 2-8 rows (and at one row with 4-bit weights), close at one row, equal to
-transformers through the engine, and only taken by the steps it is built for."""
+as the per-op C path at every row count, equal to transformers through the engine, and only taken
+by the steps it is built for."""
 import pytest
 import torch
 
@@ -46,12 +46,12 @@ def _decode_steps(recorder, rows: int):
     return [s for s in recorder.steps if s[3].num_decodes == s[3].num_requests == s[0].shape[0] == rows]
 
 
-@pytest.mark.parametrize("quantization", [None, "int4"])
+@pytest.mark.parametrize("quantization", [None, "int4", "int8"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_stack_equals_the_per_op_path(arch, quantization, tiny_models):
     """Recorded decode steps rerun through both paths (each writes the same K/V into the same
-    slots): bit for bit at 2-8 rows, within fp32 rounding at one row (F.linear vs the kernel).
-    With 4-bit blocks both paths call the same kernel at every row count: bit for bit."""
+    slots): bit for bit at every row count, dense or with 4- or 8-bit blocks (both paths call the
+    same matmul kernels)."""
     llm = LLM(tiny_models(arch), dtype="float32", kernels="cpu", kv_cache_memory=16 << 20, quantization=quantization)
     model = llm.engine.core.runner.model
     recorder = StepRecorder(model)
@@ -68,10 +68,7 @@ def test_stack_equals_the_per_op_path(arch, quantization, tiny_models):
             per_op = model(input_ids, positions, kv_caches, meta)
             model.use_decode_stack = True
             stacked = model(input_ids, positions, kv_caches, meta)
-        if rows == 1 and quantization is None:
-            torch.testing.assert_close(stacked, per_op, rtol=1e-4, atol=1e-4)
-        else:
-            assert torch.equal(stacked, per_op), (stacked - per_op).abs().max()
+        assert torch.equal(stacked, per_op), (stacked - per_op).abs().max()
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -98,19 +95,21 @@ def test_stack_takes_only_the_steps_it_is_built_for(tiny_models):
     assert len(recorder.steps) > len(decodes)  # the prompt steps
     assert recorder.stack_calls == len([s for s in decodes if s[0].shape[0] == 2])
 
-    for kwargs in ({"kernels": "torch"}, {"dtype": "bfloat16"}, {"kernels": "torch", "quantization": "int4"}):
+    for kwargs in ({"kernels": "torch"}, {"dtype": "bfloat16"}, {"kernels": "torch", "quantization": "int4"},
+                   {"dtype": "bfloat16", "quantization": "int4"}, {"dtype": "bfloat16", "quantization": "int8"}):
         other = LLM(path, **{"dtype": "float32", "kv_cache_memory": 16 << 20, **kwargs})
         other_model = other.engine.core.runner.model
         _generate(other, 2, max_tokens=3)
         assert other_model.decode_stack is None or not other_model.decode_stack.enabled, kwargs
 
 
-def test_stack_reads_4bit_blocks_and_the_8bit_logits(tiny_models):
-    """quantization="int4" with the C kernels: the stack is on, reads every projection's blocks,
+@pytest.mark.parametrize("quantization", ["int4", "int8"])
+def test_stack_reads_the_blocks_and_the_8bit_logits(quantization, tiny_models):
+    """quantization="int4" or "int8" with the C kernels: the stack is on, reads every projection's blocks,
     and the step's logits come from the 8-bit copy; a 1-row step's hidden state and logits equal,
     to fp32 rounding, what the per-op path gives with the blocks' weights put back as dense ones."""
     llm = LLM(tiny_models("Qwen3ForCausalLM"), dtype="float32", kernels="cpu", kv_cache_memory=16 << 20,
-              quantization="int4")
+              quantization=quantization)
     model = llm.engine.core.runner.model
     recorder = StepRecorder(model)
     _generate(llm, 1, max_tokens=4)
@@ -123,8 +122,8 @@ def test_stack_reads_4bit_blocks_and_the_8bit_logits(tiny_models):
                                    rtol=0, atol=0)
         dense_logits = model.logits_linear.linear(model(input_ids, positions, kv_caches, meta), model.logits_weight)
         for projection in model.projections():  # swap the blocks' weights in, densely
-            projection.weight.copy_(projection.int4.dequantize())
-            projection.int4, projection.int4_max_rows = None, 0
+            projection.weight.copy_(projection.quantized.dequantize())
+            projection.quantized, projection.quantized_max_rows = None, 0
         model.use_decode_stack = False
         hidden = model(input_ids, positions, kv_caches, meta)
         expected_dense = model.logits_linear.linear(hidden, model.logits_weight)

@@ -92,10 +92,10 @@ def test_linear_reads_the_4bit_copy_only_for_few_rows():
     layer = Linear(64, 96, bias=True)  # kernels="torch": torch's int4 layout
     layer.pack()
     dense = {rows: layer(torch.ones(rows, 64)) for rows in (1, 4, 5)}
-    layer.quantize_int4(max_rows=4)
+    layer.quantize(4, max_rows=4)
     for rows in (1, 4):
         x = torch.ones(rows, 64)
-        torch.testing.assert_close(layer(x), layer.int4.linear(x) + layer.bias)
+        torch.testing.assert_close(layer(x), layer.quantized.linear(x) + layer.bias)
         assert not torch.equal(layer(x), dense[rows])  # it really is the 4-bit copy
         torch.testing.assert_close(layer(x), x @ held_weight(layer.weight).t() + layer.bias, atol=2e-3, rtol=1e-2)
     torch.testing.assert_close(layer(torch.ones(5, 64)), dense[5], atol=1e-5, rtol=1e-5)
@@ -127,12 +127,12 @@ def test_engine_int4_decode_stays_close_to_transformers_fp32(arch, kernels, tiny
     model = llm.engine.core.runner.model
     layers = [m for m in model.modules() if isinstance(m, Linear)]
     copy_type, max_rows = (Int4Weight, 16) if kernels == "torch" else (BlockQuantWeight, 8)
-    assert layers and all(isinstance(m.int4, copy_type) and m.int4_max_rows == max_rows for m in layers)
+    assert layers and all(isinstance(m.quantized, copy_type) and m.quantized_max_rows == max_rows for m in layers)
     assert (model.logits_quant is not None) == (kernels == "cpu")
     for m in layers:  # the 4-bit copy holds the weight itself
         torch.testing.assert_close(held_weight(m.weight), m.weight, atol=1e-6, rtol=0)
         if kernels == "cpu":
-            torch.testing.assert_close(m.int4.dequantize(), m.weight, atol=1e-6, rtol=0)
+            torch.testing.assert_close(m.quantized.dequantize(), m.weight, atol=1e-6, rtol=0)
     tok = llm.get_tokenizer()
     prompts = [tok.encode(text) for text in helpers.TEXT_PROMPTS[:4]]
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
@@ -152,7 +152,7 @@ def test_engine_int4_decode_stays_close_to_transformers_fp32(arch, kernels, tiny
 
 
 def test_int4_is_refused_off_the_cpu_and_for_unknown_schemes():
-    with pytest.raises(ValueError, match="quantization must be None or 'int4'"):
+    with pytest.raises(ValueError, match="quantization must be None, 'int4' or 'int8'"):
         EngineArgs(quantization="int3").create_engine_config()
     with pytest.raises(ValueError, match="runs on the CPU"):
         LLM(device="cuda", quantization="int4")
@@ -161,14 +161,13 @@ def test_int4_is_refused_off_the_cpu_and_for_unknown_schemes():
 def test_default_model_int4_on_the_c_kernels_equals_fp32(default_llm):
     """The default model's file stores its projections as Q4_1 and its embedding as Q8_0, so the C
     kernels' 4- and 8-bit blocks hold the fp32 weights exactly: the same tokens as the dense fp32
-    engine, and the same logprobs bit for bit where the dense path's logits take the same
-    multiply-add order (2-8 rows); one row of dense logits is MKL's gemv (as transformers
-    computes it), so a single stream's logprobs differ in the last bits."""
+    engine, and the same logprobs bit for bit (the dense few-rows matmul and the blocks' kernel
+    take the same multiply-add order, at one row as at several)."""
     if default_llm.engine.core.config.kernels != "cpu":
         pytest.skip("the C kernels do not build here")
     llm = LLM(dtype="float32", quantization="int4", kv_cache_memory=64 << 20)
     model = llm.engine.core.runner.model
-    assert all(isinstance(p.int4, BlockQuantWeight) and p.int4.exact for p in model.projections())
+    assert all(isinstance(p.quantized, BlockQuantWeight) and p.quantized.exact for p in model.projections())
     assert model.logits_quant is not None and model.logits_quant.exact
     tok = llm.get_tokenizer()
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2)
@@ -178,9 +177,4 @@ def test_default_model_int4_on_the_c_kernels_equals_fp32(default_llm):
         dense = default_llm.generate(prompts, params, use_tqdm=False)
         for a, b in zip(ours, dense):
             assert a.outputs[0].token_ids == b.outputs[0].token_ids
-            if count > 1:
-                assert a.outputs[0].logprobs == b.outputs[0].logprobs
-            for step_a, step_b in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
-                assert step_a.keys() == step_b.keys()
-                for token in step_a:
-                    assert abs(step_a[token].logprob - step_b[token].logprob) < 1e-5
+            assert a.outputs[0].logprobs == b.outputs[0].logprobs

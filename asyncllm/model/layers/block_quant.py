@@ -1,11 +1,12 @@
 """Group-quantised weights in the C kernels' block layout, for decode steps of 1-8 rows on the CPU
-(`quantization="int4"` with `kernels="cpu"`; cpu_kernels/quant_rows_impl.h).
+(`quantization="int4"` or `"int8"` with `kernels="cpu"`; cpu_kernels/quant_rows_impl.h).
 
 torch's int4 CPU kernel (layers/int4.py) computes in bf16 and, at one row, left ~6 ms of a
 ~14 ms step to the ops around it. This layout is read by a C kernel with fp32 (or bf16)
 activations, which also runs inside the one-call decoder (model/cpu_decode.py), and takes 8-bit
-blocks too, so the logits weight (~113 MB in fp32 for the default model, a fifth of what a
-step reads) can be read at 1.125 bytes per parameter.
+blocks too: the logits weight (~113 MB in fp32 for the default model, a fifth of what a step
+reads) is read at 1.125 bytes per parameter under either setting, and under "int8" the
+projections too (lossy where the weights were not 8-bit already, but far closer than 4 bits).
 
 One row of the weight is a run of blocks, one per GROUP_SIZE input columns:
   4 bits (Q4_1): fp32 scale, fp32 min, 16 bytes; byte j = code of column j | code of column j+16 << 4
@@ -33,11 +34,25 @@ def block_quant_supported(weight: torch.Tensor) -> bool:
     return (weight.dim() == 2 and int4_shape_supported(*weight.shape) and cpu_kernels.supports(weight))
 
 
-def blocks_serve(weight: torch.Tensor, kernels: str) -> bool:
-    """Whether quantization="int4" gives this weight C blocks: an fp32 model on the C kernels
-    (bf16 models and kernels="torch" keep torch's int4 kernel for the projections, and dense
-    logits)."""
-    return kernels == "cpu" and weight.dtype == torch.float32 and block_quant_supported(weight)
+QUANTIZATION_BITS = {"int4": 4, "int8": 8}  # EngineArgs.quantization → bits of the projections' copies
+
+# bf16 models read 8-bit blocks for steps of up to this many rows: measured on the default model's
+# 120 projections, 4.6 / 5.6 / 6.9 / 13.4 ms at 1 / 2 / 4 / 8 rows against a flat ~11 ms for
+# oneDNN's packed bf16 weights (fp32 ones: 4.9 / 4.9 / 6.8 / 9.2 against the few-rows kernel's
+# 16.2-18.9 ms, so every row count the kernel takes).
+BF16_MAX_ROWS = 4
+
+
+def block_rows(weight: torch.Tensor, kernels: str, bits: int) -> int:
+    """Most rows of the steps that read C blocks of `bits` made from this weight under
+    `quantization` (0: none). Blocks need the C kernels; fp32 models read them for every step
+    the kernel takes (MAX_ROWS), bf16 ones 8-bit blocks up to BF16_MAX_ROWS (bf16 models keep
+    torch's int4 kernel for 4 bits)."""
+    if kernels != "cpu" or not block_quant_supported(weight):
+        return 0
+    if weight.dtype == torch.float32:
+        return MAX_ROWS
+    return BF16_MAX_ROWS if bits == 8 else 0
 
 
 def _as_bytes(values: torch.Tensor) -> torch.Tensor:

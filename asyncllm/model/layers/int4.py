@@ -94,6 +94,7 @@ class Int4Weight:
     packed: torch.Tensor            # the kernel's tiled layout of the 4-bit codes
     scales_and_zeros: torch.Tensor  # [in_features / GROUP_SIZE, out_features, 2] in COMPUTE_DTYPE
     exact = False  # scale and zero are held in bf16: never taken as the weight itself
+    bits = 4
 
     @classmethod
     def quantize(cls, weight: torch.Tensor) -> "Int4Weight":

@@ -1,6 +1,6 @@
 """Linear layers whose weights can be pre-packed for oneDNN on the CPU.
 
-MKL's sgemm is efficient for one row (gemv, bandwidth-bound) and for big prompt chunks, but at
+MKL's sgemm is efficient for one row on Intel CPUs (gemv, bandwidth-bound) and for big prompt chunks, but at
 the 2-64 rows of batched decoding it re-packs the weight every call: measured on this project's
 CPUs, a decode-shaped layer stack took 36 ms at 8 rows against 17 ms at 1 row. oneDNN with the
 weight reordered once into its blocked layout takes 25 ms at 8 rows and ~10% less at 64. One fp32
@@ -8,19 +8,20 @@ row keeps the plain weight (gemv beats the packed path there), so packing costs 
 the projection weights: `EngineArgs.cpu_weight_prepack` turns it off. In bf16 the packed path
 wins at one row too (AMX: the stack takes 10.4 ms packed against 16.4 ms with torch's bf16 gemv).
 
-With the C kernels (`kernels="cpu"`), fp32 steps of 2-8 rows use `linear_few_rows` instead: it
+With the C kernels (`kernels="cpu"`), fp32 steps of 1-8 rows use `linear_few_rows` instead: it
 streams each weight row once past all the rows (layers/cpu_kernels). Such a step is bound by
 reading the weights from memory, and on the default model's projection and logits weights
-(~540 MB, from DRAM) it took 21.0 / 26.3 ms at 4 / 8 rows against oneDNN's 24.8 / 28.5 ms.
+(~540 MB, from DRAM) it took 21.0 / 26.3 ms at 4 / 8 rows against oneDNN's 24.8 / 28.5 ms; at one
+row it matches MKL's gemv on Intel and beats it 2.5-3.3x on AMD EPYC, where MKL's gemv is slow.
 
 Steps of more rows (batched decoding, prompt chunks) in fp32 with the C kernels use
 `panel_linear` on a copy packed into column panels (cpu_kernels/panel_gemm_impl.h) in place of
 oneDNN's packed copy: on the same stack it ran 1.2-1.4x faster at 16-64 rows (oneDNN left the
 weight stream from DRAM unoverlapped with the arithmetic) and as fast at 1024.
 
-With `EngineArgs.quantization="int4"` a Linear also holds a 4-bit copy that steps with few rows
-read instead: in the C kernels' block layout under `kernels="cpu"` (layers/block_quant.py, fp32
-activations), else in torch's int4 layout (layers/int4.py, bf16 arithmetic).
+With `EngineArgs.quantization` a Linear also holds a quantised copy that steps with few rows read
+instead: 4- or 8-bit blocks in the C kernels' layout under `kernels="cpu"` (layers/block_quant.py),
+else, for 4 bits, torch's int4 layout (layers/int4.py, bf16 arithmetic).
 """
 from __future__ import annotations
 
@@ -66,9 +67,9 @@ class PackedLinear:
         return self.packed is not None or self.panels is not None
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        # fp32 only (bf16's packed AMX path is faster); one row stays on F.linear below.
-        if (self.kernels == "cpu" and x.dtype == torch.float32 and x.shape[0] >= 2
-                and cpu_kernels.few_rows_supported(x, weight)):
+        # fp32 only (bf16's packed AMX path is faster). One row too: MKL's gemv is no faster on
+        # Intel and 2.5-3.3x slower on AMD EPYC (projections 26 vs 10 ms, logits 6.7 vs 2.0 ms).
+        if self.kernels == "cpu" and x.dtype == torch.float32 and cpu_kernels.few_rows_supported(x, weight):
             out = cpu_kernels.linear_few_rows(x, weight)
             return out if bias is None else out + bias
         if x.dim() == 2 and x.shape[0] >= self.min_rows:
@@ -80,30 +81,36 @@ class PackedLinear:
 
 
 class Linear(nn.Linear):
-    """nn.Linear that uses its packed copy once `pack()` was called, and its 4-bit copy for steps
-    of at most `int4_max_rows` rows once `quantize_int4()` was."""
+    """nn.Linear that uses its packed copy once `pack()` was called, and its quantised copy for steps
+    of at most `quantized_max_rows` rows once `quantize()` was."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, kernels: str = "torch"):
         super().__init__(in_features, out_features, bias=bias)
         self.prepacked = PackedLinear(kernels)
-        self.int4: Int4Weight | BlockQuantWeight | None = None
-        self.int4_max_rows = 0
+        self.quantized: Int4Weight | BlockQuantWeight | None = None
+        self.quantized_max_rows = 0
 
     def pack(self) -> None:
         self.prepacked.pack(self.weight)
 
-    def quantize_int4(self, max_rows: int) -> None:
-        """A 4-bit copy for steps of at most `max_rows` rows: the C kernel's blocks (fp32 models
-        under kernels="cpu"; it takes up to block_quant.MAX_ROWS rows), else torch's int4 layout."""
-        if block_quant.blocks_serve(self.weight, self.prepacked.kernels):
-            self.int4 = BlockQuantWeight.quantize(self.weight, bits=4)
-            self.int4_max_rows = min(max_rows, block_quant.MAX_ROWS)
+    def quantize(self, bits: int, max_rows: int) -> None:
+        """A `bits`-bit copy for steps of at most `max_rows` rows: the C kernel's blocks where they
+        serve (block_quant.block_rows, which may lower the rows), else torch's int4 layout (4 bits
+        only; 8 bits need the C kernels, which EngineConfig checks)."""
+        rows = block_quant.block_rows(self.weight, self.prepacked.kernels, bits)
+        if rows:
+            self.quantized = BlockQuantWeight.quantize(self.weight, bits=bits)
+            self.quantized_max_rows = min(max_rows, rows)
+        elif bits == 4:
+            self.quantized = Int4Weight.quantize(self.weight)
+            self.quantized_max_rows = max_rows
         else:
-            self.int4 = Int4Weight.quantize(self.weight)
-            self.int4_max_rows = max_rows
+            raise ValueError(f"{bits}-bit copies need the C kernels and an fp32 or bf16 weight whose shape they "
+                             f"take, got a {self.weight.dtype} {tuple(self.weight.shape)} weight with kernels="
+                             f"{self.prepacked.kernels!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.int4 is not None and x.dim() == 2 and x.shape[0] <= self.int4_max_rows:
-            out = self.int4.linear(x)
+        if self.quantized is not None and x.dim() == 2 and x.shape[0] <= self.quantized_max_rows:
+            out = self.quantized.linear(x)
             return out if self.bias is None else out + self.bias
         return self.prepacked.linear(x, self.weight, self.bias)
