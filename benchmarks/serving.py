@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import os
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -95,9 +96,10 @@ async def run_load(base_url: str, prompts: list[list[int]], concurrency: int, ma
 class AsyncLLMServer:
     """`asyncllm serve` on 127.0.0.1, port 0 (the CLI prints the port it got), stopped by its pid."""
 
-    def __init__(self, dtype: str, quantization: str | None = None, max_wait: float = 120.0):
+    def __init__(self, dtype: str, quantization: str | None = None, extra_args: list[str] = (),
+                 max_wait: float = 120.0):
         cli = os.path.join(os.path.dirname(sys.executable), "asyncllm")
-        command = [cli, "serve", "--port", "0", "--dtype", dtype, "--log-level", "warning"]
+        command = [cli, "serve", "--port", "0", "--dtype", dtype, "--log-level", "warning", *extra_args]
         if quantization:
             command += ["--quantization", quantization]
         self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -130,6 +132,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--hf-requests", type=int, default=4, help="requests for the transformers baseline")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--output", default="serving", help="results file name (without .json)")
+    parser.add_argument("--server-args", default="", help="more `asyncllm serve` options, e.g. "
+                                                          "'--max-num-batched-tokens 512'")
     args = parser.parse_args(argv)
 
     from asyncllm.model.default_model import default_model_path
@@ -138,7 +142,7 @@ def main(argv=None) -> dict:
     prompts = pydoc_prompts(load_gguf_tokenizer(default_model_path()), args.num_requests, args.input_len)
     server = None
     if args.base_url is None:
-        server = AsyncLLMServer(args.dtype, args.quantization)
+        server = AsyncLLMServer(args.dtype, args.quantization, shlex.split(args.server_args))
         base_url, label = server.base_url, args.label or f"asyncllm serve ({variant_name(args)})"
     else:
         base_url, label = args.base_url, args.label or args.base_url

@@ -101,6 +101,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--vllm-python", default=str(HERE.parent / ".venv-vllm" / "bin" / "python"))
     parser.add_argument("--hf-folder", default=str(HERE / ".hf-model"))
+    parser.add_argument("--tag", default="", help="appended to the result file names (e.g. the machine's name)")
     add_variant_args(parser)  # vLLM runs --dtype too, on the dense weights
     args = parser.parse_args(argv)
 
@@ -108,7 +109,7 @@ def main(argv=None) -> dict:
     from asyncllm.model.tokenizer import load_gguf_tokenizer
 
     variant = variant_name(args)
-    suffix = "" if variant == "float32" else "_" + variant.replace("+", "_")  # result file names
+    suffix = ("" if variant == "float32" else "_" + variant.replace("+", "_")) + (f"_{args.tag}" if args.tag else "")
     model_dir = export_hf_folder(Path(args.hf_folder))
     work = HERE / ".vllm-run"
     work.mkdir(exist_ok=True)

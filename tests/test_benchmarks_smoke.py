@@ -44,7 +44,8 @@ def test_serving_benchmark_runs_against_its_own_server(tmp_path, monkeypatch):
     common = _load("common")
     monkeypatch.setattr(common, "RESULTS", tmp_path)
     w2 = _load("serving").main(["--num-requests", "3", "--concurrency", "2", "--input-len", "16",
-                                "--max-tokens", "4", "--skip-transformers"])
+                                "--max-tokens", "4", "--skip-transformers",
+                                "--server-args", "--max-num-batched-tokens 24"])
     assert w2["output_tokens"] == 3 * 4 and w2["tok_per_s"] > 0
     assert w2["ttft_p50_ms"] > 0 and w2["itl_p50_ms"] > 0
     assert (tmp_path / "serving.json").exists()
@@ -53,7 +54,9 @@ def test_serving_benchmark_runs_against_its_own_server(tmp_path, monkeypatch):
 def test_dtype_parity_benchmark_runs(tmp_path, monkeypatch):
     common = _load("common")
     monkeypatch.setattr(common, "RESULTS", tmp_path)
-    result = _load("dtype_parity").main(["--variants", "float32,float32+int4", "--prompts", "1", "--max-tokens", "4"])
+    result = _load("dtype_parity").main(["--variants", "float32,float32+int4", "--prompts", "2", "--max-tokens", "4",
+                                         "--max-num-seqs", "1", "--output", "parity_one_at_a_time"])
     fp32, int4 = result["rows"]
-    assert fp32["greedy_identical"] == "1/1" and fp32["logprob_abs_diff_max"] < 2e-3
+    assert fp32["greedy_identical"] == "2/2" and fp32["logprob_abs_diff_max"] < 2e-3
     assert int4["variant"] == "float32+int4" and int4["logprob_abs_diff_max"] < 1.0
+    assert (tmp_path / "parity_one_at_a_time.json").exists()
