@@ -84,11 +84,20 @@ def add_variant_args(parser) -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--quantization", default=None, choices=["int4", "int8"],
                         help="asyncllm's; the baselines run the dense weights in --dtype")
+    parser.add_argument("--quantized-weights-only", action="store_true",
+                        help="asyncllm keeps only the quantised projections (frees their dense weights)")
+
+
+def engine_variant(args) -> dict:
+    """The LLM keyword arguments of what add_variant_args asked for."""
+    return {"dtype": args.dtype, "quantization": args.quantization,
+            "quantized_weights_only": args.quantized_weights_only}
 
 
 def variant_name(args) -> str:
-    """'float32', 'float32+int4', ...: what asyncllm ran."""
-    return args.dtype + (f"+{args.quantization}" if args.quantization else "")
+    """'float32', 'float32+int4', 'float32+int4-only', ...: what asyncllm ran."""
+    return (args.dtype + (f"+{args.quantization}" if args.quantization else "")
+            + ("-only" if args.quantized_weights_only else ""))
 
 
 def measure_fp32_gflops() -> float:

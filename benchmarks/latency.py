@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from common import (Timer, add_variant_args, load_transformers, measure_bandwidth_gbs, publish,  # noqa: E402
-                    pydoc_prompts, variant_name)
+                    pydoc_prompts, variant_name, engine_variant)
 
 
 def median_seconds(run, repeats: int = 3) -> float:
@@ -57,7 +57,7 @@ def main(argv=None) -> dict:
     from asyncllm import LLM, SamplingParams
 
     bandwidth = measure_bandwidth_gbs()
-    llm = LLM(dtype=args.dtype, quantization=args.quantization, max_num_batched_tokens=4096,
+    llm = LLM(**engine_variant(args), max_num_batched_tokens=4096,
               enable_prefix_caching=False)
     tok = llm.get_tokenizer()
     bound = bandwidth * 1e9 / decode_weight_bytes(llm.engine.core.runner.model)  # if a step only read the weights
@@ -79,7 +79,7 @@ def main(argv=None) -> dict:
     ttft = {n: median_seconds(lambda: llm.generate({"prompt_token_ids": long_prompts[n]}, one, use_tqdm=False))
             for n in lengths}
     # Prefix cache: the same 1k-token prefix, a different ending each time.
-    cached = LLM(dtype=args.dtype, quantization=args.quantization, max_num_batched_tokens=4096,
+    cached = LLM(**engine_variant(args), max_num_batched_tokens=4096,
                  enable_prefix_caching=True)
     prefix = long_prompts[1024] if 1024 in long_prompts else pydoc_prompts(tok, 1, 1024)[0]
     with Timer() as miss:

@@ -142,7 +142,8 @@ def main(argv=None) -> dict:
     prompts = pydoc_prompts(load_gguf_tokenizer(default_model_path()), args.num_requests, args.input_len)
     server = None
     if args.base_url is None:
-        server = AsyncLLMServer(args.dtype, args.quantization, shlex.split(args.server_args))
+        extra = (["--quantized-weights-only"] if args.quantized_weights_only else []) + shlex.split(args.server_args)
+        server = AsyncLLMServer(args.dtype, args.quantization, extra)
         base_url, label = server.base_url, args.label or f"asyncllm serve ({variant_name(args)})"
     else:
         base_url, label = args.base_url, args.label or args.base_url

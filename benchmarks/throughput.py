@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from common import (Timer, add_variant_args, hf_generate_seconds, load_transformers,  # noqa: E402
-                    measure_fp32_gflops, publish, pydoc_prompts, variant_name)
+                    measure_fp32_gflops, publish, pydoc_prompts, variant_name, engine_variant)
 
 
 def main(argv=None) -> dict:
@@ -38,7 +38,7 @@ def main(argv=None) -> dict:
     with Timer() as load:
         # An offline batch job takes its KV cache up front, as vLLM's LLM does (its load time below
         # includes that); lazily mapped, this run's first steps page-fault ~750 MB of cache in.
-        llm = LLM(dtype=args.dtype, quantization=args.quantization, max_num_seqs=args.num_prompts,
+        llm = LLM(**engine_variant(args), max_num_seqs=args.num_prompts,
                   max_num_batched_tokens=2048, kv_cache_prefault=True)
     prompts = pydoc_prompts(llm.get_tokenizer(), args.num_prompts, args.input_len)
     params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
@@ -48,7 +48,9 @@ def main(argv=None) -> dict:
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     ours = tokens / t.seconds
     # FLOPs per generated token ~ 2 x parameters (+ the prefill of the prompt tokens).
-    n_params = sum(p.numel() for p in llm.engine.core.runner.model.parameters())
+    model = llm.engine.core.runner.model
+    n_params = (sum(p.numel() for p in model.parameters())  # + the projections that keep only blocks
+                + sum(p.in_features * p.out_features for p in model.projections() if p.dense_dropped))
     flops = 2 * n_params * (tokens + args.num_prompts * args.input_len)
     rows = [{"system": f"asyncllm LLM ({variant_name(args)})", "tok_per_s": ours, "seconds": t.seconds,
              "vs_hf_batch": None, "fraction_of_fp32_peak": flops / t.seconds / 1e9 / gflops}]

@@ -28,7 +28,7 @@ import latency  # noqa: E402
 import serving  # noqa: E402
 import throughput  # noqa: E402
 from common import (add_variant_args, load_transformers, print_table, pydoc_prompts, save,  # noqa: E402
-                    stop_process, variant_name)
+                    stop_process, variant_name, engine_variant)
 
 HERE = Path(__file__).resolve().parent
 
@@ -109,7 +109,7 @@ def main(argv=None) -> dict:
     from asyncllm.model.tokenizer import load_gguf_tokenizer
 
     variant = variant_name(args)
-    suffix = ("" if variant == "float32" else "_" + variant.replace("+", "_")) + (f"_{args.tag}" if args.tag else "")
+    suffix = ("" if variant == "float32" else "_" + variant.replace("+", "_").replace("-", "_")) + (f"_{args.tag}" if args.tag else "")
     model_dir = export_hf_folder(Path(args.hf_folder))
     work = HERE / ".vllm-run"
     work.mkdir(exist_ok=True)
@@ -128,13 +128,14 @@ def main(argv=None) -> dict:
     finally:
         server.stop()
 
-    ours = ["--dtype", args.dtype] + (["--quantization", args.quantization] if args.quantization else [])
+    ours = (["--dtype", args.dtype] + (["--quantization", args.quantization] if args.quantization else [])
+            + (["--quantized-weights-only"] if args.quantized_weights_only else []))
     w1 = throughput.main(ours + ["--output", f"vllm_compare{suffix}_w1"])
     lat = latency.main(ours + ["--lengths", "128", "--output", f"vllm_compare{suffix}_latency"])
     w2 = serving.main(ours + ["--output", f"vllm_compare{suffix}_w2"])
     from asyncllm import LLM, SamplingParams
 
-    ours_ids = [o.outputs[0].token_ids for o in LLM(dtype=args.dtype, quantization=args.quantization).generate(
+    ours_ids = [o.outputs[0].token_ids for o in LLM(**engine_variant(args)).generate(
         [{"prompt_token_ids": p} for p in prompts[:8]],
         SamplingParams(max_tokens=128, temperature=0, ignore_eos=True), use_tqdm=False)]
     same = sum(a == b for a, b in zip(ours_ids, theirs["token_ids"][:8]))

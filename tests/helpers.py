@@ -191,3 +191,18 @@ def check_mixed_steps_match_transformers(llm, hf, max_tokens: int = 24) -> list[
         assert out.outputs[0].token_ids == hf_tokens
         check_logprobs(out.outputs[0], hf_logits)
     return prompts
+
+
+def check_same_outputs_alone_and_in_threes(llm, reference, max_tokens: int = 12) -> None:
+    """Greedy tokens and their top-2 logprobs of `llm` equal `reference`'s bit for bit, for one
+    prompt alone (decode steps of one row) and for three together."""
+    from asyncllm import SamplingParams
+
+    tok = llm.get_tokenizer()
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, logprobs=2)
+    for count in (1, 3):
+        prompts = [{"prompt_token_ids": tok.encode(text)} for text in TEXT_PROMPTS[:count]]
+        for a, b in zip(llm.generate(prompts, params, use_tqdm=False),
+                        reference.generate(prompts, params, use_tqdm=False)):
+            assert a.outputs[0].token_ids == b.outputs[0].token_ids
+            assert a.outputs[0].logprobs == b.outputs[0].logprobs

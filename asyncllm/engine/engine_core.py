@@ -24,7 +24,7 @@ from asyncllm.model.layers.block_quant import QUANTIZATION_BITS
 from asyncllm.model.layers.int4 import int4_max_rows
 from asyncllm.model.layers.linear import prepack_supported
 from asyncllm.model.registry import build_model
-from asyncllm.worker.cpu_allocator import keep_freed_memory_in_heap
+from asyncllm.worker.cpu_allocator import keep_freed_memory_in_heap, return_freed_memory
 from asyncllm.worker.model_runner import KVCacheSpec, ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -99,6 +99,9 @@ class EngineCore:
                     self.load_report.seconds, self.checkpoint.name, self.dtype, num_blocks, max_model_len)
 
     def _quantize(self, model, scheme: str) -> None:
+        if self.config.args.quantized_weights_only and self.dtype != torch.float32:
+            raise ValueError(f"quantized_weights_only needs dtype float32 (the blocks' large-step path is fp32); "
+                             f"got {self.dtype} (dtype={self.config.args.dtype!r}): pass dtype='float32'")
         bits = QUANTIZATION_BITS[scheme]
         done, skipped = model.quantize(bits, int4_max_rows(self.dtype))
         quantized = [p for p in model.projections() if p.quantized is not None]
@@ -106,6 +109,12 @@ class EngineCore:
         copies = [p.quantized for p in quantized] + ([model.logits_quant] if model.logits_quant is not None else [])
         # Exact copies (a GGUF quantised in these formats) make the quantised steps compute with
         # the weights themselves: the same outputs as the dense path.
+        if self.config.args.quantized_weights_only:
+            freed = model.drop_dense_projections()
+            if self.config.device.type == "cpu":
+                return_freed_memory()
+            logger.info("%s: kept only the quantised projections, freeing %.0f MB of dense weights and packed copies",
+                        scheme, freed / 1e6)
         logger.info("%s: %d projections have %d-bit copies for steps of <= %d rows (%d left dense: shape)%s; "
                     "%d of %d copies hold their weights exactly; the copies add %.0f MB to the dense weights",
                     scheme, done, bits, rows, skipped,

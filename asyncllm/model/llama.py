@@ -174,6 +174,18 @@ class LlamaFamilyForCausalLM(nn.Module):
             self.logits_quant_max_rows = min(max_rows, block_quant.block_rows(logits, self.kernels, 8))
         return len(fitting), len(projections) - len(fitting)
 
+    def drop_dense_projections(self) -> int:
+        """After quantize(): every projection keeps only its C blocks (Linear.drop_dense). → bytes
+        freed. The embedding / logits weight stays dense (token lookups read it)."""
+        projections = self.projections()
+        missing = [p for p in projections if not isinstance(p.quantized, BlockQuantWeight)
+                   or p.weight.dtype != torch.float32]
+        if missing:
+            raise ValueError(f"quantized_weights_only needs C blocks for every projection (an fp32 model on the C "
+                             f"kernels, whole groups of 32 inputs and 16-row tiles); {len(missing)} of "
+                             f"{len(projections)} have none")
+        return sum(p.drop_dense() for p in projections)
+
     # ------------------------------------------------------------------ weights
 
     @torch.no_grad()

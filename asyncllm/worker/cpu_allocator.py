@@ -23,15 +23,35 @@ MMAP_THRESHOLD = 32 << 20  # glibc's largest allowed value on 64-bit
 TRIM_THRESHOLD = 1 << 30
 
 
+def _glibc() -> ctypes.CDLL | None:
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError as exc:
+        logger.info("libc not loaded: %s", exc)
+        return None
+
+
+def return_freed_memory() -> bool:
+    """Hands the heap's free pages back to the OS now (glibc's malloc_trim): after the load frees
+    big tensors in the middle of the heap, which trimming at its top would keep. → whether it ran."""
+    libc = _glibc()
+    if libc is None or not hasattr(libc, "malloc_trim"):
+        return False
+    libc.malloc_trim(0)
+    return True
+
+
 def keep_freed_memory_in_heap() -> bool:
     """Raises glibc's mmap and trim thresholds for this process. → whether it applied (glibc only)."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    libc = _glibc()
+    if libc is None:
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         if libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) != 1:
             return False
         return libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
-    except (OSError, AttributeError) as exc:
+    except AttributeError as exc:
         logger.info("malloc thresholds left as they are: %s", exc)
         return False

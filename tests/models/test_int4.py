@@ -169,12 +169,4 @@ def test_default_model_int4_on_the_c_kernels_equals_fp32(default_llm):
     model = llm.engine.core.runner.model
     assert all(isinstance(p.quantized, BlockQuantWeight) and p.quantized.exact for p in model.projections())
     assert model.logits_quant is not None and model.logits_quant.exact
-    tok = llm.get_tokenizer()
-    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2)
-    for count in (1, 3):  # decode steps of one row and of three
-        prompts = [{"prompt_token_ids": tok.encode(text)} for text in helpers.TEXT_PROMPTS[:count]]
-        ours = llm.generate(prompts, params, use_tqdm=False)
-        dense = default_llm.generate(prompts, params, use_tqdm=False)
-        for a, b in zip(ours, dense):
-            assert a.outputs[0].token_ids == b.outputs[0].token_ids
-            assert a.outputs[0].logprobs == b.outputs[0].logprobs
+    helpers.check_same_outputs_alone_and_in_threes(llm, default_llm)

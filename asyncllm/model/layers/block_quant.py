@@ -123,6 +123,11 @@ class BlockQuantWeight:
         exact = codes * q.scale.double()[..., None] + q.low.double()[..., None]
         return exact.float().reshape(n, k)
 
+    def linear_many_rows(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [rows, in_features] fp32 → x @ dequantize()^T (+ bias), for any row count, as the panel
+        GEMM computes it (what the other steps take when only the blocks are kept: Linear.drop_dense)."""
+        return cpu_kernels.panel_linear_blocks(x, self.blocks, self.bits, self.out_features, bias)
+
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """x [rows <= MAX_ROWS, in_features] (fp32 or bf16) → [rows, out_features] in x's dtype."""
         return cpu_kernels.linear_quant_rows(x, self.blocks, self.bits, self.out_features, self.in_features)

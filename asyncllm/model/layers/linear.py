@@ -109,8 +109,32 @@ class Linear(nn.Linear):
                              f"take, got a {self.weight.dtype} {tuple(self.weight.shape)} weight with kernels="
                              f"{self.prepacked.kernels!r}")
 
+    @property
+    def dense_dropped(self) -> bool:
+        return self.weight.numel() == 0 and self.quantized is not None
+
+    def drop_dense(self) -> int:
+        """Keeps only the C blocks (EngineArgs.quantized_weights_only): frees the dense weight and
+        its packed copy; steps of more rows than the block kernel takes then run the panel GEMM on
+        panels unpacked from the blocks as it goes (the same weights the block kernel computes
+        with). → bytes freed."""
+        if not isinstance(self.quantized, BlockQuantWeight) or self.weight.dtype != torch.float32:
+            raise ValueError("only an fp32 projection with C blocks can drop its dense weight")
+        freed = self.weight.numel() * self.weight.element_size()
+        freed += sum(t.numel() * t.element_size() for t in (self.prepacked.packed, self.prepacked.panels)
+                     if t is not None)
+        self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)
+        self.prepacked = PackedLinear(self.prepacked.kernels)
+        return freed
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quantized is not None and x.dim() == 2 and x.shape[0] <= self.quantized_max_rows:
             out = self.quantized.linear(x)
             return out if self.bias is None else out + self.bias
+        if self.dense_dropped:
+            return self._linear_from_blocks(x)
         return self.prepacked.linear(x, self.weight, self.bias)
+
+    def _linear_from_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.quantized.linear_many_rows(x.reshape(-1, x.shape[-1]), self.bias)  # fp32, as drop_dense asked
+        return out.reshape(*x.shape[:-1], self.out_features)

@@ -19,7 +19,7 @@ from asyncllm.model.layers.cpu_kernels.library import KernelBuildError, build_er
 
 __all__ = ["KernelBuildError", "build_error", "supports", "rms_norm", "rotary_", "silu_and_mul", "write_kv_cache",
            "paged_decode_attention", "few_rows_supported", "few_rows_weight_supported", "linear_few_rows",
-           "FEW_ROWS_MAX", "linear_quant_rows", "quantize_blocks", "panel_weight_supported", "pack_panels", "panel_linear"]
+           "FEW_ROWS_MAX", "linear_quant_rows", "quantize_blocks", "panel_linear_blocks", "panel_weight_supported", "pack_panels", "panel_linear"]
 
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
@@ -185,4 +185,24 @@ def panel_linear(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tens
     load_library().panel_linear_f32(x.data_ptr(), x.stride(0), rows, packed.data_ptr(),
                                     None if bias is None else bias.data_ptr(), out.data_ptr(), n, k,
                                     torch.get_num_threads())
+    return out
+
+
+def panel_linear_blocks(x: torch.Tensor, blocks: torch.Tensor, bits: int, n: int,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """panel_linear(x, pack_panels(w), n, bias) for the fp32 weight w that quantised blocks [n, k / 32
+    * block bytes] hold (layers/block_quant.py), without making w: each panel is unpacked in L2
+    as it is used. The same bits as that call."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    rows, k = x.shape
+    assert x.dtype == torch.float32 and blocks.dtype == torch.uint8 and blocks.is_contiguous()
+    assert bits in (4, 8) and k % 32 == 0 and blocks.shape[0] == n
+    if bias is not None:
+        assert bias.dtype == torch.float32 and bias.is_contiguous() and bias.shape == (n,)
+    out = torch.empty(rows, n, dtype=torch.float32)
+    if load_library().panel_linear_blocks_f32(x.data_ptr(), x.stride(0), rows, blocks.data_ptr(), bits,
+                                              None if bias is None else bias.data_ptr(), out.data_ptr(), n, k,
+                                              torch.get_num_threads()):
+        raise MemoryError(f"no memory for a {k} x panel-width buffer per thread")
     return out

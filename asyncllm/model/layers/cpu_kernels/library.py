@@ -105,6 +105,8 @@ def load_library() -> ctypes.CDLL:
     lib.write_kv_cache.argtypes = (_P, _I64, _P, _I64, _P, _P, _P, _I64, _I64, _INT)
     lib.write_kv_cache.restype = None
     lib.quantize_blocks_f32.argtypes, lib.quantize_blocks_f32.restype = (_P, _I64, _I64, _I64, _I64, _P, _INT), _I64
+    lib.panel_linear_blocks_f32.argtypes = (_P, _I64, _I64, _P, _I64, _P, _P, _I64, _I64, _INT)
+    lib.panel_linear_blocks_f32.restype = _I64
     lib.panel_width.argtypes, lib.panel_width.restype = (), _I64
     lib.pack_panels_f32.argtypes, lib.pack_panels_f32.restype = (_P, _I64, _P, _I64, _I64, _INT), None
     lib.panel_linear_f32.argtypes = (_P, _I64, _I64, _P, _P, _P, _I64, _I64, _INT)

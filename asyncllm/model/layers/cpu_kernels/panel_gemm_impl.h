@@ -96,6 +96,23 @@ static inline __attribute__((always_inline)) void panel_tile(
     }
 }
 
+/* panel_tile for 1..PANEL_ROWS rows, each count a compile-time constant (its own unrolled code). */
+static inline __attribute__((always_inline)) void panel_tile_rows(
+        const float *x, int64_t x_stride, const float *panel, const float *bias, float *out, int64_t out_stride,
+        int64_t k, int64_t cols, const float *next, int64_t share, int64_t rows) {
+#define PANEL_TILE_CASE(R) \
+    case R: panel_tile(x, x_stride, panel, bias, out, out_stride, k, cols, next, share, R); break;
+    switch (rows) {
+        PANEL_TILE_CASE(1) PANEL_TILE_CASE(2) PANEL_TILE_CASE(3) PANEL_TILE_CASE(4)
+        PANEL_TILE_CASE(5) PANEL_TILE_CASE(6)
+#if PANEL_ROWS == 8
+        PANEL_TILE_CASE(7) PANEL_TILE_CASE(8)
+#endif
+        default: break;
+    }
+#undef PANEL_TILE_CASE
+}
+
 /* out [rows, n] = x [rows, k] (rows `x_stride` apart) @ w^T (+ bias [n] or NULL), w packed by
  * pack_panels_f32. The threads share out the panels; rows go in chunks of PANEL_CHUNK_ROWS. */
 void panel_linear_f32(const float *x, int64_t x_stride, int64_t rows, const float *packed, const float *bias,
@@ -118,18 +135,64 @@ void panel_linear_f32(const float *x, int64_t x_stride, int64_t rows, const floa
                 int64_t left = m0 + chunk - m < PANEL_ROWS ? m0 + chunk - m : PANEL_ROWS;  /* this chunk's */
                 const float *xm = x + m * x_stride;
                 float *om = out + m * n + p * PANEL_WIDTH;
-#define PANEL_TILE_CASE(R) \
-    case R: panel_tile(xm, x_stride, panel, b, om, n, k, cols, next + pass * share, share, R); break;
-                switch (left) {
-                    PANEL_TILE_CASE(1) PANEL_TILE_CASE(2) PANEL_TILE_CASE(3) PANEL_TILE_CASE(4)
-                    PANEL_TILE_CASE(5) PANEL_TILE_CASE(6)
-#if PANEL_ROWS == 8
-                    PANEL_TILE_CASE(7) PANEL_TILE_CASE(8)
-#endif
-                    default: break;
-                }
-#undef PANEL_TILE_CASE
+                panel_tile_rows(xm, x_stride, panel, b, om, n, k, cols, next + pass * share, share, left);
             }
         }
     }
+}
+
+/* Panel p of the weight that quantised blocks [n][k / 32 * quant_block_bytes(bits)] hold
+ * (quant_rows_impl.h), in pack_panels_f32's layout: each w exactly as unpack_block computes it for
+ * the block kernel. A group's 32 x PANEL_WIDTH tile (6 KB) is filled in L1. */
+static void dequantize_panel(const uint8_t *blocks, int64_t n, int64_t k, int bits, int64_t p, float *panel) {
+    const int64_t block_bytes = quant_block_bytes(bits), groups = k / QUANT_GROUP;
+    for (int64_t g = 0; g < groups; g++) {
+        float *tile = panel + g * QUANT_GROUP * PANEL_WIDTH;
+        for (int64_t j = 0; j < PANEL_WIDTH; j++) {
+            int64_t col = p * PANEL_WIDTH + j;
+            float w[QUANT_GROUP];
+            if (col < n) {
+                quant_pair pair = unpack_block(blocks + (col * groups + g) * block_bytes, bits);
+                memcpy(w, &pair.lo, sizeof pair.lo);
+                memcpy(w + 16, &pair.hi, sizeof pair.hi);
+            } else {
+                memset(w, 0, sizeof w);
+            }
+            for (int t = 0; t < QUANT_GROUP; t++) tile[t * PANEL_WIDTH + j] = w[t];
+        }
+    }
+}
+
+/* panel_linear_f32 against quantised blocks instead of packed panels (EngineArgs.
+ * quantized_weights_only, where the dense weight is not kept): each thread unpacks one panel at a
+ * time into its own buffer (PANEL_WIDTH x k floats: 110-300 KB, in L2) and runs every row past it
+ * before the next. Each output is the same multiply-add chain as panel_linear_f32's against
+ * pack_panels_f32 of the dequantised weight, so the results are the same bits. Writing the whole
+ * dequantised weight out and packing it instead cost ~37 ms per step for the default model. */
+int64_t panel_linear_blocks_f32(const float *x, int64_t x_stride, int64_t rows, const uint8_t *blocks, int64_t bits,
+                                const float *bias, float *out, int64_t n, int64_t k, int num_threads) {
+    int64_t panels = (n + PANEL_WIDTH - 1) / PANEL_WIDTH, failed = 0;
+#pragma omp parallel num_threads(num_threads)
+    {
+        float *panel = aligned_alloc(64, (size_t)k * PANEL_WIDTH * sizeof(float));
+        if (panel == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < panels; p++) {
+            if (panel == NULL) continue; /* reported below: the caller raises */
+            dequantize_panel(blocks, n, k, (int)bits, p, panel);
+            int64_t cols = n - p * PANEL_WIDTH < PANEL_WIDTH ? n - p * PANEL_WIDTH : PANEL_WIDTH;
+            const float *b = bias == NULL ? NULL : bias + p * PANEL_WIDTH;
+            for (int64_t m = 0; m < rows; m += PANEL_ROWS) {
+                int64_t left = rows - m < PANEL_ROWS ? rows - m : PANEL_ROWS;
+                const float *xm = x + m * x_stride;
+                float *om = out + m * n + p * PANEL_WIDTH;
+                panel_tile_rows(xm, x_stride, panel, b, om, n, k, cols, panel, 0, left);
+            }
+        }
+        free(panel);
+    }
+    return failed; /* 1: a thread had no memory for its panel buffer */
 }

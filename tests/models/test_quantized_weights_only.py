@@ -1,0 +1,75 @@
+"""EngineArgs.quantized_weights_only: the projections keep only their C blocks (int4 / int8), and
+steps of more rows than the block kernel takes multiply the weight the blocks hold, unpacked panel
+by panel (cpu_kernels.panel_linear_blocks)."""
+import pytest
+import torch
+
+import helpers
+from asyncllm import LLM
+from asyncllm.model.layers import cpu_kernels
+from asyncllm.model.layers.block_quant import BlockQuantWeight
+from asyncllm.model.layers.linear import Linear
+
+pytestmark = pytest.mark.skipif(cpu_kernels.build_error() is not None, reason="the C kernels do not build here")
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("n, k", [(96, 576), (80, 64), (16, 1536)])  # n not a whole panel; one panel, part-filled
+@pytest.mark.parametrize("rows", [1, 7, 9, 64, 300])
+def test_panel_linear_blocks_equals_the_panel_gemm_of_the_dequantised_weight(bits, n, k, rows):
+    """Bit for bit what panel_linear computes against pack_panels of the weight the blocks hold
+    (BlockQuantWeight.dequantize, the torch reference of what the block kernel multiplies)."""
+    torch.manual_seed(bits * 1000 + rows)
+    q = BlockQuantWeight.quantize(torch.randn(n, k), bits=bits)
+    x, bias = torch.randn(rows, k), torch.randn(n)
+    for b in (None, bias):
+        want = cpu_kernels.panel_linear(x, cpu_kernels.pack_panels(q.dequantize()), n, b)
+        assert torch.equal(q.linear_many_rows(x, b), want)
+    # and close to float64 arithmetic on that weight
+    exact = x.double() @ q.dequantize().double().t()
+    assert (q.linear_many_rows(x).double() - exact).abs().max().item() < 1e-3
+
+
+def test_default_model_int4_weights_only_equals_fp32_and_frees_the_dense_weights(default_llm):
+    """The default model's projections are Q4_1 in its file, so its 4-bit blocks hold the fp32
+    weights exactly: with only the blocks kept, prompts (panel GEMM on the unpacked panels) and
+    decode steps (the block kernel) give the dense fp32 engine's tokens and logprobs bit for bit."""
+    llm = LLM(dtype="float32", quantization="int4", quantized_weights_only=True, kv_cache_memory=64 << 20)
+    model = llm.engine.core.runner.model
+    projections = model.projections()
+    assert all(p.dense_dropped and p.weight.numel() == 0 and not p.prepacked.is_packed for p in projections)
+    assert all(isinstance(p.quantized, BlockQuantWeight) and p.quantized.exact for p in projections)
+    helpers.check_same_outputs_alone_and_in_threes(llm, default_llm)
+
+
+def test_tiny_model_int8_weights_only_stays_close_to_transformers(tiny_models):
+    """Random fp32 weights (lossy 8-bit blocks): prompt chunks, mixed steps and decode all compute
+    with the blocks' weight; greedy ids equal transformers' run on that same dequantised weight."""
+    path = tiny_models("LlamaForCausalLM")
+    llm = LLM(path, dtype="float32", quantization="int8", quantized_weights_only=True, kernels="cpu",
+              kv_cache_memory=16 << 20, max_num_batched_tokens=20)
+    model = llm.engine.core.runner.model
+    assert all(p.dense_dropped for p in model.projections())
+    hf = helpers.load_hf(path)
+    with torch.no_grad():  # transformers on the weights the blocks hold (the logits: their 8-bit copy)
+        for module in hf.modules():
+            if isinstance(module, torch.nn.Linear):  # a new parameter: unties lm_head from the embedding
+                module.weight = torch.nn.Parameter(BlockQuantWeight.quantize(module.weight.float(), 8).dequantize())
+    helpers.check_mixed_steps_match_transformers(llm, hf)
+
+
+def test_quantized_weights_only_errors_are_clear(tiny_models):
+    path = tiny_models("LlamaForCausalLM")
+    with pytest.raises(ValueError, match="set quantization too"):
+        LLM(path, dtype="float32", quantized_weights_only=True)
+    with pytest.raises(ValueError, match="keeps only the C kernels' blocks"):
+        LLM(path, dtype="float32", quantization="int4", quantized_weights_only=True, kernels="torch")
+    with pytest.raises(ValueError, match="needs dtype float32"):
+        LLM(path, dtype="bfloat16", quantization="int8", quantized_weights_only=True, kernels="cpu")
+
+
+def test_drop_dense_refuses_a_projection_without_blocks():
+    layer = Linear(64, 32, bias=False, kernels="cpu")
+    with pytest.raises(ValueError, match="only an fp32 projection with C blocks"):
+        layer.drop_dense()
+    assert layer.weight.shape == (32, 64)  # nothing lost
