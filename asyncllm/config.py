@@ -57,13 +57,14 @@ class EngineArgs:
                                           "blocks of the logits weight, computed in fp32; else torch's int4 "
                                           "kernel in bf16) or int8 (Q8_0 blocks of the projections and the "
                                           "logits weight; needs the C kernels); prompts and larger batches "
-                                          "keep the dense weights, so it adds memory, never saves it",
+                                          "keep the dense weights, so it adds memory unless "
+                                          "quantized_weights_only",
                                     choices=["int4", "int8"])
     quantized_weights_only: bool = _opt(False, "with quantization on the C kernels in fp32: keep only the "
                                                 "quantised blocks of the projections and free their dense "
-                                                "weights and packed copies (the default model: ~0.86 GB less); "
-                                                "prompts and batches of more than 8 rows then multiply a dense "
-                                                "weight made from the blocks per call (slower prefill and big "
+                                                "weights and packed copies (the default model: ~0.85 GB less); "
+                                                "prompts and batches of more than 8 rows then unpack the blocks "
+                                                "panel by panel as they multiply (slower prefill and big "
                                                 "batches)")
     gpu_memory_utilization: float = _opt(0.9, "fraction of GPU memory for weights + KV cache (CUDA)")
     max_num_seqs: int = _opt(128, "most requests running at once")

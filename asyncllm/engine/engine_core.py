@@ -109,17 +109,17 @@ class EngineCore:
         copies = [p.quantized for p in quantized] + ([model.logits_quant] if model.logits_quant is not None else [])
         # Exact copies (a GGUF quantised in these formats) make the quantised steps compute with
         # the weights themselves: the same outputs as the dense path.
+        logger.info("%s: %d projections have %d-bit copies for steps of <= %d rows (%d left dense: shape)%s; "
+                    "%d of %d copies hold their weights exactly; the copies take %.0f MB",
+                    scheme, done, bits, rows, skipped,
+                    "; the logits weight an 8-bit copy" if model.logits_quant is not None else "",
+                    sum(c.exact for c in copies), len(copies), sum(c.nbytes for c in copies) / 1e6)
         if self.config.args.quantized_weights_only:
             freed = model.drop_dense_projections()
             if self.config.device.type == "cpu":
                 return_freed_memory()
             logger.info("%s: kept only the quantised projections, freeing %.0f MB of dense weights and packed copies",
                         scheme, freed / 1e6)
-        logger.info("%s: %d projections have %d-bit copies for steps of <= %d rows (%d left dense: shape)%s; "
-                    "%d of %d copies hold their weights exactly; the copies add %.0f MB to the dense weights",
-                    scheme, done, bits, rows, skipped,
-                    "; the logits weight an 8-bit copy" if model.logits_quant is not None else "",
-                    sum(c.exact for c in copies), len(copies), sum(c.nbytes for c in copies) / 1e6)
 
     def _num_blocks(self, spec: KVCacheSpec) -> int:
         if self.config.device.type == "cuda":

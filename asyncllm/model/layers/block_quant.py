@@ -38,8 +38,9 @@ QUANTIZATION_BITS = {"int4": 4, "int8": 8}  # EngineArgs.quantization → bits o
 
 # bf16 models read 8-bit blocks for steps of up to this many rows: measured on the default model's
 # 120 projections, 4.6 / 5.6 / 6.9 / 13.4 ms at 1 / 2 / 4 / 8 rows against a flat ~11 ms for
-# oneDNN's packed bf16 weights (fp32 ones: 4.9 / 4.9 / 6.8 / 9.2 against the few-rows kernel's
-# 16.2-18.9 ms, so every row count the kernel takes).
+# oneDNN's packed bf16 weights on an AMX CPU (an AMD EPYC without AMX: 3.5 / 3.4 / 4.4 / 7.6
+# against ~7); fp32 ones: 4.9 / 4.9 / 6.8 / 9.2 against the few-rows kernel's 16.2-18.9 ms, so
+# every row count the kernel takes.
 BF16_MAX_ROWS = 4
 
 
