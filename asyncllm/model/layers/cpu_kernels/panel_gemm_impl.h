@@ -141,13 +141,66 @@ void panel_linear_f32(const float *x, int64_t x_stride, int64_t rows, const floa
     }
 }
 
+#ifdef __AVX512F__
+/* r[i][j] → r[j][i] for 16 vectors of 16 floats: pairs interleaved, then 4 x 4 within each 128-bit
+ * lane, then the lanes themselves. */
+static inline void transpose16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    /* Now r[4i + c], lane L: rows 4i..4i+3 at column 4L + c. */
+    for (int i = 0; i < 4; i++) {
+        r[4 * i + 0] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int c = 0; c < 4; c++) {
+        __m512 u0 = _mm512_shuffle_f32x4(r[c], r[4 + c], _MM_SHUFFLE(1, 0, 1, 0));
+        __m512 u1 = _mm512_shuffle_f32x4(r[c], r[4 + c], _MM_SHUFFLE(3, 2, 3, 2));
+        __m512 u2 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], _MM_SHUFFLE(1, 0, 1, 0));
+        __m512 u3 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], _MM_SHUFFLE(3, 2, 3, 2));
+        t[c] = _mm512_shuffle_f32x4(u0, u2, _MM_SHUFFLE(2, 0, 2, 0));
+        t[4 + c] = _mm512_shuffle_f32x4(u0, u2, _MM_SHUFFLE(3, 1, 3, 1));
+        t[8 + c] = _mm512_shuffle_f32x4(u1, u3, _MM_SHUFFLE(2, 0, 2, 0));
+        t[12 + c] = _mm512_shuffle_f32x4(u1, u3, _MM_SHUFFLE(3, 1, 3, 1));
+    }
+    for (int i = 0; i < 16; i++) r[i] = t[i];
+}
+#endif
+
 /* Panel p of the weight that quantised blocks [n][k / 32 * quant_block_bytes(bits)] hold
  * (quant_rows_impl.h), in pack_panels_f32's layout: each w exactly as unpack_block computes it for
- * the block kernel. A group's 32 x PANEL_WIDTH tile (6 KB) is filled in L1. */
+ * the block kernel. A group's 32 x PANEL_WIDTH tile (6 KB) is filled in L1: with AVX-512, 16
+ * weight rows' blocks at a time, transposed in registers (storing each weight on its own made
+ * the unpacking ~15 ms of every big step for the default model). */
 static void dequantize_panel(const uint8_t *blocks, int64_t n, int64_t k, int bits, int64_t p, float *panel) {
     const int64_t block_bytes = quant_block_bytes(bits), groups = k / QUANT_GROUP;
     for (int64_t g = 0; g < groups; g++) {
         float *tile = panel + g * QUANT_GROUP * PANEL_WIDTH;
+#if defined(__AVX512F__) && PANEL_LANES == 16
+        for (int64_t j0 = 0; j0 < PANEL_WIDTH; j0 += 16) {
+            __m512 lo[16], hi[16];
+            for (int j = 0; j < 16; j++) {
+                int64_t col = p * PANEL_WIDTH + j0 + j;
+                if (col < n) {
+                    quant_pair pair = unpack_block(blocks + (col * groups + g) * block_bytes, bits);
+                    lo[j] = (__m512)pair.lo;
+                    hi[j] = (__m512)pair.hi;
+                } else {
+                    lo[j] = hi[j] = _mm512_setzero_ps();
+                }
+            }
+            transpose16(lo);
+            transpose16(hi);
+            for (int t = 0; t < 16; t++) {
+                _mm512_storeu_ps(tile + t * PANEL_WIDTH + j0, lo[t]);
+                _mm512_storeu_ps(tile + (16 + t) * PANEL_WIDTH + j0, hi[t]);
+            }
+        }
+#else
         for (int64_t j = 0; j < PANEL_WIDTH; j++) {
             int64_t col = p * PANEL_WIDTH + j;
             float w[QUANT_GROUP];
@@ -160,6 +213,7 @@ static void dequantize_panel(const uint8_t *blocks, int64_t n, int64_t k, int bi
             }
             for (int t = 0; t < QUANT_GROUP; t++) tile[t * PANEL_WIDTH + j] = w[t];
         }
+#endif
     }
 }
 
