@@ -65,7 +65,7 @@ class EngineArgs:
                                                 "weights and packed copies (the default model: ~0.85 GB less); "
                                                 "prompts and batches of more than 8 rows then unpack the blocks "
                                                 "panel by panel as they multiply (slower prefill and big "
-                                                "batches)")
+                                                "batches); dtype auto means float32 here")
     gpu_memory_utilization: float = _opt(0.9, "fraction of GPU memory for weights + KV cache (CUDA)")
     max_num_seqs: int = _opt(128, "most requests running at once")
     max_num_batched_tokens: int = _opt(1024, "token budget of one engine step (decodes + prompt chunks)")

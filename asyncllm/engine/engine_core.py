@@ -61,7 +61,10 @@ class EngineCore:
         self.config = config
         self.checkpoint = checkpoint or load_checkpoint(args.model, args.tokenizer)
         model_cfg = self.checkpoint.config
-        self.dtype = resolve_dtype(config.dtype_request, config.device)
+        # Keeping only quantised blocks computes every step in fp32 (the block kernels and the
+        # panel GEMM), so "auto" means fp32 there rather than a dtype that setting refuses.
+        self.dtype = (torch.float32 if args.quantized_weights_only and config.dtype_request == "auto"
+                      else resolve_dtype(config.dtype_request, config.device))
         model = build_model(model_cfg, self.dtype, config.device, config.kernels)
         model.load_weights(self.checkpoint.weights(self.dtype))
         if args.cpu_weight_prepack and prepack_supported(config.device, self.dtype):

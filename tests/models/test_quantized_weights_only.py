@@ -66,6 +66,9 @@ def test_quantized_weights_only_errors_are_clear(tiny_models):
         LLM(path, dtype="float32", quantization="int4", quantized_weights_only=True, kernels="torch")
     with pytest.raises(ValueError, match="needs dtype float32"):
         LLM(path, dtype="bfloat16", quantization="int8", quantized_weights_only=True, kernels="cpu")
+    # dtype="auto" (bf16 on some CPUs) takes fp32 here instead of refusing
+    auto = LLM(path, quantization="int8", quantized_weights_only=True, kernels="cpu", kv_cache_memory=16 << 20)
+    assert auto.engine.core.dtype == torch.float32
 
 
 def test_drop_dense_refuses_a_projection_without_blocks():
