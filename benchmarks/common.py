@@ -94,6 +94,12 @@ def engine_variant(args) -> dict:
             "quantized_weights_only": args.quantized_weights_only}
 
 
+def variant_flags(args) -> list[str]:
+    """The same as flags of the scripts and of `asyncllm serve` (they share the names)."""
+    return (["--dtype", args.dtype] + (["--quantization", args.quantization] if args.quantization else [])
+            + (["--quantized-weights-only"] if args.quantized_weights_only else []))
+
+
 def variant_name(args) -> str:
     """'float32', 'float32+int4', 'float32+int4-only', ...: what asyncllm ran."""
     return (args.dtype + (f"+{args.quantization}" if args.quantization else "")

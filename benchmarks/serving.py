@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from common import (Timer, add_variant_args, hf_generate_seconds, load_transformers, publish,  # noqa: E402
-                    pydoc_prompts, stop_process, variant_name)
+                    pydoc_prompts, stop_process, variant_flags, variant_name)
 
 
 @dataclass
@@ -96,12 +96,9 @@ async def run_load(base_url: str, prompts: list[list[int]], concurrency: int, ma
 class AsyncLLMServer:
     """`asyncllm serve` on 127.0.0.1, port 0 (the CLI prints the port it got), stopped by its pid."""
 
-    def __init__(self, dtype: str, quantization: str | None = None, extra_args: list[str] = (),
-                 max_wait: float = 120.0):
+    def __init__(self, engine_flags: list[str], max_wait: float = 120.0):
         cli = os.path.join(os.path.dirname(sys.executable), "asyncllm")
-        command = [cli, "serve", "--port", "0", "--dtype", dtype, "--log-level", "warning", *extra_args]
-        if quantization:
-            command += ["--quantization", quantization]
+        command = [cli, "serve", "--port", "0", "--log-level", "warning", *engine_flags]
         self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + max_wait
         for line in self.proc.stdout:
@@ -142,8 +139,7 @@ def main(argv=None) -> dict:
     prompts = pydoc_prompts(load_gguf_tokenizer(default_model_path()), args.num_requests, args.input_len)
     server = None
     if args.base_url is None:
-        extra = (["--quantized-weights-only"] if args.quantized_weights_only else []) + shlex.split(args.server_args)
-        server = AsyncLLMServer(args.dtype, args.quantization, extra)
+        server = AsyncLLMServer(variant_flags(args) + shlex.split(args.server_args))
         base_url, label = server.base_url, args.label or f"asyncllm serve ({variant_name(args)})"
     else:
         base_url, label = args.base_url, args.label or args.base_url

@@ -28,7 +28,7 @@ import latency  # noqa: E402
 import serving  # noqa: E402
 import throughput  # noqa: E402
 from common import (add_variant_args, load_transformers, print_table, pydoc_prompts, save,  # noqa: E402
-                    stop_process, variant_name, engine_variant)
+                    stop_process, variant_name, engine_variant, variant_flags)
 
 HERE = Path(__file__).resolve().parent
 
@@ -128,8 +128,7 @@ def main(argv=None) -> dict:
     finally:
         server.stop()
 
-    ours = (["--dtype", args.dtype] + (["--quantization", args.quantization] if args.quantization else [])
-            + (["--quantized-weights-only"] if args.quantized_weights_only else []))
+    ours = variant_flags(args)
     w1 = throughput.main(ours + ["--output", f"vllm_compare{suffix}_w1"])
     lat = latency.main(ours + ["--lengths", "128", "--output", f"vllm_compare{suffix}_latency"])
     w2 = serving.main(ours + ["--output", f"vllm_compare{suffix}_w2"])

@@ -178,9 +178,8 @@ class LlamaFamilyForCausalLM(nn.Module):
         """After quantize(): every projection keeps only its C blocks (Linear.drop_dense). → bytes
         freed. The embedding / logits weight stays dense (token lookups read it)."""
         projections = self.projections()
-        missing = [p for p in projections if not isinstance(p.quantized, BlockQuantWeight)
-                   or p.weight.dtype != torch.float32]
-        if missing:
+        missing = [p for p in projections if not p.can_drop_dense]
+        if missing:  # checked for all first: no model left half dropped
             raise ValueError(f"quantized_weights_only needs C blocks for every projection (an fp32 model on the C "
                              f"kernels, whole groups of 32 inputs and 16-row tiles); {len(missing)} of "
                              f"{len(projections)} have none")

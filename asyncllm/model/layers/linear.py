@@ -113,12 +113,17 @@ class Linear(nn.Linear):
     def dense_dropped(self) -> bool:
         return self.weight.numel() == 0 and self.quantized is not None
 
+    @property
+    def can_drop_dense(self) -> bool:
+        """An fp32 projection with C blocks: every step can run from the blocks alone."""
+        return isinstance(self.quantized, BlockQuantWeight) and self.weight.dtype == torch.float32
+
     def drop_dense(self) -> int:
         """Keeps only the C blocks (EngineArgs.quantized_weights_only): frees the dense weight and
         its packed copy; steps of more rows than the block kernel takes then run the panel GEMM on
         panels unpacked from the blocks as it goes (the same weights the block kernel computes
         with). → bytes freed."""
-        if not isinstance(self.quantized, BlockQuantWeight) or self.weight.dtype != torch.float32:
+        if not self.can_drop_dense:
             raise ValueError("only an fp32 projection with C blocks can drop its dense weight")
         freed = self.weight.numel() * self.weight.element_size()
         freed += sum(t.numel() * t.element_size() for t in (self.prepacked.packed, self.prepacked.panels)

@@ -126,7 +126,6 @@ int64_t quantize_blocks_f32(const float *w, int64_t w_stride, int64_t n, int64_t
                                      (int)bits);
     return misses;
 }
-
 #endif
 
 /* out[m][n0 + r] = x[m] . w[n0 + r] for r < ROWS weight rows and m < MB activation rows, as in
