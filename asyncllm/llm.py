@@ -28,6 +28,11 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    def reset_prefix_cache(self) -> bool:
+        """Forgets every cached prompt prefix (as vLLM's LLM.reset_prefix_cache), so the next
+        prompts are computed whole. → False (and nothing changes) while requests hold blocks."""
+        return self.engine.core.kv.pool.reset_prefix_cache()
+
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True, priority: Sequence[int] | None = None) -> list[RequestOutput]:

@@ -193,16 +193,27 @@ def check_mixed_steps_match_transformers(llm, hf, max_tokens: int = 24) -> list[
     return prompts
 
 
-def check_same_outputs_alone_and_in_threes(llm, reference, max_tokens: int = 12) -> None:
-    """Greedy tokens and their top-2 logprobs of `llm` equal `reference`'s bit for bit, for one
-    prompt alone (decode steps of one row) and for three together."""
+def check_same_as_reference_engine(llm, reference, max_tokens: int = 12) -> None:
+    """Greedy tokens and their top-2 logprobs of `llm` against `reference`'s, prompts long enough
+    (>= 9 tokens) that their steps take the panel GEMM in both (prefix caches emptied first: a
+    cached prefix would leave a few-row tail to compute): bit for bit for one prompt alone
+    and two together (decode steps of 1-2 rows: the few-rows tile order, dense or blocks alike);
+    for three together the same tokens and logprobs within 1e-4 (from PANEL_MIN_ROWS rows the
+    dense fp32 weights take the panel GEMM's order, 4- and 8-bit blocks still the few-rows one)."""
     from asyncllm import SamplingParams
 
     tok = llm.get_tokenizer()
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, logprobs=2)
-    for count in (1, 3):
-        prompts = [{"prompt_token_ids": tok.encode(text)} for text in TEXT_PROMPTS[:count]]
+    for count in (1, 2, 3):
+        prompts = [{"prompt_token_ids": tok.encode(" ".join(TEXT_PROMPTS[i:i + 3]))} for i in range(count)]
+        assert all(len(p["prompt_token_ids"]) >= 9 for p in prompts)
+        assert llm.reset_prefix_cache() and reference.reset_prefix_cache()
         for a, b in zip(llm.generate(prompts, params, use_tqdm=False),
                         reference.generate(prompts, params, use_tqdm=False)):
             assert a.outputs[0].token_ids == b.outputs[0].token_ids
-            assert a.outputs[0].logprobs == b.outputs[0].logprobs
+            if count <= 2:
+                assert a.outputs[0].logprobs == b.outputs[0].logprobs
+                continue
+            for got, want in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+                assert got.keys() == want.keys()
+                assert all(abs(got[t].logprob - want[t].logprob) <= 1e-4 for t in got)

@@ -44,6 +44,10 @@ def _blocks(p) -> torch.Tensor | None:
     return None if p.quantized is None else p.quantized.blocks
 
 
+def _panels(p) -> torch.Tensor | None:
+    return p.prepacked.panels
+
+
 def _quant_bits(model: nn.Module) -> int:
     return next((p.quantized.bits for p in model.projections() if isinstance(p.quantized, BlockQuantWeight)), 0)
 
@@ -89,5 +93,7 @@ class CpuDecodeStack:
                 "down": mlp.down_proj.weight, "down_bias": mlp.down_proj.bias,
                 "qkv_quant": _blocks(attention.qkv_proj), "o_quant": _blocks(attention.o_proj),
                 "gate_up_quant": _blocks(mlp.gate_up_proj), "down_quant": _blocks(mlp.down_proj),
+                "qkv_panels": _panels(attention.qkv_proj), "o_panels": _panels(attention.o_proj),
+                "gate_up_panels": _panels(mlp.gate_up_proj), "down_panels": _panels(mlp.down_proj),
             })
         return DecodeStackArgs(shape, layers, model.norm.weight, model.rotary.cos, model.rotary.sin, kv_caches)

@@ -53,6 +53,10 @@ def test_prefix_cache_hit_counts_and_keeps_output():
     uncached = LLM(dtype="float32", enable_prefix_caching=False)
     assert uncached.generate(shared + " Second question:", GREEDY, use_tqdm=False)[0].outputs[0].token_ids == \
         other.outputs[0].token_ids
+    # LLM.reset_prefix_cache (vLLM's name) forgets them: the same prompt is computed whole again.
+    assert llm.reset_prefix_cache()
+    after_reset = llm.generate(shared + " First question:", GREEDY, use_tqdm=False)[0]
+    assert after_reset.num_cached_tokens == 0 and after_reset.outputs[0].token_ids == first.outputs[0].token_ids
 
 
 def test_tiny_kv_cache_forces_preemption_with_equal_outputs(default_llm):

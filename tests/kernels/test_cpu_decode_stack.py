@@ -50,10 +50,12 @@ def _decode_steps(recorder, rows: int):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_stack_equals_the_per_op_path(arch, quantization, tiny_models):
     """Recorded decode steps rerun through both paths (each writes the same K/V into the same
-    slots): bit for bit at every row count, dense or with 4- or 8-bit blocks (both paths call the
-    same matmul kernels)."""
+    slots): bit for bit at every row count, dense (few-rows tiles below PANEL_MIN_ROWS rows, the
+    panel copies from there) or with 4- or 8-bit blocks (both paths call the same matmul kernels)."""
     llm = LLM(tiny_models(arch), dtype="float32", kernels="cpu", kv_cache_memory=16 << 20, quantization=quantization)
     model = llm.engine.core.runner.model
+    # Dense projections have panel copies, read from PANEL_MIN_ROWS rows by both paths.
+    assert all(p.prepacked.panels is not None for p in model.projections())
     recorder = StepRecorder(model)
     for rows in (1, 3, 8):
         _generate(llm, rows)

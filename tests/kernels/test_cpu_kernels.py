@@ -172,26 +172,35 @@ def test_few_rows_supported_refuses_what_it_cannot_take():
     assert not cpu_kernels.few_rows_supported(torch.randn(2, 4, 64), torch.randn(32, 64))  # not [rows, k]
 
 
-@pytest.mark.parametrize("rows", [1, 4, 8, 9])
-def test_linear_routes_few_fp32_rows_to_the_kernel(rows, monkeypatch):
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 8, 9])
+@pytest.mark.parametrize("packed", [True, False])
+def test_linear_routes_fp32_rows_to_the_kernels(rows, packed, monkeypatch):
     from asyncllm.model.layers.linear import Linear
 
     torch.manual_seed(0)
     layer = Linear(64, 32, bias=True, kernels="cpu")
-    layer.pack()
-    calls = []
-    real = cpu_kernels.linear_few_rows
-    monkeypatch.setattr(cpu_kernels, "linear_few_rows", lambda *a: calls.append(a) or real(*a))
+    if packed:
+        layer.pack()
+    calls = {"few": 0, "panel": 0}
+    for name, key in (("linear_few_rows", "few"), ("panel_linear", "panel")):
+        real = getattr(cpu_kernels, name)
+        monkeypatch.setattr(cpu_kernels, name, lambda *a, real=real, key=key: calls.__setitem__(key, calls[key] + 1)
+                            or real(*a))
     x = torch.randn(rows, 64)
     with torch.no_grad():
         got = layer(x)
         torch.testing.assert_close(got, torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
-        # 1-8 rows take the kernel (one row too: MKL's gemv is slower on some CPUs); more, the packed GEMM.
-        assert len(calls) == (1 if rows <= 8 else 0)
+        # With a panel copy, PANEL_MIN_ROWS rows and more read it; fewer (one row too: MKL's gemv
+        # is slower on some CPUs) take the few-rows kernel, which without panels serves up to 8.
+        panel = packed and rows >= cpu_kernels.PANEL_MIN_ROWS
+        few = not panel and rows <= cpu_kernels.FEW_ROWS_MAX
+        assert calls == {"few": int(few), "panel": int(panel)}
         torch_layer = Linear(64, 32, bias=True, kernels="torch")
         torch_layer.load_state_dict(layer.state_dict())
+        if packed:
+            torch_layer.pack()
         torch_layer(x)
-        assert len(calls) == (1 if rows <= 8 else 0)
+        assert calls == {"few": int(few), "panel": int(panel)}
 
 
 @pytest.mark.parametrize("rows", [1, 7, 8, 9, 64, 301])  # tiles of every height, chunks past 256 rows
@@ -228,8 +237,8 @@ def test_panel_linear_reads_strided_rows_and_leaves_the_weight():
 
 @pytest.mark.parametrize("dtype, layout", [(torch.float32, "panels"), (torch.bfloat16, "onednn")])
 def test_linear_packs_panels_for_fp32_c_kernels(dtype, layout, monkeypatch):
-    """With kernels="cpu" an fp32 Linear packs column panels and sends >= 9 rows to panel_linear;
-    bf16 (AMX) keeps oneDNN's packed copy."""
+    """With kernels="cpu" an fp32 Linear packs column panels and sends >= PANEL_MIN_ROWS rows to
+    panel_linear; bf16 (AMX) keeps oneDNN's packed copy."""
     from asyncllm.model.layers.linear import Linear
 
     torch.manual_seed(0)
@@ -245,4 +254,4 @@ def test_linear_packs_panels_for_fp32_c_kernels(dtype, layout, monkeypatch):
         for rows in (1, 5, 9, 40):
             x = torch.randn(rows, 64, dtype=dtype)
             torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), **tolerance)
-    assert len(calls) == (2 if layout == "panels" else 0)  # 9 and 40 rows
+    assert len(calls) == (3 if layout == "panels" else 0)  # 5, 9 and 40 rows

@@ -161,12 +161,13 @@ def test_int4_is_refused_off_the_cpu_and_for_unknown_schemes():
 def test_default_model_int4_on_the_c_kernels_equals_fp32(default_llm):
     """The default model's file stores its projections as Q4_1 and its embedding as Q8_0, so the C
     kernels' 4- and 8-bit blocks hold the fp32 weights exactly: the same tokens as the dense fp32
-    engine, and the same logprobs bit for bit (the dense few-rows matmul and the blocks' kernel
-    take the same multiply-add order, at one row as at several)."""
+    engine, and the same logprobs bit for bit in steps of 1-2 rows and prompts (the dense few-rows
+    matmul and the blocks' kernel take the same multiply-add order; prompts both take the panel
+    GEMM); from 3 rows the dense weights take the panel order: within 1e-4."""
     if default_llm.engine.core.config.kernels != "cpu":
         pytest.skip("the C kernels do not build here")
     llm = LLM(dtype="float32", quantization="int4", kv_cache_memory=64 << 20)
     model = llm.engine.core.runner.model
     assert all(isinstance(p.quantized, BlockQuantWeight) and p.quantized.exact for p in model.projections())
     assert model.logits_quant is not None and model.logits_quant.exact
-    helpers.check_same_outputs_alone_and_in_threes(llm, default_llm)
+    helpers.check_same_as_reference_engine(llm, default_llm)

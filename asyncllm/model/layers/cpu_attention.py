@@ -1,7 +1,8 @@
-"""Attention backend on the C kernels (layers/cpu_kernels): the KV write and batched decode
-attention read and write the paged cache where it lies, with no gathered copies; prompt chunks
-keep the torch backend's SDPA path (one fused flash kernel per chunk already). Selected on the
-CPU (kernels="auto"); dtypes the kernels lack (fp16) take the torch backend's code."""
+"""Attention backend on the C kernels (layers/cpu_kernels): the KV write, batched decode
+attention and (fp32) prompt attention read and write the paged cache where it lies, with no
+gathered copies and no KV heads repeated per query head. Selected on the CPU (kernels="auto");
+dtypes the kernels lack (fp16) take the torch backend's code, and bf16 prompts keep torch's SDPA
+(its flash kernel computes in bf16, where ours would be fp32 tiles)."""
 from __future__ import annotations
 
 import torch
@@ -11,6 +12,21 @@ from asyncllm.model.layers.attention import AttentionMetadata, TorchAttentionBac
 
 
 class CpuAttentionBackend(TorchAttentionBackend):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        nd = meta.num_decodes
+        if nd == meta.num_requests or not (q.dtype == kv_cache.dtype == torch.float32 and cpu_kernels.supports(q)):
+            return super().forward(q, k, v, kv_cache, meta)
+        self._write_kv(k, v, kv_cache, meta.slot_mapping)
+        # Every prompt chunk of the step (whole prompts and chunks after cached context) in one call.
+        start = meta.query_start_loc[nd]
+        prompts = cpu_kernels.prefill_attention(q[start:], kv_cache, meta.block_tables[nd:],
+                                                meta.prefill_query_starts()[0].long(), meta.seq_lens_tensor[nd:],
+                                                self.scale, self.sliding_window)
+        if not nd:
+            return prompts
+        return torch.cat([self._decode(q[:nd], kv_cache, meta, nd, kv_cache.shape[2]), prompts])
+
     def _write_kv(self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         if cpu_kernels.supports(k, kv_cache):
             cpu_kernels.write_kv_cache(k, v, kv_cache, slot_mapping)

@@ -43,10 +43,11 @@ def prepack_supported(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 class PackedLinear:
-    """The optional packed copy of a weight, and the matmul that uses it for >= 2 rows (plain
-    F.linear for one row; the C kernel for 2-8 fp32 rows when `kernels == "cpu"`). The copy is
-    column panels for the C kernels' `panel_linear` (fp32, `kernels == "cpu"`), else oneDNN's
-    blocked layout. Not an nn.Module: the packed tensor is a CPU-only cache of the weight, never a
+    """The optional packed copy of a weight, and the matmul that uses it. The copy is column panels
+    for the C kernels' `panel_linear` (fp32, `kernels == "cpu"`: steps of >= PANEL_MIN_ROWS rows;
+    fewer take the C few-rows kernel on the plain weight), else oneDNN's blocked layout (fp32
+    from 2 rows, bf16 from 1; plain F.linear below). Without a copy, fp32 steps of 1-8 rows on the
+    C kernels take the few-rows kernel. Not an nn.Module: the packed tensor is a CPU-only cache of the weight, never a
     parameter, buffer or checkpoint entry."""
 
     def __init__(self, kernels: str = "torch"):
@@ -67,14 +68,14 @@ class PackedLinear:
         return self.packed is not None or self.panels is not None
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.panels is not None and x.dim() == 2 and x.shape[0] >= cpu_kernels.PANEL_MIN_ROWS:
+            return cpu_kernels.panel_linear(x, self.panels, weight.shape[0], bias)
         # fp32 only (bf16's packed AMX path is faster). One row too: MKL's gemv is no faster on
         # Intel and 2.5-3.3x slower on AMD EPYC (projections 26 vs 10 ms, logits 6.7 vs 2.0 ms).
         if self.kernels == "cpu" and x.dtype == torch.float32 and cpu_kernels.few_rows_supported(x, weight):
             out = cpu_kernels.linear_few_rows(x, weight)
             return out if bias is None else out + bias
         if x.dim() == 2 and x.shape[0] >= self.min_rows:
-            if self.panels is not None:
-                return cpu_kernels.panel_linear(x, self.panels, weight.shape[0], bias)
             if self.packed is not None:
                 return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
         return F.linear(x, weight, bias)

@@ -6,7 +6,9 @@ These replace them with one call each: add + RMSNorm, rotary in place, SiLU-and-
 and paged decode attention reading the cache where it lies; the matmul of a decode step's 2-8
 rows, which MKL and oneDNN run well below the memory bandwidth it is bound by (layers/linear.py),
 and the same against 4- and 8-bit blocks (layers/block_quant.py);
-and the fp32 matmul of bigger steps against a weight packed into column panels (panel_gemm_impl.h).
+and the fp32 matmul of bigger steps against a weight packed into column panels (panel_gemm_impl.h);
+and fp32 prompt attention over the paged cache on those panels' register tiles
+(prefill_attention_impl.h).
 fp32 and bf16; other dtypes keep the torch path. decode_stack.py binds the call that runs all
 of them for every layer of a small decode step at once (model/cpu_decode.py).
 Each has a torch reference it is tested against (tests/kernels/test_cpu_kernels.py).
@@ -19,7 +21,8 @@ from asyncllm.model.layers.cpu_kernels.library import KernelBuildError, build_er
 
 __all__ = ["KernelBuildError", "build_error", "supports", "rms_norm", "rotary_", "silu_and_mul", "write_kv_cache",
            "paged_decode_attention", "few_rows_supported", "few_rows_weight_supported", "linear_few_rows",
-           "FEW_ROWS_MAX", "linear_quant_rows", "quantize_blocks", "panel_linear_blocks", "panel_weight_supported", "pack_panels", "panel_linear"]
+           "FEW_ROWS_MAX", "linear_quant_rows", "quantize_blocks", "panel_linear_blocks", "panel_weight_supported", "pack_panels", "panel_linear",
+           "PANEL_MIN_ROWS", "prefill_attention"]
 
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
@@ -65,6 +68,11 @@ def rotary_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torc
 
 
 FEW_ROWS_MAX = 8  # most activation rows linear_few_rows takes
+# Fewest rows an fp32 matmul with a panel copy (pack_panels) reads it rather than the dense weight
+# through linear_few_rows. On AMD EPYC (AVX-512) the panels were as fast at 1-2 rows and faster
+# from 3 (the default model's projections + logits at 3 / 8 rows: 12.8 / 13.5 ms against 15.1 /
+# 16.4); the per-op path and decode_stack both ask this, so they stay bit-equal.
+PANEL_MIN_ROWS = 3
 
 
 def few_rows_weight_supported(weight: torch.Tensor) -> bool:
@@ -152,6 +160,29 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         q.data_ptr(), q.stride(0), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), block_tables.data_ptr(),
         block_tables.stride(0), seq_lens.data_ptr(), out.data_ptr(), seqs, heads, kv_heads, dim, block_size,
         scale, sliding_window or 0, torch.get_num_threads())
+    return out
+
+
+def prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                      query_starts: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                      sliding_window: int | None) -> torch.Tensor:
+    """Prompt chunks laid end to end, fp32: q [T, H, D] → [T, H, D]. Request b's queries are rows
+    [query_starts[b], query_starts[b + 1]) (int64, starting at 0), the last of its seq_lens[b]
+    positions; each attends causally (within `sliding_window`) to the keys and values in the
+    cache slots block_tables [B, max_blocks] lists, this step's already written."""
+    assert q.dtype == kv_cache.dtype == torch.float32 and kv_cache.is_contiguous()
+    assert q.stride(2) == 1 and q.stride(1) == q.shape[2]
+    assert block_tables.dtype == torch.int64 and block_tables.stride(1) == 1
+    assert query_starts.dtype == seq_lens.dtype == torch.int64 and query_starts.is_contiguous()
+    assert seq_lens.is_contiguous() and query_starts.shape[0] == seq_lens.shape[0] + 1 == block_tables.shape[0] + 1
+    tokens, heads, dim = q.shape
+    _, _, block_size, kv_heads, _ = kv_cache.shape
+    out = torch.empty(tokens, heads, dim, dtype=q.dtype)
+    if load_library().prefill_attention_f32(
+            q.data_ptr(), q.stride(0), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), block_tables.data_ptr(),
+            block_tables.stride(0), query_starts.data_ptr(), seq_lens.data_ptr(), seq_lens.shape[0], heads,
+            kv_heads, dim, block_size, scale, sliding_window or 0, out.data_ptr(), torch.get_num_threads()):
+        raise MemoryError("no memory for the prefill attention's per-thread buffers")
     return out
 
 

@@ -8,23 +8,24 @@ from dataclasses import dataclass
 
 import torch
 
-from asyncllm.model.layers.cpu_kernels import _typed
+from asyncllm.model.layers.cpu_kernels import PANEL_MIN_ROWS, _typed
 
 LAYER_TENSORS = ("input_norm", "qkv", "qkv_bias", "q_norm", "k_norm", "o", "post_norm", "gate_up", "gate_up_bias",
                  "down", "down_bias")
-QUANTIZED = ("qkv", "o", "gate_up", "down")  # projections that may have blocks ("<name>_quant": uint8)
+PROJECTIONS = ("qkv", "o", "gate_up", "down")  # each may have blocks ("<name>_quant": uint8) or "<name>_panels"
 
 
 class DecodeLayer(ctypes.Structure):
     _fields_ = [(name, ctypes.c_void_p) for name in LAYER_TENSORS] + [
-        (f"{name}_quant", ctypes.c_void_p) for name in QUANTIZED] + [
+        (f"{name}_quant", ctypes.c_void_p) for name in PROJECTIONS] + [
+        (f"{name}_panels", ctypes.c_void_p) for name in PROJECTIONS] + [
         ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p)]
 
 
 class DecodeStack(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int64) for name in (
         "num_layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "block_size", "window",
-        "quant_bits")] + [
+        "quant_bits", "panel_min_rows")] + [
         ("eps", ctypes.c_double), ("scale", ctypes.c_double), ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p),
         ("final_norm", ctypes.c_void_p), ("layers", ctypes.POINTER(DecodeLayer))]
 
@@ -62,17 +63,20 @@ class DecodeStackArgs:
                 tensor = tensors.get(name)
                 assert tensor is None or (tensor.is_contiguous() and tensor.dtype == self.dtype), name
                 setattr(entry, name, _ptr(tensor))
-            for name in QUANTIZED:
+            for name in PROJECTIONS:
                 blocks = tensors.get(f"{name}_quant")
                 assert blocks is None or (blocks.is_contiguous() and blocks.dtype == torch.uint8
                                           and shape.quant_bits in (4, 8)), name
                 setattr(entry, f"{name}_quant", _ptr(blocks))
+                panels = tensors.get(f"{name}_panels")
+                assert panels is None or (panels.is_contiguous() and panels.dtype == torch.float32), name
+                setattr(entry, f"{name}_panels", _ptr(panels))
             entry.k_cache, entry.v_cache = cache[0].data_ptr(), cache[1].data_ptr()
         self.block_size = kv_caches[0].shape[2]
         self.struct = DecodeStack(
             num_layers=len(layers), hidden=shape.hidden, heads=shape.heads, kv_heads=shape.kv_heads,
             head_dim=shape.head_dim, intermediate=shape.intermediate, block_size=self.block_size,
-            window=shape.window, quant_bits=shape.quant_bits, eps=shape.eps, scale=shape.scale, cos=cos.data_ptr(), sin=sin.data_ptr(),
+            window=shape.window, quant_bits=shape.quant_bits, panel_min_rows=PANEL_MIN_ROWS, eps=shape.eps, scale=shape.scale, cos=cos.data_ptr(), sin=sin.data_ptr(),
             final_norm=final_norm.data_ptr(), layers=self._layers)
         self.scratch_per_row = _typed("decode_stack_scratch", self.dtype)(ctypes.byref(self.struct))
 

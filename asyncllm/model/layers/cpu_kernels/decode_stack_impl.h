@@ -12,34 +12,50 @@
 #ifndef DECODE_STACK_TYPES
 #define DECODE_STACK_TYPES
 /* One layer's tensors (element type T; NULL where the model has none). A projection with blocks
- * (quant_rows_impl.h, DecodeStack.quant_bits wide) is read from them instead of its dense weight.
+ * (quant_rows_impl.h, DecodeStack.quant_bits wide) is read from them instead of its dense weight;
+ * else one with a panel copy (fp32: pack_panels_f32) is read from that in steps of at least
+ * DecodeStack.panel_min_rows rows, as the per-op path does.
  * Mirrored by ctypes in cpu_kernels/decode_stack.py: keep the field order. */
 typedef struct {
     const void *input_norm, *qkv, *qkv_bias, *q_norm, *k_norm, *o, *post_norm, *gate_up, *gate_up_bias, *down,
         *down_bias;
     const uint8_t *qkv_quant, *o_quant, *gate_up_quant, *down_quant;
+    const float *qkv_panels, *o_panels, *gate_up_panels, *down_panels;
     void *k_cache, *v_cache; /* [num_blocks, block_size, kv_heads, head_dim] each */
 } DecodeLayer;
 
 typedef struct {
     int64_t num_layers, hidden, heads, kv_heads, head_dim, intermediate, block_size, window;
     int64_t quant_bits; /* of every layer's blocks: 4 or 8 (0: none) */
+    int64_t panel_min_rows; /* fewest rows read from panel copies (cpu_kernels.PANEL_MIN_ROWS) */
     double eps, scale;
     const float *cos, *sin; /* [max_positions, head_dim] */
     const void *final_norm;
     const DecodeLayer *layers;
 } DecodeStack;
+
+static void panel_linear_for(const float *x, int64_t x_stride, int64_t rows, const float *packed, const float *bias,
+                             float *out, int64_t n, int64_t k); /* panel_gemm_impl.h */
 #endif
 
 static inline void NAME(add_bias_row)(T *row, const T *bias, int64_t n) {
     for (int64_t i = 0; i < n; i++) row[i] = STORE(LOAD(row[i]) + LOAD(bias[i]));
 }
 
-/* out [rows, n] = x @ w^T from the `bits`-bit blocks when there are some, else from the dense weight. */
-static inline void NAME(project_for)(const T *x, int64_t x_stride, const void *dense, const uint8_t *blocks,
-                                     int64_t bits, T *out, int64_t rows, int64_t n, int64_t k) {
+/* out [rows, n] = x @ w^T from the `bits`-bit blocks when there are some, else from the panel
+ * copy for steps of at least m->panel_min_rows rows (fp32 only), else from the dense weight. */
+static inline void NAME(project_for)(const DecodeStack *m, const T *x, int64_t x_stride, const void *dense,
+                                     const uint8_t *blocks, const float *panels, T *out, int64_t rows, int64_t n,
+                                     int64_t k) {
+#if !PANELS
+    (void)panels;
+#endif
     if (blocks != NULL)
-        NAME(quant_rows_for)(x, x_stride, blocks, (int)bits, out, rows, n, k);
+        NAME(quant_rows_for)(x, x_stride, blocks, (int)m->quant_bits, out, rows, n, k);
+#if PANELS
+    else if (panels != NULL && rows >= m->panel_min_rows)
+        panel_linear_for(x, x_stride, rows, panels, NULL, out, n, k);
+#endif
     else
         NAME(few_rows_for)(x, x_stride, dense, out, rows, n, k);
 }
@@ -81,7 +97,7 @@ void NAME(decode_stack)(const DecodeStack *m, T *h, int64_t rows, const int64_t 
                     NAME(rms_norm_row)(hr, rr, rr, xr, layer->input_norm, hidden, eps);
                 }
             }
-            NAME(project_for)(x, hidden, layer->qkv, layer->qkv_quant, m->quant_bits, qkv, rows, qkv_n, hidden);
+            NAME(project_for)(m, x, hidden, layer->qkv, layer->qkv_quant, layer->qkv_panels, qkv, rows, qkv_n, hidden);
 #pragma omp single
             for (int64_t r = 0; r < rows; r++) {
                 T *q = qkv + r * qkv_n, *k = q + q_size, *v = k + kv_size;
@@ -101,20 +117,20 @@ void NAME(decode_stack)(const DecodeStack *m, T *h, int64_t rows, const int64_t 
             NAME(decode_attention_for)(qkv, qkv_n, layer->k_cache, layer->v_cache, block_tables, bt_stride, seq_lens,
                                        attn, rows, heads, kv_heads, dim, m->block_size, scale, m->window,
                                        heads_per_task, qf, acc, probs);
-            NAME(project_for)(attn, q_size, layer->o, layer->o_quant, m->quant_bits, h, rows, hidden, q_size);
+            NAME(project_for)(m, attn, q_size, layer->o, layer->o_quant, layer->o_panels, h, rows, hidden, q_size);
 #pragma omp single
             for (int64_t r = 0; r < rows; r++)
                 NAME(rms_norm_row)(h + r * hidden, residual + r * hidden, residual + r * hidden, x + r * hidden,
                                    layer->post_norm, hidden, eps);
-            NAME(project_for)(x, hidden, layer->gate_up, layer->gate_up_quant, m->quant_bits, gate_up, rows, 2 * inter,
-                              hidden);
+            NAME(project_for)(m, x, hidden, layer->gate_up, layer->gate_up_quant, layer->gate_up_panels, gate_up, rows,
+                              2 * inter, hidden);
 #pragma omp single
             for (int64_t r = 0; r < rows; r++) {
                 T *gu = gate_up + r * 2 * inter;
                 if (layer->gate_up_bias != NULL) NAME(add_bias_row)(gu, layer->gate_up_bias, 2 * inter);
                 NAME(silu_and_mul_row)(gu, gu + inter, act + r * inter, inter);
             }
-            NAME(project_for)(act, inter, layer->down, layer->down_quant, m->quant_bits, h, rows, hidden, inter);
+            NAME(project_for)(m, act, inter, layer->down, layer->down_quant, layer->down_panels, h, rows, hidden, inter);
             if (layer->down_bias != NULL) {
 #pragma omp single
                 for (int64_t r = 0; r < rows; r++) NAME(add_bias_row)(h + r * hidden, layer->down_bias, hidden);

@@ -10,7 +10,9 @@
  *
  * kernels_impl.h is included once per element type (float and bf16) with T/LOAD/STORE set, and
  * after it decode_stack_impl.h: the whole decoder of a 1-8-row decode step in one call.
- * panel_gemm_impl.h (fp32 only, included once): the matmul of steps with more rows.
+ * panel_gemm_impl.h (fp32 only, included once): the matmul of steps of 3 rows and more (the
+ * decode stack calls it too, hence PANELS: 1 in the fp32 instantiation); after it
+ * prefill_attention_impl.h (fp32): prompt attention on the same register tiles.
  */
 #include <math.h>
 #if defined(__AVX512F__) || defined(__FMA__)
@@ -138,8 +140,10 @@ static inline v16sf splat16(float s) {
 /* p[i] = exp(p[i] - max) / sum over the row: torch's softmax, with exp_nonpositive. */
 static void softmax_row(float *p, int64_t n) {
     float top = p[0];
+    /* A compare, not fmaxf: gcc calls libm's fmaxf per element (not vectorised), which took a
+     * fifth of a long prompt's attention. The same maximum for finite scores. */
 #pragma omp simd reduction(max : top)
-    for (int64_t i = 1; i < n; i++) top = fmaxf(top, p[i]);
+    for (int64_t i = 1; i < n; i++) top = p[i] > top ? p[i] : top;
     float total = 0.0f;
 #pragma omp simd reduction(+ : total)
     for (int64_t i = 0; i < n; i++) {
@@ -175,6 +179,7 @@ static inline int64_t max_seq_len(const int64_t *seq_lens, int64_t seqs) {
 #define LOAD16 load16_f32
 #define LOAD(p) (p)
 #define STORE(x) (x)
+#define PANELS 1 /* decode_stack may read panel copies (fp32 only) */
 #include "kernels_impl.h"
 #include "quant_rows_impl.h"
 #include "decode_stack_impl.h"
@@ -183,12 +188,14 @@ static inline int64_t max_seq_len(const int64_t *seq_lens, int64_t seqs) {
 #undef LOAD
 #undef STORE
 #undef LOAD16
+#undef PANELS
 
 #define T bf16_t
 #define SUFFIX bf16
 #define LOAD16 load16_bf16
 #define LOAD(p) bf16_to_float(p)
 #define STORE(x) float_to_bf16(x)
+#define PANELS 0
 #include "kernels_impl.h"
 #include "quant_rows_impl.h"
 #include "decode_stack_impl.h"
@@ -197,11 +204,13 @@ static inline int64_t max_seq_len(const int64_t *seq_lens, int64_t seqs) {
 #undef LOAD
 #undef STORE
 #undef LOAD16
+#undef PANELS
 #undef NAME
 #undef CONCAT
 #undef CONCAT_
 
 #include "panel_gemm_impl.h"
+#include "prefill_attention_impl.h"
 
 /* KV write (dtype-free: rows are copied as bytes). k, v: [tokens, row_bytes] with the given
  * byte strides; the cache: [num_slots, row_bytes] per K and V. Negative slots are skipped. */

@@ -65,14 +65,19 @@ void pack_panels_f32(const float *w, int64_t w_stride, float *packed, int64_t n,
             }
 }
 
-/* out[m][0:cols] = x[m] @ panel (+ bias) for `ROWS` rows, one accumulator chain per output.
- * Along the way the `share` floats from `next` (the caller's part of the next panel) go to L2. */
+/* out[m][0:cols] = x[m] @ panel (+ bias) for `ROWS` rows, one accumulator chain per output;
+ * with `accumulate`, out[m][0:cols] += (the chain goes on from the stored values: a product split
+ * over k in order gives the bits of the whole). Along the way the `share` floats from `next`
+ * (the caller's part of the next panel) go to L2. */
 static inline __attribute__((always_inline)) void panel_tile(
         const float *x, int64_t x_stride, const float *panel, const float *bias, float *out, int64_t out_stride,
-        int64_t k, int64_t cols, const float *next, int64_t share, const int ROWS) {
+        int64_t k, int64_t cols, const float *next, int64_t share, int accumulate, const int ROWS) {
     panel_vec acc[PANEL_ROWS][PANEL_VECS];
-    for (int m = 0; m < ROWS; m++)
-        for (int v = 0; v < PANEL_VECS; v++) acc[m][v] = (panel_vec){0};
+    for (int m = 0; m < ROWS; m++) {
+        float row[PANEL_WIDTH] = {0};
+        if (accumulate) memcpy(row, out + m * out_stride, (size_t)cols * sizeof(float));
+        for (int v = 0; v < PANEL_VECS; v++) acc[m][v] = panel_load(row + v * PANEL_LANES);
+    }
     int64_t issued = 0;
     for (int64_t c = 0; c < k; c++) {
         panel_vec w[PANEL_VECS];
@@ -99,9 +104,9 @@ static inline __attribute__((always_inline)) void panel_tile(
 /* panel_tile for 1..PANEL_ROWS rows, each count a compile-time constant (its own unrolled code). */
 static inline __attribute__((always_inline)) void panel_tile_rows(
         const float *x, int64_t x_stride, const float *panel, const float *bias, float *out, int64_t out_stride,
-        int64_t k, int64_t cols, const float *next, int64_t share, int64_t rows) {
+        int64_t k, int64_t cols, const float *next, int64_t share, int accumulate, int64_t rows) {
 #define PANEL_TILE_CASE(R) \
-    case R: panel_tile(x, x_stride, panel, bias, out, out_stride, k, cols, next, share, R); break;
+    case R: panel_tile(x, x_stride, panel, bias, out, out_stride, k, cols, next, share, accumulate, R); break;
     switch (rows) {
         PANEL_TILE_CASE(1) PANEL_TILE_CASE(2) PANEL_TILE_CASE(3) PANEL_TILE_CASE(4)
         PANEL_TILE_CASE(5) PANEL_TILE_CASE(6)
@@ -114,11 +119,12 @@ static inline __attribute__((always_inline)) void panel_tile_rows(
 }
 
 /* out [rows, n] = x [rows, k] (rows `x_stride` apart) @ w^T (+ bias [n] or NULL), w packed by
- * pack_panels_f32. The threads share out the panels; rows go in chunks of PANEL_CHUNK_ROWS. */
-void panel_linear_f32(const float *x, int64_t x_stride, int64_t rows, const float *packed, const float *bias,
-                      float *out, int64_t n, int64_t k, int num_threads) {
+ * pack_panels_f32. The threads share out the panels; rows go in chunks of PANEL_CHUNK_ROWS.
+ * An orphaned `omp for` (as few_rows_for): every thread of the calling parallel region calls it,
+ * so decode_stack runs it inside its own region. */
+static void panel_linear_for(const float *x, int64_t x_stride, int64_t rows, const float *packed, const float *bias,
+                             float *out, int64_t n, int64_t k) {
     int64_t panels = (n + PANEL_WIDTH - 1) / PANEL_WIDTH;
-#pragma omp parallel num_threads(num_threads)
     for (int64_t m0 = 0; m0 < rows; m0 += PANEL_CHUNK_ROWS) {
         int64_t chunk = rows - m0 < PANEL_CHUNK_ROWS ? rows - m0 : PANEL_CHUNK_ROWS;
         int64_t passes = (chunk + PANEL_ROWS - 1) / PANEL_ROWS;
@@ -135,10 +141,16 @@ void panel_linear_f32(const float *x, int64_t x_stride, int64_t rows, const floa
                 int64_t left = m0 + chunk - m < PANEL_ROWS ? m0 + chunk - m : PANEL_ROWS;  /* this chunk's */
                 const float *xm = x + m * x_stride;
                 float *om = out + m * n + p * PANEL_WIDTH;
-                panel_tile_rows(xm, x_stride, panel, b, om, n, k, cols, next + pass * share, share, left);
+                panel_tile_rows(xm, x_stride, panel, b, om, n, k, cols, next + pass * share, share, 0, left);
             }
         }
     }
+}
+
+void panel_linear_f32(const float *x, int64_t x_stride, int64_t rows, const float *packed, const float *bias,
+                      float *out, int64_t n, int64_t k, int num_threads) {
+#pragma omp parallel num_threads(num_threads)
+    panel_linear_for(x, x_stride, rows, packed, bias, out, n, k);
 }
 
 #ifdef __AVX512F__
@@ -241,7 +253,7 @@ int64_t panel_linear_blocks_f32(const float *x, int64_t x_stride, int64_t rows, 
                 int64_t left = rows - m < PANEL_ROWS ? rows - m : PANEL_ROWS;
                 const float *xm = x + m * x_stride;
                 float *om = out + m * n + p * PANEL_WIDTH;
-                panel_tile_rows(xm, x_stride, panel, b, om, n, k, cols, panel, 0, left);
+                panel_tile_rows(xm, x_stride, panel, b, om, n, k, cols, panel, 0, 0, left);
             }
         }
         free(panel);

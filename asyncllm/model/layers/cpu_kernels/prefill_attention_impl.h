@@ -1,0 +1,195 @@
+/* Prompt attention over the paged cache (fp32): every query token of a prompt chunk attends to
+ * the keys before it (its own included; the last `window` with a sliding window), read from the
+ * cache blocks its request holds. Included once by kernels.c after panel_gemm_impl.h, whose
+ * register tiles do both matmuls.
+ *
+ * Why not torch's SDPA (what the per-op path called): its CPU flash kernel took ~56 ms of a
+ * 7 x 128-token prompt step's ~500 ms for the default model (9 heads of 64; about 35 GFLOPS), and
+ * it needs the KV heads repeated for every query head first (another ~4.5 ms of copies) and
+ * cached context gathered out of the blocks. Here a task is (request, KV head, tile of
+ * PREFILL_TILE query rows): the keys and values the tile can see are copied once out of the
+ * blocks into panel layout (keys as the "weight rows" of scores = q @ K^T, values as those of
+ * q_out = P @ V) and every query head of the group runs over them; key panels wholly past a
+ * tile's causal limit (or before its window) are skipped.
+ *
+ * Rounding: each score is one multiply-add chain over the head's dims, times the scale; each
+ * row's softmax is softmax_row (max, exp, sum, divide, as decode attention); each output is one
+ * chain over the visible keys in order (zeros stand for the keys a row does not see, and adding
+ * 0 * v leaves a sum unchanged). So a row's result does not depend on the tile, the task order
+ * or the other requests in the step. */
+
+#define PREFILL_TILE 32       /* query rows per task */
+#define PREFILL_KEY_BLOCK 240 /* keys per block (a multiple of PANEL_WIDTH): 60-120 KB of keys or values */
+
+/* Keys [kstart, kstart + nk) of KV head g, out of the blocks `table` lists, as panels for
+ * panel_tile: kp[p][d][j] = key(kstart + p * PANEL_WIDTH + j)[d], zero past nk. */
+static void pack_key_panels(const float *k_cache, const int64_t *table, int64_t block_size, int64_t token_stride,
+                            int64_t g, int64_t dim, int64_t kstart, int64_t nk, float *kp) {
+    int64_t panels = (nk + PANEL_WIDTH - 1) / PANEL_WIDTH;
+    for (int64_t p = 0; p < panels; p++) {
+        float *panel = kp + p * dim * PANEL_WIDTH;
+        for (int64_t j = 0; j < PANEL_WIDTH; j++) {
+            int64_t t = p * PANEL_WIDTH + j;
+            if (t >= nk) {
+                for (int64_t d = 0; d < dim; d++) panel[d * PANEL_WIDTH + j] = 0.0f;
+                continue;
+            }
+            int64_t pos = kstart + t;
+            const float *key = k_cache + (table[pos / block_size] * block_size + pos % block_size) * token_stride +
+                               g * dim;
+            for (int64_t d = 0; d < dim; d++) panel[d * PANEL_WIDTH + j] = key[d];
+        }
+    }
+}
+
+/* Values [kstart, kstart + nk) of KV head g as panels of PANEL_WIDTH dims:
+ * vp[p][t][j] = value(kstart + t)[p * PANEL_WIDTH + j], zero past dim. */
+static void pack_value_panels(const float *v_cache, const int64_t *table, int64_t block_size, int64_t token_stride,
+                              int64_t g, int64_t dim, int64_t kstart, int64_t nk, float *vp) {
+    int64_t panels = (dim + PANEL_WIDTH - 1) / PANEL_WIDTH;
+    for (int64_t t = 0; t < nk; t++) {
+        int64_t pos = kstart + t;
+        const float *value = v_cache + (table[pos / block_size] * block_size + pos % block_size) * token_stride +
+                             g * dim;
+        for (int64_t p = 0; p < panels; p++) {
+            float *row = vp + (p * nk + t) * PANEL_WIDTH;
+            int64_t cols = dim - p * PANEL_WIDTH < PANEL_WIDTH ? dim - p * PANEL_WIDTH : PANEL_WIDTH;
+            memcpy(row, value + p * PANEL_WIDTH, (size_t)cols * sizeof(float));
+            for (int64_t j = cols; j < PANEL_WIDTH; j++) row[j] = 0.0f;
+        }
+    }
+}
+
+typedef struct {
+    int64_t request, tile, group, cost;
+} prefill_task;
+
+static int prefill_task_heavier(const void *a, const void *b) {
+    int64_t ca = ((const prefill_task *)a)->cost, cb = ((const prefill_task *)b)->cost;
+    return ca < cb ? 1 : ca > cb ? -1 : 0;
+}
+
+/* The first key query row r of a request (position ctx + r) sees. */
+static inline int64_t prefill_first_key(int64_t position, int64_t window) {
+    return window > 0 && position + 1 > window ? position + 1 - window : 0;
+}
+
+/* One task: query rows [r0, r1) of request b (positions ctx + r), KV head g and its `group`
+ * query heads. kp, vp, scores: this thread's buffers (sized for the longest context).
+ * Both matmuls go over the keys in blocks of PREFILL_KEY_BLOCK, every register tile of rows
+ * against one block before the next, so a block's keys or values stay in L2 while the tile's
+ * rows use them (whole rows of a 2k-token context did not fit: they were read again from L3
+ * for every 8 rows). */
+static void prefill_attend_tile(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache,
+                                const int64_t *table, int64_t block_size, int64_t ctx, int64_t r0, int64_t r1,
+                                int64_t g, int64_t group, int64_t heads, int64_t kv_heads, int64_t dim, float scale,
+                                int64_t window, float *out, float *kp, float *vp, float *scores) {
+    const int64_t token_stride = kv_heads * dim;
+    const int64_t kstart = prefill_first_key(ctx + r0, window), kend = ctx + r1;
+    const int64_t nk = kend - kstart, key_panels = (nk + PANEL_WIDTH - 1) / PANEL_WIDTH;
+    const int64_t stride = key_panels * PANEL_WIDTH, value_panels = (dim + PANEL_WIDTH - 1) / PANEL_WIDTH;
+    pack_key_panels(k_cache, table, block_size, token_stride, g, dim, kstart, nk, kp);
+    pack_value_panels(v_cache, table, block_size, token_stride, g, dim, kstart, nk, vp);
+    for (int64_t h = g * group; h < (g + 1) * group; h++) {
+        /* scores = q @ K^T over the keys each register tile of rows sees, block by block. */
+        for (int64_t b0 = 0; b0 < nk; b0 += PREFILL_KEY_BLOCK) {
+            for (int64_t m0 = r0; m0 < r1; m0 += PANEL_ROWS) {
+                int64_t rows = r1 - m0 < PANEL_ROWS ? r1 - m0 : PANEL_ROWS;
+                int64_t lo = prefill_first_key(ctx + m0, window) - kstart, hi = ctx + m0 + rows - kstart;
+                lo = lo > b0 ? lo : b0;
+                hi = hi < b0 + PREFILL_KEY_BLOCK ? hi : b0 + PREFILL_KEY_BLOCK;
+                for (int64_t p = lo / PANEL_WIDTH; p * PANEL_WIDTH < hi; p++)
+                    panel_tile_rows(q + m0 * q_stride + h * dim, q_stride, kp + p * dim * PANEL_WIDTH, NULL,
+                                    scores + (m0 - r0) * stride + p * PANEL_WIDTH, stride, dim, PANEL_WIDTH, NULL, 0,
+                                    0, rows);
+            }
+        }
+        /* Each row's softmax over the keys it sees; zeros for the others its register tile spans. */
+        for (int64_t m0 = r0; m0 < r1; m0 += PANEL_ROWS) {
+            int64_t rows = r1 - m0 < PANEL_ROWS ? r1 - m0 : PANEL_ROWS;
+            int64_t lo = prefill_first_key(ctx + m0, window) - kstart, hi = ctx + m0 + rows - kstart;
+            for (int64_t i = 0; i < rows; i++) {
+                float *row = scores + (m0 - r0 + i) * stride;
+                int64_t first = prefill_first_key(ctx + m0 + i, window) - kstart, last = ctx + m0 + i + 1 - kstart;
+                for (int64_t j = first; j < last; j++) row[j] *= scale;
+                softmax_row(row + first, last - first);
+                for (int64_t j = lo; j < first; j++) row[j] = 0.0f;
+                for (int64_t j = last; j < hi; j++) row[j] = 0.0f;
+            }
+        }
+        /* out = P @ V, block by block, each block's products added to the chain so far. */
+        for (int64_t b0 = 0; b0 < nk; b0 += PREFILL_KEY_BLOCK) {
+            for (int64_t m0 = r0; m0 < r1; m0 += PANEL_ROWS) {
+                int64_t rows = r1 - m0 < PANEL_ROWS ? r1 - m0 : PANEL_ROWS;
+                int64_t lo = prefill_first_key(ctx + m0, window) - kstart, hi = ctx + m0 + rows - kstart;
+                int64_t from = lo > b0 ? lo : b0, to = hi < b0 + PREFILL_KEY_BLOCK ? hi : b0 + PREFILL_KEY_BLOCK;
+                if (from >= to) continue;
+                for (int64_t p = 0; p < value_panels; p++) {
+                    int64_t cols = dim - p * PANEL_WIDTH < PANEL_WIDTH ? dim - p * PANEL_WIDTH : PANEL_WIDTH;
+                    panel_tile_rows(scores + (m0 - r0) * stride + from, stride, vp + (p * nk + from) * PANEL_WIDTH,
+                                    NULL, out + m0 * heads * dim + h * dim + p * PANEL_WIDTH, heads * dim, to - from,
+                                    cols, NULL, 0, from > lo, rows);
+                }
+            }
+        }
+    }
+}
+
+/* q [tokens, heads, dim] (rows q_stride apart, heads adjacent) → out [tokens, heads, dim]
+ * contiguous, for `requests` prompt chunks laid end to end: request b's queries are rows
+ * [query_starts[b], query_starts[b + 1]), the last of its seq_lens[b] positions; its keys and
+ * values (this step's already written) lie in the cache blocks block_tables[b] lists
+ * ([num_blocks, block_size, kv_heads, dim] each). → 1 when a thread had no memory for its buffers. */
+int64_t prefill_attention_f32(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache,
+                              const int64_t *block_tables, int64_t bt_stride, const int64_t *query_starts,
+                              const int64_t *seq_lens, int64_t requests, int64_t heads, int64_t kv_heads, int64_t dim,
+                              int64_t block_size, float scale, int64_t window, float *out, int num_threads) {
+    const int64_t group = heads / kv_heads;
+    int64_t num_tasks = 0, longest = 1, failed = 0;
+    for (int64_t b = 0; b < requests; b++) {
+        int64_t len = query_starts[b + 1] - query_starts[b];
+        num_tasks += (len + PREFILL_TILE - 1) / PREFILL_TILE * kv_heads;
+        longest = seq_lens[b] > longest ? seq_lens[b] : longest;
+    }
+    prefill_task *tasks = malloc(sizeof(prefill_task) * (size_t)(num_tasks > 0 ? num_tasks : 1));
+    if (tasks == NULL) return 1;
+    int64_t n = 0;
+    for (int64_t b = 0; b < requests; b++) {
+        int64_t len = query_starts[b + 1] - query_starts[b], ctx = seq_lens[b] - len;
+        for (int64_t tile = 0; tile * PREFILL_TILE < len; tile++) {
+            int64_t r1 = (tile + 1) * PREFILL_TILE < len ? (tile + 1) * PREFILL_TILE : len;
+            int64_t keys = ctx + r1 - prefill_first_key(ctx + tile * PREFILL_TILE, window);
+            for (int64_t g = 0; g < kv_heads; g++) tasks[n++] = (prefill_task){b, tile, g, keys * (r1 - tile * PREFILL_TILE)};
+        }
+    }
+    /* Heaviest first, so the dynamic schedule ends with small tasks to even out the threads. */
+    qsort(tasks, (size_t)num_tasks, sizeof(prefill_task), prefill_task_heavier);
+    const int64_t padded = (longest + PANEL_WIDTH - 1) / PANEL_WIDTH * PANEL_WIDTH;
+    const int64_t value_panels = (dim + PANEL_WIDTH - 1) / PANEL_WIDTH;
+#pragma omp parallel num_threads(num_threads) if (num_tasks > 1)
+    {
+        float *kp = malloc(sizeof(float) * (size_t)(padded * dim));
+        float *vp = malloc(sizeof(float) * (size_t)(value_panels * longest * PANEL_WIDTH));
+        float *scores = malloc(sizeof(float) * (size_t)(PREFILL_TILE * padded));
+        if (kp == NULL || vp == NULL || scores == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t i = 0; i < num_tasks; i++) {
+            if (kp == NULL || vp == NULL || scores == NULL) continue; /* reported below: the caller raises */
+            const prefill_task *task = &tasks[i];
+            int64_t start = query_starts[task->request], len = query_starts[task->request + 1] - start;
+            int64_t r0 = task->tile * PREFILL_TILE, r1 = r0 + PREFILL_TILE < len ? r0 + PREFILL_TILE : len;
+            prefill_attend_tile(q + start * q_stride, q_stride, k_cache, v_cache,
+                                block_tables + task->request * bt_stride, block_size, seq_lens[task->request] - len,
+                                r0, r1, task->group, group, heads, kv_heads, dim, scale, window,
+                                out + start * heads * dim, kp, vp, scores);
+        }
+        free(kp);
+        free(vp);
+        free(scores);
+    }
+    free(tasks);
+    return failed;
+}

@@ -1,0 +1,100 @@
+"""The C prompt attention (cpu_kernels.prefill_attention, fp32) against the torch backend's SDPA
+path: whole prompts, chunks after cached context, sliding windows, grouped KV heads, head sizes
+that fill register panels partly, and steps that mix decodes with prompts."""
+import pytest
+import torch
+
+from asyncllm.model.layers import cpu_kernels
+from asyncllm.model.layers.attention import AttentionMetadata, TorchAttentionBackend
+from asyncllm.model.layers.cpu_attention import CpuAttentionBackend
+
+pytestmark = pytest.mark.skipif(cpu_kernels.build_error() is not None, reason="the C kernels need gcc")
+
+
+def _step(query_lens, seq_lens, num_decodes, heads, kv_heads, dim, block_size=16, seed=0):
+    """A step's q/k/v, a cache whose earlier context is random, and its metadata."""
+    generator = torch.Generator().manual_seed(seed)
+    need = [(n + block_size - 1) // block_size for n in seq_lens]
+    num_blocks = sum(need) + 3
+    cache = torch.randn(2, num_blocks, block_size, kv_heads, dim, generator=generator)
+    perm = torch.randperm(num_blocks, generator=generator)
+    tables = torch.zeros(len(seq_lens), max(need) + 1, dtype=torch.int64)
+    slots, used = [], 0
+    for i, (n, length, total) in enumerate(zip(need, query_lens, seq_lens)):
+        tables[i, :n] = perm[used:used + n]
+        used += n
+        for pos in range(total - length, total):
+            slots.append(int(tables[i, pos // block_size]) * block_size + pos % block_size)
+    starts = [0]
+    for n in query_lens:
+        starts.append(starts[-1] + n)
+    tokens = starts[-1]
+    q = torch.randn(tokens, heads + 2 * kv_heads, dim, generator=generator)[:, :heads]  # a view, as the model's
+    k = torch.randn(tokens, kv_heads, dim, generator=generator)
+    v = torch.randn(tokens, kv_heads, dim, generator=generator)
+    meta = AttentionMetadata(num_decodes=num_decodes, query_start_loc=starts, seq_lens=list(seq_lens),
+                             seq_lens_tensor=torch.tensor(seq_lens), block_tables=tables,
+                             slot_mapping=torch.tensor(slots, dtype=torch.int64))
+    return q, k, v, cache, meta
+
+
+def _run(backend_cls, q, k, v, cache, meta, heads, kv_heads, dim, window):
+    cache = cache.clone()
+    backend = backend_cls(heads, kv_heads, dim, dim ** -0.5, window)
+    return backend.forward(q, k, v, cache, meta), cache
+
+
+CASES = {
+    # name: (query_lens, seq_lens, num_decodes)
+    "one prompt, several tiles": ([100], [100], 0),
+    "prompts of one length": ([33, 33, 33], [33, 33, 33], 0),
+    "chunks after cached context": ([40, 7, 70], [40, 7 + 60, 70 + 21], 0),
+    "decodes then prompts": ([1, 1, 1, 45, 12], [9, 30, 64, 45, 12 + 40], 3),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("window", [None, 24])
+@pytest.mark.parametrize("heads, kv_heads, dim", [(9, 3, 64), (4, 4, 24), (4, 2, 128)])
+def test_prefill_attention_matches_torch_backend(case, window, heads, kv_heads, dim, monkeypatch):
+    query_lens, seq_lens, nd = CASES[case]
+    step = _step(query_lens, seq_lens, nd, heads, kv_heads, dim)
+    calls = []
+    real = cpu_kernels.prefill_attention
+    monkeypatch.setattr(cpu_kernels, "prefill_attention", lambda *a: calls.append(a) or real(*a))
+    got, got_cache = _run(CpuAttentionBackend, *step, heads, kv_heads, dim, window)
+    assert len(calls) == 1  # every prompt chunk of the step in one call
+    want, want_cache = _run(TorchAttentionBackend, *step, heads, kv_heads, dim, window)
+    assert torch.equal(got_cache, want_cache)  # the same K/V written
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_a_prompt_alone_gives_the_bits_it_gives_in_a_batch():
+    heads, kv_heads, dim = 9, 3, 64
+    query_lens, seq_lens = [50, 7, 70], [50, 7 + 60, 70 + 21]
+    q, k, v, cache, meta = _step(query_lens, seq_lens, 0, heads, kv_heads, dim)
+    batch, filled = _run(CpuAttentionBackend, q, k, v, cache, meta, heads, kv_heads, dim, None)
+    starts = meta.query_start_loc
+    for i in range(len(query_lens)):
+        alone = cpu_kernels.prefill_attention(
+            q[starts[i]:starts[i + 1]], filled, meta.block_tables[i:i + 1],
+            torch.tensor([0, query_lens[i]]), meta.seq_lens_tensor[i:i + 1], dim ** -0.5, None)
+        assert torch.equal(alone, batch[starts[i]:starts[i + 1]])
+
+
+def test_long_prompt_matches_sdpa():
+    # 600 tokens: 19 tiles, scores past the L2-sized buffers of short prompts.
+    heads, kv_heads, dim = 9, 3, 64
+    step = _step([600], [600], 0, heads, kv_heads, dim, seed=3)
+    got, _ = _run(CpuAttentionBackend, *step, heads, kv_heads, dim, None)
+    want, _ = _run(TorchAttentionBackend, *step, heads, kv_heads, dim, None)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_bf16_prompts_keep_torch_sdpa(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu_kernels, "prefill_attention", lambda *a: calls.append(a))
+    q, k, v, cache, meta = _step([20], [20], 0, 4, 2, 16)
+    backend = CpuAttentionBackend(4, 2, 16, 0.25, None)
+    out = backend.forward(q.bfloat16(), k.bfloat16(), v.bfloat16(), cache.bfloat16(), meta)
+    assert calls == [] and out.dtype == torch.bfloat16
