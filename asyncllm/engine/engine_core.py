@@ -106,7 +106,7 @@ class EngineCore:
             raise ValueError(f"quantized_weights_only needs dtype float32 (the blocks' large-step path is fp32); "
                              f"got {self.dtype} (dtype={self.config.args.dtype!r}): pass dtype='float32'")
         bits = QUANTIZATION_BITS[scheme]
-        done, skipped = model.quantize(bits, int4_max_rows(self.dtype))
+        done, skipped = model.quantize(bits, int4_rows=int4_max_rows(self.dtype))
         quantized = [p for p in model.projections() if p.quantized is not None]
         rows = max((p.quantized_max_rows for p in quantized), default=0)
         copies = [p.quantized for p in quantized] + ([model.logits_quant] if model.logits_quant is not None else [])

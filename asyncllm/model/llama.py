@@ -158,20 +158,21 @@ class LlamaFamilyForCausalLM(nn.Module):
             projection.pack()
         self.logits_linear.pack(self.logits_weight)
 
-    def quantize(self, bits: int, max_rows: int) -> tuple[int, int]:
+    def quantize(self, bits: int, int4_rows: int) -> tuple[int, int]:
         """`bits`-bit copies of the projections whose shape the layouts take (whole groups of 32
-        inputs, 16-row tiles), read by steps of at most `max_rows` rows (layers/linear.py). Where
-        the projections get C blocks, the logits weight gets an 8-bit copy too (Q8_0, as
-        llama.cpp's 4-bit files keep the output weight; layers/block_quant.py).
-        → (projections quantised, projections left dense)."""
+        inputs, 16-row tiles; layers/linear.py: C blocks where they serve, else torch's int4 layout
+        for steps of at most `int4_rows` rows). Where the projections get C blocks, the logits
+        weight gets an 8-bit copy too (Q8_0, as llama.cpp's 4-bit files keep the output weight;
+        block_quant.logits_block_rows). → (projections quantised, projections left dense)."""
         projections = self.projections()
         fitting = [p for p in projections if int4_shape_supported(p.out_features, p.in_features)]
         for projection in fitting:
-            projection.quantize(bits, max_rows)
+            projection.quantize(bits, int4_rows)
         logits = self.logits_weight
-        if block_quant.block_rows(logits, self.kernels, bits):
+        rows = block_quant.logits_block_rows(logits, self.kernels, bits)
+        if rows:
             self.logits_quant = BlockQuantWeight.quantize(logits, bits=8)
-            self.logits_quant_max_rows = min(max_rows, block_quant.block_rows(logits, self.kernels, 8))
+            self.logits_quant_max_rows = rows
         return len(fitting), len(projections) - len(fitting)
 
     def drop_dense_projections(self) -> int:

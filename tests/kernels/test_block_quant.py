@@ -8,7 +8,8 @@ import torch
 from asyncllm.model.default_model import default_model_path
 from asyncllm.model.gguf_file import GGUFFile
 from asyncllm.model.layers import cpu_kernels
-from asyncllm.model.layers.block_quant import BLOCK_BYTES, BlockQuantWeight, block_quant_supported
+from asyncllm.model.layers.block_quant import (
+    BF16_MAX_ROWS, BLOCK_BYTES, MAX_ROWS, BlockQuantWeight, block_quant_supported, block_rows, logits_block_rows)
 from asyncllm.model.layers.int4 import quantize_groups, quantize_groups_int8
 
 pytestmark = [pytest.mark.timeout(120),
@@ -129,3 +130,15 @@ def test_default_models_quantised_tensors_come_back_from_the_file():
             weight = gguf.load(name)
             blocks = BlockQuantWeight.quantize(weight, 4)
             assert blocks.exact and torch.equal(blocks.dequantize(), weight), name
+
+
+def test_which_weights_get_blocks_for_how_many_rows():
+    fp32, bf16 = torch.randn(32, 64), torch.randn(32, 64, dtype=torch.bfloat16)
+    for bits in (4, 8):
+        assert block_rows(fp32, "cpu", bits) == logits_block_rows(fp32, "cpu", bits) == MAX_ROWS
+        assert block_rows(fp32, "torch", bits) == logits_block_rows(fp32, "torch", bits) == 0  # no C kernels
+    # bf16: 8-bit blocks up to BF16_MAX_ROWS (oneDNN's packed bf16 wins above); 4 bits stay on
+    # torch's int4 kernel, and then the logits weight keeps its dense copy too.
+    assert block_rows(bf16, "cpu", 8) == logits_block_rows(bf16, "cpu", 8) == BF16_MAX_ROWS
+    assert block_rows(bf16, "cpu", 4) == logits_block_rows(bf16, "cpu", 4) == 0
+    assert block_rows(torch.randn(24, 64), "cpu", 8) == 0  # not whole 16-row tiles

@@ -92,7 +92,7 @@ def test_linear_reads_the_4bit_copy_only_for_few_rows():
     layer = Linear(64, 96, bias=True)  # kernels="torch": torch's int4 layout
     layer.pack()
     dense = {rows: layer(torch.ones(rows, 64)) for rows in (1, 4, 5)}
-    layer.quantize(4, max_rows=4)
+    layer.quantize(4, int4_rows=4)
     for rows in (1, 4):
         x = torch.ones(rows, 64)
         torch.testing.assert_close(layer(x), layer.quantized.linear(x) + layer.bias)

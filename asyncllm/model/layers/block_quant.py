@@ -56,6 +56,13 @@ def block_rows(weight: torch.Tensor, kernels: str, bits: int) -> int:
     return BF16_MAX_ROWS if bits == 8 else 0
 
 
+def logits_block_rows(weight: torch.Tensor, kernels: str, bits: int) -> int:
+    """Most rows of the steps that read an 8-bit copy of the logits weight when the projections
+    are quantised to `bits` (0: none): it has one where they get C blocks, read as 8-bit blocks
+    are (block_rows)."""
+    return block_rows(weight, kernels, 8) if block_rows(weight, kernels, bits) else 0
+
+
 def _as_bytes(values: torch.Tensor) -> torch.Tensor:
     """[n, groups] fp32 → [n, groups, 4] of their bytes."""
     return values.contiguous().unsqueeze(-1).view(torch.uint8)

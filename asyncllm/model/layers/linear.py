@@ -94,17 +94,17 @@ class Linear(nn.Linear):
     def pack(self) -> None:
         self.prepacked.pack(self.weight)
 
-    def quantize(self, bits: int, max_rows: int) -> None:
-        """A `bits`-bit copy for steps of at most `max_rows` rows: the C kernel's blocks where they
-        serve (block_quant.block_rows, which may lower the rows), else torch's int4 layout (4 bits
-        only; 8 bits need the C kernels, which EngineConfig checks)."""
+    def quantize(self, bits: int, int4_rows: int) -> None:
+        """A `bits`-bit copy: the C kernel's blocks where they serve, for the steps
+        block_quant.block_rows says, else torch's int4 layout for steps of at most `int4_rows` rows
+        (4 bits only; 8 bits need the C kernels, which EngineConfig checks)."""
         rows = block_quant.block_rows(self.weight, self.prepacked.kernels, bits)
         if rows:
             self.quantized = BlockQuantWeight.quantize(self.weight, bits=bits)
-            self.quantized_max_rows = min(max_rows, rows)
+            self.quantized_max_rows = rows
         elif bits == 4:
             self.quantized = Int4Weight.quantize(self.weight)
-            self.quantized_max_rows = max_rows
+            self.quantized_max_rows = int4_rows
         else:
             raise ValueError(f"{bits}-bit copies need the C kernels and an fp32 or bf16 weight whose shape they "
                              f"take, got a {self.weight.dtype} {tuple(self.weight.shape)} weight with kernels="
