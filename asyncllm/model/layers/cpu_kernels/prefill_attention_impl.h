@@ -42,23 +42,67 @@ static void pack_key_panels(const float *k_cache, const int64_t *table, int64_t 
     }
 }
 
-/* Values [kstart, kstart + nk) of KV head g as panels of PANEL_WIDTH dims:
- * vp[p][t][j] = value(kstart + t)[p * PANEL_WIDTH + j], zero past dim. */
+/* Values [kstart, kstart + nk) of KV head g as panels of `width` dims (PANEL_WIDTH, or the head
+ * size for value_tile): vp[p][t][j] = value(kstart + t)[p * width + j], zero past dim. */
 static void pack_value_panels(const float *v_cache, const int64_t *table, int64_t block_size, int64_t token_stride,
-                              int64_t g, int64_t dim, int64_t kstart, int64_t nk, float *vp) {
-    int64_t panels = (dim + PANEL_WIDTH - 1) / PANEL_WIDTH;
+                              int64_t g, int64_t dim, int64_t kstart, int64_t nk, int64_t width, float *vp) {
+    int64_t panels = (dim + width - 1) / width;
     for (int64_t t = 0; t < nk; t++) {
         int64_t pos = kstart + t;
         const float *value = v_cache + (table[pos / block_size] * block_size + pos % block_size) * token_stride +
                              g * dim;
         for (int64_t p = 0; p < panels; p++) {
-            float *row = vp + (p * nk + t) * PANEL_WIDTH;
-            int64_t cols = dim - p * PANEL_WIDTH < PANEL_WIDTH ? dim - p * PANEL_WIDTH : PANEL_WIDTH;
-            memcpy(row, value + p * PANEL_WIDTH, (size_t)cols * sizeof(float));
-            for (int64_t j = cols; j < PANEL_WIDTH; j++) row[j] = 0.0f;
+            float *row = vp + (p * nk + t) * width;
+            int64_t cols = dim - p * width < width ? dim - p * width : width;
+            memcpy(row, value + p * width, (size_t)cols * sizeof(float));
+            for (int64_t j = cols; j < width; j++) row[j] = 0.0f;
         }
     }
 }
+
+/* Heads of 64 or 128 dims (AVX-512): out[m][0:dim] (+)= p[m] @ v over k keys with v [k][dim] rows
+ * as they are, ROWS x VECS accumulators, instead of PANEL_WIDTH-wide panels (64 dims would fill
+ * two 48-wide panels: a third of the products on padding). The same chain per output as
+ * panel_tile (acc = v * p + acc over the keys in order), so the same bits. */
+#if defined(__AVX512F__) && PANEL_LANES == 16
+#define VALUE_TILE 1
+static inline __attribute__((always_inline)) void value_tile(const float *p, int64_t p_stride, const float *v,
+                                                             float *out, int64_t out_stride, int64_t k, int accumulate,
+                                                             const int ROWS, const int VECS) {
+    panel_vec acc[6][8];
+    for (int m = 0; m < ROWS; m++)
+        for (int j = 0; j < VECS; j++)
+            acc[m][j] = accumulate ? panel_load(out + m * out_stride + j * 16) : (panel_vec){0};
+    for (int64_t c = 0; c < k; c++) {
+        panel_vec w[8];
+        for (int j = 0; j < VECS; j++) w[j] = panel_load(v + c * VECS * 16 + j * 16);
+        for (int m = 0; m < ROWS; m++) {
+            panel_vec b = panel_splat(p[m * p_stride + c]);
+            for (int j = 0; j < VECS; j++) acc[m][j] = panel_fma(w[j], b, acc[m][j]);
+        }
+    }
+    for (int m = 0; m < ROWS; m++)
+        for (int j = 0; j < VECS; j++) panel_store(out + m * out_stride + j * 16, acc[m][j]);
+}
+
+static inline int64_t value_tile_rows(int64_t dim) { return dim == 64 ? 6 : dim == 128 ? 3 : 0; }
+
+static void value_tile_any(const float *p, int64_t p_stride, const float *v, float *out, int64_t out_stride, int64_t k,
+                           int accumulate, int64_t rows, int64_t dim) {
+#define VALUE_TILE_CASE(R, VECS) \
+    case R: value_tile(p, p_stride, v, out, out_stride, k, accumulate, R, VECS); break;
+    if (dim == 64) {
+        switch (rows) { VALUE_TILE_CASE(1, 4) VALUE_TILE_CASE(2, 4) VALUE_TILE_CASE(3, 4) VALUE_TILE_CASE(4, 4)
+                        VALUE_TILE_CASE(5, 4) VALUE_TILE_CASE(6, 4) default: break; }
+    } else {
+        switch (rows) { VALUE_TILE_CASE(1, 8) VALUE_TILE_CASE(2, 8) VALUE_TILE_CASE(3, 8) default: break; }
+    }
+#undef VALUE_TILE_CASE
+}
+#else
+#define VALUE_TILE 0
+static inline int64_t value_tile_rows(int64_t dim) { (void)dim; return 0; }
+#endif
 
 typedef struct {
     int64_t request, tile, group, cost;
@@ -88,8 +132,9 @@ static void prefill_attend_tile(const float *q, int64_t q_stride, const float *k
     const int64_t kstart = prefill_first_key(ctx + r0, window), kend = ctx + r1;
     const int64_t nk = kend - kstart, key_panels = (nk + PANEL_WIDTH - 1) / PANEL_WIDTH;
     const int64_t stride = key_panels * PANEL_WIDTH, value_panels = (dim + PANEL_WIDTH - 1) / PANEL_WIDTH;
+    const int64_t vrows = value_tile_rows(dim); /* > 0: value_tile's rows; 0: PANEL_WIDTH panels */
     pack_key_panels(k_cache, table, block_size, token_stride, g, dim, kstart, nk, kp);
-    pack_value_panels(v_cache, table, block_size, token_stride, g, dim, kstart, nk, vp);
+    pack_value_panels(v_cache, table, block_size, token_stride, g, dim, kstart, nk, vrows ? dim : PANEL_WIDTH, vp);
     for (int64_t h = g * group; h < (g + 1) * group; h++) {
         /* scores = q @ K^T over the keys each register tile of rows sees, block by block. */
         for (int64_t b0 = 0; b0 < nk; b0 += PREFILL_KEY_BLOCK) {
@@ -124,6 +169,16 @@ static void prefill_attend_tile(const float *q, int64_t q_stride, const float *k
                 int64_t lo = prefill_first_key(ctx + m0, window) - kstart, hi = ctx + m0 + rows - kstart;
                 int64_t from = lo > b0 ? lo : b0, to = hi < b0 + PREFILL_KEY_BLOCK ? hi : b0 + PREFILL_KEY_BLOCK;
                 if (from >= to) continue;
+#if VALUE_TILE
+                /* Rows past a row's keys hold zeros in P, so sub-tiles may start and end anywhere
+                 * inside [lo, hi): 0 * v added to a chain changes no bit. */
+                for (int64_t m1 = m0; vrows && m1 < m0 + rows; m1 += vrows) {
+                    int64_t sub = m0 + rows - m1 < vrows ? m0 + rows - m1 : vrows;
+                    value_tile_any(scores + (m1 - r0) * stride + from, stride, vp + from * dim,
+                                   out + m1 * heads * dim + h * dim, heads * dim, to - from, from > lo, sub, dim);
+                }
+                if (vrows) continue;
+#endif
                 for (int64_t p = 0; p < value_panels; p++) {
                     int64_t cols = dim - p * PANEL_WIDTH < PANEL_WIDTH ? dim - p * PANEL_WIDTH : PANEL_WIDTH;
                     panel_tile_rows(scores + (m0 - r0) * stride + from, stride, vp + (p * nk + from) * PANEL_WIDTH,
