@@ -4,8 +4,9 @@
  * At 1-8 rows a step is bound by reading the weights (~540 MB in fp32 for the default model),
  * and the per-op path spends ~20% of a batch-1 step between the matmuls: ~10 Python-level
  * calls and as many OpenMP fork/joins per layer for ops that take a few microseconds each.
- * Here one parallel region runs every layer; the small ops run on one thread (`omp single`)
- * and the matmuls and attention are shared out (`omp for`), with a barrier after each. The ops,
+ * Here one parallel region runs every layer; the small ops (row by row: the threads share the
+ * rows, which measured ~0.2 ms of an 8-row step faster than one thread under `omp single`), the
+ * matmuls and attention are shared out (`omp for`), with a barrier after each. The ops,
  * their order and their rounding are the per-op C path's (same row functions, same matmul
  * tiles), so both give the same bits. */
 
@@ -87,7 +88,7 @@ void NAME(decode_stack)(const DecodeStack *m, T *h, int64_t rows, const int64_t 
         float *probs = malloc(sizeof(float) * heads * max_len);
         for (int64_t l = 0; l < m->num_layers; l++) {
             const DecodeLayer *layer = &m->layers[l];
-#pragma omp single
+#pragma omp for schedule(static)
             for (int64_t r = 0; r < rows; r++) {
                 T *hr = h + r * hidden, *rr = residual + r * hidden, *xr = x + r * hidden;
                 if (l == 0) { /* the embeddings start the residual stream: no add */
@@ -98,7 +99,7 @@ void NAME(decode_stack)(const DecodeStack *m, T *h, int64_t rows, const int64_t 
                 }
             }
             NAME(project_for)(m, x, hidden, layer->qkv, layer->qkv_quant, layer->qkv_panels, qkv, rows, qkv_n, hidden);
-#pragma omp single
+#pragma omp for schedule(static)
             for (int64_t r = 0; r < rows; r++) {
                 T *q = qkv + r * qkv_n, *k = q + q_size, *v = k + kv_size;
                 if (layer->qkv_bias != NULL) NAME(add_bias_row)(q, layer->qkv_bias, qkv_n);
@@ -118,13 +119,13 @@ void NAME(decode_stack)(const DecodeStack *m, T *h, int64_t rows, const int64_t 
                                        attn, rows, heads, kv_heads, dim, m->block_size, scale, m->window,
                                        heads_per_task, qf, acc, probs);
             NAME(project_for)(m, attn, q_size, layer->o, layer->o_quant, layer->o_panels, h, rows, hidden, q_size);
-#pragma omp single
+#pragma omp for schedule(static)
             for (int64_t r = 0; r < rows; r++)
                 NAME(rms_norm_row)(h + r * hidden, residual + r * hidden, residual + r * hidden, x + r * hidden,
                                    layer->post_norm, hidden, eps);
             NAME(project_for)(m, x, hidden, layer->gate_up, layer->gate_up_quant, layer->gate_up_panels, gate_up, rows,
                               2 * inter, hidden);
-#pragma omp single
+#pragma omp for schedule(static)
             for (int64_t r = 0; r < rows; r++) {
                 T *gu = gate_up + r * 2 * inter;
                 if (layer->gate_up_bias != NULL) NAME(add_bias_row)(gu, layer->gate_up_bias, 2 * inter);
@@ -132,11 +133,11 @@ void NAME(decode_stack)(const DecodeStack *m, T *h, int64_t rows, const int64_t 
             }
             NAME(project_for)(m, act, inter, layer->down, layer->down_quant, layer->down_panels, h, rows, hidden, inter);
             if (layer->down_bias != NULL) {
-#pragma omp single
+#pragma omp for schedule(static)
                 for (int64_t r = 0; r < rows; r++) NAME(add_bias_row)(h + r * hidden, layer->down_bias, hidden);
             }
         }
-#pragma omp single
+#pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++)
             NAME(rms_norm_row)(h + r * hidden, residual + r * hidden, residual + r * hidden, out + r * hidden,
                                m->final_norm, hidden, eps);
