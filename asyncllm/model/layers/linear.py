@@ -46,9 +46,9 @@ class PackedLinear:
     """The optional packed copy of a weight, and the matmul that uses it. The copy is column panels
     for the C kernels' `panel_linear` (fp32, `kernels == "cpu"`: steps of >= PANEL_MIN_ROWS rows;
     fewer take the C few-rows kernel on the plain weight), else oneDNN's blocked layout (fp32
-    from 2 rows, bf16 from 1; plain F.linear below). Without a copy, fp32 steps of 1-8 rows on the
-    C kernels take the few-rows kernel. Not an nn.Module: the packed tensor is a CPU-only cache of the weight, never a
-    parameter, buffer or checkpoint entry."""
+    from 2 rows, bf16 from 1; plain F.linear below). Without a copy, fp32 steps of 1-8 rows on
+    the C kernels take the few-rows kernel. Not an nn.Module: the packed tensor is a CPU-only
+    cache of the weight, never a parameter, buffer or checkpoint entry."""
 
     def __init__(self, kernels: str = "torch"):
         self.packed: torch.Tensor | None = None  # oneDNN's layout

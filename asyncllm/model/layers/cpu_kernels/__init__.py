@@ -21,8 +21,8 @@ from asyncllm.model.layers.cpu_kernels.library import KernelBuildError, build_er
 
 __all__ = ["KernelBuildError", "build_error", "supports", "rms_norm", "rotary_", "silu_and_mul", "write_kv_cache",
            "paged_decode_attention", "few_rows_supported", "few_rows_weight_supported", "linear_few_rows",
-           "FEW_ROWS_MAX", "linear_quant_rows", "quantize_blocks", "panel_linear_blocks", "panel_weight_supported", "pack_panels", "panel_linear",
-           "PANEL_MIN_ROWS", "prefill_attention"]
+           "FEW_ROWS_MAX", "linear_quant_rows", "quantize_blocks", "panel_linear_blocks", "panel_weight_supported",
+           "pack_panels", "panel_linear", "PANEL_MIN_ROWS", "prefill_attention"]
 
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 

@@ -76,7 +76,8 @@ class DecodeStackArgs:
         self.struct = DecodeStack(
             num_layers=len(layers), hidden=shape.hidden, heads=shape.heads, kv_heads=shape.kv_heads,
             head_dim=shape.head_dim, intermediate=shape.intermediate, block_size=self.block_size,
-            window=shape.window, quant_bits=shape.quant_bits, panel_min_rows=PANEL_MIN_ROWS, eps=shape.eps, scale=shape.scale, cos=cos.data_ptr(), sin=sin.data_ptr(),
+            window=shape.window, quant_bits=shape.quant_bits, panel_min_rows=PANEL_MIN_ROWS, eps=shape.eps,
+            scale=shape.scale, cos=cos.data_ptr(), sin=sin.data_ptr(),
             final_norm=final_norm.data_ptr(), layers=self._layers)
         self.scratch_per_row = _typed("decode_stack_scratch", self.dtype)(ctypes.byref(self.struct))
 
