@@ -50,6 +50,7 @@ CASES = {
     "prompts of one length": ([33, 33, 33], [33, 33, 33], 0),
     "chunks after cached context": ([40, 7, 70], [40, 7 + 60, 70 + 21], 0),
     "decodes then prompts": ([1, 1, 1, 45, 12], [9, 30, 64, 45, 12 + 40], 3),
+    "one-token chunks among prompts": ([20, 1, 5, 1], [20, 1 + 33, 5 + 2, 1], 0),
 }
 
 
