@@ -1,6 +1,6 @@
-"""The C prompt attention (cpu_kernels.prefill_attention, fp32) against the torch backend's SDPA
-path: whole prompts, chunks after cached context, sliding windows, grouped KV heads, head sizes
-that fill register panels partly, and steps that mix decodes with prompts."""
+"""The C prompt attention (cpu_kernels.prefill_attention) against the torch backend's SDPA path:
+whole prompts, chunks after cached context, sliding windows, grouped KV heads, head sizes that
+fill register panels partly, steps that mix decodes with prompts; bf16 against float64."""
 import pytest
 import torch
 
@@ -92,10 +92,18 @@ def test_long_prompt_matches_sdpa():
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
 
 
-def test_bf16_prompts_keep_torch_sdpa(monkeypatch):
-    calls = []
-    monkeypatch.setattr(cpu_kernels, "prefill_attention", lambda *a: calls.append(a))
-    q, k, v, cache, meta = _step([20], [20], 0, 4, 2, 16)
-    backend = CpuAttentionBackend(4, 2, 16, 0.25, None)
-    out = backend.forward(q.bfloat16(), k.bfloat16(), v.bfloat16(), cache.bfloat16(), meta)
-    assert calls == [] and out.dtype == torch.bfloat16
+@pytest.mark.parametrize("window", [None, 24])
+def test_bf16_prompts_stay_as_close_to_exact_as_sdpa(window):
+    """bf16 q, cache and output; the arithmetic in fp32. Against the float64 result on the same
+    bf16 inputs: within bf16's rounding, and no further off than torch's bf16 SDPA."""
+    heads, kv_heads, dim = 9, 3, 64
+    q, k, v, cache, meta = _step([70, 7, 33], [70, 7 + 40, 33 + 16], 0, heads, kv_heads, dim, seed=5)
+    q, k, v, cache = (t.bfloat16() for t in (q, k, v, cache))
+    got, got_cache = _run(CpuAttentionBackend, q, k, v, cache, meta, heads, kv_heads, dim, window)
+    sdpa, _ = _run(TorchAttentionBackend, q, k, v, cache, meta, heads, kv_heads, dim, window)
+    exact, _ = _run(TorchAttentionBackend, q.double(), k.double(), v.double(), cache.double(), meta, heads, kv_heads,
+                    dim, window)
+    assert got.dtype == torch.bfloat16 and got_cache.dtype == torch.bfloat16
+    got_error = (got.double() - exact).abs()
+    assert (got_error <= 1e-2 * exact.abs() + 1e-3).all()  # bf16 keeps 8 bits: one rounding is <= 0.4%
+    assert got_error.mean() <= (sdpa.double() - exact).abs().mean() * 1.05

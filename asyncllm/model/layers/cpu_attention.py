@@ -1,8 +1,8 @@
 """Attention backend on the C kernels (layers/cpu_kernels): the KV write, batched decode
-attention and (fp32) prompt attention read and write the paged cache where it lies, with no
-gathered copies and no KV heads repeated per query head. Selected on the CPU (kernels="auto");
-dtypes the kernels lack (fp16) take the torch backend's code, and bf16 prompts keep torch's SDPA
-(its flash kernel computes in bf16, where ours would be fp32 tiles)."""
+attention and prompt attention read and write the paged cache where it lies, with no gathered
+copies and no KV heads repeated per query head (fp32 and bf16; prompt attention computes in fp32
+either way). Selected on the CPU (kernels="auto"); dtypes the kernels lack (fp16) take the torch
+backend's code."""
 from __future__ import annotations
 
 import torch
@@ -15,7 +15,7 @@ class CpuAttentionBackend(TorchAttentionBackend):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         nd = meta.num_decodes
-        if nd == meta.num_requests or not (q.dtype == kv_cache.dtype == torch.float32 and cpu_kernels.supports(q)):
+        if nd == meta.num_requests or not (q.dtype == kv_cache.dtype and cpu_kernels.supports(q)):
             return super().forward(q, k, v, kv_cache, meta)
         self._write_kv(k, v, kv_cache, meta.slot_mapping)
         # Every prompt chunk of the step (whole prompts and chunks after cached context) in one call.

@@ -7,8 +7,8 @@ and paged decode attention reading the cache where it lies; the matmul of a deco
 rows, which MKL and oneDNN run well below the memory bandwidth it is bound by (layers/linear.py),
 and the same against 4- and 8-bit blocks (layers/block_quant.py);
 and the fp32 matmul of bigger steps against a weight packed into column panels (panel_gemm_impl.h);
-and fp32 prompt attention over the paged cache on those panels' register tiles
-(prefill_attention_impl.h).
+and prompt attention over the paged cache on those panels' register tiles (fp32 arithmetic for
+fp32 and bf16; prefill_attention_impl.h).
 fp32 and bf16; other dtypes keep the torch path. decode_stack.py binds the call that runs all
 of them for every layer of a small decode step at once (model/cpu_decode.py).
 Each has a torch reference it is tested against (tests/kernels/test_cpu_kernels.py).
@@ -166,11 +166,11 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
 def prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                       query_starts: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                       sliding_window: int | None) -> torch.Tensor:
-    """Prompt chunks laid end to end, fp32: q [T, H, D] → [T, H, D]. Request b's queries are rows
+    """Prompt chunks laid end to end, fp32 or bf16: q [T, H, D] → [T, H, D]. Request b's queries are rows
     [query_starts[b], query_starts[b + 1]) (int64, starting at 0), the last of its seq_lens[b]
     positions; each attends causally (within `sliding_window`) to the keys and values in the
     cache slots block_tables [B, max_blocks] lists, this step's already written."""
-    assert q.dtype == kv_cache.dtype == torch.float32 and kv_cache.is_contiguous()
+    assert supports(q) and q.dtype == kv_cache.dtype and kv_cache.is_contiguous()
     assert q.stride(2) == 1 and q.stride(1) == q.shape[2]
     assert block_tables.dtype == torch.int64 and block_tables.stride(1) == 1
     assert query_starts.dtype == seq_lens.dtype == torch.int64 and query_starts.is_contiguous()
@@ -178,10 +178,11 @@ def prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: tor
     tokens, heads, dim = q.shape
     _, _, block_size, kv_heads, _ = kv_cache.shape
     out = torch.empty(tokens, heads, dim, dtype=q.dtype)
-    if load_library().prefill_attention_f32(
+    if load_library().prefill_attention(
             q.data_ptr(), q.stride(0), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), block_tables.data_ptr(),
             block_tables.stride(0), query_starts.data_ptr(), seq_lens.data_ptr(), seq_lens.shape[0], heads,
-            kv_heads, dim, block_size, scale, sliding_window or 0, out.data_ptr(), torch.get_num_threads()):
+            kv_heads, dim, block_size, scale, sliding_window or 0, out.data_ptr(), q.dtype == torch.bfloat16,
+            torch.get_num_threads()):
         raise MemoryError("no memory for the prefill attention's per-thread buffers")
     return out
 

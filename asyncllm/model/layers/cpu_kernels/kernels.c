@@ -12,7 +12,7 @@
  * after it decode_stack_impl.h: the whole decoder of a 1-8-row decode step in one call.
  * panel_gemm_impl.h (fp32 only, included once): the matmul of steps of 3 rows and more (the
  * decode stack calls it too, hence PANELS: 1 in the fp32 instantiation); after it
- * prefill_attention_impl.h (fp32): prompt attention on the same register tiles.
+ * prefill_attention_impl.h: prompt attention on the same register tiles (fp32 or bf16 in and out).
  */
 #include <math.h>
 #if defined(__AVX512F__) || defined(__FMA__)

@@ -112,9 +112,9 @@ def load_library() -> ctypes.CDLL:
     lib.pack_panels_f32.argtypes, lib.pack_panels_f32.restype = (_P, _I64, _P, _I64, _I64, _INT), None
     lib.panel_linear_f32.argtypes = (_P, _I64, _I64, _P, _P, _P, _I64, _I64, _INT)
     lib.panel_linear_f32.restype = None
-    lib.prefill_attention_f32.argtypes = (_P, _I64, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _F32, _I64,
-                                          _P, _INT)
-    lib.prefill_attention_f32.restype = _I64
+    lib.prefill_attention.argtypes = (_P, _I64, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _F32, _I64,
+                                      _P, _I64, _INT)
+    lib.prefill_attention.restype = _I64
     for suffix in TYPED_SUFFIXES:
         fn = getattr(lib, f"decode_stack_scratch_{suffix}")
         fn.argtypes, fn.restype = (_P,), _I64

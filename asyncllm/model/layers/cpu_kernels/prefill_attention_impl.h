@@ -12,6 +12,9 @@
  * q_out = P @ V) and every query head of the group runs over them; key panels wholly past a
  * tile's causal limit (or before its window) are skipped.
  *
+ * bf16 models' q, cache and output are converted on the way in and out (the copies above, the
+ * task's queries, its outputs): the arithmetic is fp32 either way.
+ *
  * Rounding: each score is one multiply-add chain over the head's dims, times the scale; each
  * row's softmax is softmax_row (max, exp, sum, divide, as decode attention); each output is one
  * chain over the visible keys in order (zeros stand for the keys a row does not see, and adding
@@ -21,10 +24,15 @@
 #define PREFILL_TILE 32       /* query rows per task */
 #define PREFILL_KEY_BLOCK 240 /* keys per block (a multiple of PANEL_WIDTH): 60-120 KB of keys or values */
 
+/* Element i of an fp32 or (bf16 != 0) bf16 array, as fp32. */
+static inline float prefill_element(const void *base, int64_t i, int bf16) {
+    return bf16 ? bf16_to_float(((const bf16_t *)base)[i]) : ((const float *)base)[i];
+}
+
 /* Keys [kstart, kstart + nk) of KV head g, out of the blocks `table` lists, as panels for
  * panel_tile: kp[p][d][j] = key(kstart + p * PANEL_WIDTH + j)[d], zero past nk. */
-static void pack_key_panels(const float *k_cache, const int64_t *table, int64_t block_size, int64_t token_stride,
-                            int64_t g, int64_t dim, int64_t kstart, int64_t nk, float *kp) {
+static void pack_key_panels(const void *k_cache, int bf16, const int64_t *table, int64_t block_size,
+                            int64_t token_stride, int64_t g, int64_t dim, int64_t kstart, int64_t nk, float *kp) {
     int64_t panels = (nk + PANEL_WIDTH - 1) / PANEL_WIDTH;
     for (int64_t p = 0; p < panels; p++) {
         float *panel = kp + p * dim * PANEL_WIDTH;
@@ -35,26 +43,28 @@ static void pack_key_panels(const float *k_cache, const int64_t *table, int64_t 
                 continue;
             }
             int64_t pos = kstart + t;
-            const float *key = k_cache + (table[pos / block_size] * block_size + pos % block_size) * token_stride +
-                               g * dim;
-            for (int64_t d = 0; d < dim; d++) panel[d * PANEL_WIDTH + j] = key[d];
+            int64_t key = (table[pos / block_size] * block_size + pos % block_size) * token_stride + g * dim;
+            for (int64_t d = 0; d < dim; d++) panel[d * PANEL_WIDTH + j] = prefill_element(k_cache, key + d, bf16);
         }
     }
 }
 
 /* Values [kstart, kstart + nk) of KV head g as panels of `width` dims (PANEL_WIDTH, or the head
  * size for value_tile): vp[p][t][j] = value(kstart + t)[p * width + j], zero past dim. */
-static void pack_value_panels(const float *v_cache, const int64_t *table, int64_t block_size, int64_t token_stride,
-                              int64_t g, int64_t dim, int64_t kstart, int64_t nk, int64_t width, float *vp) {
+static void pack_value_panels(const void *v_cache, int bf16, const int64_t *table, int64_t block_size,
+                              int64_t token_stride, int64_t g, int64_t dim, int64_t kstart, int64_t nk, int64_t width,
+                              float *vp) {
     int64_t panels = (dim + width - 1) / width;
     for (int64_t t = 0; t < nk; t++) {
         int64_t pos = kstart + t;
-        const float *value = v_cache + (table[pos / block_size] * block_size + pos % block_size) * token_stride +
-                             g * dim;
+        int64_t value = (table[pos / block_size] * block_size + pos % block_size) * token_stride + g * dim;
         for (int64_t p = 0; p < panels; p++) {
             float *row = vp + (p * nk + t) * width;
             int64_t cols = dim - p * width < width ? dim - p * width : width;
-            memcpy(row, value + p * width, (size_t)cols * sizeof(float));
+            if (!bf16)
+                memcpy(row, (const float *)v_cache + value + p * width, (size_t)cols * sizeof(float));
+            else
+                for (int64_t j = 0; j < cols; j++) row[j] = prefill_element(v_cache, value + p * width + j, 1);
             for (int64_t j = cols; j < width; j++) row[j] = 0.0f;
         }
     }
@@ -124,17 +134,22 @@ static inline int64_t prefill_first_key(int64_t position, int64_t window) {
  * against one block before the next, so a block's keys or values stay in L2 while the tile's
  * rows use them (whole rows of a 2k-token context did not fit: they were read again from L3
  * for every 8 rows). */
-static void prefill_attend_tile(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache,
+static void prefill_attend_tile(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache, int bf16,
                                 const int64_t *table, int64_t block_size, int64_t ctx, int64_t r0, int64_t r1,
                                 int64_t g, int64_t group, int64_t heads, int64_t kv_heads, int64_t dim, float scale,
-                                int64_t window, float *out, float *kp, float *vp, float *scores) {
-    const int64_t token_stride = kv_heads * dim;
+                                int64_t window, void *out, float *kp, float *vp, float *scores, float *qf, float *of) {
+    const int64_t token_stride = kv_heads * dim, width = group * dim; /* qf, of: [PREFILL_TILE][width] */
+    /* The group's query heads are adjacent in each q row: copied (converted) once. */
+    for (int64_t r = r0; r < r1; r++)
+        for (int64_t i = 0; i < width; i++)
+            qf[(r - r0) * width + i] = prefill_element(q, r * q_stride + g * width + i, bf16);
     const int64_t kstart = prefill_first_key(ctx + r0, window), kend = ctx + r1;
     const int64_t nk = kend - kstart, key_panels = (nk + PANEL_WIDTH - 1) / PANEL_WIDTH;
     const int64_t stride = key_panels * PANEL_WIDTH, value_panels = (dim + PANEL_WIDTH - 1) / PANEL_WIDTH;
     const int64_t vrows = value_tile_rows(dim); /* > 0: value_tile's rows; 0: PANEL_WIDTH panels */
-    pack_key_panels(k_cache, table, block_size, token_stride, g, dim, kstart, nk, kp);
-    pack_value_panels(v_cache, table, block_size, token_stride, g, dim, kstart, nk, vrows ? dim : PANEL_WIDTH, vp);
+    pack_key_panels(k_cache, bf16, table, block_size, token_stride, g, dim, kstart, nk, kp);
+    pack_value_panels(v_cache, bf16, table, block_size, token_stride, g, dim, kstart, nk, vrows ? dim : PANEL_WIDTH,
+                      vp);
     for (int64_t h = g * group; h < (g + 1) * group; h++) {
         /* scores = q @ K^T over the keys each register tile of rows sees, block by block. */
         for (int64_t b0 = 0; b0 < nk; b0 += PREFILL_KEY_BLOCK) {
@@ -144,9 +159,9 @@ static void prefill_attend_tile(const float *q, int64_t q_stride, const float *k
                 lo = lo > b0 ? lo : b0;
                 hi = hi < b0 + PREFILL_KEY_BLOCK ? hi : b0 + PREFILL_KEY_BLOCK;
                 for (int64_t p = lo / PANEL_WIDTH; p * PANEL_WIDTH < hi; p++)
-                    panel_tile_rows(q + m0 * q_stride + h * dim, q_stride, kp + p * dim * PANEL_WIDTH, NULL,
-                                    scores + (m0 - r0) * stride + p * PANEL_WIDTH, stride, dim, PANEL_WIDTH, NULL, 0,
-                                    0, rows);
+                    panel_tile_rows(qf + (m0 - r0) * width + (h - g * group) * dim, width, kp + p * dim * PANEL_WIDTH,
+                                    NULL, scores + (m0 - r0) * stride + p * PANEL_WIDTH, stride, dim, PANEL_WIDTH, NULL,
+                                    0, 0, rows);
             }
         }
         /* Each row's softmax over the keys it sees; zeros for the others its register tile spans. */
@@ -175,17 +190,28 @@ static void prefill_attend_tile(const float *q, int64_t q_stride, const float *k
                 for (int64_t m1 = m0; vrows && m1 < m0 + rows; m1 += vrows) {
                     int64_t sub = m0 + rows - m1 < vrows ? m0 + rows - m1 : vrows;
                     value_tile_any(scores + (m1 - r0) * stride + from, stride, vp + from * dim,
-                                   out + m1 * heads * dim + h * dim, heads * dim, to - from, from > lo, sub, dim);
+                                   of + (m1 - r0) * width + (h - g * group) * dim, width, to - from, from > lo, sub,
+                                   dim);
                 }
                 if (vrows) continue;
 #endif
                 for (int64_t p = 0; p < value_panels; p++) {
                     int64_t cols = dim - p * PANEL_WIDTH < PANEL_WIDTH ? dim - p * PANEL_WIDTH : PANEL_WIDTH;
                     panel_tile_rows(scores + (m0 - r0) * stride + from, stride, vp + (p * nk + from) * PANEL_WIDTH,
-                                    NULL, out + m0 * heads * dim + h * dim + p * PANEL_WIDTH, heads * dim, to - from,
-                                    cols, NULL, 0, from > lo, rows);
+                                    NULL, of + (m0 - r0) * width + (h - g * group) * dim + p * PANEL_WIDTH, width,
+                                    to - from, cols, NULL, 0, from > lo, rows);
                 }
             }
+        }
+    }
+    /* The group's heads are adjacent in each output row. */
+    for (int64_t r = r0; r < r1; r++) {
+        const float *src = of + (r - r0) * width;
+        if (bf16) {
+            bf16_t *dst = (bf16_t *)out + r * heads * dim + g * width;
+            for (int64_t i = 0; i < width; i++) dst[i] = float_to_bf16(src[i]);
+        } else {
+            memcpy((float *)out + r * heads * dim + g * width, src, (size_t)width * sizeof(float));
         }
     }
 }
@@ -194,11 +220,12 @@ static void prefill_attend_tile(const float *q, int64_t q_stride, const float *k
  * contiguous, for `requests` prompt chunks laid end to end: request b's queries are rows
  * [query_starts[b], query_starts[b + 1]), the last of its seq_lens[b] positions; its keys and
  * values (this step's already written) lie in the cache blocks block_tables[b] lists
- * ([num_blocks, block_size, kv_heads, dim] each). → 1 when a thread had no memory for its buffers. */
-int64_t prefill_attention_f32(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache,
-                              const int64_t *block_tables, int64_t bt_stride, const int64_t *query_starts,
-                              const int64_t *seq_lens, int64_t requests, int64_t heads, int64_t kv_heads, int64_t dim,
-                              int64_t block_size, float scale, int64_t window, float *out, int num_threads) {
+ * ([num_blocks, block_size, kv_heads, dim] each). q, the cache and out are fp32, or bf16 when
+ * `bf16` is set. → 1 when a thread had no memory for its buffers. */
+int64_t prefill_attention(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache,
+                          const int64_t *block_tables, int64_t bt_stride, const int64_t *query_starts,
+                          const int64_t *seq_lens, int64_t requests, int64_t heads, int64_t kv_heads, int64_t dim,
+                          int64_t block_size, float scale, int64_t window, void *out, int64_t bf16, int num_threads) {
     const int64_t group = heads / kv_heads;
     int64_t num_tasks = 0, longest = 1, failed = 0;
     for (int64_t b = 0; b < requests; b++) {
@@ -214,7 +241,8 @@ int64_t prefill_attention_f32(const float *q, int64_t q_stride, const float *k_c
         for (int64_t tile = 0; tile * PREFILL_TILE < len; tile++) {
             int64_t r1 = (tile + 1) * PREFILL_TILE < len ? (tile + 1) * PREFILL_TILE : len;
             int64_t keys = ctx + r1 - prefill_first_key(ctx + tile * PREFILL_TILE, window);
-            for (int64_t g = 0; g < kv_heads; g++) tasks[n++] = (prefill_task){b, tile, g, keys * (r1 - tile * PREFILL_TILE)};
+            for (int64_t g = 0; g < kv_heads; g++)
+                tasks[n++] = (prefill_task){b, tile, g, keys * (r1 - tile * PREFILL_TILE)};
         }
     }
     /* Heaviest first, so the dynamic schedule ends with small tasks to even out the threads. */
@@ -226,24 +254,30 @@ int64_t prefill_attention_f32(const float *q, int64_t q_stride, const float *k_c
         float *kp = malloc(sizeof(float) * (size_t)(padded * dim));
         float *vp = malloc(sizeof(float) * (size_t)(value_panels * longest * PANEL_WIDTH));
         float *scores = malloc(sizeof(float) * (size_t)(PREFILL_TILE * padded));
-        if (kp == NULL || vp == NULL || scores == NULL) {
+        float *qf = malloc(sizeof(float) * (size_t)(PREFILL_TILE * group * dim));
+        float *of = malloc(sizeof(float) * (size_t)(PREFILL_TILE * group * dim));
+        if (kp == NULL || vp == NULL || scores == NULL || qf == NULL || of == NULL) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t i = 0; i < num_tasks; i++) {
-            if (kp == NULL || vp == NULL || scores == NULL) continue; /* reported below: the caller raises */
+            if (kp == NULL || vp == NULL || scores == NULL || qf == NULL || of == NULL)
+                continue; /* reported below: the caller raises */
             const prefill_task *task = &tasks[i];
             int64_t start = query_starts[task->request], len = query_starts[task->request + 1] - start;
             int64_t r0 = task->tile * PREFILL_TILE, r1 = r0 + PREFILL_TILE < len ? r0 + PREFILL_TILE : len;
-            prefill_attend_tile(q + start * q_stride, q_stride, k_cache, v_cache,
+            size_t size = bf16 ? sizeof(bf16_t) : sizeof(float);
+            prefill_attend_tile((const char *)q + start * q_stride * size, q_stride, k_cache, v_cache, (int)bf16,
                                 block_tables + task->request * bt_stride, block_size, seq_lens[task->request] - len,
                                 r0, r1, task->group, group, heads, kv_heads, dim, scale, window,
-                                out + start * heads * dim, kp, vp, scores);
+                                (char *)out + start * heads * dim * size, kp, vp, scores, qf, of);
         }
         free(kp);
         free(vp);
         free(scores);
+        free(qf);
+        free(of);
     }
     free(tasks);
     return failed;
