@@ -1,8 +1,9 @@
 """Attention backend on the C kernels (layers/cpu_kernels): the KV write, batched decode
 attention and prompt attention read and write the paged cache where it lies, with no gathered
 copies and no KV heads repeated per query head (fp32 and bf16; prompt attention computes in fp32
-either way). Selected on the CPU (kernels="auto"); dtypes the kernels lack (fp16) take the torch
-backend's code."""
+either way, and bf16 prompts on AMX CPUs keep torch's SDPA: cpu_kernels.prefill_attention_takes).
+Selected on the CPU (kernels="auto"); dtypes the kernels lack (fp16) take the torch backend's
+code."""
 from __future__ import annotations
 
 import torch
@@ -15,7 +16,8 @@ class CpuAttentionBackend(TorchAttentionBackend):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         nd = meta.num_decodes
-        if nd == meta.num_requests or not (q.dtype == kv_cache.dtype and cpu_kernels.supports(q)):
+        if nd == meta.num_requests or not (q.dtype == kv_cache.dtype and cpu_kernels.supports(q)
+                                           and cpu_kernels.prefill_attention_takes(q.dtype)):
             return super().forward(q, k, v, kv_cache, meta)
         self._write_kv(k, v, kv_cache, meta.slot_mapping)
         # Every prompt chunk of the step (whole prompts and chunks after cached context) in one call.

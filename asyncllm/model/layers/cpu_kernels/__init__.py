@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import torch
 
-from asyncllm.model.layers.cpu_kernels.library import KernelBuildError, build_error, load_library
+from asyncllm.model.layers.cpu_kernels.library import KernelBuildError, build_error, cpu_has_amx, load_library
 
 __all__ = ["KernelBuildError", "build_error", "supports", "rms_norm", "rotary_", "silu_and_mul", "write_kv_cache",
            "paged_decode_attention", "few_rows_supported", "few_rows_weight_supported", "linear_few_rows",
            "FEW_ROWS_MAX", "linear_quant_rows", "quantize_blocks", "panel_linear_blocks", "panel_weight_supported",
-           "pack_panels", "panel_linear", "PANEL_MIN_ROWS", "prefill_attention"]
+           "pack_panels", "panel_linear", "PANEL_MIN_ROWS", "prefill_attention", "prefill_attention_takes"]
 
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
@@ -161,6 +161,13 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
         block_tables.stride(0), seq_lens.data_ptr(), out.data_ptr(), seqs, heads, kv_heads, dim, block_size,
         scale, sliding_window or 0, torch.get_num_threads())
     return out
+
+
+def prefill_attention_takes(dtype: torch.dtype) -> bool:
+    """Whether prompt attention in this dtype goes to prefill_attention: fp32 always; bf16 where
+    the CPU has no AMX (measured on AVX-512-BF16 without it: 2x torch's bf16 SDPA; with AMX
+    torch's kernel runs on the tiles and was not measured against ours, so it keeps SDPA)."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and not cpu_has_amx())
 
 
 def prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,

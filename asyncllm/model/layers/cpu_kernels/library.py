@@ -57,6 +57,12 @@ def _cpu_flags() -> str:
         return platform.processor()
 
 
+@functools.cache
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles for bf16 (oneDNN's bf16 kernels, torch's included, use them)."""
+    return "amx_bf16" in _cpu_flags().split()
+
+
 def _flags() -> tuple[str, ...]:
     return FLAGS + (X86_FLAGS if platform.machine() in ("x86_64", "AMD64") else ())
 
