@@ -65,19 +65,14 @@ void pack_panels_f32(const float *w, int64_t w_stride, float *packed, int64_t n,
             }
 }
 
-/* out[m][0:cols] = x[m] @ panel (+ bias) for `ROWS` rows, one accumulator chain per output;
- * with `accumulate`, out[m][0:cols] += (the chain goes on from the stored values: a product split
- * over k in order gives the bits of the whole). Along the way the `share` floats from `next`
- * (the caller's part of the next panel) go to L2. */
+/* out[m][0:cols] = x[m] @ panel (+ bias) for `ROWS` rows, one accumulator chain per output.
+ * Along the way the `share` floats from `next` (the caller's part of the next panel) go to L2. */
 static inline __attribute__((always_inline)) void panel_tile(
         const float *x, int64_t x_stride, const float *panel, const float *bias, float *out, int64_t out_stride,
-        int64_t k, int64_t cols, const float *next, int64_t share, int accumulate, const int ROWS) {
+        int64_t k, int64_t cols, const float *next, int64_t share, const int ROWS) {
     panel_vec acc[PANEL_ROWS][PANEL_VECS];
-    for (int m = 0; m < ROWS; m++) {
-        float row[PANEL_WIDTH] = {0};
-        if (accumulate) memcpy(row, out + m * out_stride, (size_t)cols * sizeof(float));
-        for (int v = 0; v < PANEL_VECS; v++) acc[m][v] = panel_load(row + v * PANEL_LANES);
-    }
+    for (int m = 0; m < ROWS; m++)
+        for (int v = 0; v < PANEL_VECS; v++) acc[m][v] = (panel_vec){0};
     int64_t issued = 0;
     for (int64_t c = 0; c < k; c++) {
         panel_vec w[PANEL_VECS];
@@ -104,9 +99,9 @@ static inline __attribute__((always_inline)) void panel_tile(
 /* panel_tile for 1..PANEL_ROWS rows, each count a compile-time constant (its own unrolled code). */
 static inline __attribute__((always_inline)) void panel_tile_rows(
         const float *x, int64_t x_stride, const float *panel, const float *bias, float *out, int64_t out_stride,
-        int64_t k, int64_t cols, const float *next, int64_t share, int accumulate, int64_t rows) {
+        int64_t k, int64_t cols, const float *next, int64_t share, int64_t rows) {
 #define PANEL_TILE_CASE(R) \
-    case R: panel_tile(x, x_stride, panel, bias, out, out_stride, k, cols, next, share, accumulate, R); break;
+    case R: panel_tile(x, x_stride, panel, bias, out, out_stride, k, cols, next, share, R); break;
     switch (rows) {
         PANEL_TILE_CASE(1) PANEL_TILE_CASE(2) PANEL_TILE_CASE(3) PANEL_TILE_CASE(4)
         PANEL_TILE_CASE(5) PANEL_TILE_CASE(6)
@@ -141,7 +136,7 @@ static void panel_linear_for(const float *x, int64_t x_stride, int64_t rows, con
                 int64_t left = m0 + chunk - m < PANEL_ROWS ? m0 + chunk - m : PANEL_ROWS;  /* this chunk's */
                 const float *xm = x + m * x_stride;
                 float *om = out + m * n + p * PANEL_WIDTH;
-                panel_tile_rows(xm, x_stride, panel, b, om, n, k, cols, next + pass * share, share, 0, left);
+                panel_tile_rows(xm, x_stride, panel, b, om, n, k, cols, next + pass * share, share, left);
             }
         }
     }
@@ -183,11 +178,6 @@ static inline void transpose16(__m512 r[16]) {
 }
 #endif
 
-/* Panel p of the weight that quantised blocks [n][k / 32 * quant_block_bytes(bits)] hold
- * (quant_rows_impl.h), in pack_panels_f32's layout: each w exactly as unpack_block computes it for
- * the block kernel. A group's 32 x PANEL_WIDTH tile (6 KB) is filled in L1: with AVX-512, 16
- * weight rows' blocks at a time, transposed in registers (storing each weight on its own made
- * the unpacking ~15 ms of every big step for the default model). */
 /* Group g of weight row `col` unpacked (zeros past the last row: the panel's padding). */
 static inline quant_pair unpack_column(const uint8_t *blocks, int64_t n, int64_t groups, int64_t block_bytes,
                                        int64_t col, int64_t g, int bits) {
@@ -196,6 +186,11 @@ static inline quant_pair unpack_column(const uint8_t *blocks, int64_t n, int64_t
     return zeros;
 }
 
+/* Panel p of the weight that quantised blocks [n][k / 32 * quant_block_bytes(bits)] hold
+ * (quant_rows_impl.h), in pack_panels_f32's layout: each w exactly as unpack_block computes it for
+ * the block kernel. A group's 32 x PANEL_WIDTH tile (6 KB) is filled in L1: with AVX-512, 16
+ * weight rows' blocks at a time, transposed in registers (storing each weight on its own made
+ * the unpacking ~15 ms of every big step for the default model). */
 static void dequantize_panel(const uint8_t *blocks, int64_t n, int64_t k, int bits, int64_t p, float *panel) {
     const int64_t block_bytes = quant_block_bytes(bits), groups = k / QUANT_GROUP;
     for (int64_t g = 0; g < groups; g++) {
@@ -253,7 +248,7 @@ int64_t panel_linear_blocks_f32(const float *x, int64_t x_stride, int64_t rows, 
                 int64_t left = rows - m < PANEL_ROWS ? rows - m : PANEL_ROWS;
                 const float *xm = x + m * x_stride;
                 float *om = out + m * n + p * PANEL_WIDTH;
-                panel_tile_rows(xm, x_stride, panel, b, om, n, k, cols, panel, 0, 0, left);
+                panel_tile_rows(xm, x_stride, panel, b, om, n, k, cols, panel, 0, left);
             }
         }
         free(panel);
