@@ -26,7 +26,8 @@ QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--variants", default="float32,bfloat16,float16,float32+int4,bfloat16+int4,float32+int8,bfloat16+int8",
+    parser.add_argument("--variants",
+                        default="float32,bfloat16,float16,float32+int4,bfloat16+int4,float32+int8,bfloat16+int8",
                         help="dtype or dtype+quantization, comma-separated")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--prompts", type=int, default=8)

@@ -109,7 +109,8 @@ def main(argv=None) -> dict:
     from asyncllm.model.tokenizer import load_gguf_tokenizer
 
     variant = variant_name(args)
-    suffix = ("" if variant == "float32" else "_" + variant.replace("+", "_").replace("-", "_")) + (f"_{args.tag}" if args.tag else "")
+    suffix = ("" if variant == "float32" else "_" + variant.replace("+", "_").replace("-", "_"))
+    suffix += f"_{args.tag}" if args.tag else ""
     model_dir = export_hf_folder(Path(args.hf_folder))
     work = HERE / ".vllm-run"
     work.mkdir(exist_ok=True)

@@ -34,9 +34,13 @@ def _projection_fits(p) -> bool:
     return isinstance(p.quantized, BlockQuantWeight) and p.quantized_max_rows >= MAX_ROWS
 
 
+def _block_bits(model: nn.Module) -> set[int]:
+    """The widths of the projections' C blocks (the C structure has room for one)."""
+    return {p.quantized.bits for p in model.projections() if isinstance(p.quantized, BlockQuantWeight)}
+
+
 def _weights_fit(model: nn.Module) -> bool:
-    bits = {p.quantized.bits for p in model.projections() if isinstance(p.quantized, BlockQuantWeight)}
-    return (model.config.head_dim % 2 == 0 and len(bits) <= 1  # the C structure has one width
+    return (model.config.head_dim % 2 == 0 and len(_block_bits(model)) <= 1
             and all(_projection_fits(p) for p in model.projections()))
 
 
@@ -46,10 +50,6 @@ def _blocks(p) -> torch.Tensor | None:
 
 def _panels(p) -> torch.Tensor | None:
     return p.prepacked.panels
-
-
-def _quant_bits(model: nn.Module) -> int:
-    return next((p.quantized.bits for p in model.projections() if isinstance(p.quantized, BlockQuantWeight)), 0)
 
 
 class CpuDecodeStack:
@@ -80,7 +80,7 @@ class CpuDecodeStack:
         shape = DecodeShape(hidden=cfg.hidden_size, heads=cfg.num_heads, kv_heads=cfg.num_kv_heads,
                             head_dim=cfg.head_dim, intermediate=cfg.intermediate_size, eps=cfg.rms_norm_eps,
                             scale=attention0.backend.scale, window=cfg.sliding_window or 0,
-                            quant_bits=_quant_bits(model))
+                            quant_bits=max(_block_bits(model), default=0))
         layers = []
         for layer in model.layers:
             attention, mlp = layer.self_attn, layer.mlp

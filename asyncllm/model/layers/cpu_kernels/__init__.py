@@ -211,19 +211,25 @@ def pack_panels(weight: torch.Tensor) -> torch.Tensor:
     return packed
 
 
+def _panel_call(x: torch.Tensor, n: int, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+    """What both panel GEMMs take: x [rows, k] fp32 with adjacent elements, its output [rows, n],
+    and the bias's pointer (None: no bias; checked to be [n] fp32, contiguous)."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    assert x.dtype == torch.float32 and x.dim() == 2
+    if bias is not None:
+        assert bias.dtype == torch.float32 and bias.is_contiguous() and bias.shape == (n,)
+    return x, torch.empty(x.shape[0], n, dtype=torch.float32), None if bias is None else bias.data_ptr()
+
+
 def panel_linear(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias) for x [rows, k] fp32, with `packed = pack_panels(weight)` and n =
     weight.shape[0]. Each output is one multiply-add chain over k, whatever the row count."""
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    x, out, bias_ptr = _panel_call(x, n, bias)
     rows, k = x.shape
-    assert x.dtype == torch.float32 and packed.shape[1] == k and n <= packed.shape[0] * packed.shape[2]
-    if bias is not None:
-        assert bias.dtype == torch.float32 and bias.is_contiguous() and bias.shape == (n,)
-    out = torch.empty(rows, n, dtype=torch.float32)
-    load_library().panel_linear_f32(x.data_ptr(), x.stride(0), rows, packed.data_ptr(),
-                                    None if bias is None else bias.data_ptr(), out.data_ptr(), n, k,
-                                    torch.get_num_threads())
+    assert packed.shape[1] == k and n <= packed.shape[0] * packed.shape[2]
+    load_library().panel_linear_f32(x.data_ptr(), x.stride(0), rows, packed.data_ptr(), bias_ptr, out.data_ptr(), n,
+                                    k, torch.get_num_threads())
     return out
 
 
@@ -232,16 +238,11 @@ def panel_linear_blocks(x: torch.Tensor, blocks: torch.Tensor, bits: int, n: int
     """panel_linear(x, pack_panels(w), n, bias) for the fp32 weight w that quantised blocks [n, k / 32
     * block bytes] hold (layers/block_quant.py), without making w: each panel is unpacked in L2
     as it is used. The same bits as that call."""
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    x, out, bias_ptr = _panel_call(x, n, bias)
     rows, k = x.shape
-    assert x.dtype == torch.float32 and blocks.dtype == torch.uint8 and blocks.is_contiguous()
+    assert blocks.dtype == torch.uint8 and blocks.is_contiguous()
     assert bits in (4, 8) and k % 32 == 0 and blocks.shape[0] == n
-    if bias is not None:
-        assert bias.dtype == torch.float32 and bias.is_contiguous() and bias.shape == (n,)
-    out = torch.empty(rows, n, dtype=torch.float32)
-    if load_library().panel_linear_blocks_f32(x.data_ptr(), x.stride(0), rows, blocks.data_ptr(), bits,
-                                              None if bias is None else bias.data_ptr(), out.data_ptr(), n, k,
-                                              torch.get_num_threads()):
+    if load_library().panel_linear_blocks_f32(x.data_ptr(), x.stride(0), rows, blocks.data_ptr(), bits, bias_ptr,
+                                              out.data_ptr(), n, k, torch.get_num_threads()):
         raise MemoryError(f"no memory for a {k} x panel-width buffer per thread")
     return out
