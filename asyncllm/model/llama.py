@@ -71,6 +71,10 @@ class LlamaMLP(nn.Module):
         self.kernels = kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels == "cpu":
+            fused = self.gate_up_proj.silu_and_mul(x)  # prompt chunks: one pass over the panels
+            if fused is not None:
+                return self.down_proj(fused)
         gate_up = self.gate_up_proj(x)
         if self.kernels == "cpu" and gate_up.dim() == 2 and cpu_kernels.supports(gate_up):
             return self.down_proj(cpu_kernels.silu_and_mul(gate_up))  # one pass instead of three

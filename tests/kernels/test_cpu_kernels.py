@@ -222,6 +222,65 @@ def test_panel_linear_matches_matmul(rows, n, k, with_bias):
     assert torch.equal(cpu_kernels.panel_linear(x.flip(0), packed, n, bias), got.flip(0))
 
 
+@pytest.mark.parametrize("rows", [3, 8, 9, 64, 301, 513])  # tiles of every height, chunks past 256 rows
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_panel_linear_silu_equals_linear_then_silu_and_mul(rows, with_bias):
+    """The fused gate/up kernel: the same bits as panel_linear and then silu_and_mul (the prompt
+    path before it), row by row whatever the batch."""
+    torch.manual_seed(0)
+    width = cpu_kernels.load_library().panel_width()
+    inter, k = 4 * width, 96
+    weight, x = torch.randn(2 * inter, k) * 0.2, torch.randn(rows, k)
+    bias = torch.randn(2 * inter) if with_bias else None
+    packed = cpu_kernels.pack_panels(weight)
+    got = cpu_kernels.panel_linear_silu(x, packed, 2 * inter, bias)
+    assert got.shape == (rows, inter) and got.dtype == torch.float32
+    assert torch.equal(got, cpu_kernels.silu_and_mul(cpu_kernels.panel_linear(x, packed, 2 * inter, bias)))
+    gate, up = torch.nn.functional.linear(x, weight, bias).split(inter, dim=-1)
+    torch.testing.assert_close(got, torch.nn.functional.silu(gate) * up, atol=1e-5, rtol=1e-5)
+    assert torch.equal(cpu_kernels.panel_linear_silu(x[rows - 1:], packed, 2 * inter, bias)[0], got[rows - 1])
+
+
+def test_mlp_takes_the_fused_gate_up_kernel_where_it_serves(monkeypatch):
+    """LlamaMLP on the C kernels: prompt-sized steps (>= PANEL_MIN_ROWS rows) go through
+    panel_linear_silu with the same bits as the unfused path; fewer rows, halves that are not whole
+    panels and layers without panels keep the unfused path."""
+    from asyncllm.model.arch_config import LlamaFamilyConfig
+    from asyncllm.model.llama import LlamaMLP
+
+    width = cpu_kernels.load_library().panel_width()
+    calls = []
+    real = cpu_kernels.panel_linear_silu
+    monkeypatch.setattr(cpu_kernels, "panel_linear_silu", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+
+    def mlp(intermediate: int, packed: bool) -> LlamaMLP:
+        torch.manual_seed(0)
+        cfg = LlamaFamilyConfig(architecture="LlamaForCausalLM", vocab_size=64, hidden_size=64,
+                                intermediate_size=intermediate, num_layers=1, num_heads=4, num_kv_heads=2,
+                                head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=64, rope=RopeConfig(10000.0),
+                                tie_word_embeddings=True, attention_bias=False, qk_norm=False, mlp_bias=True)
+        module = LlamaMLP(cfg, kernels="cpu")
+        with torch.no_grad():
+            for p in module.parameters():
+                p.copy_(torch.randn_like(p) * 0.1)
+        if packed:
+            module.gate_up_proj.pack()
+            module.down_proj.pack()
+        return module
+
+    x = torch.randn(20, 64)
+    fused_mlp = mlp(2 * width, packed=True)
+    with torch.no_grad():
+        got = fused_mlp(x)
+        assert calls == [1]
+        expected = fused_mlp.down_proj(cpu_kernels.silu_and_mul(fused_mlp.gate_up_proj(x)))
+        assert torch.equal(got, expected)
+        fused_mlp(x[:cpu_kernels.PANEL_MIN_ROWS - 1])
+        mlp(2 * width + 4, packed=True)(x)  # halves not whole panels
+        mlp(2 * width, packed=False)(x)  # no panel copy
+    assert calls == [1]
+
+
 def test_panel_linear_reads_strided_rows_and_leaves_the_weight():
     torch.manual_seed(0)
     weight = torch.randn(80, 64)

@@ -80,6 +80,16 @@ class PackedLinear:
                 return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
         return F.linear(x, weight, bias)
 
+    def silu_and_mul(self, x: torch.Tensor, weight: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> torch.Tensor | None:
+        """silu(gate) * up of the fused gate/up projection in one pass over the panels (the same bits
+        as linear() then cpu_kernels.silu_and_mul), or None where that kernel does not serve: no
+        panel copy, fewer than PANEL_MIN_ROWS rows, or halves that are not whole panels."""
+        if (self.panels is None or x.dim() != 2 or x.shape[0] < cpu_kernels.PANEL_MIN_ROWS
+                or weight.shape[0] % (2 * self.panels.shape[2])):
+            return None
+        return cpu_kernels.panel_linear_silu(x, self.panels, weight.shape[0], bias)
+
 
 class Linear(nn.Linear):
     """nn.Linear that uses its packed copy once `pack()` was called, and its quantised copy for steps
@@ -140,6 +150,15 @@ class Linear(nn.Linear):
         if self.dense_dropped:
             return self._linear_from_blocks(x)
         return self.prepacked.linear(x, self.weight, self.bias)
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """For the fused gate/up projection: silu(gate) * up without writing the [rows, 2 * inter]
+        activation, where the dense panels serve these rows (PackedLinear.silu_and_mul); else None."""
+        if self.quantized is not None and x.dim() == 2 and x.shape[0] <= self.quantized_max_rows:
+            return None
+        if self.dense_dropped:
+            return None
+        return self.prepacked.silu_and_mul(x, self.weight, self.bias)
 
     def _linear_from_blocks(self, x: torch.Tensor) -> torch.Tensor:
         out = self.quantized.linear_many_rows(x.reshape(-1, x.shape[-1]), self.bias)  # fp32, as drop_dense asked

@@ -22,7 +22,7 @@ from asyncllm.model.layers.cpu_kernels.library import KernelBuildError, build_er
 __all__ = ["KernelBuildError", "build_error", "supports", "rms_norm", "rotary_", "silu_and_mul", "write_kv_cache",
            "paged_decode_attention", "few_rows_supported", "few_rows_weight_supported", "linear_few_rows",
            "FEW_ROWS_MAX", "linear_quant_rows", "quantize_blocks", "panel_linear_blocks", "panel_weight_supported",
-           "pack_panels", "panel_linear", "PANEL_MIN_ROWS", "prefill_attention", "prefill_attention_takes"]
+           "pack_panels", "panel_linear", "panel_linear_silu", "PANEL_MIN_ROWS", "prefill_attention", "prefill_attention_takes"]
 
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
@@ -211,15 +211,17 @@ def pack_panels(weight: torch.Tensor) -> torch.Tensor:
     return packed
 
 
-def _panel_call(x: torch.Tensor, n: int, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, int | None]:
-    """What both panel GEMMs take: x [rows, k] fp32 with adjacent elements, its output [rows, n],
-    and the bias's pointer (None: no bias; checked to be [n] fp32, contiguous)."""
+def _panel_call(x: torch.Tensor, n: int, bias: torch.Tensor | None,
+                out_width: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+    """What the panel GEMMs take: x [rows, k] fp32 with adjacent elements, its output [rows,
+    out_width (default n)], and the bias's pointer (None: no bias; checked to be [n] fp32, contiguous)."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     assert x.dtype == torch.float32 and x.dim() == 2
     if bias is not None:
         assert bias.dtype == torch.float32 and bias.is_contiguous() and bias.shape == (n,)
-    return x, torch.empty(x.shape[0], n, dtype=torch.float32), None if bias is None else bias.data_ptr()
+    out = torch.empty(x.shape[0], n if out_width is None else out_width, dtype=torch.float32)
+    return x, out, None if bias is None else bias.data_ptr()
 
 
 def panel_linear(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -230,6 +232,21 @@ def panel_linear(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tens
     assert packed.shape[1] == k and n <= packed.shape[0] * packed.shape[2]
     load_library().panel_linear_f32(x.data_ptr(), x.stride(0), rows, packed.data_ptr(), bias_ptr, out.data_ptr(), n,
                                     k, torch.get_num_threads())
+    return out
+
+
+def panel_linear_silu(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """silu_and_mul(panel_linear(x, packed, n, bias)) in one pass, the same bits, for the fused gate/up
+    projection (n = 2 * inter, inter a multiple of panel_width()): the [rows, n] activation is never
+    written out. → [rows, inter]."""
+    inter = n // 2
+    assert n % 2 == 0 and inter % load_library().panel_width() == 0
+    x, out, bias_ptr = _panel_call(x, n, bias, out_width=inter)
+    rows, k = x.shape
+    assert packed.shape[1] == k and packed.shape[0] * packed.shape[2] == n
+    if load_library().panel_linear_silu_f32(x.data_ptr(), x.stride(0), rows, packed.data_ptr(), bias_ptr,
+                                            out.data_ptr(), inter, k, torch.get_num_threads()):
+        raise MemoryError("no memory for the fused gate/up kernel's per-thread buffers")
     return out
 
 

@@ -118,6 +118,8 @@ def load_library() -> ctypes.CDLL:
     lib.pack_panels_f32.argtypes, lib.pack_panels_f32.restype = (_P, _I64, _P, _I64, _I64, _INT), None
     lib.panel_linear_f32.argtypes = (_P, _I64, _I64, _P, _P, _P, _I64, _I64, _INT)
     lib.panel_linear_f32.restype = None
+    lib.panel_linear_silu_f32.argtypes = (_P, _I64, _I64, _P, _P, _P, _I64, _I64, _INT)
+    lib.panel_linear_silu_f32.restype = _I64
     lib.prefill_attention.argtypes = (_P, _I64, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _F32, _I64,
                                       _P, _I64, _INT)
     lib.prefill_attention.restype = _I64

@@ -148,6 +148,65 @@ void panel_linear_f32(const float *x, int64_t x_stride, int64_t rows, const floa
     panel_linear_for(x, x_stride, rows, packed, bias, out, n, k);
 }
 
+/* out [rows, inter] = silu(gate) * up, where [gate | up] = x @ w^T (+ bias) is the fused gate/up
+ * projection (w [2 * inter, k] packed by pack_panels_f32, inter a multiple of PANEL_WIDTH, so gate
+ * panel p and up panel p + inter / PANEL_WIDTH hold matching columns). Each pass computes a gate
+ * tile and its up tile into an L1 buffer and writes only their product: the [rows, 2 * inter]
+ * gate/up activation (12 MB for a 1024-token prompt chunk of the default model) is never written
+ * out and read back. The same accumulator chains as panel_linear_f32 and then silu_and_mul_row,
+ * so the same bits as the two calls. While one pair is used, each pass prefetches its share of
+ * the next pair into L2. */
+/* out [rows, inter] = silu(gate) * up, where [gate | up] = x @ w^T (+ bias) is the fused gate/up
+ * projection (w [2 * inter, k] packed by pack_panels_f32, inter a multiple of PANEL_WIDTH, so gate
+ * panel p and up panel p + inter / PANEL_WIDTH hold matching columns). For each pair of panels a
+ * thread runs a chunk's rows past the gate panel, then past the up panel, into its own buffer (two
+ * PANEL_CHUNK_ROWS x PANEL_WIDTH tiles, 96 KB, in L2), and writes only silu(gate) * up: the
+ * [rows, 2 * inter] gate/up activation (12 MB for a 1024-token prompt chunk of the default model)
+ * is never written out and read back. The same accumulator chains as panel_linear_f32 and then
+ * silu_and_mul_row, so the same bits as the two calls. → 1 when a thread had no memory for its
+ * buffer. */
+int64_t panel_linear_silu_f32(const float *x, int64_t x_stride, int64_t rows, const float *packed, const float *bias,
+                              float *out, int64_t inter, int64_t k, int num_threads) {
+    const int64_t pairs = inter / PANEL_WIDTH, panel_floats = k * PANEL_WIDTH;
+    int64_t failed = 0;
+#pragma omp parallel num_threads(num_threads)
+    {
+        float *tiles = aligned_alloc(64, 2 * PANEL_CHUNK_ROWS * PANEL_WIDTH * sizeof(float));
+        if (tiles == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
+        for (int64_t m0 = 0; m0 < rows; m0 += PANEL_CHUNK_ROWS) {
+            int64_t chunk = rows - m0 < PANEL_CHUNK_ROWS ? rows - m0 : PANEL_CHUNK_ROWS;
+            int64_t passes = (chunk + PANEL_ROWS - 1) / PANEL_ROWS;
+            int64_t share = (panel_floats / passes + 15) / 16 * 16;
+#pragma omp for schedule(static)
+            for (int64_t q = 0; q < pairs; q++) {
+                if (tiles == NULL) continue; /* reported below: the caller raises */
+                for (int half = 0; half < 2; half++) { /* gate panel q, then up panel q + pairs */
+                    int64_t index = half ? q + pairs : q;
+                    const float *panel = packed + index * panel_floats;
+                    /* prefetched meanwhile: the up panel, then the next pair's gate panel */
+                    const float *next = packed + (half ? (q + 1 < pairs ? q + 1 : q) : q + pairs) * panel_floats;
+                    const float *b = bias == NULL ? NULL : bias + index * PANEL_WIDTH;
+                    float *tile = tiles + half * PANEL_CHUNK_ROWS * PANEL_WIDTH;
+                    for (int64_t pass = 0; pass < passes; pass++) {
+                        int64_t m = pass * PANEL_ROWS;
+                        int64_t left = chunk - m < PANEL_ROWS ? chunk - m : PANEL_ROWS;
+                        panel_tile_rows(x + (m0 + m) * x_stride, x_stride, panel, b, tile + m * PANEL_WIDTH,
+                                        PANEL_WIDTH, k, PANEL_WIDTH, next + pass * share, share, left);
+                    }
+                }
+                for (int64_t r = 0; r < chunk; r++)
+                    silu_and_mul_row_f32(tiles + r * PANEL_WIDTH, tiles + (PANEL_CHUNK_ROWS + r) * PANEL_WIDTH,
+                                         out + (m0 + r) * inter + q * PANEL_WIDTH, PANEL_WIDTH);
+            }
+        }
+        free(tiles);
+    }
+    return failed;
+}
+
 #ifdef __AVX512F__
 /* r[i][j] → r[j][i] for 16 vectors of 16 floats: pairs interleaved, then 4 x 4 within each 128-bit
  * lane, then the lanes themselves. */
