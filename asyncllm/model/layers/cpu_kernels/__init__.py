@@ -190,7 +190,7 @@ def prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: tor
             block_tables.stride(0), query_starts.data_ptr(), seq_lens.data_ptr(), seq_lens.shape[0], heads,
             kv_heads, dim, block_size, scale, sliding_window or 0, out.data_ptr(), q.dtype == torch.bfloat16,
             torch.get_num_threads()):
-        raise MemoryError("no memory for the prefill attention's per-thread buffers")
+        raise MemoryError("no memory for the prefill attention's buffers")
     return out
 
 
