@@ -154,9 +154,8 @@ class Linear(nn.Linear):
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor | None:
         """For the fused gate/up projection: silu(gate) * up without writing the [rows, 2 * inter]
         activation, where the dense panels serve these rows (PackedLinear.silu_and_mul); else None."""
-        if self.quantized is not None and x.dim() == 2 and x.shape[0] <= self.quantized_max_rows:
-            return None
-        if self.dense_dropped:
+        quantized_step = self.quantized is not None and x.dim() == 2 and x.shape[0] <= self.quantized_max_rows
+        if quantized_step or self.dense_dropped:
             return None
         return self.prepacked.silu_and_mul(x, self.weight, self.bias)
 

@@ -150,21 +150,14 @@ void panel_linear_f32(const float *x, int64_t x_stride, int64_t rows, const floa
 
 /* out [rows, inter] = silu(gate) * up, where [gate | up] = x @ w^T (+ bias) is the fused gate/up
  * projection (w [2 * inter, k] packed by pack_panels_f32, inter a multiple of PANEL_WIDTH, so gate
- * panel p and up panel p + inter / PANEL_WIDTH hold matching columns). Each pass computes a gate
- * tile and its up tile into an L1 buffer and writes only their product: the [rows, 2 * inter]
- * gate/up activation (12 MB for a 1024-token prompt chunk of the default model) is never written
- * out and read back. The same accumulator chains as panel_linear_f32 and then silu_and_mul_row,
- * so the same bits as the two calls. While one pair is used, each pass prefetches its share of
- * the next pair into L2. */
-/* out [rows, inter] = silu(gate) * up, where [gate | up] = x @ w^T (+ bias) is the fused gate/up
- * projection (w [2 * inter, k] packed by pack_panels_f32, inter a multiple of PANEL_WIDTH, so gate
  * panel p and up panel p + inter / PANEL_WIDTH hold matching columns). For each pair of panels a
  * thread runs a chunk's rows past the gate panel, then past the up panel, into its own buffer (two
  * PANEL_CHUNK_ROWS x PANEL_WIDTH tiles, 96 KB, in L2), and writes only silu(gate) * up: the
  * [rows, 2 * inter] gate/up activation (12 MB for a 1024-token prompt chunk of the default model)
  * is never written out and read back. The same accumulator chains as panel_linear_f32 and then
- * silu_and_mul_row, so the same bits as the two calls. → 1 when a thread had no memory for its
- * buffer. */
+ * silu_and_mul_row, so the same bits as the two calls. (Multiplying after every 8-row pass, both
+ * tiles in L1, was slower than the two calls: that epilogue between the tiles broke the panel
+ * stream.) → 1 when a thread had no memory for its buffer. */
 int64_t panel_linear_silu_f32(const float *x, int64_t x_stride, int64_t rows, const float *packed, const float *bias,
                               float *out, int64_t inter, int64_t k, int num_threads) {
     const int64_t pairs = inter / PANEL_WIDTH, panel_floats = k * PANEL_WIDTH;
