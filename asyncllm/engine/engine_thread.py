@@ -179,8 +179,11 @@ class EngineThread:
             pairs.append((stream, item))
         undelivered = self._send(pairs)
         if undelivered:
-            # Their loop is closed: nobody will read these; free their KV blocks.
-            self._abort([stream.request_id for stream, _ in undelivered])
+            # Their loop is closed: nobody will read these; free their KV blocks and their streams.
+            orphans = [stream.request_id for stream, _ in undelivered]
+            for request_id in orphans:
+                self._streams.pop(request_id, None)
+            self._abort(orphans)
 
     @staticmethod
     def _send(pairs: list[tuple[RequestStream, RequestOutput | BaseException]]) -> list[tuple[RequestStream, Any]]:

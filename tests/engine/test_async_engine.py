@@ -177,6 +177,24 @@ def test_two_event_loops_in_two_threads_share_one_engine(shared_engine):
     assert results["t0"] + results["t1"] == expected
 
 
+def test_a_closed_event_loop_frees_its_requests(shared_engine):
+    """A loop closed with a request still running (no aclose: its generator is never finalised):
+    the engine thread cannot deliver to it, so it aborts the request, frees its blocks and forgets
+    its stream."""
+    loop = asyncio.new_event_loop()
+    gen = shared_engine.generate("Write a long story", SamplingParams(max_tokens=500, ignore_eos=True))
+    first = loop.run_until_complete(gen.__anext__())
+    request_id = first.request_id
+    loop.close()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (shared_engine.engine.has_unfinished_requests()
+                                           or request_id in shared_engine._thread._streams):
+        time.sleep(0.02)
+    assert not shared_engine.engine.has_unfinished_requests()
+    assert request_id not in shared_engine._thread._streams
+    assert shared_engine.engine.core.kv.num_used_blocks() == 0
+
+
 async def _complete_all(engine, prompts):
     return [(await engine.complete(p, max_tokens=8, temperature=0)).outputs[0].text for p in prompts]
 
