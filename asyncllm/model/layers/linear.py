@@ -67,8 +67,12 @@ class PackedLinear:
     def is_packed(self) -> bool:
         return self.packed is not None or self.panels is not None
 
+    def _takes_panels(self, x: torch.Tensor) -> bool:
+        """Whether a step of these rows reads the panel copy (fp32 on the C kernels)."""
+        return self.panels is not None and x.dim() == 2 and x.shape[0] >= cpu_kernels.PANEL_MIN_ROWS
+
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if self.panels is not None and x.dim() == 2 and x.shape[0] >= cpu_kernels.PANEL_MIN_ROWS:
+        if self._takes_panels(x):
             return cpu_kernels.panel_linear(x, self.panels, weight.shape[0], bias)
         # fp32 only (bf16's packed AMX path is faster). One row too: MKL's gemv is no faster on
         # Intel and 2.5-3.3x slower on AMD EPYC (projections 26 vs 10 ms, logits 6.7 vs 2.0 ms).
@@ -85,8 +89,7 @@ class PackedLinear:
         """silu(gate) * up of the fused gate/up projection in one pass over the panels (the same bits
         as linear() then cpu_kernels.silu_and_mul), or None where that kernel does not serve: no
         panel copy, fewer than PANEL_MIN_ROWS rows, or halves that are not whole panels."""
-        if (self.panels is None or x.dim() != 2 or x.shape[0] < cpu_kernels.PANEL_MIN_ROWS
-                or weight.shape[0] % (2 * self.panels.shape[2])):
+        if not self._takes_panels(x) or weight.shape[0] % (2 * self.panels.shape[2]):
             return None
         return cpu_kernels.panel_linear_silu(x, self.panels, weight.shape[0], bias)
 
@@ -143,8 +146,12 @@ class Linear(nn.Linear):
         self.prepacked = PackedLinear(self.prepacked.kernels)
         return freed
 
+    def _reads_quantized(self, x: torch.Tensor) -> bool:
+        """Whether a step of these rows reads the quantised copy."""
+        return self.quantized is not None and x.dim() == 2 and x.shape[0] <= self.quantized_max_rows
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.quantized is not None and x.dim() == 2 and x.shape[0] <= self.quantized_max_rows:
+        if self._reads_quantized(x):
             out = self.quantized.linear(x)
             return out if self.bias is None else out + self.bias
         if self.dense_dropped:
@@ -154,8 +161,7 @@ class Linear(nn.Linear):
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor | None:
         """For the fused gate/up projection: silu(gate) * up without writing the [rows, 2 * inter]
         activation, where the dense panels serve these rows (PackedLinear.silu_and_mul); else None."""
-        quantized_step = self.quantized is not None and x.dim() == 2 and x.shape[0] <= self.quantized_max_rows
-        if quantized_step or self.dense_dropped:
+        if self._reads_quantized(x) or self.dense_dropped:
             return None
         return self.prepacked.silu_and_mul(x, self.weight, self.bias)
 

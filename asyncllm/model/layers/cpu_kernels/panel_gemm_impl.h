@@ -113,6 +113,21 @@ static inline __attribute__((always_inline)) void panel_tile_rows(
 #undef PANEL_TILE_CASE
 }
 
+/* One panel past `rows` rows of x (x_stride apart) into out (rows out_stride apart), PANEL_ROWS
+ * at a time. The passes together prefetch the next panel's PANEL_WIDTH * k floats at `next` (NULL:
+ * none) into L2, 1 / passes each, in whole lines. */
+static inline __attribute__((always_inline)) void panel_rows(
+        const float *x, int64_t x_stride, int64_t rows, const float *panel, const float *bias, float *out,
+        int64_t out_stride, int64_t k, int64_t cols, const float *next) {
+    int64_t passes = (rows + PANEL_ROWS - 1) / PANEL_ROWS;
+    int64_t share = next == NULL ? 0 : (PANEL_WIDTH * k / passes + 15) / 16 * 16;
+    for (int64_t pass = 0; pass < passes; pass++) {
+        int64_t m = pass * PANEL_ROWS, left = rows - m < PANEL_ROWS ? rows - m : PANEL_ROWS;
+        panel_tile_rows(x + m * x_stride, x_stride, panel, bias, out + m * out_stride, out_stride, k, cols,
+                        next == NULL ? panel : next + pass * share, share, left);
+    }
+}
+
 /* out [rows, n] = x [rows, k] (rows `x_stride` apart) @ w^T (+ bias [n] or NULL), w packed by
  * pack_panels_f32. The threads share out the panels; rows go in chunks of PANEL_CHUNK_ROWS.
  * An orphaned `omp for` (as few_rows_for): every thread of the calling parallel region calls it,
@@ -122,22 +137,13 @@ static void panel_linear_for(const float *x, int64_t x_stride, int64_t rows, con
     int64_t panels = (n + PANEL_WIDTH - 1) / PANEL_WIDTH;
     for (int64_t m0 = 0; m0 < rows; m0 += PANEL_CHUNK_ROWS) {
         int64_t chunk = rows - m0 < PANEL_CHUNK_ROWS ? rows - m0 : PANEL_CHUNK_ROWS;
-        int64_t passes = (chunk + PANEL_ROWS - 1) / PANEL_ROWS;
-        /* Each pass prefetches 1 / passes of the next panel (PANEL_WIDTH * k floats), in whole lines. */
-        int64_t share = (PANEL_WIDTH * k / passes + 15) / 16 * 16;
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < panels; p++) {
             const float *panel = packed + p * k * PANEL_WIDTH;
             const float *next = p + 1 < panels ? panel + k * PANEL_WIDTH : panel;
             int64_t cols = n - p * PANEL_WIDTH < PANEL_WIDTH ? n - p * PANEL_WIDTH : PANEL_WIDTH;
             const float *b = bias == NULL ? NULL : bias + p * PANEL_WIDTH;
-            for (int64_t pass = 0; pass < passes; pass++) {
-                int64_t m = m0 + pass * PANEL_ROWS;
-                int64_t left = m0 + chunk - m < PANEL_ROWS ? m0 + chunk - m : PANEL_ROWS;  /* this chunk's */
-                const float *xm = x + m * x_stride;
-                float *om = out + m * n + p * PANEL_WIDTH;
-                panel_tile_rows(xm, x_stride, panel, b, om, n, k, cols, next + pass * share, share, left);
-            }
+            panel_rows(x + m0 * x_stride, x_stride, chunk, panel, b, out + m0 * n + p * PANEL_WIDTH, n, k, cols, next);
         }
     }
 }
@@ -171,8 +177,6 @@ int64_t panel_linear_silu_f32(const float *x, int64_t x_stride, int64_t rows, co
         }
         for (int64_t m0 = 0; m0 < rows; m0 += PANEL_CHUNK_ROWS) {
             int64_t chunk = rows - m0 < PANEL_CHUNK_ROWS ? rows - m0 : PANEL_CHUNK_ROWS;
-            int64_t passes = (chunk + PANEL_ROWS - 1) / PANEL_ROWS;
-            int64_t share = (panel_floats / passes + 15) / 16 * 16;
 #pragma omp for schedule(static)
             for (int64_t q = 0; q < pairs; q++) {
                 if (tiles == NULL) continue; /* reported below: the caller raises */
@@ -182,13 +186,8 @@ int64_t panel_linear_silu_f32(const float *x, int64_t x_stride, int64_t rows, co
                     /* prefetched meanwhile: the up panel, then the next pair's gate panel */
                     const float *next = packed + (half ? (q + 1 < pairs ? q + 1 : q) : q + pairs) * panel_floats;
                     const float *b = bias == NULL ? NULL : bias + index * PANEL_WIDTH;
-                    float *tile = tiles + half * PANEL_CHUNK_ROWS * PANEL_WIDTH;
-                    for (int64_t pass = 0; pass < passes; pass++) {
-                        int64_t m = pass * PANEL_ROWS;
-                        int64_t left = chunk - m < PANEL_ROWS ? chunk - m : PANEL_ROWS;
-                        panel_tile_rows(x + (m0 + m) * x_stride, x_stride, panel, b, tile + m * PANEL_WIDTH,
-                                        PANEL_WIDTH, k, PANEL_WIDTH, next + pass * share, share, left);
-                    }
+                    panel_rows(x + m0 * x_stride, x_stride, chunk, panel, b,
+                               tiles + half * PANEL_CHUNK_ROWS * PANEL_WIDTH, PANEL_WIDTH, k, PANEL_WIDTH, next);
                 }
                 for (int64_t r = 0; r < chunk; r++)
                     silu_and_mul_row_f32(tiles + r * PANEL_WIDTH, tiles + (PANEL_CHUNK_ROWS + r) * PANEL_WIDTH,
@@ -296,12 +295,7 @@ int64_t panel_linear_blocks_f32(const float *x, int64_t x_stride, int64_t rows, 
             dequantize_panel(blocks, n, k, (int)bits, p, panel);
             int64_t cols = n - p * PANEL_WIDTH < PANEL_WIDTH ? n - p * PANEL_WIDTH : PANEL_WIDTH;
             const float *b = bias == NULL ? NULL : bias + p * PANEL_WIDTH;
-            for (int64_t m = 0; m < rows; m += PANEL_ROWS) {
-                int64_t left = rows - m < PANEL_ROWS ? rows - m : PANEL_ROWS;
-                const float *xm = x + m * x_stride;
-                float *om = out + m * n + p * PANEL_WIDTH;
-                panel_tile_rows(xm, x_stride, panel, b, om, n, k, cols, panel, 0, left);
-            }
+            panel_rows(x, x_stride, rows, panel, b, out + p * PANEL_WIDTH, n, k, cols, NULL);
         }
         free(panel);
     }
