@@ -51,11 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=None, help="require this Bearer key (default: $ASYNCLLM_API_KEY)")
     serve.add_argument("--no-browser-page", action="store_true", help="do not serve the chat page at /")
     serve.add_argument("--max-body-bytes", type=int, default=4 << 20)
+    serve.add_argument("--max-json-depth", type=int, default=64, help="deepest JSON nesting a request body may have")
+    serve.add_argument("--shutdown-timeout", type=float, default=30.0,
+                       help="on SIGTERM/SIGINT: seconds in-flight requests (streams too) may run to their end "
+                            "while new ones get 503; streams still open then end with a server_shutdown error "
+                            "event")
+    serve.add_argument("--no-openapi", action="store_true", help="do not serve /openapi.json and /docs")
     serve.add_argument("--log-level", default="info")
     add_engine_args(serve)
     # A server process owns its machine's memory: take the whole KV cache up front rather than
     # page-faulting it in during the first requests (--no-kv-cache-prefault to keep it lazy).
-    serve.set_defaults(kv_cache_prefault=True)
+    # Likewise the grammar workers and json_object's automaton (--no-structured-outputs-warmup).
+    serve.set_defaults(kv_cache_prefault=True, structured_outputs_warmup=True)
 
     gen = sub.add_parser("generate", help="stream one completion to the terminal")
     gen.add_argument("prompt")
@@ -81,6 +88,7 @@ def _serve(ns: argparse.Namespace) -> int:
 
     from asyncllm.engine.async_engine import AsyncEngine
     from asyncllm.server.app import build_app
+    from asyncllm.server.uvicorn_server import DrainingServer
 
     logging.basicConfig(level=ns.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     args = engine_args_from(ns)
@@ -90,9 +98,10 @@ def _serve(ns: argparse.Namespace) -> int:
     print(f"asyncllm: loaded {engine.model_name} in {time.perf_counter() - started:.2f}s "
           f"(dtype {engine.engine.core.dtype}, max_model_len {engine.max_model_len})", flush=True)
     app = build_app(engine, api_key=ns.api_key, served_model_name=args.served_model_name,
-                    browser_page=not ns.no_browser_page, max_body_bytes=ns.max_body_bytes)
+                    browser_page=not ns.no_browser_page, max_body_bytes=ns.max_body_bytes,
+                    max_json_depth=ns.max_json_depth, openapi=not ns.no_openapi)
     config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.log_level, lifespan="on")
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, app.state.shutdown, ns.shutdown_timeout)
 
     async def run() -> None:
         task = asyncio.create_task(server.serve())

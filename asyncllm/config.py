@@ -14,6 +14,7 @@ from typing import Any, Literal
 import torch
 
 from asyncllm.model.layers.int4 import int4_supported
+from asyncllm.sampling.structured import StructuredLimits
 from asyncllm.sampling_params import SamplingLimits
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,24 @@ class EngineArgs:
     max_stop_strings: int = _opt(16, "most stop strings per request")
     max_stop_string_len: int = _opt(256, "longest stop string")
     max_tokens_limit: int | None = _opt(None, "largest max_tokens a request may ask for (default: max_model_len)")
+    grammar_max_positions: int = _opt(5000, "structured outputs: most character positions a spec's automaton may "
+                                            "have once counted repetitions are spelt out (b{5000}: ~2.7 s to "
+                                            "compile); bigger specs are refused before compiling")
+    grammar_max_wide_positions: int = _opt(256, "structured outputs: most bounded positions of free text (classes "
+                                                "of >= 16 characters: [a-z]{1,N}, a string's maxLength), which "
+                                                "cost ~70 KB and ~2 ms each to compile; more are refused")
+    grammar_max_index_bytes: int = _opt(128 << 20, "structured outputs: largest compiled automaton (bytes)")
+    grammar_compile_timeout: float = _opt(10.0, "structured outputs: seconds a request's compile may take "
+                                                "(queueing included); past it the compile is killed and the "
+                                                "request refused")
+    grammar_compile_workers: int = _opt(2, "structured outputs: worker processes for specs that are not cheap "
+                                           "(one more process compiles the cheap ones)")
+    grammar_worker_memory: int = _opt(2 << 30, "structured outputs: address-space cap of each compile process "
+                                               "(bytes)")
+    structured_outputs_warmup: bool = _opt(False, "structured outputs: start the compile workers and the "
+                                                  "json_object grammar at start, in the background (~7 s the "
+                                                  "first time, then ~0.05 s from the disk cache), so the first "
+                                                  "structured requests do not wait; on for `asyncllm serve`")
 
     def create_engine_config(self) -> "EngineConfig":
         return EngineConfig.from_args(self)
@@ -99,6 +118,7 @@ class EngineConfig:
     kernels: str  # "torch", "triton" or "cpu", resolved for the device
     kv_cache_memory: int | None
     limits: SamplingLimits
+    structured_limits: StructuredLimits
 
     @classmethod
     def from_args(cls, args: EngineArgs) -> "EngineConfig":
@@ -128,6 +148,10 @@ class EngineConfig:
             errors.append("quantized_weights_only keeps only the quantised weights: set quantization too")
         if args.kv_cache_memory is not None and args.kv_cache_memory <= 0:
             errors.append("kv_cache_memory must be > 0 bytes")
+        if args.grammar_compile_workers < 1:
+            errors.append("grammar_compile_workers must be >= 1")
+        if not args.grammar_compile_timeout > 0:
+            errors.append("grammar_compile_timeout must be > 0 seconds")
         if errors:
             raise ValueError("invalid engine arguments: " + "; ".join(errors))
         if args.device == "auto":
@@ -151,8 +175,14 @@ class EngineConfig:
         limits = SamplingLimits(max_n=args.max_n, max_logprobs=args.max_logprobs,
                                 max_stop_strings=args.max_stop_strings,
                                 max_stop_string_len=args.max_stop_string_len)
+        structured = StructuredLimits(max_positions=args.grammar_max_positions,
+                                      max_wide_positions=args.grammar_max_wide_positions,
+                                      max_index_bytes=args.grammar_max_index_bytes,
+                                      compile_timeout_s=args.grammar_compile_timeout,
+                                      compile_workers=args.grammar_compile_workers,
+                                      worker_memory_bytes=args.grammar_worker_memory)
         return cls(args=args, device=device, dtype_request=args.dtype, kernels=kernels,
-                   kv_cache_memory=kv_mem, limits=limits)
+                   kv_cache_memory=kv_mem, limits=limits, structured_limits=structured)
 
 
 def triton_kernels_available() -> bool:

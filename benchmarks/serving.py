@@ -98,7 +98,10 @@ class AsyncLLMServer:
 
     def __init__(self, engine_flags: list[str], max_wait: float = 120.0):
         cli = os.path.join(os.path.dirname(sys.executable), "asyncllm")
-        command = [cli, "serve", "--port", "0", "--log-level", "warning", *engine_flags]
+        # W2 has no structured requests: no grammar workers, and no first-ever json_object compile
+        # running beside the measured streams.
+        command = [cli, "serve", "--port", "0", "--log-level", "warning", "--no-structured-outputs-warmup",
+                   *engine_flags]
         self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + max_wait
         for line in self.proc.stdout:

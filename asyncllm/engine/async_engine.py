@@ -15,7 +15,7 @@ import concurrent.futures
 import dataclasses
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import anyio
@@ -126,22 +126,30 @@ class AsyncEngine:
                                            cache_salt=cache_salt)
 
     async def generate_prepared(self, prepared: PreparedRequest) -> AsyncIterator[RequestOutput]:
-        request_id = prepared.request_id
-        stream = RequestStream(request_id, LoopHandle.current())
+        """Queues the request when first iterated and yields its outputs."""
+        outputs = self.submit_prepared(prepared)
+        try:
+            async for output in outputs:
+                yield output
+        finally:
+            await outputs.aclose()  # type: ignore[attr-defined]
+
+    def submit_prepared(self, prepared: PreparedRequest) -> AsyncIterator[RequestOutput]:
+        """Queues the request now (EngineOverloadedError, EngineShutdownError, EngineDeadError
+        are raised here, so a server can answer 429/503 before a response starts) and returns
+        the iterator of its outputs; closing that iterator early aborts the request. Call it
+        inside the event loop that will read the outputs."""
+        stream = RequestStream(prepared.request_id, LoopHandle.current())
         if self.dead_error is not None:
             raise EngineDeadError(str(self.dead_error))
         if not self._shut_down:
             self._thread.start()  # lazy start
         self._thread.submit(prepared, stream)
-        try:
-            while True:
-                output = await stream.get()
-                yield output
-                if output.finished:
-                    return
-        finally:
-            if not stream.finished:
-                self._thread.abort(request_id)
+        return RequestOutputs(stream, self._thread.abort)
+
+    def abort_now(self, request_id: str) -> None:
+        """abort() for synchronous code: the engine thread frees the request's blocks on its next turn."""
+        self._thread.abort(request_id)
 
     async def stream(self, prompt_or_messages: PromptType, sampling_params: SamplingParams | None = None,
                      *, request_id: str | None = None, priority: int = 0, **params: Any) -> AsyncIterator[str]:
@@ -193,6 +201,37 @@ class AsyncEngine:
         """Generates JSON constrained to `model`'s schema and returns the parsed pydantic model."""
         out = await self.complete(prompt_or_messages, json_schema=model, **params)
         return parse_json_output(out, model)
+
+
+class RequestOutputs:
+    """The outputs of one queued request. Unlike an async generator, aclose() aborts the
+    request even when iteration never began (a client gone before its first token)."""
+
+    def __init__(self, stream: RequestStream, abort: Callable[[str], None]):
+        self._stream = stream
+        self._abort = abort
+        self._done = False
+
+    def __aiter__(self) -> "RequestOutputs":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            output = await self._stream.get()
+        except BaseException:
+            await self.aclose()  # an error, or the reader was cancelled
+            raise
+        if output.finished:
+            self._done = True
+        return output
+
+    async def aclose(self) -> None:
+        if not self._done:
+            self._done = True
+            if not self._stream.finished:
+                self._abort(self._stream.request_id)
 
 
 def parse_json_output(output: RequestOutput, model: type[T]) -> T:

@@ -47,7 +47,11 @@ class EngineThread:
         self._inbox: deque[_Add | _Abort] = deque()
         self._cond = threading.Condition()
         self._streams: dict[str, RequestStream] = {}  # engine-thread only
-        self._num_queued = 0  # adds not yet running: inbox + scheduler waiting (approximate, for admission)
+        # Admission: sequences not yet running (inbox + scheduler waiting) beyond the running slots
+        # still free count as waiting; those the next step will schedule do not.
+        self._num_queued = 0
+        self._max_num_seqs = engine.config.args.max_num_seqs
+        self._free_slots = self._max_num_seqs
         self._accepting = True
         self._drain_deadline: float | None = None
         self.dead_error: EngineDeadError | None = None
@@ -74,11 +78,12 @@ class EngineThread:
                 raise EngineDeadError(str(self.dead_error))
             if not self._accepting:
                 raise EngineShutdownError("the engine is shutting down and accepts no new requests")
-            if self._num_queued >= self.max_waiting_requests:
+            waiting = self._num_queued - self._free_slots
+            if waiting >= self.max_waiting_requests:
                 raise EngineOverloadedError(
-                    f"{self._num_queued} requests are already waiting (max_waiting_requests="
+                    f"{waiting} requests are already waiting (max_waiting_requests="
                     f"{self.max_waiting_requests}); retry later")
-            self._num_queued += 1
+            self._num_queued += len(prepared.requests)
             self._inbox.append(_Add(prepared, stream))
             self._cond.notify()
 
@@ -110,16 +115,26 @@ class EngineThread:
                 if self.engine.has_unfinished_requests():
                     outputs = self.engine.step()
                     self.stats.record_step(self.engine, outputs)
-                    # Recount before delivering: a caller woken by these outputs may submit at once.
-                    with self._cond:
-                        self._num_queued = len(self._inbox_adds()) + self.engine.core.scheduler.num_waiting
-                    self._deliver([(o.request_id, o) for o in outputs])
+                else:
+                    outputs = []
+                    # Aborts (or refused adds) emptied the engine: no step follows to refresh the
+                    # gauges, so /metrics and stats() would keep the old counts until the next request.
+                    self.stats.record_step(self.engine, outputs)
+                # Recount before delivering: a caller woken by these outputs may submit at once.
+                self._recount()
+                self._deliver([(o.request_id, o) for o in outputs])
             self._finish_all_on_stop()
         except BaseException as exc:  # noqa: BLE001 - the engine is dead; every waiter must learn it
             logger.exception("engine thread died")
             self._die(exc)
         finally:
             self.engine.shutdown()
+
+    def _recount(self) -> None:
+        scheduler = self.engine.core.scheduler
+        with self._cond:
+            self._num_queued = sum(len(c.prepared.requests) for c in self._inbox_adds()) + scheduler.num_waiting
+            self._free_slots = max(0, self._max_num_seqs - scheduler.num_running)
 
     def _inbox_adds(self) -> list[_Add]:
         return [c for c in self._inbox if isinstance(c, _Add)]
@@ -170,8 +185,8 @@ class EngineThread:
             if stream is None:
                 continue
             if isinstance(item, RequestOutput) and item.error is not None:
-                if isinstance(item.exception, InvalidRequestError):
-                    item = item.exception  # the caller's fault (e.g. a grammar that cannot compile): say so
+                if isinstance(item.exception, (InvalidRequestError, EngineOverloadedError)):
+                    item = item.exception  # the caller's fault (a grammar that cannot compile) or busy: say so
                 else:
                     item = RequestFailedError(f"request {request_id} failed in the engine: {item.error}")
             if isinstance(item, BaseException) or item.finished:

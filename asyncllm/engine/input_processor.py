@@ -13,7 +13,8 @@ from transformers import PreTrainedTokenizerBase
 
 from asyncllm.engine.request import Request
 from asyncllm.errors import InvalidRequestError, PromptTooLongError
-from asyncllm.sampling.structured import GrammarCompiler, GrammarState
+from asyncllm.sampling.grammar_compiler import GrammarCompiler
+from asyncllm.sampling.structured import GrammarState
 from asyncllm.sampling_params import SamplingLimits, SamplingParams
 
 ChatMessages = list[dict[str, Any]]
@@ -98,19 +99,18 @@ class InputProcessor:
         if params.bad_words and not params._bad_words_token_ids:
             params._bad_words_token_ids = self._bad_words_ids(params.bad_words)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
-        future = None
+        compilation = None
         if params.structured_outputs is not None:
             if self.grammars is None:
                 raise InvalidRequestError("structured outputs are not available", param="structured_outputs")
-            future = self.grammars.submit(params.structured_outputs)  # validates now, compiles in the pool
+            compilation = self.grammars.submit(params.structured_outputs)  # validates now, compiles in a worker
         requests = []
         for index, child_id in enumerate(child_ids):
             # Sample i of a seeded request gets its own stream, so the n samples differ.
             seed = None if params.seed is None else (params.seed + index * 1_000_003) % 2**64
             grammar = None
-            if future is not None:
-                grammar = GrammarState(future, self.grammars.eos_token_id,
-                                       time.monotonic() + self.grammars.limits.compile_timeout_s)
+            if compilation is not None:
+                grammar = GrammarState(compilation.future, self.grammars.eos_token_id, compilation.deadline)
             requests.append(Request(child_id, prompt.prompt_token_ids, params, self.eos_token_ids, max_tokens,
                                     priority=priority, arrival_time=arrival, cache_salt=cache_salt,
                                     sample_seed=seed, grammar=grammar))

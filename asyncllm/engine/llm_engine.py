@@ -18,7 +18,7 @@ from asyncllm.engine.request import Request, RequestStatus
 from asyncllm.errors import InvalidRequestError
 from asyncllm.model.tokenizer import apply_chat_template_override
 from asyncllm.outputs import RequestOutput
-from asyncllm.sampling.structured import GrammarCompiler
+from asyncllm.sampling.grammar_compiler import GrammarCompiler
 from asyncllm.sampling_params import SamplingParams
 
 
@@ -46,7 +46,10 @@ class LLMEngine:
         self.eos_token_ids = tuple(sorted(eos))
         self.input_processor = InputProcessor(self.tokenizer, model_cfg.vocab_size, self.core.max_model_len,
                                               self.eos_token_ids, config.limits, config.args.max_tokens_limit,
-                                              config.args.seed, GrammarCompiler(self.tokenizer))
+                                              config.args.seed,
+                                              GrammarCompiler(self.tokenizer, config.structured_limits))
+        if config.args.structured_outputs_warmup:
+            self.input_processor.grammars.warm_up()
         self.output_processor = OutputProcessor(self.tokenizer)
 
     @classmethod

@@ -2,9 +2,9 @@
 
 - `StructuredOutputs` is what a request asks for (exactly one kind), validated cheaply and
   synchronously against size/depth limits (a schema bomb is refused before compiling).
-- `GrammarCompiler` owns the outlines-core `Vocabulary` (built once per tokenizer) and an
-  LRU of compiled `Index`es keyed by (kind, spec); compilation runs in a worker pool (it
-  releases the GIL), so the engine thread keeps serving other requests meanwhile.
+- `plan` turns a spec into the regex outlines-core compiles and refuses, before compiling,
+  whatever is over a bound (`regex_cost` estimates the automaton); `grammar_compiler`
+  compiles it in worker processes that can be killed.
 - `GrammarState` is one sequence's automaton position (an outlines-core `Guide`).
 - `StructuredOutputProcessor` writes the constrained rows' token bitmasks and applies them
   in one vectorised operation; unconstrained rows are not touched.
@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import json
 import re
-import threading
-from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from asyncllm.errors import InvalidRequestError
+from asyncllm.sampling.regex_cost import RegexCost, RegexTooComplex, regex_cost
 
 
 class GrammarError(InvalidRequestError):
@@ -30,12 +30,29 @@ class GrammarError(InvalidRequestError):
 
 @dataclass(frozen=True)
 class StructuredLimits:
+    """Bounds on what a request may ask to compile, and on the compiler (EngineArgs grammar_*)."""
+
     max_schema_bytes: int = 64 * 1024
     max_schema_depth: int = 24
     max_enum_values: int = 2048
     max_regex_chars: int = 200_000
     max_choices: int = 1024
-    compile_timeout_s: float = 10.0
+    # The automaton, estimated before compiling (regex_cost): positions after spelling out
+    # counted repetitions, and those whose class admits many characters (each costs ~50x).
+    max_positions: int = 5000
+    max_wide_positions: int = 256
+    max_index_bytes: int = 128 << 20  # the compiled Index's binary size
+    compile_timeout_s: float = 10.0  # per request, queueing included; the compile is killed after it
+    compile_workers: int = 2  # heavy-lane worker processes
+    max_queued_compiles: int = 8  # heavy-lane compiles waiting or running; more get 429
+    worker_memory_bytes: int = 2 << 30  # RLIMIT_AS of each worker process
+    # The light lane: specs estimated at most this big get a worker of their own...
+    light_max_positions: int = 1000
+    light_max_wide_positions: int = 48
+    light_budget_s: float = 1.0  # ...for at most this long, then they move to the heavy lane
+    cache_entries: int = 128  # compiled Indexes kept in memory...
+    cache_bytes: int = 512 << 20  # ...and their bytes
+    disk_cache_bytes: int = 1 << 30  # slow-to-build Indexes kept on disk (0: none)
 
 
 @dataclass
@@ -177,120 +194,55 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer()
 
 
-def json_schema_regex(schema: dict) -> str:
+def plan(spec: StructuredOutputs, limits: StructuredLimits) -> tuple[str, RegexCost]:
+    """The regex for this spec and its estimated cost; GrammarError for what is over a limit,
+    found here in milliseconds rather than by a compile that runs for minutes."""
     from outlines_core.json_schema import build_regex_from_schema
 
-    ranges: dict[str, str] = {}
-    regex = build_regex_from_schema(json.dumps(_replace_bounded_numbers(schema, ranges)))
-    for placeholder, number in ranges.items():
-        regex = regex.replace(f'"{placeholder}"', number)
-    return regex
-
-
-def to_regex(spec: StructuredOutputs, limits: StructuredLimits) -> str:
-    """The regex outlines-core compiles for this spec (raises GrammarError when over limits)."""
-    from outlines_core.json_schema import build_regex_from_schema
-
+    param = _param(spec)
+    if len(spec.regex or "") > limits.max_regex_chars:
+        raise GrammarError(f"the regex has {len(spec.regex)} characters; the limit is {limits.max_regex_chars}",
+                           param=param)
     if spec.json is not None:
         _check_schema(spec.json, limits)
         try:
-            regex = json_schema_regex(spec.json)
+            ranges: dict[str, str] = {}
+            # Costed before the numeric ranges are put in: their alternations of digits compile
+            # to a few states whatever their length.
+            costed = regex = build_regex_from_schema(json.dumps(_replace_bounded_numbers(spec.json, ranges)))
+            for placeholder, number in ranges.items():
+                regex = regex.replace(f'"{placeholder}"', number)
         except Exception as exc:  # noqa: BLE001 - outlines rejects unsupported schemas
             raise GrammarError(f"unsupported JSON schema: {exc}", param="json_schema") from None
     elif spec.json_object:
-        regex = build_regex_from_schema('{"type": "object"}')
+        costed = regex = build_regex_from_schema('{"type": "object"}')
     elif spec.regex is not None:
-        try:
-            re.compile(spec.regex)
-        except re.error as exc:
-            raise GrammarError(f"invalid regex: {exc}", param="regex") from None
-        regex = spec.regex
+        costed = regex = spec.regex
     else:
         if len(spec.choice) > limits.max_choices:
             raise GrammarError(f"at most {limits.max_choices} choices", param="choice")
-        regex = "(" + "|".join(_escape(c) for c in spec.choice) + ")"
+        costed = regex = "(" + "|".join(_escape(c) for c in spec.choice) + ")"
     if len(regex) > limits.max_regex_chars:
         raise GrammarError(f"the structure compiles to a {len(regex)}-character regex; the limit is "
-                           f"{limits.max_regex_chars}", param=_param(spec))
-    return regex
+                           f"{limits.max_regex_chars}", param=param)
+    try:
+        cost = regex_cost(costed)
+    except re.error as exc:
+        raise GrammarError(f"invalid regex: {exc}", param=param) from None
+    except RegexTooComplex as exc:
+        raise GrammarError(str(exc), param=param) from None
+    if cost.positions > limits.max_positions:
+        raise GrammarError(f"the structure expands to {cost.positions} character positions (counted repetitions "
+                           f"spelt out); the limit is {limits.max_positions} (grammar_max_positions)", param=param)
+    if cost.wide_positions > limits.max_wide_positions:
+        raise GrammarError(f"the structure has {cost.wide_positions} bounded positions of free text (e.g. "
+                           f"[a-z]{{1,N}} or a string's maxLength); the limit is {limits.max_wide_positions} "
+                           "(grammar_max_wide_positions)", param=param)
+    return regex, cost
 
 
 def _param(spec: StructuredOutputs) -> str:
     return {"json": "json_schema", "json_object": "response_format"}.get(spec.kind, spec.kind)
-
-
-def token_bytes_vocabulary(tokenizer) -> tuple[dict[bytes, list[int]], int]:
-    """{raw token bytes: [token ids]} of the non-special tokens, and the EOS id, for outlines-core."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    unicode_to_byte = {v: k for k, v in bytes_to_unicode().items()}
-    decoder = json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder") or {}
-    byte_level = "ByteLevel" in json.dumps(decoder)
-    special = set(tokenizer.all_special_ids)
-    vocab: dict[bytes, list[int]] = {}
-    byte_token = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
-    for token, idx in tokenizer.get_vocab().items():
-        if idx in special:
-            continue
-        if byte_level and all(c in unicode_to_byte for c in token):
-            raw = bytes(unicode_to_byte[c] for c in token)
-        elif (m := byte_token.match(token)) is not None:
-            raw = bytes([int(m.group(1), 16)])
-        else:
-            raw = token.replace("\u2581", " ").encode()
-        if raw:
-            vocab.setdefault(raw, []).append(idx)
-    return vocab, tokenizer.eos_token_id
-
-
-class GrammarCompiler:
-    def __init__(self, tokenizer, limits: StructuredLimits | None = None, cache_size: int = 128, workers: int = 2):
-        self.tokenizer = tokenizer
-        self.limits = limits or StructuredLimits()
-        self._vocabulary = None
-        self._lock = threading.Lock()
-        self._cache: OrderedDict[tuple[str, str], Future] = OrderedDict()
-        self._cache_size = cache_size
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="asyncllm-grammar")
-
-    @property
-    def eos_token_id(self) -> int:
-        return self.tokenizer.eos_token_id
-
-    def _vocab(self):
-        from outlines_core import Vocabulary
-
-        with self._lock:
-            if self._vocabulary is None:
-                mapping, eos = token_bytes_vocabulary(self.tokenizer)
-                self._vocabulary = Vocabulary(eos, mapping)
-            return self._vocabulary
-
-    def submit(self, spec: StructuredOutputs) -> Future:
-        """Validates now (GrammarError), compiles in the pool; equal specs share one Future (LRU)."""
-        regex = to_regex(spec, self.limits)
-        key = spec.key()
-        with self._lock:
-            future = self._cache.get(key)
-            if future is not None and not (future.done() and future.exception() is not None):
-                self._cache.move_to_end(key)
-                return future
-            future = self._pool.submit(self._compile, regex)
-            self._cache[key] = future
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-            return future
-
-    def _compile(self, regex: str):
-        from outlines_core import Index
-
-        try:
-            return Index(regex, self._vocab())
-        except Exception as exc:  # noqa: BLE001 - reported to the request
-            raise GrammarError(f"cannot build the token automaton: {exc}") from None
-
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 class GrammarState:
@@ -307,8 +259,6 @@ class GrammarState:
         if self.guide is not None:
             return True
         if not self.future.done():
-            import time
-
             if time.monotonic() > self.deadline:
                 raise GrammarError("compiling the structure took longer than the limit")
             return False

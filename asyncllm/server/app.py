@@ -34,8 +34,10 @@ from asyncllm.server.errors import (
 )
 from asyncllm.server.limits import BodyLimitMiddleware
 from asyncllm.server.metrics import ServerMetrics
+from asyncllm.server.openapi import openapi_document, swagger_page
 from asyncllm.server.protocol import DetokenizeRequest, TokenizeRequest, now
 from asyncllm.server.serving import ServerContext, parse_body
+from asyncllm.server.shutdown import DrainMiddleware, GracefulShutdown
 
 DEFAULT_PUBLIC_PATHS = ("/health", "/metrics", "/", "/version")
 
@@ -52,14 +54,16 @@ async def engine_lifespan(engine: AsyncEngine) -> AsyncIterator[AsyncEngine]:
 
 def build_app(engine: AsyncEngine, *, api_key: str | None = None, served_model_name: str | None = None,
               public_paths: Iterable[str] = DEFAULT_PUBLIC_PATHS, browser_page: bool = True,
-              max_body_bytes: int = 4 << 20, max_prompts_per_request: int = 64,
-              run_lifespan: bool = True) -> Starlette:
-    """The API app. `api_key` (or ASYNCLLM_API_KEY) guards every route but `public_paths`."""
+              max_body_bytes: int = 4 << 20, max_prompts_per_request: int = 64, max_json_depth: int = 64,
+              openapi: bool = True, run_lifespan: bool = True) -> Starlette:
+    """The API app. `api_key` (or ASYNCLLM_API_KEY) guards every route but `public_paths`
+    (/openapi.json and /docs too, unless listed there). `app.state.shutdown` drains it."""
     api_key = api_key if api_key is not None else os.environ.get("ASYNCLLM_API_KEY") or None
     names = [served_model_name] if served_model_name else []
     names += [n for n in (engine.model_name,) if n not in names]
     metrics = ServerMetrics(engine, names[0])
-    ctx = ServerContext(engine, names, metrics, max_prompts_per_request)
+    shutdown = GracefulShutdown()
+    ctx = ServerContext(engine, names, metrics, shutdown, max_prompts_per_request, max_json_depth)
 
     def endpoint(name: str, handler):
         async def wrapped(request: Request) -> Response:
@@ -91,7 +95,7 @@ def build_app(engine: AsyncEngine, *, api_key: str | None = None, served_model_n
              "max_model_len": engine.max_model_len} for name in ctx.model_names]})
 
     async def tokenize(request: Request, ctx: ServerContext) -> Response:
-        body = await parse_body(request, TokenizeRequest)
+        body = await parse_body(request, TokenizeRequest, ctx)
         ctx.check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "pass exactly one of prompt or messages", param="prompt")
@@ -102,7 +106,7 @@ def build_app(engine: AsyncEngine, *, api_key: str | None = None, served_model_n
         return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_model_len})
 
     async def detokenize(request: Request, ctx: ServerContext) -> Response:
-        body = await parse_body(request, DetokenizeRequest)
+        body = await parse_body(request, DetokenizeRequest, ctx)
         ctx.check_model(body.model)
         vocab = engine.engine.core.checkpoint.config.vocab_size
         if any(not 0 <= t < vocab for t in body.tokens):
@@ -112,6 +116,12 @@ def build_app(engine: AsyncEngine, *, api_key: str | None = None, served_model_n
     async def page(request: Request, ctx: ServerContext) -> Response:
         html = resources.files("asyncllm.server").joinpath("static/index.html").read_text(encoding="utf-8")
         return HTMLResponse(html.replace("{{MODEL}}", ctx.model_name))
+
+    async def openapi_json(request: Request, ctx: ServerContext) -> Response:
+        return JSONResponse(openapi_document("asyncllm", asyncllm.__version__, browser_page))
+
+    async def docs(request: Request, ctx: ServerContext) -> Response:
+        return HTMLResponse(swagger_page(request.scope.get("root_path", "") + "/openapi.json"))
 
     routes = [
         Route("/health", endpoint("health", health), methods=["GET"]),
@@ -125,6 +135,9 @@ def build_app(engine: AsyncEngine, *, api_key: str | None = None, served_model_n
     ]
     if browser_page:
         routes.append(Route("/", endpoint("page", page), methods=["GET"]))
+    if openapi:
+        routes += [Route("/openapi.json", endpoint("openapi", openapi_json), methods=["GET"]),
+                   Route("/docs", endpoint("docs", docs), methods=["GET"])]
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -139,6 +152,8 @@ def build_app(engine: AsyncEngine, *, api_key: str | None = None, served_model_n
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=max_body_bytes)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key, public_paths=public_paths)
+    app.add_middleware(DrainMiddleware, shutdown=shutdown)  # outermost: counts every request
     app.state.engine = engine
     app.state.context = ctx
+    app.state.shutdown = shutdown
     return app

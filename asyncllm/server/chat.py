@@ -18,8 +18,10 @@ from asyncllm.server.serving import (
     new_id,
     openai_finish_reason,
     parse_body,
+    prompt_logprobs_json,
     sampling_params,
     sse_response,
+    submit_all,
     until_disconnected,
 )
 
@@ -40,10 +42,28 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return out
 
 
+# Arguments of the renderer (ours and transformers' apply_chat_template) and the names the
+# template gets from it: chat_template_kwargs may not replace them.
+_RESERVED_TEMPLATE_KWARGS = frozenset({
+    "tokenizer", "messages", "conversation", "add_generation_prompt", "tools", "documents", "chat_template",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs", "kwargs"})
+
+
+def check_template_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """Template variables a request may set: identifiers that are not the renderer's own arguments."""
+    for key in kwargs or {}:
+        if not key.isidentifier() or key.startswith("_") or key in _RESERVED_TEMPLATE_KWARGS:
+            raise InvalidRequestError(f"chat_template_kwargs may not set {key!r} (a renderer argument or not a "
+                                      "template variable name)", param=f"chat_template_kwargs.{key}")
+    return dict(kwargs or {})
+
+
 def chat_prompt(ctx: ServerContext, messages: list[ChatMessage], add_generation_prompt: bool,
                 kwargs: dict[str, Any] | None) -> dict[str, Any]:
     tokenizer = ctx.engine.tokenizer
-    text = apply_chat_template(tokenizer, message_dicts(messages), add_generation_prompt, **(kwargs or {}))
+    text = apply_chat_template(tokenizer, message_dicts(messages), add_generation_prompt,
+                               **check_template_kwargs(kwargs))
     return {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
 
 
@@ -69,7 +89,7 @@ def _chat_logprobs(c: CompletionOutput, top: int) -> dict | None:
 
 
 async def create_chat_completion(request: Request, ctx: ServerContext) -> Response:
-    body = await parse_body(request, ChatCompletionRequest)
+    body = await parse_body(request, ChatCompletionRequest, ctx)
     ctx.check_model(body.model)
     if body.tools and body.tool_choice != "none":
         raise InvalidRequestError("tool calling is not supported by this server", param="tools")
@@ -85,6 +105,7 @@ async def create_chat_completion(request: Request, ctx: ServerContext) -> Respon
     prepared = engine.prepare(prompt, params, request_id, body.priority)
     check_context(ctx, prepared, max_tokens)
     await engine.wait_for_grammar(prepared)  # a structure that cannot compile is a 400, before streaming
+    (outputs,) = submit_all(engine, [prepared])  # a full queue is a 429 here, before any response starts
     created = now()
 
     def chunk(choices: list[dict], **extra: Any) -> dict:
@@ -98,7 +119,11 @@ async def create_chat_completion(request: Request, ctx: ServerContext) -> Respon
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None} for i in range(params.n)])
             completion_tokens = 0
-            async for out in engine.generate_prepared(prepared):
+            first = True
+            async for out in outputs:
+                if first and body.prompt_logprobs is not None:
+                    yield chunk([], prompt_logprobs=prompt_logprobs_json(out))
+                first = False
                 for c in out.outputs:
                     completion_tokens += len(c.token_ids)
                     if not c.text and c.finish_reason is None:
@@ -109,22 +134,22 @@ async def create_chat_completion(request: Request, ctx: ServerContext) -> Respon
                 n_prompt = len(prepared.prompt_token_ids)
                 yield chunk([], usage=usage(n_prompt, completion_tokens))
 
-        return sse_response(events())
+        return sse_response(ctx, events())
 
     async def run():
-        async for out in engine.generate_prepared(prepared):
+        async for out in outputs:
             if out.finished:
                 return out
         raise RuntimeError("request ended without output")
 
-    final = await until_disconnected(request, run)
+    final = await until_disconnected(request, run, [outputs])
     choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                 "logprobs": _chat_logprobs(c, top), "finish_reason": openai_finish_reason(c.finish_reason)}
                for c in sorted(final.outputs, key=lambda c: c.index)]
     completion_tokens = sum(len(c.token_ids) for c in final.outputs)
     n_prompt = len(prepared.prompt_token_ids)
-    return JSONResponse({
-        "id": request_id, "object": "chat.completion", "created": created, "model": ctx.model_name,
-        "choices": choices,
-        "usage": usage(n_prompt, completion_tokens),
-    })
+    response = {"id": request_id, "object": "chat.completion", "created": created, "model": ctx.model_name,
+                "choices": choices, "usage": usage(n_prompt, completion_tokens)}
+    if body.prompt_logprobs is not None:
+        response["prompt_logprobs"] = prompt_logprobs_json(final)
+    return JSONResponse(response)

@@ -44,6 +44,9 @@ def to_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, ValidationError):
         first = exc.errors()[0]
         param = ".".join(str(p) for p in first.get("loc", ()) if not isinstance(p, int)) or None
+        if first.get("type") == "extra_forbidden":
+            return APIError(400, f"{param} is not supported by this server (an unknown or unsupported field; it "
+                                 "is refused rather than ignored)", param=param, code="unsupported_field")
         return APIError(400, f"invalid request: {param or 'body'}: {first.get('msg', 'invalid value')}",
                         param=param, code="invalid_type")
     if isinstance(exc, EngineOverloadedError):

@@ -1,85 +1,113 @@
 """Request and response bodies of the OpenAI-compatible API (pydantic).
 
-Unknown fields are ignored, as OpenAI clients add new ones over time; known fields are
-type-checked, and the engine's SamplingParams then checks their values.
+A field this server does not know is refused with a 400 naming it (`extra="forbid"`): a
+client asking for beam search, a grammar or tools must not get a 200 without them. OpenAI's
+own fields that change nothing in the output (`user`, `metadata`, `store`, ...) are declared
+and accepted. Every integer is bounded to int64 where it is parsed, so no value can
+overflow a C long later; the engine's SamplingParams then checks the values.
 """
 from __future__ import annotations
 
 import time
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+Count = Annotated[int, Field(ge=0, le=2**31 - 1)]
 
-class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+
+class _Strict(BaseModel):
+    """Every request model: unknown fields are refused."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
-class StreamOptions(_Lenient):
+class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class JSONSchemaFormat(_Lenient):
+class StructuredOutputsParams(_Strict):
+    """vLLM >= 0.12's `structured_outputs` (the guided_* fields' successor; outlines' vLLM client sends it)."""
+
+    json_: Union[dict[str, Any], str, None] = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    json_object: bool | None = None
+    grammar: str | None = None  # refused: context-free grammars are not supported
+    structural_tag: Any = None  # refused
+
+
+class JSONSchemaFormat(_Strict):
     name: str | None = None
     description: str | None = None
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
     strict: bool | None = None
 
 
-class ResponseFormat(_Lenient):
+class ResponseFormat(_Strict):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JSONSchemaFormat | None = None
 
 
-class _SamplingFields(_Lenient):
+class _SamplingFields(_Strict):
     """Fields shared by /v1/completions and /v1/chat/completions, incl. vLLM's extras."""
 
     model: str | None = None
-    n: int = 1
+    n: Count = 1
     temperature: float | None = None
     top_p: float | None = None
-    max_tokens: int | None = None
+    max_tokens: Count | None = None
     stop: Union[str, list[str], None] = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    seed: int | None = None
+    seed: Int64 | None = None
+    # OpenAI fields that change nothing in the output: accepted, not used.
     user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
     # vLLM-compatible extras
-    top_k: int | None = None
+    top_k: Annotated[int, Field(ge=-1, le=2**31 - 1)] | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
-    min_tokens: int | None = None
+    min_tokens: Count | None = None
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     bad_words: list[str] | None = None
-    allowed_token_ids: list[int] | None = None
-    priority: int = 0
+    allowed_token_ids: list[TokenId] | None = None
+    priority: Int64 = 0
+    prompt_logprobs: Count | None = None
     # structured outputs: OpenAI's response_format, and vLLM's guided_* extras
     response_format: ResponseFormat | None = None
     guided_json: Union[dict[str, Any], str, None] = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
-    logprobs: int | None = None
+    prompt: Union[str, list[str], list[TokenId], list[list[TokenId]]]
+    logprobs: Count | None = None
     echo: bool = False
-    best_of: int | None = None
+    best_of: Count | None = None
     suffix: str | None = None
 
 
-class ContentPart(_Lenient):
+class ContentPart(_Strict):
     type: str
     text: str | None = None
 
 
-class ChatMessage(_Lenient):
+class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Union[str, list[ContentPart], None] = None
     name: str | None = None
@@ -87,16 +115,17 @@ class ChatMessage(_Lenient):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
+    max_completion_tokens: Count | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: Count | None = None
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
 
 
-class TokenizeRequest(_Lenient):
+class TokenizeRequest(_Strict):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -104,9 +133,9 @@ class TokenizeRequest(_Lenient):
     add_generation_prompt: bool = True
 
 
-class DetokenizeRequest(_Lenient):
+class DetokenizeRequest(_Strict):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[TokenId]
 
 
 class UsageInfo(BaseModel):

@@ -1,7 +1,6 @@
 """What the completion and chat endpoints share: parsing, model check, params, disconnects, SSE."""
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -9,17 +8,20 @@ from typing import Any, TypeVar
 
 import anyio
 from pydantic import BaseModel, ValidationError
-from sse_starlette.sse import EventSourceResponse
 from starlette.requests import Request
 
 from asyncllm.engine.async_engine import AsyncEngine
 from asyncllm.engine.llm_engine import PreparedRequest
 from asyncllm.errors import InvalidRequestError
+from asyncllm.outputs import RequestOutput
 from asyncllm.sampling.structured import StructuredOutputs
 from asyncllm.sampling_params import RequestOutputKind, SamplingParams
 from asyncllm.server.errors import APIError, to_api_error
+from asyncllm.server.json_body import load_json_body
 from asyncllm.server.metrics import ServerMetrics
 from asyncllm.server.protocol import _SamplingFields
+from asyncllm.server.shutdown import GracefulShutdown
+from asyncllm.server.sse import SSEResponse
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
@@ -30,7 +32,9 @@ class ServerContext:
     engine: AsyncEngine
     model_names: list[str]
     metrics: ServerMetrics
+    shutdown: GracefulShutdown
     max_prompts_per_request: int = 64
+    max_json_depth: int = 64
 
     @property
     def model_name(self) -> str:
@@ -42,12 +46,8 @@ class ServerContext:
                            param="model", code="model_not_found")
 
 
-async def parse_body(request: Request, model: type[M]) -> M:
-    raw = await request.body()
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise APIError(400, "the request body is not valid JSON", code="invalid_json") from None
+async def parse_body(request: Request, model: type[M], ctx: ServerContext) -> M:
+    data = load_json_body(await request.body(), ctx.max_json_depth)
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
     try:
@@ -57,7 +57,7 @@ async def parse_body(request: Request, model: type[M]) -> M:
 
 
 def sampling_params(body: _SamplingFields, *, max_tokens: int | None, logprobs: int | None,
-                    kind: RequestOutputKind) -> SamplingParams:
+                    kind: RequestOutputKind, prompt_logprobs: int | None = None) -> SamplingParams:
     if body.logit_bias is not None:
         try:
             bias = {int(k): v for k, v in body.logit_bias.items()}
@@ -70,6 +70,7 @@ def sampling_params(body: _SamplingFields, *, max_tokens: int | None, logprobs: 
         ignore_eos=body.ignore_eos, stop_token_ids=body.stop_token_ids, skip_special_tokens=body.skip_special_tokens,
         include_stop_str_in_output=body.include_stop_str_in_output, bad_words=body.bad_words,
         allowed_token_ids=body.allowed_token_ids, output_kind=kind,
+        prompt_logprobs=prompt_logprobs if prompt_logprobs is not None else body.prompt_logprobs,
     )
     for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k", "min_p",
                  "repetition_penalty", "min_tokens"):
@@ -96,9 +97,17 @@ def structured_outputs(body: _SamplingFields) -> StructuredOutputs | None:
         specs.append(("guided_regex", StructuredOutputs(regex=body.guided_regex)))
     if body.guided_choice is not None:
         specs.append(("guided_choice", StructuredOutputs(choice=body.guided_choice)))
+    so = body.structured_outputs
+    if so is not None:
+        for name in ("grammar", "structural_tag"):
+            if getattr(so, name) is not None:
+                raise InvalidRequestError(f"structured_outputs.{name} is not supported (json, regex, choice and "
+                                          "json_object are)", param=f"structured_outputs.{name}")
+        specs.append(("structured_outputs", StructuredOutputs(json=so.json_, regex=so.regex, choice=so.choice,
+                                                              json_object=bool(so.json_object))))
     if len(specs) > 1:
-        raise InvalidRequestError("use only one of response_format, guided_json, guided_regex, guided_choice",
-                                  param=specs[1][0])
+        raise InvalidRequestError("use only one of response_format, guided_json, guided_regex, guided_choice, "
+                                  "structured_outputs", param=specs[1][0])
     return specs[0][1] if specs else None
 
 
@@ -117,12 +126,23 @@ def openai_finish_reason(reason: str | None) -> str | None:
     return None if reason is None else ("length" if reason == "length" else "stop")
 
 
+def prompt_logprobs_json(out: RequestOutput) -> list[dict | None] | None:
+    """vLLM's `prompt_logprobs`: per prompt position None (the first) or {token id: {logprob, rank,
+    decoded_token}} with the prompt's own token and the top ones."""
+    if out.prompt_logprobs is None:
+        return None
+    return [None if position is None else
+            {str(t): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.decoded_token}
+             for t, lp in position.items()} for position in out.prompt_logprobs]
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-async def until_disconnected(request: Request, work: Callable[[], Awaitable[T]]) -> T:
-    """Runs `work`; if the client disconnects first, cancels it (which aborts its engine requests)."""
+async def until_disconnected(request: Request, work: Callable[[], Awaitable[T]],
+                             streams: list[AsyncIterator[RequestOutput]]) -> T:
+    """Runs `work` over `streams`; if the client disconnects first, cancels it and aborts them."""
     result: list[T] = []
     failure: list[BaseException] = []
 
@@ -143,6 +163,8 @@ async def until_disconnected(request: Request, work: Callable[[], Awaitable[T]])
 
         tg.start_soon(watch)
         tg.start_soon(run)
+    for stream in streams:
+        await stream.aclose()  # type: ignore[attr-defined] # a no-op for the finished ones
     if failure:
         raise failure[0]
     if not result:
@@ -154,8 +176,11 @@ async def merge(iterators: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T
     """Items of several async iterators as they come, tagged by index. An error in one is
     raised here; closing this generator closes (and so aborts) every iterator."""
     if len(iterators) == 1:
-        async for item in iterators[0]:
-            yield 0, item
+        try:
+            async for item in iterators[0]:
+                yield 0, item
+        finally:
+            await iterators[0].aclose()  # type: ignore[attr-defined]
         return
     send, receive = anyio.create_memory_object_stream[tuple[int, Any]](max_buffer_size=4 * len(iterators))
 
@@ -183,17 +208,20 @@ async def merge(iterators: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T
             tg.cancel_scope.cancel()
 
 
-def sse_response(events: AsyncIterator[dict[str, Any]]) -> EventSourceResponse:
-    """SSE of JSON events then `data: [DONE]`; an error mid-stream becomes an OpenAI error event."""
+def sse_response(ctx: ServerContext, events: AsyncIterator[dict[str, Any]]) -> SSEResponse:
+    """SSE of JSON events then `data: [DONE]` (sse.py), drained by a graceful shutdown."""
+    return SSEResponse(events, ctx.shutdown)
 
-    async def body() -> AsyncIterator[str]:
-        try:
-            async for event in events:
-                yield json.dumps(event, ensure_ascii=False)
-        except Exception as exc:  # noqa: BLE001 - the headers are sent: report in-band
-            yield json.dumps(to_api_error(exc).body())
-        finally:
-            await events.aclose()  # type: ignore[attr-defined]
-        yield "[DONE]"
 
-    return EventSourceResponse(body(), ping=15, sep="\n")
+def submit_all(engine: AsyncEngine, prepared: list[PreparedRequest]) -> list[AsyncIterator[RequestOutput]]:
+    """Queues every request now, before a response starts, so that a full queue is a 429 and not
+    an error inside a 200 stream; if one is refused, the ones already queued are aborted."""
+    streams: list[AsyncIterator[RequestOutput]] = []
+    try:
+        for item in prepared:
+            streams.append(engine.submit_prepared(item))
+    except BaseException:
+        for item in prepared[:len(streams)]:
+            engine.abort_now(item.request_id)
+        raise
+    return streams

@@ -165,7 +165,7 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": "hello"}, 400, "messages"),
     ("/v1/chat/completions", {"messages": CHAT, "top_logprobs": 3}, 400, "top_logprobs"),
     ("/v1/chat/completions", {"messages": CHAT, "logprobs": True, "top_logprobs": 99}, 400, "logprobs"),
-    ("/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": -3}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": -3}, 400, "max_completion_tokens"),
     ("/v1/chat/completions", {"messages": CHAT, "model": "nope"}, 404, "model"),
     ("/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
      "tools"),

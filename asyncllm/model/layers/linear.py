@@ -38,6 +38,8 @@ _PACK_HINT = 8  # rows the blocked layout is tuned for; it serves any row count 
 
 
 def prepack_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    if dtype == torch.bfloat16 and not cpu_kernels.library.cpu_has_onednn_bf16():
+        return False  # oneDNN cannot pack bf16 on this CPU (AVX2 only)
     return (device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
             and torch.backends.mkldnn.is_available())
 

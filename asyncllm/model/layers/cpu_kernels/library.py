@@ -63,6 +63,15 @@ def cpu_has_amx() -> bool:
     return "amx_bf16" in _cpu_flags().split()
 
 
+@functools.cache
+def cpu_has_onednn_bf16() -> bool:
+    """Whether oneDNN can pack and multiply bf16 weights here (torch's `_reorder_linear_weight`
+    refuses bf16 without avx_ne_convert or avx512bw/vl/dq: AVX2-only CPUs)."""
+    flags = set(_cpu_flags().split())
+    return "avx_ne_convert" in flags or {"avx512bw", "avx512vl", "avx512dq"} <= flags or platform.machine() not in (
+        "x86_64", "AMD64")
+
+
 def _flags() -> tuple[str, ...]:
     return FLAGS + (X86_FLAGS if platform.machine() in ("x86_64", "AMD64") else ())
 
