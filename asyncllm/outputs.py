@@ -11,6 +11,16 @@ class Logprob:
     decoded_token: str | None = None
 
 
+@dataclass
+class TokenLogprobs:
+    """Raw logprobs at one position, as the sampler hands them on: the chosen token first, then
+    the top-k (turned into `PositionLogprobs` by the output processor)."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    ranks: list[int]
+
+
 # One dict per position: token id -> Logprob (the chosen token plus the top-k).
 PositionLogprobs = dict[int, Logprob]
 

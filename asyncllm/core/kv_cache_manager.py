@@ -11,7 +11,7 @@ from array import array
 from dataclasses import dataclass
 
 from asyncllm.core.block_pool import BlockHash, BlockPool, KVCacheBlock
-from asyncllm.engine.request import Request
+from asyncllm.request import Request
 
 
 def hash_block(parent: BlockHash | None, token_ids: list[int], extra: str | None) -> BlockHash:

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from asyncllm.engine.request import Request
+from asyncllm.outputs import TokenLogprobs
+from asyncllm.request import Request
 
 
 @dataclass
@@ -28,15 +29,6 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.scheduled
-
-
-@dataclass
-class TokenLogprobs:
-    """Logprobs at one position: the chosen token first, then the top-k."""
-
-    token_ids: list[int]
-    logprobs: list[float]
-    ranks: list[int]
 
 
 @dataclass

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from asyncllm.core.kv_cache_manager import KVCacheManager
 from asyncllm.core.sched_output import EngineCoreOutput, ModelRunnerOutput, ScheduledRequest, SchedulerOutput
-from asyncllm.engine.request import Request, RequestStatus
+from asyncllm.request import Request, RequestStatus
 
 
 @dataclass(frozen=True)

@@ -16,14 +16,14 @@ from asyncllm.config import EngineConfig
 from asyncllm.core.kv_cache_manager import KVCacheManager
 from asyncllm.core.sched_output import EngineCoreOutput, ModelRunnerOutput, SchedulerOutput
 from asyncllm.core.scheduler import Scheduler, SchedulerConfig
-from asyncllm.engine.request import Request, RequestStatus
 from asyncllm.errors import PromptTooLongError
 from asyncllm.model.dtype import resolve_dtype
-from asyncllm.model.loader import Checkpoint, load_checkpoint
 from asyncllm.model.layers.block_quant import QUANTIZATION_BITS
 from asyncllm.model.layers.int4 import int4_max_rows
 from asyncllm.model.layers.linear import prepack_supported
+from asyncllm.model.loader import Checkpoint, load_checkpoint
 from asyncllm.model.registry import build_model
+from asyncllm.request import Request, RequestStatus
 from asyncllm.worker.cpu_allocator import keep_freed_memory_in_heap, return_freed_memory
 from asyncllm.worker.model_runner import KVCacheSpec, ModelRunner
 

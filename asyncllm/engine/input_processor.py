@@ -11,8 +11,8 @@ from typing import Any, Union
 
 from transformers import PreTrainedTokenizerBase
 
-from asyncllm.engine.request import Request
 from asyncllm.errors import InvalidRequestError, PromptTooLongError
+from asyncllm.request import Request
 from asyncllm.sampling.grammar_compiler import GrammarCompiler
 from asyncllm.sampling.structured import GrammarState
 from asyncllm.sampling_params import SamplingLimits, SamplingParams

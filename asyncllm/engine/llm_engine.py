@@ -14,10 +14,10 @@ from asyncllm.config import EngineArgs, EngineConfig
 from asyncllm.engine.engine_core import EngineCore
 from asyncllm.engine.input_processor import InputProcessor, PromptType
 from asyncllm.engine.output_processor import OutputProcessor, child_request_id
-from asyncllm.engine.request import Request, RequestStatus
 from asyncllm.errors import InvalidRequestError
 from asyncllm.model.tokenizer import apply_chat_template_override
 from asyncllm.outputs import RequestOutput
+from asyncllm.request import Request, RequestStatus
 from asyncllm.sampling.grammar_compiler import GrammarCompiler
 from asyncllm.sampling_params import SamplingParams
 

@@ -11,9 +11,16 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
-from asyncllm.core.sched_output import EngineCoreOutput, TokenLogprobs
+from asyncllm.core.sched_output import EngineCoreOutput
 from asyncllm.engine.detokenizer import IncrementalDetokenizer
-from asyncllm.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
+from asyncllm.outputs import (
+    CompletionOutput,
+    Logprob,
+    PositionLogprobs,
+    RequestMetrics,
+    RequestOutput,
+    TokenLogprobs,
+)
 from asyncllm.sampling_params import RequestOutputKind, SamplingParams
 
 

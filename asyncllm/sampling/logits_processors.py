@@ -11,7 +11,7 @@ from typing import Protocol
 
 import torch
 
-from asyncllm.engine.request import Request
+from asyncllm.request import Request
 
 NEG_INF = float("-inf")
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from asyncllm.core.sched_output import TokenLogprobs
+from asyncllm.outputs import TokenLogprobs
 from asyncllm.sampling.logits_processors import DEFAULT_PROCESSORS, LogitsProcessor, SamplingBatch
 
 _GREEDY_EPS = 1e-5

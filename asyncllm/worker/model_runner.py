@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from asyncllm.core.sched_output import ModelRunnerOutput, SchedulerOutput, TokenLogprobs
+from asyncllm.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from asyncllm.model.arch_config import LlamaFamilyConfig
 from asyncllm.model.layers.attention import AttentionMetadata
+from asyncllm.outputs import TokenLogprobs
 from asyncllm.sampling.logits_processors import SamplingBatch
 from asyncllm.sampling.sampler import Sampler, prompt_logprobs_for
 

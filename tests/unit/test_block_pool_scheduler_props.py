@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from asyncllm.core.kv_cache_manager import KVCacheManager
 from asyncllm.core.sched_output import ModelRunnerOutput
 from asyncllm.core.scheduler import Scheduler, SchedulerConfig
-from asyncllm.engine.request import Request, RequestStatus
+from asyncllm.request import Request, RequestStatus
 from asyncllm.sampling_params import SamplingParams
 
 EOS = 0

@@ -1,8 +1,8 @@
 """Incremental detokenizer: UTF-8 safety and stop strings across token boundaries."""
+import pytest
+
 from asyncllm.engine.detokenizer import IncrementalDetokenizer
 from asyncllm.model.tokenizer import load_gguf_tokenizer
-
-import pytest
 
 
 @pytest.fixture(scope="module")

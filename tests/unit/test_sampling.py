@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from asyncllm.engine.request import Request
 from asyncllm.errors import InvalidRequestError
+from asyncllm.request import Request
 from asyncllm.sampling.logits_processors import SamplingBatch
 from asyncllm.sampling.sampler import Sampler
 from asyncllm.sampling_params import SamplingLimits, SamplingParams
