@@ -112,14 +112,10 @@ class EngineThread:
                 if commands is None:
                     break
                 self._apply(commands)
-                if self.engine.has_unfinished_requests():
-                    outputs = self.engine.step()
-                    self.stats.record_step(self.engine, outputs)
-                else:
-                    outputs = []
-                    # Aborts (or refused adds) emptied the engine: no step follows to refresh the
-                    # gauges, so /metrics and stats() would keep the old counts until the next request.
-                    self.stats.record_step(self.engine, outputs)
+                outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
+                # Recorded even without a step: aborts (or refused adds) may have emptied the engine,
+                # and /metrics and stats() must not keep the old counts until the next request.
+                self.stats.record_step(self.engine, outputs)
                 # Recount before delivering: a caller woken by these outputs may submit at once.
                 self._recount()
                 self._deliver([(o.request_id, o) for o in outputs])
