@@ -74,6 +74,10 @@ class EngineArgs:
     enable_prefix_caching: bool = _opt(True, "reuse KV blocks of shared prompt prefixes across requests")
     max_waiting_requests: int = _opt(1024, "admission limit: more waiting requests are refused (overloaded)")
     seed: int = _opt(0, "seed of the engine's unseeded sampling")
+    distributed_executor_backend: str | None = _opt(
+        None, "where the model runs: uni (in the engine thread; the default) or mp (a worker process, "
+              "steps sent as msgpack; a worker that dies fails every request with EngineDeadError)",
+        choices=["uni", "mp"])
     chat_template: str | None = _opt(None, "Jinja chat template file overriding the tokenizer's")
     served_model_name: str | None = _opt(None, "model name reported by the API (default: the model's name)")
     max_n: int = _opt(16, "largest n (parallel samples) a request may ask for")
@@ -152,6 +156,9 @@ class EngineConfig:
             errors.append("grammar_compile_workers must be >= 1")
         if not args.grammar_compile_timeout > 0:
             errors.append("grammar_compile_timeout must be > 0 seconds")
+        if args.distributed_executor_backend not in (None, "uni", "mp"):
+            errors.append(f"distributed_executor_backend must be uni or mp, got {args.distributed_executor_backend!r}"
+                          + (" (ray is not supported yet)" if args.distributed_executor_backend == "ray" else ""))
         if errors:
             raise ValueError("invalid engine arguments: " + "; ".join(errors))
         if args.device == "auto":

@@ -9,8 +9,6 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from asyncllm.sampling.structured import GrammarState
 from asyncllm.sampling_params import SamplingParams
 
@@ -51,8 +49,7 @@ class Request:
     priority: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
     cache_salt: str | None = None  # extra key of prefix-cache hashes (e.g. LoRA id, tenant)
-    sample_seed: int | None = None  # this sequence's seed (sampler makes the generator lazily)
-    generator: torch.Generator | None = None
+    sample_seed: int | None = None  # this sequence's seed (the worker makes its generator)
     grammar: GrammarState | None = None  # structured output automaton (None: unconstrained)
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
@@ -60,6 +57,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     num_preemptions: int = 0
+    spec_token_ids: list[int] = field(default_factory=list)  # proposed for this step, to verify
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -60,7 +60,7 @@ def main(argv=None) -> dict:
     llm = LLM(**engine_variant(args), max_num_batched_tokens=4096,
               enable_prefix_caching=False)
     tok = llm.get_tokenizer()
-    bound = bandwidth * 1e9 / decode_weight_bytes(llm.engine.core.runner.model)  # if a step only read the weights
+    bound = bandwidth * 1e9 / decode_weight_bytes(llm.engine.core.executor.worker.runner.model)  # if a step only read the weights
     prompt = pydoc_prompts(tok, 1, 128)[0]
     one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
     full = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)

@@ -48,7 +48,7 @@ def main(argv=None) -> dict:
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     ours = tokens / t.seconds
     # FLOPs per generated token ~ 2 x parameters (+ the prefill of the prompt tokens).
-    model = llm.engine.core.runner.model
+    model = llm.engine.core.executor.worker.runner.model
     n_params = (sum(p.numel() for p in model.parameters())  # + the projections that keep only blocks
                 + sum(p.in_features * p.out_features for p in model.projections() if p.dense_dropped))
     flops = 2 * n_params * (tokens + args.num_prompts * args.input_len)

@@ -1,30 +1,70 @@
-"""Typed hand-offs between the scheduler, the model runner and the engine core."""
+"""Typed hand-offs between the scheduler, the executor's workers and the engine core.
+
+Everything a step sends to a worker is plain data that can cross a process (msgspec
+encodes these dataclasses as msgpack): a request's data once (`NewRequestData`), then only
+diffs (`CachedRequestData`: new blocks, the computed count), the ids that left, and the
+grammar bitmask the engine computed. The worker keeps the rest in its input batch.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from asyncllm.outputs import TokenLogprobs
-from asyncllm.request import Request
+from asyncllm.sampling.metadata import SamplingRow
+
+
+@dataclass
+class NewRequestData:
+    """Sent once, when a request first runs on the workers."""
+
+    req_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # empty unless the engine already holds outputs
+    sampling: SamplingRow
+    block_ids: list[int]
+    num_computed_tokens: int
+    cache_key: str | None = None  # prefix-cache extra key (LoRA adapter, images, salt): for the worker's adapters
+
+
+@dataclass
+class CachedRequestData:
+    """A request the workers already hold: what changed since its last step."""
+
+    req_id: str
+    new_block_ids: list[int]
+    num_computed_tokens: int
+    # Back after a preemption: new_block_ids is its whole block table, and the workers re-add it
+    # to the batch (its tokens and generator they kept).
+    resumed: bool = False
 
 
 @dataclass
 class ScheduledRequest:
-    request: Request
+    req_id: str
     start: int  # tokens already in the KV cache before this step
-    num_new_tokens: int  # tokens this step computes: [start, start + num_new_tokens)
-    block_ids: list[int]
+    num_new_tokens: int  # tokens this step computes: [start, start + num_new_tokens), spec tokens included
+    spec_token_ids: list[int] = field(default_factory=list)  # proposed tokens to verify (the last ones computed)
+    samples: bool = True  # this step reaches the request's last known token, so it samples
 
-    @property
-    def samples(self) -> bool:
-        """True when this step finishes the request's known tokens, so it samples the next one."""
-        return self.start + self.num_new_tokens == self.request.num_tokens
+
+@dataclass
+class GrammarOutput:
+    """Allowed-token bitmask of each constrained request sampling this step (engine side)."""
+
+    req_ids: list[str]
+    bitmask: bytes  # int32 [len(req_ids), ceil(vocab / 32)], row-major
+    words: int
 
 
 @dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledRequest]  # one-token queries (decodes) first
     num_batched_tokens: int
-    preempted_ids: list[str] = field(default_factory=list)
+    new_requests: list[NewRequestData] = field(default_factory=list)
+    cached_requests: list[CachedRequestData] = field(default_factory=list)
+    finished_req_ids: list[str] = field(default_factory=list)  # finished or aborted since the last step
+    preempted_ids: list[str] = field(default_factory=list)  # the workers drop them from the batch, keep their state
+    grammar: GrammarOutput | None = None
 
     @property
     def is_empty(self) -> bool:
@@ -33,10 +73,12 @@ class SchedulerOutput:
 
 @dataclass
 class ModelRunnerOutput:
-    sampled: dict[str, int]  # request id → sampled token
-    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    req_ids: list[str] = field(default_factory=list)  # the requests that sampled
+    sampled_token_ids: list[list[int]] = field(default_factory=list)  # accepted spec tokens + the new one
+    logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)  # one entry per sampled token
     # request id → one entry per prompt position computed this step (None for the first token)
     prompt_logprobs: dict[str, list[TokenLogprobs | None]] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # request id → error: it failed inside the worker
 
 
 @dataclass
@@ -45,7 +87,7 @@ class EngineCoreOutput:
     new_token_ids: list[int]
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    logprobs: TokenLogprobs | None = None
+    logprobs: list[TokenLogprobs] | None = None  # one per new token
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     num_cached_tokens: int = 0
     error: str | None = None

@@ -5,16 +5,38 @@ spends one token budget on running requests first (decodes, then unfinished prom
 chunks), then admits waiting requests, chunking their prompts to fit the budget. When
 KV blocks run out, the lowest-priority / newest running request is preempted: its blocks
 are freed and it is recomputed later (prefix caching usually makes that cheap).
+
+Its output is plain data for the workers: a request's data the first time it runs, then
+only diffs (new block ids, the computed count), and the ids that finished or were
+preempted since the last step. A decode may carry proposed tokens to verify (from a
+`Proposer`): slots are allocated for them, and `num_computed_tokens` rolls back by the
+rejected ones when the step's tokens come back.
 """
 from __future__ import annotations
 
 import bisect
 import itertools
 from dataclasses import dataclass
+from typing import Protocol
 
 from asyncllm.core.kv_cache_manager import KVCacheManager
-from asyncllm.core.sched_output import EngineCoreOutput, ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from asyncllm.core.sched_output import (
+    CachedRequestData,
+    EngineCoreOutput,
+    ModelRunnerOutput,
+    NewRequestData,
+    ScheduledRequest,
+    SchedulerOutput,
+)
 from asyncllm.request import Request, RequestStatus
+from asyncllm.sampling.metadata import SamplingRow
+
+
+class Proposer(Protocol):
+    """Proposes up to `k` next tokens of a decoding request, to be verified in its next step."""
+
+    def propose(self, request: Request, k: int) -> list[int]:
+        ...
 
 
 @dataclass(frozen=True)
@@ -23,12 +45,20 @@ class SchedulerConfig:
     max_num_batched_tokens: int
     max_model_len: int
     enable_chunked_prefill: bool = True
+    num_speculative_tokens: int = 0  # most proposed tokens per request per step (0: none)
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, proposer: Proposer | None = None):
         self.config = config
         self.kv = kv
+        self.proposer = proposer
+        # What the workers hold: request id → how many of its block ids they have (absent: not sent
+        # yet). Finished and preempted ids since the last step go out with the next one.
+        self._sent_blocks: dict[str, int] = {}
+        self._resumed: set[str] = set()
+        self._finished_ids: list[str] = []
+        self._preempted_ids: list[str] = []
         self.requests: dict[str, Request] = {}
         self.waiting: list[tuple[tuple, Request]] = []  # sorted by (priority, arrival, seq)
         self.running: list[Request] = []
@@ -77,6 +107,9 @@ class Scheduler:
     def _release(self, request: Request) -> None:
         self.kv.free(request)
         self.requests.pop(request.request_id, None)
+        if self._sent_blocks.pop(request.request_id, None) is not None or request.request_id in self._resumed:
+            self._finished_ids.append(request.request_id)
+        self._resumed.discard(request.request_id)
 
     # ------------------------------------------------------------------ schedule
 
@@ -94,6 +127,8 @@ class Scheduler:
             if request.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            request.spec_token_ids = self._propose(request, num_new, budget)
+            num_new += len(request.spec_token_ids)
             while not self.kv.allocate_slots(request, num_new):
                 victim = self._pick_victim(exclude=scheduled_set)
                 self._preempt(victim)
@@ -136,10 +171,45 @@ class Scheduler:
 
         # One-token queries first: the attention backend batches them as decodes.
         scheduled.sort(key=lambda s: s.num_new_tokens > 1)
-        return SchedulerOutput(scheduled, self.config.max_num_batched_tokens - budget, preempted)
+        out = SchedulerOutput(scheduled, self.config.max_num_batched_tokens - budget)
+        if scheduled:  # otherwise the diffs wait for the next step that runs
+            self._add_worker_diffs(out)
+        return out
+
+    def _propose(self, request: Request, num_new: int, budget: int) -> list[int]:
+        """Tokens to verify along with a decode (none for prompts and for grammar-constrained
+        requests, whose masks cover one position), within the budget and max_model_len."""
+        k = self.config.num_speculative_tokens
+        if self.proposer is None or k == 0 or num_new != 1 or request.grammar is not None:
+            return []
+        k = min(k, budget - 1, self.config.max_model_len - request.num_tokens)
+        return list(self.proposer.propose(request, k)[:k]) if k > 0 else []
 
     def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
-        return ScheduledRequest(request, request.num_computed_tokens, num_new, self.kv.block_ids(request.request_id))
+        spec = request.spec_token_ids
+        samples = request.num_computed_tokens + num_new - len(spec) == request.num_tokens
+        return ScheduledRequest(request.request_id, request.num_computed_tokens, num_new, list(spec), samples)
+
+    def _add_worker_diffs(self, out: SchedulerOutput) -> None:
+        """The first step of a request carries its data; later steps only what changed."""
+        out.finished_req_ids, self._finished_ids = self._finished_ids, []
+        out.preempted_ids, self._preempted_ids = self._preempted_ids, []
+        for item in out.scheduled:
+            rid = item.req_id
+            request = self.requests[rid]
+            block_ids = self.kv.block_ids(rid)
+            sent = self._sent_blocks.get(rid)
+            if sent is None and rid not in self._resumed:
+                out.new_requests.append(NewRequestData(
+                    rid, request.prompt_token_ids, list(request.output_token_ids),
+                    SamplingRow.from_params(request.sampling_params, request.eos_token_ids, request.sample_seed),
+                    block_ids, request.num_computed_tokens, request.cache_salt))
+            elif sent is None:
+                self._resumed.discard(rid)
+                out.cached_requests.append(CachedRequestData(rid, block_ids, request.num_computed_tokens, True))
+            else:
+                out.cached_requests.append(CachedRequestData(rid, block_ids[sent:], request.num_computed_tokens))
+            self._sent_blocks[rid] = len(block_ids)
 
     def _pick_victim(self, exclude: set[str]) -> Request:
         """Lowest priority (largest value), then newest, among running requests not yet scheduled."""
@@ -149,6 +219,10 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
         self.kv.free(request)
+        request.spec_token_ids = []
+        if self._sent_blocks.pop(request.request_id, None) is not None:
+            self._preempted_ids.append(request.request_id)  # the workers keep its tokens and generator
+            self._resumed.add(request.request_id)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -158,23 +232,34 @@ class Scheduler:
     # ------------------------------------------------------------------ update
 
     def update_from_output(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        sampled = dict(zip(result.req_ids, result.sampled_token_ids))
         outputs = []
         for item in sched.scheduled:
-            request = item.request
-            if request.is_finished:
+            request = self.requests.get(item.req_id)
+            if request is None or request.is_finished or item.req_id in result.failed:
                 continue
-            request.num_computed_tokens += item.num_new_tokens
-            prompt_lp = result.prompt_logprobs.get(request.request_id)
-            token = result.sampled.get(request.request_id)
-            if token is None:
+            tokens = sampled.get(item.req_id)
+            # The proposed tokens the samples disagreed with were computed but are not the sequence.
+            rejected = len(item.spec_token_ids) - (len(tokens) - 1) if tokens else 0
+            request.num_computed_tokens += item.num_new_tokens - rejected
+            request.spec_token_ids = []
+            prompt_lp = result.prompt_logprobs.get(item.req_id)
+            if not tokens:
                 if prompt_lp:
-                    outputs.append(EngineCoreOutput(request.request_id, [], prompt_logprobs=prompt_lp))
+                    outputs.append(EngineCoreOutput(item.req_id, [], prompt_logprobs=prompt_lp))
                 continue
-            request.output_token_ids.append(token)
-            if request.grammar is not None:
-                request.grammar.accept(token)
-            self._check_stop(request, token)
-            out = EngineCoreOutput(request.request_id, [token], logprobs=result.logprobs.get(request.request_id),
+            new_tokens = []
+            for token in tokens:  # a stop inside the run ends it there
+                request.output_token_ids.append(token)
+                new_tokens.append(token)
+                if request.grammar is not None:
+                    request.grammar.accept(token)
+                self._check_stop(request, token)
+                if request.is_finished:
+                    break
+            logprobs = result.logprobs.get(item.req_id)
+            out = EngineCoreOutput(item.req_id, new_tokens,
+                                   logprobs=logprobs[:len(new_tokens)] if logprobs is not None else None,
                                    prompt_logprobs=prompt_lp, num_cached_tokens=max(request.num_cached_tokens, 0))
             if request.is_finished:
                 out.finish_reason = request.status.finish_reason

@@ -87,6 +87,10 @@ class AsyncEngine:
 
     @property
     def is_healthy(self) -> bool:
+        try:
+            self.engine.core.executor.check_health()
+        except EngineDeadError:
+            return False
         return self._thread.dead_error is None and not self._shut_down and (
             self._thread.is_alive or not self._thread.started)
 

@@ -1,7 +1,9 @@
 """EngineCore: the synchronous step loop (no asyncio): schedule → execute → update.
 
-It owns the model runner, the KV cache manager and the scheduler. One step returns the
-token-level outputs of that step; text, stop strings and n > 1 aggregation happen in the
+It creates the executor first (which loads the model on its workers and reports how many
+KV blocks fit), sizes the KV cache, then builds the scheduler, as vLLM V1 does. A step sends
+the executor plain data (the scheduler's output plus the grammar bitmask computed here)
+and gets the sampled tokens back; text, stop strings and n > 1 aggregation happen in the
 OutputProcessor above it.
 """
 from __future__ import annotations
@@ -14,20 +16,20 @@ import torch
 
 from asyncllm.config import EngineConfig
 from asyncllm.core.kv_cache_manager import KVCacheManager
-from asyncllm.core.sched_output import EngineCoreOutput, ModelRunnerOutput, SchedulerOutput
-from asyncllm.core.scheduler import Scheduler, SchedulerConfig
+from asyncllm.core.sched_output import EngineCoreOutput, GrammarOutput, SchedulerOutput
+from asyncllm.core.scheduler import Proposer, Scheduler, SchedulerConfig
 from asyncllm.errors import PromptTooLongError
-from asyncllm.model.dtype import resolve_dtype
-from asyncllm.model.layers.block_quant import QUANTIZATION_BITS
-from asyncllm.model.layers.int4 import int4_max_rows
-from asyncllm.model.layers.linear import prepack_supported
+from asyncllm.executor import Executor, create_executor
 from asyncllm.model.loader import Checkpoint, load_checkpoint
-from asyncllm.model.registry import build_model
 from asyncllm.request import Request, RequestStatus
-from asyncllm.worker.cpu_allocator import keep_freed_memory_in_heap, return_freed_memory
-from asyncllm.worker.model_runner import KVCacheSpec, ModelRunner
+from asyncllm.sampling.structured import write_bitmask
+from asyncllm.worker.worker import CacheConfig
 
 logger = logging.getLogger(__name__)
+
+
+class WorkerRequestError(RuntimeError):
+    """A request failed inside a worker (the message is the worker's error)."""
 
 
 @dataclass
@@ -55,88 +57,46 @@ class LoadReport:
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, checkpoint: Checkpoint | None = None):
+    def __init__(self, config: EngineConfig, checkpoint: Checkpoint | None = None,
+                 proposer: Proposer | None = None, num_speculative_tokens: int = 0):
         started = time.perf_counter()
         args = config.args
         self.config = config
+        # The config and tokenizer (the weights stream is read by the workers).
         self.checkpoint = checkpoint or load_checkpoint(args.model, args.tokenizer)
         model_cfg = self.checkpoint.config
-        # Keeping only quantised blocks computes every step in fp32 (the block kernels and the
-        # panel GEMM), so "auto" means fp32 there rather than a dtype that setting refuses.
-        self.dtype = (torch.float32 if args.quantized_weights_only and config.dtype_request == "auto"
-                      else resolve_dtype(config.dtype_request, config.device))
-        model = build_model(model_cfg, self.dtype, config.device, config.kernels)
-        model.load_weights(self.checkpoint.weights(self.dtype))
-        if args.cpu_weight_prepack and prepack_supported(config.device, self.dtype):
-            model.prepack_weights()
-        if args.quantization is not None:
-            self._quantize(model, args.quantization)
-        model.eval()
-        if args.cpu_malloc_tuning and config.device.type == "cpu":
-            # After the load, so its temporary buffers have gone back to the OS.
-            keep_freed_memory_in_heap()
-
-        spec = KVCacheSpec(model_cfg.num_layers, model_cfg.num_kv_heads, model_cfg.head_dim, args.block_size,
-                           self.dtype)
-        num_blocks = self._num_blocks(spec)
-        capacity = num_blocks * args.block_size
-        max_model_len = min(args.max_model_len or model_cfg.max_position_embeddings, capacity)
-        if args.max_model_len is not None and args.max_model_len > model_cfg.max_position_embeddings:
-            raise ValueError(f"max_model_len {args.max_model_len} exceeds the model's "
-                             f"{model_cfg.max_position_embeddings} positions")
-        if args.max_model_len is not None and args.max_model_len > capacity:
-            logger.warning("max_model_len %d exceeds the KV cache (%d tokens); using %d",
-                           args.max_model_len, capacity, capacity)
+        self.executor: Executor = create_executor(config, self.checkpoint)
+        try:
+            info = self.executor.initialize()
+            self.dtype = info.torch_dtype
+            num_blocks = info.num_blocks
+            capacity = num_blocks * args.block_size
+            max_model_len = min(args.max_model_len or model_cfg.max_position_embeddings, capacity)
+            if args.max_model_len is not None and args.max_model_len > model_cfg.max_position_embeddings:
+                raise ValueError(f"max_model_len {args.max_model_len} exceeds the model's "
+                                 f"{model_cfg.max_position_embeddings} positions")
+            if args.max_model_len is not None and args.max_model_len > capacity:
+                logger.warning("max_model_len %d exceeds the KV cache (%d tokens); using %d",
+                               args.max_model_len, capacity, capacity)
+            self.executor.init_cache(CacheConfig(num_blocks, max_model_len))
+        except BaseException:
+            self.executor.shutdown()
+            raise
         self.max_model_len = max_model_len
-        self.runner = ModelRunner(model, model_cfg, spec, num_blocks, config.device, args.seed,
-                                  prefault=args.kv_cache_prefault)
+        self.vocab_size = model_cfg.vocab_size
         self.kv = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(
-            SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, max_model_len, args.enable_chunked_prefill),
-            self.kv)
+            SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, max_model_len, args.enable_chunked_prefill,
+                            num_speculative_tokens),
+            self.kv, proposer)
         self.num_steps = 0
         self.prompt_tokens_computed = 0
         self.generation_tokens = 0
+        self.num_draft_tokens = 0  # proposed tokens verified
+        self.num_accepted_tokens = 0  # of those, kept
         self.load_report = LoadReport(time.perf_counter() - started, self.dtype, num_blocks, max_model_len)
         logger.info("EngineCore ready in %.2fs: %s, dtype %s, %d KV blocks, max_model_len %d",
                     self.load_report.seconds, self.checkpoint.name, self.dtype, num_blocks, max_model_len)
-
-    def _quantize(self, model, scheme: str) -> None:
-        if self.config.args.quantized_weights_only and self.dtype != torch.float32:
-            raise ValueError(f"quantized_weights_only needs dtype float32 (the blocks' large-step path is fp32); "
-                             f"got {self.dtype} (dtype={self.config.args.dtype!r}): pass dtype='float32'")
-        bits = QUANTIZATION_BITS[scheme]
-        done, skipped = model.quantize(bits, int4_rows=int4_max_rows(self.dtype))
-        quantized = [p for p in model.projections() if p.quantized is not None]
-        rows = max((p.quantized_max_rows for p in quantized), default=0)
-        copies = [p.quantized for p in quantized] + ([model.logits_quant] if model.logits_quant is not None else [])
-        # Exact copies (a GGUF quantised in these formats) make the quantised steps compute with
-        # the weights themselves: the same outputs as the dense path.
-        logger.info("%s: %d projections have %d-bit copies for steps of <= %d rows (%d left dense: shape)%s; "
-                    "%d of %d copies hold their weights exactly; the copies take %.0f MB",
-                    scheme, done, bits, rows, skipped,
-                    "; the logits weight an 8-bit copy" if model.logits_quant is not None else "",
-                    sum(c.exact for c in copies), len(copies), sum(c.nbytes for c in copies) / 1e6)
-        if self.config.args.quantized_weights_only:
-            freed = model.drop_dense_projections()
-            if self.config.device.type == "cpu":
-                return_freed_memory()
-            logger.info("%s: kept only the quantised projections, freeing %.0f MB of dense weights and packed copies",
-                        scheme, freed / 1e6)
-
-    def _num_blocks(self, spec: KVCacheSpec) -> int:
-        if self.config.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.config.device)
-            used = total - free
-            budget = int(total * self.config.args.gpu_memory_utilization) - used
-            if budget <= 0:
-                raise ValueError("no GPU memory left for the KV cache; raise gpu_memory_utilization")
-            return max(1, spec.num_blocks_for(budget))
-        memory = self.config.kv_cache_memory
-        blocks = spec.num_blocks_for(memory)
-        if blocks < 1:
-            raise ValueError(f"kv_cache_memory={memory} bytes holds no block ({spec.bytes_per_block} bytes each)")
-        return blocks
 
     # ------------------------------------------------------------------ requests
 
@@ -166,18 +126,33 @@ class EngineCore:
             if not grammar_errors:
                 self._wait_for_grammars()
             return grammar_errors
-        try:
-            result = self.runner.execute(sched)
-            failed: dict[str, BaseException] = {}
-        except Exception:  # noqa: BLE001 - isolated below, request by request
-            result, failed = self._execute_isolated(sched)
-        errors = [self._fail(request_id, exc) for request_id, exc in failed.items()]
+        sched.grammar = self._grammar_bitmask(sched)
+        prompt_tokens = self._prompt_tokens(sched)
+        result = self.executor.execute(sched)
+        errors = [self._fail(request_id, WorkerRequestError(message)) for request_id, message in result.failed.items()]
         outputs = self.scheduler.update_from_output(sched, result) + errors + grammar_errors
         self.num_steps += 1
-        self.generation_tokens += len(result.sampled)
-        self.prompt_tokens_computed += sum(
-            max(0, min(s.start + s.num_new_tokens, s.request.num_prompt_tokens) - s.start) for s in sched.scheduled)
+        self.generation_tokens += sum(len(tokens) for tokens in result.sampled_token_ids)
+        self.prompt_tokens_computed += prompt_tokens
+        self.num_draft_tokens += sum(len(s.spec_token_ids) for s in sched.scheduled)
+        self.num_accepted_tokens += sum(len(tokens) - 1 for tokens in result.sampled_token_ids)
         return outputs
+
+    def _prompt_tokens(self, sched: SchedulerOutput) -> int:
+        requests = self.scheduler.requests
+        return sum(max(0, min(s.start + s.num_new_tokens, requests[s.req_id].num_prompt_tokens) - s.start)
+                   for s in sched.scheduled)
+
+    def _grammar_bitmask(self, sched: SchedulerOutput) -> GrammarOutput | None:
+        """Each constrained request that samples this step: its automaton's allowed next tokens."""
+        requests = self.scheduler.requests
+        constrained = [s.req_id for s in sched.scheduled
+                       if s.samples and requests[s.req_id].grammar is not None
+                       and requests[s.req_id].grammar.guide is not None]
+        if not constrained:
+            return None
+        bitmask = write_bitmask([requests[r].grammar.guide for r in constrained], self.vocab_size)
+        return GrammarOutput(constrained, bitmask.numpy().tobytes(), bitmask.shape[1])
 
     def _check_grammars(self) -> list[EngineCoreOutput]:
         """Waiting requests whose grammar failed to compile (or took too long) fail now."""
@@ -207,26 +182,6 @@ class EngineCore:
         if pending:
             concurrent.futures.wait(pending, timeout=timeout, return_when=concurrent.futures.FIRST_COMPLETED)
 
-    def _execute_isolated(self, sched: SchedulerOutput) -> tuple[ModelRunnerOutput, dict[str, BaseException]]:
-        """A batch failed: run each request alone so only the faulty ones fail.
-
-        Re-running is safe: a step writes each token's K/V to the same slot with the same
-        values, and the cache pages of one request are never read by another's failure.
-        """
-        merged = ModelRunnerOutput(sampled={})
-        failed: dict[str, BaseException] = {}
-        for item in sched.scheduled:
-            single = SchedulerOutput([item], item.num_new_tokens)
-            try:
-                part = self.runner.execute(single)
-            except Exception as exc:  # noqa: BLE001 - this request is the faulty one
-                failed[item.request.request_id] = exc
-                continue
-            merged.sampled.update(part.sampled)
-            merged.logprobs.update(part.logprobs)
-            merged.prompt_logprobs.update(part.prompt_logprobs)
-        return merged, failed
-
     def stats(self) -> EngineStats:
         st = self.kv.stats
         return EngineStats(self.scheduler.num_running, self.scheduler.num_waiting, self.kv.usage,
@@ -235,4 +190,4 @@ class EngineCore:
                            self.num_steps)
 
     def shutdown(self) -> None:
-        self.runner.release()
+        self.executor.shutdown()

@@ -39,12 +39,17 @@ class _Abort:
     request_id: str
 
 
+@dataclass
+class _WorkerDied:
+    reason: str
+
+
 class EngineThread:
     def __init__(self, engine: LLMEngine, max_waiting_requests: int):
         self.engine = engine
         self.max_waiting_requests = max_waiting_requests
         self.stats = StatsCollector()
-        self._inbox: deque[_Add | _Abort] = deque()
+        self._inbox: deque[_Add | _Abort | _WorkerDied] = deque()
         self._cond = threading.Condition()
         self._streams: dict[str, RequestStream] = {}  # engine-thread only
         # Admission: sequences not yet running (inbox + scheduler waiting) beyond the running slots
@@ -56,6 +61,8 @@ class EngineThread:
         self._drain_deadline: float | None = None
         self.dead_error: EngineDeadError | None = None
         self._thread = threading.Thread(target=self._run, name="asyncllm-engine", daemon=True)
+        # A worker process that dies while nothing runs must still fail every waiter at once.
+        engine.core.executor.on_death(self._worker_died)
 
     # ------------------------------------------------------------------ caller side
 
@@ -92,6 +99,11 @@ class EngineThread:
             if self.dead_error is None:
                 self._inbox.append(_Abort(request_id))
                 self._cond.notify()
+
+    def _worker_died(self, reason: str) -> None:
+        with self._cond:
+            self._inbox.appendleft(_WorkerDied(reason))
+            self._cond.notify()
 
     def shutdown(self, timeout: float | None) -> None:
         """Stops accepting; in-flight requests may finish for up to `timeout` s, the rest are aborted."""
@@ -135,7 +147,7 @@ class EngineThread:
     def _inbox_adds(self) -> list[_Add]:
         return [c for c in self._inbox if isinstance(c, _Add)]
 
-    def _wait_for_work(self) -> list[_Add | _Abort] | None:
+    def _wait_for_work(self) -> list[_Add | _Abort | _WorkerDied] | None:
         """Sleeps until there is work; None when shutting down and drained (or past the deadline)."""
         with self._cond:
             while True:
@@ -150,9 +162,11 @@ class EngineThread:
                     return commands
                 self._cond.wait()
 
-    def _apply(self, commands: list[_Add | _Abort]) -> None:
+    def _apply(self, commands: list[_Add | _Abort | _WorkerDied]) -> None:
         finals: list[tuple[str, RequestOutput | BaseException]] = []
         for command in commands:
+            if isinstance(command, _WorkerDied):
+                raise EngineDeadError(command.reason)
             if isinstance(command, _Add):
                 rid = command.prepared.request_id
                 try:
@@ -217,7 +231,8 @@ class EngineThread:
         self._deliver(self._abort(list(self._streams)))
 
     def _die(self, exc: BaseException) -> None:
-        error = EngineDeadError(f"the engine thread died: {type(exc).__name__}: {exc}")
+        error = exc if isinstance(exc, EngineDeadError) else EngineDeadError(
+            f"the engine thread died: {type(exc).__name__}: {exc}")
         with self._cond:
             self.dead_error = error
             pending = self._inbox_adds()

@@ -148,15 +148,15 @@ class OutputProcessor:
         if out.error is not None:
             state.error = out.error
             state.exception = out.exception
-        for token in out.new_token_ids:
+        for i, token in enumerate(out.new_token_ids):
             if metrics.first_token_time is None:
                 metrics.first_token_time = now
             metrics.last_token_time = now
             metrics.num_cached_tokens = out.num_cached_tokens
             seq.token_ids.append(token)
             if out.logprobs is not None and seq.logprobs is not None:
-                seq.logprobs.append(self._convert_logprobs(out.logprobs))
-                seq.cumulative_logprob += out.logprobs.logprobs[0]
+                seq.logprobs.append(self._convert_logprobs(out.logprobs[i]))
+                seq.cumulative_logprob += out.logprobs[i].logprobs[0]
             stop = seq.detok.add_token(token)
             if stop is not None:
                 seq.finish_reason, seq.stop_reason = "stop", stop

@@ -1,50 +1,40 @@
 """Batch-level logits processors: each sees the whole batch's logits and edits them in place.
 
 A processor only touches the rows whose requests asked for it, with one vectorised
-operation where it can; a batch that asks for nothing pays one cheap check. Structured
-output plugs in here later as one more processor.
+operation where it can; a batch that asks for nothing pays one cheap check. They read
+`SamplingMetadata` (plain data per row), so they run the same in a worker process. Structured
+output is the last one: it applies the grammar bitmask the engine computed for the step.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-from asyncllm.request import Request
+from asyncllm.sampling.metadata import SamplingMetadata
 
 NEG_INF = float("-inf")
 
 
-@dataclass
-class SamplingBatch:
-    """The rows being sampled this step, in logits order."""
-
-    requests: list[Request]
-
-    def rows_where(self, predicate) -> list[int]:
-        return [i for i, r in enumerate(self.requests) if predicate(r)]
-
-
 class LogitsProcessor(Protocol):
-    def apply(self, logits: torch.Tensor, batch: SamplingBatch) -> None:
+    def apply(self, logits: torch.Tensor, meta: SamplingMetadata) -> None:
         ...
 
 
 class AllowedTokensProcessor:
-    def apply(self, logits: torch.Tensor, batch: SamplingBatch) -> None:
-        for row in batch.rows_where(lambda r: r.sampling_params.allowed_token_ids is not None):
-            allowed = torch.tensor(batch.requests[row].sampling_params.allowed_token_ids, device=logits.device)
+    def apply(self, logits: torch.Tensor, meta: SamplingMetadata) -> None:
+        for row in meta.rows_where(lambda p: p.allowed_token_ids is not None):
+            allowed = torch.tensor(meta.params[row].allowed_token_ids, device=logits.device)
             keep = logits[row, allowed].clone()
             logits[row] = NEG_INF
             logits[row, allowed] = keep
 
 
 class LogitBiasProcessor:
-    def apply(self, logits: torch.Tensor, batch: SamplingBatch) -> None:
+    def apply(self, logits: torch.Tensor, meta: SamplingMetadata) -> None:
         rows, cols, vals = [], [], []
-        for i, request in enumerate(batch.requests):
-            for token, bias in (request.sampling_params.logit_bias or {}).items():
+        for i, p in enumerate(meta.params):
+            for token, bias in (p.logit_bias or {}).items():
                 rows.append(i)
                 cols.append(token)
                 vals.append(bias)
@@ -56,12 +46,11 @@ class LogitBiasProcessor:
 class MinTokensProcessor:
     """Before min_tokens outputs, EOS and stop tokens cannot be sampled."""
 
-    def apply(self, logits: torch.Tensor, batch: SamplingBatch) -> None:
+    def apply(self, logits: torch.Tensor, meta: SamplingMetadata) -> None:
         rows, cols = [], []
-        for i, r in enumerate(batch.requests):
-            p = r.sampling_params
-            if r.num_output_tokens < p.min_tokens:
-                banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(r.eos_token_ids))
+        for i, p in enumerate(meta.params):
+            if meta.num_output_tokens[i] < p.min_tokens:
+                banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(p.eos_token_ids))
                 rows.extend([i] * len(banned))
                 cols.extend(banned)
         if rows:
@@ -71,11 +60,10 @@ class MinTokensProcessor:
 class BadWordsProcessor:
     """A bad word's last token is banned wherever the tokens before it were just generated."""
 
-    def apply(self, logits: torch.Tensor, batch: SamplingBatch) -> None:
-        for row in batch.rows_where(lambda r: r.sampling_params._bad_words_token_ids):
-            request = batch.requests[row]
-            out = request.output_token_ids
-            for word in request.sampling_params._bad_words_token_ids:
+    def apply(self, logits: torch.Tensor, meta: SamplingMetadata) -> None:
+        for row in meta.rows_where(lambda p: p.bad_words_token_ids):
+            out = meta.output_tokens(row)
+            for word in meta.params[row].bad_words_token_ids:
                 prefix = word[:-1]
                 if not prefix or (len(out) >= len(prefix) and out[len(out) - len(prefix):] == prefix):
                     logits[row, word[-1]] = NEG_INF
@@ -84,19 +72,19 @@ class BadWordsProcessor:
 class PenaltiesProcessor:
     """Presence/frequency penalties (OpenAI) on output tokens, repetition penalty on prompt + output."""
 
-    def apply(self, logits: torch.Tensor, batch: SamplingBatch) -> None:
-        rows = batch.rows_where(lambda r: _has_penalty(r))
+    def apply(self, logits: torch.Tensor, meta: SamplingMetadata) -> None:
+        rows = meta.rows_where(lambda p: p.has_penalty)
         if not rows:
             return
         vocab = logits.shape[1]
         device = logits.device
-        outputs = [batch.requests[i].output_token_ids for i in rows]
+        outputs = [meta.output_tokens(i) for i in rows]
         counts = _token_counts(outputs, vocab, device)  # [R, V]
         sub = logits[rows]
-        params = [batch.requests[i].sampling_params for i in rows]
+        params = [meta.params[i] for i in rows]
         rep = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
         if (rep != 1.0).any():
-            prompts = [batch.requests[i].prompt_token_ids for i in rows]
+            prompts = [meta.prompt_tokens(i) for i in rows]
             seen = (_token_counts(prompts, vocab, device) > 0) | (counts > 0)
             penalised = torch.where(sub > 0, sub / rep, sub * rep)
             sub = torch.where(seen, penalised, sub)
@@ -106,18 +94,13 @@ class PenaltiesProcessor:
         logits[rows] = sub
 
 
-def _has_penalty(r: Request) -> bool:
-    p = r.sampling_params
-    return p.presence_penalty != 0 or p.frequency_penalty != 0 or p.repetition_penalty != 1.0
-
-
-def _token_counts(token_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+def _token_counts(token_lists, vocab: int, device: torch.device) -> torch.Tensor:
     longest = max((len(t) for t in token_lists), default=0)
     counts = torch.zeros(len(token_lists), vocab + 1, device=device)
     if longest:
         padded = torch.full((len(token_lists), longest), vocab, dtype=torch.long)  # pad id = vocab (dropped)
         for i, tokens in enumerate(token_lists):
-            padded[i, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            padded[i, :len(tokens)] = torch.tensor(list(tokens), dtype=torch.long)
         counts.scatter_add_(1, padded.to(device), torch.ones(padded.shape, device=device))
     return counts[:, :vocab]
 

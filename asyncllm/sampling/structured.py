@@ -275,20 +275,27 @@ class GrammarState:
         return self.guide is not None and self.guide.is_finished()
 
 
+def write_bitmask(guides: list, vocab_size: int) -> torch.Tensor:
+    """The allowed-token bitmask of each guide's next position: [len(guides), words] int32
+    (computed on the engine side, where the automata live, and shipped with the step)."""
+    words = (vocab_size + 31) // 32
+    bitmask = torch.zeros(len(guides), words, dtype=torch.int32)
+    for j, guide in enumerate(guides):
+        row = bitmask[j]
+        guide.write_mask_into(row.data_ptr(), row.numel(), row.element_size())
+    return bitmask
+
+
 class StructuredOutputProcessor:
     """Masks every token the automaton does not allow next, for the constrained rows only."""
 
-    def apply(self, logits: torch.Tensor, batch) -> None:
-        rows = [i for i, r in enumerate(batch.requests) if r.grammar is not None and r.grammar.guide is not None]
-        if not rows:
+    def apply(self, logits: torch.Tensor, meta) -> None:
+        if not meta.grammar_rows:
             return
         vocab = logits.shape[1]
-        words = (vocab + 31) // 32
-        bitmask = torch.zeros(len(rows), words, dtype=torch.int32)
-        for j, i in enumerate(rows):
-            row = bitmask[j]
-            batch.requests[i].grammar.guide.write_mask_into(row.data_ptr(), row.numel(), row.element_size())
+        bitmask = meta.grammar_bitmask
+        n, words = bitmask.shape
         shifts = torch.arange(32, dtype=torch.int32)
-        allowed = ((bitmask[:, :, None] >> shifts) & 1).bool().reshape(len(rows), words * 32)[:, :vocab]
-        index = torch.tensor(rows, device=logits.device)
+        allowed = ((bitmask[:, :, None] >> shifts) & 1).bool().reshape(n, words * 32)[:, :vocab]
+        index = torch.tensor(meta.grammar_rows, device=logits.device)
         logits[index] = logits[index].masked_fill(~allowed.to(logits.device), float("-inf"))

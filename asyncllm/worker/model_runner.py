@@ -1,8 +1,11 @@
-"""ModelRunner: owns the model and the paged KV cache; turns a SchedulerOutput into tokens.
+"""ModelRunner: owns the model, the paged KV cache and the input batch; a step's data → tokens.
 
-It flattens the scheduled requests into one varlen batch (ids, positions, slot mapping,
-block tables), runs one forward, computes logits only at the rows that sample (and at
-prompt positions of requests that asked for prompt logprobs), and samples.
+It applies the step's diffs to its InputBatch, flattens the scheduled requests into one
+varlen batch (ids, positions, slot mapping, block tables), runs one forward, computes logits
+only at the rows that sample (a request verifying k proposed tokens has k + 1 such rows;
+prompt positions too for prompt logprobs), samples, and keeps the longest run of proposed
+tokens the samples agree with. If the batch fails, each request runs alone so only the
+faulty one fails.
 """
 from __future__ import annotations
 
@@ -14,12 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
-from asyncllm.core.sched_output import ModelRunnerOutput, SchedulerOutput
-from asyncllm.model.arch_config import LlamaFamilyConfig
+from asyncllm.core.sched_output import GrammarOutput, ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from asyncllm.model.layers.attention import AttentionMetadata
 from asyncllm.outputs import TokenLogprobs
-from asyncllm.sampling.logits_processors import SamplingBatch
 from asyncllm.sampling.sampler import Sampler, prompt_logprobs_for
+from asyncllm.worker.input_batch import CachedRequestState, InputBatch, StepRows
 
 logger = logging.getLogger(__name__)
 
@@ -66,10 +68,9 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, pre
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, config: LlamaFamilyConfig, spec: KVCacheSpec, num_blocks: int,
-                 device: torch.device, seed: int, prefault: bool = False):
+    def __init__(self, model: torch.nn.Module, spec: KVCacheSpec, num_blocks: int, max_model_len: int,
+                 max_num_seqs: int, device: torch.device, seed: int, prefault: bool = False):
         self.model = model
-        self.config = config
         self.spec = spec
         self.device = device
         self.num_blocks = num_blocks
@@ -79,6 +80,8 @@ class ModelRunner:
         logger.info("KV cache: %d blocks x %d tokens (%.0f MiB%s) in %.2fs", num_blocks, spec.block_size,
                     num_blocks * spec.bytes_per_block / 2**20, ", prefaulted" if prefault else "",
                     time.perf_counter() - started)
+        # Room for the proposed tokens past max_model_len's last block too.
+        self.batch = InputBatch(max_num_seqs, -(-max_model_len // spec.block_size) + 1, device)
         self.sampler = Sampler(seed, device)
 
     def release(self) -> None:
@@ -86,6 +89,36 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        self.batch.update(sched)
+        items = [(self.batch.requests[s.req_id], s) for s in sched.scheduled]
+        if not items:
+            return ModelRunnerOutput()
+        masks = _grammar_masks(sched.grammar)
+        try:
+            return self._run(items, masks)
+        except Exception:  # noqa: BLE001 - isolated below, request by request
+            logger.warning("a batch of %d requests failed; running each alone", len(items), exc_info=True)
+            return self._run_isolated(items, masks)
+
+    def _run_isolated(self, items: list[tuple[CachedRequestState, ScheduledRequest]],
+                      masks: dict[str, torch.Tensor]) -> ModelRunnerOutput:
+        """Re-running is safe: a step writes each token's K/V to the same slot with the same
+        values, and the cache pages of one request are never read by another's failure."""
+        merged = ModelRunnerOutput()
+        for item in items:
+            try:
+                part = self._run([item], masks)
+            except Exception as exc:  # noqa: BLE001 - this request is the faulty one
+                merged.failed[item[1].req_id] = f"{type(exc).__name__}: {exc}"
+                continue
+            merged.req_ids += part.req_ids
+            merged.sampled_token_ids += part.sampled_token_ids
+            merged.logprobs.update(part.logprobs)
+            merged.prompt_logprobs.update(part.prompt_logprobs)
+        return merged
+
+    def _run(self, items: list[tuple[CachedRequestState, ScheduledRequest]],
+             masks: dict[str, torch.Tensor]) -> ModelRunnerOutput:
         bs = self.spec.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -93,10 +126,12 @@ class ModelRunner:
         query_start = [0]
         seq_lens: list[int] = []
         num_decodes = 0
-        for item in sched.scheduled:
+        for state, item in items:
             start, end = item.start, item.start + item.num_new_tokens
-            input_ids.extend(item.request.token_ids(start, end))
-            blocks = item.block_ids
+            input_ids.extend(state.token_ids[start:end])
+            if item.spec_token_ids:
+                input_ids.extend(item.spec_token_ids)
+            blocks = state.block_ids
             for pos in range(start, end):
                 positions.append(pos)
                 slots.append(blocks[pos // bs] * bs + pos % bs)
@@ -105,50 +140,89 @@ class ModelRunner:
             if item.num_new_tokens == 1 and num_decodes == len(seq_lens) - 1:
                 num_decodes += 1
 
-        max_blocks = max(len(item.block_ids) for item in sched.scheduled)
-        table = torch.zeros(len(sched.scheduled), max_blocks, dtype=torch.long)
-        for i, item in enumerate(sched.scheduled):
-            table[i, :len(item.block_ids)] = torch.tensor(item.block_ids, dtype=torch.long)
         dev = self.device
         meta = AttentionMetadata(
             num_decodes=num_decodes,
             query_start_loc=query_start,
             seq_lens=seq_lens,
             seq_lens_tensor=torch.tensor(seq_lens, dtype=torch.long, device=dev),
-            block_tables=table.to(dev),
+            block_tables=self.batch.block_table_for([state for state, _ in items]).to(dev),
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
         )
         hidden = self.model(torch.tensor(input_ids, dtype=torch.long, device=dev),
                             torch.tensor(positions, dtype=torch.long, device=dev), self.kv_caches, meta)
 
-        result = ModelRunnerOutput(sampled={})
-        self._prompt_logprobs(sched, hidden, query_start, result)
-        sample_items = [(i, item) for i, item in enumerate(sched.scheduled) if item.samples]
-        if not sample_items:
+        result = ModelRunnerOutput()
+        self._prompt_logprobs(items, hidden, query_start, result)
+        # Logits rows: a sampling request's last row, and before it one per proposed token.
+        rows: list[int] = []
+        step = StepRows()
+        grammar_rows, grammar_masks = [], []
+        for i, (state, item) in enumerate(items):
+            if not item.samples:
+                continue
+            k = len(item.spec_token_ids)
+            if item.req_id in masks:
+                grammar_rows.append(len(rows))
+                grammar_masks.append(masks[item.req_id])
+            for j in range(k + 1):
+                rows.append(query_start[i + 1] - 1 - k + j)
+                step.states.append(state)
+                step.draft_prefix.append(item.spec_token_ids[:j])
+        if not rows:
             return result
-        rows = torch.tensor([query_start[i + 1] - 1 for i, _ in sample_items], device=dev)
-        logits = self.model.compute_logits(hidden[rows])
-        batch = SamplingBatch([item.request for _, item in sample_items])
-        sampled = self.sampler(logits, batch)
-        for (_, item), token, logprobs in zip(sample_items, sampled.token_ids, sampled.logprobs):
-            result.sampled[item.request.request_id] = token
-            if logprobs is not None:
-                result.logprobs[item.request.request_id] = logprobs
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=dev)])
+        sampling = self.batch.sampling_metadata(step)
+        if grammar_rows:
+            sampling.grammar_rows = grammar_rows
+            sampling.grammar_bitmask = torch.stack(grammar_masks)
+        sampled = self.sampler(logits, sampling)
+
+        # Verify, then commit (nothing is appended before the whole batch has sampled).
+        row = 0
+        for state, item in items:
+            if not item.samples:
+                continue
+            drafts = item.spec_token_ids
+            targets = sampled.token_ids[row:row + len(drafts) + 1]
+            accepted = 0
+            while accepted < len(drafts) and targets[accepted] == drafts[accepted]:
+                accepted += 1
+            tokens = targets[:accepted + 1]
+            if accepted < len(drafts) and row + accepted in sampled.generator_states:
+                # The rejected rows' draws never happened for this seeded stream.
+                state.generator.set_state(sampled.generator_states[row + accepted])
+            result.req_ids.append(item.req_id)
+            result.sampled_token_ids.append(tokens)
+            logprobs = sampled.logprobs[row:row + accepted + 1]
+            if logprobs[0] is not None:
+                result.logprobs[item.req_id] = logprobs
+            row += len(drafts) + 1
+        for (state, item), tokens in zip([x for x in items if x[1].samples], result.sampled_token_ids):
+            state.token_ids.extend(tokens)
         return result
 
-    def _prompt_logprobs(self, sched: SchedulerOutput, hidden: torch.Tensor, query_start: list[int],
-                         result: ModelRunnerOutput) -> None:
-        for i, item in enumerate(sched.scheduled):
-            request = item.request
-            k = request.sampling_params.prompt_logprobs
-            n_prompt = request.num_prompt_tokens
-            if k is None or item.start >= n_prompt or request.num_preemptions:
+    def _prompt_logprobs(self, items: list[tuple[CachedRequestState, ScheduledRequest]], hidden: torch.Tensor,
+                         query_start: list[int], result: ModelRunnerOutput) -> None:
+        for i, (state, item) in enumerate(items):
+            k = state.sampling.prompt_logprobs
+            n_prompt = state.num_prompt_tokens
+            if k is None or item.start >= n_prompt or state.skip_prompt_logprobs:
                 continue
             entries: list[TokenLogprobs | None] = [None] if item.start == 0 else []
             # Position p predicts prompt token p + 1.
             last = min(item.start + item.num_new_tokens, n_prompt - 1)
             if last > item.start:
                 rows = hidden[query_start[i]:query_start[i] + (last - item.start)]
-                next_tokens = request.prompt_token_ids[item.start + 1:last + 1]
+                next_tokens = state.token_ids[item.start + 1:last + 1]
                 entries.extend(prompt_logprobs_for(self.model.compute_logits(rows), next_tokens, k))
-            result.prompt_logprobs[request.request_id] = entries
+            result.prompt_logprobs[item.req_id] = entries
+
+
+def _grammar_masks(grammar: GrammarOutput | None) -> dict[str, torch.Tensor]:
+    """Request id → its bitmask row, from the bytes the engine sent."""
+    if grammar is None or not grammar.req_ids:
+        return {}
+    bitmask = torch.frombuffer(bytearray(grammar.bitmask), dtype=torch.int32).view(len(grammar.req_ids),
+                                                                                  grammar.words)
+    return {req_id: bitmask[i] for i, req_id in enumerate(grammar.req_ids)}

@@ -29,10 +29,10 @@ def test_weight_prepack_and_batched_decode_keep_tokens(default_llm):
                                        "My favourite recipe", "The tallest mountain", "import json\n")]
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     packed = default_llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    assert any(m.prepacked.is_packed for m in default_llm.engine.core.runner.model.modules()
+    assert any(m.prepacked.is_packed for m in default_llm.engine.core.executor.worker.runner.model.modules()
                if isinstance(m, Linear)) == prepack_supported(torch.device("cpu"), torch.float32)
     plain_llm = LLM(dtype="float32", cpu_weight_prepack=False, kv_cache_memory=64 << 20)
-    assert all(not m.prepacked.is_packed for m in plain_llm.engine.core.runner.model.modules()
+    assert all(not m.prepacked.is_packed for m in plain_llm.engine.core.executor.worker.runner.model.modules()
                if isinstance(m, Linear))
     plain = plain_llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     alone = [plain_llm.generate({"prompt_token_ids": p}, params, use_tqdm=False)[0] for p in prompts[:2]]

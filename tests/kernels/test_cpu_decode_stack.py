@@ -53,7 +53,7 @@ def test_stack_equals_the_per_op_path(arch, quantization, tiny_models):
     slots): bit for bit at every row count, dense (few-rows tiles below PANEL_MIN_ROWS rows, the
     panel copies from there) or with 4- or 8-bit blocks (both paths call the same matmul kernels)."""
     llm = LLM(tiny_models(arch), dtype="float32", kernels="cpu", kv_cache_memory=16 << 20, quantization=quantization)
-    model = llm.engine.core.runner.model
+    model = llm.engine.core.executor.worker.runner.model
     # Dense projections have panel copies, read from PANEL_MIN_ROWS rows by both paths.
     assert all(p.prepacked.panels is not None for p in model.projections())
     recorder = StepRecorder(model)
@@ -79,7 +79,7 @@ def test_engine_on_the_stack_matches_transformers(arch, tiny_models):
     the decode-only steps of up to 4 sequences run on the stack, and the ids equal transformers'."""
     path = tiny_models(arch)
     llm = LLM(path, dtype="float32", kernels="cpu", kv_cache_memory=16 << 20, max_num_batched_tokens=20)
-    recorder = StepRecorder(llm.engine.core.runner.model)
+    recorder = StepRecorder(llm.engine.core.executor.worker.runner.model)
     helpers.check_mixed_steps_match_transformers(llm, helpers.load_hf(path))
     decode_only = [s for s in recorder.steps if s[3].num_decodes == s[3].num_requests == s[0].shape[0]]
     assert recorder.stack_calls == len(decode_only) > 0
@@ -88,7 +88,7 @@ def test_engine_on_the_stack_matches_transformers(arch, tiny_models):
 def test_stack_takes_only_the_steps_it_is_built_for(tiny_models):
     path = tiny_models("LlamaForCausalLM")
     llm = LLM(path, dtype="float32", kernels="cpu", kv_cache_memory=16 << 20, max_num_seqs=12)
-    model = llm.engine.core.runner.model
+    model = llm.engine.core.executor.worker.runner.model
     recorder = StepRecorder(model)
     _generate(llm, MAX_ROWS + 3)  # decode steps of 11 rows: per-op
     _generate(llm, 2)  # decode steps of 2 rows: the stack
@@ -100,7 +100,7 @@ def test_stack_takes_only_the_steps_it_is_built_for(tiny_models):
     for kwargs in ({"kernels": "torch"}, {"dtype": "bfloat16"}, {"kernels": "torch", "quantization": "int4"},
                    {"dtype": "bfloat16", "quantization": "int4"}, {"dtype": "bfloat16", "quantization": "int8"}):
         other = LLM(path, **{"dtype": "float32", "kv_cache_memory": 16 << 20, **kwargs})
-        other_model = other.engine.core.runner.model
+        other_model = other.engine.core.executor.worker.runner.model
         _generate(other, 2, max_tokens=3)
         assert other_model.decode_stack is None or not other_model.decode_stack.enabled, kwargs
 
@@ -112,7 +112,7 @@ def test_stack_reads_the_blocks_and_the_8bit_logits(quantization, tiny_models):
     to fp32 rounding, what the per-op path gives with the blocks' weights put back as dense ones."""
     llm = LLM(tiny_models("Qwen3ForCausalLM"), dtype="float32", kernels="cpu", kv_cache_memory=16 << 20,
               quantization=quantization)
-    model = llm.engine.core.runner.model
+    model = llm.engine.core.executor.worker.runner.model
     recorder = StepRecorder(model)
     _generate(llm, 1, max_tokens=4)
     model.forward = recorder._forward

@@ -124,7 +124,7 @@ def test_engine_int4_decode_stays_close_to_transformers_fp32(arch, kernels, tiny
     shutil.copy(f"{tiny_models(arch)}/tokenizer.json", tmp_path)
     shutil.copy(f"{tiny_models(arch)}/tokenizer_config.json", tmp_path)
     llm = LLM(str(tmp_path), dtype="float32", quantization="int4", kv_cache_memory=16 << 20, kernels=kernels)
-    model = llm.engine.core.runner.model
+    model = llm.engine.core.executor.worker.runner.model
     layers = [m for m in model.modules() if isinstance(m, Linear)]
     copy_type, max_rows = (Int4Weight, 16) if kernels == "torch" else (BlockQuantWeight, 8)
     assert layers and all(isinstance(m.quantized, copy_type) and m.quantized_max_rows == max_rows for m in layers)
@@ -167,7 +167,7 @@ def test_default_model_int4_on_the_c_kernels_equals_fp32(default_llm):
     if default_llm.engine.core.config.kernels != "cpu":
         pytest.skip("the C kernels do not build here")
     llm = LLM(dtype="float32", quantization="int4", kv_cache_memory=64 << 20)
-    model = llm.engine.core.runner.model
+    model = llm.engine.core.executor.worker.runner.model
     assert all(isinstance(p.quantized, BlockQuantWeight) and p.quantized.exact for p in model.projections())
     assert model.logits_quant is not None and model.logits_quant.exact
     helpers.check_same_as_reference_engine(llm, default_llm)

@@ -43,7 +43,7 @@ def test_engine_int8_decode_stays_close_to_transformers_fp32(arch, tiny_models):
     bf16 max 0.024-0.065 / mean 0.007-0.009, dense fp32 < 1e-4."""
     path = tiny_models(arch)
     llm = LLM(path, dtype="float32", quantization="int8", kv_cache_memory=16 << 20, kernels="cpu")
-    model = llm.engine.core.runner.model
+    model = llm.engine.core.executor.worker.runner.model
     layers = [m for m in model.modules() if isinstance(m, Linear)]
     assert layers and all(isinstance(m.quantized, BlockQuantWeight) and m.quantized.bits == 8
                           and m.quantized_max_rows == MAX_ROWS and not m.quantized.exact for m in layers)
@@ -68,7 +68,7 @@ def test_bf16_model_reads_8bit_blocks_up_to_four_rows(tiny_models):
     near transformers fp32 (measured: max 0.034-0.045, mean 0.011-0.014 on the tiny models)."""
     path = tiny_models("LlamaForCausalLM")
     llm = LLM(path, dtype="bfloat16", quantization="int8", kv_cache_memory=16 << 20, kernels="cpu")
-    model = llm.engine.core.runner.model
+    model = llm.engine.core.executor.worker.runner.model
     layers = [m for m in model.modules() if isinstance(m, Linear)]
     assert all(isinstance(m.quantized, BlockQuantWeight) and m.quantized_max_rows == BF16_MAX_ROWS for m in layers)
     assert model.logits_quant is not None and model.logits_quant_max_rows == BF16_MAX_ROWS
@@ -101,7 +101,7 @@ def test_default_model_int8_stays_close_to_fp32(default_llm):
     if default_llm.engine.core.config.kernels != "cpu":
         pytest.skip("the C kernels do not build here")
     llm = LLM(dtype="float32", quantization="int8", kv_cache_memory=64 << 20)
-    model = llm.engine.core.runner.model
+    model = llm.engine.core.executor.worker.runner.model
     assert all(isinstance(p.quantized, BlockQuantWeight) and p.quantized.bits == 8 for p in model.projections())
     assert model.logits_quant is not None and model.logits_quant.exact  # the embedding is Q8_0 in the file
     tok = llm.get_tokenizer()

@@ -130,7 +130,7 @@ def test_low_precision_dtypes_load_and_stay_close(dtype, tiny_models):
     params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True, logprobs=5)
     ref = LLM(path, dtype="float32", kv_cache_memory=8 << 20).generate("The quick brown fox", params, use_tqdm=False)
     llm = LLM(path, dtype=dtype, kv_cache_memory=8 << 20)
-    assert next(llm.engine.core.runner.model.parameters()).dtype == getattr(torch, dtype)
+    assert next(llm.engine.core.executor.worker.runner.model.parameters()).dtype == getattr(torch, dtype)
     low = llm.generate("The quick brown fox", params, use_tqdm=False)
     ref_lp = ref[0].outputs[0].logprobs[0]
     low_lp = low[0].outputs[0].logprobs[0]

@@ -68,7 +68,9 @@ def test_mixed_prefill_and_decode_batch_equals_alone(default_reference):
 
     def recording_schedule():
         out = schedule()
-        steps.append([(s.num_new_tokens, s.samples, s.start >= s.request.num_prompt_tokens) for s in out.scheduled])
+        requests = engine.core.scheduler.requests
+        steps.append([(s.num_new_tokens, s.samples, s.start >= requests[s.req_id].num_prompt_tokens)
+                      for s in out.scheduled])
         return out
 
     engine.core.scheduler.schedule = recording_schedule

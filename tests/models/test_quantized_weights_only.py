@@ -36,7 +36,7 @@ def test_default_model_int4_weights_only_equals_fp32_and_frees_the_dense_weights
     decode steps of 1-2 rows (the block kernel) give the dense fp32 engine's tokens and logprobs
     bit for bit (3 rows: within 1e-4, the dense weights taking the panel GEMM there)."""
     llm = LLM(dtype="float32", quantization="int4", quantized_weights_only=True, kv_cache_memory=64 << 20)
-    model = llm.engine.core.runner.model
+    model = llm.engine.core.executor.worker.runner.model
     projections = model.projections()
     assert all(p.dense_dropped and p.weight.numel() == 0 and not p.prepacked.is_packed for p in projections)
     assert all(isinstance(p.quantized, BlockQuantWeight) and p.quantized.exact for p in projections)
@@ -49,7 +49,7 @@ def test_tiny_model_int8_weights_only_stays_close_to_transformers(tiny_models):
     path = tiny_models("LlamaForCausalLM")
     llm = LLM(path, dtype="float32", quantization="int8", quantized_weights_only=True, kernels="cpu",
               kv_cache_memory=16 << 20, max_num_batched_tokens=20)
-    model = llm.engine.core.runner.model
+    model = llm.engine.core.executor.worker.runner.model
     assert all(p.dense_dropped for p in model.projections())
     hf = helpers.load_hf(path)
     with torch.no_grad():  # transformers on the weights the blocks hold (the logits: their 8-bit copy)

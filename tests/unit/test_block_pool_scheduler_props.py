@@ -15,7 +15,8 @@ EOS = 0
 
 def _fake_execute(sched, rng):
     """Stands in for the model: a random token for every request that samples this step."""
-    return ModelRunnerOutput(sampled={s.request.request_id: rng.randrange(0, 6) for s in sched.scheduled if s.samples})
+    ids = [s.req_id for s in sched.scheduled if s.samples]
+    return ModelRunnerOutput(ids, [[rng.randrange(0, 6)] for _ in ids])
 
 
 def _check(scheduler: Scheduler, kv: KVCacheManager):

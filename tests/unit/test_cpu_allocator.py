@@ -58,7 +58,7 @@ def test_buffers_come_from_the_heap_and_stay_there():
 @pytest.mark.parametrize("enabled", [True, False])
 def test_the_engine_applies_it_when_asked(enabled, tiny_models, monkeypatch):
     calls = []
-    monkeypatch.setattr("asyncllm.engine.engine_core.keep_freed_memory_in_heap", lambda: calls.append(1) or True)
+    monkeypatch.setattr("asyncllm.worker.worker.keep_freed_memory_in_heap", lambda: calls.append(1) or True)
     LLM(tiny_models("LlamaForCausalLM"), dtype="float32", kv_cache_memory=4 << 20, cpu_malloc_tuning=enabled)
     assert calls == ([1] if enabled else [])
 

@@ -6,7 +6,7 @@ import torch
 
 from asyncllm.errors import InvalidRequestError
 from asyncllm.request import Request
-from asyncllm.sampling.logits_processors import SamplingBatch
+from asyncllm.sampling.metadata import SamplingMetadata, SamplingRow
 from asyncllm.sampling.sampler import Sampler
 from asyncllm.sampling_params import SamplingLimits, SamplingParams
 
@@ -45,8 +45,14 @@ def _req(i=0, **params):
     return Request(f"r{i}", [1, 2, 3], SamplingParams(**params), frozenset({0}), max_tokens=16)
 
 
+def _batch(requests):
+    """The sampler's view of these requests (what a worker's input batch gives it)."""
+    rows = [SamplingRow.from_params(r.sampling_params, r.eos_token_ids, r.sample_seed) for r in requests]
+    return SamplingMetadata.of(rows, [r.prompt_token_ids for r in requests], [r.output_token_ids for r in requests])
+
+
 def _sample(requests, logits, seed=0):
-    return Sampler(seed, torch.device("cpu"))(logits.clone(), SamplingBatch(requests))
+    return Sampler(seed, torch.device("cpu"))(logits.clone(), _batch(requests))
 
 
 def test_greedy_top_k_1_and_tiny_top_p_pick_the_argmax():
@@ -70,7 +76,7 @@ def test_random_sampling_follows_the_distribution():
     sampler = Sampler(0, torch.device("cpu"))
     counts = [0, 0, 0, 0]
     for _ in range(3000):
-        counts[sampler(logits.clone(), SamplingBatch([_req(temperature=1.0)])).token_ids[0]] += 1
+        counts[sampler(logits.clone(), _batch([_req(temperature=1.0)])).token_ids[0]] += 1
     assert counts[3] == 0
     assert abs(counts[0] / 3000 - 0.7) < 0.04 and abs(counts[2] / 3000 - 0.1) < 0.03
 
@@ -80,8 +86,8 @@ def test_top_k_and_min_p_restrict_support():
     sampler = Sampler(0, torch.device("cpu"))
     seen_k, seen_min_p = set(), set()
     for _ in range(400):
-        seen_k.add(sampler(logits.clone(), SamplingBatch([_req(temperature=1.0, top_k=2)])).token_ids[0])
-        seen_min_p.add(sampler(logits.clone(), SamplingBatch([_req(temperature=1.0, min_p=0.6)])).token_ids[0])
+        seen_k.add(sampler(logits.clone(), _batch([_req(temperature=1.0, top_k=2)])).token_ids[0])
+        seen_min_p.add(sampler(logits.clone(), _batch([_req(temperature=1.0, min_p=0.6)])).token_ids[0])
     assert seen_k == {0, 1}
     assert seen_min_p == {0, 1}  # 0.3 >= 0.6 * 0.4 but 0.2 is not
 

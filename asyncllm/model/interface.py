@@ -1,0 +1,39 @@
+"""The model interface: what every model class implements, and what it is built with.
+
+The worker builds a model from its HF config and a `ModelContext` (the op choice and the
+parallel context), fills it from an iterator of (transformers name, tensor) pairs, then calls
+`forward` over each step's flattened varlen batch and `compute_logits` on the rows that
+sample. Embedding models add a `pooler`; decoders leave it None.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from asyncllm.model.layers.ops import TORCH_OPS, Ops
+from asyncllm.model.parallel import SINGLE, ParallelContext
+
+
+@dataclass(frozen=True)
+class ModelContext:
+    ops: Ops = TORCH_OPS
+    parallel: ParallelContext = field(default=SINGLE)
+
+
+@runtime_checkable
+class CausalLM(Protocol):
+    config: Any
+    pooler: Any  # None for decoders; embedding models pool hidden states into one vector per sequence
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                meta: Any) -> torch.Tensor:
+        """[T] token ids and positions of every request in the step, flattened → hidden states [T, hidden]."""
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states of the sampling rows → fp32 logits [rows, vocab]."""
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copies transformers-named tensors in (each rank keeps its shard); raises on a missing one."""

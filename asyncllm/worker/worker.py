@@ -1,0 +1,135 @@
+"""Worker: one rank's model. It loads and quantises the weights, reports how many KV blocks
+fit, then owns the KV cache and the ModelRunner that executes each step.
+
+The same class runs in the engine thread (uni executor) and in a worker process (mp): it
+takes the engine config and plain step data, and returns plain results.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from asyncllm.config import EngineConfig
+from asyncllm.core.sched_output import ModelRunnerOutput, SchedulerOutput
+from asyncllm.model.dtype import resolve_dtype
+from asyncllm.model.layers.block_quant import QUANTIZATION_BITS
+from asyncllm.model.layers.int4 import int4_max_rows
+from asyncllm.model.layers.linear import prepack_supported
+from asyncllm.model.loader import Checkpoint, load_checkpoint
+from asyncllm.model.registry import build_model
+from asyncllm.worker.cpu_allocator import keep_freed_memory_in_heap, return_freed_memory
+from asyncllm.worker.model_runner import KVCacheSpec, ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerInfo:
+    """What a loaded worker reports: the KV blocks its memory holds, and its dtype."""
+
+    num_blocks: int
+    dtype: str  # torch dtype name, e.g. "float32"
+    load_seconds: float
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+
+@dataclass
+class CacheConfig:
+    """What the engine decided from the workers' reports."""
+
+    num_blocks: int
+    max_model_len: int
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, checkpoint: Checkpoint | None = None, rank: int = 0,
+                 world_size: int = 1):
+        self.config = config
+        self.rank = rank
+        self.world_size = world_size
+        self._checkpoint = checkpoint
+        self.model: torch.nn.Module | None = None
+        self.runner: ModelRunner | None = None
+        self.spec: KVCacheSpec | None = None
+
+    def load_model(self) -> WorkerInfo:
+        started = time.perf_counter()
+        config, args = self.config, self.config.args
+        checkpoint = self._checkpoint or load_checkpoint(args.model, args.tokenizer)
+        model_cfg = checkpoint.config
+        # Keeping only quantised blocks computes every step in fp32 (the block kernels and the
+        # panel GEMM), so "auto" means fp32 there rather than a dtype that setting refuses.
+        dtype = (torch.float32 if args.quantized_weights_only and config.dtype_request == "auto"
+                 else resolve_dtype(config.dtype_request, config.device))
+        model = build_model(model_cfg, dtype, config.device, config.kernels)
+        model.load_weights(checkpoint.weights(dtype))
+        if args.cpu_weight_prepack and prepack_supported(config.device, dtype):
+            model.prepack_weights()
+        if args.quantization is not None:
+            self._quantize(model, args.quantization, dtype)
+        model.eval()
+        if args.cpu_malloc_tuning and config.device.type == "cpu":
+            # After the load, so its temporary buffers have gone back to the OS.
+            keep_freed_memory_in_heap()
+        self.model = model
+        self._checkpoint = None  # the weights stream is spent; the engine keeps its own checkpoint
+        self.spec = KVCacheSpec(model_cfg.num_layers, model_cfg.num_kv_heads, model_cfg.head_dim, args.block_size,
+                                dtype)
+        return WorkerInfo(self._num_blocks(self.spec), str(dtype).removeprefix("torch."),
+                          time.perf_counter() - started)
+
+    def init_cache(self, cache: CacheConfig) -> None:
+        args = self.config.args
+        self.runner = ModelRunner(self.model, self.spec, cache.num_blocks, cache.max_model_len, args.max_num_seqs,
+                                  self.config.device, args.seed, prefault=args.kv_cache_prefault)
+
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        return self.runner.execute(sched)
+
+    def shutdown(self) -> None:
+        if self.runner is not None:
+            self.runner.release()
+
+    def _quantize(self, model, scheme: str, dtype: torch.dtype) -> None:
+        args = self.config.args
+        if args.quantized_weights_only and dtype != torch.float32:
+            raise ValueError(f"quantized_weights_only needs dtype float32 (the blocks' large-step path is fp32); "
+                             f"got {dtype} (dtype={args.dtype!r}): pass dtype='float32'")
+        bits = QUANTIZATION_BITS[scheme]
+        done, skipped = model.quantize(bits, int4_rows=int4_max_rows(dtype))
+        quantized = [p for p in model.projections() if p.quantized is not None]
+        rows = max((p.quantized_max_rows for p in quantized), default=0)
+        copies = [p.quantized for p in quantized] + ([model.logits_quant] if model.logits_quant is not None else [])
+        # Exact copies (a GGUF quantised in these formats) make the quantised steps compute with
+        # the weights themselves: the same outputs as the dense path.
+        logger.info("%s: %d projections have %d-bit copies for steps of <= %d rows (%d left dense: shape)%s; "
+                    "%d of %d copies hold their weights exactly; the copies take %.0f MB",
+                    scheme, done, bits, rows, skipped,
+                    "; the logits weight an 8-bit copy" if model.logits_quant is not None else "",
+                    sum(c.exact for c in copies), len(copies), sum(c.nbytes for c in copies) / 1e6)
+        if args.quantized_weights_only:
+            freed = model.drop_dense_projections()
+            if self.config.device.type == "cpu":
+                return_freed_memory()
+            logger.info("%s: kept only the quantised projections, freeing %.0f MB of dense weights and packed copies",
+                        scheme, freed / 1e6)
+
+    def _num_blocks(self, spec: KVCacheSpec) -> int:
+        if self.config.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.config.device)
+            used = total - free
+            budget = int(total * self.config.args.gpu_memory_utilization) - used
+            if budget <= 0:
+                raise ValueError("no GPU memory left for the KV cache; raise gpu_memory_utilization")
+            return max(1, spec.num_blocks_for(budget))
+        memory = self.config.kv_cache_memory
+        blocks = spec.num_blocks_for(memory)
+        if blocks < 1:
+            raise ValueError(f"kv_cache_memory={memory} bytes holds no block ({spec.bytes_per_block} bytes each)")
+        return blocks
