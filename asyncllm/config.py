@@ -210,7 +210,7 @@ def resolve_kernels(args: EngineArgs, device: torch.device) -> str:
     if args.kernels == "cpu" or (args.kernels == "auto" and device.type == "cpu"):
         if device.type != "cpu":
             raise ValueError(f"kernels='cpu' runs on the CPU (this engine runs on {device.type}); use 'auto'")
-        from asyncllm.model.layers.cpu_kernels import library
+        from asyncllm.kernels.cpu import library
 
         error = library.build_error()
         if error is None:

@@ -112,7 +112,7 @@ def measure_fp32_gflops() -> float:
     AMD CPUs MKL's sgemm is well below it, and a bound from torch alone would not be one)."""
     import torch
 
-    from asyncllm.model.layers import cpu_kernels
+    from asyncllm.kernels import cpu as cpu_kernels
 
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     candidates = [lambda: a @ b]

@@ -3,7 +3,7 @@
 Such a step is bound by reading every weight from memory (~540 MB in fp32 for the default
 model), and the per-op forward spent ~20% of a batch-1 step between the matmuls: Python calls,
 tensor views and an OpenMP fork/join for each of ~10 small ops per layer. `decode_stack`
-(layers/cpu_kernels/decode_stack_impl.h) runs the same ops in the same order in one parallel
+(kernels/cpu/decode_stack_impl.h) runs the same ops in the same order in one parallel
 region. Prompt steps, bigger batches and other dtypes keep the per-op forward. With
 `quantization` the projections that have 4- or 8-bit blocks (layers/block_quant.py) are read from
 them here too, by the same C kernel the per-op path calls.
@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from asyncllm.model.layers import cpu_kernels
+from asyncllm.kernels import cpu as cpu_kernels
 from asyncllm.model.layers.attention import AttentionMetadata
 from asyncllm.model.layers.block_quant import BlockQuantWeight
-from asyncllm.model.layers.cpu_kernels.decode_stack import DecodeShape, DecodeStackArgs
+from asyncllm.kernels.cpu.decode_stack import DecodeShape, DecodeStackArgs
 
 MAX_ROWS = cpu_kernels.FEW_ROWS_MAX  # the few-rows matmul's limit
 

@@ -15,36 +15,36 @@ from torch import nn
 
 from asyncllm.model.arch_config import LlamaFamilyConfig
 from asyncllm.model.cpu_decode import CpuDecodeStack
-from asyncllm.model.layers import cpu_kernels
-from asyncllm.model.layers.attention import AttentionBackend, AttentionMetadata, TorchAttentionBackend
-from asyncllm.model.layers.cpu_attention import CpuAttentionBackend
+from asyncllm.model.interface import ModelContext
 from asyncllm.model.layers import block_quant
+from asyncllm.model.layers.attention import AttentionBackend, AttentionMetadata
 from asyncllm.model.layers.block_quant import BlockQuantWeight
+from asyncllm.model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from asyncllm.model.layers.int4 import int4_shape_supported
-from asyncllm.model.layers.linear import Linear, PackedLinear
+from asyncllm.model.layers.linear import ColumnParallelLinear, Linear, PackedLinear, RowParallelLinear
 from asyncllm.model.layers.norm import RMSNorm
 from asyncllm.model.layers.rotary import RotaryEmbedding
-from asyncllm.model.layers.triton_attention import TritonAttentionBackend
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: LlamaFamilyConfig, rotary: RotaryEmbedding, kernels: str = "torch"):
+    def __init__(self, cfg: LlamaFamilyConfig, rotary: RotaryEmbedding, ctx: ModelContext):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        ops, parallel = ctx.ops, ctx.parallel
+        # This rank's heads (column-parallel QKV, row-parallel output).
+        self.num_heads = parallel.local_size(cfg.num_heads, "number of heads")
+        self.num_kv_heads = parallel.local_size(cfg.num_kv_heads, "number of KV heads")
+        self.head_dim = cfg.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias,
-                               kernels=kernels)
-        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False, kernels=kernels)
+        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim,
+                                             cfg.attention_bias, ops, parallel)
+        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, False, ops, parallel)
         # Per head, over [tokens * heads, head_dim] rows; on the C kernel as the other norms
         # (what the whole-stack decode call computes too: cpu_decode.py).
-        norm_kernels = "cpu" if kernels == "cpu" else "torch"
-        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, norm_kernels) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, norm_kernels) if cfg.qk_norm else None
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, ops.for_head_norms()) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, ops.for_head_norms()) if cfg.qk_norm else None
         self.rotary = rotary
-        backends = {"triton": TritonAttentionBackend, "cpu": CpuAttentionBackend}
-        backend_class = backends.get(kernels, TorchAttentionBackend)
-        self.backend: AttentionBackend = backend_class(
+        self.backend: AttentionBackend = ops.attention_backend()(
             self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5, cfg.sliding_window)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
@@ -63,32 +63,34 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: LlamaFamilyConfig, kernels: str = "torch"):
+    def __init__(self, cfg: LlamaFamilyConfig, ctx: ModelContext):
         super().__init__()
-        self.intermediate_size = cfg.intermediate_size
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias, kernels=kernels)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias, kernels=kernels)
-        self.kernels = kernels
+        ops, parallel = ctx.ops, ctx.parallel
+        self.intermediate_size = parallel.local_size(cfg.intermediate_size, "intermediate size")
+        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, 2 * cfg.intermediate_size, cfg.mlp_bias, ops, parallel)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, ops, parallel)
+        self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernels == "cpu":
+        if self.ops.c_kernels:
             fused = self.gate_up_proj.silu_and_mul(x)  # prompt chunks: one pass over the panels
             if fused is not None:
                 return self.down_proj(fused)
         gate_up = self.gate_up_proj(x)
-        if self.kernels == "cpu" and gate_up.dim() == 2 and cpu_kernels.supports(gate_up):
-            return self.down_proj(cpu_kernels.silu_and_mul(gate_up))  # one pass instead of three
+        activated = self.ops.silu_and_mul(gate_up)
+        if activated is not None:
+            return self.down_proj(activated)
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: LlamaFamilyConfig, rotary: RotaryEmbedding, kernels: str = "torch"):
+    def __init__(self, cfg: LlamaFamilyConfig, rotary: RotaryEmbedding, ctx: ModelContext):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels)
-        self.self_attn = LlamaAttention(cfg, rotary, kernels)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels)
-        self.mlp = LlamaMLP(cfg, kernels)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx.ops)
+        self.self_attn = LlamaAttention(cfg, rotary, ctx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx.ops)
+        self.mlp = LlamaMLP(cfg, ctx)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,26 +112,29 @@ class LlamaFamilyForCausalLM(nn.Module):
         "gate_up_proj": ("gate_proj", "up_proj"),
     }
 
-    def __init__(self, cfg: LlamaFamilyConfig, kernels: str = "torch"):
+    pooler = None  # a decoder: no pooling (embedding models set one)
+
+    def __init__(self, cfg: LlamaFamilyConfig, ctx: ModelContext = ModelContext()):
         super().__init__()
         self.config = cfg
+        self.ctx = ctx
+        ops, parallel = ctx.ops, ctx.parallel
         # One cos/sin table shared by every layer.
-        rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, kernels)
+        rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, ops)
         self.rotary = rotary
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rotary, kernels) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.logits_linear = PackedLinear(kernels)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, parallel)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rotary, ctx) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
+        self.lm_head = None if cfg.tie_word_embeddings else ParallelLMHead(cfg.hidden_size, cfg.vocab_size, parallel)
+        self.logits_linear = PackedLinear(ops)
         # quantization with the C kernels: an 8-bit copy of the logits weight for decode steps of
         # up to logits_quant_max_rows rows (quantize).
         self.logits_quant: BlockQuantWeight | None = None
         self.logits_quant_max_rows = 0
-        self.kernels = kernels
         # Decode steps of a few sequences in one C call (cpu_decode.py); built by the first
         # forward, once load-time changes (4-bit copies) are done.
         self.decode_stack: CpuDecodeStack | None = None
-        self.use_decode_stack = kernels == "cpu"
+        self.use_decode_stack = ops.c_kernels
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -173,7 +178,7 @@ class LlamaFamilyForCausalLM(nn.Module):
         for projection in fitting:
             projection.quantize(bits, int4_rows)
         logits = self.logits_weight
-        rows = block_quant.logits_block_rows(logits, self.kernels, bits)
+        rows = block_quant.logits_block_rows(logits, self.ctx.ops, bits)
         if rows:
             self.logits_quant = BlockQuantWeight.quantize(logits, bits=8)
             self.logits_quant_max_rows = rows
@@ -196,6 +201,7 @@ class LlamaFamilyForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copies transformers-named tensors in, fusing q/k/v and gate/up; checks nothing is missing."""
         params = dict(self.named_parameters())
+        shard_dims = self._shard_dims()
         part_offsets = self._fused_offsets()
         loaded: set[str] = set()
         for name, tensor in weights:
@@ -213,6 +219,8 @@ class LlamaFamilyForCausalLM(nn.Module):
             if target_name not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no place in {self.config.architecture}")
             param = params[target_name]
+            if target_name in shard_dims:  # this rank's slice (the whole tensor at world size 1)
+                tensor = self.ctx.parallel.shard(tensor, shard_dims[target_name])
             dest = param if rows is None else param[rows[0]:rows[1]]
             if dest.shape != tensor.shape:
                 raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
@@ -225,12 +233,25 @@ class LlamaFamilyForCausalLM(nn.Module):
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {sorted(missing)[:4]}")
 
+    def _shard_dims(self) -> dict[str, int]:
+        """Parameter name → the dimension tensor parallelism splits (absent: replicated)."""
+        dims = {}
+        for name, module in self.named_modules():
+            dim = getattr(module, "shard_dim", None)
+            if dim is None:
+                continue
+            dims[f"{name}.weight"] = dim
+            if getattr(module, "bias", None) is not None and dim == 0:
+                dims[f"{name}.bias"] = 0
+        return dims
+
     def _fused_offsets(self) -> dict[tuple[str, str], tuple[int, int]]:
         cfg = self.config
+        local = self.ctx.parallel.local_size
         sizes = {
-            "q_proj": cfg.num_heads * cfg.head_dim, "k_proj": cfg.num_kv_heads * cfg.head_dim,
-            "v_proj": cfg.num_kv_heads * cfg.head_dim,
-            "gate_proj": cfg.intermediate_size, "up_proj": cfg.intermediate_size,
+            "q_proj": local(cfg.num_heads) * cfg.head_dim, "k_proj": local(cfg.num_kv_heads) * cfg.head_dim,
+            "v_proj": local(cfg.num_kv_heads) * cfg.head_dim,
+            "gate_proj": local(cfg.intermediate_size), "up_proj": local(cfg.intermediate_size),
         }
         offsets = {}
         for i in range(cfg.num_layers):

@@ -1,14 +1,22 @@
-"""Which HF architectures we run, keyed by the name in config.json's `architectures`."""
+"""Which HF architectures we run: config.json's `architectures` name → the model class.
+
+Classes are imported when first built (a registry entry costs nothing until used). Every
+class implements the model interface (model/interface.py) and is built with a
+`ModelContext` (the op choice and the parallel context).
+"""
 from __future__ import annotations
 
-# Every entry is served by the one Llama-family implementation in llama.py; the
-# differences (qkv bias, q/k norm, sliding window) are flags of LlamaFamilyConfig.
-SUPPORTED_ARCHITECTURES = (
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM",
-)
+import importlib
+
+# The dense Llama family shares one implementation; the differences (qkv bias, q/k norm,
+# sliding window) are flags of LlamaFamilyConfig.
+_MODELS: dict[str, tuple[str, str]] = {
+    "LlamaForCausalLM": ("asyncllm.model.llama", "LlamaFamilyForCausalLM"),
+    "MistralForCausalLM": ("asyncllm.model.llama", "LlamaFamilyForCausalLM"),
+    "Qwen2ForCausalLM": ("asyncllm.model.llama", "LlamaFamilyForCausalLM"),
+    "Qwen3ForCausalLM": ("asyncllm.model.llama", "LlamaFamilyForCausalLM"),
+}
+SUPPORTED_ARCHITECTURES = tuple(_MODELS)
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -17,25 +25,33 @@ class UnsupportedArchitectureError(ValueError):
 
 def resolve_architecture(architectures: list[str]) -> str:
     for name in architectures:
-        if name in SUPPORTED_ARCHITECTURES:
+        if name in _MODELS:
             return name
     raise UnsupportedArchitectureError(
         f"unsupported model architecture {architectures or '(none given)'}; "
         f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
 
 
-def build_model(config, dtype, device, kernels: str = "torch"):
-    """The model with uninitialised weights of `dtype` on `device` (load_weights fills them);
-    `kernels` is "torch" or "triton" (attention, RMSNorm and rotary from asyncllm_kernels)."""
+def model_class(architecture: str) -> type:
+    module, name = _MODELS[resolve_architecture([architecture])]
+    return getattr(importlib.import_module(module), name)
+
+
+def build_model(config, dtype, device, ctx=None):
+    """The model with uninitialised weights of `dtype` on `device` (load_weights fills them)."""
     import torch
 
-    from asyncllm.model.llama import LlamaFamilyForCausalLM
+    from asyncllm.model.interface import CausalLM, ModelContext
 
-    resolve_architecture([config.architecture])
+    cls = model_class(config.architecture)
     # Built on meta: no random init of weights about to be overwritten.
     with torch.device("meta"):
-        model = LlamaFamilyForCausalLM(config, kernels).to(dtype)
+        model = cls(config, ctx or ModelContext()).to(dtype)
+    if not isinstance(model, CausalLM):
+        raise TypeError(f"{cls.__name__} does not implement the model interface")
     model = model.to_empty(device=device)
-    # The rotary tables are not in checkpoints: computed on the real device, in fp32.
-    model.rotary.build(device)
+    # Rotary tables are not in checkpoints: computed on the real device, in fp32.
+    rotary = getattr(model, "rotary", None)
+    if rotary is not None:
+        rotary.build(device)
     return model

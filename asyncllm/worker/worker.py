@@ -15,10 +15,13 @@ import torch
 from asyncllm.config import EngineConfig
 from asyncllm.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from asyncllm.model.dtype import resolve_dtype
+from asyncllm.model.interface import ModelContext
 from asyncllm.model.layers.block_quant import QUANTIZATION_BITS
 from asyncllm.model.layers.int4 import int4_max_rows
 from asyncllm.model.layers.linear import prepack_supported
+from asyncllm.model.layers.ops import Ops
 from asyncllm.model.loader import Checkpoint, load_checkpoint
+from asyncllm.model.parallel import ParallelContext
 from asyncllm.model.registry import build_model
 from asyncllm.worker.cpu_allocator import keep_freed_memory_in_heap, return_freed_memory
 from asyncllm.worker.model_runner import KVCacheSpec, ModelRunner
@@ -67,7 +70,8 @@ class Worker:
         # panel GEMM), so "auto" means fp32 there rather than a dtype that setting refuses.
         dtype = (torch.float32 if args.quantized_weights_only and config.dtype_request == "auto"
                  else resolve_dtype(config.dtype_request, config.device))
-        model = build_model(model_cfg, dtype, config.device, config.kernels)
+        model = build_model(model_cfg, dtype, config.device,
+                            ModelContext(Ops(config.kernels), ParallelContext(self.rank, self.world_size)))
         model.load_weights(checkpoint.weights(dtype))
         if args.cpu_weight_prepack and prepack_supported(config.device, dtype):
             model.prepack_weights()

@@ -144,6 +144,39 @@ def test_the_worker_exits_when_the_engine_process_is_killed(tmp_path):
     assert not _pid_alive(worker_pid)
 
 
+def test_serve_with_the_mp_backend_gives_the_same_greedy_tokens(default_llm):
+    import re
+    import subprocess
+    import sys
+
+    import openai
+
+    from server_helpers import stop_process
+
+    proc = subprocess.Popen([sys.executable, "-m", "asyncllm.cli", "serve", "--port", "0", "--dtype", "float32",
+                             "--distributed-executor-backend", "mp", "--no-kv-cache-prefault"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        url, lines = None, []
+        deadline = time.monotonic() + 120
+        while url is None and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            lines.append(line)
+            match = re.search(r"serving (http://127\.0\.0\.1:\d+)", line)
+            url = match.group(1) if match else None
+            assert proc.poll() is None, "".join(lines)
+        assert url, "".join(lines)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none")
+        model = client.models.list().data[0].id
+        for prompt in PROMPTS:
+            got = client.completions.create(model=model, prompt=prompt, max_tokens=16, temperature=0)
+            want = default_llm.generate(prompt, SamplingParams(max_tokens=16, temperature=0), use_tqdm=False)
+            assert got.choices[0].text == want[0].outputs[0].text
+    finally:
+        stop_process(proc)
+
+
 def test_unknown_executor_backend_is_refused():
     with pytest.raises(ValueError, match="ray is not supported yet"):
         LLM(distributed_executor_backend="ray")

@@ -1,5 +1,5 @@
 """The C kernels' 4- and 8-bit block layout (layers/block_quant.py) and the matmul that reads it
-(cpu_kernels/quant_rows_impl.h): the blocks hold what the quantiser chose, the kernel computes x
+(asyncllm/kernels/cpu/quant_rows_impl.h): the blocks hold what the quantiser chose, the kernel computes x
 times those weights (against float64), a row's result does not depend on the other rows, and the
 default model's Q4_1 / Q8_0 tensors come back from the file's values."""
 import pytest
@@ -7,10 +7,11 @@ import torch
 
 from asyncllm.model.default_model import default_model_path
 from asyncllm.model.gguf_file import GGUFFile
-from asyncllm.model.layers import cpu_kernels
+from asyncllm.kernels import cpu as cpu_kernels
 from asyncllm.model.layers.block_quant import (
     BF16_MAX_ROWS, BLOCK_BYTES, MAX_ROWS, BlockQuantWeight, block_quant_supported, block_rows, logits_block_rows)
 from asyncllm.model.layers.int4 import quantize_groups, quantize_groups_int8
+from asyncllm.model.layers.ops import Ops
 
 pytestmark = [pytest.mark.timeout(120),
               pytest.mark.skipif(cpu_kernels.build_error() is not None, reason="the C kernels do not build here")]
@@ -135,10 +136,10 @@ def test_default_models_quantised_tensors_come_back_from_the_file():
 def test_which_weights_get_blocks_for_how_many_rows():
     fp32, bf16 = torch.randn(32, 64), torch.randn(32, 64, dtype=torch.bfloat16)
     for bits in (4, 8):
-        assert block_rows(fp32, "cpu", bits) == logits_block_rows(fp32, "cpu", bits) == MAX_ROWS
-        assert block_rows(fp32, "torch", bits) == logits_block_rows(fp32, "torch", bits) == 0  # no C kernels
+        assert block_rows(fp32, Ops("cpu"), bits) == logits_block_rows(fp32, Ops("cpu"), bits) == MAX_ROWS
+        assert block_rows(fp32, Ops("torch"), bits) == logits_block_rows(fp32, Ops("torch"), bits) == 0  # no C kernels
     # bf16: 8-bit blocks up to BF16_MAX_ROWS (oneDNN's packed bf16 wins above); 4 bits stay on
     # torch's int4 kernel, and then the logits weight keeps its dense copy too.
-    assert block_rows(bf16, "cpu", 8) == logits_block_rows(bf16, "cpu", 8) == BF16_MAX_ROWS
-    assert block_rows(bf16, "cpu", 4) == logits_block_rows(bf16, "cpu", 4) == 0
-    assert block_rows(torch.randn(24, 64), "cpu", 8) == 0  # not whole 16-row tiles
+    assert block_rows(bf16, Ops("cpu"), 8) == logits_block_rows(bf16, Ops("cpu"), 8) == BF16_MAX_ROWS
+    assert block_rows(bf16, Ops("cpu"), 4) == logits_block_rows(bf16, Ops("cpu"), 4) == 0
+    assert block_rows(torch.randn(24, 64), Ops("cpu"), 8) == 0  # not whole 16-row tiles

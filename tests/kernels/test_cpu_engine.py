@@ -7,7 +7,7 @@ import pytest
 import helpers
 from asyncllm import LLM
 from asyncllm.config import EngineArgs
-from asyncllm.model.layers.cpu_kernels import library
+from asyncllm.kernels.cpu import library
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -1,11 +1,13 @@
-"""The C kernels of asyncllm/model/layers/cpu_kernels against the torch code they replace."""
+"""The C kernels of asyncllm/kernels/cpu against the torch code they replace."""
 import pytest
 import torch
 
 from asyncllm.model.arch_config import RopeConfig
-from asyncllm.model.layers import cpu_kernels
+from asyncllm.kernels import cpu as cpu_kernels
 from asyncllm.model.layers.attention import AttentionMetadata, TorchAttentionBackend
+from asyncllm.model.interface import ModelContext
 from asyncllm.model.layers.norm import RMSNorm
+from asyncllm.model.layers.ops import Ops
 from asyncllm.model.layers.rotary import RotaryEmbedding
 
 pytestmark = pytest.mark.timeout(120)
@@ -178,7 +180,7 @@ def test_linear_routes_fp32_rows_to_the_kernels(rows, packed, monkeypatch):
     from asyncllm.model.layers.linear import Linear
 
     torch.manual_seed(0)
-    layer = Linear(64, 32, bias=True, kernels="cpu")
+    layer = Linear(64, 32, bias=True, ops=Ops("cpu"))
     if packed:
         layer.pack()
     calls = {"few": 0, "panel": 0}
@@ -195,7 +197,7 @@ def test_linear_routes_fp32_rows_to_the_kernels(rows, packed, monkeypatch):
         panel = packed and rows >= cpu_kernels.PANEL_MIN_ROWS
         few = not panel and rows <= cpu_kernels.FEW_ROWS_MAX
         assert calls == {"few": int(few), "panel": int(panel)}
-        torch_layer = Linear(64, 32, bias=True, kernels="torch")
+        torch_layer = Linear(64, 32, bias=True, ops=Ops("torch"))
         torch_layer.load_state_dict(layer.state_dict())
         if packed:
             torch_layer.pack()
@@ -259,7 +261,7 @@ def test_mlp_takes_the_fused_gate_up_kernel_where_it_serves(monkeypatch):
                                 intermediate_size=intermediate, num_layers=1, num_heads=4, num_kv_heads=2,
                                 head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=64, rope=RopeConfig(10000.0),
                                 tie_word_embeddings=True, attention_bias=False, qk_norm=False, mlp_bias=True)
-        module = LlamaMLP(cfg, kernels="cpu")
+        module = LlamaMLP(cfg, ModelContext(Ops("cpu")))
         with torch.no_grad():
             for p in module.parameters():
                 p.copy_(torch.randn_like(p) * 0.1)
@@ -303,7 +305,7 @@ def test_linear_packs_panels_for_fp32_c_kernels(dtype, layout, monkeypatch):
     if not prepack_supported(torch.device("cpu"), dtype):  # the engine then packs nothing
         pytest.skip(f"oneDNN cannot pack {dtype} here (bf16 on an AVX2-only CPU)")
     torch.manual_seed(0)
-    layer = Linear(64, 96, bias=True, kernels="cpu").to(dtype)
+    layer = Linear(64, 96, bias=True, ops=Ops("cpu")).to(dtype)
     layer.pack()
     assert layer.prepacked.is_packed
     assert (layer.prepacked.panels is not None) == (layout == "panels")

@@ -4,7 +4,7 @@ fill register panels partly, steps that mix decodes with prompts; bf16 against f
 import pytest
 import torch
 
-from asyncllm.model.layers import cpu_kernels
+from asyncllm.kernels import cpu as cpu_kernels
 from asyncllm.model.layers.attention import AttentionMetadata, TorchAttentionBackend
 from asyncllm.model.layers.cpu_attention import CpuAttentionBackend
 

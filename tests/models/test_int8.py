@@ -11,7 +11,7 @@ import torch
 
 import helpers
 from asyncllm import LLM, SamplingParams
-from asyncllm.model.layers import cpu_kernels
+from asyncllm.kernels import cpu as cpu_kernels
 from asyncllm.model.layers.block_quant import BF16_MAX_ROWS, MAX_ROWS, BlockQuantWeight
 from asyncllm.model.layers.linear import Linear
 

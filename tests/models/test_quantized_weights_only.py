@@ -6,9 +6,10 @@ import torch
 
 import helpers
 from asyncllm import LLM
-from asyncllm.model.layers import cpu_kernels
+from asyncllm.kernels import cpu as cpu_kernels
 from asyncllm.model.layers.block_quant import BlockQuantWeight
 from asyncllm.model.layers.linear import Linear
+from asyncllm.model.layers.ops import Ops
 
 pytestmark = pytest.mark.skipif(cpu_kernels.build_error() is not None, reason="the C kernels do not build here")
 
@@ -73,7 +74,7 @@ def test_quantized_weights_only_errors_are_clear(tiny_models):
 
 
 def test_drop_dense_refuses_a_projection_without_blocks():
-    layer = Linear(64, 32, bias=False, kernels="cpu")
+    layer = Linear(64, 32, bias=False, ops=Ops("cpu"))
     with pytest.raises(ValueError, match="only an fp32 projection with C blocks"):
         layer.drop_dense()
     assert layer.weight.shape == (32, 64)  # nothing lost

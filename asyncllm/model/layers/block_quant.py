@@ -1,5 +1,5 @@
 """Group-quantised weights in the C kernels' block layout, for decode steps of 1-8 rows on the CPU
-(`quantization="int4"` or `"int8"` with `kernels="cpu"`; cpu_kernels/quant_rows_impl.h).
+(`quantization="int4"` or `"int8"` with `kernels="cpu"`; asyncllm/kernels/cpu/quant_rows_impl.h).
 
 torch's int4 CPU kernel (layers/int4.py) computes in bf16 and, at one row, left ~6 ms of a
 ~14 ms step to the ops around it. This layout is read by a C kernel with fp32 (or bf16)
@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from asyncllm.model.layers import cpu_kernels
+from asyncllm.kernels import cpu as cpu_kernels
+from asyncllm.model.layers.ops import Ops
 from asyncllm.model.layers.int4 import GROUP_SIZE, GroupQuantized, int4_shape_supported, quantize_groups, \
     quantize_groups_int8
 
@@ -44,23 +45,23 @@ QUANTIZATION_BITS = {"int4": 4, "int8": 8}  # EngineArgs.quantization → bits o
 BF16_MAX_ROWS = 4
 
 
-def block_rows(weight: torch.Tensor, kernels: str, bits: int) -> int:
+def block_rows(weight: torch.Tensor, ops: Ops, bits: int) -> int:
     """Most rows of the steps that read C blocks of `bits` made from this weight under
     `quantization` (0: none). Blocks need the C kernels; fp32 models read them for every step
     the kernel takes (MAX_ROWS), bf16 ones 8-bit blocks up to BF16_MAX_ROWS (bf16 models keep
     torch's int4 kernel for 4 bits)."""
-    if kernels != "cpu" or not block_quant_supported(weight):
+    if not ops.c_kernels or not block_quant_supported(weight):
         return 0
     if weight.dtype == torch.float32:
         return MAX_ROWS
     return BF16_MAX_ROWS if bits == 8 else 0
 
 
-def logits_block_rows(weight: torch.Tensor, kernels: str, bits: int) -> int:
+def logits_block_rows(weight: torch.Tensor, ops: Ops, bits: int) -> int:
     """Most rows of the steps that read an 8-bit copy of the logits weight when the projections
     are quantised to `bits` (0: none): it has one where they get C blocks, read as 8-bit blocks
     are (block_rows)."""
-    return block_rows(weight, kernels, 8) if block_rows(weight, kernels, bits) else 0
+    return block_rows(weight, ops, 8) if block_rows(weight, ops, bits) else 0
 
 
 def _as_bytes(values: torch.Tensor) -> torch.Tensor:

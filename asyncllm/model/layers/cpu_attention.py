@@ -1,4 +1,4 @@
-"""Attention backend on the C kernels (layers/cpu_kernels): the KV write, batched decode
+"""Attention backend on the C kernels (asyncllm/kernels/cpu): the KV write, batched decode
 attention and prompt attention read and write the paged cache where it lies, with no gathered
 copies and no KV heads repeated per query head (fp32 and bf16; prompt attention computes in fp32
 either way, and bf16 prompts on AMX CPUs keep torch's SDPA: cpu_kernels.prefill_attention_takes).
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from asyncllm.model.layers import cpu_kernels
+from asyncllm.kernels import cpu as cpu_kernels
 from asyncllm.model.layers.attention import AttentionMetadata, TorchAttentionBackend
 
 

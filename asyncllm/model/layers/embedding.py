@@ -19,3 +19,16 @@ class VocabParallelEmbedding(nn.Embedding):
             raise NotImplementedError("a vocabulary split over several ranks comes with tensor parallelism")
         super().__init__(parallel.local_size(vocab_size, "vocabulary"), hidden_size)
         self.parallel = parallel
+
+
+class ParallelLMHead(nn.Linear):
+    """An untied output embedding: vocabulary rows split over the ranks like the token embedding.
+    Only its weight is used (compute_logits reads it through its own packed or quantised copies)."""
+
+    shard_dim = 0
+
+    def __init__(self, hidden_size: int, vocab_size: int, parallel: ParallelContext = SINGLE):
+        if not parallel.is_single:
+            raise NotImplementedError("a vocabulary split over several ranks comes with tensor parallelism")
+        super().__init__(hidden_size, parallel.local_size(vocab_size, "vocabulary"), bias=False)
+        self.parallel = parallel

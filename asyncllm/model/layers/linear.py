@@ -9,13 +9,13 @@ the projection weights: `EngineArgs.cpu_weight_prepack` turns it off. In bf16 th
 wins at one row too (AMX: the stack takes 10.4 ms packed against 16.4 ms with torch's bf16 gemv).
 
 With the C kernels (`kernels="cpu"`), fp32 steps of 1-8 rows use `linear_few_rows` instead: it
-streams each weight row once past all the rows (layers/cpu_kernels). Such a step is bound by
+streams each weight row once past all the rows (asyncllm/kernels/cpu). Such a step is bound by
 reading the weights from memory, and on the default model's projection and logits weights
 (~540 MB, from DRAM) it took 21.0 / 26.3 ms at 4 / 8 rows against oneDNN's 24.8 / 28.5 ms; at one
 row it matches MKL's gemv on Intel and beats it 2.5-3.3x on AMD EPYC, where MKL's gemv is slow.
 
 Steps of more rows (batched decoding, prompt chunks) in fp32 with the C kernels use
-`panel_linear` on a copy packed into column panels (cpu_kernels/panel_gemm_impl.h) in place of
+`panel_linear` on a copy packed into column panels (asyncllm/kernels/cpu/panel_gemm_impl.h) in place of
 oneDNN's packed copy: on the same stack it ran 1.2-1.4x faster at 16-64 rows (oneDNN left the
 weight stream from DRAM unoverlapped with the arithmetic) and as fast at 1024.
 
@@ -29,10 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from asyncllm.model.layers import cpu_kernels
+from asyncllm.kernels import cpu as cpu_kernels
 from asyncllm.model.layers import block_quant
 from asyncllm.model.layers.block_quant import BlockQuantWeight
 from asyncllm.model.layers.int4 import Int4Weight
+from asyncllm.model.layers.ops import TORCH_OPS, Ops
+from asyncllm.model.parallel import SINGLE, ParallelContext
 
 _PACK_HINT = 8  # rows the blocked layout is tuned for; it serves any row count (measured 1-64)
 
@@ -52,14 +54,14 @@ class PackedLinear:
     the C kernels take the few-rows kernel. Not an nn.Module: the packed tensor is a CPU-only
     cache of the weight, never a parameter, buffer or checkpoint entry."""
 
-    def __init__(self, kernels: str = "torch"):
+    def __init__(self, ops: Ops = TORCH_OPS):
         self.packed: torch.Tensor | None = None  # oneDNN's layout
         self.panels: torch.Tensor | None = None  # panel_linear's layout
         self.min_rows = 2
-        self.kernels = kernels
+        self.ops = ops
 
     def pack(self, weight: torch.Tensor) -> None:
-        if self.kernels == "cpu" and cpu_kernels.panel_weight_supported(weight):
+        if self.ops.c_kernels and cpu_kernels.panel_weight_supported(weight):
             self.panels, self.packed = cpu_kernels.pack_panels(weight.detach()), None
         else:
             self.packed, self.panels = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_HINT), None
@@ -78,7 +80,7 @@ class PackedLinear:
             return cpu_kernels.panel_linear(x, self.panels, weight.shape[0], bias)
         # fp32 only (bf16's packed AMX path is faster). One row too: MKL's gemv is no faster on
         # Intel and 2.5-3.3x slower on AMD EPYC (projections 26 vs 10 ms, logits 6.7 vs 2.0 ms).
-        if self.kernels == "cpu" and x.dtype == torch.float32 and cpu_kernels.few_rows_supported(x, weight):
+        if self.ops.c_kernels and x.dtype == torch.float32 and cpu_kernels.few_rows_supported(x, weight):
             out = cpu_kernels.linear_few_rows(x, weight)
             return out if bias is None else out + bias
         if x.dim() == 2 and x.shape[0] >= self.min_rows:
@@ -100,9 +102,11 @@ class Linear(nn.Linear):
     """nn.Linear that uses its packed copy once `pack()` was called, and its quantised copy for steps
     of at most `quantized_max_rows` rows once `quantize()` was."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, kernels: str = "torch"):
+    shard_dim: int | None = None  # the weight dimension split over tensor-parallel ranks (None: replicated)
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, ops: Ops = TORCH_OPS):
         super().__init__(in_features, out_features, bias=bias)
-        self.prepacked = PackedLinear(kernels)
+        self.prepacked = PackedLinear(ops)
         self.quantized: Int4Weight | BlockQuantWeight | None = None
         self.quantized_max_rows = 0
 
@@ -113,7 +117,7 @@ class Linear(nn.Linear):
         """A `bits`-bit copy: the C kernel's blocks where they serve, for the steps
         block_quant.block_rows says, else torch's int4 layout for steps of at most `int4_rows` rows
         (4 bits only; 8 bits need the C kernels, which EngineConfig checks)."""
-        rows = block_quant.block_rows(self.weight, self.prepacked.kernels, bits)
+        rows = block_quant.block_rows(self.weight, self.prepacked.ops, bits)
         if rows:
             self.quantized = BlockQuantWeight.quantize(self.weight, bits=bits)
             self.quantized_max_rows = rows
@@ -122,8 +126,8 @@ class Linear(nn.Linear):
             self.quantized_max_rows = int4_rows
         else:
             raise ValueError(f"{bits}-bit copies need the C kernels and an fp32 or bf16 weight whose shape they "
-                             f"take, got a {self.weight.dtype} {tuple(self.weight.shape)} weight with kernels="
-                             f"{self.prepacked.kernels!r}")
+                             f"take, got a {self.weight.dtype} {tuple(self.weight.shape)} weight with ops "
+                             f"{self.prepacked.ops.name!r}")
 
     @property
     def dense_dropped(self) -> bool:
@@ -145,7 +149,7 @@ class Linear(nn.Linear):
         freed += sum(t.numel() * t.element_size() for t in (self.prepacked.packed, self.prepacked.panels)
                      if t is not None)
         self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)
-        self.prepacked = PackedLinear(self.prepacked.kernels)
+        self.prepacked = PackedLinear(self.prepacked.ops)
         return freed
 
     def _reads_quantized(self, x: torch.Tensor) -> bool:
@@ -170,3 +174,29 @@ class Linear(nn.Linear):
     def _linear_from_blocks(self, x: torch.Tensor) -> torch.Tensor:
         out = self.quantized.linear_many_rows(x.reshape(-1, x.shape[-1]), self.bias)  # fp32, as drop_dense asked
         return out.reshape(*x.shape[:-1], self.out_features)
+
+
+class ColumnParallelLinear(Linear):
+    """Output features split over the tensor-parallel ranks (QKV, gate/up): each rank keeps rows
+    [rank * n / w, (rank + 1) * n / w) of the weight and computes that slice of the outputs."""
+
+    shard_dim = 0
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, ops: Ops = TORCH_OPS,
+                 parallel: ParallelContext = SINGLE):
+        super().__init__(in_features, parallel.local_size(out_features, "projection's outputs"), bias, ops)
+        self.parallel = parallel
+
+
+class RowParallelLinear(Linear):
+    """Input features split over the ranks (o_proj, down): each rank keeps those columns of the
+    weight; the ranks' partial outputs are summed (an all-reduce, once world size > 1 runs)."""
+
+    shard_dim = 1
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, ops: Ops = TORCH_OPS,
+                 parallel: ParallelContext = SINGLE):
+        if not parallel.is_single:
+            raise NotImplementedError("row-parallel projections over several ranks come with tensor parallelism")
+        super().__init__(parallel.local_size(in_features, "projection's inputs"), out_features, bias, ops)
+        self.parallel = parallel

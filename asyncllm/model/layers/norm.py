@@ -6,29 +6,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from asyncllm.model.layers import cpu_kernels
+from asyncllm.model.layers.ops import TORCH_OPS, Ops
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float, kernels: str = "torch"):
+    def __init__(self, hidden_size: int, eps: float, ops: Ops = TORCH_OPS):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
-        self.kernels = kernels
-        self.triton_rms_norm = None
-        if kernels == "triton":
-            from asyncllm_kernels import rms_norm
-
-            self.triton_rms_norm = rms_norm
+        self.ops = ops
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """Without residual: RMSNorm(x). With it: h = x + residual → (RMSNorm(h), h).
         The C kernel writes h over `residual` (the forward owns the residual stream)."""
-        if self.triton_rms_norm is not None and x.dim() == 2:
-            return self.triton_rms_norm(x, self.weight, self.eps, residual)
-        if self.kernels == "cpu" and x.dim() == 2 and cpu_kernels.supports(x, self.weight) and (
-                residual is None or residual.is_contiguous()):
-            return cpu_kernels.rms_norm(x, self.weight, self.eps, residual)
+        fused = self.ops.rms_norm(x, self.weight, self.eps, residual)
+        if fused is not None:
+            return fused
         h = x if residual is None else x + residual
         input_dtype = h.dtype
         x32 = h.to(torch.float32)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from asyncllm.model.layers import cpu_kernels
+from asyncllm.kernels import cpu as cpu_kernels
 
 OPS_NAMES = ("torch", "cpu", "triton")
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from asyncllm.model.arch_config import RopeConfig
-from asyncllm.model.layers import cpu_kernels
+from asyncllm.model.layers.ops import TORCH_OPS, Ops
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
@@ -30,15 +30,10 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int, kernels: str = "torch"):
+    def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int, ops: Ops = TORCH_OPS):
         super().__init__()
         self.rope, self.head_dim, self.max_positions = rope, head_dim, max_positions
-        self.kernels = kernels
-        self.triton_rotary = None
-        if kernels == "triton":
-            from asyncllm_kernels import rotary_embedding
-
-            self.triton_rotary = rotary_embedding
+        self.ops = ops
         # Non-persistent buffers: moved with .to(device) but never part of the weights.
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
@@ -54,10 +49,9 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [T, H, D], k: [T, KVH, D]; positions: [T]. The kernels rotate in place."""
-        if self.triton_rotary is not None:
-            return self.triton_rotary(positions, q, k, self.cos, self.sin)
-        if self.kernels == "cpu" and cpu_kernels.supports(q, k) and positions.dtype == torch.int64:
-            return cpu_kernels.rotary_(positions, q, k, self.cos, self.sin)
+        rotated = self.ops.rotary(positions, q, k, self.cos, self.sin)
+        if rotated is not None:
+            return rotated
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)
         sin = self.sin[positions].unsqueeze(1).to(q.dtype)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from asyncllm.model.layers.cpu_kernels import PANEL_MIN_ROWS, _typed
+from asyncllm.kernels.cpu import PANEL_MIN_ROWS, _typed
 
 LAYER_TENSORS = ("input_norm", "qkv", "qkv_bias", "q_norm", "k_norm", "o", "post_norm", "gate_up", "gate_up_bias",
                  "down", "down_bias")

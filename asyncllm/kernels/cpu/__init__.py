@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from asyncllm.model.layers.cpu_kernels.library import KernelBuildError, build_error, cpu_has_amx, load_library
+from asyncllm.kernels.cpu.library import KernelBuildError, build_error, cpu_has_amx, load_library
 
 __all__ = ["KernelBuildError", "build_error", "supports", "rms_norm", "rotary_", "silu_and_mul", "write_kv_cache",
            "paged_decode_attention", "few_rows_supported", "few_rows_weight_supported", "linear_few_rows",
