@@ -47,7 +47,7 @@ class MultiprocExecutor(Executor):
         self._callbacks: list[Callable[[str], None]] = []
         self._watcher = threading.Thread(target=self._watch, name="asyncllm-worker-watch", daemon=True)
         self._watcher.start()
-        self._call(b"config", wire.encode_args(config.args))
+        self._call(b"config", wire.encode(config.args))
 
     @property
     def pid(self) -> int:
@@ -56,13 +56,13 @@ class MultiprocExecutor(Executor):
     # ------------------------------------------------------------------ calls
 
     def initialize(self) -> WorkerInfo:
-        return wire.decode_info(self._call(b"load"))
+        return wire.decode(self._call(b"load"), WorkerInfo)
 
     def init_cache(self, cache: CacheConfig) -> None:
         self._call(b"init_cache", wire.encode(cache))
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        return wire.decode_runner_output(self._call(b"execute", wire.encode(sched)))
+        return wire.decode(self._call(b"execute", wire.encode(sched)), ModelRunnerOutput)
 
     def check_health(self) -> None:
         if self._dead is not None:

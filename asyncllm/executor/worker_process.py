@@ -27,8 +27,10 @@ def _die_with_parent(parent: int, interval: float = 0.25) -> None:
 
 
 def serve(conn: Connection) -> None:
+    from asyncllm.config import EngineArgs
+    from asyncllm.core.sched_output import SchedulerOutput
     from asyncllm.executor import wire
-    from asyncllm.worker.worker import Worker
+    from asyncllm.worker.worker import CacheConfig, Worker
 
     worker: Worker | None = None
     while True:
@@ -41,14 +43,14 @@ def serve(conn: Connection) -> None:
             break
         try:
             if method == b"execute":
-                reply = wire.encode(worker.execute(wire.decode_step(body)))
+                reply = wire.encode(worker.execute(wire.decode(body, SchedulerOutput)))
             elif method == b"config":
-                worker = Worker(wire.decode_args(body).create_engine_config())
+                worker = Worker(wire.decode(body, EngineArgs).create_engine_config())
                 reply = b""
             elif method == b"load":
                 reply = wire.encode(worker.load_model())
             elif method == b"init_cache":
-                worker.init_cache(wire.decode_cache(body))
+                worker.init_cache(wire.decode(body, CacheConfig))
                 reply = b""
             else:
                 raise ValueError(f"unknown call {method!r}")
