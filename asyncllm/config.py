@@ -16,6 +16,7 @@ import torch
 from asyncllm.model.layers.int4 import int4_supported
 from asyncllm.sampling.structured import StructuredLimits
 from asyncllm.sampling_params import SamplingLimits
+from asyncllm.spec_decode.config import SpeculativeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,10 @@ class EngineArgs:
     enable_prefix_caching: bool = _opt(True, "reuse KV blocks of shared prompt prefixes across requests")
     max_waiting_requests: int = _opt(1024, "admission limit: more waiting requests are refused (overloaded)")
     seed: int = _opt(0, "seed of the engine's unseeded sampling")
+    speculative_config: dict | str | None = _opt(
+        None, "speculative decoding, as vLLM's: a dict or its JSON text, e.g. {\"method\": \"ngram\", "
+              "\"num_speculative_tokens\": 4, \"prompt_lookup_min\": 2, \"prompt_lookup_max\": 5}; proposed "
+              "tokens are verified in one forward, so the tokens are those of plain decoding (ngram only so far)")
     distributed_executor_backend: str | None = _opt(
         None, "where the model runs: uni (in the engine thread; the default) or mp (a worker process, "
               "steps sent as msgpack; a worker that dies fails every request with EngineDeadError)",
@@ -123,6 +128,7 @@ class EngineConfig:
     kv_cache_memory: int | None
     limits: SamplingLimits
     structured_limits: StructuredLimits
+    speculative: SpeculativeConfig | None = None
 
     @classmethod
     def from_args(cls, args: EngineArgs) -> "EngineConfig":
@@ -159,6 +165,11 @@ class EngineConfig:
         if args.distributed_executor_backend not in (None, "uni", "mp"):
             errors.append(f"distributed_executor_backend must be uni or mp, got {args.distributed_executor_backend!r}"
                           + (" (ray is not supported yet)" if args.distributed_executor_backend == "ray" else ""))
+        speculative = None
+        try:
+            speculative = SpeculativeConfig.parse(args.speculative_config)
+        except ValueError as exc:
+            errors.append(str(exc))
         if errors:
             raise ValueError("invalid engine arguments: " + "; ".join(errors))
         if args.device == "auto":
@@ -189,7 +200,7 @@ class EngineConfig:
                                       compile_workers=args.grammar_compile_workers,
                                       worker_memory_bytes=args.grammar_worker_memory)
         return cls(args=args, device=device, dtype_request=args.dtype, kernels=kernels,
-                   kv_cache_memory=kv_mem, limits=limits, structured_limits=structured)
+                   kv_cache_memory=kv_mem, limits=limits, structured_limits=structured, speculative=speculative)
 
 
 def triton_kernels_available() -> bool:

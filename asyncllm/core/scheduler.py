@@ -46,6 +46,7 @@ class SchedulerConfig:
     max_model_len: int
     enable_chunked_prefill: bool = True
     num_speculative_tokens: int = 0  # most proposed tokens per request per step (0: none)
+    speculative_disable_batch_size: int | None = None  # no proposals while this many requests run
 
 
 class Scheduler:
@@ -181,6 +182,9 @@ class Scheduler:
         requests, whose masks cover one position), within the budget and max_model_len."""
         k = self.config.num_speculative_tokens
         if self.proposer is None or k == 0 or num_new != 1 or request.grammar is not None:
+            return []
+        limit = self.config.speculative_disable_batch_size
+        if limit is not None and len(self.running) >= limit:
             return []
         k = min(k, budget - 1, self.config.max_model_len - request.num_tokens)
         return list(self.proposer.propose(request, k)[:k]) if k > 0 else []

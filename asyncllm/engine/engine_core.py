@@ -23,6 +23,7 @@ from asyncllm.executor import Executor, create_executor
 from asyncllm.model.loader import Checkpoint, load_checkpoint
 from asyncllm.request import Request, RequestStatus
 from asyncllm.sampling.structured import write_bitmask
+from asyncllm.spec_decode import make_proposer
 from asyncllm.worker.worker import CacheConfig
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,11 @@ class LoadReport:
 class EngineCore:
     def __init__(self, config: EngineConfig, checkpoint: Checkpoint | None = None,
                  proposer: Proposer | None = None, num_speculative_tokens: int = 0):
+        """`proposer` / `num_speculative_tokens` default to what `speculative_config` asks for."""
         started = time.perf_counter()
+        if proposer is None and config.speculative is not None:
+            proposer = make_proposer(config.speculative)
+            num_speculative_tokens = config.speculative.num_speculative_tokens
         args = config.args
         self.config = config
         # The config and tokenizer (the weights stream is read by the workers).
@@ -87,7 +92,8 @@ class EngineCore:
         self.kv = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, max_model_len, args.enable_chunked_prefill,
-                            num_speculative_tokens),
+                            num_speculative_tokens,
+                            config.speculative.disable_by_batch_size if config.speculative is not None else None),
             self.kv, proposer)
         self.num_steps = 0
         self.prompt_tokens_computed = 0

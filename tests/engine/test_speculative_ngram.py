@@ -1,0 +1,77 @@
+"""Speculative decoding, method ngram (prompt lookup): configured as vLLM's speculative_config;
+proposals verified in one forward, so the tokens are those of plain decoding."""
+import pytest
+
+from asyncllm import LLM, EngineArgs, SamplingParams
+from asyncllm.spec_decode.ngram import propose_from
+
+PASSAGE = ("The quick brown fox jumps over the lazy dog. It was a bright cold day in April, and the clocks "
+           "were striking thirteen. Call me Ishmael. Some years ago, never mind how long precisely, having "
+           "little or no money in my purse, I thought I would sail about a little and see the watery part of "
+           "the world.")
+
+
+def test_propose_from_finds_the_latest_longest_match():
+    tokens = [1, 2, 3, 9, 1, 2, 3, 7, 8, 5, 1, 2, 3]
+    assert propose_from(tokens, 3, 1, 3) == [7, 8, 5]  # the latest earlier "1 2 3" was followed by 7 8 5
+    assert propose_from(tokens, 1, 1, 3) == [7]
+    assert propose_from([4, 5, 6], 3, 1, 3) == []  # no earlier occurrence of any suffix
+    assert propose_from([5, 5], 4, 1, 2) == [5]  # what follows the match, up to the end of the context
+    assert propose_from(tokens, 0, 1, 3) == []
+
+
+@pytest.fixture(scope="module")
+def ngram_llm():
+    llm = LLM(dtype="float32", max_num_seqs=64,
+              speculative_config={"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3})
+    yield llm
+    llm.engine.shutdown()
+
+
+def test_ngram_gives_the_tokens_of_plain_decoding_in_fewer_forwards(default_llm, ngram_llm):
+    tok = default_llm.get_tokenizer()
+    prompts = [tok.apply_chat_template([{"role": "user", "content": f"Repeat this text exactly:\n{PASSAGE}"}],
+                                       tokenize=False, add_generation_prompt=True),
+               "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\ndef mul(a, b):\n",
+               "Once upon a time"]
+    params = [SamplingParams(max_tokens=48, temperature=0, logprobs=1),
+              SamplingParams(max_tokens=48, temperature=0.8, seed=5)]
+    for p in params:
+        core = ngram_llm.engine.core
+        accepted = core.num_accepted_tokens
+        got = ngram_llm.generate(prompts, p, use_tqdm=False)
+        want = default_llm.generate(prompts, p, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+        assert core.num_accepted_tokens > accepted
+    steps = ngram_llm.engine.core.num_steps
+    copy = ngram_llm.generate(prompts[:1], SamplingParams(max_tokens=24, temperature=0), use_tqdm=False)
+    # Copying the passage: most proposals hold, so far fewer forwards than tokens (measured: 7 for 27).
+    assert ngram_llm.engine.core.num_steps - steps < len(copy[0].outputs[0].token_ids) / 2
+    assert ngram_llm.engine.core.kv.num_used_blocks() == 0
+
+
+def test_no_proposals_at_or_above_disable_by_batch_size(ngram_llm):
+    import dataclasses
+
+    scheduler = ngram_llm.engine.core.scheduler
+    config = scheduler.config
+    scheduler.config = dataclasses.replace(config, speculative_disable_batch_size=2)
+    try:
+        core = ngram_llm.engine.core
+        drafts = core.num_draft_tokens
+        prompt = "1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2,"
+        ngram_llm.generate([prompt] * 3, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), use_tqdm=False)
+        assert core.num_draft_tokens == drafts  # three running: none proposed
+        ngram_llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), use_tqdm=False)
+        assert core.num_draft_tokens > drafts  # alone: proposed
+    finally:
+        scheduler.config = config
+
+
+def test_unsupported_speculative_methods_are_refused():
+    for bad, message in [({"method": "draft_model", "model": "x"}, "not supported yet"),
+                         ({"method": "ngram", "num_speculative_tokens": 0}, "integer >= 1"),
+                         ("{not json", "not valid JSON"),
+                         ({"method": "ngram", "disable_by_batch_size": 0}, "disable_by_batch_size")]:
+        with pytest.raises(ValueError, match=message):
+            EngineArgs(speculative_config=bad).create_engine_config()
