@@ -2,8 +2,9 @@
 
 Everything a step sends to a worker is plain data that can cross a process (msgspec
 encodes these dataclasses as msgpack): a request's data once (`NewRequestData`), then only
-diffs (`CachedRequestData`: new blocks, the computed count), the ids that left, and the
-grammar bitmask the engine computed. The worker keeps the rest in its input batch.
+diffs (`CachedRequestData`: new blocks, a resumption; each `ScheduledRequest` says where its
+step starts), the ids that left, and the grammar bitmask the engine computed. The worker keeps
+the rest in its input batch.
 """
 from __future__ import annotations
 
@@ -22,17 +23,15 @@ class NewRequestData:
     output_token_ids: list[int]  # empty unless the engine already holds outputs
     sampling: SamplingRow
     block_ids: list[int]
-    num_computed_tokens: int
     cache_key: str | None = None  # prefix-cache extra key (LoRA adapter, images, salt): for the worker's adapters
 
 
 @dataclass
 class CachedRequestData:
-    """A request the workers already hold: what changed since its last step."""
+    """A request the workers already hold, sent only when its block table changed."""
 
     req_id: str
     new_block_ids: list[int]
-    num_computed_tokens: int
     # Back after a preemption: new_block_ids is its whole block table, and the workers re-add it
     # to the batch (its tokens and generator they kept).
     resumed: bool = False

@@ -7,7 +7,7 @@ KV blocks run out, the lowest-priority / newest running request is preempted: it
 are freed and it is recomputed later (prefix caching usually makes that cheap).
 
 Its output is plain data for the workers: a request's data the first time it runs, then
-only diffs (new block ids, the computed count), and the ids that finished or were
+only diffs (new block ids, a resumption), and the ids that finished or were
 preempted since the last step. A decode may carry proposed tokens to verify (from a
 `Proposer`): slots are allocated for them, and `num_computed_tokens` rolls back by the
 rejected ones when the step's tokens come back.
@@ -195,7 +195,8 @@ class Scheduler:
         return ScheduledRequest(request.request_id, request.num_computed_tokens, num_new, list(spec), samples)
 
     def _add_worker_diffs(self, out: SchedulerOutput) -> None:
-        """The first step of a request carries its data; later steps only what changed."""
+        """The first step of a request carries its data; later steps only what changed (its start
+    position travels in its ScheduledRequest)."""
         out.finished_req_ids, self._finished_ids = self._finished_ids, []
         out.preempted_ids, self._preempted_ids = self._preempted_ids, []
         for item in out.scheduled:
@@ -207,12 +208,12 @@ class Scheduler:
                 out.new_requests.append(NewRequestData(
                     rid, request.prompt_token_ids, list(request.output_token_ids),
                     SamplingRow.from_params(request.sampling_params, request.eos_token_ids, request.sample_seed),
-                    block_ids, request.num_computed_tokens, request.cache_salt))
+                    block_ids, request.cache_salt))
             elif sent is None:
                 self._resumed.discard(rid)
-                out.cached_requests.append(CachedRequestData(rid, block_ids, request.num_computed_tokens, True))
-            else:
-                out.cached_requests.append(CachedRequestData(rid, block_ids[sent:], request.num_computed_tokens))
+                out.cached_requests.append(CachedRequestData(rid, block_ids, resumed=True))
+            elif len(block_ids) > sent:  # a decode within its last block sends nothing
+                out.cached_requests.append(CachedRequestData(rid, block_ids[sent:]))
             self._sent_blocks[rid] = len(block_ids)
 
     def _pick_victim(self, exclude: set[str]) -> Request:

@@ -33,8 +33,7 @@ class WorkerError(RuntimeError):
 
 
 class MultiprocExecutor(Executor):
-    def __init__(self, config: EngineConfig, startup_timeout: float = 600.0):
-        self.config = config
+    def __init__(self, config: EngineConfig):
         ours, theirs = socket.socketpair()
         self.process = subprocess.Popen([sys.executable, "-m", "asyncllm.executor.worker_process",
                                          str(theirs.fileno())], pass_fds=(theirs.fileno(),))

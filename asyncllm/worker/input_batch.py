@@ -23,7 +23,6 @@ class CachedRequestState:
     num_prompt_tokens: int
     sampling: SamplingRow
     block_ids: list[int]
-    num_computed_tokens: int
     generator: torch.Generator | None = None
     skip_prompt_logprobs: bool = False  # recomputed after a preemption: its prompt logprobs were sent
     row: int = -1  # its row in the batch; -1 while preempted
@@ -90,17 +89,15 @@ class InputBatch:
                 state.skip_prompt_logprobs = True
         for new in sched.new_requests:
             state = CachedRequestState(new.req_id, new.prompt_token_ids + new.output_token_ids,
-                                       len(new.prompt_token_ids), new.sampling, list(new.block_ids),
-                                       new.num_computed_tokens)
+                                       len(new.prompt_token_ids), new.sampling, list(new.block_ids))
             self.requests[new.req_id] = state
             self._enter(state)
         for diff in sched.cached_requests:
             state = self.requests[diff.req_id]
-            state.num_computed_tokens = diff.num_computed_tokens
             if diff.resumed:
                 state.block_ids = list(diff.new_block_ids)
                 self._enter(state)
-            elif diff.new_block_ids:
+            else:
                 n = len(state.block_ids)
                 state.block_ids.extend(diff.new_block_ids)
                 self.block_table[state.row, n:n + len(diff.new_block_ids)] = torch.tensor(diff.new_block_ids)

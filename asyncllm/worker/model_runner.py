@@ -180,6 +180,7 @@ class ModelRunner:
 
         # Verify, then commit (nothing is appended before the whole batch has sampled).
         row = 0
+        commits: list[tuple[CachedRequestState, list[int]]] = []
         for state, item in items:
             if not item.samples:
                 continue
@@ -194,11 +195,12 @@ class ModelRunner:
                 state.generator.set_state(sampled.generator_states[row + accepted])
             result.req_ids.append(item.req_id)
             result.sampled_token_ids.append(tokens)
+            commits.append((state, tokens))
             logprobs = sampled.logprobs[row:row + accepted + 1]
             if logprobs[0] is not None:
                 result.logprobs[item.req_id] = logprobs
             row += len(drafts) + 1
-        for (state, item), tokens in zip([x for x in items if x[1].samples], result.sampled_token_ids):
+        for state, tokens in commits:
             state.token_ids.extend(tokens)
         return result
 
