@@ -70,38 +70,34 @@ class BadWordsProcessor:
 
 
 class PenaltiesProcessor:
-    """Presence/frequency penalties (OpenAI) on output tokens, repetition penalty on prompt + output."""
+    """Presence/frequency penalties (OpenAI) on output tokens, repetition penalty on prompt + output.
+    Reads the metadata's penalty tensors: one scatter counts every penalised row's tokens."""
 
     def apply(self, logits: torch.Tensor, meta: SamplingMetadata) -> None:
-        rows = meta.rows_where(lambda p: p.has_penalty)
-        if not rows:
+        inputs = meta.penalties
+        if inputs is None:
             return
+        rows = torch.tensor(meta.rows_where(lambda p: p.has_penalty), dtype=torch.long)
         vocab = logits.shape[1]
         device = logits.device
-        outputs = [meta.output_tokens(i) for i in rows]
-        counts = _token_counts(outputs, vocab, device)  # [R, V]
-        sub = logits[rows]
-        params = [meta.params[i] for i in rows]
-        rep = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
+        counts = _token_counts(inputs.output_token_ids[rows], vocab, device)  # [R, V]
+        sub = logits[rows.to(device)]
+        rep = inputs.repetition[rows].to(device)[:, None]
         if (rep != 1.0).any():
-            prompts = [meta.prompt_tokens(i) for i in rows]
-            seen = (_token_counts(prompts, vocab, device) > 0) | (counts > 0)
+            seen = (_token_counts(inputs.prompt_token_ids[rows], vocab, device) > 0) | (counts > 0)
             penalised = torch.where(sub > 0, sub / rep, sub * rep)
             sub = torch.where(seen, penalised, sub)
-        freq = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
-        pres = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
+        freq = inputs.frequency[rows].to(device)[:, None]
+        pres = inputs.presence[rows].to(device)[:, None]
         sub = sub - freq * counts - pres * (counts > 0).to(sub.dtype)
-        logits[rows] = sub
+        logits[rows.to(device)] = sub
 
 
-def _token_counts(token_lists, vocab: int, device: torch.device) -> torch.Tensor:
-    longest = max((len(t) for t in token_lists), default=0)
-    counts = torch.zeros(len(token_lists), vocab + 1, device=device)
-    if longest:
-        padded = torch.full((len(token_lists), longest), vocab, dtype=torch.long)  # pad id = vocab (dropped)
-        for i, tokens in enumerate(token_lists):
-            padded[i, :len(tokens)] = torch.tensor(list(tokens), dtype=torch.long)
-        counts.scatter_add_(1, padded.to(device), torch.ones(padded.shape, device=device))
+def _token_counts(tokens: torch.Tensor, vocab: int, device: torch.device) -> torch.Tensor:
+    """[R, W] token ids padded with -1 → [R, vocab] counts (the pads land in a dropped column)."""
+    index = torch.where(tokens < 0, vocab, tokens).to(device)
+    counts = torch.zeros(tokens.shape[0], vocab + 1, device=device)
+    counts.scatter_add_(1, index, torch.ones(index.shape, device=device))
     return counts[:, :vocab]
 
 

@@ -2,9 +2,10 @@
 
 `SamplingRow` is the part of a request's SamplingParams a worker needs; it crosses to the
 worker once, with the request. `SamplingMetadata` describes the rows of one step's logits
-(a request verifying speculative tokens has several rows): their params, the tokens each row
-has seen (for penalties, min_tokens and bad words), their seeded generators and the grammar
-bitmask rows computed on the engine side.
+(a request verifying speculative tokens has several rows): their params, per-row tensors
+gathered from the worker's input batch (temperature, top-k/p, min-p, penalties and the tokens
+each row has seen, for the penalties), their seeded generators and the grammar bitmask rows
+computed on the engine side.
 """
 from __future__ import annotations
 
@@ -47,13 +48,39 @@ class SamplingRow:
 
 
 @dataclass
+class PenaltyInputs:
+    """What the penalties read, per logits row: the tokens seen (padded with -1) and the three
+    penalties. Built only for a step where some row has a penalty."""
+
+    prompt_token_ids: torch.Tensor  # [R, W] long: the prompt, then -1
+    output_token_ids: torch.Tensor  # [R, W'] long: the outputs (and a speculative row's proposals), then -1
+    presence: torch.Tensor  # [R] float32
+    frequency: torch.Tensor  # [R] float32
+    repetition: torch.Tensor  # [R] float32
+
+    @classmethod
+    def of(cls, params: "list[SamplingRow]", prompts: Sequence[Sequence[int]],
+           outputs: Sequence[Sequence[int]]) -> "PenaltyInputs":
+        return cls(pad_token_rows(prompts), pad_token_rows(outputs),
+                   torch.tensor([p.presence_penalty for p in params], dtype=torch.float32),
+                   torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32),
+                   torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32))
+
+
+def pad_token_rows(rows: Sequence[Sequence[int]]) -> torch.Tensor:
+    out = torch.full((len(rows), max((len(r) for r in rows), default=0)), -1, dtype=torch.long)
+    for i, tokens in enumerate(rows):
+        out[i, :len(tokens)] = torch.as_tensor(list(tokens), dtype=torch.long)
+    return out
+
+
+@dataclass
 class SamplingMetadata:
     """One step's sampling rows, in logits order."""
 
     params: list[SamplingRow]
-    # Tokens row i has seen: the prompt, and the outputs (plus, for a speculative row, the
-    # proposed tokens before it). Called only by the processors that need them.
-    prompt_tokens: Callable[[int], Sequence[int]]
+    # Row i's outputs (plus, for a speculative row, the proposed tokens before it); called
+    # only for the rows with bad words.
     output_tokens: Callable[[int], Sequence[int]]
     num_output_tokens: list[int]
     # Per row, gathered from the input batch's tensors.
@@ -61,6 +88,7 @@ class SamplingMetadata:
     top_k: torch.Tensor
     top_p: torch.Tensor
     min_p: torch.Tensor
+    penalties: PenaltyInputs | None = None  # None: no row has a penalty
     # Row i's own generator (seeded requests), made on first use; None for unseeded rows.
     generator: Callable[[int], torch.Generator | None] = lambda i: None
     # Rows after which the seeded generator's state is kept (a speculative row may be rejected,
@@ -82,8 +110,9 @@ class SamplingMetadata:
            generators: list[torch.Generator | None] | None = None) -> "SamplingMetadata":
         """Metadata from plain lists (tests, and callers without an input batch)."""
         gens = generators or [None] * len(params)
-        return cls(params, prompts.__getitem__, outputs.__getitem__, [len(o) for o in outputs],
+        penalties = PenaltyInputs.of(params, prompts, outputs) if any(p.has_penalty for p in params) else None
+        return cls(params, outputs.__getitem__, [len(o) for o in outputs],
                    torch.tensor([p.temperature for p in params], dtype=torch.float32),
                    torch.tensor([p.top_k for p in params], dtype=torch.long),
                    torch.tensor([p.top_p for p in params], dtype=torch.float32),
-                   torch.tensor([p.min_p for p in params], dtype=torch.float32), gens.__getitem__)
+                   torch.tensor([p.min_p for p in params], dtype=torch.float32), penalties, gens.__getitem__)

@@ -2,18 +2,22 @@
 
 A request arrives once (`NewRequestData`) and is kept until it finishes: its tokens (the
 worker appends what it samples), its block table, its sampling row and its seeded
-generator. Requests in the batch hold a row of the per-row tensors (block table,
-temperature, top-k/p, min-p); a preempted request leaves the batch but keeps its state, so
-its generator continues where it stopped. The sampler reads this, never a Request.
+generator. Requests in the batch hold a row of the per-row tensors (token ids, token counts,
+block table, temperature, top-k/p, min-p, penalties), as vLLM's InputBatch does; a
+preempted request leaves the batch but keeps its state, so its generator continues where it
+stopped, and gets a row again on resume. A step's flat inputs (ids, positions, slots) are
+gathered from those tensors with numpy views (no per-token Python), and the sampler reads
+metadata gathered from them, never a Request.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from asyncllm.core.sched_output import SchedulerOutput
-from asyncllm.sampling.metadata import SamplingMetadata, SamplingRow
+from asyncllm.core.sched_output import ScheduledRequest, SchedulerOutput
+from asyncllm.sampling.metadata import PenaltyInputs, SamplingMetadata, SamplingRow
 
 
 @dataclass
@@ -50,27 +54,51 @@ class StepRows:
     draft_prefix: list[list[int]] = field(default_factory=list)
 
 
+@dataclass
+class FlatInputs:
+    """One step's scheduled requests flattened into a varlen batch."""
+
+    input_ids: torch.Tensor  # [T] long
+    positions: torch.Tensor  # [T] long
+    slot_mapping: torch.Tensor  # [T] long: where each token's K/V goes in the paged cache
+    query_start: list[int]  # request i's tokens are [query_start[i], query_start[i + 1])
+    seq_lens: list[int]  # request i's length after this step
+    num_decodes: int  # the leading requests with exactly one new token
+
+
 class InputBatch:
-    def __init__(self, max_rows: int, max_blocks_per_request: int, device: torch.device):
+    def __init__(self, max_rows: int, max_blocks_per_request: int, block_size: int, device: torch.device):
         self.device = device
+        self.block_size = block_size
         self.requests: dict[str, CachedRequestState] = {}
         self._max_blocks = max_blocks_per_request
+        self._max_tokens = max_blocks_per_request * block_size  # proposed tokens included
         self._free_rows: list[int] = []
         self._num_rows = 0
         self._alloc(max(1, max_rows))
 
     def _alloc(self, rows: int) -> None:
         old = self._num_rows
-        def grow(tensor: torch.Tensor | None, shape, dtype, fill) -> torch.Tensor:
+        def grow(name: str, shape, dtype, fill) -> torch.Tensor:
             new = torch.full(shape, fill, dtype=dtype)
-            if tensor is not None:
-                new[:old] = tensor
+            if old:
+                new[:old] = getattr(self, name)
             return new
-        self.block_table = grow(getattr(self, "block_table", None), (rows, self._max_blocks), torch.long, 0)
-        self.temperature = grow(getattr(self, "temperature", None), (rows,), torch.float32, 1.0)
-        self.top_k = grow(getattr(self, "top_k", None), (rows,), torch.long, 0)
-        self.top_p = grow(getattr(self, "top_p", None), (rows,), torch.float32, 1.0)
-        self.min_p = grow(getattr(self, "min_p", None), (rows,), torch.float32, 0.0)
+        self.token_ids = grow("token_ids", (rows, self._max_tokens), torch.int32, 0)
+        self.num_tokens = grow("num_tokens", (rows,), torch.long, 0)
+        self.num_prompt_tokens = grow("num_prompt_tokens", (rows,), torch.long, 0)
+        self.block_table = grow("block_table", (rows, self._max_blocks), torch.long, 0)
+        self.temperature = grow("temperature", (rows,), torch.float32, 1.0)
+        self.top_k = grow("top_k", (rows,), torch.long, 0)
+        self.top_p = grow("top_p", (rows,), torch.float32, 1.0)
+        self.min_p = grow("min_p", (rows,), torch.float32, 0.0)
+        self.presence_penalty = grow("presence_penalty", (rows,), torch.float32, 0.0)
+        self.frequency_penalty = grow("frequency_penalty", (rows,), torch.float32, 0.0)
+        self.repetition_penalty = grow("repetition_penalty", (rows,), torch.float32, 1.0)
+        # numpy views of the same memory: indexing them costs ~1 us where torch's costs ~10.
+        self._tokens_np = self.token_ids.numpy()
+        self._num_tokens_np = self.num_tokens.numpy()
+        self._block_table_np = self.block_table.numpy()
         self._free_rows.extend(range(rows - 1, old - 1, -1))
         self._num_rows = rows
 
@@ -100,18 +128,30 @@ class InputBatch:
             else:
                 n = len(state.block_ids)
                 state.block_ids.extend(diff.new_block_ids)
-                self.block_table[state.row, n:n + len(diff.new_block_ids)] = torch.tensor(diff.new_block_ids)
+                self._block_table_np[state.row, n:n + len(diff.new_block_ids)] = diff.new_block_ids
 
     def _enter(self, state: CachedRequestState) -> None:
         if not self._free_rows:
             self._alloc(self._num_rows * 2)
         row = state.row = self._free_rows.pop()
         p = state.sampling
-        self.block_table[row, :len(state.block_ids)] = torch.tensor(state.block_ids, dtype=torch.long)
+        self._block_table_np[row, :len(state.block_ids)] = state.block_ids
+        self._tokens_np[row, :state.num_tokens] = state.token_ids
+        self.num_tokens[row] = state.num_tokens
+        self.num_prompt_tokens[row] = state.num_prompt_tokens
         self.temperature[row] = p.temperature
         self.top_k[row] = p.top_k
         self.top_p[row] = p.top_p
         self.min_p[row] = p.min_p
+        self.presence_penalty[row] = p.presence_penalty
+        self.frequency_penalty[row] = p.frequency_penalty
+        self.repetition_penalty[row] = p.repetition_penalty
+
+    def append_tokens(self, state: CachedRequestState, tokens: list[int]) -> None:
+        n = state.num_tokens
+        self._tokens_np[state.row, n:n + len(tokens)] = tokens
+        self._num_tokens_np[state.row] = n + len(tokens)
+        state.token_ids.extend(tokens)
 
     def _leave(self, state: CachedRequestState) -> None:
         if state.row >= 0:
@@ -119,6 +159,25 @@ class InputBatch:
             state.row = -1
 
     # ------------------------------------------------------------------ reads
+
+    def flat_inputs(self, items: list[tuple[CachedRequestState, ScheduledRequest]]) -> FlatInputs:
+        """Positions [start, start + n) of each request; proposed tokens go after its last token."""
+        bs = self.block_size
+        for state, item in items:
+            if item.spec_token_ids:
+                self._tokens_np[state.row, state.num_tokens:state.num_tokens + len(item.spec_token_ids)] = \
+                    item.spec_token_ids
+        rows = np.fromiter((s.row for s, _ in items), dtype=np.int64, count=len(items))
+        starts = np.fromiter((i.start for _, i in items), dtype=np.int64, count=len(items))
+        counts = np.fromiter((i.num_new_tokens for _, i in items), dtype=np.int64, count=len(items))
+        ends = np.cumsum(counts)
+        row_of_token = np.repeat(rows, counts)
+        positions = np.repeat(starts - (ends - counts), counts) + np.arange(ends[-1])
+        input_ids = self._tokens_np[row_of_token, positions].astype(np.int64)
+        slots = self._block_table_np[row_of_token, positions // bs] * bs + positions % bs
+        num_decodes = int(np.argmin(counts == 1)) if (counts != 1).any() else len(items)
+        return FlatInputs(torch.from_numpy(input_ids), torch.from_numpy(positions), torch.from_numpy(slots),
+                          [0] + ends.tolist(), (starts + counts).tolist(), num_decodes)
 
     def block_table_for(self, states: list[CachedRequestState]) -> torch.Tensor:
         width = max(len(s.block_ids) for s in states)
@@ -130,14 +189,33 @@ class InputBatch:
         rows = torch.tensor([s.row for s in states], dtype=torch.long)
         keep = frozenset(i for i, d in enumerate(prefix) if states[i].sampling.seed is not None
                          and (d or (i + 1 < len(states) and states[i + 1] is states[i])))
+        penalties = None
+        if any(s.sampling.has_penalty for s in states):
+            penalties = self._penalty_inputs(rows, prefix)
         return SamplingMetadata(
             params=[s.sampling for s in states],
-            prompt_tokens=lambda i: states[i].prompt_token_ids,
             output_tokens=lambda i: states[i].token_ids[states[i].num_prompt_tokens:] + prefix[i],
             num_output_tokens=[s.num_tokens - s.num_prompt_tokens + len(d) for s, d in zip(states, prefix)],
             temperature=self.temperature[rows], top_k=self.top_k[rows], top_p=self.top_p[rows],
-            min_p=self.min_p[rows],
+            min_p=self.min_p[rows], penalties=penalties,
             generator=lambda i: states[i].seeded_generator(self.device),
             keep_generator_state=keep,
             req_ids=[s.req_id for s in states],
         )
+
+    def _penalty_inputs(self, rows: torch.Tensor, prefix: list[list[int]]) -> PenaltyInputs:
+        """The tokens each row has seen, from the token tensor: a row's prompt, and its outputs
+        followed by the proposed tokens before it (written here, so the order of calls is free)."""
+        seen = self.num_tokens[rows] + torch.tensor([len(d) for d in prefix], dtype=torch.long)
+        tokens = self.token_ids[rows, :int(seen.max())].long()
+        for i, draft in enumerate(prefix):
+            if draft:
+                n = int(self.num_tokens[rows[i]])
+                tokens[i, n:n + len(draft)] = torch.tensor(draft, dtype=torch.long)
+        position = torch.arange(tokens.shape[1])[None, :]
+        prompt_len = self.num_prompt_tokens[rows][:, None]
+        return PenaltyInputs(
+            prompt_token_ids=torch.where(position < prompt_len, tokens, -1),
+            output_token_ids=torch.where((position >= prompt_len) & (position < seen[:, None]), tokens, -1),
+            presence=self.presence_penalty[rows], frequency=self.frequency_penalty[rows],
+            repetition=self.repetition_penalty[rows])

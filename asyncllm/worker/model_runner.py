@@ -81,7 +81,7 @@ class ModelRunner:
                     num_blocks * spec.bytes_per_block / 2**20, ", prefaulted" if prefault else "",
                     time.perf_counter() - started)
         # Room for the proposed tokens past max_model_len's last block too.
-        self.batch = InputBatch(max_num_seqs, -(-max_model_len // spec.block_size) + 1, device)
+        self.batch = InputBatch(max_num_seqs, -(-max_model_len // spec.block_size) + 1, spec.block_size, device)
         self.sampler = Sampler(seed, device)
 
     def release(self) -> None:
@@ -119,38 +119,18 @@ class ModelRunner:
 
     def _run(self, items: list[tuple[CachedRequestState, ScheduledRequest]],
              masks: dict[str, torch.Tensor]) -> ModelRunnerOutput:
-        bs = self.spec.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_start = [0]
-        seq_lens: list[int] = []
-        num_decodes = 0
-        for state, item in items:
-            start, end = item.start, item.start + item.num_new_tokens
-            input_ids.extend(state.token_ids[start:end])
-            if item.spec_token_ids:
-                input_ids.extend(item.spec_token_ids)
-            blocks = state.block_ids
-            for pos in range(start, end):
-                positions.append(pos)
-                slots.append(blocks[pos // bs] * bs + pos % bs)
-            query_start.append(len(input_ids))
-            seq_lens.append(end)
-            if item.num_new_tokens == 1 and num_decodes == len(seq_lens) - 1:
-                num_decodes += 1
-
+        flat = self.batch.flat_inputs(items)
+        query_start = flat.query_start
         dev = self.device
         meta = AttentionMetadata(
-            num_decodes=num_decodes,
+            num_decodes=flat.num_decodes,
             query_start_loc=query_start,
-            seq_lens=seq_lens,
-            seq_lens_tensor=torch.tensor(seq_lens, dtype=torch.long, device=dev),
+            seq_lens=flat.seq_lens,
+            seq_lens_tensor=torch.tensor(flat.seq_lens, dtype=torch.long, device=dev),
             block_tables=self.batch.block_table_for([state for state, _ in items]).to(dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            slot_mapping=flat.slot_mapping.to(dev),
         )
-        hidden = self.model(torch.tensor(input_ids, dtype=torch.long, device=dev),
-                            torch.tensor(positions, dtype=torch.long, device=dev), self.kv_caches, meta)
+        hidden = self.model(flat.input_ids.to(dev), flat.positions.to(dev), self.kv_caches, meta)
 
         result = ModelRunnerOutput()
         self._prompt_logprobs(items, hidden, query_start, result)
@@ -201,7 +181,7 @@ class ModelRunner:
                 result.logprobs[item.req_id] = logprobs
             row += len(drafts) + 1
         for state, tokens in commits:
-            state.token_ids.extend(tokens)
+            self.batch.append_tokens(state, tokens)
         return result
 
     def _prompt_logprobs(self, items: list[tuple[CachedRequestState, ScheduledRequest]], hidden: torch.Tensor,
