@@ -3,7 +3,10 @@ engine thread (uni), same prompts, greedy, alternating rounds in one run.
 
 Per step = (end-to-end - time to first token) / (output tokens - 1) of a single stream, and of
 W1-shaped batches (8 streams); the difference is the round trip (encode the step, a socket
-write and read each way, decode the tokens) plus whatever the second process disturbs.
+write and read each way, decode the tokens) plus whatever the second process disturbs, and
+on a small machine it moves by a millisecond between runs with the forward's own time. So the
+channel is also measured directly: each mp step's round trip in the engine minus the time the
+worker reports it spent on the step (`ModelRunnerOutput.worker_seconds`), median over steps.
 
     python benchmarks/executor_overhead.py [--dtype float32] [--rounds 3]
 """
@@ -13,6 +16,7 @@ import argparse
 import os
 import statistics
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -29,6 +33,23 @@ def step_ms(llm, prompts, output_len: int) -> float:
     return statistics.median(per_step)
 
 
+class ChannelTimer:
+    """Wraps an executor's execute: per decode step, round trip minus the worker's own time."""
+
+    def __init__(self, executor, batch: int):
+        self.samples: list[float] = []
+        inner = executor.execute
+
+        def execute(sched):
+            started = time.perf_counter()
+            output = inner(sched)
+            if len(sched.scheduled) == batch and sched.num_batched_tokens == batch:
+                self.samples.append((time.perf_counter() - started - output.worker_seconds) * 1e3)
+            return output
+
+        executor.execute = execute
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
@@ -40,22 +61,27 @@ def main(argv=None) -> dict:
     from asyncllm import LLM
 
     results: dict[str, dict[str, list[float]]] = {b: {"1": [], str(args.batch): []} for b in ("uni", "mp")}
+    channel: dict[str, list[float]] = {"1": [], str(args.batch): []}
     for _ in range(args.rounds):
         for backend in ("uni", "mp"):
             llm = LLM(distributed_executor_backend=backend, **engine_variant(args))
             prompts = pydoc_prompts(llm.get_tokenizer(), args.batch, 128)
             prompts = [{"prompt_token_ids": p} for p in prompts]
             step_ms(llm, prompts[:1], 16)  # warm-up: kernels, pages
-            results[backend]["1"].append(step_ms(llm, prompts[:1], args.output_len))
-            results[backend][str(args.batch)].append(step_ms(llm, prompts, args.output_len))
+            for streams, batch in (("1", prompts[:1]), (str(args.batch), prompts)):
+                timer = ChannelTimer(llm.engine.core.executor, len(batch)) if backend == "mp" else None
+                results[backend][streams].append(step_ms(llm, batch, args.output_len))
+                if timer is not None:
+                    channel[streams].append(statistics.median(timer.samples))
             llm.engine.shutdown()
     rows = []
     for streams in ("1", str(args.batch)):
         uni = statistics.median(results["uni"][streams])
         mp = statistics.median(results["mp"][streams])
-        rows.append({"streams": streams, "uni ms/step": uni, "mp ms/step": mp, "mp - uni (ms)": mp - uni})
+        rows.append({"streams": streams, "uni ms/step": uni, "mp ms/step": mp, "mp - uni (ms)": mp - uni,
+                     "mp channel ms/step": statistics.median(channel[streams])})
     publish(f"executor overhead per decode step ({variant_name(args)}, median of {args.rounds} rounds)", rows,
-            args.output, {"args": vars(args), "rows": rows, "raw": results})
+            args.output, {"args": vars(args), "rows": rows, "raw": results, "channel": channel})
     return {"rows": rows}
 
 

@@ -78,6 +78,9 @@ class ModelRunnerOutput:
     # request id → one entry per prompt position computed this step (None for the first token)
     prompt_logprobs: dict[str, list[TokenLogprobs | None]] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # request id → error: it failed inside the worker
+    # Seconds the worker process spent on the step, from its input's bytes to this output (set
+    # by the mp worker; 0 in the engine thread): the rest of a round trip is the channel's cost.
+    worker_seconds: float = 0.0
 
 
 @dataclass

@@ -43,7 +43,10 @@ def serve(conn: Connection) -> None:
             break
         try:
             if method == b"execute":
-                reply = wire.encode(worker.execute(wire.decode(body, SchedulerOutput)))
+                started = time.perf_counter()
+                output = worker.execute(wire.decode(body, SchedulerOutput))
+                output.worker_seconds = time.perf_counter() - started
+                reply = wire.encode(output)
             elif method == b"config":
                 worker = Worker(wire.decode(body, EngineArgs).create_engine_config())
                 reply = b""
