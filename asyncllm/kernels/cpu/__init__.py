@@ -11,7 +11,8 @@ and prompt attention over the paged cache on those panels' register tiles (fp32 
 fp32 and bf16; prefill_attention_impl.h).
 fp32 and bf16; other dtypes keep the torch path. decode_stack.py binds the call that runs all
 of them for every layer of a small decode step at once (model/cpu_decode.py).
-Each has a torch reference it is tested against (tests/kernels/test_cpu_kernels.py).
+Each has a plain torch reference beside it (reference.py; tests/kernels/test_cpu_reference.py),
+and is tested against the torch path it replaces too (tests/kernels/test_cpu_kernels.py).
 """
 from __future__ import annotations
 
