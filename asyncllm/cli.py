@@ -14,6 +14,8 @@ import time
 from typing import Any
 
 from asyncllm.config import EngineArgs
+from asyncllm.tools.parsers import TOOL_PARSERS
+from asyncllm.tools.reasoning import REASONING_PARSERS
 
 _TYPES = {"int": int, "float": float, "str": str}
 
@@ -58,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "event")
     serve.add_argument("--no-openapi", action="store_true", help="do not serve /openapi.json and /docs")
     serve.add_argument("--log-level", default="info")
+    serve.add_argument("--enable-auto-tool-choice", action="store_true",
+                       help='allow tool_choice "auto": tool calls read from free replies by --tool-call-parser')
+    serve.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
+                       help="the tool-call format the model writes (vLLM's names)")
+    serve.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
+                       help="move <think>...</think> into reasoning_content")
     add_engine_args(serve)
     # A server process owns its machine's memory: take the whole KV cache up front rather than
     # page-faulting it in during the first requests (--no-kv-cache-prefault to keep it lazy).
@@ -99,7 +107,9 @@ def _serve(ns: argparse.Namespace) -> int:
           f"(dtype {engine.engine.core.dtype}, max_model_len {engine.max_model_len})", flush=True)
     app = build_app(engine, api_key=ns.api_key, served_model_name=args.served_model_name,
                     browser_page=not ns.no_browser_page, max_body_bytes=ns.max_body_bytes,
-                    max_json_depth=ns.max_json_depth, openapi=not ns.no_openapi)
+                    max_json_depth=ns.max_json_depth, openapi=not ns.no_openapi,
+                    enable_auto_tool_choice=ns.enable_auto_tool_choice, tool_call_parser=ns.tool_call_parser,
+                    reasoning_parser=ns.reasoning_parser)
     config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.log_level, lifespan="on")
     server = DrainingServer(config, app.state.shutdown, ns.shutdown_timeout)
 

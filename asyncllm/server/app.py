@@ -38,6 +38,7 @@ from asyncllm.server.openapi import openapi_document, swagger_page
 from asyncllm.server.protocol import DetokenizeRequest, TokenizeRequest, now
 from asyncllm.server.serving import ServerContext, parse_body
 from asyncllm.server.shutdown import DrainMiddleware, GracefulShutdown
+from asyncllm.tools import get_reasoning_parser, get_tool_parser
 
 DEFAULT_PUBLIC_PATHS = ("/health", "/metrics", "/", "/version")
 
@@ -55,15 +56,25 @@ async def engine_lifespan(engine: AsyncEngine) -> AsyncIterator[AsyncEngine]:
 def build_app(engine: AsyncEngine, *, api_key: str | None = None, served_model_name: str | None = None,
               public_paths: Iterable[str] = DEFAULT_PUBLIC_PATHS, browser_page: bool = True,
               max_body_bytes: int = 4 << 20, max_prompts_per_request: int = 64, max_json_depth: int = 64,
-              openapi: bool = True, run_lifespan: bool = True) -> Starlette:
+              openapi: bool = True, run_lifespan: bool = True, enable_auto_tool_choice: bool = False,
+              tool_call_parser: str | None = None, reasoning_parser: str | None = None) -> Starlette:
     """The API app. `api_key` (or ASYNCLLM_API_KEY) guards every route but `public_paths`
-    (/openapi.json and /docs too, unless listed there). `app.state.shutdown` drains it."""
+    (/openapi.json and /docs too, unless listed there). `app.state.shutdown` drains it.
+    `tool_call_parser` reads tool calls from free replies (`tool_choice="auto"`, allowed by
+    `enable_auto_tool_choice`, as vLLM's flags); `reasoning_parser` moves `<think>` to reasoning_content."""
     api_key = api_key if api_key is not None else os.environ.get("ASYNCLLM_API_KEY") or None
     names = [served_model_name] if served_model_name else []
     names += [n for n in (engine.model_name,) if n not in names]
     metrics = ServerMetrics(engine, names[0])
     shutdown = GracefulShutdown()
-    ctx = ServerContext(engine, names, metrics, shutdown, max_prompts_per_request, max_json_depth)
+    if enable_auto_tool_choice and tool_call_parser is None:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser")
+    if tool_call_parser is not None:
+        get_tool_parser(tool_call_parser)  # an unknown name fails here, naming the choices
+    if reasoning_parser is not None:
+        get_reasoning_parser(reasoning_parser)
+    ctx = ServerContext(engine, names, metrics, shutdown, max_prompts_per_request, max_json_depth,
+                        tool_call_parser if enable_auto_tool_choice else None, reasoning_parser)
 
     def endpoint(name: str, handler):
         async def wrapped(request: Request) -> Response:

@@ -1,6 +1,7 @@
-"""POST /v1/chat/completions."""
+"""POST /v1/chat/completions: messages (tools and tool results too) → a reply, its reasoning and tool calls."""
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,10 +25,12 @@ from asyncllm.server.serving import (
     submit_all,
     until_disconnected,
 )
+from asyncllm.tools import ChatDeltaStreamer, get_reasoning_parser, plan_tools
+from asyncllm.tools.template import prepare_messages
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    out = []
+    out: list[dict[str, Any]] = []
     for i, m in enumerate(messages):
         content = m.content
         if isinstance(content, list):
@@ -38,7 +41,14 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
                                               param="messages")
                 parts.append(part.text)
             content = "\n".join(parts)
-        out.append({"role": m.role, "content": content or ""})
+        message: dict[str, Any] = {"role": m.role, "content": content or ""}
+        if m.tool_calls:
+            message["tool_calls"] = m.tool_calls
+        if m.tool_call_id is not None:
+            message["tool_call_id"] = m.tool_call_id
+        if m.name is not None:
+            message["name"] = m.name
+        out.append(message)
     return out
 
 
@@ -60,10 +70,11 @@ def check_template_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def chat_prompt(ctx: ServerContext, messages: list[ChatMessage], add_generation_prompt: bool,
-                kwargs: dict[str, Any] | None) -> dict[str, Any]:
+                kwargs: dict[str, Any] | None, tools: list[dict] | None = None) -> dict[str, Any]:
     tokenizer = ctx.engine.tokenizer
-    text = apply_chat_template(tokenizer, message_dicts(messages), add_generation_prompt,
-                               **check_template_kwargs(kwargs))
+    rendered, tool_kwargs = prepare_messages(message_dicts(messages), tools, tokenizer.chat_template)
+    text = apply_chat_template(tokenizer, rendered, add_generation_prompt, **check_template_kwargs(kwargs),
+                               **tool_kwargs)
     return {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
 
 
@@ -88,18 +99,43 @@ def _chat_logprobs(c: CompletionOutput, top: int) -> dict | None:
     return {"content": content}
 
 
+def _choice(c: CompletionOutput, parser, reasoning, top: int) -> dict:
+    """One choice of a non-streamed reply: reasoning, content and tool calls read from the text
+    (by the same parsers, with final=True, that the streamed deltas come from)."""
+    content: str | None = c.text
+    message: dict[str, Any] = {"role": "assistant"}
+    if reasoning is not None:
+        message["reasoning_content"], content = reasoning.extract(c.text)
+    reason = openai_finish_reason(c.finish_reason)
+    if parser is not None:
+        extracted = parser.extract(content or "")
+        content = extracted.content
+        if extracted.calls:
+            message["tool_calls"] = [call.to_openai() for call in extracted.calls]
+            reason = "tool_calls" if reason == "stop" else reason
+    message["content"] = content
+    return {"index": c.index, "message": message, "logprobs": _chat_logprobs(c, top), "finish_reason": reason}
+
+
 async def create_chat_completion(request: Request, ctx: ServerContext) -> Response:
     body = await parse_body(request, ChatCompletionRequest, ctx)
     ctx.check_model(body.model)
-    if body.tools and body.tool_choice != "none":
-        raise InvalidRequestError("tool calling is not supported by this server", param="tools")
+    plan = plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls, auto_parser=ctx.auto_tool_parser)
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidRequestError("top_logprobs requires logprobs=true", param="top_logprobs")
     top = body.top_logprobs or 0
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     kind = RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY
     params = sampling_params(body, max_tokens=max_tokens, logprobs=top if body.logprobs else None, kind=kind)
-    prompt = chat_prompt(ctx, body.messages, body.add_generation_prompt, body.chat_template_kwargs)
+    if plan.structured is not None:
+        if params.structured_outputs is not None:
+            raise InvalidRequestError(f'tool_choice "{plan.choice}" decodes under the tools\' schema; it cannot be '
+                                      "combined with response_format or other structured outputs", param="tool_choice")
+        params = dataclasses.replace(params, structured_outputs=plan.structured)
+    if plan.parser is not None and not plan.parser.skip_special_tokens:
+        params = dataclasses.replace(params, skip_special_tokens=False)  # the parser's markers are special tokens
+    reasoning = get_reasoning_parser(ctx.reasoning_parser) if ctx.reasoning_parser else None
+    prompt = chat_prompt(ctx, body.messages, body.add_generation_prompt, body.chat_template_kwargs, plan.tools)
     request_id = new_id("chatcmpl")
     engine = ctx.engine
     prepared = engine.prepare(prompt, params, request_id, body.priority)
@@ -120,16 +156,24 @@ async def create_chat_completion(request: Request, ctx: ServerContext) -> Respon
                           "finish_reason": None} for i in range(params.n)])
             completion_tokens = 0
             first = True
+            texts = [""] * params.n
+            streamers = [ChatDeltaStreamer(plan.parser, reasoning) for _ in range(params.n)]
             async for out in outputs:
                 if first and body.prompt_logprobs is not None:
                     yield chunk([], prompt_logprobs=prompt_logprobs_json(out))
                 first = False
                 for c in out.outputs:
                     completion_tokens += len(c.token_ids)
-                    if not c.text and c.finish_reason is None:
+                    texts[c.index] += c.text
+                    finished = c.finish_reason is not None
+                    delta = streamers[c.index].delta(texts[c.index], final=finished) if c.text or finished else {}
+                    if not delta and not finished:
                         continue
-                    yield chunk([{"index": c.index, "delta": {"content": c.text} if c.text else {},
-                                  "logprobs": _chat_logprobs(c, top), "finish_reason": openai_finish_reason(c.finish_reason)}])
+                    reason = openai_finish_reason(c.finish_reason)
+                    if finished and streamers[c.index].called_tools and reason == "stop":
+                        reason = "tool_calls"
+                    yield chunk([{"index": c.index, "delta": delta, "logprobs": _chat_logprobs(c, top),
+                                  "finish_reason": reason}])
             if include_usage:
                 n_prompt = len(prepared.prompt_token_ids)
                 yield chunk([], usage=usage(n_prompt, completion_tokens))
@@ -143,9 +187,7 @@ async def create_chat_completion(request: Request, ctx: ServerContext) -> Respon
         raise RuntimeError("request ended without output")
 
     final = await until_disconnected(request, run, [outputs])
-    choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                "logprobs": _chat_logprobs(c, top), "finish_reason": openai_finish_reason(c.finish_reason)}
-               for c in sorted(final.outputs, key=lambda c: c.index)]
+    choices = [_choice(c, plan.parser, reasoning, top) for c in sorted(final.outputs, key=lambda c: c.index)]
     completion_tokens = sum(len(c.token_ids) for c in final.outputs)
     n_prompt = len(prepared.prompt_token_ids)
     response = {"id": request_id, "object": "chat.completion", "created": created, "model": ctx.model_name,

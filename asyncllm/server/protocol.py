@@ -111,6 +111,9 @@ class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Union[str, list[ContentPart], None] = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool result's call
+    reasoning_content: str | None = None  # an assistant's earlier reasoning (not rendered)
 
 
 class ChatCompletionRequest(_SamplingFields):

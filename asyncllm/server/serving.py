@@ -35,6 +35,8 @@ class ServerContext:
     shutdown: GracefulShutdown
     max_prompts_per_request: int = 64
     max_json_depth: int = 64
+    auto_tool_parser: str | None = None  # --tool-call-parser, when --enable-auto-tool-choice is on
+    reasoning_parser: str | None = None  # --reasoning-parser
 
     @property
     def model_name(self) -> str:

@@ -61,8 +61,9 @@ HOSTILE = [
      "structured_outputs"),
     ("/v1/completions", {"prompt": "Hello", "length_penalty": 0.5}, "length_penalty"),
     ("/v1/chat/completions", {"messages": CHAT, "reasoning_effort": "high"}, "reasoning_effort"),
-    ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "x", "tool_calls": []}, *CHAT]},
-     "tool_calls"),
+    ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "x", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{not json"}}]}, *CHAT]},
+     "messages"),
     ("/v1/completions", {"prompt": "Hello", "stream_options": {"continuous_usage_stats": True}},
      "continuous_usage_stats"),
 ]

@@ -167,8 +167,11 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": CHAT, "logprobs": True, "top_logprobs": 99}, 400, "logprobs"),
     ("/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": -3}, 400, "max_completion_tokens"),
     ("/v1/chat/completions", {"messages": CHAT, "model": "nope"}, 404, "model"),
+    # tool_choice "auto" (the default with tools) needs --enable-auto-tool-choice: a 400 saying so
     ("/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
-     "tools"),
+     "tool_choice"),
+    ("/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "code_interpreter"}], "tool_choice": "required"},
+     400, "tools[0]"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages"),
     ("/v1/chat/completions", {"messages": CHAT, "n": -1}, 400, "n"),
     ("/tokenize", {}, 400, "prompt"),

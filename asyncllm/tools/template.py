@@ -1,0 +1,78 @@
+"""Tools and tool messages into the chat template.
+
+Templates that take `tools` (Qwen, Llama 3.1+, Mistral, Hermes, SmolLM3) get them as
+transformers passes them, and assistant `tool_calls` with their arguments as objects (the
+templates `tojson` them; OpenAI sends a JSON string). A template that never mentions tools
+(the default SmolLM2, plain ChatML) would drop them silently, so the tools are described in a
+system message instead, with the Hermes format (`<tool_call>` tags, what `--tool-call-parser
+hermes` reads); earlier calls become that text and tool results `<tool_response>` user turns.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from asyncllm.errors import InvalidRequestError
+
+_FALLBACK_SYSTEM = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\n"
+    "For each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n{{\"name\": <function-name>, \"arguments\": "
+    "<args-json-object>}}\n</tool_call>")
+
+
+def template_takes_tools(chat_template: Any) -> bool:
+    templates = chat_template.values() if isinstance(chat_template, dict) else [chat_template]
+    return any(isinstance(t, str) and "tools" in t for t in templates)
+
+
+def _arguments_object(arguments: Any, where: str) -> Any:
+    if not isinstance(arguments, str):
+        return arguments
+    try:
+        return json.loads(arguments)
+    except json.JSONDecodeError:
+        raise InvalidRequestError(f"{where}.function.arguments is not valid JSON", param="messages") from None
+
+
+def _call_text(call: dict) -> str:
+    function = call.get("function", {})
+    return "<tool_call>\n" + json.dumps({"name": function.get("name"), "arguments": function.get("arguments")},
+                                        ensure_ascii=False) + "\n</tool_call>"
+
+
+def prepare_messages(messages: list[dict[str, Any]], tools: list[dict] | None,
+                     chat_template: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(messages, extra template kwargs) for the template, given the request's tools (None: none)."""
+    native = template_takes_tools(chat_template)
+    out: list[dict[str, Any]] = []
+    for i, message in enumerate(messages):
+        message = dict(message)
+        if message.get("tool_calls"):
+            calls = []
+            for j, call in enumerate(message["tool_calls"]):
+                call = dict(call)
+                function = dict(call.get("function") or {})
+                function["arguments"] = _arguments_object(function.get("arguments", {}), f"messages[{i}].tool_calls[{j}]")
+                call["function"] = function
+                calls.append(call)
+            message["tool_calls"] = calls
+            if not native:
+                text = "\n".join(_call_text(c) for c in calls)
+                message["content"] = f"{message.get('content') or ''}\n{text}".strip("\n")
+                del message["tool_calls"]
+        if message.get("role") == "tool" and not native:
+            message = {"role": "user", "content": f"<tool_response>\n{message.get('content') or ''}\n</tool_response>"}
+        out.append(message)
+    if not tools:
+        return out, {}
+    if native:
+        return out, {"tools": tools}
+    described = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+    system = _FALLBACK_SYSTEM.format(tools=described)
+    if out and out[0].get("role") in ("system", "developer"):
+        out[0] = {**out[0], "content": f"{out[0].get('content') or ''}\n\n{system}".lstrip()}
+    else:
+        out.insert(0, {"role": "system", "content": system})
+    return out, {}
