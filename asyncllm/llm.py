@@ -12,6 +12,8 @@ from asyncllm.engine.input_processor import ChatMessages, PromptType, apply_chat
 from asyncllm.engine.llm_engine import LLMEngine
 from asyncllm.outputs import RequestOutput
 from asyncllm.sampling_params import RequestOutputKind, SamplingParams
+from asyncllm.tools.choice import check_tools
+from asyncllm.tools.template import prepare_messages
 
 
 class LLM:
@@ -50,10 +52,19 @@ class LLM:
     def chat(self, messages: ChatMessages | Sequence[ChatMessages],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True,
-             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
+             chat_template_kwargs: dict[str, Any] | None = None,
+             tools: list[dict[str, Any]] | None = None) -> list[RequestOutput]:
+        """`tools` (OpenAI function tools) are rendered as vLLM's LLM.chat does (by the template, or
+        in a Hermes-format system turn for templates without tools); read calls from the outputs with
+        `asyncllm.tools.get_tool_parser(name).extract(output.outputs[0].text)`."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [apply_chat_template(self.engine.tokenizer, conv, add_generation_prompt,
-                                       **(chat_template_kwargs or {})) for conv in conversations]
+        tokenizer = self.engine.tokenizer
+        tools = check_tools(tools) if tools is not None else None
+        prompts = []
+        for conv in conversations:
+            rendered, tool_kwargs = prepare_messages(list(conv), tools, tokenizer.chat_template)
+            prompts.append(apply_chat_template(tokenizer, rendered, add_generation_prompt,
+                                               **(chat_template_kwargs or {}), **tool_kwargs))
         token_prompts = [{"prompt": p, "prompt_token_ids": self.engine.tokenizer.encode(p, add_special_tokens=False)}
                          for p in prompts]
         return self.generate(token_prompts, sampling_params, use_tqdm)
