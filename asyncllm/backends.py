@@ -3,7 +3,9 @@
 - `LocalBackend(engine)`: in-process, straight into an AsyncEngine (no HTTP hop).
 - `RemoteBackend(base_url)`: an asyncllm (or any OpenAI-compatible) server over httpx + SSE.
 
-Both yield `Delta`s (text, then a last one with finish reason and usage). Closing the
+Both yield `Delta`s (text and tool-call fragments in OpenAI's stream shape, then a last one
+with finish reason and usage); chat messages may carry `tools` and `tool_choice` (read by
+asyncllm's tool parsers in process, by the server remotely). Closing the
 iterator early aborts the request (locally: the engine frees its KV blocks; remotely: the
 connection closes and the server aborts it). `iterate_sync` / `run_sync` let sync
 framework methods use the async backends from any thread.
@@ -18,6 +20,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+from asyncllm.errors import InvalidRequestError
 from asyncllm.threads import in_passing_thread
 
 T = TypeVar("T")
@@ -30,6 +33,7 @@ class Delta:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     model: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # OpenAI delta.tool_calls: {index, id?, type?, function}
 
 
 @dataclass
@@ -40,6 +44,9 @@ class GenerationOptions:
     seed: int | None = None
     stop: list[str] | None = None
     json_schema: dict | None = None  # constrain the output to this JSON schema
+    tools: list[dict[str, Any]] | None = None  # OpenAI function tools (chat only)
+    tool_choice: Any = None  # "none" | "auto" | "required" | {"type": "function", "function": {"name": ...}}
+    parallel_tool_calls: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # any other SamplingParams / request fields
 
     def sampling_kwargs(self) -> dict[str, Any]:
@@ -58,8 +65,12 @@ class Backend(Protocol):
 
 
 class LocalBackend:
-    def __init__(self, engine):
+    """`tool_call_parser` reads free ("auto") replies to requests with tools; None: the one the
+    model's chat template teaches (`asyncllm.tools.template.guess_tool_parser`)."""
+
+    def __init__(self, engine, tool_call_parser: str | None = None):
         self.engine = engine
+        self.tool_call_parser = tool_call_parser
 
     @property
     def model_name(self) -> str:
@@ -72,22 +83,44 @@ class LocalBackend:
     async def stream(self, prompt: str | list[dict[str, Any]], options: GenerationOptions) -> AsyncIterator[Delta]:
         from asyncllm.sampling.structured import StructuredOutputs
         from asyncllm.sampling_params import RequestOutputKind, SamplingParams
+        from asyncllm.tools import ChatDeltaStreamer, plan_tools
+        from asyncllm.tools.choice import apply_plan
+        from asyncllm.tools.template import guess_tool_parser, render_chat
 
         kwargs = options.sampling_kwargs()
         kwargs.setdefault("max_tokens", None)  # a chat model answers until it is done
         if options.json_schema is not None:
             kwargs["structured_outputs"] = StructuredOutputs(json=options.json_schema)
         params = SamplingParams(output_kind=RequestOutputKind.DELTA, **kwargs)
-        completion_tokens = 0
+        streamer = None
+        if not isinstance(prompt, str):  # chat: rendered with its tools, replies read by the tool plan
+            tokenizer = self.engine.tokenizer
+            plan = plan_tools(options.tools, options.tool_choice, options.parallel_tool_calls,
+                              auto_parser=self.tool_call_parser or guess_tool_parser(tokenizer.chat_template))
+            params = apply_plan(params, plan)
+            prompt = render_chat(tokenizer, list(prompt), plan.tools)
+            streamer = ChatDeltaStreamer(plan.parser, None) if plan.parser is not None else None
+        elif options.tools:
+            raise InvalidRequestError("tools need chat messages, not a text prompt", param="tools")
+        completion_tokens, text = 0, ""
         gen = self.engine.generate(prompt, params)
         try:
             async for out in gen:
                 c = out.outputs[0]
                 completion_tokens += len(c.token_ids)
-                if c.text:
-                    yield Delta(text=c.text)
+                if streamer is None:
+                    if c.text:
+                        yield Delta(text=c.text)
+                else:
+                    text += c.text
+                    delta = streamer.delta(text, final=out.finished) if c.text or out.finished else {}
+                    if delta.get("content") or delta.get("tool_calls"):
+                        yield Delta(text=delta.get("content", ""), tool_calls=delta.get("tool_calls"))
                 if out.finished:
-                    yield Delta(finish_reason=c.finish_reason, prompt_tokens=len(out.prompt_token_ids),
+                    reason = c.finish_reason
+                    if streamer is not None and streamer.called_tools and reason == "stop":
+                        reason = "tool_calls"
+                    yield Delta(finish_reason=reason, prompt_tokens=len(out.prompt_token_ids),
                                 completion_tokens=completion_tokens, model=self.model_name)
         finally:
             await gen.aclose()
@@ -120,6 +153,9 @@ class RemoteBackend:
         body["messages" if chat else "prompt"] = prompt
         if not chat and "max_tokens" not in body:
             body["max_tokens"] = None
+        for key in ("tools", "tool_choice", "parallel_tool_calls"):
+            if getattr(options, key) is not None:
+                body[key] = getattr(options, key)
         if options.json_schema is not None:
             body["response_format"] = {"type": "json_schema", "json_schema": {"name": "output",
                                                                               "schema": options.json_schema}}
@@ -142,8 +178,9 @@ class RemoteBackend:
                         raise RuntimeError(f"asyncllm server error: {event['error']['message']}")
                     for choice in event.get("choices", []):
                         text = choice.get("delta", {}).get("content") if chat else choice.get("text")
-                        if text:
-                            yield Delta(text=text)
+                        tool_calls = choice.get("delta", {}).get("tool_calls") if chat else None
+                        if text or tool_calls:
+                            yield Delta(text=text or "", tool_calls=tool_calls)
                         finish = choice.get("finish_reason") or finish
                     if event.get("usage"):
                         usage = event["usage"]
@@ -151,10 +188,12 @@ class RemoteBackend:
                                     completion_tokens=usage["completion_tokens"], model=event.get("model"))
 
 
-def make_backend(engine=None, base_url: str | None = None, api_key: str | None = None) -> Backend:
+def make_backend(engine=None, base_url: str | None = None, api_key: str | None = None,
+                 tool_call_parser: str | None = None) -> Backend:
+    """`tool_call_parser` applies in process (a server reads replies with its own --tool-call-parser)."""
     if (engine is None) == (base_url is None):
         raise ValueError("pass exactly one of engine (in-process) or base_url (remote server)")
-    return LocalBackend(engine) if engine is not None else RemoteBackend(base_url, api_key)
+    return LocalBackend(engine, tool_call_parser) if engine is not None else RemoteBackend(base_url, api_key)
 
 
 # ----------------------------------------------------------------------------- sync bridges

@@ -8,12 +8,12 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from asyncllm.config import EngineArgs
-from asyncllm.engine.input_processor import ChatMessages, PromptType, apply_chat_template
+from asyncllm.engine.input_processor import ChatMessages, PromptType
 from asyncllm.engine.llm_engine import LLMEngine
 from asyncllm.outputs import RequestOutput
 from asyncllm.sampling_params import RequestOutputKind, SamplingParams
 from asyncllm.tools.choice import check_tools
-from asyncllm.tools.template import prepare_messages
+from asyncllm.tools.template import render_chat
 
 
 class LLM:
@@ -58,16 +58,10 @@ class LLM:
         in a Hermes-format system turn for templates without tools); read calls from the outputs with
         `asyncllm.tools.get_tool_parser(name).extract(output.outputs[0].text)`."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        tokenizer = self.engine.tokenizer
         tools = check_tools(tools) if tools is not None else None
-        prompts = []
-        for conv in conversations:
-            rendered, tool_kwargs = prepare_messages(list(conv), tools, tokenizer.chat_template)
-            prompts.append(apply_chat_template(tokenizer, rendered, add_generation_prompt,
-                                               **(chat_template_kwargs or {}), **tool_kwargs))
-        token_prompts = [{"prompt": p, "prompt_token_ids": self.engine.tokenizer.encode(p, add_special_tokens=False)}
-                         for p in prompts]
-        return self.generate(token_prompts, sampling_params, use_tqdm)
+        prompts = [render_chat(self.engine.tokenizer, list(conv), tools, add_generation_prompt, chat_template_kwargs)
+                   for conv in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(self, prompts: list[PromptType], params_list: list[SamplingParams], use_tqdm: bool,
              priority: Sequence[int] | None) -> list[RequestOutput]:

@@ -1,14 +1,12 @@
 """POST /v1/chat/completions: messages (tools and tool results too) → a reply, its reasoning and tool calls."""
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from asyncllm.engine.input_processor import apply_chat_template
 from asyncllm.errors import InvalidRequestError
 from asyncllm.outputs import CompletionOutput
 from asyncllm.sampling_params import RequestOutputKind
@@ -26,7 +24,8 @@ from asyncllm.server.serving import (
     until_disconnected,
 )
 from asyncllm.tools import ChatDeltaStreamer, get_reasoning_parser, plan_tools
-from asyncllm.tools.template import prepare_messages
+from asyncllm.tools.choice import apply_plan
+from asyncllm.tools.template import render_chat
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -71,11 +70,8 @@ def check_template_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
 
 def chat_prompt(ctx: ServerContext, messages: list[ChatMessage], add_generation_prompt: bool,
                 kwargs: dict[str, Any] | None, tools: list[dict] | None = None) -> dict[str, Any]:
-    tokenizer = ctx.engine.tokenizer
-    rendered, tool_kwargs = prepare_messages(message_dicts(messages), tools, tokenizer.chat_template)
-    text = apply_chat_template(tokenizer, rendered, add_generation_prompt, **check_template_kwargs(kwargs),
-                               **tool_kwargs)
-    return {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
+    return render_chat(ctx.engine.tokenizer, message_dicts(messages), tools, add_generation_prompt,
+                       check_template_kwargs(kwargs))
 
 
 def _chat_logprobs(c: CompletionOutput, top: int) -> dict | None:
@@ -127,13 +123,7 @@ async def create_chat_completion(request: Request, ctx: ServerContext) -> Respon
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     kind = RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY
     params = sampling_params(body, max_tokens=max_tokens, logprobs=top if body.logprobs else None, kind=kind)
-    if plan.structured is not None:
-        if params.structured_outputs is not None:
-            raise InvalidRequestError(f'tool_choice "{plan.choice}" decodes under the tools\' schema; it cannot be '
-                                      "combined with response_format or other structured outputs", param="tool_choice")
-        params = dataclasses.replace(params, structured_outputs=plan.structured)
-    if plan.parser is not None and not plan.parser.skip_special_tokens:
-        params = dataclasses.replace(params, skip_special_tokens=False)  # the parser's markers are special tokens
+    params = apply_plan(params, plan)
     reasoning = get_reasoning_parser(ctx.reasoning_parser) if ctx.reasoning_parser else None
     prompt = chat_prompt(ctx, body.messages, body.add_generation_prompt, body.chat_template_kwargs, plan.tools)
     request_id = new_id("chatcmpl")

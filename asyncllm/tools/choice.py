@@ -11,12 +11,14 @@ Tools are OpenAI function tools; anything else is a 400 naming the field.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from asyncllm.errors import InvalidRequestError
 from asyncllm.sampling.structured import StructuredOutputs
+from asyncllm.sampling_params import SamplingParams
 from asyncllm.tools.parsers import NamedToolParser, RequiredJsonToolParser, ToolParser, get_tool_parser
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -102,3 +104,16 @@ def plan_tools(tools: Any, tool_choice: Any, parallel_tool_calls: bool | None = 
         return ToolPlan(tools, NamedToolParser(name), StructuredOutputs(json=parameters_schema(tool)), "named")
     raise InvalidRequestError('tool_choice must be "none", "auto", "required" or {"type": "function", '
                               '"function": {"name": ...}}', param="tool_choice")
+
+
+def apply_plan(params: SamplingParams, plan: ToolPlan) -> SamplingParams:
+    """The request's sampling parameters under the plan: the tools' schema for required and named
+    choices, and the parser's special-token markers kept in the text."""
+    if plan.structured is not None:
+        if params.structured_outputs is not None:
+            raise InvalidRequestError(f'tool_choice "{plan.choice}" decodes under the tools\' schema; it cannot be '
+                                      "combined with response_format or other structured outputs", param="tool_choice")
+        params = dataclasses.replace(params, structured_outputs=plan.structured)
+    if plan.parser is not None and not plan.parser.skip_special_tokens:
+        params = dataclasses.replace(params, skip_special_tokens=False)  # the parser's markers are special tokens
+    return params

@@ -76,3 +76,30 @@ def prepare_messages(messages: list[dict[str, Any]], tools: list[dict] | None,
     else:
         out.insert(0, {"role": "system", "content": system})
     return out, {}
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict] | None,
+                add_generation_prompt: bool = True, template_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The prompt (text and its token ids) of a chat with these tools, as the server, `LLM.chat`
+    and the in-process framework backends all render it."""
+    from asyncllm.engine.input_processor import apply_chat_template
+
+    rendered, tool_kwargs = prepare_messages(messages, tools, tokenizer.chat_template)
+    text = apply_chat_template(tokenizer, rendered, add_generation_prompt, **(template_kwargs or {}), **tool_kwargs)
+    return {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
+
+
+# Markers by which a template that takes tools shows the call format it teaches the model.
+_TEMPLATE_CALL_FORMATS = (("<tool_call>", "hermes"), ("[TOOL_CALLS]", "mistral"),
+                          ("<|python_tag|>", "llama3_json"), ("[func_name1(", "pythonic"))
+
+
+def guess_tool_parser(chat_template: Any) -> str | None:
+    """The parser for free ("auto") replies when none was named: `hermes` for a template without
+    tools (the Hermes-format system turn above teaches that format), else the format the template
+    itself shows; None when it shows none of the known ones."""
+    if not template_takes_tools(chat_template):
+        return "hermes"
+    templates = chat_template.values() if isinstance(chat_template, dict) else [chat_template]
+    text = "\n".join(t for t in templates if isinstance(t, str))
+    return next((name for marker, name in _TEMPLATE_CALL_FORMATS if marker in text), None)

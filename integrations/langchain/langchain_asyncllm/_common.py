@@ -28,27 +28,37 @@ class AsyncLLMFields(BaseModel):
     max_retries: int | None = None
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Any other asyncllm SamplingParams field, e.g. {"top_k": 20}."""
+    parallel_tool_calls: bool | None = None
+    """Whether a reply may call several tools (None: yes, OpenAI's default); `bind_tools` may override."""
+    tool_call_parser: str | None = None
+    """In process: how free ("auto") replies are read for tool calls (vLLM's names: hermes,
+    llama3_json, mistral, pythonic); None: the format the model's chat template teaches. A
+    remote server uses its own --tool-call-parser."""
 
     _backend: Backend | None = PrivateAttr(default=None)
 
     def backend(self) -> Backend:
         if self._backend is None:
             key = self.api_key.get_secret_value() if self.api_key else None
-            self._backend = make_backend(self.engine, self.base_url, key)
+            self._backend = make_backend(self.engine, self.base_url, key, self.tool_call_parser)
         return self._backend
 
     def options(self, stop: list[str] | None, kwargs: dict[str, Any]) -> GenerationOptions:
         kwargs = dict(kwargs)
         schema = kwargs.pop("json_schema", None)
+        tools = kwargs.pop("tools", None)
+        tool_choice = kwargs.pop("tool_choice", None)
+        parallel_tool_calls = kwargs.pop("parallel_tool_calls", self.parallel_tool_calls)
         requested = kwargs.pop("model", None)
         if requested is not None and requested != self.resolved_model_name():
             raise ValueError(f"this asyncllm backend serves {self.resolved_model_name()!r}, not {requested!r}")
         merged_stop = list(stop or []) or self.stop or None
         return GenerationOptions(
-            max_tokens=kwargs.pop("max_tokens", self.max_tokens), temperature=kwargs.pop("temperature",
-                                                                                         self.temperature),
-            top_p=kwargs.pop("top_p", self.top_p), seed=kwargs.pop("seed", self.seed), stop=merged_stop,
-            json_schema=schema, extra={**self.model_kwargs, **{k: v for k, v in kwargs.items() if v is not None}})
+            max_tokens=kwargs.pop("max_tokens", self.max_tokens),
+            temperature=kwargs.pop("temperature", self.temperature), top_p=kwargs.pop("top_p", self.top_p),
+            seed=kwargs.pop("seed", self.seed), stop=merged_stop, json_schema=schema, tools=tools,
+            tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls,
+            extra={**self.model_kwargs, **{k: v for k, v in kwargs.items() if v is not None}})
 
     def resolved_model_name(self) -> str:
         if self.model:

@@ -3,9 +3,12 @@ import time
 
 import anyio
 import pytest
+from langchain_core.messages import AIMessage, HumanMessage
+from langchain_core.tools import tool
 from pydantic import BaseModel, Field
 
 from asyncllm import AsyncEngine
+from asyncllm.sampling.structured import StructuredOutputs
 from asyncllm.server import build_app
 from langchain_asyncllm import AsyncLLMCompletion, ChatAsyncLLM
 from server_helpers import RunningServer
@@ -87,3 +90,69 @@ def test_completion_llm_and_structured_output(engine):
     raw = ChatAsyncLLM(engine=engine, max_tokens=60, temperature=0).with_structured_output(
         Pet, include_raw=True).invoke("A cat")
     assert isinstance(raw["parsed"], Pet) and raw["raw"].content
+
+
+@tool
+def get_weather(location: str) -> str:
+    """Get the weather at a location."""
+    return f"It's sunny in {location}."
+
+
+WEATHER_CALL = r'<tool_call>\n\{"name": "get_weather", "arguments": \{"location": "[A-Z][a-z]{2,12}"\}\}\n</tool_call>'
+
+
+def test_auto_tool_choice_agent_loop(engine):
+    """langchain-tests' agent loop under tool_choice "auto". The 135M default model answers in
+    prose instead of choosing the tool, so a regex (an ordinary structured-output field) steers its
+    first reply into the Hermes call format, which the in-process hermes parser reads: the path a
+    model that calls tools by itself takes. The loop's second turn is free."""
+    steered = ChatAsyncLLM(engine=engine, max_tokens=60, temperature=0,
+                           model_kwargs={"structured_outputs": StructuredOutputs(regex=WEATHER_CALL)})
+    question = HumanMessage("What is the weather in Paris?")
+    call_message = steered.bind_tools([get_weather]).invoke([question])
+    assert any(block["type"] == "tool_call" for block in call_message.content_blocks)
+    (call,) = call_message.tool_calls
+    assert call["name"] == "get_weather" and set(call["args"]) == {"location"}
+    assert call_message.response_metadata["finish_reason"] == "tool_calls" and not call_message.content
+    chunks = list(steered.bind_tools([get_weather]).stream([question]))
+    fragments = [c for chunk in chunks for c in chunk.tool_call_chunks]
+    assert fragments[0]["name"] == "get_weather" and fragments[0]["id"]
+    merged = chunks[0]
+    for chunk in chunks[1:]:
+        merged = merged + chunk
+    assert [c["args"] for c in merged.tool_calls] == [call["args"]]
+    tool_message = get_weather.invoke(call)
+    free = ChatAsyncLLM(engine=engine, max_tokens=24, temperature=0).bind_tools([get_weather])
+    reply = free.invoke([question, call_message, tool_message])
+    assert isinstance(reply, AIMessage) and reply.content and not reply.tool_calls
+
+
+def test_tools_remote_equal_in_process(engine):
+    """bind_tools through a server (required and named choices) gives the calls the in-process
+    backend gives; a bound tool's history (call and result) renders the same way on both."""
+    srv = RunningServer(build_app(engine, run_lifespan=False), lifespan="off")
+    try:
+        for choice in ("any", "get_weather"):
+            local = ChatAsyncLLM(engine=engine, max_tokens=60, temperature=0, parallel_tool_calls=False)
+            remote = ChatAsyncLLM(base_url=srv.url, max_tokens=60, temperature=0, parallel_tool_calls=False)
+            question = [HumanMessage("What is the weather in Rome?")]
+            local_call = local.bind_tools([get_weather], tool_choice=choice).invoke(question)
+            remote_call = remote.bind_tools([get_weather], tool_choice=choice).invoke(question)
+            assert [c["args"] for c in remote_call.tool_calls] == [c["args"] for c in local_call.tool_calls]
+            assert remote_call.tool_calls[0]["name"] == "get_weather"
+            history = [*question, local_call, get_weather.invoke(local_call.tool_calls[0])]
+            assert (remote.bind_tools([get_weather]).invoke(history, tool_choice="none").content
+                    == local.bind_tools([get_weather]).invoke(history, tool_choice="none").content)
+    finally:
+        srv.stop()
+
+
+def test_with_structured_output_function_calling(engine):
+    model = ChatAsyncLLM(engine=engine, max_tokens=60, temperature=0)
+    pet = model.with_structured_output(Pet, method="function_calling").invoke("A dog")
+    assert isinstance(pet, Pet)
+    as_dict = model.with_structured_output(Pet.model_json_schema() | {"title": "Pet"},
+                                           method="function_calling").invoke("A dog")
+    assert Pet.model_validate(as_dict) == pet
+    raw = model.with_structured_output(Pet, method="function_calling", include_raw=True).invoke("A dog")
+    assert raw["parsed"] == pet and raw["raw"].tool_calls[0]["name"] == "Pet"
