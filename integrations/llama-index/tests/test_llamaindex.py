@@ -4,6 +4,7 @@ import time
 import anyio
 import pytest
 from llama_index.core.llms import ChatMessage
+from pydantic import BaseModel, Field
 
 from asyncllm import AsyncEngine
 from asyncllm.server import build_app
@@ -78,3 +79,72 @@ async def _enumerate(agen):
     async for item in agen:
         yield i, item
         i += 1
+
+
+def get_weather(location: str) -> str:
+    """Get the weather at a location."""
+    return f"It is sunny in {location}."
+
+
+def test_function_calling_chat_predict_and_call(engine):
+    """chat_with_tools under a required choice gives a schema-valid call; predict_and_call runs it;
+    streamed replies build up the same call."""
+    from llama_index.core.tools import FunctionTool
+
+    tool = FunctionTool.from_defaults(fn=get_weather)
+    llm = AsyncLLM(engine=engine, max_tokens=60, temperature=0)
+    assert llm.metadata.is_function_calling_model
+    response = llm.chat_with_tools([tool], user_msg="What is the weather in Rome?", tool_required=True)
+    (selection,) = llm.get_tool_calls_from_response(response)
+    assert selection.tool_name == "get_weather" and set(selection.tool_kwargs) == {"location"}
+    assert selection.tool_id.startswith("call_") and response.raw["finish_reason"] == "tool_calls"
+    streamed = list(llm.stream_chat_with_tools([tool], user_msg="What is the weather in Rome?", tool_required=True))
+    (last,) = llm.get_tool_calls_from_response(streamed[-1])
+    assert last.tool_kwargs == selection.tool_kwargs
+    out = llm.predict_and_call([tool], user_msg="What is the weather in Rome?", tool_required=True)
+    assert out.response == get_weather(**selection.tool_kwargs) and not out.sources[0].is_error
+    with pytest.raises(ValueError, match="tool call"):
+        llm.get_tool_calls_from_response(llm.chat(CHAT))
+
+
+def test_function_agent_calls_one_tool(engine):
+    """A FunctionAgent whose first turn must call the tool (initial_tool_choice: the 135M default
+    model answers in prose when it may choose); the tool's result goes back through the chat
+    template as a tool message and the agent ends on a free-text answer."""
+    from llama_index.core.agent.workflow import FunctionAgent, ToolCallResult
+
+    calls = []
+
+    def weather(location: str) -> str:
+        """Get the weather at a location."""
+        calls.append(location)
+        return f"It is sunny in {location}."
+
+    llm = AsyncLLM(engine=engine, max_tokens=48, temperature=0)
+    agent = FunctionAgent(tools=[weather], llm=llm, initial_tool_choice="weather", streaming=False,
+                          system_prompt="Answer with the tool's result.")
+
+    async def run():
+        handler = agent.run(user_msg="What is the weather in Paris?", max_iterations=4)
+        results = [ev async for ev in handler.stream_events() if isinstance(ev, ToolCallResult)]
+        return results, await handler
+
+    results, answer = anyio.run(run)
+    assert len(calls) == 1 and results[0].tool_name == "weather" and results[0].tool_kwargs == {"location": calls[0]}
+    assert [c.tool_name for c in answer.tool_calls] == ["weather"]  # the calls the run made
+    assert answer.response.content.strip() and all(b.block_type == "text" for b in answer.response.blocks)
+
+
+class City(BaseModel):
+    name: str = Field(max_length=20)
+    population_millions: int = Field(ge=0, le=40)
+
+
+def test_structured_predict_decodes_under_the_schema(engine):
+    from llama_index.core.prompts import PromptTemplate
+
+    llm = AsyncLLM(engine=engine, max_tokens=60, temperature=0)
+    prompt = PromptTemplate("Describe the city of {city}.")
+    city = llm.structured_predict(City, prompt, city="Paris")
+    assert isinstance(city, City)
+    assert anyio.run(lambda: llm.astructured_predict(City, prompt, city="Paris")) == city
