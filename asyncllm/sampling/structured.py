@@ -149,11 +149,37 @@ _FRACTION = r"(\.[0-9]{1,6})?"
 
 
 def _int_range(lo: int, hi: int) -> str:
-    """Regex of the decimal integers in [lo, hi] (0 <= lo <= hi), exact for ranges up to 2000 values."""
+    """Regex of exactly the decimal integers in [lo, hi] (0 <= lo <= hi): small ranges spelt out,
+    wide ones as digit-class runs per number of digits (e.g. [0, 50000000]: ...|[1-4][0-9]{7}|50000000)."""
     if hi - lo <= _MAX_ENUMERATED_RANGE:
         return "(" + "|".join(str(v) for v in range(lo, hi + 1)) + ")"
-    digits = len(str(hi))  # wide range: bound the digit count only (approximate)
-    return f"(0|[1-9][0-9]{{0,{digits - 1}}})"
+    parts = []
+    for digits in range(len(str(lo)), len(str(hi)) + 1):
+        first = 0 if digits == 1 else 10 ** (digits - 1)
+        parts += _same_length_range(str(max(lo, first)), str(min(hi, 10 ** digits - 1)))
+    return "(" + "|".join(parts) + ")"
+
+
+def _same_length_range(a: str, b: str) -> list[str]:
+    """Alternatives matching exactly the numbers from a to b, both written with the same digit count."""
+    if a == b:
+        return [a]
+    if len(a) == 1:
+        return [f"[{a}-{b}]"]
+    if a[0] == b[0]:
+        return [a[0] + rest for rest in _same_length_range(a[1:], b[1:])]
+    n = len(a) - 1
+    parts, low, high = [], int(a[0]), int(b[0])
+    if a[1:] != "0" * n:  # a's first digit only from a's tail up
+        parts += [a[0] + rest for rest in _same_length_range(a[1:], "9" * n)]
+        low += 1
+    if b[1:] != "9" * n:
+        high -= 1
+    if low <= high:  # whole blocks between: any tail
+        parts.append(f"[{low}-{high}][0-9]{{{n}}}" if low < high else f"{low}[0-9]{{{n}}}")
+    if b[1:] != "9" * n:  # b's first digit only up to b's tail
+        parts += [b[0] + rest for rest in _same_length_range("0" * n, b[1:])]
+    return parts
 
 
 def _number_regex(lo: int, hi: int, integer: bool) -> str:

@@ -1,5 +1,6 @@
 """Structured outputs: every output parses and validates; free requests are untouched."""
 import json
+import random
 import re
 import time
 
@@ -181,14 +182,26 @@ def test_unbounded_json_cut_by_max_tokens_reports_length(default_llm):
 
 
 @pytest.mark.parametrize("lo,hi,integer", [(-100, 100, True), (0, 1, False), (0, 1000, False), (-5, -2, False),
-                                          (-3, 4, False), (7, 7, True), (0, 5000, True)])
+                                          (-3, 4, False), (7, 7, True), (0, 5000, True), (-2500, 3001, False),
+                                          (1234, 987654, True), (0, 50_000_000, True)])
 def test_numeric_range_regex_is_exact(lo, hi, integer):
     from asyncllm.sampling.structured import _number_regex
 
-    rx = _number_regex(lo, hi, integer)
-    values = [str(v) for v in range(lo - 30, hi + 30)] + [f"{v}.5" for v in range(lo - 3, hi + 3)]
+    rx = re.compile(_number_regex(lo, hi, integer))
+    near = [v for edge in (lo, hi, 0) for v in range(edge - 30, edge + 30)]
+    rng = random.Random(lo ^ hi)
+    spread = [rng.randint(2 * lo - 10, 2 * hi + 10) for _ in range(400)]
+    values = [str(v) for v in near + spread] + [f"{v}.5" for v in near] + ["00", "007", "-0", "01.5"]
     for v in values:
-        inside = lo <= float(v) <= hi and (not integer or "." not in v) and not v.startswith("-0")
-        if hi - lo > 2000 and inside is False and "." not in v and float(v) >= 0:
-            continue  # wide ranges bound only the digit count
-        assert bool(re.fullmatch(rx, v)) == inside, (lo, hi, v)
+        inside = lo <= float(v) <= hi and (not integer or "." not in v) and not v.startswith("-0") \
+            and not re.match(r"-?0[0-9]", v)
+        assert bool(rx.fullmatch(v)) == inside, (lo, hi, v)
+
+
+def test_wide_bounds_hold_when_sampling(default_llm):
+    """A bound of 50,000,000 (once only a digit count) holds on every sample at temperature 0.8."""
+    params = SamplingParams(n=8, max_tokens=80, temperature=0.8, seed=3,
+                            structured_outputs=StructuredOutputs(json=City))
+    (out,) = default_llm.chat([{"role": "user", "content": "Describe a big city as JSON."}], params, use_tqdm=False)
+    cities = [City.model_validate_json(c.text) for c in out.outputs if c.finish_reason == "stop"]
+    assert len(cities) >= 6 and all(0 <= city.population <= 50_000_000 for city in cities)
