@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from asyncllm.config import EngineArgs
 from asyncllm.engine.input_processor import ChatMessages, PromptType
+from asyncllm.errors import InvalidRequestError
 from asyncllm.engine.llm_engine import LLMEngine
 from asyncllm.outputs import RequestOutput
 from asyncllm.sampling_params import RequestOutputKind, SamplingParams
@@ -81,6 +82,11 @@ class LLM:
         with tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True) as bar:
             while engine.has_unfinished_requests():
                 for output in engine.step():
+                    if isinstance(output.exception, InvalidRequestError):
+                        # The caller's error found in the engine (a grammar that does not compile): the
+                        # batch stops as it would have at add_request.
+                        engine.abort_request([i for i in ids if i not in results])
+                        raise output.exception
                     if output.finished:
                         results[output.request_id] = output
                         bar.update(1)

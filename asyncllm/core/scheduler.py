@@ -30,6 +30,7 @@ from asyncllm.core.sched_output import (
 )
 from asyncllm.request import Request, RequestStatus
 from asyncllm.sampling.metadata import SamplingRow
+from asyncllm.sampling.structured import GrammarError
 
 
 class Proposer(Protocol):
@@ -254,11 +255,17 @@ class Scheduler:
                     outputs.append(EngineCoreOutput(item.req_id, [], prompt_logprobs=prompt_lp))
                 continue
             new_tokens = []
+            grammar_error = None
             for token in tokens:  # a stop inside the run ends it there
                 request.output_token_ids.append(token)
                 new_tokens.append(token)
                 if request.grammar is not None:
-                    request.grammar.accept(token)
+                    try:
+                        request.grammar.accept(token)
+                    except GrammarError as exc:  # the grammar cannot go on: this request fails, with why
+                        grammar_error = exc
+                        request.status = RequestStatus.FINISHED_ERROR
+                        break
                 self._check_stop(request, token)
                 if request.is_finished:
                     break
@@ -266,6 +273,8 @@ class Scheduler:
             out = EngineCoreOutput(item.req_id, new_tokens,
                                    logprobs=logprobs[:len(new_tokens)] if logprobs is not None else None,
                                    prompt_logprobs=prompt_lp, num_cached_tokens=max(request.num_cached_tokens, 0))
+            if grammar_error is not None:
+                out.error, out.exception = f"GrammarError: {grammar_error}", grammar_error
             if request.is_finished:
                 out.finish_reason = request.status.finish_reason
                 out.stop_reason = request.stop_reason

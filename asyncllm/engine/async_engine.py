@@ -246,7 +246,8 @@ def parse_json_output(output: RequestOutput, model: type[T]) -> T:
     return model.model_validate_json(completion.text)
 
 
-_STRUCTURED_SHORTCUTS = {"json_schema": "json", "json_object": "json_object", "regex": "regex", "choice": "choice"}
+_STRUCTURED_SHORTCUTS = {"json_schema": "json", "json_object": "json_object", "regex": "regex", "choice": "choice",
+                         "grammar": "grammar"}
 
 
 def _merge_params(base: SamplingParams | None, overrides: dict[str, Any], kind: RequestOutputKind) -> SamplingParams:

@@ -12,6 +12,8 @@
    A compile past its deadline or its memory cap is killed; its memory goes back to the
    OS with the process.
 4. Indexes that were slow to build are kept on disk; json_object can be warmed at start.
+5. Context-free grammars (Lark, GBNF) are not regular: llguidance takes them (`lark_grammar`),
+   in this process, in the same cache.
 """
 from __future__ import annotations
 
@@ -37,7 +39,8 @@ from asyncllm.sampling.grammar_pool import (
     LaneBusy,
     vocabulary_fingerprint,
 )
-from asyncllm.sampling.structured import GrammarError, StructuredLimits, StructuredOutputs, plan
+from asyncllm.sampling.lark_grammar import LarkGrammars
+from asyncllm.sampling.structured import GrammarError, OutlinesGrammar, StructuredLimits, StructuredOutputs, plan
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +107,7 @@ class GrammarCompiler:
         self._cached_bytes = 0
         self._lanes: dict[str, CompileLane] | None = None
         self._disk: DiskCache | None = None
+        self._lark = LarkGrammars(tokenizer, self.limits)
         self._closed = False
 
     @property
@@ -148,6 +152,8 @@ class GrammarCompiler:
 
     def submit(self, spec: StructuredOutputs) -> Compilation:
         """Validates now (GrammarError, GrammarBusyError); compiles in a worker process."""
+        if spec.grammar is not None:
+            return self._submit_grammar(spec)
         regex, cost = plan(spec, self.limits)
         key = spec.key()
         builtin = spec.json_object
@@ -170,6 +176,24 @@ class GrammarCompiler:
                 self._start(regex, entry, spec.kind if cheap else "heavy")
             except LaneBusy as exc:
                 raise GrammarBusyError(f"{exc}; retry later") from None
+            self._cache[key] = entry
+            self._evict()
+            return entry
+
+    def _submit_grammar(self, spec: StructuredOutputs) -> Compilation:
+        """A Lark/GBNF grammar: llguidance checks and builds it on its thread; shared like an Index."""
+        key = spec.key()
+        now = time.monotonic()
+        with self._lock:
+            if self._closed:
+                raise GrammarError("the grammar compiler is shut down")
+            entry = self._cache.get(key)
+            if entry is not None and entry.future.done() and entry.future.exception() is None:
+                self._cache.move_to_end(key)
+                return Compilation(entry.future, now + self.limits.compile_timeout_s)
+            if entry is not None and not entry.future.done():
+                return entry
+            entry = Compilation(self._lark.submit(spec), now + self.limits.compile_timeout_s)
             self._cache[key] = entry
             self._evict()
             return entry
@@ -200,7 +224,7 @@ class GrammarCompiler:
             entry.index_bytes = len(data)
             self._cached_bytes += len(data)
             self._evict()
-        entry.future.set_result(index)
+        entry.future.set_result(OutlinesGrammar(index))
 
     def _compile(self, worker: CompileWorker, regex: str, entry: Compilation, light: bool) -> bytes | None:
         limits = self.limits
@@ -251,6 +275,7 @@ class GrammarCompiler:
         with self._lock:
             self._closed = True
             lanes, self._lanes = self._lanes, None
+        self._lark.shutdown()
         if lanes is not None:
             for lane in lanes.values():
                 lane.shutdown()

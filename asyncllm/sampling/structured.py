@@ -1,4 +1,5 @@
-"""Structured outputs (JSON schema, JSON object, regex, choice) on top of outlines-core.
+"""Structured outputs (JSON schema, JSON object, regex, choice) on top of outlines-core;
+context-free grammars (Lark, GBNF) on llguidance (`lark_grammar`).
 
 - `StructuredOutputs` is what a request asks for (exactly one kind), validated cheaply and
   synchronously against size/depth limits (a schema bomb is refused before compiling).
@@ -37,6 +38,7 @@ class StructuredLimits:
     max_enum_values: int = 2048
     max_regex_chars: int = 200_000
     max_choices: int = 1024
+    max_grammar_bytes: int = 64 * 1024  # a Lark/GBNF grammar's text
     # The automaton, estimated before compiling (regex_cost): positions after spelling out
     # counted repetitions, and those whose class admits many characters (each costs ~50x).
     max_positions: int = 5000
@@ -61,12 +63,14 @@ class StructuredOutputs:
     json_object: bool = False
     regex: str | None = None
     choice: list[str] | None = None
+    grammar: str | None = None  # a context-free grammar: Lark (llguidance's dialect) or llama.cpp's GBNF
 
     def __post_init__(self) -> None:
-        kinds = [self.json is not None, bool(self.json_object), self.regex is not None, self.choice is not None]
+        kinds = [self.json is not None, bool(self.json_object), self.regex is not None, self.choice is not None,
+                 self.grammar is not None]
         if sum(kinds) != 1:
-            raise InvalidRequestError("structured_outputs needs exactly one of json, json_object, regex, choice",
-                                      param="structured_outputs")
+            raise InvalidRequestError("structured_outputs needs exactly one of json, json_object, regex, choice, "
+                                      "grammar", param="structured_outputs")
         if self.json is not None:
             self.json = _schema_dict(self.json)
         if self.choice is not None:
@@ -75,6 +79,8 @@ class StructuredOutputs:
                 raise InvalidRequestError("choice must be a non-empty list of non-empty strings", param="choice")
         if self.regex is not None and (not isinstance(self.regex, str) or not self.regex):
             raise InvalidRequestError("regex must be a non-empty string", param="regex")
+        if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar.strip()):
+            raise InvalidRequestError("grammar must be a non-empty string (Lark or GBNF)", param="grammar")
 
     @property
     def kind(self) -> str:
@@ -82,6 +88,8 @@ class StructuredOutputs:
             return "json"
         if self.json_object:
             return "json_object"
+        if self.grammar is not None:
+            return "grammar"
         return "regex" if self.regex is not None else "choice"
 
     def key(self) -> tuple[str, str]:
@@ -92,6 +100,8 @@ class StructuredOutputs:
             return "json_object", ""
         if self.regex is not None:
             return "regex", self.regex
+        if self.grammar is not None:
+            return "grammar", self.grammar
         return "choice", json.dumps(self.choice)
 
 
@@ -271,8 +281,22 @@ def _param(spec: StructuredOutputs) -> str:
     return {"json": "json_schema", "json_object": "response_format"}.get(spec.kind, spec.kind)
 
 
+class OutlinesGrammar:
+    """A compiled outlines-core Index; each sequence walks it with a Guide of its own."""
+
+    def __init__(self, index):
+        self.index = index
+
+    def new_guide(self):
+        from outlines_core import Guide
+
+        return Guide(self.index)
+
+
 class GrammarState:
-    """One sequence's position in its automaton; created when the Index is ready."""
+    """One sequence's position in its automaton; created when the compile is ready. Its guide
+    (an outlines-core Guide, or `lark_grammar.LarkGuide`) advances by token, writes the next
+    position's allowed-token bitmask, and says when the structure is finished."""
 
     def __init__(self, future: Future, eos_token_id: int, deadline: float):
         self.future = future
@@ -288,14 +312,17 @@ class GrammarState:
             if time.monotonic() > self.deadline:
                 raise GrammarError("compiling the structure took longer than the limit")
             return False
-        from outlines_core import Guide
-
-        self.guide = Guide(self.future.result())
+        self.guide = self.future.result().new_guide()
         return True
 
     def accept(self, token: int) -> None:
+        """Moves past `token`; GrammarError if the grammar cannot go on (llguidance ran out of fuel)."""
         if token != self.eos_token_id:
             self.guide.advance(token)
+        failure = getattr(self.guide, "failure", None)
+        if failure is not None and (message := failure()):
+            # The first line says why; the rest is llguidance's dump of the parser state.
+            raise GrammarError(f"the grammar cannot continue: {message.splitlines()[0]}", param="grammar")
 
     def finished(self) -> bool:
         return self.guide is not None and self.guide.is_finished()

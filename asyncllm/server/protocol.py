@@ -35,7 +35,7 @@ class StructuredOutputsParams(_Strict):
     regex: str | None = None
     choice: list[str] | None = None
     json_object: bool | None = None
-    grammar: str | None = None  # refused: context-free grammars are not supported
+    grammar: str | None = None  # Lark or GBNF (llguidance)
     structural_tag: Any = None  # refused
 
 
@@ -91,6 +91,7 @@ class _SamplingFields(_Strict):
     guided_json: Union[dict[str, Any], str, None] = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     structured_outputs: StructuredOutputsParams | None = None
 
 

@@ -99,17 +99,18 @@ def structured_outputs(body: _SamplingFields) -> StructuredOutputs | None:
         specs.append(("guided_regex", StructuredOutputs(regex=body.guided_regex)))
     if body.guided_choice is not None:
         specs.append(("guided_choice", StructuredOutputs(choice=body.guided_choice)))
+    if body.guided_grammar is not None:
+        specs.append(("guided_grammar", StructuredOutputs(grammar=body.guided_grammar)))
     so = body.structured_outputs
     if so is not None:
-        for name in ("grammar", "structural_tag"):
-            if getattr(so, name) is not None:
-                raise InvalidRequestError(f"structured_outputs.{name} is not supported (json, regex, choice and "
-                                          "json_object are)", param=f"structured_outputs.{name}")
+        if so.structural_tag is not None:
+            raise InvalidRequestError("structured_outputs.structural_tag is not supported (json, regex, choice, "
+                                      "grammar and json_object are)", param="structured_outputs.structural_tag")
         specs.append(("structured_outputs", StructuredOutputs(json=so.json_, regex=so.regex, choice=so.choice,
-                                                              json_object=bool(so.json_object))))
+                                                              json_object=bool(so.json_object), grammar=so.grammar)))
     if len(specs) > 1:
         raise InvalidRequestError("use only one of response_format, guided_json, guided_regex, guided_choice, "
-                                  "structured_outputs", param=specs[1][0])
+                                  "guided_grammar, structured_outputs", param=specs[1][0])
     return specs[0][1] if specs else None
 
 

@@ -3,6 +3,7 @@ field, never a 5xx; unsupported fields refused, not dropped; vLLM's structured_o
 prompt_logprobs; echo with logprobs as OpenAI defines it."""
 import json
 import math
+import re
 import threading
 import time
 
@@ -54,9 +55,13 @@ HOSTILE = [
     ("/v1/chat/completions", {"messages": CHAT, "chat_template_kwargs": {"tools": []}}, "chat_template_kwargs.tools"),
     # fields that would change the output and are not supported: refused, not dropped
     ("/v1/completions", {"prompt": "Hello", "use_beam_search": True}, "use_beam_search"),
-    ("/v1/completions", {"prompt": "Hello", "guided_grammar": "root ::= 'a'"}, "guided_grammar"),
-    ("/v1/completions", {"prompt": "Hello", "structured_outputs": {"grammar": "root ::= 'a'"}},
-     "structured_outputs.grammar"),
+    ("/v1/completions", {"prompt": "Hello", "structured_outputs": {"structural_tag": {"type": "structural_tag"}}},
+     "structured_outputs.structural_tag"),
+    # grammars that do not parse (GBNF has no single quotes; a rule used and never defined)
+    ("/v1/completions", {"prompt": "Hello", "guided_grammar": "root ::= 'a'"}, "grammar"),
+    ("/v1/completions", {"prompt": "Hello", "structured_outputs": {"grammar": "start: nowhere"}}, "grammar"),
+    ("/v1/chat/completions", {"messages": CHAT, "structured_outputs": {"grammar": "start: nowhere"}, "stream": True},
+     "grammar"),
     ("/v1/completions", {"prompt": "Hello", "structured_outputs": {"regex": "a+", "choice": ["b"]}},
      "structured_outputs"),
     ("/v1/completions", {"prompt": "Hello", "length_penalty": 0.5}, "length_penalty"),
@@ -98,8 +103,6 @@ def test_structured_outputs_field_as_vllm_and_outlines_send_it(server):
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="x")
     r = client.completions.create(model=MODEL, prompt="Phone:", max_tokens=20, temperature=0,
                                   extra_body={"structured_outputs": {"regex": r"\(\d{3}\) \d{3}-\d{4}"}})
-    import re
-
     assert re.fullmatch(r"\(\d{3}\) \d{3}-\d{4}", r.choices[0].text)
     r = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=5,
                                        extra_body={"structured_outputs": {"choice": ["red", "blue"]}})
@@ -108,6 +111,15 @@ def test_structured_outputs_field_as_vllm_and_outlines_send_it(server):
     r = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=20, temperature=0,
                                        extra_body={"structured_outputs": {"json": schema}})
     assert isinstance(json.loads(r.choices[0].message.content)["ok"], bool)
+    # A context-free grammar, as vLLM takes it (structured_outputs.grammar, the older guided_grammar).
+    gbnf = 'root ::= "(" inner ")"\ninner ::= [a-z]+ | "(" inner ")"'
+    for extra in ({"structured_outputs": {"grammar": gbnf}}, {"guided_grammar": gbnf}):
+        r = client.completions.create(model=MODEL, prompt="Brackets:", max_tokens=20, temperature=0.7, seed=4,
+                                      extra_body=extra)
+        text = r.choices[0].text
+        depth = len(text) - len(text.lstrip("("))
+        assert r.choices[0].finish_reason == "stop" and depth >= 1, text
+        assert re.fullmatch(r"\(" * depth + "[a-z]+" + r"\)" * depth, text), text
 
 
 def test_prompt_logprobs_match_the_engine(server, engine):

@@ -4,7 +4,7 @@ Output types become asyncllm structured outputs, decoded in the engine (outlines
 automata, as outlines' own vLLM models do): JSON schemas (pydantic models, dataclasses,
 TypedDicts, `outlines.types.JsonSchema`) as `json`, every other term (regex, `Literal`/choices,
 `int`, ...) as its regex; a JSON schema with a custom whitespace pattern goes as its regex too.
-Context-free grammars (`outlines.types.CFG`) are refused: asyncllm does not decode under them yet.
+Context-free grammars (`outlines.types.CFG`, Lark) go as asyncllm grammars (llguidance).
 Inputs are a string (chat-templated when the model has a template, as outlines' vLLM offline
 model does) or an `outlines.inputs.Chat`; keyword arguments are `asyncllm.SamplingParams`
 fields, or `sampling_params=SamplingParams(...)`.
@@ -57,8 +57,7 @@ class AsyncLLMTypeAdapter(ModelTypeAdapter):
             return None
         term = python_types_to_terms(output_type)
         if isinstance(term, CFG):
-            raise NotImplementedError("asyncllm does not decode under context-free grammars yet; use a JSON "
-                                      "schema, a regex or choices")
+            return StructuredOutputs(grammar=term.definition)
         if isinstance(term, JsonSchema) and not term.whitespace_pattern:
             return StructuredOutputs(json=json.loads(term.schema))
         return StructuredOutputs(regex=to_regex(term))

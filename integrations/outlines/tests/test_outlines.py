@@ -1,9 +1,11 @@
 """outlines' generators over asyncllm in process, against the real outlines package: pydantic,
-regex and choice outputs, sync and async, whole, batched and streamed."""
+regex, choice and context-free grammar outputs, sync and async, whole, batched and streamed."""
 import re
+from pathlib import Path
 from typing import Literal
 
 import anyio
+import lark
 import outlines
 import pytest
 from outlines.inputs import Chat
@@ -53,8 +55,11 @@ def test_sync_generator_pydantic_regex_choice(llm):
     next(pieces), next(pieces)
     pieces.close()  # leaving early aborts the request
     assert not llm.engine.has_unfinished_requests() and llm.engine.core.kv.num_used_blocks() == 0
-    with pytest.raises(NotImplementedError, match="context-free grammars"):
-        model(PROMPT, CFG('?start: "a"'), **GREEDY)
+    # A context-free grammar (outlines' own arithmetic Lark file), checked by the lark parser.
+    arithmetic = CFG.from_file(str(Path(outlines.__file__).parent / "grammars" / "arithmetic.lark"))
+    expression = model("Write 2 plus 3 times 4:", arithmetic, max_tokens=24, temperature=0)
+    lark.Lark(arithmetic.definition, parser="lalr").parse_interactive(expression).exhaust_lexer()
+    assert re.match(r"-?\(*[0-9]", expression), expression
     with pytest.raises(ValueError, match="not both"):
         model(PROMPT, Pet, sampling_params=SamplingParams(**GREEDY), max_tokens=5)
 
