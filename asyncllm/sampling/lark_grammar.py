@@ -96,12 +96,12 @@ class LarkGrammars:
     def _compile(self, text: str) -> CompiledLark:
         import llguidance
 
+        tokenizer = self._llguidance_tokenizer()
         try:
             grammar = llguidance.LLMatcher.grammar_from_lark(to_lark(text))
-        except ValueError as exc:
+            matcher = llguidance.LLMatcher(tokenizer, grammar, limits=self._parser_limits, log_level=0)
+        except Exception as exc:  # noqa: BLE001 - whatever the text does to the parser is the request's error
             raise GrammarError(f"invalid grammar: {exc}", param="grammar") from None
-        tokenizer = self._llguidance_tokenizer()
-        matcher = llguidance.LLMatcher(tokenizer, grammar, limits=self._parser_limits, log_level=0)
         if matcher.is_error():
             raise GrammarError(f"invalid grammar: {matcher.get_error()}", param="grammar")
         return CompiledLark(matcher, (tokenizer.vocab_size + 31) // 32)
