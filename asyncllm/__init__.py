@@ -10,7 +10,9 @@ from asyncllm.errors import (
     RequestFailedError,
 )
 from asyncllm.llm import LLM
-from asyncllm.outputs import CompletionOutput, Logprob, RequestOutput
+from asyncllm.outputs import CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput, Logprob, RequestOutput
+from asyncllm.pooling.config import PoolerConfig
+from asyncllm.pooling_params import PoolingParams
 from asyncllm.sampling.structured import GrammarError, StructuredOutputs
 from asyncllm.sampling_params import RequestOutputKind, SamplingParams
 
@@ -19,5 +21,6 @@ __version__ = "0.1.0"
 __all__ = [
     "AsyncEngine", "LLM", "EngineArgs", "SamplingParams", "RequestOutputKind", "RequestOutput", "CompletionOutput", "Logprob",
     "EngineDeadError", "EngineOverloadedError", "EngineShutdownError", "InvalidRequestError", "PromptTooLongError",
-    "RequestFailedError", "StructuredOutputs", "GrammarError", "__version__",
+    "RequestFailedError", "StructuredOutputs", "GrammarError", "PoolingParams", "PoolerConfig", "EmbeddingOutput",
+    "EmbeddingRequestOutput", "__version__",
 ]

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import torch
 
 from asyncllm.model.layers.int4 import int4_supported
+from asyncllm.pooling.config import parse_pooler_config
 from asyncllm.sampling.structured import StructuredLimits
 from asyncllm.sampling_params import SamplingLimits
 from asyncllm.spec_decode.config import SpeculativeConfig
@@ -32,6 +33,14 @@ class EngineArgs:
     model: str | None = _opt(None, "HF-format folder (config.json + *.safetensors) or a .gguf file; "
                                    "default: the embedded SmolLM2-135M-Instruct")
     tokenizer: str | None = _opt(None, "tokenizer folder, when not the model's own")
+    task: str = _opt("auto", "what the model serves: generate, embed (embeddings only: generation requests are "
+                             "refused), or auto (embed for encoders such as BertModel, else generate; a "
+                             "generating decoder serves embeddings too)",
+                     choices=["auto", "generate", "embed"])
+    pooler_config: dict | str | None = _opt(
+        None, "how embeddings are pooled, as vLLM's: a dict or its JSON text, e.g. {\"pooling_type\": \"MEAN\", "
+              "\"normalize\": true}; pooling_type LAST, MEAN or CLS (default: a sentence-transformers folder's, "
+              "else LAST for decoders and CLS for encoders; normalized)")
     dtype: str = _opt("auto", "weights and activations dtype: auto, float32, bfloat16, float16",
                       choices=["auto", "float32", "bfloat16", "float16"])
     device: str = _opt("auto", "auto, cpu or cuda")
@@ -165,6 +174,12 @@ class EngineConfig:
         if args.distributed_executor_backend not in (None, "uni", "mp"):
             errors.append(f"distributed_executor_backend must be uni or mp, got {args.distributed_executor_backend!r}"
                           + (" (ray is not supported yet)" if args.distributed_executor_backend == "ray" else ""))
+        if args.task not in ("auto", "generate", "embed"):
+            errors.append(f"task must be auto, generate or embed, got {args.task!r}")
+        try:
+            parse_pooler_config(args.pooler_config)
+        except ValueError as exc:
+            errors.append(str(exc))
         speculative = None
         try:
             speculative = SpeculativeConfig.parse(args.speculative_config)

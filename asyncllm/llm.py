@@ -11,7 +11,8 @@ from asyncllm.config import EngineArgs
 from asyncllm.engine.input_processor import ChatMessages, PromptType
 from asyncllm.errors import InvalidRequestError
 from asyncllm.engine.llm_engine import LLMEngine
-from asyncllm.outputs import RequestOutput
+from asyncllm.outputs import EmbeddingRequestOutput, RequestOutput
+from asyncllm.pooling_params import PoolingParams
 from asyncllm.sampling_params import RequestOutputKind, SamplingParams
 from asyncllm.tools.choice import check_tools
 from asyncllm.tools.template import render_chat
@@ -64,15 +65,34 @@ class LLM:
                    for conv in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
-    def _run(self, prompts: list[PromptType], params_list: list[SamplingParams], use_tqdm: bool,
-             priority: Sequence[int] | None) -> list[RequestOutput]:
+    def embed(self, prompts: str | list[int] | Sequence[str | list[int]],
+              pooling_params: PoolingParams | Sequence[PoolingParams] | None = None, use_tqdm: bool = True,
+              truncate_prompt_tokens: int | None = None) -> list[EmbeddingRequestOutput]:
+        """One vector per input (vLLM's LLM.embed): `outputs[i].outputs.embedding`, in input order.
+        Inputs are texts or token ids; pooled as the model's pooler config says (a sentence-
+        transformers folder's, else last token), normalised unless `PoolingParams(normalize=False)`."""
+        prompt_list = _as_prompt_list(prompts)
+        if isinstance(pooling_params, Sequence):
+            if len(pooling_params) != len(prompt_list):
+                raise ValueError(f"got {len(pooling_params)} pooling params for {len(prompt_list)} inputs")
+            params_list = list(pooling_params)
+        else:
+            params = pooling_params or PoolingParams()
+            if truncate_prompt_tokens is not None:
+                params = dataclasses.replace(params, truncate_prompt_tokens=truncate_prompt_tokens)
+            params_list = [params] * len(prompt_list)
+        return self._run(prompt_list, params_list, use_tqdm, None)
+
+    def _run(self, prompts: list[PromptType], params_list: list[SamplingParams | PoolingParams], use_tqdm: bool,
+             priority: Sequence[int] | None) -> list[Any]:
         engine = self.engine
         ids = []
         try:
             for i, (prompt, params) in enumerate(zip(prompts, params_list)):
                 request_id = f"llm-{self._counter}"
                 self._counter += 1
-                final_params = dataclasses.replace(params, output_kind=RequestOutputKind.FINAL_ONLY)
+                final_params = (params if isinstance(params, PoolingParams)
+                                else dataclasses.replace(params, output_kind=RequestOutputKind.FINAL_ONLY))
                 engine.add_request(request_id, prompt, final_params, priority=priority[i] if priority else 0)
                 ids.append(request_id)
         except Exception:

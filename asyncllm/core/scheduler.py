@@ -48,6 +48,7 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
     num_speculative_tokens: int = 0  # most proposed tokens per request per step (0: none)
     speculative_disable_batch_size: int | None = None  # no proposals while this many requests run
+    pooling_uses_cache: bool = True  # False when the pooler reads every prompt position (MEAN, CLS)
 
 
 class Scheduler:
@@ -150,7 +151,9 @@ class Scheduler:
             if request.grammar is not None and request.grammar.guide is None:
                 position += 1  # its grammar is still compiling: the others go ahead
                 continue
-            use_cache = request.sampling_params.prompt_logprobs is None  # those need every position
+            # Prompt logprobs, and MEAN/CLS pooling, need every position computed.
+            use_cache = request.sampling_params.prompt_logprobs is None and (
+                not request.pooling or self.config.pooling_uses_cache)
             hits, num_hit = self.kv.get_computed_blocks(request) if use_cache else ([], 0)
             num_new = request.num_tokens - num_hit
             if num_new > budget:
@@ -209,7 +212,7 @@ class Scheduler:
                 out.new_requests.append(NewRequestData(
                     rid, request.prompt_token_ids, list(request.output_token_ids),
                     SamplingRow.from_params(request.sampling_params, request.eos_token_ids, request.sample_seed),
-                    block_ids, request.cache_salt))
+                    block_ids, request.cache_salt, request.pooling))
             elif sent is None:
                 self._resumed.discard(rid)
                 out.cached_requests.append(CachedRequestData(rid, block_ids, resumed=True))
@@ -249,6 +252,14 @@ class Scheduler:
             rejected = len(item.spec_token_ids) - (len(tokens) - 1) if tokens else 0
             request.num_computed_tokens += item.num_new_tokens - rejected
             request.spec_token_ids = []
+            pooled = result.pooled.get(item.req_id)
+            if pooled is not None:  # an embedding request is done once its prompt is
+                request.status = RequestStatus.FINISHED_STOPPED
+                self.running.remove(request)
+                self._release(request)
+                outputs.append(EngineCoreOutput(item.req_id, [], finish_reason="stop", pooled=pooled,
+                                                num_cached_tokens=max(request.num_cached_tokens, 0)))
+                continue
             prompt_lp = result.prompt_logprobs.get(item.req_id)
             if not tokens:
                 if prompt_lp:

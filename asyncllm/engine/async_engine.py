@@ -26,8 +26,9 @@ from asyncllm.engine.input_processor import PromptType
 from asyncllm.engine.llm_engine import LLMEngine, PreparedRequest
 from asyncllm.engine.request_stream import LoopHandle, RequestStream
 from asyncllm.engine.stats import EngineSnapshot
-from asyncllm.errors import EngineDeadError, InvalidRequestError
-from asyncllm.outputs import RequestOutput
+from asyncllm.errors import EngineDeadError, InvalidRequestError, RequestFailedError
+from asyncllm.outputs import EmbeddingRequestOutput, RequestOutput
+from asyncllm.pooling_params import PoolingParams
 from asyncllm.sampling.structured import GrammarError, StructuredOutputs
 from asyncllm.sampling_params import RequestOutputKind, SamplingParams
 from asyncllm.threads import in_passing_thread
@@ -123,7 +124,7 @@ class AsyncEngine:
         async for output in self.generate_prepared(prepared):
             yield output
 
-    def prepare(self, prompt: PromptType, sampling_params: SamplingParams | None = None,
+    def prepare(self, prompt: PromptType, sampling_params: SamplingParams | PoolingParams | None = None,
                 request_id: str | None = None, priority: int = 0, cache_salt: str | None = None) -> PreparedRequest:
         """Validates and tokenizes now (raises InvalidRequestError); run it with generate_prepared()."""
         return self.engine.prepare_request(request_id or uuid.uuid4().hex, prompt, sampling_params, priority,
@@ -185,6 +186,43 @@ class AsyncEngine:
         finally:
             await gen.aclose()
         raise RuntimeError("the request ended without a final output")
+
+    async def encode(self, prompt: PromptType, pooling_params: PoolingParams | None = None, *,
+                     request_id: str | None = None, priority: int = 0) -> EmbeddingRequestOutput:
+        """One input's embedding output (vLLM's shape: `.outputs.embedding`)."""
+        prepared = self.prepare(prompt, pooling_params or PoolingParams(), request_id, priority)
+        return (await self._embed_prepared([prepared]))[0]
+
+    async def embed(self, inputs: str | list[int] | list[str] | list[list[int]], *, dimensions: int | None = None,
+                    normalize: bool | None = None, truncate_prompt_tokens: int | None = None,
+                    priority: int = 0) -> list[float] | list[list[float]]:
+        """Embeddings of a text (or token ids) → one vector, of a list of them → a vector each, in
+        order; all are batched together in the engine. Every input is validated before any is queued."""
+        single = isinstance(inputs, str) or (isinstance(inputs, list) and bool(inputs)
+                                             and all(isinstance(t, int) for t in inputs))
+        items = [inputs] if single else list(inputs)
+        if not items:
+            raise InvalidRequestError("nothing to embed: pass a text or a non-empty list", param="input")
+        params = PoolingParams(dimensions, normalize, truncate_prompt_tokens)
+        prepared = [self.prepare(item, params, None, priority) for item in items]
+        vectors = [out.outputs.embedding for out in await self._embed_prepared(prepared)]
+        return vectors[0] if single else vectors
+
+    async def _embed_prepared(self, prepared: list[PreparedRequest]) -> list[EmbeddingRequestOutput]:
+        streams = [self.submit_prepared(p) for p in prepared]
+        finals = []
+        try:
+            for stream in streams:
+                final = None
+                async for output in stream:
+                    final = output
+                if final is None or final.outputs is None:
+                    raise RequestFailedError(f"embedding request {final.request_id if final else '?'} was aborted")
+                finals.append(final)
+        finally:
+            for stream in streams:
+                await stream.aclose()  # type: ignore[attr-defined]
+        return finals
 
     async def abort(self, request_id: str) -> None:
         self._thread.abort(request_id)

@@ -21,12 +21,23 @@ from asyncllm.core.scheduler import Proposer, Scheduler, SchedulerConfig
 from asyncllm.errors import PromptTooLongError
 from asyncllm.executor import Executor, create_executor
 from asyncllm.model.loader import Checkpoint, load_checkpoint
+from asyncllm.pooling.config import resolve_pooler
 from asyncllm.request import Request, RequestStatus
 from asyncllm.sampling.structured import write_bitmask
 from asyncllm.spec_decode import make_proposer
 from asyncllm.worker.worker import CacheConfig
 
 logger = logging.getLogger(__name__)
+
+
+def task_of(requested: str, model_cfg) -> str:
+    """generate or embed: an encoder only embeds; a decoder generates unless told to embed."""
+    if model_cfg.is_encoder_only:
+        if requested == "generate":
+            raise ValueError(f"{model_cfg.architecture} is an encoder: it serves embeddings (task='embed'), "
+                             "not generation")
+        return "embed"
+    return "embed" if requested == "embed" else "generate"
 
 
 class WorkerRequestError(RuntimeError):
@@ -70,13 +81,23 @@ class EngineCore:
         # The config and tokenizer (the weights stream is read by the workers).
         self.checkpoint = checkpoint or load_checkpoint(args.model, args.tokenizer)
         model_cfg = self.checkpoint.config
+        self.task = task_of(args.task, model_cfg)
+        self.pooler_config = resolve_pooler(args.pooler_config, self.checkpoint.sentence_transformers,
+                                            model_cfg.is_encoder_only)
         self.executor: Executor = create_executor(config, self.checkpoint)
         try:
             info = self.executor.initialize()
             self.dtype = info.torch_dtype
             num_blocks = info.num_blocks
             capacity = num_blocks * args.block_size
-            max_model_len = min(args.max_model_len or model_cfg.max_position_embeddings, capacity)
+            longest = model_cfg.max_position_embeddings
+            layout = self.checkpoint.sentence_transformers
+            if args.max_model_len is None and layout is not None and layout.max_seq_length:
+                longest = min(longest, layout.max_seq_length)  # what the embedding model was trained on
+            max_model_len = min(args.max_model_len or longest, capacity)
+            if model_cfg.is_encoder_only and args.max_num_batched_tokens < max_model_len:
+                raise ValueError(f"an encoder runs each prompt in one step: max_num_batched_tokens "
+                                 f"({args.max_num_batched_tokens}) must be >= max_model_len ({max_model_len})")
             if args.max_model_len is not None and args.max_model_len > model_cfg.max_position_embeddings:
                 raise ValueError(f"max_model_len {args.max_model_len} exceeds the model's "
                                  f"{model_cfg.max_position_embeddings} positions")
@@ -89,11 +110,14 @@ class EngineCore:
             raise
         self.max_model_len = max_model_len
         self.vocab_size = model_cfg.vocab_size
-        self.kv = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching)
+        # An encoder sees each whole prompt in one step and keeps no K/V to share.
+        encoder = model_cfg.is_encoder_only
+        self.kv = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching and not encoder)
         self.scheduler = Scheduler(
-            SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, max_model_len, args.enable_chunked_prefill,
-                            num_speculative_tokens,
-                            config.speculative.disable_by_batch_size if config.speculative is not None else None),
+            SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, max_model_len,
+                            args.enable_chunked_prefill and not encoder, num_speculative_tokens,
+                            config.speculative.disable_by_batch_size if config.speculative is not None else None,
+                            pooling_uses_cache=not self.pooler_config.needs_every_position),
             self.kv, proposer)
         self.num_steps = 0
         self.prompt_tokens_computed = 0

@@ -23,7 +23,7 @@ from asyncllm.errors import (
     InvalidRequestError,
     RequestFailedError,
 )
-from asyncllm.outputs import RequestOutput
+from asyncllm.outputs import EmbeddingRequestOutput, RequestOutput
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ class EngineThread:
             stream = self._streams.get(request_id)
             if stream is None:
                 continue
-            if isinstance(item, RequestOutput) and item.error is not None:
+            if isinstance(item, (RequestOutput, EmbeddingRequestOutput)) and item.error is not None:
                 if isinstance(item.exception, (InvalidRequestError, EngineOverloadedError)):
                     item = item.exception  # the caller's fault (a grammar that cannot compile) or busy: say so
                 else:

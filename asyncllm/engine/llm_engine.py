@@ -6,6 +6,7 @@ string are finished in the core in the same step, so their blocks free at once.
 """
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -14,12 +15,13 @@ from asyncllm.config import EngineArgs, EngineConfig
 from asyncllm.engine.engine_core import EngineCore
 from asyncllm.engine.input_processor import InputProcessor, PromptType
 from asyncllm.engine.output_processor import OutputProcessor, child_request_id
-from asyncllm.errors import InvalidRequestError
+from asyncllm.errors import InvalidRequestError, PromptTooLongError
 from asyncllm.model.tokenizer import apply_chat_template_override
-from asyncllm.outputs import RequestOutput
+from asyncllm.outputs import EmbeddingRequestOutput, RequestOutput
+from asyncllm.pooling_params import PoolingParams
 from asyncllm.request import Request, RequestStatus
 from asyncllm.sampling.grammar_compiler import GrammarCompiler
-from asyncllm.sampling_params import SamplingParams
+from asyncllm.sampling_params import RequestOutputKind, SamplingParams
 
 
 @dataclass
@@ -29,7 +31,7 @@ class PreparedRequest:
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
-    params: SamplingParams
+    params: SamplingParams | PoolingParams
     requests: list[Request]
 
 
@@ -50,7 +52,7 @@ class LLMEngine:
                                               GrammarCompiler(self.tokenizer, config.structured_limits))
         if config.args.structured_outputs_warmup:
             self.input_processor.grammars.warm_up()
-        self.output_processor = OutputProcessor(self.tokenizer)
+        self.output_processor = OutputProcessor(self.tokenizer, self.core.pooler_config.normalize)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs | None = None, **overrides) -> "LLMEngine":
@@ -72,9 +74,13 @@ class LLMEngine:
     def new_request_id(self) -> str:
         return uuid.uuid4().hex
 
-    def prepare_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
-                        priority: int = 0, arrival_time: float | None = None,
-                        cache_salt: str | None = None) -> PreparedRequest:
+    @property
+    def task(self) -> str:
+        return self.core.task
+
+    def prepare_request(self, request_id: str, prompt: PromptType,
+                        params: SamplingParams | PoolingParams | None = None, priority: int = 0,
+                        arrival_time: float | None = None, cache_salt: str | None = None) -> PreparedRequest:
         """Validates and tokenizes (no engine state touched, safe off the engine thread).
 
         Raises InvalidRequestError / PromptTooLongError; nothing is queued then.
@@ -84,6 +90,11 @@ class LLMEngine:
             raise InvalidRequestError("request_id must be a non-empty string", param="request_id")
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise InvalidRequestError("priority must be an integer", param="priority")
+        if isinstance(params, PoolingParams):
+            return self._prepare_pooling(request_id, prompt, params, priority, arrival_time, cache_salt)
+        if self.task == "embed":
+            raise InvalidRequestError(f"{self.model_name} serves embeddings (task 'embed'): use embed() or "
+                                      "/v1/embeddings, not generation", param="model")
         processed = self.input_processor.process_prompt(prompt)
         params.check_limits(self.config.limits, self.core.checkpoint.config.vocab_size)
         child_ids = [child_request_id(request_id, i, params.n) for i in range(params.n)]
@@ -92,16 +103,51 @@ class LLMEngine:
         self.core.check_prompt_fits(len(processed.prompt_token_ids))
         return PreparedRequest(request_id, processed.prompt, processed.prompt_token_ids, params, requests)
 
+    def _prepare_pooling(self, request_id: str, prompt: PromptType, params: PoolingParams, priority: int,
+                         arrival_time: float | None, cache_salt: str | None) -> PreparedRequest:
+        """An embedding request: one core request that computes its prompt and is pooled."""
+        k = params.truncate_prompt_tokens
+        if k is not None and isinstance(prompt, str) and prompt:
+            # The tokenizer's own truncation keeps the special tokens an encoder expects ([CLS] ... [SEP]).
+            ids = self.tokenizer.encode(prompt, truncation=True, max_length=k)
+            processed = self.input_processor.process_prompt({"prompt_token_ids": ids, "prompt": prompt})
+        else:
+            processed = self.input_processor.process_prompt(prompt)
+            if k is not None and len(processed.prompt_token_ids) > k:
+                processed.prompt_token_ids = processed.prompt_token_ids[-k:]  # token ids: the last k, as vLLM
+        ids = processed.prompt_token_ids
+        if len(ids) > self.max_model_len:
+            raise PromptTooLongError(f"the input has {len(ids)} tokens but this model takes at most "
+                                     f"{self.max_model_len} (max_model_len); pass truncate_prompt_tokens to cut it",
+                                     param="input")
+        if params.dimensions is not None and params.dimensions > self.hidden_size:
+            raise InvalidRequestError(f"dimensions must be <= {self.hidden_size}, the model's embedding size",
+                                      param="dimensions")
+        sampling = SamplingParams(max_tokens=1, output_kind=RequestOutputKind.FINAL_ONLY)
+        request = Request(request_id, ids, sampling, frozenset(), 1, priority=priority,
+                          arrival_time=arrival_time if arrival_time is not None else time.monotonic(),
+                          cache_salt=cache_salt, pooling=True)
+        self.core.check_prompt_fits(len(ids))
+        return PreparedRequest(request_id, processed.prompt, ids, params, [request])
+
+    @property
+    def hidden_size(self) -> int:
+        return self.core.checkpoint.config.hidden_size
+
     def submit(self, prepared: PreparedRequest) -> None:
         """Queues a prepared request (engine thread only)."""
         if self.output_processor.has_request(prepared.request_id):
             raise InvalidRequestError(f"request id {prepared.request_id!r} is already in use", param="request_id")
-        self.output_processor.add_request(prepared.request_id, prepared.prompt, prepared.prompt_token_ids,
-                                          prepared.params, prepared.requests[0].arrival_time)
+        if isinstance(prepared.params, PoolingParams):
+            self.output_processor.add_pooling_request(prepared.request_id, prepared.prompt_token_ids,
+                                                      prepared.params, prepared.requests[0].arrival_time)
+        else:
+            self.output_processor.add_request(prepared.request_id, prepared.prompt, prepared.prompt_token_ids,
+                                              prepared.params, prepared.requests[0].arrival_time)
         for request in prepared.requests:
             self.core.add_request(request)
 
-    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | PoolingParams | None = None,
                     priority: int = 0, arrival_time: float | None = None, cache_salt: str | None = None) -> None:
         self.submit(self.prepare_request(request_id, prompt, params, priority, arrival_time, cache_salt))
 
@@ -117,7 +163,7 @@ class LLMEngine:
                 finals.append(final)
         return finals
 
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[RequestOutput | EmbeddingRequestOutput]:
         processed = self.output_processor.process(self.core.step())
         if processed.stopped_ids:
             self.core.abort_requests(processed.stopped_ids, RequestStatus.FINISHED_STOPPED)

@@ -3,11 +3,14 @@
 It owns each user request's detokenizers and text, applies stop strings (telling the
 caller which sequences to finish in the core), gathers the n samples of a request into
 one RequestOutput, and shapes outputs by output_kind (CUMULATIVE, DELTA, FINAL_ONLY).
+Embedding requests get their pooled vector truncated (`dimensions`) and normalised here.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from transformers import PreTrainedTokenizerBase
 
@@ -15,12 +18,15 @@ from asyncllm.core.sched_output import EngineCoreOutput
 from asyncllm.engine.detokenizer import IncrementalDetokenizer
 from asyncllm.outputs import (
     CompletionOutput,
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
     Logprob,
     PositionLogprobs,
     RequestMetrics,
     RequestOutput,
     TokenLogprobs,
 )
+from asyncllm.pooling_params import PoolingParams
 from asyncllm.sampling_params import RequestOutputKind, SamplingParams
 
 
@@ -56,6 +62,14 @@ class _RequestState:
 
 
 @dataclass
+class _PoolingRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: PoolingParams
+    metrics: RequestMetrics
+
+
+@dataclass
 class ProcessedOutputs:
     outputs: list[RequestOutput]
     stopped_ids: list[str]  # sequences that hit a stop string: finish them in the core
@@ -67,10 +81,34 @@ def child_request_id(request_id: str, index: int, n: int) -> str:
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, normalize_embeddings: bool = True):
         self.tokenizer = tokenizer
+        self.normalize_embeddings = normalize_embeddings  # the model's pooler default
         self._states: dict[str, _RequestState] = {}
         self._child_to_parent: dict[str, tuple[_RequestState, _Sequence]] = {}
+        self._pooling: dict[str, _PoolingRequest] = {}
+
+    def add_pooling_request(self, request_id: str, prompt_token_ids: list[int], params: PoolingParams,
+                            arrival_time: float) -> None:
+        self._pooling[request_id] = _PoolingRequest(request_id, prompt_token_ids, params,
+                                                    RequestMetrics(arrival_time=arrival_time,
+                                                                   num_prompt_tokens=len(prompt_token_ids)))
+
+    def _pooled_output(self, out: EngineCoreOutput, now: float) -> EmbeddingRequestOutput:
+        state = self._pooling.pop(out.request_id)
+        state.metrics.finished_time = now
+        state.metrics.num_cached_tokens = out.num_cached_tokens
+        embedding = None
+        if out.pooled is not None:
+            vector = np.frombuffer(out.pooled, dtype=np.float32)
+            if state.params.dimensions is not None:
+                vector = vector[:state.params.dimensions]
+            normalize = state.params.normalize
+            if normalize if normalize is not None else self.normalize_embeddings:
+                vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
+            embedding = EmbeddingOutput(vector.tolist())
+        return EmbeddingRequestOutput(state.request_id, embedding, state.prompt_token_ids, True, state.metrics,
+                                      error=out.error, exception=out.exception)
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                     params: SamplingParams, arrival_time: float) -> list[str]:
@@ -94,9 +132,11 @@ class OutputProcessor:
         return child_ids
 
     def has_request(self, request_id: str) -> bool:
-        return request_id in self._states
+        return request_id in self._states or request_id in self._pooling
 
     def child_ids(self, request_id: str) -> list[str]:
+        if request_id in self._pooling:
+            return [request_id]
         state = self._states.get(request_id)
         if state is None:
             return []
@@ -104,7 +144,7 @@ class OutputProcessor:
 
     @property
     def num_unfinished(self) -> int:
-        return len(self._states)
+        return len(self._states) + len(self._pooling)
 
     def process(self, core_outputs: list[EngineCoreOutput]) -> ProcessedOutputs:
         """Token outputs → RequestOutputs, plus the sequences the core must finish (stop strings, failures)."""
@@ -112,6 +152,10 @@ class OutputProcessor:
         touched: dict[str, _RequestState] = {}
         result = ProcessedOutputs([], [], [])
         for out in core_outputs:
+            if out.request_id in self._pooling:
+                if out.finished:
+                    result.outputs.append(self._pooled_output(out, now))
+                continue
             entry = self._child_to_parent.get(out.request_id)
             if entry is None:
                 continue
@@ -169,6 +213,9 @@ class OutputProcessor:
 
     def abort(self, request_id: str, reason: str = "abort", error: str | None = None) -> RequestOutput | None:
         """Finishes a user request from outside the core (abort, failure) → its final output."""
+        if request_id in self._pooling:
+            return self._pooled_output(EngineCoreOutput(request_id, [], finish_reason=reason, error=error),
+                                       time.monotonic())
         state = self._states.pop(request_id, None)
         if state is None:
             return None

@@ -1,4 +1,5 @@
-"""LlamaFamilyConfig: the few numbers our Llama-family model needs, from any HF config.
+"""LlamaFamilyConfig: the few numbers our Llama-family model needs, from any HF config;
+EncoderConfig: the same for BERT-style encoders (embedding models).
 
 Read from a transformers `PretrainedConfig` so that defaults of each model type
 apply, and written to tolerate both transformers 4 (`rope_theta` + `rope_scaling`)
@@ -40,6 +41,7 @@ class LlamaFamilyConfig:
     sliding_window: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
+    is_encoder_only = False  # a decoder: causal attention over a paged KV cache
 
     @classmethod
     def from_hf(cls, config: Any, architecture: str) -> "LlamaFamilyConfig":
@@ -92,3 +94,61 @@ def _rope_from_hf(config: Any) -> RopeConfig:
         high_freq_factor=float(params.get("high_freq_factor", 4.0)),
         original_max_position_embeddings=int(params.get("original_max_position_embeddings", 8192)),
     )
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """A BERT-style encoder: bidirectional attention over each whole sequence, no KV cache."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    layer_norm_eps: float
+    max_position_embeddings: int
+    type_vocab_size: int
+    hidden_act: str
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+    is_encoder_only = True
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.num_heads
+
+    @classmethod
+    def from_hf(cls, config: Any, architecture: str) -> "EncoderConfig":
+        position_type = getattr(config, "position_embedding_type", "absolute")
+        if position_type != "absolute":
+            raise ValueError(f"{architecture} with position_embedding_type={position_type!r} is not supported "
+                             "(only absolute)")
+        hidden_act = getattr(config, "hidden_act", "gelu")
+        if hidden_act not in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"{architecture} with hidden_act={hidden_act!r} is not supported (gelu)")
+        return cls(
+            architecture=architecture,
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_layers=config.num_hidden_layers,
+            num_heads=config.num_attention_heads,
+            layer_norm_eps=config.layer_norm_eps,
+            max_position_embeddings=config.max_position_embeddings,
+            type_vocab_size=getattr(config, "type_vocab_size", 2),
+            hidden_act=hidden_act,
+        )
+
+
+def config_from_hf(config: Any, architecture: str) -> LlamaFamilyConfig | EncoderConfig:
+    """The normalised config of a registered architecture."""
+    from asyncllm.model.registry import ENCODER_ARCHITECTURES
+
+    if architecture in ENCODER_ARCHITECTURES:
+        return EncoderConfig.from_hf(config, architecture)
+    return LlamaFamilyConfig.from_hf(config, architecture)

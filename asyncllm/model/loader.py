@@ -6,6 +6,7 @@ safetensors or GGUF; nothing here unpickles.
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -15,11 +16,12 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from asyncllm.model.arch_config import LlamaFamilyConfig
+from asyncllm.model.arch_config import EncoderConfig, LlamaFamilyConfig, config_from_hf
 from asyncllm.model.default_model import DEFAULT_MODEL_NAME, default_model_path
 from asyncllm.model.gguf_file import GGUFFile
 from asyncllm.model.registry import resolve_architecture
 from asyncllm.model.tokenizer import load_gguf_tokenizer, load_hf_tokenizer
+from asyncllm.pooling.config import SentenceTransformersLayout, read_sentence_transformers
 
 WeightStream = Iterator[tuple[str, torch.Tensor]]
 
@@ -29,9 +31,11 @@ class Checkpoint:
     name: str
     path: str
     format: str  # "hf" | "gguf"
-    config: LlamaFamilyConfig
+    config: LlamaFamilyConfig | EncoderConfig
     tokenizer: PreTrainedTokenizerBase
     weights: Callable[[torch.dtype], WeightStream]
+    # A sentence-transformers folder's pooling and longest input (None: not such a folder).
+    sentence_transformers: SentenceTransformersLayout | None = None
 
 
 def load_checkpoint(model: str | None, tokenizer_path: str | None = None) -> Checkpoint:
@@ -66,7 +70,7 @@ def _load_hf_folder(path: str, tokenizer_path: str | None) -> Checkpoint:
     except (OSError, ValueError, KeyError) as exc:
         raise ValueError(f"{path}/config.json cannot be read: {exc}") from None
     architecture = resolve_architecture(getattr(hf_config, "architectures", None) or [])
-    config = LlamaFamilyConfig.from_hf(hf_config, architecture)
+    config = config_from_hf(hf_config, architecture)
     config = _with_generation_eos(config, path)
     files = _safetensors_files(path)
     tokenizer = load_hf_tokenizer(tokenizer_path or path)
@@ -79,7 +83,8 @@ def _load_hf_folder(path: str, tokenizer_path: str | None) -> Checkpoint:
                 for name in f.keys():
                     yield name, f.get_tensor(name).to(dtype)
 
-    return Checkpoint(os.path.basename(os.path.normpath(path)), path, "hf", config, tokenizer, weights)
+    return Checkpoint(os.path.basename(os.path.normpath(path)), path, "hf", config, tokenizer, weights,
+                      read_sentence_transformers(path))
 
 
 def _safetensors_files(path: str) -> list[str]:
@@ -100,7 +105,7 @@ def _safetensors_files(path: str) -> list[str]:
     return files
 
 
-def _with_generation_eos(config: LlamaFamilyConfig, path: str) -> LlamaFamilyConfig:
+def _with_generation_eos(config, path: str):
     """generation_config.json may list more EOS ids than config.json (e.g. Llama 3 chat)."""
     gen_path = os.path.join(path, "generation_config.json")
     if not os.path.isfile(gen_path):
@@ -111,7 +116,7 @@ def _with_generation_eos(config: LlamaFamilyConfig, path: str) -> LlamaFamilyCon
         return config
     ids = tuple(eos) if isinstance(eos, list) else (eos,)
     merged = tuple(dict.fromkeys(config.eos_token_ids + ids))
-    return LlamaFamilyConfig(**{**config.__dict__, "eos_token_ids": merged})
+    return dataclasses.replace(config, eos_token_ids=merged)
 
 
 # ----------------------------------------------------------------------------- GGUF

@@ -15,8 +15,11 @@ _MODELS: dict[str, tuple[str, str]] = {
     "MistralForCausalLM": ("asyncllm.model.llama", "LlamaFamilyForCausalLM"),
     "Qwen2ForCausalLM": ("asyncllm.model.llama", "LlamaFamilyForCausalLM"),
     "Qwen3ForCausalLM": ("asyncllm.model.llama", "LlamaFamilyForCausalLM"),
+    # Encoders (embedding models; sentence-transformers folders).
+    "BertModel": ("asyncllm.model.bert", "BertEncoder"),
 }
 SUPPORTED_ARCHITECTURES = tuple(_MODELS)
+ENCODER_ARCHITECTURES = frozenset({"BertModel"})
 
 
 class UnsupportedArchitectureError(ValueError):

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from asyncllm.core.sched_output import ScheduledRequest, SchedulerOutput
+from asyncllm.pooling.pooler import PoolingState
 from asyncllm.sampling.metadata import PenaltyInputs, SamplingMetadata, SamplingRow
 
 
@@ -30,6 +31,7 @@ class CachedRequestState:
     generator: torch.Generator | None = None
     skip_prompt_logprobs: bool = False  # recomputed after a preemption: its prompt logprobs were sent
     row: int = -1  # its row in the batch; -1 while preempted
+    pooling: PoolingState | None = None  # an embedding request: what its chunks gathered so far
 
     @property
     def num_tokens(self) -> int:
@@ -115,9 +117,12 @@ class InputBatch:
                 self._leave(state)
                 state.block_ids = []
                 state.skip_prompt_logprobs = True
+                if state.pooling is not None:
+                    state.pooling.reset()  # its prompt is computed again from the start
         for new in sched.new_requests:
             state = CachedRequestState(new.req_id, new.prompt_token_ids + new.output_token_ids,
-                                       len(new.prompt_token_ids), new.sampling, list(new.block_ids))
+                                       len(new.prompt_token_ids), new.sampling, list(new.block_ids),
+                                       pooling=PoolingState() if new.pooling else None)
             self.requests[new.req_id] = state
             self._enter(state)
         for diff in sched.cached_requests:

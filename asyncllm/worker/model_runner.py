@@ -5,7 +5,8 @@ varlen batch (ids, positions, slot mapping, block tables), runs one forward, com
 only at the rows that sample (a request verifying k proposed tokens has k + 1 such rows;
 prompt positions too for prompt logprobs), samples, and keeps the longest run of proposed
 tokens the samples agree with. If the batch fails, each request runs alone so only the
-faulty one fails.
+faulty one fails. Embedding requests sample nothing: their prompt's hidden states are
+pooled (`Pooler`) and the vector handed back when the last chunk has run.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch
 from asyncllm.core.sched_output import GrammarOutput, ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from asyncllm.model.layers.attention import AttentionMetadata
 from asyncllm.outputs import TokenLogprobs
+from asyncllm.pooling.pooler import Pooler
 from asyncllm.sampling.sampler import Sampler, prompt_logprobs_for
 from asyncllm.worker.input_batch import CachedRequestState, InputBatch, StepRows
 
@@ -69,7 +71,8 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, pre
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, spec: KVCacheSpec, num_blocks: int, max_model_len: int,
-                 max_num_seqs: int, device: torch.device, seed: int, prefault: bool = False):
+                 max_num_seqs: int, device: torch.device, seed: int, prefault: bool = False,
+                 pooler: Pooler | None = None):
         self.model = model
         self.spec = spec
         self.device = device
@@ -83,6 +86,7 @@ class ModelRunner:
         # Room for the proposed tokens past max_model_len's last block too.
         self.batch = InputBatch(max_num_seqs, -(-max_model_len // spec.block_size) + 1, spec.block_size, device)
         self.sampler = Sampler(seed, device)
+        self.pooler = pooler
 
     def release(self) -> None:
         self.kv_caches = []
@@ -115,6 +119,7 @@ class ModelRunner:
             merged.sampled_token_ids += part.sampled_token_ids
             merged.logprobs.update(part.logprobs)
             merged.prompt_logprobs.update(part.prompt_logprobs)
+            merged.pooled.update(part.pooled)
         return merged
 
     def _run(self, items: list[tuple[CachedRequestState, ScheduledRequest]],
@@ -134,12 +139,13 @@ class ModelRunner:
 
         result = ModelRunnerOutput()
         self._prompt_logprobs(items, hidden, query_start, result)
+        self._pool(items, hidden, query_start, result)
         # Logits rows: a sampling request's last row, and before it one per proposed token.
         rows: list[int] = []
         step = StepRows()
         grammar_rows, grammar_masks = [], []
         for i, (state, item) in enumerate(items):
-            if not item.samples:
+            if not item.samples or state.pooling is not None:
                 continue
             k = len(item.spec_token_ids)
             if item.req_id in masks:
@@ -162,7 +168,7 @@ class ModelRunner:
         row = 0
         commits: list[tuple[CachedRequestState, list[int]]] = []
         for state, item in items:
-            if not item.samples:
+            if not item.samples or state.pooling is not None:
                 continue
             drafts = item.spec_token_ids
             targets = sampled.token_ids[row:row + len(drafts) + 1]
@@ -183,6 +189,19 @@ class ModelRunner:
         for state, tokens in commits:
             self.batch.append_tokens(state, tokens)
         return result
+
+    def _pool(self, items: list[tuple[CachedRequestState, ScheduledRequest]], hidden: torch.Tensor,
+              query_start: list[int], result: ModelRunnerOutput) -> None:
+        """Embedding requests: gather this chunk; the last one hands the vector back."""
+        for i, (state, item) in enumerate(items):
+            if state.pooling is None:
+                continue
+            if self.pooler is None:
+                raise RuntimeError("an embedding request reached a runner without a pooler")
+            rows = hidden[query_start[i]:query_start[i + 1]]
+            self.pooler.add_chunk(state.pooling, rows, item.start)
+            if item.start + item.num_new_tokens >= state.num_prompt_tokens:
+                result.pooled[item.req_id] = self.pooler.finish(state.pooling, rows, state.num_prompt_tokens)
 
     def _prompt_logprobs(self, items: list[tuple[CachedRequestState, ScheduledRequest]], hidden: torch.Tensor,
                          query_start: list[int], result: ModelRunnerOutput) -> None:

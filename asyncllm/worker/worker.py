@@ -23,6 +23,8 @@ from asyncllm.model.layers.ops import Ops
 from asyncllm.model.loader import Checkpoint, load_checkpoint
 from asyncllm.model.parallel import ParallelContext
 from asyncllm.model.registry import build_model
+from asyncllm.pooling.config import resolve_pooler
+from asyncllm.pooling.pooler import Pooler
 from asyncllm.worker.cpu_allocator import keep_freed_memory_in_heap, return_freed_memory
 from asyncllm.worker.model_runner import KVCacheSpec, ModelRunner
 
@@ -60,6 +62,7 @@ class Worker:
         self.model: torch.nn.Module | None = None
         self.runner: ModelRunner | None = None
         self.spec: KVCacheSpec | None = None
+        self.pooler: Pooler | None = None
 
     def load_model(self) -> WorkerInfo:
         started = time.perf_counter()
@@ -76,22 +79,28 @@ class Worker:
         if args.cpu_weight_prepack and prepack_supported(config.device, dtype):
             model.prepack_weights()
         if args.quantization is not None:
+            if model_cfg.is_encoder_only:
+                raise ValueError(f"quantization is not supported for encoder models ({model_cfg.architecture})")
             self._quantize(model, args.quantization, dtype)
         model.eval()
         if args.cpu_malloc_tuning and config.device.type == "cpu":
             # After the load, so its temporary buffers have gone back to the OS.
             keep_freed_memory_in_heap()
         self.model = model
+        self.pooler = Pooler(resolve_pooler(args.pooler_config, checkpoint.sentence_transformers,
+                                            model_cfg.is_encoder_only).pooling_type)
         self._checkpoint = None  # the weights stream is spent; the engine keeps its own checkpoint
-        self.spec = KVCacheSpec(model_cfg.num_layers, model_cfg.num_kv_heads, model_cfg.head_dim, args.block_size,
-                                dtype)
+        # An encoder keeps no K/V: its blocks only count tokens for the scheduler.
+        layers = 0 if model_cfg.is_encoder_only else model_cfg.num_layers
+        self.spec = KVCacheSpec(layers, model_cfg.num_kv_heads, model_cfg.head_dim, args.block_size, dtype)
+        self._max_positions = model_cfg.max_position_embeddings
         return WorkerInfo(self._num_blocks(self.spec), str(dtype).removeprefix("torch."),
                           time.perf_counter() - started)
 
     def init_cache(self, cache: CacheConfig) -> None:
         args = self.config.args
         self.runner = ModelRunner(self.model, self.spec, cache.num_blocks, cache.max_model_len, args.max_num_seqs,
-                                  self.config.device, args.seed, prefault=args.kv_cache_prefault)
+                                  self.config.device, args.seed, prefault=args.kv_cache_prefault, pooler=self.pooler)
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute(sched)
@@ -125,6 +134,8 @@ class Worker:
                         scheme, freed / 1e6)
 
     def _num_blocks(self, spec: KVCacheSpec) -> int:
+        if spec.bytes_per_block == 0:  # an encoder: room for max_num_seqs whole sequences, costing nothing
+            return self.config.args.max_num_seqs * -(-self._max_positions // spec.block_size)
         if self.config.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.config.device)
             used = total - free
