@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the tool-call format the model writes (vLLM's names)")
     serve.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
                        help="move <think>...</think> into reasoning_content")
+    serve.add_argument("--embedding-model", default=None,
+                       help="a second model, for /v1/embeddings, /score and /rerank (e.g. a sentence-transformers "
+                            "folder), served by the same process; requests pick a model by name")
+    serve.add_argument("--embedding-model-name", default=None, help="its name in the API (default: its folder's)")
     add_engine_args(serve)
     # A server process owns its machine's memory: take the whole KV cache up front rather than
     # page-faulting it in during the first requests (--no-kv-cache-prefault to keep it lazy).
@@ -105,7 +109,13 @@ def _serve(ns: argparse.Namespace) -> int:
     engine = AsyncEngine.from_args(args)
     print(f"asyncllm: loaded {engine.model_name} in {time.perf_counter() - started:.2f}s "
           f"(dtype {engine.engine.core.dtype}, max_model_len {engine.max_model_len})", flush=True)
+    embedding_engine = None
+    if ns.embedding_model:
+        embedding_engine = AsyncEngine.from_args(EngineArgs(model=ns.embedding_model, task="embed", dtype=args.dtype,
+                                                            device=args.device, kernels=args.kernels))
+        print(f"asyncllm: loaded {embedding_engine.model_name} for embeddings", flush=True)
     app = build_app(engine, api_key=ns.api_key, served_model_name=args.served_model_name,
+                    embedding_engine=embedding_engine, embedding_model_name=ns.embedding_model_name,
                     browser_page=not ns.no_browser_page, max_body_bytes=ns.max_body_bytes,
                     max_json_depth=ns.max_json_depth, openapi=not ns.no_openapi,
                     enable_auto_tool_choice=ns.enable_auto_tool_choice, tool_call_parser=ns.tool_call_parser,

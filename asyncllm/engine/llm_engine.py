@@ -120,15 +120,25 @@ class LLMEngine:
             raise PromptTooLongError(f"the input has {len(ids)} tokens but this model takes at most "
                                      f"{self.max_model_len} (max_model_len); pass truncate_prompt_tokens to cut it",
                                      param="input")
-        if params.dimensions is not None and params.dimensions > self.hidden_size:
-            raise InvalidRequestError(f"dimensions must be <= {self.hidden_size}, the model's embedding size",
-                                      param="dimensions")
+        if params.dimensions is not None:
+            self._check_dimensions(params.dimensions)
         sampling = SamplingParams(max_tokens=1, output_kind=RequestOutputKind.FINAL_ONLY)
         request = Request(request_id, ids, sampling, frozenset(), 1, priority=priority,
                           arrival_time=arrival_time if arrival_time is not None else time.monotonic(),
                           cache_salt=cache_salt, pooling=True)
         self.core.check_prompt_fits(len(ids))
         return PreparedRequest(request_id, processed.prompt, ids, params, [request])
+
+    def _check_dimensions(self, dimensions: int) -> None:
+        """Truncating an embedding only means something for a model trained for it (vLLM's rule)."""
+        sizes = self.core.checkpoint.matryoshka_dimensions
+        if sizes is None:
+            raise InvalidRequestError(f"{self.model_name} was not trained for Matryoshka truncation (no "
+                                      "is_matryoshka / matryoshka_dimensions in its config.json): dimensions is "
+                                      "not supported", param="dimensions")
+        if dimensions > self.hidden_size or (sizes and dimensions not in sizes):
+            allowed = ", ".join(map(str, sizes)) if sizes else f"1 to {self.hidden_size}"
+            raise InvalidRequestError(f"dimensions must be one of the model's sizes: {allowed}", param="dimensions")
 
     @property
     def hidden_size(self) -> int:

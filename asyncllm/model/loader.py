@@ -36,6 +36,9 @@ class Checkpoint:
     weights: Callable[[torch.dtype], WeightStream]
     # A sentence-transformers folder's pooling and longest input (None: not such a folder).
     sentence_transformers: SentenceTransformersLayout | None = None
+    # Trained for Matryoshka truncation (config.json `is_matryoshka` / `matryoshka_dimensions`):
+    # None: not; () any size; else the sizes it was trained for.
+    matryoshka_dimensions: tuple[int, ...] | None = None
 
 
 def load_checkpoint(model: str | None, tokenizer_path: str | None = None) -> Checkpoint:
@@ -84,7 +87,14 @@ def _load_hf_folder(path: str, tokenizer_path: str | None) -> Checkpoint:
                     yield name, f.get_tensor(name).to(dtype)
 
     return Checkpoint(os.path.basename(os.path.normpath(path)), path, "hf", config, tokenizer, weights,
-                      read_sentence_transformers(path))
+                      read_sentence_transformers(path), _matryoshka_dimensions(hf_config))
+
+
+def _matryoshka_dimensions(hf_config) -> tuple[int, ...] | None:
+    sizes = getattr(hf_config, "matryoshka_dimensions", None)
+    if sizes:
+        return tuple(int(d) for d in sizes)
+    return () if getattr(hf_config, "is_matryoshka", False) else None
 
 
 def _safetensors_files(path: str) -> list[str]:

@@ -25,6 +25,7 @@ from asyncllm.engine.async_engine import AsyncEngine
 from asyncllm.server.auth import APIKeyMiddleware
 from asyncllm.server.chat import chat_prompt, create_chat_completion
 from asyncllm.server.completions import create_completion
+from asyncllm.server.embeddings import create_embedding, create_rerank, create_score
 from asyncllm.server.errors import (
     APIError,
     api_error_handler,
@@ -57,11 +58,15 @@ def build_app(engine: AsyncEngine, *, api_key: str | None = None, served_model_n
               public_paths: Iterable[str] = DEFAULT_PUBLIC_PATHS, browser_page: bool = True,
               max_body_bytes: int = 4 << 20, max_prompts_per_request: int = 64, max_json_depth: int = 64,
               openapi: bool = True, run_lifespan: bool = True, enable_auto_tool_choice: bool = False,
-              tool_call_parser: str | None = None, reasoning_parser: str | None = None) -> Starlette:
+              tool_call_parser: str | None = None, reasoning_parser: str | None = None,
+              embedding_engine: AsyncEngine | None = None,
+              embedding_model_name: str | None = None) -> Starlette:
     """The API app. `api_key` (or ASYNCLLM_API_KEY) guards every route but `public_paths`
     (/openapi.json and /docs too, unless listed there). `app.state.shutdown` drains it.
     `tool_call_parser` reads tool calls from free replies (`tool_choice="auto"`, allowed by
-    `enable_auto_tool_choice`, as vLLM's flags); `reasoning_parser` moves `<think>` to reasoning_content."""
+    `enable_auto_tool_choice`, as vLLM's flags); `reasoning_parser` moves `<think>` to reasoning_content.
+    `embedding_engine` serves /v1/embeddings, /score and /rerank beside the main model (requests
+    pick a model by name); without it the main model embeds (pooling its hidden states)."""
     api_key = api_key if api_key is not None else os.environ.get("ASYNCLLM_API_KEY") or None
     names = [served_model_name] if served_model_name else []
     names += [n for n in (engine.model_name,) if n not in names]
@@ -73,8 +78,15 @@ def build_app(engine: AsyncEngine, *, api_key: str | None = None, served_model_n
         get_tool_parser(tool_call_parser)  # an unknown name fails here, naming the choices
     if reasoning_parser is not None:
         get_reasoning_parser(reasoning_parser)
+    embedding_names: tuple[str, ...] = ()
+    if embedding_engine is not None:
+        embedding_names = tuple(dict.fromkeys(n for n in (embedding_model_name, embedding_engine.model_name) if n))
+        if set(embedding_names) & set(names):
+            raise ValueError(f"the embedding model needs a name of its own (both are {embedding_names[0]!r}): "
+                             "pass embedding_model_name")
     ctx = ServerContext(engine, names, metrics, shutdown, max_prompts_per_request, max_json_depth,
-                        tool_call_parser if enable_auto_tool_choice else None, reasoning_parser)
+                        tool_call_parser if enable_auto_tool_choice else None, reasoning_parser,
+                        embedding_engine, embedding_names)
 
     def endpoint(name: str, handler):
         async def wrapped(request: Request) -> Response:
@@ -93,7 +105,7 @@ def build_app(engine: AsyncEngine, *, api_key: str | None = None, served_model_n
         return wrapped
 
     async def health(request: Request, ctx: ServerContext) -> Response:
-        if engine.is_healthy:
+        if engine.is_healthy and (embedding_engine is None or embedding_engine.is_healthy):
             return JSONResponse({"status": "ok"})
         raise APIError(503, "the engine is not healthy", type_="service_unavailable", code="engine_dead")
 
@@ -101,13 +113,15 @@ def build_app(engine: AsyncEngine, *, api_key: str | None = None, served_model_n
         return JSONResponse({"version": asyncllm.__version__})
 
     async def models(request: Request, ctx: ServerContext) -> Response:
+        served = [(name, engine) for name in ctx.model_names]
+        served += [(name, embedding_engine) for name in ctx.embedding_names]
         return JSONResponse({"object": "list", "data": [
             {"id": name, "object": "model", "created": now(), "owned_by": "asyncllm",
-             "max_model_len": engine.max_model_len} for name in ctx.model_names]})
+             "max_model_len": model.max_model_len, "task": model.engine.task} for name, model in served]})
 
     async def tokenize(request: Request, ctx: ServerContext) -> Response:
         body = await parse_body(request, TokenizeRequest, ctx)
-        ctx.check_model(body.model)
+        ctx.check_model(body.model, generation=False)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "pass exactly one of prompt or messages", param="prompt")
         if body.messages is not None:
@@ -118,7 +132,7 @@ def build_app(engine: AsyncEngine, *, api_key: str | None = None, served_model_n
 
     async def detokenize(request: Request, ctx: ServerContext) -> Response:
         body = await parse_body(request, DetokenizeRequest, ctx)
-        ctx.check_model(body.model)
+        ctx.check_model(body.model, generation=False)
         vocab = engine.engine.core.checkpoint.config.vocab_size
         if any(not 0 <= t < vocab for t in body.tokens):
             raise APIError(400, f"tokens must be in [0, {vocab})", param="tokens")
@@ -141,6 +155,10 @@ def build_app(engine: AsyncEngine, *, api_key: str | None = None, served_model_n
         Route("/v1/models", endpoint("models", models), methods=["GET"]),
         Route("/v1/completions", endpoint("completions", create_completion), methods=["POST"]),
         Route("/v1/chat/completions", endpoint("chat", create_chat_completion), methods=["POST"]),
+        Route("/v1/embeddings", endpoint("embeddings", create_embedding), methods=["POST"]),
+        *(Route(path, endpoint("score", create_score), methods=["POST"]) for path in ("/score", "/v1/score")),
+        *(Route(path, endpoint("rerank", create_rerank), methods=["POST"])
+          for path in ("/rerank", "/v1/rerank", "/v2/rerank")),
         Route("/tokenize", endpoint("tokenize", tokenize), methods=["POST"]),
         Route("/detokenize", endpoint("detokenize", detokenize), methods=["POST"]),
     ]
@@ -152,7 +170,10 @@ def build_app(engine: AsyncEngine, *, api_key: str | None = None, served_model_n
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with engine_lifespan(engine):
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(engine_lifespan(engine))
+            if embedding_engine is not None:
+                await stack.enter_async_context(engine_lifespan(embedding_engine))
             yield
 
     app = Starlette(
@@ -165,6 +186,7 @@ def build_app(engine: AsyncEngine, *, api_key: str | None = None, served_model_n
         app.add_middleware(APIKeyMiddleware, api_key=api_key, public_paths=public_paths)
     app.add_middleware(DrainMiddleware, shutdown=shutdown)  # outermost: counts every request
     app.state.engine = engine
+    app.state.embedding_engine = embedding_engine
     app.state.context = ctx
     app.state.shutdown = shutdown
     return app

@@ -10,7 +10,15 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from asyncllm.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from asyncllm.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    EmbeddingRequest,
+    RerankRequest,
+    ScoreRequest,
+    TokenizeRequest,
+)
 
 _ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["message", "type"],
@@ -41,13 +49,17 @@ def _get(summary: str, media: str = "application/json") -> dict[str, Any]:
 
 
 def openapi_document(title: str, version: str, browser_page: bool) -> dict[str, Any]:
-    models = [CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest]
+    models = [CompletionRequest, ChatCompletionRequest, EmbeddingRequest, ScoreRequest, RerankRequest, TokenizeRequest,
+              DetokenizeRequest]
     _, schema = models_json_schema([(m, "validation") for m in models], ref_template="#/components/schemas/{model}")
     components = dict(schema.get("$defs", {}))
     components["ErrorResponse"] = _ERROR
     paths: dict[str, Any] = {
         "/v1/completions": _post(CompletionRequest, "Create a completion (OpenAI)", streams=True),
         "/v1/chat/completions": _post(ChatCompletionRequest, "Create a chat completion (OpenAI)", streams=True),
+        "/v1/embeddings": _post(EmbeddingRequest, "Create embeddings (OpenAI)", streams=False),
+        "/score": _post(ScoreRequest, "Cosine similarity of text pairs' embeddings (vLLM)", streams=False),
+        "/rerank": _post(RerankRequest, "Documents by similarity to a query (vLLM, Jina, Cohere)", streams=False),
         "/tokenize": _post(TokenizeRequest, "Tokenize a prompt or chat messages", streams=False),
         "/detokenize": _post(DetokenizeRequest, "Token ids to text", streams=False),
         "/v1/models": _get("The served model"),

@@ -142,6 +142,44 @@ class DetokenizeRequest(_Strict):
     tokens: list[TokenId]
 
 
+EmbeddingInput = Union[str, list[str], list[TokenId], list[list[TokenId]]]
+
+
+class EmbeddingRequest(_Strict):
+    """OpenAI's /v1/embeddings, with vLLM's extras."""
+
+    model: str | None = None
+    input: EmbeddingInput
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None
+    user: str | None = None  # accepted, not used
+    # vLLM extras
+    truncate_prompt_tokens: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None
+    normalize: bool | None = None
+    priority: Int64 = 0
+
+
+class ScoreRequest(_Strict):
+    """vLLM's /score: text_1 against each of text_2 (or pairwise when both are lists)."""
+
+    model: str | None = None
+    text_1: Union[str, list[str]]
+    text_2: Union[str, list[str]]
+    truncate_prompt_tokens: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None
+    priority: Int64 = 0
+
+
+class RerankRequest(_Strict):
+    """vLLM's (and Jina/Cohere's) /rerank: documents ordered by relevance to the query."""
+
+    model: str | None = None
+    query: str
+    documents: list[str]
+    top_n: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0  # 0: all
+    truncate_prompt_tokens: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None
+    priority: Int64 = 0
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0

@@ -37,15 +37,38 @@ class ServerContext:
     max_json_depth: int = 64
     auto_tool_parser: str | None = None  # --tool-call-parser, when --enable-auto-tool-choice is on
     reasoning_parser: str | None = None  # --reasoning-parser
+    # A second model for /v1/embeddings, /score and /rerank (--embedding-model), and its names.
+    embedding_engine: AsyncEngine | None = None
+    embedding_names: tuple[str, ...] = ()
 
     @property
     def model_name(self) -> str:
         return self.model_names[0]
 
-    def check_model(self, model: str | None) -> None:
+    @property
+    def all_model_names(self) -> list[str]:
+        return self.model_names + [n for n in self.embedding_names if n not in self.model_names]
+
+    def check_model(self, model: str | None, generation: bool = True) -> None:
+        """`model` must be served here; for completions and chats, by a model that generates."""
+        if generation and self.engine.engine.task == "embed":
+            raise InvalidRequestError(f"the model {self.model_name!r} serves embeddings: use /v1/embeddings",
+                                      param="model")
         if model is not None and model not in self.model_names:
-            raise APIError(404, f"the model {model!r} does not exist; this server serves {self.model_names[0]!r}",
-                           param="model", code="model_not_found")
+            if model in self.embedding_names:
+                raise InvalidRequestError(f"the model {model!r} serves embeddings: use /v1/embeddings",
+                                          param="model")
+            raise APIError(404, f"the model {model!r} does not exist; this server serves "
+                                f"{', '.join(map(repr, self.all_model_names))}", param="model",
+                           code="model_not_found")
+
+    def embedding_model(self, model: str | None) -> tuple[AsyncEngine, str]:
+        """The engine and name that serve an embedding request for `model` (None: the embedding
+        model if there is one, else the main model, which pools its hidden states)."""
+        if self.embedding_engine is not None and (model is None or model in self.embedding_names):
+            return self.embedding_engine, self.embedding_names[0]
+        self.check_model(model, generation=False)
+        return self.engine, self.model_name
 
 
 async def parse_body(request: Request, model: type[M], ctx: ServerContext) -> M:

@@ -53,14 +53,38 @@ def test_truncation_matches_sentence_transformers_max_seq_length(minilm_llm, sen
     assert cosine(ours.outputs.embedding, sentence_transformer.encode(long_text)) >= 0.9999
 
 
-def test_dimensions_and_normalize_per_request(minilm_llm):
+def matryoshka_copy(minilm_path: str, target) -> str:
+    """The MiniLM folder with `matryoshka_dimensions` in its config.json (files linked, not copied)."""
+    import json
+    import os
+
+    for root, _, files in os.walk(minilm_path):
+        for name in files:
+            source = os.path.join(root, name)
+            dest = target / os.path.relpath(source, minilm_path)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if name == "config.json" and root == minilm_path:
+                config = json.load(open(source))
+                dest.write_text(json.dumps({**config, "matryoshka_dimensions": [384, 128, 64]}))
+            else:
+                os.symlink(source, dest)
+    return str(target)
+
+
+def test_dimensions_and_normalize_per_request(minilm_llm, minilm_path, tmp_path):
     full = minilm_llm.embed("hello there", PoolingParams(normalize=False), use_tqdm=False)[0].outputs.embedding
-    short = minilm_llm.embed("hello there", PoolingParams(dimensions=64), use_tqdm=False)[0].outputs.embedding
     assert len(full) == 384 and abs(np.linalg.norm(full) - 1) > 0.01
+    with pytest.raises(InvalidRequestError, match="Matryoshka"):  # not trained for truncation: refused
+        minilm_llm.embed("x", PoolingParams(dimensions=64), use_tqdm=False)
+    llm = LLM(matryoshka_copy(minilm_path, tmp_path / "m"), dtype="float32")
+    try:
+        short = llm.embed("hello there", PoolingParams(dimensions=64), use_tqdm=False)[0].outputs.embedding
+        with pytest.raises(InvalidRequestError, match="384, 128, 64"):
+            llm.embed("x", PoolingParams(dimensions=100), use_tqdm=False)
+    finally:
+        llm.engine.shutdown()
     expected = np.array(full[:64]) / np.linalg.norm(full[:64])
     assert len(short) == 64 and np.allclose(short, expected, atol=1e-6)
-    with pytest.raises(InvalidRequestError, match="dimensions"):
-        minilm_llm.embed("x", PoolingParams(dimensions=385), use_tqdm=False)
 
 
 def test_an_encoder_refuses_generation(minilm_llm, minilm_path):

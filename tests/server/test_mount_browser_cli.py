@@ -81,10 +81,11 @@ def test_chat_page_streams_in_headless_chromium(server, tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_cli_serve_and_generate():
+def test_cli_serve_and_generate(minilm_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "asyncllm.cli", "serve", "--port", "0", "--dtype", "float32",
-                             "--served-model-name", "smol", "--api-key", "k"],
+                             "--served-model-name", "smol", "--api-key", "k", "--embedding-model", minilm_path,
+                             "--embedding-model-name", "minilm"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         url = None
@@ -103,6 +104,8 @@ def test_cli_serve_and_generate():
         assert [m.id for m in client.models.list().data][0] == "smol"
         r = client.completions.create(model="smol", prompt="Hello", max_tokens=4, temperature=0)
         assert r.choices[0].text
+        assert "minilm" in [m.id for m in client.models.list().data]  # one process, two models
+        assert len(client.embeddings.create(model="minilm", input="Hello").data[0].embedding) == 384
         assert httpx.get(url + "/v1/models").status_code == 401
     finally:
         stop_process(proc)
