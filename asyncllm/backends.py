@@ -3,6 +3,8 @@
 - `LocalBackend(engine)`: in-process, straight into an AsyncEngine (no HTTP hop).
 - `RemoteBackend(base_url)`: an asyncllm (or any OpenAI-compatible) server over httpx + SSE.
 
+Both also `embed` texts (the embeddings adapters use that).
+
 Both yield `Delta`s (text and tool-call fragments in OpenAI's stream shape, then a last one
 with finish reason and usage); chat messages may carry `tools` and `tool_choice` (read by
 asyncllm's tool parsers in process, by the server remotely). Closing the
@@ -63,6 +65,12 @@ class Backend(Protocol):
         """`prompt`: text (completion) or chat messages."""
         ...
 
+    async def embed(self, texts: list[str], dimensions: int | None = None,
+                    truncate: bool = False) -> list[list[float]]:
+        """One vector per text (an embedding model, or the model's pooled hidden states);
+        `truncate` cuts texts past the model's max_model_len (else they are an error)."""
+        ...
+
 
 class LocalBackend:
     """`tool_call_parser` reads free ("auto") replies to requests with tools; None: the one the
@@ -79,6 +87,14 @@ class LocalBackend:
     @property
     def context_window(self) -> int:
         return self.engine.max_model_len
+
+    async def embed(self, texts: list[str], dimensions: int | None = None,
+                    truncate: bool = False) -> list[list[float]]:
+        """One vector per text, batched together in the engine."""
+        if not texts:
+            return []
+        return await self.engine.embed(list(texts), dimensions=dimensions,
+                                       truncate_prompt_tokens=-1 if truncate else None)
 
     async def stream(self, prompt: str | list[dict[str, Any]], options: GenerationOptions) -> AsyncIterator[Delta]:
         from asyncllm.sampling.structured import StructuredOutputs
@@ -127,7 +143,8 @@ class LocalBackend:
 
 
 class RemoteBackend:
-    """An OpenAI-compatible server (e.g. `asyncllm serve`) at `base_url` (without /v1)."""
+    """An OpenAI-compatible server (e.g. `asyncllm serve`) at `base_url` (without /v1).
+    `embed` asks for `model` when one was named, else the server's embedding model."""
 
     def __init__(self, base_url: str, api_key: str | None = None, model: str | None = None, timeout: float = 600):
         import httpx
@@ -141,8 +158,27 @@ class RemoteBackend:
             response.raise_for_status()
             info = response.json()["data"][0]
         self.model_name = model or info["id"]
+        self.requested_model = model
         self.context_window = int(info.get("max_model_len") or 4096)
         self._headers = headers
+
+    async def embed(self, texts: list[str], dimensions: int | None = None,
+                    truncate: bool = False) -> list[list[float]]:
+        import httpx
+
+        body: dict[str, Any] = {"input": texts, "encoding_format": "float"}
+        if truncate:
+            body["truncate_prompt_tokens"] = -1
+        if self.requested_model is not None:
+            body["model"] = self.requested_model
+        if dimensions is not None:
+            body["dimensions"] = dimensions
+        async with httpx.AsyncClient(base_url=self.base_url, headers=self._headers, timeout=self.timeout) as client:
+            response = await client.post("/v1/embeddings", json=body)
+        if response.status_code >= 400:
+            message = response.json().get("error", {}).get("message", response.text)
+            raise RuntimeError(f"asyncllm server error {response.status_code}: {message}")
+        return [item["embedding"] for item in sorted(response.json()["data"], key=lambda d: d["index"])]
 
     async def stream(self, prompt: str | list[dict[str, Any]], options: GenerationOptions) -> AsyncIterator[Delta]:
         import httpx

@@ -48,6 +48,14 @@ def test_llamaindex_chat():
     assert len(lines[0].strip()) > 5 and lines[-1].startswith("async: ") and len(lines[-1]) > len("async: ") + 5
 
 
+def test_rag_llamaindex():
+    """Embeddings (all-MiniLM-L6-v2) and answers (the chat model) from two engines in one process."""
+    out = _run("rag_llamaindex.py", "How do I leave a loop early in Python?")
+    retrieved = out.split("retrieved:", 1)[1].splitlines()[0].split(",")
+    assert {t.strip() for t in retrieved} <= {"break", "continue", "for", "while"}, out  # the loop topics
+    assert len(out.split("answer:", 1)[1].strip()) > 20, out
+
+
 @pytest.mark.parametrize("script", ["browser_sse/serve.py", "fastapi_mount.py"])
 def test_servers(script):
     import socket

@@ -107,6 +107,8 @@ class LLMEngine:
                          arrival_time: float | None, cache_salt: str | None) -> PreparedRequest:
         """An embedding request: one core request that computes its prompt and is pooled."""
         k = params.truncate_prompt_tokens
+        if k == -1:
+            k = self.max_model_len
         if k is not None and isinstance(prompt, str) and prompt:
             # The tokenizer's own truncation keeps the special tokens an encoder expects ([CLS] ... [SEP]).
             ids = self.tokenizer.encode(prompt, truncation=True, max_length=k)

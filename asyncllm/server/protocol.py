@@ -153,8 +153,8 @@ class EmbeddingRequest(_Strict):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None
     user: str | None = None  # accepted, not used
-    # vLLM extras
-    truncate_prompt_tokens: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None
+    # vLLM extras (truncate_prompt_tokens -1: to the model's max_model_len)
+    truncate_prompt_tokens: Annotated[int, Field(ge=-1, le=2**31 - 1)] | None = None
     normalize: bool | None = None
     priority: Int64 = 0
 
@@ -165,7 +165,7 @@ class ScoreRequest(_Strict):
     model: str | None = None
     text_1: Union[str, list[str]]
     text_2: Union[str, list[str]]
-    truncate_prompt_tokens: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None
+    truncate_prompt_tokens: Annotated[int, Field(ge=-1, le=2**31 - 1)] | None = None
     priority: Int64 = 0
 
 
@@ -176,7 +176,7 @@ class RerankRequest(_Strict):
     query: str
     documents: list[str]
     top_n: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0  # 0: all
-    truncate_prompt_tokens: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None
+    truncate_prompt_tokens: Annotated[int, Field(ge=-1, le=2**31 - 1)] | None = None
     priority: Int64 = 0
 
 

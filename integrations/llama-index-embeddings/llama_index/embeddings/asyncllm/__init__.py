@@ -1,0 +1,4 @@
+"""LlamaIndex embeddings integration for asyncllm."""
+from llama_index.embeddings.asyncllm.base import AsyncLLMEmbedding
+
+__all__ = ["AsyncLLMEmbedding"]
