@@ -23,7 +23,7 @@ def test_structured_benchmark_runs(tmp_path, monkeypatch):
     common = _load("common")
     monkeypatch.setattr(common, "RESULTS", tmp_path)
     result = _load("structured").main(["--batch", "2", "--max-tokens", "8"])
-    assert [r["run"] for r in result["rows"]] == ["free", "json_schema"]
+    assert [r["run"] for r in result["rows"]] == ["free", "json_schema", "lark_grammar"]
     assert all(r["tok_per_s"] > 0 for r in result["rows"])
 
 
@@ -60,3 +60,11 @@ def test_dtype_parity_benchmark_runs(tmp_path, monkeypatch):
     assert fp32["greedy_identical"] == "2/2" and fp32["logprob_abs_diff_max"] < 2e-3
     assert int4["variant"] == "float32+int4" and int4["logprob_abs_diff_max"] < 1.0
     assert (tmp_path / "parity_one_at_a_time.json").exists()
+
+
+def test_embeddings_benchmark_runs(tmp_path, monkeypatch):
+    common = _load("common")
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    result = _load("embeddings").main(["--num-texts", "8", "--tokens", "32", "--rounds", "1"])
+    assert [r["engine"] for r in result["rows"]] == ["asyncllm", "sentence-transformers"]
+    assert result["min_cosine"] > 0.9999 and all(r["texts_per_s"] > 0 for r in result["rows"])

@@ -3,7 +3,9 @@
 Every request's whole prompt is in one step (the engine turns chunked prefill off for
 encoders), so attention is bidirectional within each sequence and nothing is cached: the
 KV cache list is empty. The projections run over the step's packed tokens (no padding);
-only attention pads, to the longest sequence of the step, with a key mask.
+only attention pads, to the longest sequence of the step, with a key mask. They are plain
+torch linears: at an encoder step's thousands of rows MKL's sgemm beat both the C panel GEMM
+and oneDNN's packed weights here (64 x 128 tokens, MiniLM: 1.37 s vs 1.57 s and 1.49 s).
 """
 from __future__ import annotations
 
@@ -15,19 +17,18 @@ from torch import nn
 
 from asyncllm.model.arch_config import EncoderConfig
 from asyncllm.model.interface import ModelContext
-from asyncllm.model.layers.linear import Linear
 
 
 class BertLayer(nn.Module):
     def __init__(self, cfg: EncoderConfig, ctx: ModelContext):
         super().__init__()
-        h, ops = cfg.hidden_size, ctx.ops
+        h = cfg.hidden_size
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.qkv = Linear(h, 3 * h, ops=ops)  # query, key, value fused at load
-        self.attn_out = Linear(h, h, ops=ops)
+        self.qkv = nn.Linear(h, 3 * h)  # query, key, value fused at load
+        self.attn_out = nn.Linear(h, h)
         self.attn_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
-        self.intermediate = Linear(h, cfg.intermediate_size, ops=ops)
-        self.out = Linear(cfg.intermediate_size, h, ops=ops)
+        self.intermediate = nn.Linear(h, cfg.intermediate_size)
+        self.out = nn.Linear(cfg.intermediate_size, h)
         self.out_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
         self.gelu_approximate = "none" if cfg.hidden_act == "gelu" else "tanh"
 
@@ -103,12 +104,11 @@ class BertEncoder(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError("an encoder has no language-model head: it serves embeddings only")
 
-    def projections(self) -> list[Linear]:
-        return [module for module in self.modules() if isinstance(module, Linear)]
+    def projections(self) -> list[nn.Linear]:
+        return [module for module in self.modules() if isinstance(module, nn.Linear)]
 
     def prepack_weights(self) -> None:
-        for projection in self.projections():
-            projection.pack()
+        """Nothing to pack: MKL's sgemm on the plain weights is the fastest here (module docstring)."""
 
     # ------------------------------------------------------------------ weights
 
