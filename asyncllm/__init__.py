@@ -10,7 +10,13 @@ from asyncllm.errors import (
     RequestFailedError,
 )
 from asyncllm.llm import LLM
-from asyncllm.outputs import CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput, Logprob, RequestOutput
+from asyncllm.outputs import (
+    CompletionOutput,
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
+    Logprob,
+    RequestOutput,
+)
 from asyncllm.pooling.config import PoolerConfig
 from asyncllm.pooling_params import PoolingParams
 from asyncllm.sampling.structured import GrammarError, StructuredOutputs

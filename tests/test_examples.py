@@ -8,7 +8,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from server_helpers import stop_process
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,6 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from transformers import PreTrainedTokenizerBase
 
 from asyncllm.core.sched_output import EngineCoreOutput

@@ -21,7 +21,10 @@ from asyncllm.model.default_model import DEFAULT_MODEL_NAME, default_model_path
 from asyncllm.model.gguf_file import GGUFFile
 from asyncllm.model.registry import resolve_architecture
 from asyncllm.model.tokenizer import load_gguf_tokenizer, load_hf_tokenizer
-from asyncllm.pooling.config import SentenceTransformersLayout, read_sentence_transformers
+from asyncllm.pooling.config import (
+    SentenceTransformersLayout,
+    read_sentence_transformers,
+)
 
 WeightStream = Iterator[tuple[str, torch.Tensor]]
 

@@ -13,6 +13,8 @@ import json
 import os
 from dataclasses import dataclass
 
+from asyncllm.json_option import dict_option
+
 POOLING_TYPES = ("LAST", "MEAN", "CLS")
 
 
@@ -72,15 +74,7 @@ def read_sentence_transformers(path: str) -> SentenceTransformersLayout | None:
 
 def parse_pooler_config(value: dict | str | None) -> dict:
     """`pooler_config` as vLLM takes it: a dict or its JSON text (pooling_type, normalize)."""
-    if value is None:
-        return {}
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"pooler_config is not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise ValueError("pooler_config must be a dict or its JSON text")
+    value = dict_option(value, "pooler_config") or {}
     unknown = set(value) - {"pooling_type", "normalize"}
     if unknown:
         raise ValueError(f"pooler_config: unknown keys {sorted(unknown)} (pooling_type, normalize)")

@@ -40,7 +40,13 @@ from asyncllm.sampling.grammar_pool import (
     vocabulary_fingerprint,
 )
 from asyncllm.sampling.lark_grammar import LarkGrammars
-from asyncllm.sampling.structured import GrammarError, OutlinesGrammar, StructuredLimits, StructuredOutputs, plan
+from asyncllm.sampling.structured import (
+    GrammarError,
+    OutlinesGrammar,
+    StructuredLimits,
+    StructuredOutputs,
+    plan,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -19,8 +19,11 @@ import re
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from asyncllm.sampling.structured import GrammarError, StructuredLimits, StructuredOutputs
-
+from asyncllm.sampling.structured import (
+    GrammarError,
+    StructuredLimits,
+    StructuredOutputs,
+)
 
 # A GBNF rule: `name ::= ...` at the start of a line (Lark writes `name: ...`).
 _GBNF_RULE = re.compile(r"(?m)^\s*[A-Za-z_][A-Za-z0-9_-]*\s*::=")

@@ -17,7 +17,13 @@ from asyncllm.errors import InvalidRequestError
 from asyncllm.outputs import EmbeddingRequestOutput
 from asyncllm.pooling_params import PoolingParams
 from asyncllm.server.protocol import EmbeddingRequest, RerankRequest, ScoreRequest, now
-from asyncllm.server.serving import ServerContext, new_id, parse_body, submit_all, until_disconnected
+from asyncllm.server.serving import (
+    ServerContext,
+    new_id,
+    parse_body,
+    submit_all,
+    until_disconnected,
+)
 
 
 def _inputs(value: Any) -> list[Any]:

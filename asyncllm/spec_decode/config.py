@@ -2,9 +2,10 @@
 4, "prompt_lookup_min": 2, "prompt_lookup_max": 5}), validated; the proposer it asks for."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, fields
 from typing import Any
+
+from asyncllm.json_option import dict_option
 
 SUPPORTED_METHODS = ("ngram",)
 PLANNED_METHODS = ("suffix", "draft_model", "eagle", "eagle3", "medusa", "mtp")
@@ -25,13 +26,7 @@ class SpeculativeConfig:
         """A dict, its JSON text (the CLI's form) or None → the config; ValueError naming what is wrong."""
         if value is None or isinstance(value, SpeculativeConfig):
             return value
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"speculative_config is not valid JSON: {exc}") from None
-        if not isinstance(value, dict):
-            raise ValueError("speculative_config must be a dict (or its JSON text)")
+        value = dict_option(value, "speculative_config")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(value) - known)
         method = value.get("method", "ngram")

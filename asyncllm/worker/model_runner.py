@@ -18,7 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
-from asyncllm.core.sched_output import GrammarOutput, ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from asyncllm.core.sched_output import (
+    GrammarOutput,
+    ModelRunnerOutput,
+    ScheduledRequest,
+    SchedulerOutput,
+)
 from asyncllm.model.layers.attention import AttentionMetadata
 from asyncllm.outputs import TokenLogprobs
 from asyncllm.pooling.pooler import Pooler

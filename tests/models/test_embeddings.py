@@ -5,7 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from asyncllm import LLM, InvalidRequestError, PoolingParams, PromptTooLongError, SamplingParams
+from asyncllm import (
+    LLM,
+    InvalidRequestError,
+    PoolingParams,
+    PromptTooLongError,
+    SamplingParams,
+)
 
 
 def texts(count: int = 32) -> list[str]:

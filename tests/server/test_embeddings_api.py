@@ -12,10 +12,10 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from server_helpers import RunningServer, stop_process
 
 from asyncllm import AsyncEngine
 from asyncllm.server import build_app
-from server_helpers import RunningServer, stop_process
 
 MINILM = "all-MiniLM-L6-v2"
 TEXTS = ["How do I reset my password?", "The cat sat on the mat.", "Paris is the capital of France.",

@@ -11,10 +11,10 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-
-from asyncllm import AsyncEngine
 from browser_helpers import HeadlessChromium
 from server_helpers import RunningServer, stop_process
+
+from asyncllm import AsyncEngine
 
 ROOT = Path(__file__).resolve().parents[2]
 CHAT = [{"role": "user", "content": "Name a fruit."}]

@@ -1,8 +1,8 @@
 """AsyncLLMEmbeddings: LangChain's `Embeddings` over asyncllm, in process or from a server."""
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr
 from langchain_core.embeddings import Embeddings
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr
 
 from asyncllm.backends import Backend, make_backend, run_sync
 

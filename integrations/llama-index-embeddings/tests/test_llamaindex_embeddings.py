@@ -3,10 +3,10 @@ the engine's own vectors, sync and async, batched by LlamaIndex."""
 import anyio
 import numpy as np
 import pytest
+from llama_index.embeddings.asyncllm import AsyncLLMEmbedding
 
 from asyncllm import AsyncEngine
 from asyncllm.server import build_app
-from llama_index.embeddings.asyncllm import AsyncLLMEmbedding
 
 TEXTS = ["Reset your password in settings.", "Cats sleep most of the day.", "Paris is in France."]
 

@@ -10,11 +10,11 @@ import outlines
 import pytest
 from outlines.inputs import Chat
 from outlines.types import CFG, Regex
+from outlines_asyncllm import from_asyncllm
 from pydantic import BaseModel, Field
 
 from asyncllm import LLM, AsyncEngine, SamplingParams
 from asyncllm.sampling.structured import StructuredOutputs
-from outlines_asyncllm import from_asyncllm
 
 PROMPT = "Describe a pet as JSON."
 GREEDY = {"max_tokens": 60, "temperature": 0}
