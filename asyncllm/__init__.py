@@ -1,4 +1,5 @@
 """asyncllm: an LLM inference engine that lives inside your Python web app."""
+from asyncllm.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
 from asyncllm.config import EngineArgs
 from asyncllm.engine.async_engine import AsyncEngine
 from asyncllm.errors import (
@@ -28,5 +29,5 @@ __all__ = [
     "AsyncEngine", "LLM", "EngineArgs", "SamplingParams", "RequestOutputKind", "RequestOutput", "CompletionOutput", "Logprob",
     "EngineDeadError", "EngineOverloadedError", "EngineShutdownError", "InvalidRequestError", "PromptTooLongError",
     "RequestFailedError", "StructuredOutputs", "GrammarError", "PoolingParams", "PoolerConfig", "EmbeddingOutput",
-    "EmbeddingRequestOutput", "__version__",
+    "EmbeddingRequestOutput", "BeamSearchParams", "BeamSearchOutput", "BeamSearchSequence", "__version__",
 ]

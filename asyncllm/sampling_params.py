@@ -35,6 +35,9 @@ def _err(message: str, param: str) -> InvalidRequestError:
 @dataclass
 class SamplingParams:
     n: int = 1
+    # Sample this many (>= n) and return the n with the highest cumulative logprob (vLLM V0's
+    # best_of); they come at the end only (no streaming), so output_kind FINAL_ONLY.
+    best_of: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: disabled
@@ -90,6 +93,12 @@ class SamplingParams:
 
         if not is_int(self.n) or self.n < 1:
             raise _err(f"n must be an integer >= 1, got {self.n!r}", "n")
+        if self.best_of is not None:
+            if not is_int(self.best_of) or self.best_of < self.n:
+                raise _err(f"best_of must be an integer >= n ({self.n}), got {self.best_of!r}", "best_of")
+            if self.best_of > self.n and self.sampling_type_greedy:
+                raise _err("best_of > n needs sampling (temperature > 0): greedy samples would all be the same",
+                           "best_of")
         if not is_num(self.temperature) or self.temperature < 0:
             raise _err(f"temperature must be a number >= 0, got {self.temperature!r}", "temperature")
         if not is_num(self.top_p) or not 0 < self.top_p <= 1:
@@ -132,10 +141,22 @@ class SamplingParams:
         if not isinstance(self.output_kind, RequestOutputKind):
             raise _err(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}", "output_kind")
 
+    @property
+    def num_samples(self) -> int:
+        """How many sequences the engine samples: best_of, else n."""
+        return self.best_of if self.best_of is not None else self.n
+
+    @property
+    def ranks_samples(self) -> bool:
+        """More are sampled than returned: the best n by cumulative logprob are chosen at the end."""
+        return self.num_samples > self.n
+
     def check_limits(self, limits: SamplingLimits, vocab_size: int) -> None:
         """Checks against the engine's configured bounds and the model's vocabulary."""
         if self.n > limits.max_n:
             raise _err(f"n must be <= {limits.max_n}, got {self.n}", "n")
+        if self.num_samples > limits.max_n:
+            raise _err(f"best_of must be <= {limits.max_n}, got {self.best_of}", "best_of")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and value > limits.max_logprobs:

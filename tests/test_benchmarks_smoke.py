@@ -68,3 +68,11 @@ def test_embeddings_benchmark_runs(tmp_path, monkeypatch):
     result = _load("embeddings").main(["--num-texts", "8", "--tokens", "32", "--rounds", "1"])
     assert [r["engine"] for r in result["rows"]] == ["asyncllm", "sentence-transformers"]
     assert result["min_cosine"] > 0.9999 and all(r["texts_per_s"] > 0 for r in result["rows"])
+
+
+def test_beam_search_benchmark_runs(tmp_path, monkeypatch):
+    common = _load("common")
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    result = _load("beam_search").main(["--num-prompts", "1", "--beam-width", "2", "--max-tokens", "4",
+                                        "--skip-transformers"])
+    assert result["rows"][0]["prompts_per_s"] > 0

@@ -20,6 +20,13 @@ from typing import Any, TypeVar
 
 import anyio
 
+from asyncllm.beam_search import (
+    BeamSearchBatch,
+    BeamSearchOutput,
+    BeamSearchParams,
+    beam_step_params,
+    top_logprobs,
+)
 from asyncllm.config import EngineArgs
 from asyncllm.engine.engine_thread import EngineThread
 from asyncllm.engine.input_processor import PromptType
@@ -223,6 +230,32 @@ class AsyncEngine:
             for stream in streams:
                 await stream.aclose()  # type: ignore[attr-defined]
         return finals
+
+    async def beam_search(self, prompt: PromptType, params: BeamSearchParams, *, num_sequences: int | None = None,
+                          priority: int = 0) -> BeamSearchOutput:
+        """One prompt's best beams (as LLM.beam_search); each step's beams run as one batch of
+        one-token requests, sharing their prefixes through the prefix cache."""
+        engine = self.engine
+        prompt_ids = engine.input_processor.process_prompt(prompt).prompt_token_ids
+        step_params = beam_step_params(params, engine, len(prompt_ids))
+        batch = BeamSearchBatch([prompt_ids], params, frozenset(engine.eos_token_ids))
+        while pending := batch.pending():
+            prepared = [self.prepare({"prompt_token_ids": tokens}, step_params, None, priority) for tokens in pending]
+            streams = [self.submit_prepared(p) for p in prepared]
+            results = []
+            try:
+                for stream in streams:
+                    final = None
+                    async for output in stream:
+                        final = output
+                    if final is None or final.error is not None or not final.outputs[0].logprobs:
+                        raise RequestFailedError("a beam's step did not finish")
+                    results.append(top_logprobs(final, step_params.logprobs))
+            finally:
+                for stream in streams:
+                    await stream.aclose()  # type: ignore[attr-defined]
+            batch.advance(results)
+        return batch.outputs(lambda ids: engine.tokenizer.decode(ids, skip_special_tokens=True), num_sequences)[0]
 
     async def abort(self, request_id: str) -> None:
         self._thread.abort(request_id)

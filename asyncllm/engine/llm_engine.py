@@ -6,6 +6,7 @@ string are finished in the core in the same step, so their blocks free at once.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import Iterable
@@ -97,8 +98,12 @@ class LLMEngine:
                                       "/v1/embeddings, not generation", param="model")
         processed = self.input_processor.process_prompt(prompt)
         params.check_limits(self.config.limits, self.core.checkpoint.config.vocab_size)
-        child_ids = [child_request_id(request_id, i, params.n) for i in range(params.n)]
-        requests = self.input_processor.make_requests(request_id, processed, params, child_ids, priority,
+        samples = params.num_samples
+        child_ids = [child_request_id(request_id, i, samples) for i in range(samples)]
+        # best_of ranks the samples by cumulative logprob: the core computes each sampled token's.
+        core_params = (dataclasses.replace(params, logprobs=0)
+                       if params.ranks_samples and params.logprobs is None else params)
+        requests = self.input_processor.make_requests(request_id, processed, core_params, child_ids, priority,
                                                       arrival_time, cache_salt)
         self.core.check_prompt_fits(len(processed.prompt_token_ids))
         return PreparedRequest(request_id, processed.prompt, processed.prompt_token_ids, params, requests)

@@ -7,6 +7,7 @@ Embedding requests get their pooled vector truncated (`dimensions`) and normalis
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -114,13 +115,15 @@ class OutputProcessor:
         """Registers a user request; returns the ids of its sequences in the core."""
         sequences = []
         child_ids = []
-        for i in range(params.n):
+        samples = params.num_samples
+        for i in range(samples):
             detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens,
                                            list(params.stop), params.include_stop_str_in_output)
+            ranked = params.logprobs is not None or params.ranks_samples
             seq = _Sequence(i, detok, logprobs=[] if params.logprobs is not None else None,
-                            cumulative_logprob=0.0 if params.logprobs is not None else None)
+                            cumulative_logprob=0.0 if ranked else None)
             sequences.append(seq)
-            child_ids.append(child_request_id(request_id, i, params.n))
+            child_ids.append(child_request_id(request_id, i, samples))
         state = _RequestState(request_id, prompt, prompt_token_ids, params, sequences,
                               RequestMetrics(arrival_time=arrival_time, num_prompt_tokens=len(prompt_token_ids)))
         if params.prompt_logprobs is not None:
@@ -197,9 +200,11 @@ class OutputProcessor:
             metrics.last_token_time = now
             metrics.num_cached_tokens = out.num_cached_tokens
             seq.token_ids.append(token)
-            if out.logprobs is not None and seq.logprobs is not None:
-                seq.logprobs.append(self._convert_logprobs(out.logprobs[i]))
-                seq.cumulative_logprob += out.logprobs[i].logprobs[0]
+            if out.logprobs is not None:
+                if seq.logprobs is not None:
+                    seq.logprobs.append(self._convert_logprobs(out.logprobs[i]))
+                if seq.cumulative_logprob is not None:
+                    seq.cumulative_logprob += out.logprobs[i].logprobs[0]
             stop = seq.detok.add_token(token)
             if stop is not None:
                 seq.finish_reason, seq.stop_reason = "stop", stop
@@ -234,11 +239,16 @@ class OutputProcessor:
     def _make_output(self, state: _RequestState, force: bool = False) -> RequestOutput | None:
         kind = state.params.output_kind
         finished = state.finished
-        if kind == RequestOutputKind.FINAL_ONLY and not finished:
-            return None
+        ranked = state.params.ranks_samples
+        if (kind == RequestOutputKind.FINAL_ONLY or ranked) and not finished:
+            return None  # best_of's choice exists only once every sample has ended
         delta = kind == RequestOutputKind.DELTA
         completions = []
-        for seq in state.sequences:
+        sequences = state.sequences
+        if ranked:  # the n best samples by cumulative logprob, numbered 0..n-1
+            best = sorted(sequences, key=lambda q: -(q.cumulative_logprob or 0.0))[:state.params.n]
+            sequences = [dataclasses.replace(q, index=i) for i, q in enumerate(best)]
+        for seq in sequences:
             done = seq.finish_reason is not None
             text_end = seq.detok.emittable_length(done)
             if delta:

@@ -7,6 +7,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from asyncllm.beam_search import BeamSearchParams
 from asyncllm.errors import InvalidRequestError
 from asyncllm.outputs import CompletionOutput, RequestOutput
 from asyncllm.sampling_params import RequestOutputKind
@@ -82,11 +83,17 @@ async def create_completion(request: Request, ctx: ServerContext) -> Response:
     ctx.check_model(body.model)
     if body.suffix:
         raise InvalidRequestError("suffix is not supported", param="suffix")
-    if body.best_of is not None and body.best_of != body.n:
-        raise InvalidRequestError("best_of must equal n (best-of ranking is not supported)", param="best_of")
     prompts = _prompts(body)
     if len(prompts) > ctx.max_prompts_per_request:
         raise InvalidRequestError(f"at most {ctx.max_prompts_per_request} prompts per request", param="prompt")
+    if body.use_beam_search:
+        return await _beam_search_completion(ctx, body, prompts)
+    if body.length_penalty != 1.0:
+        raise InvalidRequestError("length_penalty applies to beam search only (use_beam_search)",
+                                  param="length_penalty")
+    if body.stream and body.best_of is not None and body.best_of > body.n:
+        raise InvalidRequestError("best_of > n cannot stream (the best are known only at the end), as in vLLM",
+                                  param="best_of")
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     kind = RequestOutputKind.DELTA if body.stream else RequestOutputKind.FINAL_ONLY
     echo_logprobs = body.echo and body.logprobs is not None
@@ -171,3 +178,35 @@ async def create_completion(request: Request, ctx: ServerContext) -> Response:
         "choices": choices,
         "usage": usage(prompt_tokens, completion_tokens),
     })
+
+
+_BEAM_SEARCH_UNSUPPORTED = ("logprobs", "echo", "stop", "structured_outputs", "response_format", "guided_json",
+                            "guided_regex", "guided_choice", "guided_grammar", "prompt_logprobs", "logit_bias")
+
+
+async def _beam_search_completion(ctx: ServerContext, body: CompletionRequest, prompts: list[Any]) -> Response:
+    """vLLM's `use_beam_search`: n beams per prompt (best_of beams when given), the n best returned."""
+    if body.stream:
+        raise InvalidRequestError("beam search does not stream: set stream to false", param="stream")
+    for name in _BEAM_SEARCH_UNSUPPORTED:
+        if getattr(body, name) not in (None, False):
+            raise InvalidRequestError(f"{name} is not supported with use_beam_search", param=name)
+    if body.temperature not in (None, 0, 0.0):
+        raise InvalidRequestError("beam search is deterministic: temperature must be 0", param="temperature")
+    width = body.best_of if body.best_of is not None else body.n
+    if width < 1 or body.n < 1 or body.n > width:
+        raise InvalidRequestError("use_beam_search needs 1 <= n <= best_of", param="n")
+    params = BeamSearchParams(beam_width=width, max_tokens=16 if body.max_tokens is None else body.max_tokens,
+                              ignore_eos=body.ignore_eos, length_penalty=body.length_penalty)
+    request_id = new_id("cmpl")
+    results = [await ctx.engine.beam_search(p, params, num_sequences=body.n, priority=body.priority)
+               for p in prompts]
+    choices, prompt_tokens, completion_tokens = [], 0, 0
+    for i, result in enumerate(results):
+        prompt_tokens += result.sequences[0].num_prompt_tokens
+        for j, seq in enumerate(result.sequences):
+            completion_tokens += len(seq.output_token_ids)
+            choices.append({"index": i * body.n + j, "text": seq.text, "logprobs": None,
+                            "finish_reason": seq.finish_reason, "stop_reason": None})
+    return JSONResponse({"id": request_id, "object": "text_completion", "created": now(), "model": ctx.model_name,
+                         "choices": choices, "usage": usage(prompt_tokens, completion_tokens)})

@@ -101,6 +101,9 @@ class CompletionRequest(_SamplingFields):
     echo: bool = False
     best_of: Count | None = None
     suffix: str | None = None
+    # vLLM's beam search extras: n beams (best_of, when given, beams that many), the n best returned.
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
 
 
 class ContentPart(_Strict):

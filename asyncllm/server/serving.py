@@ -103,6 +103,7 @@ def sampling_params(body: _SamplingFields, *, max_tokens: int | None, logprobs: 
         if value is not None:
             fields[name] = value
     fields["structured_outputs"] = structured_outputs(body)
+    fields["best_of"] = getattr(body, "best_of", None)  # completions only
     return SamplingParams(**fields)
 
 

@@ -54,7 +54,9 @@ HOSTILE = [
      "chat_template_kwargs.tokenizer"),
     ("/v1/chat/completions", {"messages": CHAT, "chat_template_kwargs": {"tools": []}}, "chat_template_kwargs.tools"),
     # fields that would change the output and are not supported: refused, not dropped
-    ("/v1/completions", {"prompt": "Hello", "use_beam_search": True}, "use_beam_search"),
+    ("/v1/chat/completions", {"messages": CHAT, "use_beam_search": True}, "use_beam_search"),
+    ("/v1/completions", {"prompt": "Hello", "use_beam_search": True, "stream": True}, "stream"),
+    ("/v1/completions", {"prompt": "Hello", "use_beam_search": True, "n": 3, "best_of": 2}, "n"),
     ("/v1/completions", {"prompt": "Hello", "structured_outputs": {"structural_tag": {"type": "structural_tag"}}},
      "structured_outputs.structural_tag"),
     # grammars that do not parse (GBNF has no single quotes; a rule used and never defined)
@@ -64,7 +66,7 @@ HOSTILE = [
      "grammar"),
     ("/v1/completions", {"prompt": "Hello", "structured_outputs": {"regex": "a+", "choice": ["b"]}},
      "structured_outputs"),
-    ("/v1/completions", {"prompt": "Hello", "length_penalty": 0.5}, "length_penalty"),
+    ("/v1/completions", {"prompt": "Hello", "length_penalty": 0.5}, "length_penalty"),  # without beam search
     ("/v1/chat/completions", {"messages": CHAT, "reasoning_effort": "high"}, "reasoning_effort"),
     ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "x", "tool_calls": [
         {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{not json"}}]}, *CHAT]},
