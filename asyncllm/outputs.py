@@ -34,6 +34,8 @@ class RequestMetrics:
     finished_time: float | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    spec_num_draft_tokens: int = 0  # speculative decoding: tokens proposed for this request, and accepted
+    spec_num_accepted_tokens: int = 0
 
 
 @dataclass

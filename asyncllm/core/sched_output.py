@@ -97,6 +97,8 @@ class EngineCoreOutput:
     error: str | None = None
     exception: BaseException | None = None  # the error itself, for callers that map it (e.g. to HTTP 400)
     pooled: bytes | None = None  # an embedding request's vector (fp32), with its finish
+    num_draft_tokens: int = 0  # speculative decoding: tokens proposed for this step, and accepted
+    num_accepted_tokens: int = 0
 
     @property
     def finished(self) -> bool:

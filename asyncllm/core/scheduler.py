@@ -283,7 +283,8 @@ class Scheduler:
             logprobs = result.logprobs.get(item.req_id)
             out = EngineCoreOutput(item.req_id, new_tokens,
                                    logprobs=logprobs[:len(new_tokens)] if logprobs is not None else None,
-                                   prompt_logprobs=prompt_lp, num_cached_tokens=max(request.num_cached_tokens, 0))
+                                   prompt_logprobs=prompt_lp, num_cached_tokens=max(request.num_cached_tokens, 0),
+                                   num_draft_tokens=len(item.spec_token_ids), num_accepted_tokens=len(tokens) - 1)
             if grammar_error is not None:
                 out.error, out.exception = f"GrammarError: {grammar_error}", grammar_error
             if request.is_finished:

@@ -58,6 +58,9 @@ class EngineStats:
     prompt_tokens_computed: int
     generation_tokens: int
     num_steps: int
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
 
 
 @dataclass
@@ -122,6 +125,7 @@ class EngineCore:
         self.num_steps = 0
         self.prompt_tokens_computed = 0
         self.generation_tokens = 0
+        self.num_drafts = 0  # (request, step) pairs that verified proposed tokens
         self.num_draft_tokens = 0  # proposed tokens verified
         self.num_accepted_tokens = 0  # of those, kept
         self.load_report = LoadReport(time.perf_counter() - started, self.dtype, num_blocks, max_model_len)
@@ -164,6 +168,7 @@ class EngineCore:
         self.num_steps += 1
         self.generation_tokens += sum(len(tokens) for tokens in result.sampled_token_ids)
         self.prompt_tokens_computed += prompt_tokens
+        self.num_drafts += sum(1 for s in sched.scheduled if s.spec_token_ids)
         self.num_draft_tokens += sum(len(s.spec_token_ids) for s in sched.scheduled)
         self.num_accepted_tokens += sum(len(tokens) - 1 for tokens in result.sampled_token_ids)
         return outputs
@@ -217,7 +222,7 @@ class EngineCore:
         return EngineStats(self.scheduler.num_running, self.scheduler.num_waiting, self.kv.usage,
                            self.kv.pool.num_blocks, self.kv.num_used_blocks(), st.queries, st.hits, st.hit_rate,
                            self.scheduler.num_preemptions, self.prompt_tokens_computed, self.generation_tokens,
-                           self.num_steps)
+                           self.num_steps, self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens)
 
     def shutdown(self) -> None:
         self.executor.shutdown()

@@ -194,6 +194,8 @@ class OutputProcessor:
         if out.error is not None:
             state.error = out.error
             state.exception = out.exception
+        metrics.spec_num_draft_tokens += out.num_draft_tokens
+        metrics.spec_num_accepted_tokens += out.num_accepted_tokens
         for i, token in enumerate(out.new_token_ids):
             if metrics.first_token_time is None:
                 metrics.first_token_time = now

@@ -18,6 +18,9 @@ class EngineSnapshot:
     generation_tokens: int = 0
     num_preemptions: int = 0
     num_steps: int = 0
+    spec_num_drafts: int = 0  # speculative decoding: verifications, proposed tokens, accepted ones
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
     requests_finished: dict[str, int] = field(default_factory=dict)  # finish reason → count
 
 
@@ -50,6 +53,8 @@ class StatsCollector:
             snap.kv_usage, snap.prefix_cache_hit_rate = st.kv_usage, st.prefix_cache_hit_rate
             snap.prompt_tokens, snap.generation_tokens = st.prompt_tokens_computed, st.generation_tokens
             snap.num_preemptions, snap.num_steps = st.num_preemptions, st.num_steps
+            snap.spec_num_drafts, snap.spec_num_draft_tokens = st.spec_num_drafts, st.spec_num_draft_tokens
+            snap.spec_num_accepted_tokens = st.spec_num_accepted_tokens
         self.record_outputs(outputs)
 
     def record_outputs(self, outputs: list[RequestOutput]) -> None:

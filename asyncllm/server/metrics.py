@@ -27,6 +27,8 @@ class _EngineCollector:
             ("asyncllm_kv_cache_usage_ratio", "Fraction of KV cache blocks in use", snap.kv_usage),
             ("asyncllm_prefix_cache_hit_ratio", "Prompt tokens served from the prefix cache", snap.prefix_cache_hit_rate),
             ("asyncllm_engine_healthy", "1 while the engine can serve", 1.0 if self.engine.is_healthy else 0.0),
+            ("asyncllm_spec_decode_mean_acceptance_length", "Speculative decoding: tokens per verification "
+             "(1 + accepted proposals per draft)", 1 + snap.spec_num_accepted_tokens / max(1, snap.spec_num_drafts)),
         ]:
             g = GaugeMetricFamily(name, doc, labels=names)
             g.add_metric(values, value)
@@ -35,6 +37,11 @@ class _EngineCollector:
             ("asyncllm_prompt_tokens", "Prompt tokens computed", snap.prompt_tokens),
             ("asyncllm_generation_tokens", "Tokens generated", snap.generation_tokens),
             ("asyncllm_num_preemptions", "Requests preempted for lack of KV blocks", snap.num_preemptions),
+            ("asyncllm_spec_decode_num_drafts", "Speculative decoding: verifications of proposed tokens",
+             snap.spec_num_drafts),
+            ("asyncllm_spec_decode_num_draft_tokens", "Speculative decoding: tokens proposed", snap.spec_num_draft_tokens),
+            ("asyncllm_spec_decode_num_accepted_tokens", "Speculative decoding: proposed tokens accepted",
+             snap.spec_num_accepted_tokens),
         ]:
             c = CounterMetricFamily(name, doc, labels=names)
             c.add_metric(values, value)

@@ -75,3 +75,36 @@ def test_unsupported_speculative_methods_are_refused():
                          ({"method": "ngram", "disable_by_batch_size": 0}, "disable_by_batch_size")]:
         with pytest.raises(ValueError, match=message):
             EngineArgs(speculative_config=bad).create_engine_config()
+
+
+def test_acceptance_counters_per_request_and_in_prometheus(ngram_llm):
+    import anyio
+    import httpx
+
+    from asyncllm import AsyncEngine
+    from asyncllm.server import build_app
+    from server_helpers import RunningServer
+
+    tok = ngram_llm.get_tokenizer()
+    prompt = tok.apply_chat_template([{"role": "user", "content": f"Repeat this text exactly:\n{PASSAGE}"}],
+                                     tokenize=False, add_generation_prompt=True)
+    core = ngram_llm.engine.core
+    drafts, accepted = core.num_draft_tokens, core.num_accepted_tokens
+    metrics = ngram_llm.generate(prompt, SamplingParams(max_tokens=24, temperature=0), use_tqdm=False)[0].metrics
+    assert metrics.spec_num_draft_tokens == core.num_draft_tokens - drafts > 0
+    assert 0 < metrics.spec_num_accepted_tokens == core.num_accepted_tokens - accepted
+
+    engine = AsyncEngine.from_args(dtype="float32", speculative_config={"method": "ngram", "num_speculative_tokens": 4,
+                                                                        "prompt_lookup_max": 3})
+    server = RunningServer(build_app(engine, run_lifespan=False), lifespan="off")
+    try:
+        anyio.run(lambda: engine.complete(prompt, max_tokens=24, temperature=0))
+        text = httpx.get(server.url + "/metrics").text
+    finally:
+        server.stop()
+        engine.shutdown()
+    values = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith("asyncllm_spec_decode")}
+    assert values["asyncllm_spec_decode_num_draft_tokens_total"] >= values["asyncllm_spec_decode_num_accepted_tokens_total"] > 0
+    assert values["asyncllm_spec_decode_num_drafts_total"] > 0
+    assert values["asyncllm_spec_decode_mean_acceptance_length"] > 1.5
