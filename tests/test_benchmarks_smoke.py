@@ -76,3 +76,12 @@ def test_beam_search_benchmark_runs(tmp_path, monkeypatch):
     result = _load("beam_search").main(["--num-prompts", "1", "--beam-width", "2", "--max-tokens", "4",
                                         "--skip-transformers"])
     assert result["rows"][0]["prompts_per_s"] > 0
+
+
+def test_speculative_benchmark_runs(tmp_path, monkeypatch):
+    common = _load("common")
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    result = _load("speculative").main(["--num-prompts", "1", "--max-tokens", "8"])
+    assert {(r["method"], r["workload"]) for r in result["rows"]} == {
+        (m, w) for m in ("plain", "ngram", "suffix") for w in ("copy", "free")}
+    assert all(r["same_tokens"] for r in result["rows"])

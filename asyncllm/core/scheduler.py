@@ -39,6 +39,10 @@ class Proposer(Protocol):
     def propose(self, request: Request, k: int) -> list[int]:
         ...
 
+    def finished(self, request: Request) -> None:
+        """The request has ended (finished, aborted or failed): drop what was kept for it."""
+        ...
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -109,6 +113,8 @@ class Scheduler:
 
     def _release(self, request: Request) -> None:
         self.kv.free(request)
+        if self.proposer is not None:
+            self.proposer.finished(request)
         self.requests.pop(request.request_id, None)
         if self._sent_blocks.pop(request.request_id, None) is not None or request.request_id in self._resumed:
             self._finished_ids.append(request.request_id)

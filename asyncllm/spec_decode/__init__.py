@@ -2,5 +2,6 @@
 scheduler's `Proposer` protocol; verification lives in the model runner)."""
 from asyncllm.spec_decode.config import SpeculativeConfig, make_proposer
 from asyncllm.spec_decode.ngram import NgramProposer
+from asyncllm.spec_decode.suffix import SuffixProposer
 
-__all__ = ["NgramProposer", "SpeculativeConfig", "make_proposer"]
+__all__ = ["NgramProposer", "SuffixProposer", "SpeculativeConfig", "make_proposer"]

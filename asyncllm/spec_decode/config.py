@@ -1,5 +1,6 @@
 """SpeculativeConfig: vLLM's `speculative_config` ({"method": "ngram", "num_speculative_tokens":
-4, "prompt_lookup_min": 2, "prompt_lookup_max": 5}), validated; the proposer it asks for."""
+4, "prompt_lookup_min": 2, "prompt_lookup_max": 5}, or "method": "suffix" with its
+suffix_decoding_* keys), validated; the proposer it asks for."""
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -7,8 +8,8 @@ from typing import Any
 
 from asyncllm.json_option import dict_option
 
-SUPPORTED_METHODS = ("ngram",)
-PLANNED_METHODS = ("suffix", "draft_model", "eagle", "eagle3", "medusa", "mtp")
+SUPPORTED_METHODS = ("ngram", "suffix")
+PLANNED_METHODS = ("draft_model", "eagle", "eagle3", "medusa", "mtp")
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,12 @@ class SpeculativeConfig:
     # No proposals while this many requests run (vLLM's key): batched steps are compute-bound,
     # where verifying rejected tokens costs more than it saves. None: always propose.
     disable_by_batch_size: int | None = None
+    # method "suffix" (vLLM's keys): trie depth, finished outputs kept in the shared trie, proposal
+    # length per matched token, and the least path probability worth proposing.
+    suffix_decoding_max_tree_depth: int = 24
+    suffix_decoding_max_cached_requests: int = 10000
+    suffix_decoding_max_spec_factor: float = 1.0
+    suffix_decoding_min_token_prob: float = 0.1
 
     @classmethod
     def parse(cls, value: Any) -> "SpeculativeConfig | None":
@@ -47,12 +54,28 @@ class SpeculativeConfig:
             raise ValueError(f"speculative_config.disable_by_batch_size must be an integer >= 1, got {d!r}")
         if config.prompt_lookup_min > config.prompt_lookup_max:
             raise ValueError("speculative_config.prompt_lookup_min must be <= prompt_lookup_max")
+        depth, cached = config.suffix_decoding_max_tree_depth, config.suffix_decoding_max_cached_requests
+        if not isinstance(depth, int) or isinstance(depth, bool) or depth < 2:
+            raise ValueError(f"speculative_config.suffix_decoding_max_tree_depth must be an integer >= 2, got {depth!r}")
+        if not isinstance(cached, int) or isinstance(cached, bool) or cached < 0:
+            raise ValueError("speculative_config.suffix_decoding_max_cached_requests must be an integer >= 0, "
+                             f"got {cached!r}")
+        factor, prob = config.suffix_decoding_max_spec_factor, config.suffix_decoding_min_token_prob
+        if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor <= 0:
+            raise ValueError(f"speculative_config.suffix_decoding_max_spec_factor must be > 0, got {factor!r}")
+        if not isinstance(prob, (int, float)) or isinstance(prob, bool) or not 0 <= prob <= 1:
+            raise ValueError(f"speculative_config.suffix_decoding_min_token_prob must be in [0, 1], got {prob!r}")
         return config
 
 
 def make_proposer(config: SpeculativeConfig | None):
     if config is None:
         return None
+    if config.method == "suffix":
+        from asyncllm.spec_decode.suffix import SuffixProposer
+
+        return SuffixProposer(config.suffix_decoding_max_tree_depth, config.suffix_decoding_max_cached_requests,
+                              config.suffix_decoding_max_spec_factor, config.suffix_decoding_min_token_prob)
     from asyncllm.spec_decode.ngram import NgramProposer
 
     return NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)

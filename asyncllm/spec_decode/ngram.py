@@ -21,6 +21,9 @@ class NgramProposer:
     def propose(self, request, k: int) -> list[int]:
         return propose_from(request.prompt_token_ids + request.output_token_ids, k, self.min_n, self.max_n)
 
+    def finished(self, request) -> None:
+        """Nothing is kept per request."""
+
 
 def propose_from(tokens: list[int], k: int, min_n: int, max_n: int) -> list[int]:
     """Up to k tokens following the latest earlier match of the longest suffix of length

@@ -29,6 +29,9 @@ class ReplayProposer:
             proposal[self.wrong_at] = (proposal[self.wrong_at] + 1) % 49152
         return proposal
 
+    def finished(self, request):
+        pass
+
 
 @contextlib.contextmanager
 def proposing(llm, proposer, k):

@@ -1,0 +1,75 @@
+"""Speculative decoding: single-stream decode tok/s of plain decoding, ngram and suffix on the same
+engine settings, on copy-heavy chat prompts (repeat / quote a pydoc section of ~300-600 tokens)
+and on free generation, greedy; the outputs must be identical.
+
+    python benchmarks/speculative.py [--num-prompts 3] [--max-tokens 96] [--dtype float32]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from common import Timer, publish  # noqa: E402
+
+METHODS = {
+    "plain": None,
+    "ngram": {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_min": 2, "prompt_lookup_max": 4},
+    "suffix": {"method": "suffix", "num_speculative_tokens": 8},
+}
+
+
+def copy_prompts(tokenizer, n: int) -> list[str]:
+    import pydoc_data.topics as topics
+
+    sections = [t for t in topics.topics.values() if 300 <= len(tokenizer.encode(t)) <= 600][:n]
+    asks = ["Repeat this text exactly:\n\n{}", "Quote the following documentation word for word:\n\n{}"]
+    return [tokenizer.apply_chat_template([{"role": "user", "content": asks[i % 2].format(s)}], tokenize=False,
+                                          add_generation_prompt=True) for i, s in enumerate(sections)]
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--num-prompts", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--dtype", default="float32")
+    args = parser.parse_args(argv)
+
+    from asyncllm import LLM, SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0)
+    rows, outputs = [], {}
+    for name, spec in METHODS.items():
+        llm = LLM(dtype=args.dtype, speculative_config=spec)
+        tok = llm.get_tokenizer()
+        workloads = {"copy": copy_prompts(tok, args.num_prompts),
+                     "free": [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                                      add_generation_prompt=True)
+                              for q in ("Write a short story about a lighthouse.", "Explain how rain forms.",
+                                        "Describe your ideal weekend.")[:args.num_prompts]]}
+        llm.generate(workloads["free"][:1], SamplingParams(max_tokens=8, temperature=0), use_tqdm=False)  # warm up
+        for workload, prompts in workloads.items():
+            tokens, seconds, texts = 0, 0.0, []
+            for prompt in prompts:  # one stream at a time
+                with Timer() as t:
+                    out = llm.generate(prompt, params, use_tqdm=False)[0]
+                seconds += t.seconds
+                tokens += len(out.outputs[0].token_ids)
+                texts.append(out.outputs[0].token_ids)
+            outputs[(name, workload)] = texts
+            rows.append({"method": name, "workload": workload, "tokens": tokens, "tok_per_s": tokens / seconds})
+        llm.engine.shutdown()
+    plain = {r["workload"]: r["tok_per_s"] for r in rows if r["method"] == "plain"}
+    for row in rows:
+        row["speedup"] = row["tok_per_s"] / plain[row["workload"]]
+        row["same_tokens"] = outputs[(row["method"], row["workload"])] == outputs[("plain", row["workload"])]
+    publish(f"Speculative decoding, single stream, greedy, {args.dtype}, {args.max_tokens} tokens", rows,
+            "speculative", {"rows": rows, "args": vars(args)})
+    return {"rows": rows}
+
+
+if __name__ == "__main__":
+    main()
