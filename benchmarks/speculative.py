@@ -17,8 +17,8 @@ from common import Timer, publish  # noqa: E402
 
 METHODS = {
     "plain": None,
-    "ngram": {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_min": 2, "prompt_lookup_max": 4},
-    "suffix": {"method": "suffix", "num_speculative_tokens": 8},
+    "ngram": {"method": "ngram", "num_speculative_tokens": 7, "prompt_lookup_min": 2, "prompt_lookup_max": 4},
+    "suffix": {"method": "suffix", "num_speculative_tokens": 7},
 }
 
 

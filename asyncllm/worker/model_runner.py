@@ -132,12 +132,13 @@ class ModelRunner:
         flat = self.batch.flat_inputs(items)
         query_start = flat.query_start
         dev = self.device
+        num_decodes, attn_starts, seq_lens, table_states = _attention_rows(items, flat)
         meta = AttentionMetadata(
-            num_decodes=flat.num_decodes,
-            query_start_loc=query_start,
-            seq_lens=flat.seq_lens,
-            seq_lens_tensor=torch.tensor(flat.seq_lens, dtype=torch.long, device=dev),
-            block_tables=self.batch.block_table_for([state for state, _ in items]).to(dev),
+            num_decodes=num_decodes,
+            query_start_loc=attn_starts,
+            seq_lens=seq_lens,
+            seq_lens_tensor=torch.tensor(seq_lens, dtype=torch.long, device=dev),
+            block_tables=self.batch.block_table_for(table_states).to(dev),
             slot_mapping=flat.slot_mapping.to(dev),
         )
         hidden = self.model(flat.input_ids.to(dev), flat.positions.to(dev), self.kv_caches, meta)
@@ -223,6 +224,33 @@ class ModelRunner:
                 next_tokens = state.token_ids[item.start + 1:last + 1]
                 entries.extend(prompt_logprobs_for(self.model.compute_logits(rows), next_tokens, k))
             result.prompt_logprobs[item.req_id] = entries
+
+
+def _attention_rows(items: list[tuple[CachedRequestState, ScheduledRequest]], flat) -> tuple[
+        int, list[int], list[int], list[CachedRequestState]]:
+    """Attention's view of the step: a decode that verifies k proposed tokens is k + 1 decode rows
+    (query j sees the context up to its own position; every row's K/V is written before any row
+    attends), so verification runs the decode kernels, and the one-call decoder for 1-8 rows,
+    with the very arithmetic of plain decoding. → (num_decodes, query starts, seq_lens, the
+    state whose block table each attention row reads)."""
+    if not any(item.spec_token_ids for _, item in items):
+        return flat.num_decodes, flat.query_start, flat.seq_lens, [state for state, _ in items]
+    starts, seq_lens, states = [0], [], []
+    num_decodes = 0
+    for i, (state, item) in enumerate(items):
+        n = item.num_new_tokens
+        decode_like = n == 1 or bool(item.spec_token_ids)
+        if decode_like and num_decodes == len(seq_lens):  # still in the leading run of decode rows
+            for j in range(n):
+                starts.append(starts[-1] + 1)
+                seq_lens.append(item.start + j + 1)
+                states.append(state)
+            num_decodes += n
+        else:
+            starts.append(starts[-1] + n)
+            seq_lens.append(flat.seq_lens[i])
+            states.append(state)
+    return num_decodes, starts, seq_lens, states
 
 
 def _grammar_masks(grammar: GrammarOutput | None) -> dict[str, torch.Tensor]:

@@ -43,6 +43,10 @@ def test_ngram_gives_the_tokens_of_plain_decoding_in_fewer_forwards(default_llm,
         want = default_llm.generate(prompts, p, use_tqdm=False)
         assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
         assert core.num_accepted_tokens > accepted
+        if p.logprobs is not None:  # verified rows attend as decode rows: the logprobs of plain decoding
+            for g, w in zip(got, want):
+                pairs = zip(g.outputs[0].logprobs, w.outputs[0].logprobs, g.outputs[0].token_ids)
+                assert max(abs(x[t].logprob - y[t].logprob) for x, y, t in pairs) < 1e-4
     steps = ngram_llm.engine.core.num_steps
     copy = ngram_llm.generate(prompts[:1], SamplingParams(max_tokens=24, temperature=0), use_tqdm=False)
     # Copying the passage: most proposals hold, so far fewer forwards than tokens (measured: 7 for 27).
