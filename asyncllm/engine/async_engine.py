@@ -216,15 +216,23 @@ class AsyncEngine:
         return vectors[0] if single else vectors
 
     async def _embed_prepared(self, prepared: list[PreparedRequest]) -> list[EmbeddingRequestOutput]:
+        finals = await self._finals(prepared)
+        for final in finals:
+            if final.outputs is None:
+                raise RequestFailedError(f"embedding request {final.request_id} was aborted")
+        return finals
+
+    async def _finals(self, prepared: list[PreparedRequest]) -> list[Any]:
+        """Queues every request, then awaits each one's final output (all closed on the way out)."""
         streams = [self.submit_prepared(p) for p in prepared]
         finals = []
         try:
-            for stream in streams:
+            for item, stream in zip(prepared, streams):
                 final = None
                 async for output in stream:
                     final = output
-                if final is None or final.outputs is None:
-                    raise RequestFailedError(f"embedding request {final.request_id if final else '?'} was aborted")
+                if final is None:
+                    raise RequestFailedError(f"request {item.request_id} ended without a final output")
                 finals.append(final)
         finally:
             for stream in streams:
@@ -241,20 +249,10 @@ class AsyncEngine:
         batch = BeamSearchBatch([prompt_ids], params, frozenset(engine.eos_token_ids))
         while pending := batch.pending():
             prepared = [self.prepare({"prompt_token_ids": tokens}, step_params, None, priority) for tokens in pending]
-            streams = [self.submit_prepared(p) for p in prepared]
-            results = []
-            try:
-                for stream in streams:
-                    final = None
-                    async for output in stream:
-                        final = output
-                    if final is None or final.error is not None or not final.outputs[0].logprobs:
-                        raise RequestFailedError("a beam's step did not finish")
-                    results.append(top_logprobs(final, step_params.logprobs))
-            finally:
-                for stream in streams:
-                    await stream.aclose()  # type: ignore[attr-defined]
-            batch.advance(results)
+            finals = await self._finals(prepared)
+            if any(not final.outputs or not final.outputs[0].logprobs for final in finals):
+                raise RequestFailedError("a beam's step did not finish")
+            batch.advance([top_logprobs(final, step_params.logprobs) for final in finals])
         return batch.outputs(lambda ids: engine.tokenizer.decode(ids, skip_special_tokens=True), num_sequences)[0]
 
     async def abort(self, request_id: str) -> None:
