@@ -15,8 +15,9 @@ computes only each beam's last, partial block. The selection between steps is tr
   heuristic: its sum over the current length) cannot beat the worst kept hypothesis, or at the
   length limit.
 
-`BeamSearch` is that selection alone (no engine): `LLM.beam_search` and the server drive it
-with a function that returns the top logprobs of a batch of token sequences.
+`BeamSearch` is that selection alone (no engine). `engine_beam_search` builds the
+`BeamSearchBatch` that `LLM.beam_search`, `AsyncEngine.beam_search` and the server drive:
+`while batch.pending(): batch.advance(<the engine's outputs for batch.pending()>)`.
 """
 from __future__ import annotations
 
@@ -68,8 +69,10 @@ class BeamSearchOutput:
     sequences: list[BeamSearchSequence] = field(default_factory=list)  # best first
 
 
-# Top logprobs of a batch of token sequences: for each, {token id: logprob} of (at least) its K best.
-StepFunction = Callable[[list[list[int]]], list[dict[int, float]]]
+def candidates_per_beam(beam_width: int, eos_token_ids: frozenset[int]) -> int:
+    """transformers' count of continuations kept per step (it counts the configured EOS ids, ignore_eos or
+    not): every beam is asked for this many best logprobs."""
+    return max(2, 1 + max(1, len(eos_token_ids))) * beam_width
 
 
 class BeamSearch:
@@ -80,8 +83,7 @@ class BeamSearch:
         self.eos = frozenset() if params.ignore_eos else eos_token_ids
         self.prompt_len = len(prompt_token_ids)
         self.max_len = self.prompt_len + params.max_tokens
-        n_eos = max(1, len(eos_token_ids))  # transformers counts the configured EOS ids, ignore_eos or not
-        self.candidates_per_beam = max(2, 1 + n_eos) * params.beam_width
+        self.candidates_per_beam = candidates_per_beam(params.beam_width, eos_token_ids)
         self.running = [BeamSearchSequence(list(prompt_token_ids), [], 0.0, self.prompt_len)]
         self.finished: list[BeamSearchSequence] = []
         self.improvable = True
@@ -129,51 +131,51 @@ class BeamSearch:
 
 
 class BeamSearchBatch:
-    """Several prompts' searches, their running beams sent to the engine together each step:
-    `while batch.pending(): batch.advance(engine_step(batch.pending()))`, then `batch.outputs()`."""
+    """Several prompts' searches, their running beams sent to the engine together each step as
+    one-token requests with `step_params`; see `engine_beam_search`."""
 
-    def __init__(self, prompts: list[list[int]], params: BeamSearchParams, eos_token_ids: frozenset[int]):
+    def __init__(self, prompts: list[list[int]], params: BeamSearchParams, eos_token_ids: frozenset[int],
+                 step_params, decode: Callable[[list[int]], str]):
         self.params = params
+        self.step_params = step_params
+        self._decode = decode
         self.searches = [BeamSearch(p, params, eos_token_ids) for p in prompts]
 
     def pending(self) -> list[list[int]]:
         """The token sequences whose top logprobs the next step needs (empty: done)."""
         return [beam.tokens for s in self.searches if not s.done for beam in s.running]
 
-    def advance(self, results: list[dict[int, float]]) -> None:
+    def advance(self, outputs: list) -> None:
+        """Takes the finished one-token RequestOutputs of `pending()`, in order."""
+        k = self.step_params.logprobs
         offset = 0
         for s in [s for s in self.searches if not s.done]:
             n = len(s.running)
-            s.step(results[offset:offset + n])
+            s.step([top_logprobs(out, k) for out in outputs[offset:offset + n]])
             offset += n
 
-    def outputs(self, decode: Callable[[list[int]], str], num_sequences: int | None = None) -> list[BeamSearchOutput]:
-        return [s.output(decode, num_sequences or self.params.beam_width) for s in self.searches]
+    def outputs(self, num_sequences: int | None = None) -> list[BeamSearchOutput]:
+        return [s.output(self._decode, num_sequences or self.params.beam_width) for s in self.searches]
 
 
-def run_beam_search(prompts: list[list[int]], params: BeamSearchParams, eos_token_ids: frozenset[int],
-                    step: StepFunction, decode: Callable[[list[int]], str],
-                    num_sequences: int | None = None) -> list[BeamSearchOutput]:
-    """Every prompt's search with a synchronous engine step."""
-    batch = BeamSearchBatch(prompts, params, eos_token_ids)
-    while pending := batch.pending():
-        batch.advance(step(pending))
-    return batch.outputs(decode, num_sequences)
-
-
-def beam_step_params(params: BeamSearchParams, engine, longest_prompt: int):
-    """The SamplingParams of one beam's step (one token, its K best logprobs); refuses what cannot run."""
+def engine_beam_search(engine, prompts: list[list[int]], params: BeamSearchParams) -> BeamSearchBatch:
+    """The batch of these prompts' searches on an LLMEngine: its EOS ids and detokenizer, and the
+    SamplingParams of one beam's step (one token, its K best logprobs); refuses what cannot run."""
     from asyncllm.sampling_params import RequestOutputKind, SamplingParams
 
-    k = max(2, 1 + max(1, len(engine.eos_token_ids))) * params.beam_width
+    eos = frozenset(engine.eos_token_ids)
+    k = candidates_per_beam(params.beam_width, eos)
     if k > engine.config.limits.max_logprobs:
         raise InvalidRequestError(f"beam_width {params.beam_width} needs the {k} best logprobs of each beam; this "
                                   f"engine's max_logprobs is {engine.config.limits.max_logprobs}", param="beam_width")
+    longest_prompt = max(len(p) for p in prompts)
     if longest_prompt + params.max_tokens > engine.max_model_len:
         raise InvalidRequestError(f"prompt ({longest_prompt} tokens) + max_tokens ({params.max_tokens}) exceeds "
                                   f"max_model_len ({engine.max_model_len})", param="max_tokens")
-    return SamplingParams(max_tokens=1, temperature=0.0, logprobs=k, ignore_eos=True,
-                          output_kind=RequestOutputKind.FINAL_ONLY)
+    step_params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=k, ignore_eos=True,
+                                 output_kind=RequestOutputKind.FINAL_ONLY)
+    return BeamSearchBatch(prompts, params, eos, step_params,
+                           lambda ids: engine.tokenizer.decode(ids, skip_special_tokens=True))
 
 
 def top_logprobs(output, k: int) -> dict[int, float]:

@@ -7,13 +7,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from asyncllm.beam_search import (
-    BeamSearchOutput,
-    BeamSearchParams,
-    beam_step_params,
-    run_beam_search,
-    top_logprobs,
-)
+from asyncllm.beam_search import BeamSearchOutput, BeamSearchParams, engine_beam_search
 from asyncllm.config import EngineArgs
 from asyncllm.engine.input_processor import ChatMessages, PromptType
 from asyncllm.engine.llm_engine import LLMEngine
@@ -86,15 +80,11 @@ class LLM:
         prompt, best first, scored as transformers' beam search scores them (asyncllm/beam_search.py)."""
         engine = self.engine
         prompt_ids = [engine.input_processor.process_prompt(p).prompt_token_ids for p in _as_prompt_list(prompts)]
-        step_params = beam_step_params(params, engine, max(len(p) for p in prompt_ids))
-
-        def step(batch: list[list[int]]) -> list[dict[int, float]]:
-            outs = self._run([{"prompt_token_ids": tokens} for tokens in batch], [step_params] * len(batch),
-                             False, None)
-            return [top_logprobs(out, step_params.logprobs) for out in outs]
-
-        return run_beam_search(prompt_ids, params, frozenset(engine.eos_token_ids), step,
-                               lambda ids: engine.tokenizer.decode(ids, skip_special_tokens=True), num_sequences)
+        batch = engine_beam_search(engine, prompt_ids, params)
+        while pending := batch.pending():
+            batch.advance(self._run([{"prompt_token_ids": tokens} for tokens in pending],
+                                    [batch.step_params] * len(pending), False, None))
+        return batch.outputs(num_sequences)
 
     def _run(self, prompts: list[PromptType], params_list: list[SamplingParams | PoolingParams], use_tqdm: bool,
              priority: Sequence[int] | None) -> list[Any]:

@@ -20,13 +20,7 @@ from typing import Any, TypeVar
 
 import anyio
 
-from asyncllm.beam_search import (
-    BeamSearchBatch,
-    BeamSearchOutput,
-    BeamSearchParams,
-    beam_step_params,
-    top_logprobs,
-)
+from asyncllm.beam_search import BeamSearchOutput, BeamSearchParams, engine_beam_search
 from asyncllm.config import EngineArgs
 from asyncllm.engine.engine_thread import EngineThread
 from asyncllm.engine.input_processor import PromptType
@@ -243,17 +237,16 @@ class AsyncEngine:
                           priority: int = 0) -> BeamSearchOutput:
         """One prompt's best beams (as LLM.beam_search); each step's beams run as one batch of
         one-token requests, sharing their prefixes through the prefix cache."""
-        engine = self.engine
-        prompt_ids = engine.input_processor.process_prompt(prompt).prompt_token_ids
-        step_params = beam_step_params(params, engine, len(prompt_ids))
-        batch = BeamSearchBatch([prompt_ids], params, frozenset(engine.eos_token_ids))
+        prompt_ids = self.engine.input_processor.process_prompt(prompt).prompt_token_ids
+        batch = engine_beam_search(self.engine, [prompt_ids], params)
         while pending := batch.pending():
-            prepared = [self.prepare({"prompt_token_ids": tokens}, step_params, None, priority) for tokens in pending]
+            prepared = [self.prepare({"prompt_token_ids": tokens}, batch.step_params, None, priority)
+                        for tokens in pending]
             finals = await self._finals(prepared)
             if any(not final.outputs or not final.outputs[0].logprobs for final in finals):
                 raise RequestFailedError("a beam's step did not finish")
-            batch.advance([top_logprobs(final, step_params.logprobs) for final in finals])
-        return batch.outputs(lambda ids: engine.tokenizer.decode(ids, skip_special_tokens=True), num_sequences)[0]
+            batch.advance(finals)
+        return batch.outputs(num_sequences)[0]
 
     async def abort(self, request_id: str) -> None:
         self._thread.abort(request_id)
