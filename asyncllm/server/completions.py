@@ -19,23 +19,13 @@ from asyncllm.server.serving import (
     new_id,
     openai_finish_reason,
     parse_body,
+    prompt_list,
     prompt_logprobs_json,
     sampling_params,
     sse_response,
     submit_all,
     until_disconnected,
 )
-
-
-def _prompts(body: CompletionRequest) -> list[Any]:
-    p = body.prompt
-    if isinstance(p, str):
-        return [p]
-    if p and all(isinstance(t, int) for t in p):
-        return [{"prompt_token_ids": p}]
-    if not p:
-        raise InvalidRequestError("prompt must not be empty", param="prompt")
-    return [x if isinstance(x, str) else {"prompt_token_ids": x} for x in p]
 
 
 def _logprobs_block(token_ids: list[int], positions: list, text_offset: int, k: int) -> dict:
@@ -83,7 +73,7 @@ async def create_completion(request: Request, ctx: ServerContext) -> Response:
     ctx.check_model(body.model)
     if body.suffix:
         raise InvalidRequestError("suffix is not supported", param="suffix")
-    prompts = _prompts(body)
+    prompts = prompt_list(body.prompt, "prompt")
     if len(prompts) > ctx.max_prompts_per_request:
         raise InvalidRequestError(f"at most {ctx.max_prompts_per_request} prompts per request", param="prompt")
     if body.use_beam_search:

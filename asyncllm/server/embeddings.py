@@ -21,20 +21,10 @@ from asyncllm.server.serving import (
     ServerContext,
     new_id,
     parse_body,
+    prompt_list,
     submit_all,
     until_disconnected,
 )
-
-
-def _inputs(value: Any) -> list[Any]:
-    """OpenAI's `input`: a string, strings, token ids, or lists of token ids → one prompt each."""
-    if isinstance(value, str):
-        return [value]
-    if not value:
-        raise InvalidRequestError("input must not be empty", param="input")
-    if all(isinstance(t, int) for t in value):
-        return [{"prompt_token_ids": value}]
-    return [x if isinstance(x, str) else {"prompt_token_ids": x} for x in value]
 
 
 async def _embed(request: Request, ctx: ServerContext, engine: AsyncEngine, inputs: list[Any],
@@ -70,7 +60,7 @@ async def create_embedding(request: Request, ctx: ServerContext) -> Response:
     body = await parse_body(request, EmbeddingRequest, ctx)
     engine, name = ctx.embedding_model(body.model)
     params = PoolingParams(body.dimensions, body.normalize, body.truncate_prompt_tokens)
-    outputs = await _embed(request, ctx, engine, _inputs(body.input), params, body.priority)
+    outputs = await _embed(request, ctx, engine, prompt_list(body.input, "input"), params, body.priority)
     tokens = sum(len(o.prompt_token_ids) for o in outputs)
     return JSONResponse({
         "object": "list", "id": new_id("embd"), "created": now(), "model": name,
@@ -92,20 +82,21 @@ async def create_score(request: Request, ctx: ServerContext) -> Response:
     right = [body.text_2] if isinstance(body.text_2, str) else list(body.text_2)
     if not left or not right:
         raise InvalidRequestError("text_1 and text_2 must not be empty", param="text_1")
-    if len(left) == 1:
-        left = left * len(right)
-    elif len(left) != len(right):
+    if len(left) != 1 and len(left) != len(right):
         raise InvalidRequestError(f"text_1 has {len(left)} texts and text_2 {len(right)}: pass one text_1, or as "
                                   "many as text_2", param="text_2")
+    if 2 * len(right) > ctx.max_prompts_per_request:  # a request's bound counts both texts of every pair
+        raise InvalidRequestError(f"at most {ctx.max_prompts_per_request} inputs per request", param="input")
     params = PoolingParams(truncate_prompt_tokens=body.truncate_prompt_tokens)
-    outputs = await _embed(request, ctx, engine, left + right, params, body.priority)
-    n = len(right)
-    tokens = sum(len(o.prompt_token_ids) for o in outputs)
+    outputs = await _embed(request, ctx, engine, left + right, params, body.priority)  # one text_1 embedded once
+    firsts, seconds = outputs[:len(left)], outputs[len(left):]
+    firsts = firsts * len(right) if len(left) == 1 else firsts  # the pairs, as scored
+    tokens = sum(len(o.prompt_token_ids) for o in firsts + seconds)
     return JSONResponse({
         "id": new_id("score"), "object": "list", "created": now(), "model": name,
-        "data": [{"index": i, "object": "score", "score": _cosine(outputs[i].outputs.embedding,
-                                                                   outputs[n + i].outputs.embedding)}
-                 for i in range(n)],
+        "data": [{"index": i, "object": "score", "score": _cosine(first.outputs.embedding,
+                                                                   second.outputs.embedding)}
+                 for i, (first, second) in enumerate(zip(firsts, seconds))],
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     })
 

@@ -163,6 +163,17 @@ def prompt_logprobs_json(out: RequestOutput) -> list[dict | None] | None:
              for t, lp in position.items()} for position in out.prompt_logprobs]
 
 
+def prompt_list(value: Any, param: str) -> list[Any]:
+    """OpenAI's `prompt` / `input`: a string, strings, token ids, or lists of token ids → one prompt each."""
+    if isinstance(value, str):
+        return [value]
+    if value and all(isinstance(t, int) for t in value):
+        return [{"prompt_token_ids": value}]
+    if not value:
+        raise InvalidRequestError(f"{param} must not be empty", param=param)
+    return [x if isinstance(x, str) else {"prompt_token_ids": x} for x in value]
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
