@@ -176,8 +176,7 @@ class RemoteBackend:
         async with httpx.AsyncClient(base_url=self.base_url, headers=self._headers, timeout=self.timeout) as client:
             response = await client.post("/v1/embeddings", json=body)
         if response.status_code >= 400:
-            message = response.json().get("error", {}).get("message", response.text)
-            raise RuntimeError(f"asyncllm server error {response.status_code}: {message}")
+            raise _server_error(response)
         return [item["embedding"] for item in sorted(response.json()["data"], key=lambda d: d["index"])]
 
     async def stream(self, prompt: str | list[dict[str, Any]], options: GenerationOptions) -> AsyncIterator[Delta]:
@@ -200,8 +199,7 @@ class RemoteBackend:
             async with client.stream("POST", path, json=body) as response:
                 if response.status_code >= 400:
                     await response.aread()
-                    message = response.json().get("error", {}).get("message", response.text)
-                    raise RuntimeError(f"asyncllm server error {response.status_code}: {message}")
+                    raise _server_error(response)
                 finish = None
                 async for line in response.aiter_lines():
                     if not line.startswith("data:"):
@@ -224,12 +222,19 @@ class RemoteBackend:
                                     completion_tokens=usage["completion_tokens"], model=event.get("model"))
 
 
+def _server_error(response) -> RuntimeError:
+    """A server's error response (read) → the error to raise, with the server's message."""
+    message = response.json().get("error", {}).get("message", response.text)
+    return RuntimeError(f"asyncllm server error {response.status_code}: {message}")
+
+
 def make_backend(engine=None, base_url: str | None = None, api_key: str | None = None,
-                 tool_call_parser: str | None = None) -> Backend:
-    """`tool_call_parser` applies in process (a server reads replies with its own --tool-call-parser)."""
+                 tool_call_parser: str | None = None, model: str | None = None) -> Backend:
+    """`tool_call_parser` applies in process (a server reads replies with its own --tool-call-parser);
+    `model` names the server's model (None: its first for generation, its embedding model for embed)."""
     if (engine is None) == (base_url is None):
         raise ValueError("pass exactly one of engine (in-process) or base_url (remote server)")
-    return LocalBackend(engine, tool_call_parser) if engine is not None else RemoteBackend(base_url, api_key)
+    return LocalBackend(engine, tool_call_parser) if engine is not None else RemoteBackend(base_url, api_key, model)
 
 
 # ----------------------------------------------------------------------------- sync bridges

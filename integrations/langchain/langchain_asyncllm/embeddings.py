@@ -37,14 +37,7 @@ class AsyncLLMEmbeddings(BaseModel, Embeddings):
     def _client(self) -> Backend:
         if self._backend is None:
             key = self.api_key.get_secret_value() if self.api_key else None
-            if self.engine is not None:
-                self._backend = make_backend(self.engine)
-            else:
-                from asyncllm.backends import RemoteBackend
-
-                if self.base_url is None:
-                    raise ValueError("pass engine (in-process) or base_url (an asyncllm server)")
-                self._backend = RemoteBackend(self.base_url, key, self.model)
+            self._backend = make_backend(self.engine, self.base_url, key, model=self.model)
         return self._backend
 
     async def aembed_documents(self, texts: list[str]) -> list[list[float]]:

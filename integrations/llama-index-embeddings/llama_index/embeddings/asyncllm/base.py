@@ -7,7 +7,7 @@ from typing import Any
 from llama_index.core.base.embeddings.base import BaseEmbedding
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 
-from asyncllm.backends import Backend, RemoteBackend, make_backend, run_sync
+from asyncllm.backends import Backend, make_backend, run_sync
 
 
 class AsyncLLMEmbedding(BaseEmbedding):
@@ -27,15 +27,10 @@ class AsyncLLMEmbedding(BaseEmbedding):
         if engine is not None:
             kwargs.setdefault("model_name", engine.model_name)
         super().__init__(**kwargs)
-        if engine is not None:
-            self._backend = make_backend(engine)
-        elif base_url is not None:
-            requested = kwargs.get("model_name")
-            self._backend = RemoteBackend(base_url, self.api_key, requested)
-            if requested is None:
-                self.model_name = "asyncllm"
-        else:
-            raise ValueError("pass engine (in-process) or base_url (an asyncllm server)")
+        requested = kwargs.get("model_name")
+        self._backend = make_backend(engine, base_url, self.api_key, model=requested)
+        if engine is None and requested is None:
+            self.model_name = "asyncllm"
 
     @classmethod
     def class_name(cls) -> str:
