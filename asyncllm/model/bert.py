@@ -20,7 +20,7 @@ from asyncllm.model.interface import ModelContext
 
 
 class BertLayer(nn.Module):
-    def __init__(self, cfg: EncoderConfig, ctx: ModelContext):
+    def __init__(self, cfg: EncoderConfig):
         super().__init__()
         h = cfg.hidden_size
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
@@ -88,7 +88,7 @@ class BertEncoder(nn.Module):
         self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, h)
         self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, h)
         self.embed_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
-        self.layers = nn.ModuleList(BertLayer(cfg, ctx) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(BertLayer(cfg) for _ in range(cfg.num_layers))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta) -> torch.Tensor:
@@ -103,9 +103,6 @@ class BertEncoder(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError("an encoder has no language-model head: it serves embeddings only")
-
-    def projections(self) -> list[nn.Linear]:
-        return [module for module in self.modules() if isinstance(module, nn.Linear)]
 
     def prepack_weights(self) -> None:
         """Nothing to pack: MKL's sgemm on the plain weights is the fastest here (module docstring)."""

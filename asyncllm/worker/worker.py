@@ -93,9 +93,8 @@ class Worker:
         # An encoder keeps no K/V: its blocks only count tokens for the scheduler.
         layers = 0 if model_cfg.is_encoder_only else model_cfg.num_layers
         self.spec = KVCacheSpec(layers, model_cfg.num_kv_heads, model_cfg.head_dim, args.block_size, dtype)
-        self._max_positions = model_cfg.max_position_embeddings
-        return WorkerInfo(self._num_blocks(self.spec), str(dtype).removeprefix("torch."),
-                          time.perf_counter() - started)
+        return WorkerInfo(self._num_blocks(self.spec, model_cfg.max_position_embeddings),
+                          str(dtype).removeprefix("torch."), time.perf_counter() - started)
 
     def init_cache(self, cache: CacheConfig) -> None:
         args = self.config.args
@@ -133,9 +132,9 @@ class Worker:
             logger.info("%s: kept only the quantised projections, freeing %.0f MB of dense weights and packed copies",
                         scheme, freed / 1e6)
 
-    def _num_blocks(self, spec: KVCacheSpec) -> int:
+    def _num_blocks(self, spec: KVCacheSpec, max_positions: int) -> int:
         if spec.bytes_per_block == 0:  # an encoder: room for max_num_seqs whole sequences, costing nothing
-            return self.config.args.max_num_seqs * -(-self._max_positions // spec.block_size)
+            return self.config.args.max_num_seqs * -(-max_positions // spec.block_size)
         if self.config.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.config.device)
             used = total - free
