@@ -105,15 +105,16 @@ class SuffixProposer:
         self._local: dict[str, tuple[SuffixTrie, list, int]] = {}
 
     def propose(self, request, k: int) -> list[int]:
-        context = request.prompt_token_ids + request.output_token_ids
+        n = request.num_tokens
         entry = self._local.get(request.request_id)
         trie, cursor, indexed = entry if entry is not None else (SuffixTrie(self.depth), None, 0)
         cursor = cursor or trie.start()
-        for token in context[indexed:]:  # the new tokens (a preempted request keeps its trie)
+        for token in request.token_ids(indexed, n):  # the new tokens (a preempted request keeps its trie)
             cursor = trie.extend(cursor, token)
-        self._local[request.request_id] = (trie, cursor, len(context))
+        self._local[request.request_id] = (trie, cursor, n)
+        tail = request.token_ids(max(0, n - (self.depth - 1)), n)  # all the shared trie can match
         best: tuple[list[int], float] = ([], 0.0)
-        for source, nodes in ((trie, cursor), (self.shared, self.shared.suffix_nodes(context))):
+        for source, nodes in ((trie, cursor), (self.shared, self.shared.suffix_nodes(tail))):
             # Longest match first; a deep match leaves fewer levels to follow, so shorter ones compete.
             for length in range(len(nodes) - 1, 0, -1):
                 node = nodes[length]
