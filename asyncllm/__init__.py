@@ -11,6 +11,7 @@ from asyncllm.errors import (
     RequestFailedError,
 )
 from asyncllm.llm import LLM
+from asyncllm.lora.request import LoRARequest
 from asyncllm.outputs import (
     CompletionOutput,
     EmbeddingOutput,
@@ -29,5 +30,5 @@ __all__ = [
     "AsyncEngine", "LLM", "EngineArgs", "SamplingParams", "RequestOutputKind", "RequestOutput", "CompletionOutput", "Logprob",
     "EngineDeadError", "EngineOverloadedError", "EngineShutdownError", "InvalidRequestError", "PromptTooLongError",
     "RequestFailedError", "StructuredOutputs", "GrammarError", "PoolingParams", "PoolerConfig", "EmbeddingOutput",
-    "EmbeddingRequestOutput", "BeamSearchParams", "BeamSearchOutput", "BeamSearchSequence", "__version__",
+    "EmbeddingRequestOutput", "BeamSearchParams", "BeamSearchOutput", "BeamSearchSequence", "LoRARequest", "__version__",
 ]

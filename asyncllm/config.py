@@ -88,6 +88,13 @@ class EngineArgs:
         None, "speculative decoding, as vLLM's: a dict or its JSON text, e.g. {\"method\": \"ngram\", "
               "\"num_speculative_tokens\": 4, \"prompt_lookup_min\": 2, \"prompt_lookup_max\": 5}; proposed "
               "tokens are verified in one forward, so the tokens are those of plain decoding (ngram only so far)")
+    enable_lora: bool = _opt(False, "serve LoRA adapters (PEFT folders) per request over the base model, "
+                                    "mixed in one batch (vLLM's flag)")
+    max_loras: int = _opt(1, "most distinct adapters running at once (requests of others wait); each takes a "
+                             "device slot")
+    max_lora_rank: int = _opt(16, "largest adapter rank accepted")
+    max_cpu_loras: int | None = _opt(None, "adapters kept loaded in host memory, least recently used dropped "
+                                           "(default: max_loras)")
     distributed_executor_backend: str | None = _opt(
         None, "where the model runs: uni (in the engine thread; the default) or mp (a worker process, "
               "steps sent as msgpack; a worker that dies fails every request with EngineDeadError)",
@@ -174,6 +181,13 @@ class EngineConfig:
         if args.distributed_executor_backend not in (None, "uni", "mp"):
             errors.append(f"distributed_executor_backend must be uni or mp, got {args.distributed_executor_backend!r}"
                           + (" (ray is not supported yet)" if args.distributed_executor_backend == "ray" else ""))
+        if args.enable_lora:
+            if args.max_loras < 1:
+                errors.append("max_loras must be >= 1")
+            if args.max_lora_rank < 1:
+                errors.append("max_lora_rank must be >= 1")
+            if args.max_cpu_loras is not None and args.max_cpu_loras < args.max_loras:
+                errors.append("max_cpu_loras must be >= max_loras")
         if args.task not in ("auto", "generate", "embed"):
             errors.append(f"task must be auto, generate or embed, got {args.task!r}")
         try:

@@ -12,6 +12,7 @@ from asyncllm.config import EngineArgs
 from asyncllm.engine.input_processor import ChatMessages, PromptType
 from asyncllm.engine.llm_engine import LLMEngine
 from asyncllm.errors import InvalidRequestError
+from asyncllm.lora.request import LoRARequest
 from asyncllm.outputs import EmbeddingRequestOutput, RequestOutput
 from asyncllm.pooling_params import PoolingParams
 from asyncllm.sampling_params import RequestOutputKind, SamplingParams
@@ -40,18 +41,23 @@ class LLM:
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True, priority: Sequence[int] | None = None) -> list[RequestOutput]:
+                 use_tqdm: bool = True, priority: Sequence[int] | None = None,
+                 lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[RequestOutput]:
+        """`lora_request`: one adapter for every prompt, or one (or None) per prompt (engine
+        started with enable_lora=True)."""
         prompt_list = _as_prompt_list(prompts)
         params_list = _per_prompt(sampling_params or SamplingParams(), len(prompt_list), "sampling params")
         if priority is not None and len(priority) != len(prompt_list):
             raise ValueError(f"got {len(priority)} priorities for {len(prompt_list)} prompts")
-        return self._run(prompt_list, params_list, use_tqdm, priority)
+        loras = _per_prompt(lora_request, len(prompt_list), "LoRA requests")
+        return self._run(prompt_list, params_list, use_tqdm, priority, loras)
 
     def chat(self, messages: ChatMessages | Sequence[ChatMessages],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True,
              chat_template_kwargs: dict[str, Any] | None = None,
-             tools: list[dict[str, Any]] | None = None) -> list[RequestOutput]:
+             tools: list[dict[str, Any]] | None = None,
+             lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[RequestOutput]:
         """`tools` (OpenAI function tools) are rendered as vLLM's LLM.chat does (by the template, or
         in a Hermes-format system turn for templates without tools); read calls from the outputs with
         `asyncllm.tools.get_tool_parser(name).extract(output.outputs[0].text)`."""
@@ -59,7 +65,7 @@ class LLM:
         tools = check_tools(tools) if tools is not None else None
         prompts = [render_chat(self.engine.tokenizer, list(conv), tools, add_generation_prompt, chat_template_kwargs)
                    for conv in conversations]
-        return self.generate(prompts, sampling_params, use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm, lora_request=lora_request)
 
     def embed(self, prompts: str | list[int] | Sequence[str | list[int]],
               pooling_params: PoolingParams | Sequence[PoolingParams] | None = None, use_tqdm: bool = True,
@@ -87,7 +93,7 @@ class LLM:
         return batch.outputs(num_sequences)
 
     def _run(self, prompts: list[PromptType], params_list: list[SamplingParams | PoolingParams], use_tqdm: bool,
-             priority: Sequence[int] | None) -> list[Any]:
+             priority: Sequence[int] | None, loras: Sequence[LoRARequest | None] | None = None) -> list[Any]:
         engine = self.engine
         ids = []
         try:
@@ -96,7 +102,8 @@ class LLM:
                 self._counter += 1
                 final_params = (params if isinstance(params, PoolingParams)
                                 else dataclasses.replace(params, output_kind=RequestOutputKind.FINAL_ONLY))
-                engine.add_request(request_id, prompt, final_params, priority=priority[i] if priority else 0)
+                engine.add_request(request_id, prompt, final_params, priority=priority[i] if priority else 0,
+                                   lora_request=loras[i] if loras else None)
                 ids.append(request_id)
         except Exception:
             engine.abort_request(ids)

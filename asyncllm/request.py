@@ -9,6 +9,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from asyncllm.lora.request import LoRARequest
 from asyncllm.sampling.structured import GrammarState
 from asyncllm.sampling_params import SamplingParams
 
@@ -48,7 +49,7 @@ class Request:
     max_tokens: int  # resolved: min(params.max_tokens, max_model_len - prompt)
     priority: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
-    cache_salt: str | None = None  # extra key of prefix-cache hashes (e.g. LoRA id, tenant)
+    cache_salt: str | None = None  # extra key of prefix-cache hashes (e.g. a tenant)
     sample_seed: int | None = None  # this sequence's seed (the worker makes its generator)
     grammar: GrammarState | None = None  # structured output automaton (None: unconstrained)
     output_token_ids: list[int] = field(default_factory=list)
@@ -59,6 +60,15 @@ class Request:
     num_preemptions: int = 0
     spec_token_ids: list[int] = field(default_factory=list)  # proposed for this step, to verify
     pooling: bool = False  # an embedding request: finished by its pooled vector once its prompt is computed
+    lora_request: LoRARequest | None = None  # its adapter (None: the base model)
+
+    @property
+    def cache_key(self) -> str | None:
+        """Extra key of its prefix-cache hashes: the salt and the adapter (KV differs per adapter)."""
+        if self.lora_request is None:
+            return self.cache_salt
+        adapter = self.lora_request.cache_key
+        return adapter if self.cache_salt is None else f"{self.cache_salt}|{adapter}"
 
     @property
     def num_prompt_tokens(self) -> int:

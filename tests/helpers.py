@@ -217,3 +217,21 @@ def check_same_as_reference_engine(llm, reference, max_tokens: int = 12) -> None
             for got, want in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
                 assert got.keys() == want.keys()
                 assert all(abs(got[t].logprob - want[t].logprob) <= 1e-4 for t in got)
+
+
+def save_lora_adapter(base, path, rank: int, targets: list[str], seed: int, alpha: float | None = None,
+                      use_rslora: bool = False, b_std: float = 0.05):
+    """A PEFT LoRA adapter over `base` (a transformers model, changed in place: it becomes the
+    PeftModel, which is returned) with random A and nonzero random B, saved as safetensors."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, target_modules=targets,
+                        lora_dropout=0.0, use_rslora=use_rslora, bias="none")
+    model = get_peft_model(base, config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, b_std)
+    model.save_pretrained(path, safe_serialization=True)
+    return model.eval()

@@ -61,7 +61,7 @@ class KVCacheManager:
         while (len(hashes) + 1) * bs <= upto_tokens:
             i = len(hashes)
             parent = hashes[-1] if hashes else None
-            hashes.append(hash_block(parent, request.token_ids(i * bs, (i + 1) * bs), request.cache_salt))
+            hashes.append(hash_block(parent, request.token_ids(i * bs, (i + 1) * bs), request.cache_key))
         return hashes
 
     def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from asyncllm.lora.request import LoRARequest
 from asyncllm.outputs import TokenLogprobs
 from asyncllm.sampling.metadata import SamplingRow
 
@@ -25,6 +26,7 @@ class NewRequestData:
     block_ids: list[int]
     cache_key: str | None = None  # prefix-cache extra key (LoRA adapter, images, salt): for the worker's adapters
     pooling: bool = False  # an embedding request: its prompt's hidden states are pooled, nothing is sampled
+    lora: LoRARequest | None = None  # its adapter: the worker loads it on first use
 
 
 @dataclass

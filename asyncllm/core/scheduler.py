@@ -53,6 +53,7 @@ class SchedulerConfig:
     num_speculative_tokens: int = 0  # most proposed tokens per request per step (0: none)
     speculative_disable_batch_size: int | None = None  # no proposals while this many requests run
     pooling_uses_cache: bool = True  # False when the pooler reads every prompt position (MEAN, CLS)
+    max_loras: int = 0  # most distinct LoRA adapters among running requests (0: LoRA off)
 
 
 class Scheduler:
@@ -157,6 +158,9 @@ class Scheduler:
             if request.grammar is not None and request.grammar.guide is None:
                 position += 1  # its grammar is still compiling: the others go ahead
                 continue
+            if not self._adapter_fits(request):
+                position += 1  # max_loras other adapters are running: it waits for one of them to end
+                continue
             # Prompt logprobs, and MEAN/CLS pooling, need every position computed.
             use_cache = request.sampling_params.prompt_logprobs is None and (
                 not request.pooling or self.config.pooling_uses_cache)
@@ -186,6 +190,14 @@ class Scheduler:
         if scheduled:  # otherwise the diffs wait for the next step that runs
             self._add_worker_diffs(out)
         return out
+
+    def _adapter_fits(self, request: Request) -> bool:
+        """Whether running it keeps the running requests within max_loras distinct adapters (the
+        workers hold that many at once)."""
+        if request.lora_request is None:
+            return True
+        running = {r.lora_request.lora_int_id for r in self.running if r.lora_request is not None}
+        return request.lora_request.lora_int_id in running or len(running) < self.config.max_loras
 
     def _propose(self, request: Request, num_new: int, budget: int) -> list[int]:
         """Tokens to verify along with a decode (none for prompts and for grammar-constrained
@@ -218,7 +230,7 @@ class Scheduler:
                 out.new_requests.append(NewRequestData(
                     rid, request.prompt_token_ids, list(request.output_token_ids),
                     SamplingRow.from_params(request.sampling_params, request.eos_token_ids, request.sample_seed),
-                    block_ids, request.cache_salt, request.pooling))
+                    block_ids, request.cache_salt, request.pooling, request.lora_request))
             elif sent is None:
                 self._resumed.discard(rid)
                 out.cached_requests.append(CachedRequestData(rid, block_ids, resumed=True))

@@ -28,6 +28,7 @@ from asyncllm.engine.llm_engine import LLMEngine, PreparedRequest
 from asyncllm.engine.request_stream import LoopHandle, RequestStream
 from asyncllm.engine.stats import EngineSnapshot
 from asyncllm.errors import EngineDeadError, InvalidRequestError, RequestFailedError
+from asyncllm.lora.request import LoRARequest
 from asyncllm.outputs import EmbeddingRequestOutput, RequestOutput
 from asyncllm.pooling_params import PoolingParams
 from asyncllm.sampling.structured import GrammarError, StructuredOutputs
@@ -119,17 +120,31 @@ class AsyncEngine:
 
     async def generate(self, prompt: PromptType, sampling_params: SamplingParams | None = None,
                        request_id: str | None = None, priority: int = 0,
-                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+                       cache_salt: str | None = None,
+                       lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
         """Yields RequestOutputs as the request progresses (shape per sampling_params.output_kind)."""
-        prepared = self.prepare(prompt, sampling_params, request_id, priority, cache_salt)
+        prepared = self.prepare(prompt, sampling_params, request_id, priority, cache_salt, lora_request)
         async for output in self.generate_prepared(prepared):
             yield output
 
     def prepare(self, prompt: PromptType, sampling_params: SamplingParams | PoolingParams | None = None,
-                request_id: str | None = None, priority: int = 0, cache_salt: str | None = None) -> PreparedRequest:
+                request_id: str | None = None, priority: int = 0, cache_salt: str | None = None,
+                lora_request: LoRARequest | None = None) -> PreparedRequest:
         """Validates and tokenizes now (raises InvalidRequestError); run it with generate_prepared()."""
         return self.engine.prepare_request(request_id or uuid.uuid4().hex, prompt, sampling_params, priority,
-                                           cache_salt=cache_salt)
+                                           cache_salt=cache_salt, lora_request=lora_request)
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Checks and registers an adapter ahead of its requests (vLLM's add_lora). → False if that
+        id was registered already."""
+        return self.engine.add_lora(lora_request)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        """Forgets an adapter id: new requests naming it are refused, running ones finish with it."""
+        return self.engine.remove_lora(lora_int_id)
+
+    def list_loras(self) -> list[LoRARequest]:
+        return self.engine.list_loras()
 
     async def generate_prepared(self, prepared: PreparedRequest) -> AsyncIterator[RequestOutput]:
         """Queues the request when first iterated and yields its outputs."""
@@ -158,15 +173,18 @@ class AsyncEngine:
         self._thread.abort(request_id)
 
     async def stream(self, prompt_or_messages: PromptType, sampling_params: SamplingParams | None = None,
-                     *, request_id: str | None = None, priority: int = 0, **params: Any) -> AsyncIterator[str]:
+                     *, request_id: str | None = None, priority: int = 0, lora_request: LoRARequest | None = None,
+                     **params: Any) -> AsyncIterator[str]:
         """Yields text deltas. Chat messages (list of {role, content}) go through the chat template.
 
-        `params` are SamplingParams fields, e.g. `stream(prompt, max_tokens=64, temperature=0)`.
+        `params` are SamplingParams fields, e.g. `stream(prompt, max_tokens=64, temperature=0)`;
+        `lora_request` runs it with that adapter.
         """
         params = _merge_params(sampling_params, params, RequestOutputKind.DELTA)
         if params.n != 1:
             raise InvalidRequestError("stream() yields one text; use generate() for n > 1", param="n")
-        gen = self.generate(prompt_or_messages, params, request_id=request_id, priority=priority)
+        gen = self.generate(prompt_or_messages, params, request_id=request_id, priority=priority,
+                            lora_request=lora_request)
         try:
             async for output in gen:
                 text = output.outputs[0].text if output.outputs else ""
@@ -176,10 +194,12 @@ class AsyncEngine:
             await gen.aclose()
 
     async def complete(self, prompt_or_messages: PromptType, sampling_params: SamplingParams | None = None,
-                       *, request_id: str | None = None, priority: int = 0, **params: Any) -> RequestOutput:
+                       *, request_id: str | None = None, priority: int = 0, lora_request: LoRARequest | None = None,
+                       **params: Any) -> RequestOutput:
         """The finished RequestOutput of one request."""
         params = _merge_params(sampling_params, params, RequestOutputKind.FINAL_ONLY)
-        gen = self.generate(prompt_or_messages, params, request_id=request_id, priority=priority)
+        gen = self.generate(prompt_or_messages, params, request_id=request_id, priority=priority,
+                            lora_request=lora_request)
         try:
             async for output in gen:
                 if output.finished:

@@ -12,6 +12,7 @@ from typing import Any, Union
 from transformers import PreTrainedTokenizerBase
 
 from asyncllm.errors import InvalidRequestError, PromptTooLongError
+from asyncllm.lora.request import LoRARequest
 from asyncllm.request import Request
 from asyncllm.sampling.grammar_compiler import GrammarCompiler
 from asyncllm.sampling.structured import GrammarState
@@ -86,7 +87,7 @@ class InputProcessor:
 
     def make_requests(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams, child_ids: list[str],
                       priority: int = 0, arrival_time: float | None = None,
-                      cache_salt: str | None = None) -> list[Request]:
+                      cache_salt: str | None = None, lora_request: LoRARequest | None = None) -> list[Request]:
         n_prompt = len(prompt.prompt_token_ids)
         if n_prompt >= self.max_model_len:
             raise PromptTooLongError(
@@ -113,7 +114,7 @@ class InputProcessor:
                 grammar = GrammarState(compilation.future, self.grammars.eos_token_id, compilation.deadline)
             requests.append(Request(child_id, prompt.prompt_token_ids, params, self.eos_token_ids, max_tokens,
                                     priority=priority, arrival_time=arrival, cache_salt=cache_salt,
-                                    sample_seed=seed, grammar=grammar))
+                                    sample_seed=seed, grammar=grammar, lora_request=lora_request))
         return requests
 
     def _bad_words_ids(self, words: list[str]) -> list[list[int]]:

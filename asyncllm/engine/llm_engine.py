@@ -17,6 +17,8 @@ from asyncllm.engine.engine_core import EngineCore
 from asyncllm.engine.input_processor import InputProcessor, PromptType
 from asyncllm.engine.output_processor import OutputProcessor, child_request_id
 from asyncllm.errors import InvalidRequestError, PromptTooLongError
+from asyncllm.lora.registry import LoRARegistry
+from asyncllm.lora.request import LoRARequest
 from asyncllm.model.tokenizer import apply_chat_template_override
 from asyncllm.outputs import EmbeddingRequestOutput, RequestOutput
 from asyncllm.pooling_params import PoolingParams
@@ -54,6 +56,7 @@ class LLMEngine:
         if config.args.structured_outputs_warmup:
             self.input_processor.grammars.warm_up()
         self.output_processor = OutputProcessor(self.tokenizer, self.core.pooler_config.normalize)
+        self.loras = LoRARegistry(model_cfg, config.args.enable_lora, config.args.max_lora_rank)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs | None = None, **overrides) -> "LLMEngine":
@@ -81,8 +84,10 @@ class LLMEngine:
 
     def prepare_request(self, request_id: str, prompt: PromptType,
                         params: SamplingParams | PoolingParams | None = None, priority: int = 0,
-                        arrival_time: float | None = None, cache_salt: str | None = None) -> PreparedRequest:
+                        arrival_time: float | None = None, cache_salt: str | None = None,
+                        lora_request: LoRARequest | None = None) -> PreparedRequest:
         """Validates and tokenizes (no engine state touched, safe off the engine thread).
+        `lora_request` runs it with that adapter (checked here: a bad one raises at once).
 
         Raises InvalidRequestError / PromptTooLongError; nothing is queued then.
         """
@@ -91,6 +96,10 @@ class LLMEngine:
             raise InvalidRequestError("request_id must be a non-empty string", param="request_id")
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise InvalidRequestError("priority must be an integer", param="priority")
+        if lora_request is not None:
+            if isinstance(params, PoolingParams):
+                raise InvalidRequestError("embeddings with a LoRA adapter are not supported", param="lora_request")
+            self.loras.check(lora_request)
         if isinstance(params, PoolingParams):
             return self._prepare_pooling(request_id, prompt, params, priority, arrival_time, cache_salt)
         if self.task == "embed":
@@ -104,7 +113,7 @@ class LLMEngine:
         core_params = (dataclasses.replace(params, logprobs=0)
                        if params.ranks_samples and params.logprobs is None else params)
         requests = self.input_processor.make_requests(request_id, processed, core_params, child_ids, priority,
-                                                      arrival_time, cache_salt)
+                                                      arrival_time, cache_salt, lora_request)
         self.core.check_prompt_fits(len(processed.prompt_token_ids))
         return PreparedRequest(request_id, processed.prompt, processed.prompt_token_ids, params, requests)
 
@@ -165,8 +174,22 @@ class LLMEngine:
             self.core.add_request(request)
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | PoolingParams | None = None,
-                    priority: int = 0, arrival_time: float | None = None, cache_salt: str | None = None) -> None:
-        self.submit(self.prepare_request(request_id, prompt, params, priority, arrival_time, cache_salt))
+                    priority: int = 0, arrival_time: float | None = None, cache_salt: str | None = None,
+                    lora_request: LoRARequest | None = None) -> None:
+        self.submit(self.prepare_request(request_id, prompt, params, priority, arrival_time, cache_salt,
+                                         lora_request))
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Checks and registers an adapter ahead of its requests (vLLM's add_lora); the workers read
+        its weights on first use. → False if that id was registered already."""
+        return self.loras.add(lora_request)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        """Forgets an adapter id (requests running with it finish with it). → whether it was there."""
+        return self.loras.remove(lora_int_id)
+
+    def list_loras(self) -> list[LoRARequest]:
+        return self.loras.list()
 
     def abort_request(self, request_ids: Iterable[str], reason: str = "abort",
                       error: str | None = None) -> list[RequestOutput]:

@@ -135,11 +135,13 @@ class LlamaFamilyForCausalLM(nn.Module):
         # forward, once load-time changes (4-bit copies) are done.
         self.decode_stack: CpuDecodeStack | None = None
         self.use_decode_stack = ops.c_kernels
+        self.lora_batch = None  # the step's adapters once the worker enables LoRA (asyncllm/lora/layers.py)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
         """→ final hidden states [T, hidden]."""
-        if self.use_decode_stack:
+        # A step with adapters runs layer by layer: the one-call decoder has no LoRA products.
+        if self.use_decode_stack and (self.lora_batch is None or not self.lora_batch.active):
             if self.decode_stack is None:
                 self.decode_stack = CpuDecodeStack(self)
             if self.decode_stack.takes(input_ids.shape[0], meta, kv_caches):
@@ -157,6 +159,21 @@ class LlamaFamilyForCausalLM(nn.Module):
         if self.logits_quant is not None and hidden.shape[0] <= self.logits_quant_max_rows:
             return self.logits_quant.linear(hidden).float()
         return self.logits_linear.linear(hidden, self.logits_weight).float()
+
+    def lora_parts(self) -> dict[str, list[tuple[str, int, int]]]:
+        """Projections adapters may target: module name → its parts as (PEFT module name, first
+        and last + 1 output column); a fused QKV / gate-up has one part per original projection."""
+        offsets = self._fused_offsets()
+        parts: dict[str, list[tuple[str, int, int]]] = {}
+        for name, module in self.named_modules():
+            if not isinstance(module, Linear):
+                continue
+            parent, _, leaf = name.rpartition(".")
+            if leaf in self._FUSED:
+                parts[name] = [(f"{parent}.{part}", *offsets[(f"{name}.weight", part)]) for part in self._FUSED[leaf]]
+            else:
+                parts[name] = [(name, 0, module.out_features)]
+        return parts
 
     def projections(self) -> list[Linear]:
         return [module for module in self.modules() if isinstance(module, Linear)]

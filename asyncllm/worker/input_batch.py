@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from asyncllm.core.sched_output import ScheduledRequest, SchedulerOutput
+from asyncllm.lora.request import LoRARequest
 from asyncllm.pooling.pooler import PoolingState
 from asyncllm.sampling.metadata import PenaltyInputs, SamplingMetadata, SamplingRow
 
@@ -32,6 +33,7 @@ class CachedRequestState:
     skip_prompt_logprobs: bool = False  # recomputed after a preemption: its prompt logprobs were sent
     row: int = -1  # its row in the batch; -1 while preempted
     pooling: PoolingState | None = None  # an embedding request: what its chunks gathered so far
+    lora: LoRARequest | None = None  # its adapter (None: the base model)
 
     @property
     def num_tokens(self) -> int:
@@ -122,7 +124,7 @@ class InputBatch:
         for new in sched.new_requests:
             state = CachedRequestState(new.req_id, new.prompt_token_ids + new.output_token_ids,
                                        len(new.prompt_token_ids), new.sampling, list(new.block_ids),
-                                       pooling=PoolingState() if new.pooling else None)
+                                       pooling=PoolingState() if new.pooling else None, lora=new.lora)
             self.requests[new.req_id] = state
             self._enter(state)
         for diff in sched.cached_requests:

@@ -24,6 +24,7 @@ from asyncllm.core.sched_output import (
     ScheduledRequest,
     SchedulerOutput,
 )
+from asyncllm.lora.manager import LoRAManager
 from asyncllm.model.layers.attention import AttentionMetadata
 from asyncllm.outputs import TokenLogprobs
 from asyncllm.pooling.pooler import Pooler
@@ -77,7 +78,7 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, pre
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, spec: KVCacheSpec, num_blocks: int, max_model_len: int,
                  max_num_seqs: int, device: torch.device, seed: int, prefault: bool = False,
-                 pooler: Pooler | None = None):
+                 pooler: Pooler | None = None, lora: LoRAManager | None = None):
         self.model = model
         self.spec = spec
         self.device = device
@@ -92,6 +93,7 @@ class ModelRunner:
         self.batch = InputBatch(max_num_seqs, -(-max_model_len // spec.block_size) + 1, spec.block_size, device)
         self.sampler = Sampler(seed, device)
         self.pooler = pooler
+        self.lora = lora
 
     def release(self) -> None:
         self.kv_caches = []
@@ -141,6 +143,8 @@ class ModelRunner:
             block_tables=self.batch.block_table_for(table_states).to(dev),
             slot_mapping=flat.slot_mapping.to(dev),
         )
+        if self.lora is not None:
+            self.lora.prepare_step([state.lora for state, _ in items], query_start)
         hidden = self.model(flat.input_ids.to(dev), flat.positions.to(dev), self.kv_caches, meta)
 
         result = ModelRunnerOutput()

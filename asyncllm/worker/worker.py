@@ -14,6 +14,7 @@ import torch
 
 from asyncllm.config import EngineConfig
 from asyncllm.core.sched_output import ModelRunnerOutput, SchedulerOutput
+from asyncllm.lora.manager import LoRAManager
 from asyncllm.model.dtype import resolve_dtype
 from asyncllm.model.interface import ModelContext
 from asyncllm.model.layers.block_quant import QUANTIZATION_BITS
@@ -63,6 +64,7 @@ class Worker:
         self.runner: ModelRunner | None = None
         self.spec: KVCacheSpec | None = None
         self.pooler: Pooler | None = None
+        self.lora: LoRAManager | None = None
 
     def load_model(self) -> WorkerInfo:
         started = time.perf_counter()
@@ -83,6 +85,11 @@ class Worker:
                 raise ValueError(f"quantization is not supported for encoder models ({model_cfg.architecture})")
             self._quantize(model, args.quantization, dtype)
         model.eval()
+        if args.enable_lora:
+            if model_cfg.is_encoder_only:
+                raise ValueError(f"LoRA adapters are not supported for encoder models ({model_cfg.architecture})")
+            self.lora = LoRAManager(model, args.max_loras, args.max_lora_rank, args.max_cpu_loras or args.max_loras,
+                                    config.device, dtype)
         if args.cpu_malloc_tuning and config.device.type == "cpu":
             # After the load, so its temporary buffers have gone back to the OS.
             keep_freed_memory_in_heap()
@@ -99,7 +106,8 @@ class Worker:
     def init_cache(self, cache: CacheConfig) -> None:
         args = self.config.args
         self.runner = ModelRunner(self.model, self.spec, cache.num_blocks, cache.max_model_len, args.max_num_seqs,
-                                  self.config.device, args.seed, prefault=args.kv_cache_prefault, pooler=self.pooler)
+                                  self.config.device, args.seed, prefault=args.kv_cache_prefault, pooler=self.pooler,
+                                  lora=self.lora)
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute(sched)

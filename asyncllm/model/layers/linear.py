@@ -109,6 +109,7 @@ class Linear(nn.Linear):
         self.prepacked = PackedLinear(ops)
         self.quantized: Int4Weight | BlockQuantWeight | None = None
         self.quantized_max_rows = 0
+        self.lora = None  # a LoRAProjection once the worker enables LoRA (asyncllm/lora/layers.py)
 
     def pack(self) -> None:
         self.prepacked.pack(self.weight)
@@ -157,6 +158,10 @@ class Linear(nn.Linear):
         return self.quantized is not None and x.dim() == 2 and x.shape[0] <= self.quantized_max_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._base(x)
+        return out if self.lora is None else self.lora.apply(x, out)
+
+    def _base(self, x: torch.Tensor) -> torch.Tensor:
         if self._reads_quantized(x):
             out = self.quantized.linear(x)
             return out if self.bias is None else out + self.bias
@@ -166,8 +171,9 @@ class Linear(nn.Linear):
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor | None:
         """For the fused gate/up projection: silu(gate) * up without writing the [rows, 2 * inter]
-        activation, where the dense panels serve these rows (PackedLinear.silu_and_mul); else None."""
-        if self._reads_quantized(x) or self.dense_dropped:
+        activation, where the dense panels serve these rows (PackedLinear.silu_and_mul); else None
+        (also in a step with adapters, whose products add to gate/up before the activation)."""
+        if self._reads_quantized(x) or self.dense_dropped or (self.lora is not None and self.lora.batch.active):
             return None
         return self.prepacked.silu_and_mul(x, self.weight, self.bias)
 

@@ -1,0 +1,103 @@
+"""The LoRA products of a mixed-adapter batch, all rows at once (Punica's idea, as matmuls).
+
+Each projection adds `x @ A_j^T @ B_j^T * s_j` to the rows of adapter j. Per step the
+adapters the batch uses ("active", at most max_loras) are laid side by side:
+
+    A_act: [in, P * n * r]    part p of the projection (q, k, v of a fused QKV), adapter j:
+                              columns p*n*r + j*r ... + r (ranks zero-padded to the step's largest)
+    B_act[p]: [n * r, out_p]  B_j^T * s_j in rows j*r ... + r
+
+so the shrink is one matmul for all rows and parts, a mask zeroes the columns of the
+adapters a row does not use (rows of the base model: all of them), and the expand is one
+matmul per part (one per projection for o/down), added into that part's output columns.
+No Python loop over adapters or rows; what a row does not use costs n*r extra columns in
+the shrink and expand (r << in, out). A step whose rows all use one adapter skips the mask.
+The side-by-side tensors depend only on the active adapters, so they are rebuilt when that
+set changes (a LoRABatch version), not every step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from asyncllm.lora.adapter import AdapterWeights
+
+
+@dataclass
+class LoRABatch:
+    """The step's adapters and row mask, shared by every LoRA projection of one model (set by
+    the worker's LoRAManager before each forward)."""
+
+    adapters: list[AdapterWeights] = field(default_factory=list)  # the active ones, in column order
+    rank: int = 0  # the padded rank: the largest of theirs
+    mask: torch.Tensor | None = None  # [T, n * rank]: 1 where a row uses that adapter; None: all use adapters[0]
+    version: int = 0  # bumped whenever adapters / rank change
+
+    @property
+    def active(self) -> bool:
+        return bool(self.adapters)
+
+    def set(self, adapters: list[AdapterWeights], mask: torch.Tensor | None) -> None:
+        if len(adapters) != len(self.adapters) or any(a is not b for a, b in zip(adapters, self.adapters)):
+            self.adapters, self.rank = adapters, max((a.rank for a in adapters), default=0)
+            self.version += 1
+        self.mask = mask
+
+    def clear(self) -> None:
+        self.set([], None)
+
+
+class LoRAProjection:
+    """The LoRA side of one projection (a Linear): its parts' PEFT module names and output
+    columns, and the side-by-side adapter tensors of the current active set."""
+
+    def __init__(self, modules: list[str], slices: list[tuple[int, int]], in_features: int,
+                 batch: LoRABatch):
+        self.modules = modules  # PEFT name of each part, e.g. "layers.0.self_attn.q_proj"
+        self.slices = slices  # each part's output columns [start, end)
+        self.in_features = in_features
+        self.batch = batch
+        self._version = -1
+        self._a: torch.Tensor | None = None  # A_act, None when no active adapter targets this projection
+        self._b: list[torch.Tensor] = []
+
+    def _rebuild(self, like: torch.Tensor) -> None:
+        batch, parts = self.batch, len(self.modules)
+        n, r = len(batch.adapters), batch.rank
+        width = n * r
+        self._version = batch.version
+        if not any(m in a.tensors for a in batch.adapters for m in self.modules):
+            self._a, self._b = None, []
+            return
+        a_act = torch.zeros(self.in_features, parts * width, dtype=like.dtype, device=like.device)
+        b_act = [torch.zeros(width, end - start, dtype=like.dtype, device=like.device) for start, end in self.slices]
+        for p, module in enumerate(self.modules):
+            for j, adapter in enumerate(batch.adapters):
+                pair = adapter.tensors.get(module)
+                if pair is None:
+                    continue
+                a, b = pair
+                column = p * width + j * r
+                a_act[:, column:column + a.shape[0]] = a.t()
+                b_act[p][j * r:j * r + b.shape[1]] = b.t()
+        self._a, self._b = a_act, b_act
+
+    def apply(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out (the base projection of x) plus each row's adapter product, in place."""
+        batch = self.batch
+        if not batch.active:
+            return out
+        if self._version != batch.version:
+            self._rebuild(x)
+        if self._a is None:
+            return out
+        rows = x.reshape(-1, self.in_features)
+        shrunk = rows @ self._a  # [T, P * n * r]
+        width = self._b[0].shape[0]
+        if batch.mask is not None:
+            shrunk.view(rows.shape[0], len(self.modules), width).mul_(batch.mask.unsqueeze(1))
+        flat = out.view(-1, out.shape[-1])
+        for p, (start, end) in enumerate(self.slices):
+            flat[:, start:end].addmm_(shrunk[:, p * width:(p + 1) * width], self._b[p])
+        return out
