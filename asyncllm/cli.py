@@ -69,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--embedding-model", default=None,
                        help="a second model, for /v1/embeddings, /score and /rerank (e.g. a sentence-transformers "
                             "folder), served by the same process; requests pick a model by name")
+    serve.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
+                       help="LoRA adapters served as models of these names (needs --enable-lora)")
+    serve.add_argument("--allow-runtime-lora-updating", action="store_true",
+                       default=os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower() in ("1", "true"),
+                       help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (behind --api-key), "
+                            "loading only from under --lora-root")
+    serve.add_argument("--lora-root", default=None, help="the folder runtime-loaded adapters must lie in")
     serve.add_argument("--embedding-model-name", default=None, help="its name in the API (default: its folder's)")
     add_engine_args(serve)
     # A server process owns its machine's memory: take the whole KV cache up front rather than
@@ -119,7 +126,8 @@ def _serve(ns: argparse.Namespace) -> int:
                     browser_page=not ns.no_browser_page, max_body_bytes=ns.max_body_bytes,
                     max_json_depth=ns.max_json_depth, openapi=not ns.no_openapi,
                     enable_auto_tool_choice=ns.enable_auto_tool_choice, tool_call_parser=ns.tool_call_parser,
-                    reasoning_parser=ns.reasoning_parser)
+                    reasoning_parser=ns.reasoning_parser, lora_modules=ns.lora_modules,
+                    allow_runtime_lora_updating=ns.allow_runtime_lora_updating, lora_root=ns.lora_root)
     config = uvicorn.Config(app, host=ns.host, port=ns.port, log_level=ns.log_level, lifespan="on")
     server = DrainingServer(config, app.state.shutdown, ns.shutdown_timeout)
 

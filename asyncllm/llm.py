@@ -81,15 +81,17 @@ class LLM:
         return self._run(prompt_list, params_list, use_tqdm, None)
 
     def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams,
-                    num_sequences: int | None = None) -> list[BeamSearchOutput]:
+                    num_sequences: int | None = None,
+                    lora_request: LoRARequest | None = None) -> list[BeamSearchOutput]:
         """vLLM's LLM.beam_search: the `num_sequences` (default beam_width) best beams of each
-        prompt, best first, scored as transformers' beam search scores them (asyncllm/beam_search.py)."""
+        prompt, best first, scored as transformers' beam search scores them (asyncllm/beam_search.py);
+        with `lora_request`, every beam runs with that adapter."""
         engine = self.engine
         prompt_ids = [engine.input_processor.process_prompt(p).prompt_token_ids for p in _as_prompt_list(prompts)]
         batch = engine_beam_search(engine, prompt_ids, params)
         while pending := batch.pending():
             batch.advance(self._run([{"prompt_token_ids": tokens} for tokens in pending],
-                                    [batch.step_params] * len(pending), False, None))
+                                    [batch.step_params] * len(pending), False, None, [lora_request] * len(pending)))
         return batch.outputs(num_sequences)
 
     def _run(self, prompts: list[PromptType], params_list: list[SamplingParams | PoolingParams], use_tqdm: bool,

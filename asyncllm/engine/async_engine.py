@@ -254,14 +254,14 @@ class AsyncEngine:
         return finals
 
     async def beam_search(self, prompt: PromptType, params: BeamSearchParams, *, num_sequences: int | None = None,
-                          priority: int = 0) -> BeamSearchOutput:
+                          priority: int = 0, lora_request: LoRARequest | None = None) -> BeamSearchOutput:
         """One prompt's best beams (as LLM.beam_search); each step's beams run as one batch of
         one-token requests, sharing their prefixes through the prefix cache."""
         prompt_ids = self.engine.input_processor.process_prompt(prompt).prompt_token_ids
         batch = engine_beam_search(self.engine, [prompt_ids], params)
         while pending := batch.pending():
-            prepared = [self.prepare({"prompt_token_ids": tokens}, batch.step_params, None, priority)
-                        for tokens in pending]
+            prepared = [self.prepare({"prompt_token_ids": tokens}, batch.step_params, None, priority,
+                                     lora_request=lora_request) for tokens in pending]
             finals = await self._finals(prepared)
             if any(not final.outputs or not final.outputs[0].logprobs for final in finals):
                 raise RequestFailedError("a beam's step did not finish")

@@ -17,7 +17,7 @@ from importlib import resources
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 import asyncllm
@@ -34,9 +34,16 @@ from asyncllm.server.errors import (
     to_api_error,
 )
 from asyncllm.server.limits import BodyLimitMiddleware
+from asyncllm.server.lora_adapters import LoRAModule, ServedAdapters
 from asyncllm.server.metrics import ServerMetrics
 from asyncllm.server.openapi import openapi_document, swagger_page
-from asyncllm.server.protocol import DetokenizeRequest, TokenizeRequest, now
+from asyncllm.server.protocol import (
+    DetokenizeRequest,
+    LoadLoRAAdapterRequest,
+    TokenizeRequest,
+    UnloadLoRAAdapterRequest,
+    now,
+)
 from asyncllm.server.serving import ServerContext, parse_body
 from asyncllm.server.shutdown import DrainMiddleware, GracefulShutdown
 from asyncllm.tools import get_reasoning_parser, get_tool_parser
@@ -60,13 +67,17 @@ def build_app(engine: AsyncEngine, *, api_key: str | None = None, served_model_n
               openapi: bool = True, run_lifespan: bool = True, enable_auto_tool_choice: bool = False,
               tool_call_parser: str | None = None, reasoning_parser: str | None = None,
               embedding_engine: AsyncEngine | None = None,
-              embedding_model_name: str | None = None) -> Starlette:
+              embedding_model_name: str | None = None, lora_modules: Iterable[LoRAModule | str] = (),
+              allow_runtime_lora_updating: bool = False, lora_root: str | None = None) -> Starlette:
     """The API app. `api_key` (or ASYNCLLM_API_KEY) guards every route but `public_paths`
     (/openapi.json and /docs too, unless listed there). `app.state.shutdown` drains it.
     `tool_call_parser` reads tool calls from free replies (`tool_choice="auto"`, allowed by
     `enable_auto_tool_choice`, as vLLM's flags); `reasoning_parser` moves `<think>` to reasoning_content.
     `embedding_engine` serves /v1/embeddings, /score and /rerank beside the main model (requests
-    pick a model by name); without it the main model embeds (pooling its hidden states)."""
+    pick a model by name); without it the main model embeds (pooling its hidden states).
+    `lora_modules` (`name=path`, the engine started with enable_lora) are served as models of
+    those names; `allow_runtime_lora_updating` adds /v1/load_lora_adapter and
+    /v1/unload_lora_adapter, which load only from under `lora_root`."""
     api_key = api_key if api_key is not None else os.environ.get("ASYNCLLM_API_KEY") or None
     names = [served_model_name] if served_model_name else []
     names += [n for n in (engine.model_name,) if n not in names]
@@ -84,9 +95,16 @@ def build_app(engine: AsyncEngine, *, api_key: str | None = None, served_model_n
         if set(embedding_names) & set(names):
             raise ValueError(f"the embedding model needs a name of its own (both are {embedding_names[0]!r}): "
                              "pass embedding_model_name")
+    modules = [m if isinstance(m, LoRAModule) else LoRAModule.parse(m) for m in lora_modules]
+    adapters = None
+    if modules or allow_runtime_lora_updating:
+        taken = [m.name for m in modules if m.name in names or m.name in embedding_names]
+        if taken:
+            raise ValueError(f"--lora-modules: the name {taken[0]!r} is the served model's")
+        adapters = ServedAdapters(engine, names[0], modules, allow_runtime_lora_updating, lora_root)
     ctx = ServerContext(engine, names, metrics, shutdown, max_prompts_per_request, max_json_depth,
                         tool_call_parser if enable_auto_tool_choice else None, reasoning_parser,
-                        embedding_engine, embedding_names)
+                        embedding_engine, embedding_names, adapters)
 
     def endpoint(name: str, handler):
         async def wrapped(request: Request) -> Response:
@@ -115,9 +133,24 @@ def build_app(engine: AsyncEngine, *, api_key: str | None = None, served_model_n
     async def models(request: Request, ctx: ServerContext) -> Response:
         served = [(name, engine) for name in ctx.model_names]
         served += [(name, embedding_engine) for name in ctx.embedding_names]
-        return JSONResponse({"object": "list", "data": [
-            {"id": name, "object": "model", "created": now(), "owned_by": "asyncllm",
-             "max_model_len": model.max_model_len, "task": model.engine.task} for name, model in served]})
+        data = [{"id": name, "object": "model", "created": now(), "owned_by": "asyncllm", "root": name,
+                 "parent": None, "max_model_len": model.max_model_len, "task": model.engine.task}
+                for name, model in served]
+        # Adapters as vLLM lists them: their folder as root, the base model as parent.
+        data += [{"id": lora.lora_name, "object": "model", "created": now(), "owned_by": "asyncllm",
+                  "root": lora.lora_path, "parent": lora.base_model_name, "max_model_len": engine.max_model_len,
+                  "task": engine.engine.task} for lora in (ctx.adapters.served() if ctx.adapters else [])]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def load_lora_adapter(request: Request, ctx: ServerContext) -> Response:
+        body = await parse_body(request, LoadLoRAAdapterRequest, ctx)
+        lora = await ctx.adapters.load(body.lora_name, body.lora_path)
+        return PlainTextResponse(f"Success: LoRA adapter '{lora.lora_name}' added successfully.")  # vLLM's reply
+
+    async def unload_lora_adapter(request: Request, ctx: ServerContext) -> Response:
+        body = await parse_body(request, UnloadLoRAAdapterRequest, ctx)
+        lora = ctx.adapters.unload(body.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{lora.lora_name}' removed successfully.")
 
     async def tokenize(request: Request, ctx: ServerContext) -> Response:
         body = await parse_body(request, TokenizeRequest, ctx)
@@ -162,6 +195,10 @@ def build_app(engine: AsyncEngine, *, api_key: str | None = None, served_model_n
         Route("/tokenize", endpoint("tokenize", tokenize), methods=["POST"]),
         Route("/detokenize", endpoint("detokenize", detokenize), methods=["POST"]),
     ]
+    if allow_runtime_lora_updating:  # absent otherwise: a 404, as in vLLM without the switch
+        routes += [Route("/v1/load_lora_adapter", endpoint("load_lora_adapter", load_lora_adapter), methods=["POST"]),
+                   Route("/v1/unload_lora_adapter", endpoint("unload_lora_adapter", unload_lora_adapter),
+                         methods=["POST"])]
     if browser_page:
         routes.append(Route("/", endpoint("page", page), methods=["GET"]))
     if openapi:

@@ -115,7 +115,8 @@ def _choice(c: CompletionOutput, parser, reasoning, top: int) -> dict:
 
 async def create_chat_completion(request: Request, ctx: ServerContext) -> Response:
     body = await parse_body(request, ChatCompletionRequest, ctx)
-    ctx.check_model(body.model)
+    lora = ctx.check_model(body.model)
+    served = ctx.response_model(lora)
     plan = plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls, auto_parser=ctx.auto_tool_parser)
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidRequestError("top_logprobs requires logprobs=true", param="top_logprobs")
@@ -128,14 +129,14 @@ async def create_chat_completion(request: Request, ctx: ServerContext) -> Respon
     prompt = chat_prompt(ctx, body.messages, body.add_generation_prompt, body.chat_template_kwargs, plan.tools)
     request_id = new_id("chatcmpl")
     engine = ctx.engine
-    prepared = engine.prepare(prompt, params, request_id, body.priority)
+    prepared = engine.prepare(prompt, params, request_id, body.priority, lora_request=lora)
     check_context(ctx, prepared, max_tokens)
     await engine.wait_for_grammar(prepared)  # a structure that cannot compile is a 400, before streaming
     (outputs,) = submit_all(engine, [prepared])  # a full queue is a 429 here, before any response starts
     created = now()
 
     def chunk(choices: list[dict], **extra: Any) -> dict:
-        return {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": ctx.model_name,
+        return {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": served,
                 "choices": choices, **extra}
 
     if body.stream:
@@ -180,7 +181,7 @@ async def create_chat_completion(request: Request, ctx: ServerContext) -> Respon
     choices = [_choice(c, plan.parser, reasoning, top) for c in sorted(final.outputs, key=lambda c: c.index)]
     completion_tokens = sum(len(c.token_ids) for c in final.outputs)
     n_prompt = len(prepared.prompt_token_ids)
-    response = {"id": request_id, "object": "chat.completion", "created": created, "model": ctx.model_name,
+    response = {"id": request_id, "object": "chat.completion", "created": created, "model": served,
                 "choices": choices, "usage": usage(n_prompt, completion_tokens)}
     if body.prompt_logprobs is not None:
         response["prompt_logprobs"] = prompt_logprobs_json(final)

@@ -9,6 +9,7 @@ from starlette.responses import JSONResponse, Response
 
 from asyncllm.beam_search import BeamSearchParams
 from asyncllm.errors import InvalidRequestError
+from asyncllm.lora.request import LoRARequest
 from asyncllm.outputs import CompletionOutput, RequestOutput
 from asyncllm.sampling_params import RequestOutputKind
 from asyncllm.server.protocol import CompletionRequest, now, usage
@@ -70,14 +71,15 @@ def _choice_logprobs(out: RequestOutput, completion: CompletionOutput, text_offs
 
 async def create_completion(request: Request, ctx: ServerContext) -> Response:
     body = await parse_body(request, CompletionRequest, ctx)
-    ctx.check_model(body.model)
+    lora = ctx.check_model(body.model)
+    served = ctx.response_model(lora)
     if body.suffix:
         raise InvalidRequestError("suffix is not supported", param="suffix")
     prompts = prompt_list(body.prompt, "prompt")
     if len(prompts) > ctx.max_prompts_per_request:
         raise InvalidRequestError(f"at most {ctx.max_prompts_per_request} prompts per request", param="prompt")
     if body.use_beam_search:
-        return await _beam_search_completion(ctx, body, prompts)
+        return await _beam_search_completion(ctx, body, prompts, lora)
     if body.length_penalty != 1.0:
         raise InvalidRequestError("length_penalty applies to beam search only (use_beam_search)",
                                   param="length_penalty")
@@ -92,7 +94,8 @@ async def create_completion(request: Request, ctx: ServerContext) -> Response:
                              if echo_logprobs else None)
     request_id = new_id("cmpl")
     engine = ctx.engine
-    prepared = [engine.prepare(p, params, f"{request_id}-{i}", body.priority) for i, p in enumerate(prompts)]
+    prepared = [engine.prepare(p, params, f"{request_id}-{i}", body.priority, lora_request=lora)
+                for i, p in enumerate(prompts)]
     for item in prepared:
         check_context(ctx, item, max_tokens)
     await engine.wait_for_grammar(prepared[0])  # one shared compilation; a bad structure is a 400 here
@@ -134,10 +137,10 @@ async def create_completion(request: Request, ctx: ServerContext) -> Response:
                     if show_prompt_logprobs and first:
                         choice["prompt_logprobs"] = prompt_logprobs_json(out)
                     yield {"id": request_id, "object": "text_completion", "created": created,
-                           "model": ctx.model_name, "choices": [choice]}
+                           "model": served, "choices": [choice]}
             if include_usage:
                 prompt_tokens = sum(len(p.prompt_token_ids) for p in prepared)
-                yield {"id": request_id, "object": "text_completion", "created": created, "model": ctx.model_name,
+                yield {"id": request_id, "object": "text_completion", "created": created, "model": served,
                        "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
 
         return sse_response(ctx, events())
@@ -164,7 +167,7 @@ async def create_completion(request: Request, ctx: ServerContext) -> Response:
             choices.append(choice)
     prompt_tokens = sum(len(p.prompt_token_ids) for p in prepared)
     return JSONResponse({
-        "id": request_id, "object": "text_completion", "created": created, "model": ctx.model_name,
+        "id": request_id, "object": "text_completion", "created": created, "model": served,
         "choices": choices,
         "usage": usage(prompt_tokens, completion_tokens),
     })
@@ -174,7 +177,8 @@ _BEAM_SEARCH_UNSUPPORTED = ("logprobs", "echo", "stop", "structured_outputs", "r
                             "guided_regex", "guided_choice", "guided_grammar", "prompt_logprobs", "logit_bias")
 
 
-async def _beam_search_completion(ctx: ServerContext, body: CompletionRequest, prompts: list[Any]) -> Response:
+async def _beam_search_completion(ctx: ServerContext, body: CompletionRequest, prompts: list[Any],
+                                  lora: LoRARequest | None) -> Response:
     """vLLM's `use_beam_search`: n beams per prompt (best_of beams when given), the n best returned."""
     if body.stream:
         raise InvalidRequestError("beam search does not stream: set stream to false", param="stream")
@@ -189,8 +193,8 @@ async def _beam_search_completion(ctx: ServerContext, body: CompletionRequest, p
     params = BeamSearchParams(beam_width=width, max_tokens=16 if body.max_tokens is None else body.max_tokens,
                               ignore_eos=body.ignore_eos, length_penalty=body.length_penalty)
     request_id = new_id("cmpl")
-    results = [await ctx.engine.beam_search(p, params, num_sequences=body.n, priority=body.priority)
-               for p in prompts]
+    results = [await ctx.engine.beam_search(p, params, num_sequences=body.n, priority=body.priority,
+                                            lora_request=lora) for p in prompts]
     choices, prompt_tokens, completion_tokens = [], 0, 0
     for i, result in enumerate(results):
         prompt_tokens += result.sequences[0].num_prompt_tokens
@@ -198,5 +202,6 @@ async def _beam_search_completion(ctx: ServerContext, body: CompletionRequest, p
             completion_tokens += len(seq.output_token_ids)
             choices.append({"index": i * body.n + j, "text": seq.text, "logprobs": None,
                             "finish_reason": seq.finish_reason, "stop_reason": None})
-    return JSONResponse({"id": request_id, "object": "text_completion", "created": now(), "model": ctx.model_name,
+    return JSONResponse({"id": request_id, "object": "text_completion", "created": now(),
+                         "model": ctx.response_model(lora),
                          "choices": choices, "usage": usage(prompt_tokens, completion_tokens)})

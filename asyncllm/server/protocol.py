@@ -145,6 +145,18 @@ class DetokenizeRequest(_Strict):
     tokens: list[TokenId]
 
 
+class LoadLoRAAdapterRequest(_Strict):
+    """vLLM's POST /v1/load_lora_adapter body."""
+
+    lora_name: str = Field(min_length=1, max_length=256)
+    lora_path: str = Field(min_length=1, max_length=4096)
+
+
+class UnloadLoRAAdapterRequest(_Strict):
+    lora_name: str = Field(min_length=1, max_length=256)
+    lora_int_id: int | None = None  # vLLM's field; the name is what identifies the adapter here
+
+
 EmbeddingInput = Union[str, list[str], list[TokenId], list[list[TokenId]]]
 
 

@@ -13,11 +13,13 @@ from starlette.requests import Request
 from asyncllm.engine.async_engine import AsyncEngine
 from asyncllm.engine.llm_engine import PreparedRequest
 from asyncllm.errors import InvalidRequestError
+from asyncllm.lora.request import LoRARequest
 from asyncllm.outputs import RequestOutput
 from asyncllm.sampling.structured import StructuredOutputs
 from asyncllm.sampling_params import RequestOutputKind, SamplingParams
 from asyncllm.server.errors import APIError, to_api_error
 from asyncllm.server.json_body import load_json_body
+from asyncllm.server.lora_adapters import ServedAdapters
 from asyncllm.server.metrics import ServerMetrics
 from asyncllm.server.protocol import _SamplingFields
 from asyncllm.server.shutdown import GracefulShutdown
@@ -40,6 +42,7 @@ class ServerContext:
     # A second model for /v1/embeddings, /score and /rerank (--embedding-model), and its names.
     embedding_engine: AsyncEngine | None = None
     embedding_names: tuple[str, ...] = ()
+    adapters: ServedAdapters | None = None  # LoRA adapters a request's `model` may name
 
     @property
     def model_name(self) -> str:
@@ -47,27 +50,38 @@ class ServerContext:
 
     @property
     def all_model_names(self) -> list[str]:
-        return self.model_names + [n for n in self.embedding_names if n not in self.model_names]
+        lora_names = [lora.lora_name for lora in self.adapters.served()] if self.adapters else []
+        return self.model_names + [n for n in self.embedding_names if n not in self.model_names] + lora_names
 
-    def check_model(self, model: str | None, generation: bool = True) -> None:
-        """`model` must be served here; for completions and chats, by a model that generates."""
+    def check_model(self, model: str | None, generation: bool = True) -> LoRARequest | None:
+        """`model` must be served here; for completions and chats, by a model that generates.
+        → the adapter when `model` names one (None: the base model)."""
         if generation and self.engine.engine.task == "embed":
             raise InvalidRequestError(f"the model {self.model_name!r} serves embeddings: use /v1/embeddings",
                                       param="model")
         if model is not None and model not in self.model_names:
+            lora = self.adapters.get(model) if self.adapters is not None else None
+            if lora is not None:
+                return lora
             if model in self.embedding_names:
                 raise InvalidRequestError(f"the model {model!r} serves embeddings: use /v1/embeddings",
                                           param="model")
             raise APIError(404, f"the model {model!r} does not exist; this server serves "
                                 f"{', '.join(map(repr, self.all_model_names))}", param="model",
                            code="model_not_found")
+        return None
+
+    def response_model(self, lora: LoRARequest | None) -> str:
+        """The `model` a response reports: the adapter's name, or the served model's."""
+        return lora.lora_name if lora is not None else self.model_name
 
     def embedding_model(self, model: str | None) -> tuple[AsyncEngine, str]:
         """The engine and name that serve an embedding request for `model` (None: the embedding
         model if there is one, else the main model, which pools its hidden states)."""
         if self.embedding_engine is not None and (model is None or model in self.embedding_names):
             return self.embedding_engine, self.embedding_names[0]
-        self.check_model(model, generation=False)
+        if self.check_model(model, generation=False) is not None:
+            raise InvalidRequestError("embeddings with a LoRA adapter are not supported", param="model")
         return self.engine, self.model_name
 
 
