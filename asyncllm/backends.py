@@ -49,6 +49,8 @@ class GenerationOptions:
     tools: list[dict[str, Any]] | None = None  # OpenAI function tools (chat only)
     tool_choice: Any = None  # "none" | "auto" | "required" | {"type": "function", "function": {"name": ...}}
     parallel_tool_calls: bool | None = None
+    lora_request: Any = None  # in process: an asyncllm.LoRARequest (a server picks adapters by `model`)
+    model: str | None = None  # remote: the served model or LoRA adapter to ask for (None: the backend's)
     extra: dict[str, Any] = field(default_factory=dict)  # any other SamplingParams / request fields
 
     def sampling_kwargs(self) -> dict[str, Any]:
@@ -118,8 +120,13 @@ class LocalBackend:
             streamer = ChatDeltaStreamer(plan.parser, None) if plan.parser is not None else None
         elif options.tools:
             raise InvalidRequestError("tools need chat messages, not a text prompt", param="tools")
+        lora = options.lora_request
+        answering = lora.lora_name if lora is not None else self.model_name
+        if options.model is not None and options.model != answering:
+            raise InvalidRequestError(f"this engine answers as {answering!r}, not {options.model!r} (in process an "
+                                      "adapter is chosen with lora_request)", param="model")
         completion_tokens, text = 0, ""
-        gen = self.engine.generate(prompt, params)
+        gen = self.engine.generate(prompt, params, lora_request=lora)
         try:
             async for out in gen:
                 c = out.outputs[0]
@@ -137,7 +144,7 @@ class LocalBackend:
                     if streamer is not None and streamer.called_tools and reason == "stop":
                         reason = "tool_calls"
                     yield Delta(finish_reason=reason, prompt_tokens=len(out.prompt_token_ids),
-                                completion_tokens=completion_tokens, model=self.model_name)
+                                completion_tokens=completion_tokens, model=answering)
         finally:
             await gen.aclose()
 
@@ -183,7 +190,10 @@ class RemoteBackend:
         import httpx
 
         chat = not isinstance(prompt, str)
-        body: dict[str, Any] = {"model": self.model_name, "stream": True,
+        if options.lora_request is not None:
+            raise InvalidRequestError("a server picks its LoRA adapter by model name: pass model=<adapter name> "
+                                      "(one of its --lora-modules), not lora_request", param="lora_request")
+        body: dict[str, Any] = {"model": options.model or self.model_name, "stream": True,
                                 "stream_options": {"include_usage": True}, **options.sampling_kwargs()}
         body["messages" if chat else "prompt"] = prompt
         if not chat and "max_tokens" not in body:

@@ -36,7 +36,7 @@ def machine() -> dict:
     import torch
 
     return {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-            "avx512": "avx512f" in flags, "amx_bf16": "amx_bf16" in flags,
+            "avx512": "avx512f" in flags, "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 

@@ -85,3 +85,13 @@ def test_speculative_benchmark_runs(tmp_path, monkeypatch):
     assert {(r["method"], r["workload"]) for r in result["rows"]} == {
         (m, w) for m in ("plain", "ngram", "suffix") for w in ("copy", "free")}
     assert all(r["same_tokens"] for r in result["rows"])
+
+
+def test_lora_benchmark_runs(tmp_path, monkeypatch):
+    common = _load("common")
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    result = _load("lora").main(["--batch", "2", "--adapters", "2", "--rank", "4", "--input-len", "16",
+                                 "--max-tokens", "4", "--dtypes", "float32", "--repeats", "1"])
+    assert [r["case"] for r in result["rows"]][:4] == ["batch 2, base", "batch 2, 2 adapters",
+                                                         "single stream, base", "single stream, 1 adapter"]
+    assert all(r["decode_tok_per_s"] > 0 for r in result["rows"]) and result["load_ms"] > 0

@@ -188,3 +188,26 @@ def load_adapter(path: str, lora_int_id: int, cfg: LlamaFamilyConfig, max_rank: 
         b = pair["lora_B"].to(torch.float32) * config.scaling
         weights.tensors[module] = (a.to(dtype).contiguous(), b.to(dtype).contiguous())
     return weights
+
+
+def write_random_adapter(folder: str, cfg: LlamaFamilyConfig, rank: int, seed: int,
+                         targets: tuple[str, ...] = TARGETS, alpha: float | None = None) -> None:
+    """A PEFT-format LoRA folder of random weights (A ~ N(0, 1/in), B ~ N(0, 0.02²)) on `targets`
+    of every layer: what benchmarks and demos load when no trained adapter is at hand."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    shapes = target_shapes(cfg)
+    tensors = {}
+    for layer in range(cfg.num_layers):
+        for target in targets:
+            in_f, out_f = shapes[target]
+            group = "self_attn" if target in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            prefix = f"base_model.model.model.layers.{layer}.{group}.{target}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, in_f, generator=generator) / in_f ** 0.5
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_f, rank, generator=generator) * 0.02
+    os.makedirs(folder, exist_ok=True)
+    save_file(tensors, os.path.join(folder, "adapter_model.safetensors"))
+    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "r": rank, "lora_alpha": alpha or 2 * rank, "target_modules": list(targets),
+                   "bias": "none", "use_rslora": False}, f)

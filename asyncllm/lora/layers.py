@@ -32,17 +32,19 @@ class LoRABatch:
     adapters: list[AdapterWeights] = field(default_factory=list)  # the active ones, in column order
     rank: int = 0  # the padded rank: the largest of theirs
     mask: torch.Tensor | None = None  # [T, n * rank]: 1 where a row uses that adapter; None: all use adapters[0]
+    row_adapter: torch.Tensor | None = None  # [T] int64: each row's adapter (-1: none), for the C decoder
     version: int = 0  # bumped whenever adapters / rank change
 
     @property
     def active(self) -> bool:
         return bool(self.adapters)
 
-    def set(self, adapters: list[AdapterWeights], mask: torch.Tensor | None) -> None:
+    def set(self, adapters: list[AdapterWeights], mask: torch.Tensor | None,
+            row_adapter: torch.Tensor | None = None) -> None:
         if len(adapters) != len(self.adapters) or any(a is not b for a, b in zip(adapters, self.adapters)):
             self.adapters, self.rank = adapters, max((a.rank for a in adapters), default=0)
             self.version += 1
-        self.mask = mask
+        self.mask, self.row_adapter = mask, row_adapter
 
     def clear(self) -> None:
         self.set([], None)
@@ -61,13 +63,41 @@ class LoRAProjection:
         self._version = -1
         self._a: torch.Tensor | None = None  # A_act, None when no active adapter targets this projection
         self._b: list[torch.Tensor] = []
+        self._c_version = -1
+        self._c: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _targeted(self) -> bool:
+        return any(m in a.tensors for a in self.batch.adapters for m in self.modules)
+
+    def c_layout(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The active adapters as the C decoder reads them (decode_stack_impl.h), fp32:
+        a [n, P * r, in] (part p's A in rows p*r ...), b [n, r, out] (B^T * scaling, each part's
+        columns); None when none of them targets this projection."""
+        batch = self.batch
+        if self._c_version != batch.version:
+            self._c_version = batch.version
+            self._c = None
+            if self._targeted():
+                n, r, parts = len(batch.adapters), batch.rank, len(self.modules)
+                out = self.slices[-1][1]
+                a_c = torch.zeros(n, parts * r, self.in_features, dtype=torch.float32)
+                b_c = torch.zeros(n, r, out, dtype=torch.float32)
+                for p, (module, (start, end)) in enumerate(zip(self.modules, self.slices)):
+                    for j, adapter in enumerate(batch.adapters):
+                        pair = adapter.tensors.get(module)
+                        if pair is not None:
+                            a, b = pair
+                            a_c[j, p * r:p * r + a.shape[0]] = a
+                            b_c[j, :b.shape[1], start:end] = b.t()
+                self._c = (a_c, b_c)
+        return self._c
 
     def _rebuild(self, like: torch.Tensor) -> None:
         batch, parts = self.batch, len(self.modules)
         n, r = len(batch.adapters), batch.rank
         width = n * r
         self._version = batch.version
-        if not any(m in a.tensors for a in batch.adapters for m in self.modules):
+        if not self._targeted():
             self._a, self._b = None, []
             return
         a_act = torch.zeros(self.in_features, parts * width, dtype=like.dtype, device=like.device)

@@ -86,11 +86,11 @@ class LoRAManager:
         adapters = [self._make_resident(lora, keys) for lora in order.values()]
         column = {key: j for j, key in enumerate(order)}
         per_request = [column[lora.key] if lora is not None else -1 for lora in loras]
+        lengths = torch.tensor([query_start[i + 1] - query_start[i] for i in range(len(loras))])
+        row_adapter = torch.repeat_interleave(torch.tensor(per_request, dtype=torch.int64), lengths)
         mask = None
         if len(adapters) > 1 or -1 in per_request:
             rank = max(a.rank for a in adapters)
-            lengths = torch.tensor([query_start[i + 1] - query_start[i] for i in range(len(loras))])
-            row_adapter = torch.repeat_interleave(torch.tensor(per_request), lengths)
             one_hot = row_adapter[:, None] == torch.arange(len(adapters))[None, :]
             mask = one_hot.repeat_interleave(rank, dim=1).to(device=self.device, dtype=self.dtype)
-        self.batch.set(adapters, mask)
+        self.batch.set(adapters, mask, row_adapter)

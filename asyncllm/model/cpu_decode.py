@@ -60,6 +60,8 @@ class CpuDecodeStack:
         self.model = model
         self.enabled = _weights_fit(model)
         self._args: DecodeStackArgs | None = None
+        self._lora_version = -1  # the LoRABatch version the structure's adapter pointers are of
+        self.lora_steps = 0  # steps run with adapters (tests check the C path ran)
 
     def takes(self, num_tokens: int, meta: AttentionMetadata, kv_caches: list[torch.Tensor]) -> bool:
         return (self.enabled and num_tokens <= MAX_ROWS and meta.num_decodes == meta.num_requests == num_tokens
@@ -71,8 +73,27 @@ class CpuDecodeStack:
         args = self._args
         if args is None or args.kv_caches is not kv_caches:
             args = self._args = self._build(kv_caches)
+            self._lora_version = -1
+        self._set_lora(args)
         return args.run(self.model.embed_tokens(input_ids), positions, meta.slot_mapping, meta.block_tables,
                         meta.seq_lens_tensor)
+
+    def _set_lora(self, args: DecodeStackArgs) -> None:
+        """Points the structure at the step's adapters (LoRA products in the same call)."""
+        batch = getattr(self.model, "lora_batch", None)
+        if batch is None or not batch.active:
+            args.set_lora_rows(None)
+            return
+        if self._lora_version != batch.version:
+            layers = []
+            for layer in self.model.layers:
+                projections = (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                               layer.mlp.down_proj)
+                layers.append([p.lora.c_layout() for p in projections])
+            args.set_lora(layers, batch.rank)
+            self._lora_version = batch.version
+        args.set_lora_rows(batch.row_adapter)
+        self.lora_steps += 1
 
     def _build(self, kv_caches: list[torch.Tensor]) -> DecodeStackArgs:
         model, cfg = self.model, self.model.config

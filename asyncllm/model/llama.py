@@ -140,8 +140,8 @@ class LlamaFamilyForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
         """→ final hidden states [T, hidden]."""
-        # A step with adapters runs layer by layer: the one-call decoder has no LoRA products.
-        if self.use_decode_stack and (self.lora_batch is None or not self.lora_batch.active):
+        # The one-call decoder adds the step's LoRA products too (decode_stack_impl.h, lora_for).
+        if self.use_decode_stack:
             if self.decode_stack is None:
                 self.decode_stack = CpuDecodeStack(self)
             if self.decode_stack.takes(input_ids.shape[0], meta, kv_caches):

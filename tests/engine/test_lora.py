@@ -72,6 +72,31 @@ def test_mixed_batch_equals_each_request_alone(tiny_lora):
     assert together[0].outputs[0].token_ids != base.outputs[0].token_ids  # the adapter changed something
 
 
+def test_c_decoder_equals_the_torch_path(tiny_lora):
+    """Decode steps of up to 8 rows add the LoRA products inside the one-call C decoder
+    (decode_stack_impl.h, lora_for); the per-op path's torch matmuls are the reference."""
+    llm, adapters, prompts, _ = tiny_lora
+    model = llm.engine.core.executor.worker.runner.model
+    loras = [adapters[name][0] for name, *_ in ADAPTERS] + [None]
+    plan = [prompts[i % 4] for i in range(5)]
+    def lora_steps() -> int:  # the stack is built on the first decode step it takes
+        return 0 if model.decode_stack is None else model.decode_stack.lora_steps
+
+    steps = lora_steps()
+    c_path = _run(llm, plan, loras)
+    assert lora_steps() > steps  # the C decoder ran these steps
+    model.use_decode_stack = False
+    try:
+        torch_path = _run(llm, plan, loras)
+    finally:
+        model.use_decode_stack = True
+    for c_out, t_out in zip(c_path, torch_path):
+        assert c_out.outputs[0].token_ids == t_out.outputs[0].token_ids
+        for a, b in zip(c_out.outputs[0].logprobs, t_out.outputs[0].logprobs):
+            token = next(iter(b))
+            assert abs(a[token].logprob - b[token].logprob) < 1e-4
+
+
 def test_more_adapters_than_slots_wait_their_turn(tiny_models, tiny_lora):
     """max_loras=2 with 4 adapters in one call: the scheduler runs two at a time, the worker
     evicts the least recently used, and every answer equals the 4-slot engine's."""

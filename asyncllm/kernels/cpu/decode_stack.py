@@ -19,7 +19,8 @@ class DecodeLayer(ctypes.Structure):
     _fields_ = [(name, ctypes.c_void_p) for name in LAYER_TENSORS] + [
         (f"{name}_quant", ctypes.c_void_p) for name in PROJECTIONS] + [
         (f"{name}_panels", ctypes.c_void_p) for name in PROJECTIONS] + [
-        ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p)]
+        ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p),
+        ("lora_a", ctypes.c_void_p * len(PROJECTIONS)), ("lora_b", ctypes.c_void_p * len(PROJECTIONS))]
 
 
 class DecodeStack(ctypes.Structure):
@@ -27,7 +28,8 @@ class DecodeStack(ctypes.Structure):
         "num_layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "block_size", "window",
         "quant_bits", "panel_min_rows")] + [
         ("eps", ctypes.c_double), ("scale", ctypes.c_double), ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p),
-        ("final_norm", ctypes.c_void_p), ("layers", ctypes.POINTER(DecodeLayer))]
+        ("final_norm", ctypes.c_void_p), ("layers", ctypes.POINTER(DecodeLayer)),
+        ("lora_index", ctypes.c_void_p), ("lora_rank", ctypes.c_int64)]
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,25 @@ class DecodeStackArgs:
             scale=shape.scale, cos=cos.data_ptr(), sin=sin.data_ptr(),
             final_norm=final_norm.data_ptr(), layers=self._layers)
         self.scratch_per_row = _typed("decode_stack_scratch", self.dtype)(ctypes.byref(self.struct))
+        self._lora_keep: tuple = ()
+
+    def set_lora(self, layers: list[list[tuple[torch.Tensor, torch.Tensor] | None]], rank: int) -> None:
+        """The step's adapters: per layer, per projection (PROJECTIONS order) the fp32 (a, b) of
+        decode_stack_impl.h's layout, or None where no adapter targets it."""
+        for entry, projections in zip(self._layers, layers):
+            for i, pair in enumerate(projections):
+                if pair is not None:
+                    assert all(t.is_contiguous() and t.dtype == torch.float32 for t in pair)
+                entry.lora_a[i], entry.lora_b[i] = (None, None) if pair is None else (pair[0].data_ptr(),
+                                                                                      pair[1].data_ptr())
+        self.struct.lora_rank = rank
+        self._lora_keep = (layers,)
+
+    def set_lora_rows(self, index: torch.Tensor | None) -> None:
+        """Each row's adapter (int64, -1: none) for the next run; None: no LoRA."""
+        assert index is None or (index.dtype == torch.int64 and index.is_contiguous())
+        self.struct.lora_index = None if index is None else index.data_ptr()
+        self._lora_index = index
 
     def run(self, embeddings: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
             block_tables: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:

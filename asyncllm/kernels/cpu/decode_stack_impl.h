@@ -23,6 +23,10 @@ typedef struct {
     const uint8_t *qkv_quant, *o_quant, *gate_up_quant, *down_quant;
     const float *qkv_panels, *o_panels, *gate_up_panels, *down_panels;
     void *k_cache, *v_cache; /* [num_blocks, block_size, kv_heads, head_dim] each */
+    /* LoRA of the step's adapters per projection (qkv, o, gate_up, down; NULL: none targets it), fp32:
+     * a [adapters, parts * lora_rank, in], b [adapters, lora_rank, out] (B^T, part p's columns with
+     * the rank-sized slice p of the shrink; ranks zero-padded to DecodeStack.lora_rank). */
+    const float *lora_a[4], *lora_b[4];
 } DecodeLayer;
 
 typedef struct {
@@ -33,7 +37,11 @@ typedef struct {
     const float *cos, *sin; /* [max_positions, head_dim] */
     const void *final_norm;
     const DecodeLayer *layers;
+    const int64_t *lora_index; /* [rows]: each row's adapter in lora_a/lora_b, -1 none; NULL: no LoRA */
+    int64_t lora_rank;
 } DecodeStack;
+
+#define LORA_CHUNK 64 /* output columns per expand task */
 
 static void panel_linear_for(const float *x, int64_t x_stride, int64_t rows, const float *packed, const float *bias,
                              float *out, int64_t n, int64_t k); /* panel_gemm_impl.h */
@@ -61,6 +69,52 @@ static inline void NAME(project_for)(const DecodeStack *m, const T *x, int64_t x
         NAME(few_rows_for)(x, x_stride, dense, out, rows, n, k);
 }
 
+/* out [rows, n] (row stride out_stride) += each row's LoRA product: for row r with adapter j =
+ * m->lora_index[r] >= 0, s = a_j x_r (the shrink, parts * rank values), then column c of part p
+ * gets sum_k b_j[k][c] s[p * rank + k] (the expand). part_ends: each part's last column + 1.
+ * Punica's BGMV on the CPU: each row reads its own adapter; a row's sums are its own, in a fixed
+ * order, so its result does not depend on the other rows. s: rows * parts * rank floats. */
+static void NAME(lora_for)(const DecodeStack *m, const T *x, int64_t x_stride, int64_t rows, const float *a,
+                           const float *b, int64_t parts, const int64_t *part_ends, T *out, int64_t out_stride,
+                           int64_t n, int64_t k_in, float *s) {
+    const int64_t rank = m->lora_rank, width = parts * rank, chunks = (n + LORA_CHUNK - 1) / LORA_CHUNK;
+    const int64_t *index = m->lora_index;
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < rows * width; t++) { /* rows innermost: rows of one adapter reuse its A row */
+        const int64_t r = t % rows, col = t / rows;
+        if (index[r] < 0) continue;
+        const float *ar = a + (index[r] * width + col) * k_in;
+        const T *xr = x + r * x_stride;
+        float lanes[16] = {0};
+        int64_t i = 0;
+        for (; i + 16 <= k_in; i += 16)
+            for (int l = 0; l < 16; l++) lanes[l] += ar[i + l] * LOAD(xr[i + l]);
+        float acc = 0.0f;
+        for (int l = 0; l < 16; l++) acc += lanes[l];
+        for (; i < k_in; i++) acc += ar[i] * LOAD(xr[i]);
+        s[r * width + col] = acc;
+    }
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < rows * chunks; t++) { /* rows innermost again: B's chunk is reused */
+        const int64_t r = t % rows, c0 = (t / rows) * LORA_CHUNK, c1 = c0 + LORA_CHUNK < n ? c0 + LORA_CHUNK : n;
+        const int64_t j = index[r];
+        if (j < 0) continue;
+        float acc[LORA_CHUNK] = {0};
+        for (int64_t c = c0, p = 0; c < c1;) {
+            while (c >= part_ends[p]) p++;
+            const int64_t end = part_ends[p] < c1 ? part_ends[p] : c1;
+            const float *sp = s + r * width + p * rank;
+            for (int64_t k = 0; k < rank; k++) {
+                const float sk = sp[k], *bk = b + (j * rank + k) * n;
+                for (int64_t cc = c; cc < end; cc++) acc[cc - c0] += sk * bk[cc];
+            }
+            c = end;
+        }
+        T *o = out + r * out_stride;
+        for (int64_t c = c0; c < c1; c++) o[c] = STORE(LOAD(o[c]) + acc[c - c0]);
+    }
+}
+
 /* Elements of scratch decode_stack needs per row. */
 int64_t NAME(decode_stack_scratch)(const DecodeStack *m) {
     int64_t q_size = m->heads * m->head_dim, qkv_n = q_size + 2 * m->kv_heads * m->head_dim;
@@ -82,6 +136,9 @@ void NAME(decode_stack)(const DecodeStack *m, T *h, int64_t rows, const int64_t 
     const int64_t max_len = max_seq_len(seq_lens, rows);
     const int64_t heads_per_task = attention_heads_per_task(rows, kv_heads, num_threads);
     const float eps = (float)m->eps, scale = (float)m->scale;
+    const int64_t qkv_ends[3] = {q_size, q_size + kv_size, qkv_n}, o_ends[1] = {hidden};
+    const int64_t gate_up_ends[2] = {inter, 2 * inter};
+    float *lora_s = m->lora_index != NULL ? malloc(sizeof(float) * rows * 3 * m->lora_rank) : NULL;
 #pragma omp parallel num_threads(num_threads)
     {
         float *qf = malloc(sizeof(float) * q_size), *acc = malloc(sizeof(float) * q_size);
@@ -99,6 +156,9 @@ void NAME(decode_stack)(const DecodeStack *m, T *h, int64_t rows, const int64_t 
                 }
             }
             NAME(project_for)(m, x, hidden, layer->qkv, layer->qkv_quant, layer->qkv_panels, qkv, rows, qkv_n, hidden);
+            if (lora_s != NULL && layer->lora_a[0] != NULL)
+                NAME(lora_for)(m, x, hidden, rows, layer->lora_a[0], layer->lora_b[0], 3, qkv_ends, qkv, qkv_n, qkv_n,
+                               hidden, lora_s);
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < rows; r++) {
                 T *q = qkv + r * qkv_n, *k = q + q_size, *v = k + kv_size;
@@ -119,12 +179,18 @@ void NAME(decode_stack)(const DecodeStack *m, T *h, int64_t rows, const int64_t 
                                        attn, rows, heads, kv_heads, dim, m->block_size, scale, m->window,
                                        heads_per_task, qf, acc, probs);
             NAME(project_for)(m, attn, q_size, layer->o, layer->o_quant, layer->o_panels, h, rows, hidden, q_size);
+            if (lora_s != NULL && layer->lora_a[1] != NULL)
+                NAME(lora_for)(m, attn, q_size, rows, layer->lora_a[1], layer->lora_b[1], 1, o_ends, h, hidden, hidden,
+                               q_size, lora_s);
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < rows; r++)
                 NAME(rms_norm_row)(h + r * hidden, residual + r * hidden, residual + r * hidden, x + r * hidden,
                                    layer->post_norm, hidden, eps);
             NAME(project_for)(m, x, hidden, layer->gate_up, layer->gate_up_quant, layer->gate_up_panels, gate_up, rows,
                               2 * inter, hidden);
+            if (lora_s != NULL && layer->lora_a[2] != NULL)
+                NAME(lora_for)(m, x, hidden, rows, layer->lora_a[2], layer->lora_b[2], 2, gate_up_ends, gate_up,
+                               2 * inter, 2 * inter, hidden, lora_s);
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < rows; r++) {
                 T *gu = gate_up + r * 2 * inter;
@@ -132,6 +198,9 @@ void NAME(decode_stack)(const DecodeStack *m, T *h, int64_t rows, const int64_t 
                 NAME(silu_and_mul_row)(gu, gu + inter, act + r * inter, inter);
             }
             NAME(project_for)(m, act, inter, layer->down, layer->down_quant, layer->down_panels, h, rows, hidden, inter);
+            if (lora_s != NULL && layer->lora_a[3] != NULL)
+                NAME(lora_for)(m, act, inter, rows, layer->lora_a[3], layer->lora_b[3], 1, o_ends, h, hidden, hidden,
+                               inter, lora_s);
             if (layer->down_bias != NULL) {
 #pragma omp for schedule(static)
                 for (int64_t r = 0; r < rows; r++) NAME(add_bias_row)(h + r * hidden, layer->down_bias, hidden);
@@ -145,4 +214,5 @@ void NAME(decode_stack)(const DecodeStack *m, T *h, int64_t rows, const int64_t 
         free(acc);
         free(probs);
     }
+    free(lora_s);
 }

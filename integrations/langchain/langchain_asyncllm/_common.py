@@ -19,6 +19,11 @@ class AsyncLLMFields(BaseModel):
     """Or the base URL of an asyncllm server (e.g. http://127.0.0.1:8000)."""
     api_key: SecretStr | None = None
     model: str | None = Field(default=None, alias="model_name")
+    """Remote: the served model or LoRA adapter (a name from the server's --lora-modules) to ask
+    for; None: the server's first. In process: a label (the adapter comes from `lora_request`)."""
+    lora_request: Any = Field(default=None, exclude=True)
+    """In process: the `asyncllm.LoRARequest` every call runs with (a call's `lora_request=`
+    overrides it)."""
     temperature: float | None = None
     max_tokens: int | None = None
     top_p: float | None = None
@@ -40,7 +45,8 @@ class AsyncLLMFields(BaseModel):
     def backend(self) -> Backend:
         if self._backend is None:
             key = self.api_key.get_secret_value() if self.api_key else None
-            self._backend = make_backend(self.engine, self.base_url, key, self.tool_call_parser)
+            self._backend = make_backend(self.engine, self.base_url, key, self.tool_call_parser,
+                                         model=self.model if self.engine is None else None)
         return self._backend
 
     def options(self, stop: list[str] | None, kwargs: dict[str, Any]) -> GenerationOptions:
@@ -49,15 +55,18 @@ class AsyncLLMFields(BaseModel):
         tools = kwargs.pop("tools", None)
         tool_choice = kwargs.pop("tool_choice", None)
         parallel_tool_calls = kwargs.pop("parallel_tool_calls", self.parallel_tool_calls)
-        requested = kwargs.pop("model", None)
-        if requested is not None and requested != self.resolved_model_name():
-            raise ValueError(f"this asyncllm backend serves {self.resolved_model_name()!r}, not {requested!r}")
+        lora_request = kwargs.pop("lora_request", self.lora_request)
+        requested = kwargs.pop("model", None)  # remote: any served model or adapter, per call
+        if requested is not None and self.engine is not None and requested != self.resolved_model_name():
+            raise ValueError(f"this asyncllm engine serves {self.resolved_model_name()!r}, not {requested!r} "
+                             "(in process an adapter is chosen with lora_request)")
         merged_stop = list(stop or []) or self.stop or None
         return GenerationOptions(
             max_tokens=kwargs.pop("max_tokens", self.max_tokens),
             temperature=kwargs.pop("temperature", self.temperature), top_p=kwargs.pop("top_p", self.top_p),
             seed=kwargs.pop("seed", self.seed), stop=merged_stop, json_schema=schema, tools=tools,
-            tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls,
+            tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls, lora_request=lora_request,
+            model=requested if self.engine is None else None,
             extra={**self.model_kwargs, **{k: v for k, v in kwargs.items() if v is not None}})
 
     def resolved_model_name(self) -> str:

@@ -9,14 +9,15 @@ from langchain_core.tools import tool
 from pydantic import BaseModel, Field
 from server_helpers import RunningServer
 
-from asyncllm import AsyncEngine
+from asyncllm import AsyncEngine, LoRARequest, SamplingParams
+from asyncllm.lora.adapter import write_random_adapter
 from asyncllm.sampling.structured import StructuredOutputs
 from asyncllm.server import build_app
 
 
 @pytest.fixture(scope="module")
 def engine():
-    engine = AsyncEngine.from_args(dtype="float32")
+    engine = AsyncEngine.from_args(dtype="float32", enable_lora=True, max_loras=2, max_lora_rank=8)
     yield engine
     engine.shutdown()
 
@@ -179,3 +180,37 @@ def test_embeddings_from_a_two_model_server_equal_in_process(engine):
     finally:
         srv.stop()
         embedder.shutdown()
+
+
+def test_lora_request_in_process_and_adapter_by_model_name_remote(engine, tmp_path):
+    """In process the adapter is a LoRARequest (field or per call); over HTTP it is the served
+    adapter's name as `model`; both give the engine's own greedy text for that adapter."""
+    folder = str(tmp_path / "a1")
+    write_random_adapter(folder, engine.engine.core.checkpoint.config, rank=8, seed=3, alpha=64)
+    lora = LoRARequest("a1", 1, folder)
+    question = [{"role": "user", "content": "Say something about rivers"}]
+
+    async def direct(lora_request):
+        params = SamplingParams(max_tokens=16, temperature=0)
+        return "".join([t async for t in engine.stream(question, params, lora_request=lora_request)])
+
+    expected, base = anyio.run(direct, lora), anyio.run(direct, None)
+    assert expected != base  # the adapter changes the answer
+    local = ChatAsyncLLM(engine=engine, max_tokens=16, temperature=0, lora_request=lora)
+    assert local.invoke("Say something about rivers").content == expected
+    plain = ChatAsyncLLM(engine=engine, max_tokens=16, temperature=0)
+    assert plain.invoke("Say something about rivers", lora_request=lora).content == expected
+    assert plain.invoke("Say something about rivers").content == base
+    srv = RunningServer(build_app(engine, api_key="k", lora_modules=[f"a1={folder}"], run_lifespan=False),
+                        lifespan="off")
+    try:
+        remote = ChatAsyncLLM(base_url=srv.url, api_key="k", model="a1", max_tokens=16, temperature=0)
+        reply = remote.invoke("Say something about rivers")
+        assert reply.content == expected and reply.response_metadata["model_name"] == "a1"
+        base_remote = ChatAsyncLLM(base_url=srv.url, api_key="k", max_tokens=16, temperature=0)
+        assert base_remote.invoke("Say something about rivers").content == base
+        assert base_remote.invoke("Say something about rivers", model="a1").content == expected
+        with pytest.raises(Exception, match="LoRA adapter by model name"):
+            base_remote.invoke("Say something about rivers", lora_request=lora)
+    finally:
+        srv.stop()

@@ -6,7 +6,8 @@ import pytest
 from llama_index.core.llms import ChatMessage
 from pydantic import BaseModel, Field
 
-from asyncllm import AsyncEngine
+from asyncllm import AsyncEngine, LoRARequest
+from asyncllm.lora.adapter import write_random_adapter
 from asyncllm.server import build_app
 from llama_index.llms.asyncllm import AsyncLLM
 from server_helpers import RunningServer
@@ -16,7 +17,7 @@ CHAT = [ChatMessage(role="system", content="Be brief."), ChatMessage(role="user"
 
 @pytest.fixture(scope="module")
 def engine():
-    engine = AsyncEngine.from_args(dtype="float32")
+    engine = AsyncEngine.from_args(dtype="float32", enable_lora=True, max_loras=2, max_lora_rank=8)
     yield engine
     engine.shutdown()
 
@@ -148,3 +149,23 @@ def test_structured_predict_decodes_under_the_schema(engine):
     city = llm.structured_predict(City, prompt, city="Paris")
     assert isinstance(city, City)
     assert anyio.run(lambda: llm.astructured_predict(City, prompt, city="Paris")) == city
+
+
+def test_lora_request_in_process_and_adapter_by_model_name_remote(engine, tmp_path):
+    """In process the adapter is a LoRARequest; over HTTP the served adapter's name as `model`."""
+    folder = str(tmp_path / "a1")
+    write_random_adapter(folder, engine.engine.core.checkpoint.config, rank=8, seed=3, alpha=64)
+    lora = LoRARequest("a1", 1, folder)
+    base = AsyncLLM(engine=engine, max_tokens=16, temperature=0).chat(CHAT).message.content
+    expected = AsyncLLM(engine=engine, max_tokens=16, temperature=0, lora_request=lora).chat(CHAT).message.content
+    assert expected != base
+    assert AsyncLLM(engine=engine, max_tokens=16, temperature=0).chat(CHAT, lora_request=lora).message.content \
+        == expected
+    srv = RunningServer(build_app(engine, lora_modules=[f"a1={folder}"], run_lifespan=False), lifespan="off")
+    try:
+        remote = AsyncLLM(base_url=srv.url, model="a1", max_tokens=16, temperature=0)
+        assert remote.metadata.model_name == "a1"
+        assert remote.chat(CHAT).message.content == expected
+        assert AsyncLLM(base_url=srv.url, max_tokens=16, temperature=0).chat(CHAT).message.content == base
+    finally:
+        srv.stop()

@@ -93,6 +93,10 @@ class AsyncLLM(FunctionCallingLLM):
     engine: Any = Field(default=None, exclude=True, description="an asyncllm AsyncEngine in this process")
     base_url: str | None = Field(default=None, description="or the base URL of an asyncllm server")
     api_key: str | None = Field(default=None, exclude=True)
+    model: str | None = Field(default=None, description=(
+        "remote: the served model or LoRA adapter (a name from the server's --lora-modules); None: its first"))
+    lora_request: Any = Field(default=None, exclude=True, description=(
+        "in process: the asyncllm.LoRARequest every call runs with (a call's lora_request= overrides it)"))
     temperature: float | None = None
     max_tokens: int | None = Field(default=256, description="tokens to generate (num_output)")
     top_p: float | None = None
@@ -110,7 +114,8 @@ class AsyncLLM(FunctionCallingLLM):
 
     def _get_backend(self) -> Backend:
         if self._backend is None:
-            self._backend = make_backend(self.engine, self.base_url, self.api_key, self.tool_call_parser)
+            self._backend = make_backend(self.engine, self.base_url, self.api_key, self.tool_call_parser,
+                                         model=self.model if self.engine is None else None)
         return self._backend
 
     @property
@@ -127,6 +132,8 @@ class AsyncLLM(FunctionCallingLLM):
                                  stop=kwargs.pop("stop", None), json_schema=kwargs.pop("json_schema", None),
                                  tools=kwargs.pop("tools", None), tool_choice=kwargs.pop("tool_choice", None),
                                  parallel_tool_calls=kwargs.pop("parallel_tool_calls", None),
+                                 lora_request=kwargs.pop("lora_request", self.lora_request),
+                                 model=kwargs.pop("model", None),
                                  extra={**self.additional_kwargs, **kwargs})
 
     # ------------------------------------------------------------------ async (native)
