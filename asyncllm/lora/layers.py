@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from asyncllm.kernels import cpu as cpu_kernels
 from asyncllm.lora.adapter import AdapterWeights
 
 
@@ -55,33 +56,40 @@ class LoRAProjection:
     columns, and the side-by-side adapter tensors of the current active set."""
 
     def __init__(self, modules: list[str], slices: list[tuple[int, int]], in_features: int,
-                 batch: LoRABatch):
+                 batch: LoRABatch, c_kernels: bool = False):
         self.modules = modules  # PEFT name of each part, e.g. "layers.0.self_attn.q_proj"
         self.slices = slices  # each part's output columns [start, end)
         self.in_features = in_features
         self.batch = batch
+        # Steps of 1-8 rows on the CPU go through the C kernel (kernels/cpu lora_rows): the torch
+        # path's ~5 small ops per projection cost more than the products themselves there.
+        self.c_kernels = c_kernels
+        self._part_ends = torch.tensor([end for _, end in slices], dtype=torch.int64)
         self._version = -1
         self._a: torch.Tensor | None = None  # A_act, None when no active adapter targets this projection
         self._b: list[torch.Tensor] = []
         self._c_version = -1
+        self._c_dtype = torch.float32
         self._c: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._c_call: cpu_kernels.LoRARows | None = None  # lora_rows bound to _c
+        self._c_call_of: tuple | None = None  # the layout it is bound to
 
     def _targeted(self) -> bool:
         return any(m in a.tensors for a in self.batch.adapters for m in self.modules)
 
-    def c_layout(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The active adapters as the C decoder reads them (decode_stack_impl.h), fp32:
-        a [n, P * r, in] (part p's A in rows p*r ...), b [n, r, out] (B^T * scaling, each part's
-        columns); None when none of them targets this projection."""
+    def c_layout(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The active adapters as the C kernels read them (decode_stack_impl.h, lora_for), in
+        `dtype` (the activations'): a [n, P * r, in] (part p's A in rows p*r ...), b [n, r, out]
+        (B^T * scaling, each part's columns); None when none of them targets this projection."""
         batch = self.batch
-        if self._c_version != batch.version:
-            self._c_version = batch.version
+        if self._c_version != batch.version or self._c_dtype != dtype:
+            self._c_version, self._c_dtype = batch.version, dtype
             self._c = None
             if self._targeted():
                 n, r, parts = len(batch.adapters), batch.rank, len(self.modules)
                 out = self.slices[-1][1]
-                a_c = torch.zeros(n, parts * r, self.in_features, dtype=torch.float32)
-                b_c = torch.zeros(n, r, out, dtype=torch.float32)
+                a_c = torch.zeros(n, parts * r, self.in_features, dtype=dtype)
+                b_c = torch.zeros(n, r, out, dtype=dtype)
                 for p, (module, (start, end)) in enumerate(zip(self.modules, self.slices)):
                     for j, adapter in enumerate(batch.adapters):
                         pair = adapter.tensors.get(module)
@@ -91,6 +99,14 @@ class LoRAProjection:
                             b_c[j, :b.shape[1], start:end] = b.t()
                 self._c = (a_c, b_c)
         return self._c
+
+    def _rows_kernel(self, dtype: torch.dtype) -> cpu_kernels.LoRARows | None:
+        layout = self.c_layout(dtype)
+        if layout is None:
+            return None
+        if self._c_call_of is not layout:
+            self._c_call, self._c_call_of = cpu_kernels.LoRARows(*layout, self._part_ends), layout
+        return self._c_call
 
     def _rebuild(self, like: torch.Tensor) -> None:
         batch, parts = self.batch, len(self.modules)
@@ -118,16 +134,22 @@ class LoRAProjection:
         batch = self.batch
         if not batch.active:
             return out
+        rows = x.reshape(-1, self.in_features)
+        flat = out.view(-1, out.shape[-1])
+        if self.c_kernels and rows.shape[0] <= cpu_kernels.FEW_ROWS_MAX and batch.row_adapter is not None \
+                and rows.stride(1) == 1 and flat.stride(1) == 1 and cpu_kernels.supports(rows):
+            call = self._rows_kernel(rows.dtype)
+            if call is not None:
+                call(rows, flat, batch.row_adapter)
+            return out
         if self._version != batch.version:
             self._rebuild(x)
         if self._a is None:
             return out
-        rows = x.reshape(-1, self.in_features)
         shrunk = rows @ self._a  # [T, P * n * r]
         width = self._b[0].shape[0]
         if batch.mask is not None:
             shrunk.view(rows.shape[0], len(self.modules), width).mul_(batch.mask.unsqueeze(1))
-        flat = out.view(-1, out.shape[-1])
         for p, (start, end) in enumerate(self.slices):
             flat[:, start:end].addmm_(shrunk[:, p * width:(p + 1) * width], self._b[p])
         return out

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
+from asyncllm.kernels import cpu as cpu_kernels
 from asyncllm.lora.adapter import AdapterWeights, load_adapter
 from asyncllm.lora.layers import LoRABatch, LoRAProjection
 from asyncllm.lora.request import LoRARequest
@@ -37,8 +38,10 @@ class LoRAManager:
         self.batch = LoRABatch()
         for name, parts in model.lora_parts().items():
             module = model.get_submodule(name)
+            c_kernels = (module.prepacked.ops.c_kernels and device.type == "cpu"
+                         and cpu_kernels.build_error() is None)
             module.lora = LoRAProjection([m for m, _, _ in parts], [(s, e) for _, s, e in parts],
-                                         module.in_features, self.batch)
+                                         module.in_features, self.batch, c_kernels)
         model.lora_batch = self.batch
         self._host: OrderedDict[tuple[int, str], AdapterWeights] = OrderedDict()  # by LoRARequest.key
         self._resident: OrderedDict[tuple[int, str], AdapterWeights] = OrderedDict()

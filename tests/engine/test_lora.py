@@ -3,6 +3,7 @@
 and the default model. Greedy tokens equal PEFT's (unmerged and merged), logprobs close; a
 batch mixing adapters and the base model equals each request alone; the prefix cache never
 shares KV across adapters; bad adapters are refused with why."""
+import contextlib
 import json
 import os
 
@@ -72,29 +73,88 @@ def test_mixed_batch_equals_each_request_alone(tiny_lora):
     assert together[0].outputs[0].token_ids != base.outputs[0].token_ids  # the adapter changed something
 
 
-def test_c_decoder_equals_the_torch_path(tiny_lora):
+@contextlib.contextmanager
+def _torch_products(model):
+    """The per-op forward with LoRA products as torch matmuls (no C decoder, no lora_rows)."""
+    projections = [m.lora for m in model.modules() if getattr(m, "lora", None) is not None]
+    model.use_decode_stack = False
+    for p in projections:
+        p.c_kernels = False
+    try:
+        yield
+    finally:
+        model.use_decode_stack = True
+        for p in projections:
+            p.c_kernels = True
+
+
+def _assert_same_run(got, want, tolerance):
+    for g, w in zip(got, want):
+        assert g.outputs[0].token_ids == w.outputs[0].token_ids
+        for a, b in zip(g.outputs[0].logprobs, w.outputs[0].logprobs):
+            token = next(iter(b))
+            assert abs(a[token].logprob - b[token].logprob) < tolerance
+
+
+def test_c_kernels_equal_the_torch_products(tiny_lora):
     """Decode steps of up to 8 rows add the LoRA products inside the one-call C decoder
-    (decode_stack_impl.h, lora_for); the per-op path's torch matmuls are the reference."""
+    (decode_stack_impl.h, lora_for), and the per-op path's steps of up to 8 rows through the C
+    lora_rows; the torch matmuls are the reference for both."""
     llm, adapters, prompts, _ = tiny_lora
     model = llm.engine.core.executor.worker.runner.model
     loras = [adapters[name][0] for name, *_ in ADAPTERS] + [None]
     plan = [prompts[i % 4] for i in range(5)]
+
     def lora_steps() -> int:  # the stack is built on the first decode step it takes
         return 0 if model.decode_stack is None else model.decode_stack.lora_steps
 
     steps = lora_steps()
-    c_path = _run(llm, plan, loras)
+    c_stack = _run(llm, plan, loras)
     assert lora_steps() > steps  # the C decoder ran these steps
     model.use_decode_stack = False
     try:
-        torch_path = _run(llm, plan, loras)
+        c_rows = _run(llm, plan, loras)
     finally:
         model.use_decode_stack = True
-    for c_out, t_out in zip(c_path, torch_path):
-        assert c_out.outputs[0].token_ids == t_out.outputs[0].token_ids
-        for a, b in zip(c_out.outputs[0].logprobs, t_out.outputs[0].logprobs):
-            token = next(iter(b))
-            assert abs(a[token].logprob - b[token].logprob) < 1e-4
+    with _torch_products(model):
+        torch_path = _run(llm, plan, loras)
+    _assert_same_run(c_stack, torch_path, 1e-4)
+    _assert_same_run(c_rows, torch_path, 1e-4)
+
+
+def test_bf16_adapters_close_to_fp32(tiny_models, tiny_lora, monkeypatch):
+    """A bf16 engine (what dtype="auto" picks on AVX-512-BF16 CPUs) takes lora_rows for steps of
+    1-8 rows (products in fp32 from bf16 activations) and torch's bf16 matmuls for bigger steps;
+    both stay within bf16's error of the fp32 engine on every adapter, while their tokens agree."""
+    from asyncllm.kernels import cpu as cpu_kernels
+
+    calls = []
+    kernel = cpu_kernels.LoRARows.__call__
+    monkeypatch.setattr(cpu_kernels.LoRARows, "__call__",
+                        lambda self, x, *rest: calls.append(x.dtype) or kernel(self, x, *rest))
+    llm32, adapters, prompts, path = tiny_lora
+    llm16 = LLM(path, dtype="bfloat16", kv_cache_memory=32 << 20, enable_lora=True, max_loras=4)
+    model = llm16.engine.core.executor.worker.runner.model
+    loras = [adapters[name][0] for name, *_ in ADAPTERS] * 2
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=5)
+    plan = [prompts[i % 4] for i in range(8)]
+    want = _run(llm32, plan, loras, params)
+    got_c = _run(llm16, plan, loras, params)
+    assert calls and set(calls) == {torch.bfloat16}  # the decode steps' products went through C
+    with _torch_products(model):
+        got_torch = _run(llm16, plan, loras, params)
+    compared = 0
+    for w, c, t in zip(want, got_c, got_torch):
+        for got in (c, t):
+            for position, (token, reference) in enumerate(zip(w.outputs[0].token_ids, w.outputs[0].logprobs)):
+                top = got.outputs[0].logprobs[position]
+                for candidate, logprob in top.items():
+                    if candidate in reference:
+                        assert abs(logprob.logprob - reference[candidate].logprob) < 0.1
+                        compared += 1
+                if got.outputs[0].token_ids[position] != token:
+                    break  # a near tie resolved the other way: later positions see other tokens
+    assert compared > 100
 
 
 def test_more_adapters_than_slots_wait_their_turn(tiny_models, tiny_lora):

@@ -102,6 +102,24 @@ def test_linear_few_rows(dtype, rows):
     _close(cpu_kernels.linear_few_rows(x, weight), reference.linear_few_rows(x, weight), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 5, 8])
+def test_lora_rows(dtype, rows):
+    """Three parts (a fused QKV of 64 + 16 + 16 columns, 100 inputs: not a multiple of 16), three
+    adapters of rank 4; rows of the base model (-1) are left alone."""
+    x, base = _randn(rows, 100, dtype=dtype, seed=12), _randn(rows, 96, dtype=dtype, seed=13)
+    a = _randn(3, 3 * 4, 100, dtype=dtype, seed=14, scale=0.1)
+    b = _randn(3, 4, 96, dtype=dtype, seed=15, scale=0.1)
+    row_adapter = torch.tensor([r % 4 if r % 4 < 3 else -1 for r in range(rows)], dtype=torch.int64)
+    part_ends = torch.tensor([64, 80, 96], dtype=torch.int64)
+    got, want = base.clone(), base.clone()
+    cpu_kernels.lora_rows(x, got, row_adapter, a, b, part_ends)
+    reference.lora_rows(x, want, row_adapter, a, b, part_ends)
+    _close(got, want, dtype)
+    untouched = row_adapter < 0
+    assert torch.equal(got[untouched], base[untouched]) and not torch.equal(got[~untouched], base[~untouched])
+
+
 @pytest.mark.parametrize("rows", [1, 9, 70])
 def test_panel_linears(rows):
     lib_width = cpu_kernels.load_library().panel_width()

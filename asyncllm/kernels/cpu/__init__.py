@@ -23,7 +23,8 @@ from asyncllm.kernels.cpu.library import KernelBuildError, build_error, cpu_has_
 __all__ = ["KernelBuildError", "build_error", "supports", "rms_norm", "rotary_", "silu_and_mul", "write_kv_cache",
            "paged_decode_attention", "few_rows_supported", "few_rows_weight_supported", "linear_few_rows",
            "FEW_ROWS_MAX", "linear_quant_rows", "quantize_blocks", "panel_linear_blocks", "panel_weight_supported",
-           "pack_panels", "panel_linear", "panel_linear_silu", "PANEL_MIN_ROWS", "prefill_attention", "prefill_attention_takes"]
+           "pack_panels", "panel_linear", "panel_linear_silu", "PANEL_MIN_ROWS", "prefill_attention", "prefill_attention_takes", "lora_rows",
+           "LoRARows"]
 
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
@@ -96,6 +97,45 @@ def linear_few_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     _typed("linear_few_rows", x.dtype)(x.data_ptr(), x.stride(0), weight.data_ptr(), out.data_ptr(), rows,
                                        weight.shape[0], k, torch.get_num_threads())
     return out
+
+
+class LoRARows:
+    """lora_rows with one projection's adapter tensors checked and bound once: a [adapters,
+    parts * rank, k] and b [adapters, rank, n] (fp32 or bf16, the activations' dtype;
+    lora/layers.py, LoRAProjection.c_layout); part p of the shrink (rank values) feeds the
+    output columns before part_ends[p]. The call checks nothing (it runs for every projection of
+    every step): x [rows, k] and out [rows, n] of a's dtype with unit column stride, 1-FEW_ROWS_MAX
+    rows, row_adapter [rows] int64 (-1: the base model)."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, part_ends: torch.Tensor):
+        adapters, width, k = a.shape
+        parts, rank, n = part_ends.shape[0], b.shape[1], b.shape[2]
+        if not (supports(a, b) and a.dtype == b.dtype and a.is_contiguous() and b.is_contiguous()
+                and width == parts * rank and b.shape[0] == adapters and part_ends.dtype == torch.int64
+                and part_ends.is_contiguous() and int(part_ends[-1]) == n):
+            raise ValueError("lora_rows: adapter tensors' shapes, dtypes or layout out of its contract")
+        self.dtype = a.dtype
+        self._keep = (a, b, part_ends)
+        self._fn = _typed("lora_rows", a.dtype)
+        self._args = (rank, a.data_ptr(), b.data_ptr(), parts, part_ends.data_ptr(), n, k)
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor, row_adapter: torch.Tensor) -> None:
+        rank, a, b, parts, part_ends, n, k = self._args
+        self._fn(x.data_ptr(), x.stride(0), x.shape[0], row_adapter.data_ptr(), rank, a, b, parts, part_ends,
+                 out.data_ptr(), out.stride(0), n, k, torch.get_num_threads())
+
+
+def lora_rows(x: torch.Tensor, out: torch.Tensor, row_adapter: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+              part_ends: torch.Tensor) -> None:
+    """out [rows, n] += each row's LoRA product, in place, for 1-FEW_ROWS_MAX rows of x [rows, k]:
+    row r uses adapter j = row_adapter[r] (-1: none); see LoRARows."""
+    rows, k = x.shape
+    if not (1 <= rows <= FEW_ROWS_MAX and supports(x) and out.dtype == x.dtype == a.dtype and out.shape[0] == rows
+            and x.stride(1) == 1 and out.stride(1) == 1 and a.shape[2] == k and out.shape[1] == b.shape[2]
+            and row_adapter.dtype == torch.int64 and row_adapter.shape == (rows,)
+            and row_adapter.is_contiguous()):
+        raise ValueError("lora_rows: activations out of its contract")
+    LoRARows(a, b, part_ends)(x, out, row_adapter)
 
 
 def linear_quant_rows(x: torch.Tensor, blocks: torch.Tensor, bits: int, n: int, k: int) -> torch.Tensor:

@@ -23,10 +23,10 @@ typedef struct {
     const uint8_t *qkv_quant, *o_quant, *gate_up_quant, *down_quant;
     const float *qkv_panels, *o_panels, *gate_up_panels, *down_panels;
     void *k_cache, *v_cache; /* [num_blocks, block_size, kv_heads, head_dim] each */
-    /* LoRA of the step's adapters per projection (qkv, o, gate_up, down; NULL: none targets it), fp32:
+    /* LoRA of the step's adapters per projection (qkv, o, gate_up, down; NULL: none targets it), T:
      * a [adapters, parts * lora_rank, in], b [adapters, lora_rank, out] (B^T, part p's columns with
      * the rank-sized slice p of the shrink; ranks zero-padded to DecodeStack.lora_rank). */
-    const float *lora_a[4], *lora_b[4];
+    const void *lora_a[4], *lora_b[4];
 } DecodeLayer;
 
 typedef struct {
@@ -70,28 +70,27 @@ static inline void NAME(project_for)(const DecodeStack *m, const T *x, int64_t x
 }
 
 /* out [rows, n] (row stride out_stride) += each row's LoRA product: for row r with adapter j =
- * m->lora_index[r] >= 0, s = a_j x_r (the shrink, parts * rank values), then column c of part p
+ * index[r] >= 0, s = a_j x_r (the shrink, parts * rank values), then column c of part p
  * gets sum_k b_j[k][c] s[p * rank + k] (the expand). part_ends: each part's last column + 1.
  * Punica's BGMV on the CPU: each row reads its own adapter; a row's sums are its own, in a fixed
  * order, so its result does not depend on the other rows. s: rows * parts * rank floats. */
-static void NAME(lora_for)(const DecodeStack *m, const T *x, int64_t x_stride, int64_t rows, const float *a,
-                           const float *b, int64_t parts, const int64_t *part_ends, T *out, int64_t out_stride,
-                           int64_t n, int64_t k_in, float *s) {
-    const int64_t rank = m->lora_rank, width = parts * rank, chunks = (n + LORA_CHUNK - 1) / LORA_CHUNK;
-    const int64_t *index = m->lora_index;
+static void NAME(lora_for)(const int64_t *index, int64_t rank, const T *x, int64_t x_stride, int64_t rows,
+                           const T *a, const T *b, int64_t parts, const int64_t *part_ends, T *out,
+                           int64_t out_stride, int64_t n, int64_t k_in, float *s) {
+    const int64_t width = parts * rank, chunks = (n + LORA_CHUNK - 1) / LORA_CHUNK;
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < rows * width; t++) { /* rows innermost: rows of one adapter reuse its A row */
         const int64_t r = t % rows, col = t / rows;
         if (index[r] < 0) continue;
-        const float *ar = a + (index[r] * width + col) * k_in;
+        const T *ar = a + (index[r] * width + col) * k_in;
         const T *xr = x + r * x_stride;
         float lanes[16] = {0};
         int64_t i = 0;
         for (; i + 16 <= k_in; i += 16)
-            for (int l = 0; l < 16; l++) lanes[l] += ar[i + l] * LOAD(xr[i + l]);
+            for (int l = 0; l < 16; l++) lanes[l] += LOAD(ar[i + l]) * LOAD(xr[i + l]);
         float acc = 0.0f;
         for (int l = 0; l < 16; l++) acc += lanes[l];
-        for (; i < k_in; i++) acc += ar[i] * LOAD(xr[i]);
+        for (; i < k_in; i++) acc += LOAD(ar[i]) * LOAD(xr[i]);
         s[r * width + col] = acc;
     }
 #pragma omp for schedule(static)
@@ -105,14 +104,34 @@ static void NAME(lora_for)(const DecodeStack *m, const T *x, int64_t x_stride, i
             const int64_t end = part_ends[p] < c1 ? part_ends[p] : c1;
             const float *sp = s + r * width + p * rank;
             for (int64_t k = 0; k < rank; k++) {
-                const float sk = sp[k], *bk = b + (j * rank + k) * n;
-                for (int64_t cc = c; cc < end; cc++) acc[cc - c0] += sk * bk[cc];
+                const float sk = sp[k];
+                const T *bk = b + (j * rank + k) * n;
+                for (int64_t cc = c; cc < end; cc++) acc[cc - c0] += sk * LOAD(bk[cc]);
             }
             c = end;
         }
         T *o = out + r * out_stride;
         for (int64_t c = c0; c < c1; c++) o[c] = STORE(LOAD(o[c]) + acc[c - c0]);
     }
+}
+
+/* lora_for with projection i's adapters of a decode stack layer. */
+static void NAME(layer_lora)(const DecodeStack *m, const DecodeLayer *layer, int i, const T *x, int64_t x_stride,
+                             int64_t rows, int64_t parts, const int64_t *part_ends, T *out, int64_t out_stride,
+                             int64_t n, int64_t k_in, float *s) {
+    NAME(lora_for)(m->lora_index, m->lora_rank, x, x_stride, rows, (const T *)layer->lora_a[i],
+                   (const T *)layer->lora_b[i], parts, part_ends, out, out_stride, n, k_in, s);
+}
+
+/* The per-op path's LoRA hook for a projection of 1-8 rows (lora_for in its own parallel region):
+ * a [adapters, parts * rank, in] and b [adapters, rank, n] (type T) as in DecodeLayer.lora_a / lora_b. */
+void NAME(lora_rows)(const T *x, int64_t x_stride, int64_t rows, const int64_t *index, int64_t rank,
+                     const T *a, const T *b, int64_t parts, const int64_t *part_ends, T *out,
+                     int64_t out_stride, int64_t n, int64_t k_in, int num_threads) {
+    float *s = malloc(sizeof(float) * rows * parts * rank);
+#pragma omp parallel num_threads(num_threads)
+    NAME(lora_for)(index, rank, x, x_stride, rows, a, b, parts, part_ends, out, out_stride, n, k_in, s);
+    free(s);
 }
 
 /* Elements of scratch decode_stack needs per row. */
@@ -157,8 +176,7 @@ void NAME(decode_stack)(const DecodeStack *m, T *h, int64_t rows, const int64_t 
             }
             NAME(project_for)(m, x, hidden, layer->qkv, layer->qkv_quant, layer->qkv_panels, qkv, rows, qkv_n, hidden);
             if (lora_s != NULL && layer->lora_a[0] != NULL)
-                NAME(lora_for)(m, x, hidden, rows, layer->lora_a[0], layer->lora_b[0], 3, qkv_ends, qkv, qkv_n, qkv_n,
-                               hidden, lora_s);
+                NAME(layer_lora)(m, layer, 0, x, hidden, rows, 3, qkv_ends, qkv, qkv_n, qkv_n, hidden, lora_s);
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < rows; r++) {
                 T *q = qkv + r * qkv_n, *k = q + q_size, *v = k + kv_size;
@@ -180,8 +198,7 @@ void NAME(decode_stack)(const DecodeStack *m, T *h, int64_t rows, const int64_t 
                                        heads_per_task, qf, acc, probs);
             NAME(project_for)(m, attn, q_size, layer->o, layer->o_quant, layer->o_panels, h, rows, hidden, q_size);
             if (lora_s != NULL && layer->lora_a[1] != NULL)
-                NAME(lora_for)(m, attn, q_size, rows, layer->lora_a[1], layer->lora_b[1], 1, o_ends, h, hidden, hidden,
-                               q_size, lora_s);
+                NAME(layer_lora)(m, layer, 1, attn, q_size, rows, 1, o_ends, h, hidden, hidden, q_size, lora_s);
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < rows; r++)
                 NAME(rms_norm_row)(h + r * hidden, residual + r * hidden, residual + r * hidden, x + r * hidden,
@@ -189,8 +206,8 @@ void NAME(decode_stack)(const DecodeStack *m, T *h, int64_t rows, const int64_t 
             NAME(project_for)(m, x, hidden, layer->gate_up, layer->gate_up_quant, layer->gate_up_panels, gate_up, rows,
                               2 * inter, hidden);
             if (lora_s != NULL && layer->lora_a[2] != NULL)
-                NAME(lora_for)(m, x, hidden, rows, layer->lora_a[2], layer->lora_b[2], 2, gate_up_ends, gate_up,
-                               2 * inter, 2 * inter, hidden, lora_s);
+                NAME(layer_lora)(m, layer, 2, x, hidden, rows, 2, gate_up_ends, gate_up, 2 * inter, 2 * inter, hidden,
+                                 lora_s);
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < rows; r++) {
                 T *gu = gate_up + r * 2 * inter;
@@ -199,8 +216,7 @@ void NAME(decode_stack)(const DecodeStack *m, T *h, int64_t rows, const int64_t 
             }
             NAME(project_for)(m, act, inter, layer->down, layer->down_quant, layer->down_panels, h, rows, hidden, inter);
             if (lora_s != NULL && layer->lora_a[3] != NULL)
-                NAME(lora_for)(m, act, inter, rows, layer->lora_a[3], layer->lora_b[3], 1, o_ends, h, hidden, hidden,
-                               inter, lora_s);
+                NAME(layer_lora)(m, layer, 3, act, inter, rows, 1, o_ends, h, hidden, hidden, inter, lora_s);
             if (layer->down_bias != NULL) {
 #pragma omp for schedule(static)
                 for (int64_t r = 0; r < rows; r++) NAME(add_bias_row)(h + r * hidden, layer->down_bias, hidden);

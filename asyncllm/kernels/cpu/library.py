@@ -35,6 +35,7 @@ SIGNATURES = {
     "paged_decode_attention": (_P, _I64, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _F32, _I64,
                                _INT),
     "decode_stack": (_P, _P, _I64, _P, _P, _P, _I64, _P, _P, _P, _INT),
+    "lora_rows": (_P, _I64, _I64, _P, _I64, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _INT),
 }
 TYPED_SUFFIXES = ("f32", "bf16")
 

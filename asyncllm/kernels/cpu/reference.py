@@ -119,6 +119,20 @@ linear_few_rows = linear
 panel_linear = linear
 
 
+def lora_rows(x: torch.Tensor, out: torch.Tensor, row_adapter: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+              part_ends: torch.Tensor) -> None:
+    """out += each row's shrink (a_j x) and expand (b_j, part by part), in place (one rounding)."""
+    rank, starts = b.shape[1], [0] + part_ends.tolist()[:-1]
+    for r, j in enumerate(row_adapter.tolist()):
+        if j < 0:
+            continue
+        shrunk = a[j].double() @ x[r].double()
+        row = out[r].double()
+        for p, (start, end) in enumerate(zip(starts, part_ends.tolist())):
+            row[start:end] += shrunk[p * rank:(p + 1) * rank] @ b[j, :, start:end].double()
+        out[r] = _round(row, out.dtype)
+
+
 def panel_linear_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """silu_and_mul of the fused gate/up projection (weight [2 * inter, k]: gate rows, then up)."""
     gate_up = x.double() @ weight.double().t() + (0.0 if bias is None else bias.double())
