@@ -24,6 +24,8 @@ import torch
 from asyncllm.kernels import cpu as cpu_kernels
 from asyncllm.lora.adapter import AdapterWeights
 
+TRITON_MAX_ROWS = 64  # decode batches; prompt steps' matmuls suit the torch path better
+
 
 @dataclass
 class LoRABatch:
@@ -56,20 +58,22 @@ class LoRAProjection:
     columns, and the side-by-side adapter tensors of the current active set."""
 
     def __init__(self, modules: list[str], slices: list[tuple[int, int]], in_features: int,
-                 batch: LoRABatch, c_kernels: bool = False):
+                 batch: LoRABatch, kernels: str = "torch"):
         self.modules = modules  # PEFT name of each part, e.g. "layers.0.self_attn.q_proj"
         self.slices = slices  # each part's output columns [start, end)
         self.in_features = in_features
         self.batch = batch
-        # Steps of 1-8 rows on the CPU go through the C kernel (kernels/cpu lora_rows): the torch
-        # path's ~5 small ops per projection cost more than the products themselves there.
-        self.c_kernels = c_kernels
-        self._part_ends = torch.tensor([end for _, end in slices], dtype=torch.int64)
+        # "cpu": steps of 1-8 rows through the C kernel (kernels/cpu lora_rows); "triton": steps of
+        # up to TRITON_MAX_ROWS rows through asyncllm_kernels.lora_bgmv. At a decode step's few rows
+        # the torch path's ~5 small ops per projection cost more than the products themselves.
+        self.kernels = kernels
+        self._ends = tuple(end for _, end in slices)
+        self._part_ends = torch.tensor(self._ends, dtype=torch.int64)
         self._version = -1
         self._a: torch.Tensor | None = None  # A_act, None when no active adapter targets this projection
         self._b: list[torch.Tensor] = []
         self._c_version = -1
-        self._c_dtype = torch.float32
+        self._c_of: tuple[torch.dtype, torch.device] | None = None  # what _c was built as
         self._c: tuple[torch.Tensor, torch.Tensor] | None = None
         self._c_call: cpu_kernels.LoRARows | None = None  # lora_rows bound to _c
         self._c_call_of: tuple | None = None  # the layout it is bound to
@@ -77,19 +81,21 @@ class LoRAProjection:
     def _targeted(self) -> bool:
         return any(m in a.tensors for a in self.batch.adapters for m in self.modules)
 
-    def c_layout(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The active adapters as the C kernels read them (decode_stack_impl.h, lora_for), in
-        `dtype` (the activations'): a [n, P * r, in] (part p's A in rows p*r ...), b [n, r, out]
-        (B^T * scaling, each part's columns); None when none of them targets this projection."""
+    def c_layout(self, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The active adapters as the kernels read them (decode_stack_impl.h lora_for, lora_rows,
+        asyncllm_kernels.lora_bgmv), in `dtype` (the activations') on `device`: a [n, P * r, in]
+        (part p's A in rows p*r ...), b [n, r, out] (B^T * scaling, each part's columns); None
+        when none of them targets this projection."""
         batch = self.batch
-        if self._c_version != batch.version or self._c_dtype != dtype:
-            self._c_version, self._c_dtype = batch.version, dtype
+        if self._c_version != batch.version or self._c_of != (dtype, torch.device(device)):
+            self._c_version, self._c_of = batch.version, (dtype, torch.device(device))
             self._c = None
             if self._targeted():
                 n, r, parts = len(batch.adapters), batch.rank, len(self.modules)
                 out = self.slices[-1][1]
-                a_c = torch.zeros(n, parts * r, self.in_features, dtype=dtype)
-                b_c = torch.zeros(n, r, out, dtype=dtype)
+                a_c = torch.zeros(n, parts * r, self.in_features, dtype=dtype, device=device)
+                b_c = torch.zeros(n, r, out, dtype=dtype, device=device)
                 for p, (module, (start, end)) in enumerate(zip(self.modules, self.slices)):
                     for j, adapter in enumerate(batch.adapters):
                         pair = adapter.tensors.get(module)
@@ -136,12 +142,19 @@ class LoRAProjection:
             return out
         rows = x.reshape(-1, self.in_features)
         flat = out.view(-1, out.shape[-1])
-        if self.c_kernels and rows.shape[0] <= cpu_kernels.FEW_ROWS_MAX and batch.row_adapter is not None \
-                and rows.stride(1) == 1 and flat.stride(1) == 1 and cpu_kernels.supports(rows):
-            call = self._rows_kernel(rows.dtype)
-            if call is not None:
-                call(rows, flat, batch.row_adapter)
-            return out
+        if self.kernels != "torch" and batch.row_adapter is not None and rows.stride(1) == 1 and flat.stride(1) == 1:
+            if self.kernels == "cpu" and rows.shape[0] <= cpu_kernels.FEW_ROWS_MAX and cpu_kernels.supports(rows):
+                call = self._rows_kernel(rows.dtype)
+                if call is not None:
+                    call(rows, flat, batch.row_adapter)
+                return out
+            if self.kernels == "triton" and rows.shape[0] <= TRITON_MAX_ROWS:
+                from asyncllm_kernels import lora_bgmv
+
+                layout = self.c_layout(rows.dtype, rows.device)
+                if layout is not None:
+                    lora_bgmv(rows, flat, batch.row_adapter, layout[0], layout[1], self._ends)
+                return out
         if self._version != batch.version:
             self._rebuild(x)
         if self._a is None:

@@ -24,6 +24,13 @@ from asyncllm.lora.request import LoRARequest
 logger = logging.getLogger(__name__)
 
 
+def _kernels(ops, device: torch.device) -> str:
+    """Which kernels a projection's LoRA products take for steps of few rows (layers.LoRAProjection)."""
+    if ops.c_kernels and device.type == "cpu" and cpu_kernels.build_error() is None:
+        return "cpu"
+    return "triton" if ops.triton else "torch"
+
+
 class LoRAManager:
     def __init__(self, model: torch.nn.Module, max_loras: int, max_lora_rank: int, max_cpu_loras: int,
                  device: torch.device, dtype: torch.dtype):
@@ -38,10 +45,8 @@ class LoRAManager:
         self.batch = LoRABatch()
         for name, parts in model.lora_parts().items():
             module = model.get_submodule(name)
-            c_kernels = (module.prepacked.ops.c_kernels and device.type == "cpu"
-                         and cpu_kernels.build_error() is None)
             module.lora = LoRAProjection([m for m, _, _ in parts], [(s, e) for _, s, e in parts],
-                                         module.in_features, self.batch, c_kernels)
+                                         module.in_features, self.batch, _kernels(module.prepacked.ops, device))
         model.lora_batch = self.batch
         self._host: OrderedDict[tuple[int, str], AdapterWeights] = OrderedDict()  # by LoRARequest.key
         self._resident: OrderedDict[tuple[int, str], AdapterWeights] = OrderedDict()
@@ -96,4 +101,4 @@ class LoRAManager:
             rank = max(a.rank for a in adapters)
             one_hot = row_adapter[:, None] == torch.arange(len(adapters))[None, :]
             mask = one_hot.repeat_interleave(rank, dim=1).to(device=self.device, dtype=self.dtype)
-        self.batch.set(adapters, mask, row_adapter)
+        self.batch.set(adapters, mask, row_adapter.to(self.device))

@@ -75,17 +75,18 @@ def test_mixed_batch_equals_each_request_alone(tiny_lora):
 
 @contextlib.contextmanager
 def _torch_products(model):
-    """The per-op forward with LoRA products as torch matmuls (no C decoder, no lora_rows)."""
+    """The per-op forward with LoRA products as torch matmuls (no C decoder, no C or Triton kernel)."""
     projections = [m.lora for m in model.modules() if getattr(m, "lora", None) is not None]
+    kernels = [p.kernels for p in projections]
     model.use_decode_stack = False
     for p in projections:
-        p.c_kernels = False
+        p.kernels = "torch"
     try:
         yield
     finally:
         model.use_decode_stack = True
-        for p in projections:
-            p.c_kernels = True
+        for p, kind in zip(projections, kernels):
+            p.kernels = kind
 
 
 def _assert_same_run(got, want, tolerance):
@@ -120,6 +121,25 @@ def test_c_kernels_equal_the_torch_products(tiny_lora):
         torch_path = _run(llm, plan, loras)
     _assert_same_run(c_stack, torch_path, 1e-4)
     _assert_same_run(c_rows, torch_path, 1e-4)
+
+
+def test_triton_kernels_equal_the_c_engine(tiny_lora, monkeypatch):
+    """kernels="triton" (Triton's interpreter without a GPU; ASYNCLLM_TEST_DEVICE=cuda compiled):
+    decode steps' LoRA products go through asyncllm_kernels.lora_bgmv, one launch for every
+    adapter; the answers equal the C engine's (itself equal to PEFT above)."""
+    import asyncllm_kernels
+
+    calls = []
+    kernel = asyncllm_kernels.lora_bgmv
+    monkeypatch.setattr(asyncllm_kernels, "lora_bgmv", lambda x, *rest: calls.append(x.shape[0]) or kernel(x, *rest))
+    llm, adapters, prompts, path = tiny_lora
+    triton_llm = LLM(path, dtype="float32", device=os.environ.get("ASYNCLLM_TEST_DEVICE", "cpu"), kernels="triton",
+                     kv_cache_memory=16 << 20, enable_lora=True, max_loras=4)
+    loras = [adapters[name][0] for name, *_ in ADAPTERS] + [None]
+    plan = [prompts[i % 4] for i in range(5)]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=3)
+    _assert_same_run(_run(triton_llm, plan, loras, params), _run(llm, plan, loras, params), 1e-4)
+    assert 5 in calls  # the five-row decode steps: mixed adapters (and the base model) in one launch
 
 
 def test_bf16_adapters_close_to_fp32(tiny_models, tiny_lora, monkeypatch):

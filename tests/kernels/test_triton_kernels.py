@@ -12,6 +12,7 @@ from asyncllm_kernels import (paged_decode_attention, reshape_and_cache, rms_nor
                               varlen_prefill_attention)
 from asyncllm_kernels.attention import paged_attention_reference
 from asyncllm_kernels.cache import reshape_and_cache_reference
+from asyncllm_kernels.lora import lora_bgmv, lora_bgmv_reference
 from asyncllm_kernels.norm import rms_norm_reference
 from asyncllm_kernels.rotary import rotary_reference
 
@@ -131,3 +132,23 @@ def test_varlen_prefill_attention_matches_reference(dtype, window):
                                    dim ** -0.5, window)
     want = paged_attention_reference(q, cache, tables, starts, seq_lens, dim ** -0.5, window)
     torch.testing.assert_close(got, want, **_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("part_ends", [(96,), (64, 200), (64, 80, 96)])
+def test_lora_bgmv_matches_reference(dtype, part_ends):
+    """Rows of three adapters (rank 8; inputs 150: not a multiple of the block) and of the base
+    model (-1, untouched) in one launch, for 1, 2 and 3 fused parts."""
+    generator = torch.Generator().manual_seed(3)
+    rows, k, rank, n = 7, 150, 8, part_ends[-1]
+    x = torch.randn(rows, k, generator=generator).to(dtype).to(DEVICE)
+    y = torch.randn(rows, n, generator=generator).to(dtype).to(DEVICE)
+    a = (torch.randn(3, len(part_ends) * rank, k, generator=generator) * 0.1).to(dtype).to(DEVICE)
+    b = (torch.randn(3, rank, n, generator=generator) * 0.1).to(dtype).to(DEVICE)
+    row_adapter = torch.tensor([0, -1, 2, 1, 1, -1, 0], dtype=torch.int64, device=DEVICE)
+    want = lora_bgmv_reference(x.cpu(), y.cpu(), row_adapter.cpu(), a.cpu(), b.cpu(), part_ends)
+    before = y.clone()
+    lora_bgmv(x, y, row_adapter, a, b, part_ends)
+    torch.testing.assert_close(y.cpu(), want, **_tol(dtype))
+    base_rows = row_adapter < 0
+    assert torch.equal(y[base_rows], before[base_rows]) and not torch.equal(y[~base_rows], before[~base_rows])
