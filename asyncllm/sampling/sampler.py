@@ -68,22 +68,43 @@ class Sampler:
         is_greedy = torch.tensor(greedy)
         temp = torch.where(is_greedy, 1.0, meta.temperature).to(device)
         scaled = logits / temp[:, None]
-        if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+        if any(p.top_p < 1.0 for p in params):
             scaled = _apply_top_k_top_p(scaled, meta.top_k.to(device), meta.top_p.to(device))
+        elif any(p.top_k > 0 for p in params):
+            scaled = _apply_top_k(scaled, meta.top_k.to(device))
         probs = torch.softmax(scaled, dim=-1)
         if any(p.min_p > 0 for p in params):
             m = meta.min_p.to(device)[:, None]
             probs = torch.where(probs < m * probs.max(dim=-1, keepdim=True).values, 0.0, probs)
-        q = torch.empty_like(probs)
-        q.exponential_(generator=self.generator)
+        q = _exponential(probs.shape, self.generator, device)
         for i, p in enumerate(params):
             if p.seed is not None and not greedy[i]:
                 generator = meta.generator(i)
-                q[i].exponential_(generator=generator)
+                q[i] = _exponential(probs.shape[1:], generator, device)
                 if i in meta.keep_generator_state:
                     states[i] = generator.get_state()
         sampled = (probs / q).argmax(dim=-1)
         return torch.where(is_greedy.to(device), argmax, sampled)
+
+
+def _exponential(shape: torch.Size, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Exp(1) draws for the exponential race, as -log(U): torch's exponential_ takes ~6x as long
+    on the CPU (64 x 49k: 64 vs 11 ms, two threads). U = 0 (p = 2^-24 per draw) gives an infinite
+    draw, which only takes its token out of that one race."""
+    return torch.rand(shape, generator=generator, device=device).log_().neg_()
+
+
+def _apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Top-k without top-p: logits under each row's k-th largest are masked (ties with it stay,
+    as in transformers' TopKLogitsWarper and vLLM), found with topk rather than a full sort
+    (64 x 49k: 2.6 vs 115 ms). Rows with top_k 0 keep every logit."""
+    vocab = logits.shape[-1]
+    limited = top_k > 0
+    k = top_k.clamp(min=1, max=vocab)
+    k_max = int(k[limited].max())
+    kth = logits.topk(k_max, dim=-1).values.gather(1, (k.clamp(max=k_max) - 1)[:, None])
+    kth = kth.masked_fill(~limited[:, None], float("-inf"))
+    return logits.masked_fill(logits < kth, float("-inf"))
 
 
 def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

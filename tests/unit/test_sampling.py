@@ -92,6 +92,20 @@ def test_top_k_and_min_p_restrict_support():
     assert seen_min_p == {0, 1}  # 0.3 >= 0.6 * 0.4 but 0.2 is not
 
 
+def test_top_k_alone_masks_what_the_sorting_path_masks():
+    """Top-k without top-p takes a topk threshold instead of a full sort: the same support, row by
+    row, for k of 0 (no limit), 1, 5 and past the vocabulary, mixed in one batch."""
+    from asyncllm.sampling.sampler import _apply_top_k, _apply_top_k_top_p
+
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(0))
+    top_k = torch.tensor([0, 1, 5, 1000])
+    fast = _apply_top_k(logits.clone(), top_k)
+    sorted_path = _apply_top_k_top_p(logits.clone(), top_k, torch.ones(4))
+    assert torch.equal(fast.isinf(), sorted_path.isinf())
+    assert (~fast.isinf()).sum(-1).tolist() == [300, 1, 5, 300]
+    assert torch.equal(fast[~fast.isinf()], logits[~fast.isinf()])
+
+
 def test_logit_bias_allowed_tokens_and_bad_words():
     logits = torch.zeros(3, 20)
     logits[:, 5] = 10
