@@ -36,14 +36,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--num-prompts", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--disable-by-acceptance-rate", default="default",
+                        help="that speculative_config key for every method: a rate, 'none', or 'default' (unset)")
     args = parser.parse_args(argv)
+    floor = args.disable_by_acceptance_rate
+    extra = {} if floor == "default" else {"disable_by_acceptance_rate": None if floor == "none" else float(floor)}
 
     from asyncllm import LLM, SamplingParams
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0)
     rows, outputs = [], {}
     for name, spec in METHODS.items():
-        llm = LLM(dtype=args.dtype, speculative_config=spec)
+        llm = LLM(dtype=args.dtype, speculative_config=None if spec is None else {**spec, **extra})
         tok = llm.get_tokenizer()
         workloads = {"copy": copy_prompts(tok, args.num_prompts),
                      "free": [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,

@@ -31,6 +31,7 @@ from asyncllm.core.sched_output import (
 from asyncllm.request import Request, RequestStatus
 from asyncllm.sampling.metadata import SamplingRow
 from asyncllm.sampling.structured import GrammarError
+from asyncllm.spec_decode.acceptance import AcceptanceGate
 
 
 class Proposer(Protocol):
@@ -52,6 +53,7 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
     num_speculative_tokens: int = 0  # most proposed tokens per request per step (0: none)
     speculative_disable_batch_size: int | None = None  # no proposals while this many requests run
+    speculative_disable_acceptance_rate: float | None = None  # pause a request's proposals below this rate
     pooling_uses_cache: bool = True  # False when the pooler reads every prompt position (MEAN, CLS)
     max_loras: int = 0  # most distinct LoRA adapters among running requests (0: LoRA off)
 
@@ -68,6 +70,7 @@ class Scheduler:
         self._finished_ids: list[str] = []
         self._preempted_ids: list[str] = []
         self.requests: dict[str, Request] = {}
+        self._acceptance: dict[str, AcceptanceGate] = {}  # by request id, once it has proposed
         self.waiting: list[tuple[tuple, Request]] = []  # sorted by (priority, arrival, seq)
         self.running: list[Request] = []
         self._seq = itertools.count()
@@ -116,6 +119,7 @@ class Scheduler:
         self.kv.free(request)
         if self.proposer is not None:
             self.proposer.finished(request)
+        self._acceptance.pop(request.request_id, None)
         self.requests.pop(request.request_id, None)
         if self._sent_blocks.pop(request.request_id, None) is not None or request.request_id in self._resumed:
             self._finished_ids.append(request.request_id)
@@ -208,6 +212,13 @@ class Scheduler:
         limit = self.config.speculative_disable_batch_size
         if limit is not None and len(self.running) >= limit:
             return []
+        floor = self.config.speculative_disable_acceptance_rate
+        if floor is not None:
+            gate = self._acceptance.get(request.request_id)
+            if gate is None:
+                gate = self._acceptance[request.request_id] = AcceptanceGate(floor)
+            if not gate.allows():
+                return []
         k = min(k, budget - 1, self.config.max_model_len - request.num_tokens)
         return list(self.proposer.propose(request, k)[:k]) if k > 0 else []
 
@@ -268,6 +279,9 @@ class Scheduler:
             tokens = sampled.get(item.req_id)
             # The proposed tokens the samples disagreed with were computed but are not the sequence.
             rejected = len(item.spec_token_ids) - (len(tokens) - 1) if tokens else 0
+            gate = self._acceptance.get(item.req_id)
+            if gate is not None and tokens:
+                gate.record(len(item.spec_token_ids), len(tokens) - 1)
             request.num_computed_tokens += item.num_new_tokens - rejected
             request.spec_token_ids = []
             pooled = result.pooled.get(item.req_id)

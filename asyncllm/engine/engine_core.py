@@ -120,6 +120,7 @@ class EngineCore:
             SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, max_model_len,
                             args.enable_chunked_prefill and not encoder, num_speculative_tokens,
                             config.speculative.disable_by_batch_size if config.speculative is not None else None,
+                            config.speculative.disable_by_acceptance_rate if config.speculative is not None else None,
                             pooling_uses_cache=not self.pooler_config.needs_every_position,
                             max_loras=args.max_loras if args.enable_lora else 0),
             self.kv, proposer)

@@ -21,6 +21,10 @@ class SpeculativeConfig:
     # No proposals while this many requests run (vLLM's key): batched steps are compute-bound,
     # where verifying rejected tokens costs more than it saves. None: always propose.
     disable_by_batch_size: int | None = None
+    # A request whose recent acceptance rate (kept / proposed tokens) falls below this stops
+    # proposing for a few steps, then tries again (spec_decode/acceptance.py). None (the default,
+    # as vLLM has no such rule): never. Measured on free text it changed little (README).
+    disable_by_acceptance_rate: float | None = None
     # method "suffix" (vLLM's keys): trie depth, finished outputs kept in the shared trie, proposal
     # length per matched token, and the least path probability worth proposing.
     suffix_decoding_max_tree_depth: int = 24
@@ -52,6 +56,9 @@ class SpeculativeConfig:
         d = config.disable_by_batch_size
         if d is not None and (not isinstance(d, int) or isinstance(d, bool) or d < 1):
             raise ValueError(f"speculative_config.disable_by_batch_size must be an integer >= 1, got {d!r}")
+        rate = config.disable_by_acceptance_rate
+        if rate is not None and (not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0 <= rate <= 1):
+            raise ValueError(f"speculative_config.disable_by_acceptance_rate must be in [0, 1] or null, got {rate!r}")
         if config.prompt_lookup_min > config.prompt_lookup_max:
             raise ValueError("speculative_config.prompt_lookup_min must be <= prompt_lookup_max")
         depth, cached = config.suffix_decoding_max_tree_depth, config.suffix_decoding_max_cached_requests

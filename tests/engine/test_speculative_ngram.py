@@ -72,11 +72,43 @@ def test_no_proposals_at_or_above_disable_by_batch_size(ngram_llm):
         scheduler.config = config
 
 
+def test_poor_acceptance_pauses_a_requests_proposals(tiny_models):
+    """A proposer that is always wrong: with disable_by_acceptance_rate 0.1 the request soon
+    pauses and only probes now and then; without it (the default) every step verifies a draft.
+    The tokens are plain decoding's either way."""
+    path = tiny_models("LlamaForCausalLM")
+    prompt = {"prompt_token_ids": [5, 6, 7, 8] * 6}
+    params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
+    runs = {}
+    for name, extra in [("gated", {"disable_by_acceptance_rate": 0.1}), ("always", {})]:
+        llm = LLM(path, dtype="float32", kv_cache_memory=16 << 20,
+                  speculative_config={"method": "ngram", "num_speculative_tokens": 4, **extra})
+        llm.engine.core.scheduler.proposer = WrongProposer()
+        runs[name] = (llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids,
+                      llm.engine.core.num_draft_tokens)
+        llm.engine.shutdown()
+    plain = LLM(path, dtype="float32", kv_cache_memory=16 << 20).generate(prompt, params, use_tqdm=False)
+    assert runs["gated"][0] == runs["always"][0] == plain[0].outputs[0].token_ids
+    assert runs["always"][1] >= 4 * 60  # a 4-token draft nearly every step
+    assert runs["gated"][1] <= 4 * 16  # paused after four rejected drafts, then probes at 4, 8, 16, 32 steps
+
+
+class WrongProposer:
+    """Proposes the last vocabulary id, which the tiny random model never picks greedily here."""
+
+    def propose(self, request, k):
+        return [49151] * k
+
+    def finished(self, request):
+        pass
+
+
 def test_unsupported_speculative_methods_are_refused():
     for bad, message in [({"method": "draft_model", "model": "x"}, "not supported yet"),
                          ({"method": "ngram", "num_speculative_tokens": 0}, "integer >= 1"),
                          ("{not json", "not valid JSON"),
-                         ({"method": "ngram", "disable_by_batch_size": 0}, "disable_by_batch_size")]:
+                         ({"method": "ngram", "disable_by_batch_size": 0}, "disable_by_batch_size"),
+                         ({"method": "ngram", "disable_by_acceptance_rate": 2}, "disable_by_acceptance_rate")]:
         with pytest.raises(ValueError, match=message):
             EngineArgs(speculative_config=bad).create_engine_config()
 
