@@ -160,10 +160,37 @@ def write_llama_gguf(hf_dir: str, path: str, default_gguf: str, qtype) -> None:
             w.add_tensor(gname, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(gname, data.astype(np.float32))
+    rope = cfg.rope_parameters
+    if rope.get("rope_type") == "llama3":  # Llama 3.1+: the scaling as per-dimension factors
+        head_dim = cfg.hidden_size // cfg.num_attention_heads
+        w.add_tensor("rope_freqs.weight", llama3_rope_freqs(rope, head_dim))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def llama3_rope_freqs(rope: dict, head_dim: int):
+    """llama.cpp's convert_hf_to_gguf rule for `rope_freqs.weight` (LlamaModel.generate_extra_tensors):
+    1 for short wavelengths, `factor` for long ones, the smooth blend's reciprocal in between."""
+    import math
+
+    import numpy as np
+
+    base, factor = rope["rope_theta"], rope.get("factor", 8.0)
+    low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old_context = rope.get("original_max_position_embeddings", 8192)
+    factors = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi * base ** (i / head_dim)
+        if wavelen < old_context / high:
+            factors.append(1.0)
+        elif wavelen > old_context / low:
+            factors.append(factor)
+        else:
+            smooth = (old_context / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
 
 
 def check_logprobs(completion, hf_logits, atol=2e-3):

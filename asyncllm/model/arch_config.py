@@ -19,6 +19,9 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    # Per-dimension divisors of the frequencies, as a Llama 3.1+ GGUF stores them (`rope_freqs`:
+    # llama.cpp's convert writes the llama3 scaling this way); applied after `rope_type`.
+    freq_factors: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)

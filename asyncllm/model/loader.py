@@ -234,12 +234,18 @@ def _load_gguf(path: str, tokenizer_path: str | None) -> Checkpoint:
     config = LlamaFamilyConfig.from_hf(hf_config, architecture)
     tokenizer = load_hf_tokenizer(tokenizer_path) if tokenizer_path else load_gguf_tokenizer(path)
     permute = gguf.architecture in ("llama", "mistral")
-    if "rope_freqs.weight" in gguf.tensors:
-        raise ValueError(f"{path}: rope frequency factors (Llama 3.1 GGUF) are not supported yet; "
-                         "load the HF folder instead")
+    if "rope_freqs.weight" in gguf.tensors:  # Llama 3.1+: the llama3 scaling as per-dimension factors
+        factors = gguf.load("rope_freqs.weight", torch.float32).flatten()
+        if factors.numel() != config.head_dim // 2 or not bool((factors > 0).all()):
+            raise ValueError(f"{path}: rope_freqs has {factors.numel()} factors (all > 0 expected), "
+                             f"the model's head_dim {config.head_dim} needs {config.head_dim // 2}")
+        config = dataclasses.replace(config, rope=dataclasses.replace(config.rope,
+                                                                      freq_factors=tuple(factors.tolist())))
 
     def weights(dtype: torch.dtype) -> WeightStream:
         for name in gguf.tensors:
+            if name == "rope_freqs.weight":
+                continue  # read above, into the config
             hf_name = gguf_to_hf_name(name)
             if hf_name is None:
                 raise ValueError(f"{path}: unexpected GGUF tensor {name!r}")

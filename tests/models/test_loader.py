@@ -93,6 +93,31 @@ def test_gguf_llama_with_permuted_qk_matches_transformers(qtype, tiny_models, de
         assert out[0].outputs[0].token_ids == expected
 
 
+def test_llama3_gguf_with_rope_freqs_matches_transformers_on_the_hf_folder(tiny_models, default_gguf, tmp_path):
+    """A Llama 3.1-style GGUF: llama.cpp's convert stores the llama3 rope scaling as a
+    `rope_freqs` tensor of per-dimension factors (here all three regimes: kept, divided by 8,
+    blended). Its tokens and logprobs equal transformers running the HF folder it came from."""
+    import numpy as np
+
+    src = tiny_models("LlamaForCausalLM")  # llama3 scaling, original context 64
+    path = str(tmp_path / "tiny-llama31.gguf")
+    helpers.write_llama_gguf(src, path, default_gguf, Q.F32)
+    factors = helpers.llama3_rope_freqs(helpers.tiny_config("LlamaForCausalLM").rope_parameters, 16)
+    assert (factors == 1).any() and (factors == 8).any() and ((factors > 1) & (factors < 8)).any()
+    hf = helpers.load_hf(src)
+    llm = LLM(path, dtype="float32", kv_cache_memory=16 << 20)
+    rope = llm.engine.core.checkpoint.config.rope
+    assert rope.freq_factors is not None and np.allclose(rope.freq_factors, factors)
+    tok = llm.get_tokenizer()
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=3)
+    for text in helpers.TEXT_PROMPTS[:3]:
+        ids = tok.encode(text)
+        expected, logits = helpers.hf_greedy(hf, ids, 24)
+        out = llm.generate({"prompt_token_ids": ids}, params, use_tqdm=False)[0].outputs[0]
+        assert out.token_ids == expected
+        helpers.check_logprobs(out, logits)
+
+
 def _plain_llama(tiny_models) -> str:
     """The tiny Llama, re-saved untied with default rope (what a plain llama GGUF describes)."""
     from transformers import AutoModelForCausalLM
