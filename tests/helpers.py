@@ -12,11 +12,11 @@ TINY_COMMON = dict(
     bos_token_id=None, eos_token_id=None, pad_token_id=0, tie_word_embeddings=False,
 )
 
-ARCHITECTURES = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"]
+ARCHITECTURES = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM"]
 
 
 def tiny_config(arch: str):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
     if arch == "LlamaForCausalLM":
         # Llama 3 rope scaling and tied embeddings: the two Llama variants worth covering.
@@ -31,6 +31,15 @@ def tiny_config(arch: str):
     if arch == "Qwen3ForCausalLM":
         return Qwen3Config(**{**TINY_COMMON, "head_dim": 32}, rope_parameters={"rope_type": "default",
                                                                               "rope_theta": 1000000.0})
+    if arch == "Phi3ForCausalLM":
+        # Fused qkv_proj / gate_up_proj in the checkpoint; LongRoPE's short factors and its
+        # attention factor (512 / 64 = 8: sqrt(1 + ln 8 / ln 64) = 1.22) within the original 64.
+        factors = torch.Generator().manual_seed(5)
+        short = (1 + torch.rand(8, generator=factors)).tolist()
+        long = (1 + 10 * torch.rand(8, generator=factors)).tolist()
+        return Phi3Config(**TINY_COMMON, original_max_position_embeddings=64, rope_parameters={
+            "rope_type": "longrope", "rope_theta": 10000.0, "short_factor": short, "long_factor": long,
+            "original_max_position_embeddings": 64, "partial_rotary_factor": 1.0})
     raise KeyError(arch)
 
 

@@ -102,8 +102,11 @@ class EngineCore:
                 raise ValueError(f"an encoder runs each prompt in one step: max_num_batched_tokens "
                                  f"({args.max_num_batched_tokens}) must be >= max_model_len ({max_model_len})")
             if args.max_model_len is not None and args.max_model_len > model_cfg.max_position_embeddings:
+                longrope = getattr(getattr(model_cfg, "rope", None), "rope_type", None) == "longrope"
                 raise ValueError(f"max_model_len {args.max_model_len} exceeds the model's "
-                                 f"{model_cfg.max_position_embeddings} positions")
+                                 f"{model_cfg.max_position_embeddings} positions" + (
+                                     " (a LongRoPE model runs within its original context: its long "
+                                     "factors are not supported yet)" if longrope else ""))
             if args.max_model_len is not None and args.max_model_len > capacity:
                 logger.warning("max_model_len %d exceeds the KV cache (%d tokens); using %d",
                                args.max_model_len, capacity, capacity)

@@ -7,6 +7,8 @@ and 5 (`rope_parameters`).
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +24,12 @@ class RopeConfig:
     # Per-dimension divisors of the frequencies, as a Llama 3.1+ GGUF stores them (`rope_freqs`:
     # llama.cpp's convert writes the llama3 scaling this way); applied after `rope_type`.
     freq_factors: tuple[float, ...] | None = None
+    # "longrope" (Phi-3): frequencies divided by short_factor, cos/sin times attention_factor.
+    # transformers switches a sequence to long_factor once it passes
+    # original_max_position_embeddings, recomputing its whole cache; that is not built, so such
+    # a model's context is its original one (LlamaFamilyConfig.from_hf).
+    short_factor: tuple[float, ...] | None = None
+    attention_factor: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,10 @@ class LlamaFamilyConfig:
         hidden_act = getattr(config, "hidden_act", "silu")
         if hidden_act != "silu":
             raise ValueError(f"{architecture} with hidden_act={hidden_act!r} is not supported (only silu)")
+        rope = _rope_from_hf(config)
+        max_positions = getattr(config, "max_position_embeddings", 4096)
+        if rope.rope_type == "longrope":  # the short factors' range (see RopeConfig)
+            max_positions = min(max_positions, rope.original_max_position_embeddings)
         return cls(
             architecture=architecture,
             vocab_size=config.vocab_size,
@@ -68,8 +80,8 @@ class LlamaFamilyConfig:
             num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
             head_dim=head_dim,
             rms_norm_eps=config.rms_norm_eps,
-            max_position_embeddings=getattr(config, "max_position_embeddings", 4096),
-            rope=_rope_from_hf(config),
+            max_position_embeddings=max_positions,
+            rope=rope,
             tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
             attention_bias=bool(getattr(config, "attention_bias", False)) or architecture == "Qwen2ForCausalLM",
             qk_norm=architecture == "Qwen3ForCausalLM",
@@ -87,15 +99,31 @@ def _rope_from_hf(config: Any) -> RopeConfig:
         params = {**scaling, **params}
     theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
     rope_type = params.get("rope_type", params.get("type", "default")) or "default"
-    if rope_type not in ("default", "linear", "llama3"):
-        raise ValueError(f"rope type {rope_type!r} is not supported (default, linear, llama3)")
+    if rope_type == "su":  # Phi-3's first name for it
+        rope_type = "longrope"
+    if rope_type not in ("default", "linear", "llama3", "longrope"):
+        raise ValueError(f"rope type {rope_type!r} is not supported (default, linear, llama3, longrope)")
+    partial = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise ValueError(f"partial_rotary_factor={partial} is not supported (rotary over the whole head only)")
+    original = int(params.get("original_max_position_embeddings",
+                              getattr(config, "original_max_position_embeddings", None) or 8192))
+    extra = {}
+    if rope_type == "longrope":
+        # transformers' _compute_longrope_parameters: the attention factor from the context extension.
+        factor = params.get("factor") or getattr(config, "max_position_embeddings", original) / original
+        attention = params.get("attention_factor")
+        if attention is None:
+            attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        extra = dict(short_factor=tuple(float(f) for f in params["short_factor"]), attention_factor=float(attention))
     return RopeConfig(
         theta=float(theta),
         rope_type=rope_type,
-        factor=float(params.get("factor", 1.0)),
+        factor=float(params.get("factor") or 1.0),
         low_freq_factor=float(params.get("low_freq_factor", 1.0)),
         high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(params.get("original_max_position_embeddings", 8192)),
+        original_max_position_embeddings=original,
+        **extra,
     )
 
 

@@ -7,7 +7,7 @@ The op order follows transformers' modeling_llama so fp32 results match it.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -221,7 +221,7 @@ class LlamaFamilyForCausalLM(nn.Module):
         shard_dims = self._shard_dims()
         part_offsets = self._fused_offsets()
         loaded: set[str] = set()
-        for name, tensor in weights:
+        for name, tensor in self._split_fused_checkpoint_tensors(weights):
             name = name.removeprefix("model.")
             if name == "lm_head.weight" and self.lm_head is None:
                 continue  # tied: some checkpoints still store the copy
@@ -249,6 +249,25 @@ class LlamaFamilyForCausalLM(nn.Module):
         missing = expected - loaded
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {sorted(missing)[:4]}")
+
+    def _split_fused_checkpoint_tensors(self, weights: Iterable[tuple[str, torch.Tensor]]
+                                        ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Phi-3 checkpoints store qkv_proj and gate_up_proj fused: split into transformers' Llama
+        parts (q/k/v, gate/up, by the unsharded sizes) so that sharding and fusing treat every
+        checkpoint alike."""
+        cfg = self.config
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        sizes = {"qkv_proj": (q, kv, kv), "gate_up_proj": (cfg.intermediate_size, cfg.intermediate_size)}
+        for name, tensor in weights:
+            fused = next((f for f in self._FUSED if f".{f}." in name), None)
+            if fused is None:
+                yield name, tensor
+                continue
+            if tensor.shape[0] != sum(sizes[fused]):
+                raise ValueError(f"checkpoint tensor {name!r} has {tensor.shape[0]} rows, expected "
+                                 f"{sum(sizes[fused])} ({' + '.join(map(str, sizes[fused]))})")
+            for part, rows in zip(self._FUSED[fused], tensor.split(sizes[fused])):
+                yield name.replace(fused, part), rows
 
     def _shard_dims(self) -> dict[str, int]:
         """Parameter name → the dimension tensor parallelism splits (absent: replicated)."""

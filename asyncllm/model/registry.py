@@ -9,12 +9,13 @@ from __future__ import annotations
 import importlib
 
 # The dense Llama family shares one implementation; the differences (qkv bias, q/k norm,
-# sliding window) are flags of LlamaFamilyConfig.
+# sliding window, Phi-3's fused checkpoint tensors and longrope) are flags of LlamaFamilyConfig.
 _MODELS: dict[str, tuple[str, str]] = {
     "LlamaForCausalLM": ("asyncllm.model.llama", "LlamaFamilyForCausalLM"),
     "MistralForCausalLM": ("asyncllm.model.llama", "LlamaFamilyForCausalLM"),
     "Qwen2ForCausalLM": ("asyncllm.model.llama", "LlamaFamilyForCausalLM"),
     "Qwen3ForCausalLM": ("asyncllm.model.llama", "LlamaFamilyForCausalLM"),
+    "Phi3ForCausalLM": ("asyncllm.model.llama", "LlamaFamilyForCausalLM"),
     # Encoders (embedding models; sentence-transformers folders).
     "BertModel": ("asyncllm.model.bert", "BertEncoder"),
 }

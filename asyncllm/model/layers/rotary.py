@@ -12,7 +12,12 @@ from asyncllm.model.layers.ops import TORCH_OPS, Ops
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
     inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    if rope.rope_type == "linear":
+    if rope.rope_type == "longrope":  # transformers' _compute_longrope_parameters, short factors
+        if len(rope.short_factor) != head_dim // 2:
+            raise ValueError(f"longrope needs {head_dim // 2} short factors, got {len(rope.short_factor)}")
+        inv_freq = 1.0 / (torch.tensor(rope.short_factor, dtype=torch.float32)
+                          * rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    elif rope.rope_type == "linear":
         inv_freq = inv_freq / rope.factor
     elif rope.rope_type == "llama3":
         # transformers' _compute_llama3_parameters: keep high frequencies, divide low ones by
@@ -46,8 +51,9 @@ class RotaryEmbedding(nn.Module):
         positions = torch.arange(self.max_positions, dtype=torch.float32)
         freqs = torch.outer(positions, inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.cos = emb.cos().to(device)
-        self.sin = emb.sin().to(device)
+        scale = self.rope.attention_factor  # longrope's; 1 otherwise
+        self.cos = (emb.cos() * scale).to(device)
+        self.sin = (emb.sin() * scale).to(device)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [T, H, D], k: [T, KVH, D]; positions: [T]. The kernels rotate in place."""
