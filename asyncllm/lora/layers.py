@@ -35,7 +35,7 @@ class LoRABatch:
     adapters: list[AdapterWeights] = field(default_factory=list)  # the active ones, in column order
     rank: int = 0  # the padded rank: the largest of theirs
     mask: torch.Tensor | None = None  # [T, n * rank]: 1 where a row uses that adapter; None: all use adapters[0]
-    row_adapter: torch.Tensor | None = None  # [T] int64: each row's adapter (-1: none), for the C decoder
+    row_adapter: torch.Tensor | None = None  # [T] int64: each row's adapter (-1: none), for the kernels
     version: int = 0  # bumped whenever adapters / rank change
 
     @property
