@@ -23,19 +23,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from common import Timer, publish, pydoc_prompts  # noqa: E402
 
-def decode_tok_per_s(llm, prompts, loras, max_tokens: int) -> tuple[float, list[list[int]]]:
+
+def decode_tok_per_s(llm, prompts, loras, max_tokens: int) -> float:
     from asyncllm import SamplingParams
 
-    def run(n: int):
+    def seconds(n: int) -> float:
         params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
         with Timer() as t:
-            outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False,
-                                lora_request=loras)
-        return t.seconds, [o.outputs[0].token_ids for o in outs]
+            llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False, lora_request=loras)
+        return t.seconds
 
-    first, _ = run(1)
-    full, tokens = run(max_tokens)
-    return len(prompts) * (max_tokens - 1) / (full - first), tokens
+    first = seconds(1)
+    return len(prompts) * (max_tokens - 1) / (seconds(max_tokens) - first)
 
 
 def main(argv=None) -> dict:
@@ -77,7 +76,7 @@ def main(argv=None) -> dict:
             runs: dict[str, list[float]] = {name: [] for name in cases}
             for _ in range(args.repeats):
                 for name, (batch_prompts, batch_loras) in cases.items():
-                    runs[name].append(decode_tok_per_s(llm, batch_prompts, batch_loras, args.max_tokens)[0])
+                    runs[name].append(decode_tok_per_s(llm, batch_prompts, batch_loras, args.max_tokens))
             speeds = {name: statistics.median(values) for name, values in runs.items()}
             for name, speed in speeds.items():
                 base = speeds[name.split(",")[0] + ", base"]

@@ -36,11 +36,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--num-prompts", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--disable-by-acceptance-rate", default="default",
-                        help="that speculative_config key for every method: a rate, 'none', or 'default' (unset)")
+    parser.add_argument("--disable-by-acceptance-rate", type=float, default=None,
+                        help="that speculative_config key for every method (default: unset, i.e. off)")
     args = parser.parse_args(argv)
-    floor = args.disable_by_acceptance_rate
-    extra = {} if floor == "default" else {"disable_by_acceptance_rate": None if floor == "none" else float(floor)}
+    extra = {"disable_by_acceptance_rate": args.disable_by_acceptance_rate}
 
     from asyncllm import LLM, SamplingParams
 

@@ -67,6 +67,11 @@ class LoRAProjection:
         # up to TRITON_MAX_ROWS rows through asyncllm_kernels.lora_bgmv. At a decode step's few rows
         # the torch path's ~5 small ops per projection cost more than the products themselves.
         self.kernels = kernels
+        self._bgmv = None
+        if kernels == "triton":  # bound once: apply runs for every projection of every step
+            from asyncllm_kernels import lora_bgmv
+
+            self._bgmv = lora_bgmv
         self._ends = tuple(end for _, end in slices)
         self._part_ends = torch.tensor(self._ends, dtype=torch.int64)
         self._version = -1
@@ -148,12 +153,10 @@ class LoRAProjection:
                 if call is not None:
                     call(rows, flat, batch.row_adapter)
                 return out
-            if self.kernels == "triton" and rows.shape[0] <= TRITON_MAX_ROWS:
-                from asyncllm_kernels import lora_bgmv
-
+            if self._bgmv is not None and rows.shape[0] <= TRITON_MAX_ROWS:
                 layout = self.c_layout(rows.dtype, rows.device)
                 if layout is not None:
-                    lora_bgmv(rows, flat, batch.row_adapter, layout[0], layout[1], self._ends)
+                    self._bgmv(rows, flat, batch.row_adapter, layout[0], layout[1], self._ends)
                 return out
         if self._version != batch.version:
             self._rebuild(x)

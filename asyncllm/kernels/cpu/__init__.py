@@ -114,7 +114,6 @@ class LoRARows:
                 and width == parts * rank and b.shape[0] == adapters and part_ends.dtype == torch.int64
                 and part_ends.is_contiguous() and int(part_ends[-1]) == n):
             raise ValueError("lora_rows: adapter tensors' shapes, dtypes or layout out of its contract")
-        self.dtype = a.dtype
         self._keep = (a, b, part_ends)
         self._fn = _typed("lora_rows", a.dtype)
         self._args = (rank, a.data_ptr(), b.data_ptr(), parts, part_ends.data_ptr(), n, k)

@@ -82,7 +82,8 @@ class DecodeStackArgs:
             scale=shape.scale, cos=cos.data_ptr(), sin=sin.data_ptr(),
             final_norm=final_norm.data_ptr(), layers=self._layers)
         self.scratch_per_row = _typed("decode_stack_scratch", self.dtype)(ctypes.byref(self.struct))
-        self._lora_keep: tuple = ()
+        self._lora_keep: tuple = ()  # the adapter tensors and row index the structure points into
+        self._lora_index: torch.Tensor | None = None
 
     def set_lora(self, layers: list[list[tuple[torch.Tensor, torch.Tensor] | None]], rank: int) -> None:
         """The step's adapters: per layer, per projection (PROJECTIONS order) the fp32 (a, b) of

@@ -11,12 +11,12 @@ from asyncllm.model.layers.ops import TORCH_OPS, Ops
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
-    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    powers = rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+    inv_freq = 1.0 / powers
     if rope.rope_type == "longrope":  # transformers' _compute_longrope_parameters, short factors
         if len(rope.short_factor) != head_dim // 2:
             raise ValueError(f"longrope needs {head_dim // 2} short factors, got {len(rope.short_factor)}")
-        inv_freq = 1.0 / (torch.tensor(rope.short_factor, dtype=torch.float32)
-                          * rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        inv_freq = 1.0 / (torch.tensor(rope.short_factor, dtype=torch.float32) * powers)
     elif rope.rope_type == "linear":
         inv_freq = inv_freq / rope.factor
     elif rope.rope_type == "llama3":
