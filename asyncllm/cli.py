@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the OpenAI-compatible server")
     serve.add_argument("model", nargs="?", default=None, help="model folder or .gguf (default: embedded SmolLM2)")
+    serve.add_argument("--model", dest="model_flag", default=None, metavar="MODEL",
+                       help="the model, as vLLM's --model (instead of the positional argument)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")
     serve.add_argument("--api-key", default=None, help="require this Bearer key (default: $ASYNCLLM_API_KEY)")
@@ -111,7 +113,9 @@ def _serve(ns: argparse.Namespace) -> int:
 
     logging.basicConfig(level=ns.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     args = engine_args_from(ns)
-    args.model = ns.model or args.model
+    if ns.model and ns.model_flag and ns.model != ns.model_flag:
+        raise SystemExit(f"asyncllm serve: two models given ({ns.model!r} and --model {ns.model_flag!r})")
+    args.model = ns.model or ns.model_flag
     started = time.perf_counter()
     engine = AsyncEngine.from_args(args)
     print(f"asyncllm: loaded {engine.model_name} in {time.perf_counter() - started:.2f}s "

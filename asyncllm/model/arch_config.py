@@ -52,7 +52,21 @@ class LlamaFamilyConfig:
     sliding_window: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
+    # Gemma 3 (gemma.py); the defaults are the Llama family's.
+    hidden_act: str = "silu"  # or "gelu_pytorch_tanh"
+    attention_scale: float | None = None  # None: head_dim ** -0.5 (Gemma: query_pre_attn_scalar ** -0.5)
+    # Which layers attend within sliding_window (None: all of them, as Mistral), and the rope of
+    # those layers where it differs from the global ones' (Gemma 3: base 10000 against 1e6).
+    sliding_layers: tuple[bool, ...] | None = None
+    local_rope: RopeConfig | None = None
+    embedding_multiplier: float | None = None  # Gemma: embeddings times sqrt(hidden_size)
+    final_logit_softcapping: float | None = None  # logits = cap * tanh(logits / cap)
     is_encoder_only = False  # a decoder: causal attention over a paged KV cache
+
+    def layer_sliding_window(self, layer: int) -> int | None:
+        if self.sliding_layers is not None and not self.sliding_layers[layer]:
+            return None
+        return self.sliding_window
 
     @classmethod
     def from_hf(cls, config: Any, architecture: str) -> "LlamaFamilyConfig":
@@ -63,10 +77,11 @@ class LlamaFamilyConfig:
         sliding_window = getattr(config, "sliding_window", None)
         if architecture.startswith("Qwen") and not getattr(config, "use_sliding_window", False):
             sliding_window = None
-        hidden_act = getattr(config, "hidden_act", "silu")
-        if hidden_act != "silu":
+        extra = _gemma3_fields(config) if architecture == "Gemma3ForCausalLM" else {}
+        hidden_act = extra.get("hidden_act") or getattr(config, "hidden_act", "silu")
+        if hidden_act != "silu" and not extra:
             raise ValueError(f"{architecture} with hidden_act={hidden_act!r} is not supported (only silu)")
-        rope = _rope_from_hf(config)
+        rope = extra.pop("rope", None) or _rope_from_hf(config)
         max_positions = getattr(config, "max_position_embeddings", 4096)
         if rope.rope_type == "longrope":  # the short factors' range (see RopeConfig)
             max_positions = min(max_positions, rope.original_max_position_embeddings)
@@ -84,19 +99,49 @@ class LlamaFamilyConfig:
             rope=rope,
             tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
             attention_bias=bool(getattr(config, "attention_bias", False)) or architecture == "Qwen2ForCausalLM",
-            qk_norm=architecture == "Qwen3ForCausalLM",
+            qk_norm=architecture in ("Qwen3ForCausalLM", "Gemma3ForCausalLM"),
             mlp_bias=bool(getattr(config, "mlp_bias", False)),
             sliding_window=sliding_window,
             eos_token_ids=eos_ids,
             bos_token_id=getattr(config, "bos_token_id", None),
+            **extra,
         )
 
 
-def _rope_from_hf(config: Any) -> RopeConfig:
-    params = dict(getattr(config, "rope_parameters", None) or {})
-    scaling = getattr(config, "rope_scaling", None)
-    if isinstance(scaling, dict):
-        params = {**scaling, **params}
+def _gemma3_fields(config: Any) -> dict[str, Any]:
+    """Gemma 3's differences from the Llama family, from its transformers config (refusing the
+    options it has that are not built: bidirectional attention, attention logit soft-capping)."""
+    if getattr(config, "use_bidirectional_attention", False):
+        raise ValueError("Gemma3 with use_bidirectional_attention (an embedding model) is not supported")
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        raise ValueError("Gemma3 with attn_logit_softcapping is not supported (attention without soft-capping only)")
+    hidden_act = getattr(config, "hidden_activation", None) or "gelu_pytorch_tanh"
+    if hidden_act != "gelu_pytorch_tanh":
+        raise ValueError(f"Gemma3 with hidden_activation={hidden_act!r} is not supported (gelu_pytorch_tanh)")
+    layer_types = list(config.layer_types)
+    unknown = set(layer_types) - {"sliding_attention", "full_attention"}
+    if unknown:
+        raise ValueError(f"Gemma3 layer types {sorted(unknown)} are not supported")
+    per_type = dict(getattr(config, "rope_parameters", None) or {})
+    return dict(
+        hidden_act=hidden_act,
+        attention_scale=float(config.query_pre_attn_scalar) ** -0.5,
+        sliding_layers=tuple(t == "sliding_attention" for t in layer_types),
+        rope=_rope_from_hf(config, per_type["full_attention"]),
+        local_rope=_rope_from_hf(config, per_type["sliding_attention"]),
+        embedding_multiplier=float(config.hidden_size) ** 0.5,
+        final_logit_softcapping=getattr(config, "final_logit_softcapping", None),
+    )
+
+
+def _rope_from_hf(config: Any, params: dict[str, Any] | None = None) -> RopeConfig:
+    """The rope of `config` (or of one layer type's `params`, as Gemma 3 gives them)."""
+    if params is None:
+        params = dict(getattr(config, "rope_parameters", None) or {})
+        scaling = getattr(config, "rope_scaling", None)
+        if isinstance(scaling, dict):
+            params = {**scaling, **params}
+    params = dict(params)
     theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
     rope_type = params.get("rope_type", params.get("type", "default")) or "default"
     if rope_type == "su":  # Phi-3's first name for it

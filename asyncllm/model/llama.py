@@ -27,7 +27,8 @@ from asyncllm.model.layers.rotary import RotaryEmbedding
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: LlamaFamilyConfig, rotary: RotaryEmbedding, ctx: ModelContext):
+    def __init__(self, cfg: LlamaFamilyConfig, rotary: RotaryEmbedding, ctx: ModelContext,
+                 sliding_window: int | None = None):
         super().__init__()
         ops, parallel = ctx.ops, ctx.parallel
         # This rank's heads (column-parallel QKV, row-parallel output).
@@ -44,8 +45,9 @@ class LlamaAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, ops.for_head_norms()) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, ops.for_head_norms()) if cfg.qk_norm else None
         self.rotary = rotary
+        scale = cfg.attention_scale if cfg.attention_scale is not None else self.head_dim ** -0.5
         self.backend: AttentionBackend = ops.attention_backend()(
-            self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5, cfg.sliding_window)
+            self.num_heads, self.num_kv_heads, self.head_dim, scale, sliding_window)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -70,8 +72,12 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, 2 * cfg.intermediate_size, cfg.mlp_bias, ops, parallel)
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, ops, parallel)
         self.ops = ops
+        self.gelu = cfg.hidden_act == "gelu_pytorch_tanh"  # Gemma; else SiLU
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gelu:
+            gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+            return self.down_proj(F.gelu(gate, approximate="tanh") * up)
         if self.ops.c_kernels:
             fused = self.gate_up_proj.silu_and_mul(x)  # prompt chunks: one pass over the panels
             if fused is not None:
@@ -85,10 +91,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: LlamaFamilyConfig, rotary: RotaryEmbedding, ctx: ModelContext):
+    def __init__(self, cfg: LlamaFamilyConfig, rotary: RotaryEmbedding, ctx: ModelContext, index: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx.ops)
-        self.self_attn = LlamaAttention(cfg, rotary, ctx)
+        self.self_attn = LlamaAttention(cfg, rotary, ctx, cfg.layer_sliding_window(index))
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx.ops)
         self.mlp = LlamaMLP(cfg, ctx)
 
@@ -123,7 +129,7 @@ class LlamaFamilyForCausalLM(nn.Module):
         rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, ops)
         self.rotary = rotary
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, parallel)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rotary, ctx) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(self._make_layer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
         self.lm_head = None if cfg.tie_word_embeddings else ParallelLMHead(cfg.hidden_size, cfg.vocab_size, parallel)
         self.logits_linear = PackedLinear(ops)
@@ -136,6 +142,9 @@ class LlamaFamilyForCausalLM(nn.Module):
         self.decode_stack: CpuDecodeStack | None = None
         self.use_decode_stack = ops.c_kernels
         self.lora_batch = None  # the step's adapters once the worker enables LoRA (asyncllm/lora/layers.py)
+
+    def _make_layer(self, cfg: LlamaFamilyConfig, index: int) -> nn.Module:
+        return LlamaDecoderLayer(cfg, self.rotary, self.ctx, index)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -157,8 +166,13 @@ class LlamaFamilyForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.logits_quant is not None and hidden.shape[0] <= self.logits_quant_max_rows:
-            return self.logits_quant.linear(hidden).float()
-        return self.logits_linear.linear(hidden, self.logits_weight).float()
+            logits = self.logits_quant.linear(hidden).float()
+        else:
+            logits = self.logits_linear.linear(hidden, self.logits_weight).float()
+        cap = self.config.final_logit_softcapping
+        if cap is not None:  # as transformers: divide, tanh, multiply
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     def lora_parts(self) -> dict[str, list[tuple[str, int, int]]]:
         """Projections adapters may target: module name → its parts as (PEFT module name, first

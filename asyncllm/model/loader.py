@@ -140,6 +140,7 @@ _GGUF_ARCHITECTURES = {
     "mistral": ("mistral", "MistralForCausalLM"),
     "qwen2": ("qwen2", "Qwen2ForCausalLM"),
     "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+    "gemma3": ("gemma3_text", "Gemma3ForCausalLM"),
 }
 
 _GGUF_LAYER_NAMES = {
@@ -157,6 +158,13 @@ _GGUF_LAYER_NAMES = {
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+}
+# Gemma's four norms per layer (llama.cpp's names; `ffn_norm` is the pre-feed-forward one there).
+_GGUF_GEMMA_LAYER_NAMES = {
+    **_GGUF_LAYER_NAMES,
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
 }
 _GGUF_GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -199,6 +207,13 @@ def gguf_hf_config(gguf: GGUFFile):
     head_dim = get("attention.key_length")
     if head_dim is not None:
         kwargs["head_dim"] = int(head_dim)
+    if arch == "gemma3":
+        # As transformers reads a Gemma 3 GGUF: the global layers' rope base from the file, the
+        # layer pattern, local rope base and query scale from Gemma3TextConfig's defaults (as
+        # llama.cpp hard-codes them for this architecture).
+        kwargs.update(rope_theta=float(get("rope.freq_base", 1000000.0)),
+                      sliding_window=int(get("attention.sliding_window", 4096)))
+        return AutoConfig.for_model(model_type, **kwargs), class_name
     rope = {"rope_type": "default", "rope_theta": float(get("rope.freq_base", 10000.0))}
     if get("rope.scaling.type") == "linear":
         rope = {**rope, "rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
@@ -217,13 +232,14 @@ def _reverse_llama_permute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
     return weight.reshape(n_head, dim, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def gguf_to_hf_name(name: str) -> str | None:
+def gguf_to_hf_name(name: str, architecture: str = "llama") -> str | None:
     if name in _GGUF_GLOBAL_NAMES:
         return _GGUF_GLOBAL_NAMES[name]
+    layer_names = _GGUF_GEMMA_LAYER_NAMES if architecture == "gemma3" else _GGUF_LAYER_NAMES
     if name.startswith("blk."):
         _, layer, rest = name.split(".", 2)
-        if rest in _GGUF_LAYER_NAMES:
-            return f"model.layers.{layer}.{_GGUF_LAYER_NAMES[rest]}"
+        if rest in layer_names:
+            return f"model.layers.{layer}.{layer_names[rest]}"
     return None
 
 
@@ -234,6 +250,9 @@ def _load_gguf(path: str, tokenizer_path: str | None) -> Checkpoint:
     config = LlamaFamilyConfig.from_hf(hf_config, architecture)
     tokenizer = load_hf_tokenizer(tokenizer_path) if tokenizer_path else load_gguf_tokenizer(path)
     permute = gguf.architecture in ("llama", "mistral")
+    # llama.cpp's convert stores Gemma's norm weights as 1 + w: back to transformers' w (as its GGUF
+    # loader does, in fp32), so that every checkpoint reaches the model alike.
+    gemma_norms = gguf.architecture == "gemma3"
     if "rope_freqs.weight" in gguf.tensors:  # Llama 3.1+: the llama3 scaling as per-dimension factors
         factors = gguf.load("rope_freqs.weight", torch.float32).flatten()
         if factors.numel() != config.head_dim // 2 or not bool((factors > 0).all()):
@@ -246,10 +265,12 @@ def _load_gguf(path: str, tokenizer_path: str | None) -> Checkpoint:
         for name in gguf.tensors:
             if name == "rope_freqs.weight":
                 continue  # read above, into the config
-            hf_name = gguf_to_hf_name(name)
+            hf_name = gguf_to_hf_name(name, gguf.architecture)
             if hf_name is None:
                 raise ValueError(f"{path}: unexpected GGUF tensor {name!r}")
             tensor = gguf.load(name, torch.float32)
+            if gemma_norms and hf_name.endswith("norm.weight"):
+                tensor = tensor - 1
             if permute and hf_name.endswith("q_proj.weight"):
                 tensor = _reverse_llama_permute(tensor, config.num_heads)
             elif permute and hf_name.endswith("k_proj.weight"):

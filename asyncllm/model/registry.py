@@ -10,12 +10,14 @@ import importlib
 
 # The dense Llama family shares one implementation; the differences (qkv bias, q/k norm,
 # sliding window, Phi-3's fused checkpoint tensors and longrope) are flags of LlamaFamilyConfig.
+# Gemma 3 subclasses it (gemma.py: its norms, embedding scale and per-layer-type attention).
 _MODELS: dict[str, tuple[str, str]] = {
     "LlamaForCausalLM": ("asyncllm.model.llama", "LlamaFamilyForCausalLM"),
     "MistralForCausalLM": ("asyncllm.model.llama", "LlamaFamilyForCausalLM"),
     "Qwen2ForCausalLM": ("asyncllm.model.llama", "LlamaFamilyForCausalLM"),
     "Qwen3ForCausalLM": ("asyncllm.model.llama", "LlamaFamilyForCausalLM"),
     "Phi3ForCausalLM": ("asyncllm.model.llama", "LlamaFamilyForCausalLM"),
+    "Gemma3ForCausalLM": ("asyncllm.model.gemma", "Gemma3ForCausalLM"),
     # Encoders (embedding models; sentence-transformers folders).
     "BertModel": ("asyncllm.model.bert", "BertEncoder"),
 }
@@ -54,8 +56,10 @@ def build_model(config, dtype, device, ctx=None):
     if not isinstance(model, CausalLM):
         raise TypeError(f"{cls.__name__} does not implement the model interface")
     model = model.to_empty(device=device)
-    # Rotary tables are not in checkpoints: computed on the real device, in fp32.
-    rotary = getattr(model, "rotary", None)
-    if rotary is not None:
-        rotary.build(device)
+    # Rotary tables are not in checkpoints: computed on the real device, in fp32 (Gemma 3 has two).
+    from asyncllm.model.layers.rotary import RotaryEmbedding
+
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            module.build(device)
     return model
