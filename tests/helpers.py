@@ -13,7 +13,8 @@ TINY_COMMON = dict(
 )
 
 ARCHITECTURES = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM",
-                 "Gemma3ForCausalLM"]
+                 "Gemma3ForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"]
+MOE_ARCHITECTURES = ["MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"]
 
 
 def tiny_config(arch: str):
@@ -55,6 +56,25 @@ def tiny_config(arch: str):
                                     "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                                     "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0,
                                                        "factor": 8.0}})
+    if arch == "MixtralForCausalLM":  # 4 experts, top 2, renormalised; a sliding window as Mistral's
+        from transformers import MixtralConfig
+
+        return MixtralConfig(**TINY_COMMON, num_local_experts=4, num_experts_per_tok=2, sliding_window=20,
+                             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+    if arch == "Qwen2MoeForCausalLM":
+        # A shared expert with its sigmoid gate, qkv bias, top 2 of 4 not renormalised, and a
+        # dense layer among the sparse ones (mlp_only_layers).
+        from transformers import Qwen2MoeConfig
+
+        return Qwen2MoeConfig(**{**TINY_COMMON, "num_hidden_layers": 3}, num_experts=4, num_experts_per_tok=2,
+                              moe_intermediate_size=48, shared_expert_intermediate_size=80, norm_topk_prob=False,
+                              mlp_only_layers=[1], rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+    if arch == "Qwen3MoeForCausalLM":  # q/k norms; top 3 of 6, renormalised
+        from transformers import Qwen3MoeConfig
+
+        return Qwen3MoeConfig(**{**TINY_COMMON, "head_dim": 32}, num_experts=6, num_experts_per_tok=3,
+                              moe_intermediate_size=48, norm_topk_prob=True,
+                              rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
     raise KeyError(arch)
 
 
@@ -71,6 +91,18 @@ def save_tiny_model(arch: str, path, tokenizer_dir: str) -> str:
             for layer in model.model.layers:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0, 0.1)
+    if arch == "Qwen2MoeForCausalLM":
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.1)
+    if arch in MOE_ARCHITECTURES:
+        # Routers start at zero in some inits (every expert tied): random, so the top k differ by token.
+        with torch.no_grad():
+            for layer in model.model.layers:
+                gate = getattr(layer.mlp, "gate", None)
+                if gate is not None and getattr(gate, "weight", None) is not None and gate.weight.dim() == 2:
+                    gate.weight.normal_(0, 0.5)
     if arch == "Gemma3ForCausalLM":
         # Gemma's norms start at w = 0 (a scale of 1 + w): random so the 1 + w loading shows.
         with torch.no_grad():

@@ -33,6 +33,20 @@ class RopeConfig:
 
 
 @dataclass(frozen=True)
+class MoEConfig:
+    """A mixture-of-experts MLP (Mixtral, Qwen2-MoE, Qwen3-MoE): each token's `top_k` experts by
+    the router's softmax, their outputs weighted by those probabilities (renormalised over the
+    top k where `normalize_top_k`), plus an always-on shared expert gated by a sigmoid (Qwen2-MoE)."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int  # of each expert
+    normalize_top_k: bool
+    shared_expert_intermediate_size: int = 0  # 0: none
+    sparse_layers: tuple[bool, ...] = ()  # which layers have experts (the others a dense MLP)
+
+
+@dataclass(frozen=True)
 class LlamaFamilyConfig:
     architecture: str
     vocab_size: int
@@ -61,6 +75,7 @@ class LlamaFamilyConfig:
     local_rope: RopeConfig | None = None
     embedding_multiplier: float | None = None  # Gemma: embeddings times sqrt(hidden_size)
     final_logit_softcapping: float | None = None  # logits = cap * tanh(logits / cap)
+    moe: MoEConfig | None = None  # mixture-of-experts MLPs (layers/moe.py)
     is_encoder_only = False  # a decoder: causal attention over a paged KV cache
 
     def layer_sliding_window(self, layer: int) -> int | None:
@@ -78,8 +93,10 @@ class LlamaFamilyConfig:
         if architecture.startswith("Qwen") and not getattr(config, "use_sliding_window", False):
             sliding_window = None
         extra = _gemma3_fields(config) if architecture == "Gemma3ForCausalLM" else {}
+        if architecture in _MOE_ARCHITECTURES:
+            extra["moe"] = _moe_config(config, architecture)
         hidden_act = extra.get("hidden_act") or getattr(config, "hidden_act", "silu")
-        if hidden_act != "silu" and not extra:
+        if hidden_act != "silu" and architecture != "Gemma3ForCausalLM":
             raise ValueError(f"{architecture} with hidden_act={hidden_act!r} is not supported (only silu)")
         rope = extra.pop("rope", None) or _rope_from_hf(config)
         max_positions = getattr(config, "max_position_embeddings", 4096)
@@ -98,14 +115,33 @@ class LlamaFamilyConfig:
             max_position_embeddings=max_positions,
             rope=rope,
             tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-            attention_bias=bool(getattr(config, "attention_bias", False)) or architecture == "Qwen2ForCausalLM",
-            qk_norm=architecture in ("Qwen3ForCausalLM", "Gemma3ForCausalLM"),
+            attention_bias=(bool(getattr(config, "attention_bias", False)) or architecture == "Qwen2ForCausalLM"
+                            or (architecture == "Qwen2MoeForCausalLM" and bool(getattr(config, "qkv_bias", True)))),
+            qk_norm=architecture in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCausalLM"),
             mlp_bias=bool(getattr(config, "mlp_bias", False)),
             sliding_window=sliding_window,
             eos_token_ids=eos_ids,
             bos_token_id=getattr(config, "bos_token_id", None),
             **extra,
         )
+
+
+_MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
+
+
+def _moe_config(config: Any, architecture: str) -> MoEConfig:
+    layers = config.num_hidden_layers
+    if architecture == "MixtralForCausalLM":  # every layer sparse, top-k always renormalised
+        return MoEConfig(num_experts=config.num_local_experts, top_k=config.num_experts_per_tok,
+                         intermediate_size=config.intermediate_size, normalize_top_k=True,
+                         sparse_layers=(True,) * layers)
+    step = int(getattr(config, "decoder_sparse_step", 1) or 1)
+    dense = set(getattr(config, "mlp_only_layers", None) or ())
+    sparse = tuple(i not in dense and config.num_experts > 0 and (i + 1) % step == 0 for i in range(layers))
+    shared = int(getattr(config, "shared_expert_intermediate_size", 0) or 0) if architecture == "Qwen2MoeForCausalLM" else 0
+    return MoEConfig(num_experts=config.num_experts, top_k=config.num_experts_per_tok,
+                     intermediate_size=config.moe_intermediate_size, normalize_top_k=bool(config.norm_topk_prob),
+                     shared_expert_intermediate_size=shared, sparse_layers=sparse)
 
 
 def _gemma3_fields(config: Any) -> dict[str, Any]:

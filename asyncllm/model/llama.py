@@ -39,6 +39,7 @@ class LlamaAttention(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim,
                                              cfg.attention_bias, ops, parallel)
+        self.qkv_proj.part_sizes = (self.q_size, self.kv_size, self.kv_size)  # this rank's q, k, v rows
         self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, False, ops, parallel)
         # Per head, over [tokens * heads, head_dim] rows; on the C kernel as the other norms
         # (what the whole-stack decode call computes too: cpu_decode.py).
@@ -65,12 +66,15 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: LlamaFamilyConfig, ctx: ModelContext):
+    def __init__(self, cfg: LlamaFamilyConfig, ctx: ModelContext, intermediate_size: int | None = None):
+        """intermediate_size: the config's unless given (an MoE expert's or shared expert's)."""
         super().__init__()
         ops, parallel = ctx.ops, ctx.parallel
-        self.intermediate_size = parallel.local_size(cfg.intermediate_size, "intermediate size")
-        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, 2 * cfg.intermediate_size, cfg.mlp_bias, ops, parallel)
-        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, ops, parallel)
+        intermediate = intermediate_size or cfg.intermediate_size
+        self.intermediate_size = parallel.local_size(intermediate, "intermediate size")
+        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, 2 * intermediate, cfg.mlp_bias, ops, parallel)
+        self.gate_up_proj.part_sizes = (self.intermediate_size, self.intermediate_size)
+        self.down_proj = RowParallelLinear(intermediate, cfg.hidden_size, cfg.mlp_bias, ops, parallel)
         self.ops = ops
         self.gelu = cfg.hidden_act == "gelu_pytorch_tanh"  # Gemma; else SiLU
 
@@ -96,7 +100,12 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx.ops)
         self.self_attn = LlamaAttention(cfg, rotary, ctx, cfg.layer_sliding_window(index))
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ctx.ops)
-        self.mlp = LlamaMLP(cfg, ctx)
+        if cfg.moe is not None and cfg.moe.sparse_layers[index]:
+            from asyncllm.model.layers.moe import SparseMoeBlock
+
+            self.mlp = SparseMoeBlock(cfg, ctx)
+        else:
+            self.mlp = LlamaMLP(cfg, ctx)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,7 +149,7 @@ class LlamaFamilyForCausalLM(nn.Module):
         # Decode steps of a few sequences in one C call (cpu_decode.py); built by the first
         # forward, once load-time changes (4-bit copies) are done.
         self.decode_stack: CpuDecodeStack | None = None
-        self.use_decode_stack = ops.c_kernels
+        self.use_decode_stack = ops.c_kernels and cfg.moe is None  # the C decoder's layers are dense
         self.lora_batch = None  # the step's adapters once the worker enables LoRA (asyncllm/lora/layers.py)
 
     def _make_layer(self, cfg: LlamaFamilyConfig, index: int) -> nn.Module:
@@ -236,7 +245,9 @@ class LlamaFamilyForCausalLM(nn.Module):
         part_offsets = self._fused_offsets()
         loaded: set[str] = set()
         for name, tensor in self._split_fused_checkpoint_tensors(weights):
-            name = name.removeprefix("model.")
+            name = self._model_name(name.removeprefix("model."))
+            if name is None:
+                continue  # an expert of another rank
             if name == "lm_head.weight" and self.lm_head is None:
                 continue  # tied: some checkpoints still store the copy
             if "rotary_emb.inv_freq" in name:
@@ -263,6 +274,24 @@ class LlamaFamilyForCausalLM(nn.Module):
         missing = expected - loaded
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {sorted(missing)[:4]}")
+
+    _MIXTRAL_EXPERT_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+    def _model_name(self, name: str) -> str | None:
+        """A checkpoint name → ours: Mixtral's `block_sparse_moe.experts.E.w1/w3/w2` are the MoE
+        block's `mlp.experts.E.gate_proj/up_proj/down_proj`, and an expert index is local to this
+        rank's range (None: another rank's expert)."""
+        name = name.replace(".block_sparse_moe.", ".mlp.")
+        if ".mlp.experts." not in name:
+            return name
+        head, rest = name.split(".mlp.experts.", 1)
+        expert, _, tail = rest.partition(".")
+        proj, _, kind = tail.partition(".")
+        block = self.get_submodule(f"{head}.mlp")
+        local = int(expert) - block.first_expert
+        if not 0 <= local < block.local_experts:
+            return None
+        return f"{head}.mlp.experts.{local}.{self._MIXTRAL_EXPERT_NAMES.get(proj, proj)}.{kind}"
 
     def _split_fused_checkpoint_tensors(self, weights: Iterable[tuple[str, torch.Tensor]]
                                         ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -296,23 +325,17 @@ class LlamaFamilyForCausalLM(nn.Module):
         return dims
 
     def _fused_offsets(self) -> dict[tuple[str, str], tuple[int, int]]:
-        cfg = self.config
-        local = self.ctx.parallel.local_size
-        sizes = {
-            "q_proj": local(cfg.num_heads) * cfg.head_dim, "k_proj": local(cfg.num_kv_heads) * cfg.head_dim,
-            "v_proj": local(cfg.num_kv_heads) * cfg.head_dim,
-            "gate_proj": local(cfg.intermediate_size), "up_proj": local(cfg.intermediate_size),
-        }
+        """(fused parameter name, part) → its rows: every fused projection (attention, MLPs, MoE
+        experts) says its parts' local sizes (`part_sizes`)."""
         offsets = {}
-        for i in range(cfg.num_layers):
-            for fused, parts in self._FUSED.items():
-                module = "self_attn" if fused == "qkv_proj" else "mlp"
-                for kind in ("weight", "bias"):
-                    name = f"layers.{i}.{module}.{fused}.{kind}"
-                    if kind == "bias" and not (cfg.attention_bias if fused == "qkv_proj" else cfg.mlp_bias):
-                        continue
-                    start = 0
-                    for part in parts:
-                        offsets[(name, part)] = (start, start + sizes[part])
-                        start += sizes[part]
+        for name, module in self.named_modules():
+            leaf = name.rpartition(".")[2]
+            if leaf not in self._FUSED or not isinstance(module, Linear):
+                continue
+            kinds = ("weight", "bias") if module.bias is not None else ("weight",)
+            for kind in kinds:
+                start = 0
+                for part, size in zip(self._FUSED[leaf], module.part_sizes):
+                    offsets[(f"{name}.{kind}", part)] = (start, start + size)
+                    start += size
         return offsets

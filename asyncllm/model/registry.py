@@ -18,6 +18,10 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Qwen3ForCausalLM": ("asyncllm.model.llama", "LlamaFamilyForCausalLM"),
     "Phi3ForCausalLM": ("asyncllm.model.llama", "LlamaFamilyForCausalLM"),
     "Gemma3ForCausalLM": ("asyncllm.model.gemma", "Gemma3ForCausalLM"),
+    # Mixture of experts: the same decoder with SparseMoeBlock MLPs (layers/moe.py).
+    "MixtralForCausalLM": ("asyncllm.model.llama", "LlamaFamilyForCausalLM"),
+    "Qwen2MoeForCausalLM": ("asyncllm.model.llama", "LlamaFamilyForCausalLM"),
+    "Qwen3MoeForCausalLM": ("asyncllm.model.llama", "LlamaFamilyForCausalLM"),
     # Encoders (embedding models; sentence-transformers folders).
     "BertModel": ("asyncllm.model.bert", "BertEncoder"),
 }

@@ -88,6 +88,9 @@ class Worker:
         if args.enable_lora:
             if model_cfg.is_encoder_only:
                 raise ValueError(f"LoRA adapters are not supported for encoder models ({model_cfg.architecture})")
+            if getattr(model_cfg, "moe", None) is not None:
+                raise ValueError(f"LoRA adapters are not supported for mixture-of-experts models "
+                                 f"({model_cfg.architecture})")
             self.lora = LoRAManager(model, args.max_loras, args.max_lora_rank, args.max_cpu_loras or args.max_loras,
                                     config.device, dtype)
         if args.cpu_malloc_tuning and config.device.type == "cpu":

@@ -112,3 +112,31 @@ def test_mixed_prefill_and_decode_batch_equals_alone(default_reference):
     assert any(any(decode for _, _, decode in step) and any(not samples for _, samples, _ in step) for step in steps)
     for i, (_, ids, hf_tokens, _) in enumerate(default_reference):
         assert finals[f"mixed-{i}"].outputs[0].token_ids == hf_tokens[:24]
+
+
+@pytest.mark.parametrize("arch", helpers.MOE_ARCHITECTURES)
+def test_moe_batch_equals_each_request_alone(arch, tiny_models):
+    """Tokens routed to different experts in one step (grouped per expert) give what each request
+    gets alone; and the router really spreads tokens over experts."""
+    llm = LLM(tiny_models(arch), dtype="float32", kv_cache_memory=32 << 20)
+    model = llm.engine.core.executor.worker.model
+    block = next(layer.mlp for layer in model.layers if hasattr(layer.mlp, "experts"))
+    assert float(block.experts[0].gate_up_proj.weight.detach().std()) > 0.05
+    tok = llm.get_tokenizer()
+    prompts = [{"prompt_token_ids": tok.encode(p)} for p in helpers.TEXT_PROMPTS]
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=2)
+    together = llm.generate(prompts, params, use_tqdm=False)
+    for prompt, batched in zip(prompts, together):
+        alone = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+        assert batched.outputs[0].token_ids == alone.token_ids
+        for got, want in zip(batched.outputs[0].logprobs, alone.logprobs):
+            assert all(abs(got[t].logprob - want[t].logprob) < 1e-4 for t in want)
+    import torch
+
+    from asyncllm.model.layers.moe import route
+
+    hidden = torch.randn(64, model.config.hidden_size)
+    _, ids = route(block.gate(hidden), block.top_k, block.normalize)
+    assert len(ids.unique()) == model.config.moe.num_experts
+    with pytest.raises(ValueError, match="not supported for mixture-of-experts"):
+        LLM(tiny_models(arch), dtype="float32", enable_lora=True, kv_cache_memory=16 << 20)
