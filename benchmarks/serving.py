@@ -155,7 +155,7 @@ def main(argv=None) -> dict:
                                                            "itl_p50_ms", "itl_p99_ms")}, "vs_hf_one": None}]
     result = {"server": label, **measured}
     if not args.skip_transformers:
-        seconds = hf_generate_seconds(load_transformers(args.dtype), prompts[:args.hf_requests], args.max_tokens)
+        seconds = hf_generate_seconds(load_transformers(args.dtype, args.model), prompts[:args.hf_requests], args.max_tokens)
         hf_one = args.hf_requests * args.max_tokens / seconds
         rows[0]["vs_hf_one"] = measured["tok_per_s"] / hf_one
         rows.append({"server": "transformers generate, one request at a time", "tok_per_s": hf_one,

@@ -4,7 +4,9 @@ Baselines measured in the same run on the same weights and dtype: transformers `
 as one static batch (all prompts are exactly 128 tokens, so no padding waste), and one
 prompt at a time (on a few prompts; reported as tokens/s).
 
-    python benchmarks/throughput.py [--num-prompts 64] [--dtype float32] [--skip-transformers]
+    python benchmarks/throughput.py [--num-prompts 64] [--dtype float32] [--model gemma3-270m] [--skip-transformers]
+
+Single stream too: asyncllm and transformers each on the same `--one-at-a-time` prompts, one by one.
 """
 from __future__ import annotations
 
@@ -47,16 +49,23 @@ def main(argv=None) -> dict:
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     ours = tokens / t.seconds
+    with Timer() as one_t:  # single stream: the same prompts as transformers' one-at-a-time baseline
+        for prompt in prompts[:args.one_at_a_time]:
+            llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
+    ours_one = args.one_at_a_time * args.output_len / one_t.seconds
     # FLOPs per generated token ~ 2 x parameters (+ the prefill of the prompt tokens).
     model = llm.engine.core.executor.worker.runner.model
     n_params = (sum(p.numel() for p in model.parameters())  # + the projections that keep only blocks
                 + sum(p.in_features * p.out_features for p in model.projections() if p.dense_dropped))
     flops = 2 * n_params * (tokens + args.num_prompts * args.input_len)
     rows = [{"system": f"asyncllm LLM ({variant_name(args)})", "tok_per_s": ours, "seconds": t.seconds,
-             "vs_hf_batch": None, "fraction_of_fp32_peak": flops / t.seconds / 1e9 / gflops}]
-    result = {"asyncllm_tok_per_s": ours, "fp32_gflops": gflops, "asyncllm_load_seconds": load.seconds}
+             "vs_hf_batch": None, "fraction_of_fp32_peak": flops / t.seconds / 1e9 / gflops},
+            {"system": "asyncllm one at a time", "tok_per_s": ours_one, "seconds": one_t.seconds,
+             "vs_hf_batch": None, "fraction_of_fp32_peak": None}]
+    result = {"asyncllm_tok_per_s": ours, "asyncllm_one_tok_per_s": ours_one, "fp32_gflops": gflops,
+              "asyncllm_load_seconds": load.seconds, "model": args.model or "default"}
     if not args.skip_transformers:
-        model = load_transformers(args.dtype)
+        model = load_transformers(args.dtype, args.model)
         batch = torch.tensor(prompts)
         with torch.inference_mode(), Timer() as hf_t:
             model.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=args.output_len,
@@ -65,12 +74,13 @@ def main(argv=None) -> dict:
         one_seconds = hf_generate_seconds(model, prompts[:args.one_at_a_time], args.output_len)
         hf_one = args.one_at_a_time * args.output_len / one_seconds
         rows[0]["vs_hf_batch"] = ours / hf_batch
+        rows[1]["vs_hf_batch"] = ours_one / hf_batch
         rows += [{"system": f"transformers static batch {args.num_prompts}", "tok_per_s": hf_batch,
                   "seconds": hf_t.seconds, "vs_hf_batch": 1.0, "fraction_of_fp32_peak": None},
                  {"system": "transformers one at a time", "tok_per_s": hf_one, "seconds": one_seconds,
                   "vs_hf_batch": hf_one / hf_batch, "fraction_of_fp32_peak": None}]
         result.update(hf_batch_tok_per_s=hf_batch, hf_one_tok_per_s=hf_one, ratio_vs_hf_batch=ours / hf_batch,
-                      ratio_vs_hf_one=ours / hf_one)
+                      ratio_vs_hf_one=ours / hf_one, single_stream_ratio_vs_hf_one=ours_one / hf_one)
     publish(f"W1 throughput: {args.num_prompts} x {args.input_len} in / {args.output_len} out, greedy "
             f"(fp32 matmul peak measured now: {gflops:.0f} GFLOPS)", rows, args.output,
             {"rows": rows, "result": result, "args": vars(args)})

@@ -104,6 +104,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--tag", default="", help="appended to the result file names (e.g. the machine's name)")
     add_variant_args(parser)  # vLLM runs --dtype too, on the dense weights
     args = parser.parse_args(argv)
+    if args.model:
+        parser.error("vllm_compare runs the default model only (its vLLM side loads that model's files)")
 
     from asyncllm.model.default_model import default_model_path
     from asyncllm.model.tokenizer import load_gguf_tokenizer

@@ -13,7 +13,7 @@ TINY_COMMON = dict(
 )
 
 ARCHITECTURES = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM",
-                 "Gemma3ForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"]
+                 "Gemma2ForCausalLM", "Gemma3ForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"]
 MOE_ARCHITECTURES = ["MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"]
 
 
@@ -56,6 +56,15 @@ def tiny_config(arch: str):
                                     "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                                     "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0,
                                                        "factor": 8.0}})
+    if arch == "Gemma2ForCausalLM":
+        # Attention and final logit soft-capping, small enough caps that they bend the scores.
+        from transformers import Gemma2Config
+
+        common = {k: v for k, v in TINY_COMMON.items() if k not in ("tie_word_embeddings", "num_hidden_layers")}
+        return Gemma2Config(**common, num_hidden_layers=3, head_dim=32, query_pre_attn_scalar=24, sliding_window=12,
+                            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                            attn_logit_softcapping=2.0, final_logit_softcapping=3.0, tie_word_embeddings=True,
+                            rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     if arch == "MixtralForCausalLM":  # 4 experts, top 2, renormalised; a sliding window as Mistral's
         from transformers import MixtralConfig
 
@@ -103,7 +112,7 @@ def save_tiny_model(arch: str, path, tokenizer_dir: str) -> str:
                 gate = getattr(layer.mlp, "gate", None)
                 if gate is not None and getattr(gate, "weight", None) is not None and gate.weight.dim() == 2:
                     gate.weight.normal_(0, 0.5)
-    if arch == "Gemma3ForCausalLM":
+    if arch in ("Gemma2ForCausalLM", "Gemma3ForCausalLM"):
         # Gemma's norms start at w = 0 (a scale of 1 + w): random so the 1 + w loading shows.
         with torch.no_grad():
             for name, param in model.named_parameters():

@@ -75,6 +75,7 @@ class LlamaFamilyConfig:
     local_rope: RopeConfig | None = None
     embedding_multiplier: float | None = None  # Gemma: embeddings times sqrt(hidden_size)
     final_logit_softcapping: float | None = None  # logits = cap * tanh(logits / cap)
+    attention_softcapping: float | None = None  # Gemma 2: the same on attention scores
     moe: MoEConfig | None = None  # mixture-of-experts MLPs (layers/moe.py)
     is_encoder_only = False  # a decoder: causal attention over a paged KV cache
 
@@ -92,11 +93,11 @@ class LlamaFamilyConfig:
         sliding_window = getattr(config, "sliding_window", None)
         if architecture.startswith("Qwen") and not getattr(config, "use_sliding_window", False):
             sliding_window = None
-        extra = _gemma3_fields(config) if architecture == "Gemma3ForCausalLM" else {}
+        extra = _gemma_fields(config, architecture) if architecture in _GEMMA_ARCHITECTURES else {}
         if architecture in _MOE_ARCHITECTURES:
             extra["moe"] = _moe_config(config, architecture)
         hidden_act = extra.get("hidden_act") or getattr(config, "hidden_act", "silu")
-        if hidden_act != "silu" and architecture != "Gemma3ForCausalLM":
+        if hidden_act != "silu" and architecture not in _GEMMA_ARCHITECTURES:
             raise ValueError(f"{architecture} with hidden_act={hidden_act!r} is not supported (only silu)")
         rope = extra.pop("rope", None) or _rope_from_hf(config)
         max_positions = getattr(config, "max_position_embeddings", 4096)
@@ -144,29 +145,35 @@ def _moe_config(config: Any, architecture: str) -> MoEConfig:
                      shared_expert_intermediate_size=shared, sparse_layers=sparse)
 
 
-def _gemma3_fields(config: Any) -> dict[str, Any]:
-    """Gemma 3's differences from the Llama family, from its transformers config (refusing the
-    options it has that are not built: bidirectional attention, attention logit soft-capping)."""
+_GEMMA_ARCHITECTURES = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
+
+
+def _gemma_fields(config: Any, architecture: str) -> dict[str, Any]:
+    """Gemma 2's and 3's differences from the Llama family, from their transformers configs
+    (refusing bidirectional attention, which is not built)."""
     if getattr(config, "use_bidirectional_attention", False):
-        raise ValueError("Gemma3 with use_bidirectional_attention (an embedding model) is not supported")
-    if getattr(config, "attn_logit_softcapping", None) is not None:
-        raise ValueError("Gemma3 with attn_logit_softcapping is not supported (attention without soft-capping only)")
+        raise ValueError(f"{architecture} with use_bidirectional_attention (an embedding model) is not supported")
     hidden_act = getattr(config, "hidden_activation", None) or "gelu_pytorch_tanh"
     if hidden_act != "gelu_pytorch_tanh":
-        raise ValueError(f"Gemma3 with hidden_activation={hidden_act!r} is not supported (gelu_pytorch_tanh)")
+        raise ValueError(f"{architecture} with hidden_activation={hidden_act!r} is not supported (gelu_pytorch_tanh)")
     layer_types = list(config.layer_types)
     unknown = set(layer_types) - {"sliding_attention", "full_attention"}
     if unknown:
-        raise ValueError(f"Gemma3 layer types {sorted(unknown)} are not supported")
-    per_type = dict(getattr(config, "rope_parameters", None) or {})
+        raise ValueError(f"{architecture} layer types {sorted(unknown)} are not supported")
+    if architecture == "Gemma3ForCausalLM":  # a rope per layer type
+        per_type = dict(getattr(config, "rope_parameters", None) or {})
+        ropes = dict(rope=_rope_from_hf(config, per_type["full_attention"]),
+                     local_rope=_rope_from_hf(config, per_type["sliding_attention"]))
+    else:
+        ropes = dict(rope=_rope_from_hf(config))
     return dict(
         hidden_act=hidden_act,
         attention_scale=float(config.query_pre_attn_scalar) ** -0.5,
         sliding_layers=tuple(t == "sliding_attention" for t in layer_types),
-        rope=_rope_from_hf(config, per_type["full_attention"]),
-        local_rope=_rope_from_hf(config, per_type["sliding_attention"]),
         embedding_multiplier=float(config.hidden_size) ** 0.5,
         final_logit_softcapping=getattr(config, "final_logit_softcapping", None),
+        attention_softcapping=getattr(config, "attn_logit_softcapping", None),
+        **ropes,
     )
 
 

@@ -1,10 +1,12 @@
-"""Gemma 3 (text): the Llama-family decoder with Gemma's differences.
+"""Gemma 2 and Gemma 3 (text): the Llama-family decoder with Gemma's differences.
 
 - four norms per layer (the attention's and the MLP's outputs are normalised before they join
   the residual stream), each scaling by 1 + w (the weight is loaded as 1 + w, so the norm
   kernels stay the Llama ones: in fp32 the same products transformers computes);
-- q/k norms, GELU-tanh MLP, attention scaled by query_pre_attn_scalar ** -0.5;
-- sliding-window layers interleaved with global ones, each type with its own rope;
+- GELU-tanh MLP, attention scaled by query_pre_attn_scalar ** -0.5;
+- sliding-window layers interleaved with global ones (Gemma 3: each type with its own rope);
+- Gemma 3: q/k norms; Gemma 2: attention logit soft-capping (the torch attention: the C and
+  Triton kernels have no cap);
 - embeddings times sqrt(hidden_size) (rounded to the weights' dtype, as transformers does),
   tied output embeddings, optional final logit soft-capping.
 
@@ -49,7 +51,9 @@ class GemmaDecoderLayer(nn.Module):
         return self.post_feedforward_layernorm(self.mlp(x)), residual
 
 
-class Gemma3ForCausalLM(LlamaFamilyForCausalLM):
+class GemmaForCausalLM(LlamaFamilyForCausalLM):
+    """Gemma2ForCausalLM and Gemma3ForCausalLM (their configs say what differs)."""
+
     def __init__(self, cfg: LlamaFamilyConfig, ctx: ModelContext = ModelContext()):
         super().__init__(cfg, ctx)
         self.use_decode_stack = False

@@ -48,7 +48,7 @@ class LlamaAttention(nn.Module):
         self.rotary = rotary
         scale = cfg.attention_scale if cfg.attention_scale is not None else self.head_dim ** -0.5
         self.backend: AttentionBackend = ops.attention_backend()(
-            self.num_heads, self.num_kv_heads, self.head_dim, scale, sliding_window)
+            self.num_heads, self.num_kv_heads, self.head_dim, scale, sliding_window, cfg.attention_softcapping)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:

@@ -10,14 +10,15 @@ import importlib
 
 # The dense Llama family shares one implementation; the differences (qkv bias, q/k norm,
 # sliding window, Phi-3's fused checkpoint tensors and longrope) are flags of LlamaFamilyConfig.
-# Gemma 3 subclasses it (gemma.py: its norms, embedding scale and per-layer-type attention).
+# Gemma 2 and 3 subclass it (gemma.py: their norms, embedding scale and per-layer-type attention).
 _MODELS: dict[str, tuple[str, str]] = {
     "LlamaForCausalLM": ("asyncllm.model.llama", "LlamaFamilyForCausalLM"),
     "MistralForCausalLM": ("asyncllm.model.llama", "LlamaFamilyForCausalLM"),
     "Qwen2ForCausalLM": ("asyncllm.model.llama", "LlamaFamilyForCausalLM"),
     "Qwen3ForCausalLM": ("asyncllm.model.llama", "LlamaFamilyForCausalLM"),
     "Phi3ForCausalLM": ("asyncllm.model.llama", "LlamaFamilyForCausalLM"),
-    "Gemma3ForCausalLM": ("asyncllm.model.gemma", "Gemma3ForCausalLM"),
+    "Gemma2ForCausalLM": ("asyncllm.model.gemma", "GemmaForCausalLM"),
+    "Gemma3ForCausalLM": ("asyncllm.model.gemma", "GemmaForCausalLM"),
     # Mixture of experts: the same decoder with SparseMoeBlock MLPs (layers/moe.py).
     "MixtralForCausalLM": ("asyncllm.model.llama", "LlamaFamilyForCausalLM"),
     "Qwen2MoeForCausalLM": ("asyncllm.model.llama", "LlamaFamilyForCausalLM"),

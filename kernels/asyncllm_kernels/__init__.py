@@ -7,8 +7,9 @@ which is how the tests check them against the references on a machine without a 
 from asyncllm_kernels.attention import paged_decode_attention, varlen_prefill_attention
 from asyncllm_kernels.cache import reshape_and_cache
 from asyncllm_kernels.lora import lora_bgmv
+from asyncllm_kernels.moe import fused_moe
 from asyncllm_kernels.norm import rms_norm
 from asyncllm_kernels.rotary import rotary_embedding
 
 __all__ = ["paged_decode_attention", "varlen_prefill_attention", "reshape_and_cache", "rms_norm",
-           "rotary_embedding", "lora_bgmv"]
+           "rotary_embedding", "lora_bgmv", "fused_moe"]

@@ -1,6 +1,7 @@
 """The whole engine on the Triton kernels (under Triton's interpreter without a GPU) against
 transformers: greedy ids equal, logprobs close, with prompt chunks, prefix-cache hits,
-decodes sharing steps and Mistral's sliding window."""
+decodes sharing steps, Mistral's sliding window, Mixtral's experts (the fused_moe kernel) and
+Gemma 3's sliding and global layers."""
 import os
 
 import pytest
@@ -12,7 +13,8 @@ DEVICE = os.environ.get("ASYNCLLM_TEST_DEVICE", "cpu")
 pytestmark = pytest.mark.timeout(600)
 
 
-@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "MistralForCausalLM", "Qwen3ForCausalLM"])
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "MistralForCausalLM", "Qwen3ForCausalLM", "MixtralForCausalLM",
+                                  "Gemma3ForCausalLM"])
 def test_triton_kernels_engine_matches_transformers(arch, tiny_models):
     path = tiny_models(arch)
     hf = helpers.load_hf(path)
@@ -23,6 +25,9 @@ def test_triton_kernels_engine_matches_transformers(arch, tiny_models):
     prompts = helpers.check_mixed_steps_match_transformers(llm, hf)
     if arch == "MistralForCausalLM":
         assert max(len(p) for p in prompts) + 24 > llm.engine.core.checkpoint.config.sliding_window
+    if arch == "MixtralForCausalLM":
+        block = llm.engine.core.executor.worker.model.layers[0].mlp
+        assert block.triton and block._stacked is not None  # the experts ran on the Triton kernel
 
 
 def test_triton_kernels_refused_on_cpu_without_interpreter(monkeypatch):

@@ -140,3 +140,21 @@ def test_moe_batch_equals_each_request_alone(arch, tiny_models):
     assert len(ids.unique()) == model.config.moe.num_experts
     with pytest.raises(ValueError, match="not supported for mixture-of-experts"):
         LLM(tiny_models(arch), dtype="float32", enable_lora=True, kv_cache_memory=16 << 20)
+
+
+def test_gemma2_soft_capping_is_exercised_and_refused_where_not_built(tiny_models):
+    """The tiny Gemma 2's caps bend its scores (the parity above holds with them); the Triton
+    kernels have no cap, so asking for them is a clear error rather than uncapped attention."""
+    path = tiny_models("Gemma2ForCausalLM")
+    llm = LLM(path, dtype="float32", kv_cache_memory=16 << 20)
+    config = llm.engine.core.checkpoint.config
+    assert config.attention_softcapping == 2.0 and config.final_logit_softcapping == 3.0
+    assert config.layer_sliding_window(1) is None and config.layer_sliding_window(0) == 12
+    import torch
+
+    model = llm.engine.core.executor.worker.model
+    with torch.no_grad():
+        logits = model.compute_logits(torch.randn(4, config.hidden_size) * 50)
+    assert float(logits.abs().max()) <= 3.0 and float(logits.abs().max()) > 2.5  # the final cap holds
+    with pytest.raises(ValueError, match="soft-capping"):
+        LLM(path, dtype="float32", kernels="triton", kv_cache_memory=16 << 20)

@@ -84,12 +84,15 @@ class TorchAttentionBackend:
     """Reference backend: SDPA over K/V gathered through the block tables."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 sliding_window: int | None = None):
+                 sliding_window: int | None = None, softcap: float | None = None):
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
         self.sliding_window = sliding_window
+        # Attention logit soft-capping (Gemma 2): scores = cap * tanh(scores / cap) before the
+        # mask and softmax. SDPA has no such option, so capped layers take _attend_capped.
+        self.softcap = softcap
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -156,7 +159,10 @@ class TorchAttentionBackend:
         q_diag = q.new_zeros(nd, kvh, group, kvh, dim)
         torch.diagonal(q_diag, dim1=1, dim2=3).copy_(q.view(nd, kvh, group, dim).permute(0, 2, 3, 1))
         scores = torch.bmm(q_diag.view(nd, heads, kvh * dim), keys.transpose(1, 2))  # [nd, H, S], rows contiguous
-        scores.mul_(self.scale).add_(bias)
+        scores.mul_(self.scale)
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
+        scores.add_(bias)
         probs = torch.softmax(scores, dim=-1)
         mixed = torch.bmm(probs, values)  # [nd, H, KVH*D]: every head against every KV head
         out = torch.diagonal(mixed.view(nd, kvh, group, kvh, dim), dim1=1, dim2=3)  # [nd, G, D, KVH]
@@ -193,6 +199,8 @@ class TorchAttentionBackend:
         q_len = q.shape[1]
         # 4-D [B, H, L, D]: the CPU's fused (flash) kernel takes only 4-D inputs; 3-D falls back to math.
         qh = q.transpose(1, 2)
+        if self.softcap is not None:
+            return self._attend_capped(qh, keys, values, seq_len).transpose(1, 2)
         if q_len == seq_len and self.sliding_window is None:
             out = F.scaled_dot_product_attention(qh, keys, values, is_causal=True, scale=self.scale)
         else:
@@ -203,3 +211,18 @@ class TorchAttentionBackend:
                 mask &= k_pos > q_pos - self.sliding_window
             out = F.scaled_dot_product_attention(qh, keys, values, attn_mask=mask, scale=self.scale)
         return out.transpose(1, 2)
+
+    def _attend_capped(self, qh: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """Soft-capped attention as transformers' eager Gemma 2: qh [B, H, L, D] (the last L
+        positions) over keys, values [B, H, seq_len, D] → [B, H, L, D]."""
+        q_len = qh.shape[2]
+        scores = torch.matmul(qh, keys.transpose(-1, -2)) * self.scale
+        scores = torch.tanh(scores / self.softcap) * self.softcap
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=qh.device)[:, None]
+        k_pos = torch.arange(seq_len, device=qh.device)[None, :]
+        visible = k_pos <= q_pos
+        if self.sliding_window is not None:
+            visible &= k_pos > q_pos - self.sliding_window
+        scores = scores.masked_fill(~visible, float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(qh.dtype)
+        return torch.matmul(probs, values)

@@ -8,6 +8,9 @@ added into the output in expert order, as transformers adds them. Each expert is
 `Linear`s, so on the CPU its matmuls are the C panel GEMM (packed once at load; the few-rows
 kernel for 1-2 rows), and quantisation and weight packing treat experts as any projection.
 
+On CUDA (`Ops.triton`) the experts' weights are stacked once and `asyncllm_kernels.fused_moe`
+runs both grouped GEMMs without a host sync (kernels/asyncllm_kernels/moe.py).
+
 Expert parallelism (asyncllm/model/parallel.py) is prepared, not run: a block holds the experts of
 its rank's range (`first_expert`, `local_experts`; all of them at world size 1) and the op skips
 (token, slot) pairs routed elsewhere, whose outputs another rank would add in.
@@ -69,9 +72,30 @@ class SparseMoeBlock(nn.Module):
         self.shared_expert = LlamaMLP(cfg, ctx, shared) if shared else None
         self.shared_expert_gate = Linear(cfg.hidden_size, 1, False, ctx.ops) if shared else None
 
+        self.triton = ctx.ops.triton and ctx.parallel.world_size == 1
+        self._stacked: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The experts' gate|up and down weights as [experts, 2 * inter, hidden] and [experts, hidden,
+        inter] (the Triton kernel's layout), made once; each expert's weights become views of them,
+        so the stack costs no second copy."""
+        if self._stacked is None:
+            w13 = torch.stack([e.gate_up_proj.weight.detach() for e in self.experts])
+            w2 = torch.stack([e.down_proj.weight.detach() for e in self.experts])
+            for i, expert in enumerate(self.experts):
+                expert.gate_up_proj.weight.data = w13[i]
+                expert.down_proj.weight.data = w2[i]
+            self._stacked = (w13, w2)
+        return self._stacked
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = route(self.gate(x), self.top_k, self.normalize)
-        out = fused_moe(x, weights, ids, self.experts, self.first_expert)
+        if self.triton:
+            from asyncllm_kernels import fused_moe as triton_fused_moe
+
+            out = triton_fused_moe(x, *self.stacked_weights(), weights, ids)
+        else:
+            out = fused_moe(x, weights, ids, self.experts, self.first_expert)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out

@@ -9,7 +9,10 @@ from asyncllm.model.layers.attention import AttentionMetadata
 
 class TritonAttentionBackend:
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 sliding_window: int | None = None):
+                 sliding_window: int | None = None, softcap: float | None = None):
+        if softcap is not None:
+            raise ValueError("attention logit soft-capping (Gemma 2) is not built in the Triton kernels; "
+                             "use kernels='torch'")
         import asyncllm_kernels  # fails here, at model build, when the package is missing
 
         self.kernels = asyncllm_kernels
