@@ -18,6 +18,7 @@ from asyncllm.tools.parsers import TOOL_PARSERS
 from asyncllm.tools.reasoning import REASONING_PARSERS
 
 _TYPES = {"int": int, "float": float, "str": str}
+_SHORT_FLAGS = {"tensor_parallel_size": ["-tp"]}  # vLLM's
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -26,13 +27,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         if f.name == "model":
             continue
         annotation = str(f.type)
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + f.name.replace("_", "-")] + _SHORT_FLAGS.get(f.name, [])
         help_text = f.metadata.get("help", "")
         if annotation == "bool":
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
+            group.add_argument(*flags, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
             continue
         base = annotation.split("|")[0].strip()
-        group.add_argument(flag, type=_TYPES.get(base, str), default=f.default, help=help_text,
+        group.add_argument(*flags, type=_TYPES.get(base, str), default=f.default, help=help_text,
                            choices=f.metadata.get("choices"), metavar=base.upper())
 
 

@@ -96,9 +96,12 @@ class EngineArgs:
     max_cpu_loras: int | None = _opt(None, "adapters kept loaded in host memory, least recently used dropped "
                                            "(default: max_loras)")
     distributed_executor_backend: str | None = _opt(
-        None, "where the model runs: uni (in the engine thread; the default) or mp (a worker process, "
-              "steps sent as msgpack; a worker that dies fails every request with EngineDeadError)",
+        None, "where the model runs: uni (in the engine thread; the default) or mp (a worker process per "
+              "rank, steps sent as msgpack; a worker that dies fails every request with EngineDeadError); "
+              "tensor_parallel_size > 1 implies mp",
         choices=["uni", "mp"])
+    tensor_parallel_size: int = _opt(1, "ranks the model is split over (vLLM's -tp): worker processes joined by "
+                                        "torch.distributed (gloo on the CPU, NCCL on CUDA), each holding its shard")
     chat_template: str | None = _opt(None, "Jinja chat template file overriding the tokenizer's")
     served_model_name: str | None = _opt(None, "model name reported by the API (default: the model's name)")
     max_n: int = _opt(16, "largest n (parallel samples) a request may ask for")
@@ -181,6 +184,15 @@ class EngineConfig:
         if args.distributed_executor_backend not in (None, "uni", "mp"):
             errors.append(f"distributed_executor_backend must be uni or mp, got {args.distributed_executor_backend!r}"
                           + (" (ray is not supported yet)" if args.distributed_executor_backend == "ray" else ""))
+        if args.tensor_parallel_size < 1:
+            errors.append("tensor_parallel_size must be >= 1")
+        elif args.tensor_parallel_size > 1:
+            if args.distributed_executor_backend == "uni":
+                errors.append("tensor_parallel_size > 1 runs a worker process per rank: "
+                              "distributed_executor_backend must be mp (or unset)")
+            for flag in ("enable_lora", "quantized_weights_only"):
+                if getattr(args, flag):
+                    errors.append(f"{flag} is not supported with tensor_parallel_size > 1 yet")
         if args.enable_lora:
             if args.max_loras < 1:
                 errors.append("max_loras must be >= 1")

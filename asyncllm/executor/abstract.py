@@ -44,13 +44,16 @@ class Executor(ABC):
 
 
 def create_executor(config: EngineConfig, checkpoint: Checkpoint) -> Executor:
-    backend = config.args.distributed_executor_backend or "uni"
+    backend = config.args.distributed_executor_backend or ("mp" if config.args.tensor_parallel_size > 1 else "uni")
     if backend == "uni":
         from asyncllm.executor.uniproc import UniProcExecutor
 
         return UniProcExecutor(config, checkpoint)
     if backend == "mp":
         from asyncllm.executor.multiproc import MultiprocExecutor
+        from asyncllm.model.parallel import check_tensor_parallel
+
+        check_tensor_parallel(checkpoint.config, config.args.tensor_parallel_size)
 
         return MultiprocExecutor(config)
     raise ValueError(f"distributed_executor_backend must be one of {', '.join(EXECUTOR_BACKENDS)} "

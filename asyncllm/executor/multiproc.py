@@ -1,4 +1,5 @@
-"""MultiprocExecutor: the worker runs in its own process, one step per round trip.
+"""MultiprocExecutor: the workers run in their own processes (one per tensor-parallel rank),
+one step per round trip.
 
 The process is started as `python -m asyncllm.executor.worker_process` (never by
 re-importing the caller's __main__, as multiprocessing's spawn would), connected by a
@@ -6,14 +7,21 @@ socket pair framed by multiprocessing's Connection. The engine config and each s
 as msgpack (msgspec, typed dataclasses; no pickle). A worker that dies is noticed at once:
 a pending step sees EOF, and a watcher thread (waiting on the process) tells the engine
 even when it is idle. The worker exits when its parent process is gone, and on EOF.
+
+With `tensor_parallel_size` N, N such processes join one torch.distributed group (gloo on the
+CPU, NCCL on CUDA; rendezvous through a file in a private temporary folder); each step goes to
+every rank, which run it together (the collectives are inside the model), and rank 0's output is
+the engine's: every rank gathers the whole vocabulary's logits and samples them alike.
 """
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -34,18 +42,29 @@ class WorkerError(RuntimeError):
 
 class MultiprocExecutor(Executor):
     def __init__(self, config: EngineConfig):
-        ours, theirs = socket.socketpair()
-        self.process = subprocess.Popen([sys.executable, "-m", "asyncllm.executor.worker_process",
-                                         str(theirs.fileno())], pass_fds=(theirs.fileno(),))
-        theirs.close()  # only the worker holds its end: its death is our EOF
-        self._conn = Connection(os.dup(ours.fileno()))
-        ours.close()
-        self._lock = threading.Lock()  # one call on the channel at a time
+        world_size = config.args.tensor_parallel_size
+        self._rendezvous_dir = tempfile.mkdtemp(prefix="asyncllm-tp-") if world_size > 1 else None
+        self.processes: list[subprocess.Popen] = []
+        self._conns: list[Connection] = []
+        for rank in range(world_size):
+            ours, theirs = socket.socketpair()
+            argv = [sys.executable, "-m", "asyncllm.executor.worker_process", str(theirs.fileno())]
+            if world_size > 1:  # tensor parallel: the rank joins a torch.distributed group
+                argv += [str(rank), str(world_size), os.path.join(self._rendezvous_dir, "rendezvous"),
+                         "gloo" if config.device.type == "cpu" else "nccl"]
+            self.processes.append(subprocess.Popen(argv, pass_fds=(theirs.fileno(),)))
+            theirs.close()  # only the worker holds its end: its death is our EOF
+            self._conns.append(Connection(os.dup(ours.fileno())))
+            ours.close()
+        self.process = self.processes[0]  # rank 0: its outputs are the engine's
+        self._lock = threading.Lock()  # one call on the channels at a time
         self._dead: str | None = None
         self._closing = False
         self._callbacks: list[Callable[[str], None]] = []
-        self._watcher = threading.Thread(target=self._watch, name="asyncllm-worker-watch", daemon=True)
-        self._watcher.start()
+        self._watchers = [threading.Thread(target=self._watch, args=(process,), name="asyncllm-worker-watch",
+                                           daemon=True) for process in self.processes]
+        for watcher in self._watchers:
+            watcher.start()
         self._call(b"config", wire.encode(config.args))
 
     @property
@@ -66,8 +85,9 @@ class MultiprocExecutor(Executor):
     def check_health(self) -> None:
         if self._dead is not None:
             raise EngineDeadError(self._dead)
-        if self.process.poll() is not None:
-            raise EngineDeadError(self._death_reason())
+        for process in self.processes:
+            if process.poll() is not None:
+                raise EngineDeadError(self._death_reason(process))
 
     def on_death(self, callback: Callable[[str], None]) -> None:
         self._callbacks.append(callback)
@@ -78,46 +98,66 @@ class MultiprocExecutor(Executor):
         if self._closing:
             return
         self._closing = True
-        if self._dead is None and self.process.poll() is None:
+        for process, conn in zip(self.processes, self._conns):
+            if self._dead is None and process.poll() is None:
+                try:
+                    with self._lock:
+                        conn.send_bytes(b"shutdown\n")
+                except OSError:
+                    pass
+        for process in self.processes:
             try:
-                with self._lock:
-                    self._conn.send_bytes(b"shutdown\n")
-            except OSError:
-                pass
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()  # by its own pid
-            self.process.wait()
-        self._conn.close()
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()  # by its own pid
+                process.wait()
+        for conn in self._conns:
+            conn.close()
+        if self._rendezvous_dir is not None:
+            shutil.rmtree(self._rendezvous_dir, ignore_errors=True)
 
     def _call(self, method: bytes, payload: bytes = b"") -> bytes:
+        """Sends the call to every rank (they run it together: collectives inside), then reads every
+        reply; → rank 0's body (the others compute the same outputs)."""
         with self._lock:
             if self._dead is not None:
                 raise EngineDeadError(self._dead)
+            replies = []
             try:
-                self._conn.send_bytes(method + b"\n" + payload)
-                reply = self._conn.recv_bytes()
+                for conn in self._conns:
+                    conn.send_bytes(method + b"\n" + payload)
+                for conn in self._conns:
+                    replies.append(conn.recv_bytes())
             except (EOFError, OSError) as exc:
-                self.process.wait(timeout=5)
-                self._mark_dead(self._death_reason())
+                dead = next((p for p in self.processes if p.poll() is not None), None)
+                if dead is None:
+                    dead = self.processes[len(replies)]
+                    dead.wait(timeout=5)
+                self._mark_dead(self._death_reason(dead))
                 raise EngineDeadError(self._dead) from exc
-        status, _, body = reply.partition(b"\n")
-        if status != b"ok":
-            raise WorkerError(f"the worker process failed in {method.decode()}: {body.decode(errors='replace')}")
-        return body
+        for rank, reply in enumerate(replies):
+            status, _, body = reply.partition(b"\n")
+            if status != b"ok":
+                where = "the worker process" if len(replies) == 1 else f"the worker process of rank {rank}"
+                raise WorkerError(f"{where} failed in {method.decode()}: {body.decode(errors='replace')}")
+        return replies[0].partition(b"\n")[2]
 
     # ------------------------------------------------------------------ death
 
-    def _death_reason(self) -> str:
-        code = self.process.returncode
+    def _death_reason(self, process: subprocess.Popen) -> str:
+        code = process.returncode
         how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
-        return f"the worker process (pid {self.process.pid}) {how}"
+        return f"the worker process (pid {process.pid}) {how}"
 
-    def _watch(self) -> None:
-        self.process.wait()
+    def _watch(self, process: subprocess.Popen) -> None:
+        process.wait()
         if not self._closing:
-            self._mark_dead(self._death_reason())
+            self._mark_dead(self._death_reason(process))
+            # The other ranks would wait in their next collective for the dead one: stop them (by
+            # pid), which also ends a step this executor is waiting on.
+            for other in self.processes:
+                if other is not process and other.poll() is None:
+                    other.kill()
 
     def _mark_dead(self, reason: str) -> None:
         if self._dead is not None:

@@ -1,4 +1,8 @@
-"""Entry point of a worker process: `python -m asyncllm.executor.worker_process FD`.
+"""Entry point of a worker process: `python -m asyncllm.executor.worker_process FD [RANK WORLD RENDEZVOUS BACKEND]`.
+
+With a world size above 1 the process first joins the tensor-parallel group (torch.distributed:
+gloo on the CPU, NCCL on CUDA; rendezvous through the file the executor named) and takes its
+share of the CPU's threads.
 
 Reads calls from the socket FD (method name, newline, msgpack payload), runs them on a
 Worker, and answers `ok\n<payload>` or `error\n<traceback>`. Exits on `shutdown`, on EOF
@@ -26,7 +30,18 @@ def _die_with_parent(parent: int, interval: float = 0.25) -> None:
     threading.Thread(target=watch, name="asyncllm-parent-watch", daemon=True).start()
 
 
-def serve(conn: Connection) -> None:
+def join_group(rank: int, world_size: int, rendezvous: str, backend: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"file://{rendezvous}", rank=rank, world_size=world_size)
+    # Each rank computes its shard with its own threads: split the cores rather than oversubscribe.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+
+
+def serve(conn: Connection, rank: int = 0, world_size: int = 1) -> None:
     from asyncllm.config import EngineArgs
     from asyncllm.core.sched_output import SchedulerOutput
     from asyncllm.executor import wire
@@ -48,7 +63,8 @@ def serve(conn: Connection) -> None:
                 output.worker_seconds = time.perf_counter() - started
                 reply = wire.encode(output)
             elif method == b"config":
-                worker = Worker(wire.decode(body, EngineArgs).create_engine_config())
+                worker = Worker(wire.decode(body, EngineArgs).create_engine_config(), rank=rank,
+                                world_size=world_size)
                 reply = b""
             elif method == b"load":
                 reply = wire.encode(worker.load_model())
@@ -69,7 +85,10 @@ def main() -> None:
     _die_with_parent(os.getppid())
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s worker %(levelname)s %(name)s: %(message)s")
     conn = Connection(int(sys.argv[1]))
-    serve(conn)
+    rank, world_size = (int(sys.argv[2]), int(sys.argv[3])) if len(sys.argv) > 3 else (0, 1)
+    if world_size > 1:
+        join_group(rank, world_size, sys.argv[4], sys.argv[5])
+    serve(conn, rank, world_size)
     conn.close()
 
 

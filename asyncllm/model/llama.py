@@ -33,12 +33,12 @@ class LlamaAttention(nn.Module):
         ops, parallel = ctx.ops, ctx.parallel
         # This rank's heads (column-parallel QKV, row-parallel output).
         self.num_heads = parallel.local_size(cfg.num_heads, "number of heads")
-        self.num_kv_heads = parallel.local_size(cfg.num_kv_heads, "number of KV heads")
+        self.num_kv_heads = parallel.local_kv_heads(cfg.num_kv_heads)
         self.head_dim = cfg.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim,
-                                             cfg.attention_bias, ops, parallel)
+                                             cfg.attention_bias, ops, parallel, self.q_size + 2 * self.kv_size)
         self.qkv_proj.part_sizes = (self.q_size, self.kv_size, self.kv_size)  # this rank's q, k, v rows
         self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, False, ops, parallel)
         # Per head, over [tokens * heads, head_dim] rows; on the C kernel as the other norms
@@ -149,7 +149,8 @@ class LlamaFamilyForCausalLM(nn.Module):
         # Decode steps of a few sequences in one C call (cpu_decode.py); built by the first
         # forward, once load-time changes (4-bit copies) are done.
         self.decode_stack: CpuDecodeStack | None = None
-        self.use_decode_stack = ops.c_kernels and cfg.moe is None  # the C decoder's layers are dense
+        # The C decoder's layers are dense and whole (no all-reduce inside its one call).
+        self.use_decode_stack = ops.c_kernels and cfg.moe is None and parallel.is_single
         self.lora_batch = None  # the step's adapters once the worker enables LoRA (asyncllm/lora/layers.py)
 
     def _make_layer(self, cfg: LlamaFamilyConfig, index: int) -> nn.Module:
@@ -178,6 +179,7 @@ class LlamaFamilyForCausalLM(nn.Module):
             logits = self.logits_quant.linear(hidden).float()
         else:
             logits = self.logits_linear.linear(hidden, self.logits_weight).float()
+        logits = self.ctx.parallel.all_gather_last(logits)  # every rank gets the whole vocabulary's logits
         cap = self.config.final_logit_softcapping
         if cap is not None:  # as transformers: divide, tanh, multiply
             logits = torch.tanh(logits / cap) * cap
@@ -262,7 +264,10 @@ class LlamaFamilyForCausalLM(nn.Module):
                 raise ValueError(f"checkpoint tensor {name!r} has no place in {self.config.architecture}")
             param = params[target_name]
             if target_name in shard_dims:  # this rank's slice (the whole tensor at world size 1)
-                tensor = self.ctx.parallel.shard(tensor, shard_dims[target_name])
+                if ".k_proj." in name or ".v_proj." in name:  # KV heads: split, or replicated
+                    tensor = self.ctx.parallel.shard_kv_heads(tensor, self.config.num_kv_heads)
+                else:
+                    tensor = self.ctx.parallel.shard(tensor, shard_dims[target_name])
             dest = param if rows is None else param[rows[0]:rows[1]]
             if dest.shape != tensor.shape:
                 raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "

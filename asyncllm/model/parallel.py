@@ -2,8 +2,9 @@
 
 Column-parallel projections (QKV, gate/up) keep rows [rank * n / w, (rank + 1) * n / w) of
 their weight; row-parallel ones (o_proj, down) keep those columns and all-reduce their output;
-the vocabulary embedding and the logits split the vocabulary. At world size 1 (all there is
-today) every shard is the whole tensor and no collective runs.
+the vocabulary embedding and the logits split the vocabulary. At world size 1 every shard is
+the whole tensor and no collective runs; above it the ranks are worker processes of one
+torch.distributed group (asyncllm/executor/multiproc.py).
 """
 from __future__ import annotations
 
@@ -30,6 +31,22 @@ class ParallelContext:
             raise ValueError(f"a {what} of {size} does not split over {self.world_size} ranks")
         return size // self.world_size
 
+    def local_kv_heads(self, kv_heads: int) -> int:
+        """KV heads a rank keeps: its share, or one replicated KV head where there are fewer KV
+        heads than ranks (each serving the query heads of its rank; vLLM's rule)."""
+        if kv_heads >= self.world_size or self.world_size % kv_heads:
+            return self.local_size(kv_heads, "number of KV heads")
+        return 1
+
+    def shard_kv_heads(self, tensor: torch.Tensor, kv_heads: int) -> torch.Tensor:
+        """This rank's K or V projection rows (a K/V part of a checkpoint's QKV, heads along dim 0)."""
+        local = self.local_kv_heads(kv_heads)
+        if local * self.world_size == kv_heads:
+            return self.shard(tensor, 0)
+        rows = tensor.shape[0] // kv_heads
+        head = self.rank * kv_heads // self.world_size  # the KV head this rank's query heads read
+        return tensor.narrow(0, head * rows, rows)
+
     def shard(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
         """This rank's slice of a full checkpoint tensor along `dim`."""
         if self.is_single:
@@ -53,3 +70,20 @@ class ParallelContext:
 
 
 SINGLE = ParallelContext()
+
+
+def check_tensor_parallel(config, world_size: int) -> None:
+    """Refuses, before any worker starts, a model that does not split over `world_size` ranks."""
+    if world_size == 1:
+        return
+    if getattr(config, "is_encoder_only", False) or getattr(config, "moe", None) is not None:
+        what = "encoder models" if config.is_encoder_only else "mixture-of-experts models (expert parallelism)"
+        raise ValueError(f"tensor_parallel_size > 1 is not supported for {what} yet ({config.architecture})")
+    group = ParallelContext(0, world_size)
+    try:
+        for size, what in ((config.num_heads, "number of heads"), (config.intermediate_size, "intermediate size"),
+                           (config.vocab_size, "vocabulary")):
+            group.local_size(size, what)
+        group.local_kv_heads(config.num_kv_heads)
+    except ValueError as exc:
+        raise ValueError(f"{config.architecture} cannot run with tensor_parallel_size={world_size}: {exc}") from None

@@ -102,7 +102,8 @@ class Worker:
         self._checkpoint = None  # the weights stream is spent; the engine keeps its own checkpoint
         # An encoder keeps no K/V: its blocks only count tokens for the scheduler.
         layers = 0 if model_cfg.is_encoder_only else model_cfg.num_layers
-        self.spec = KVCacheSpec(layers, model_cfg.num_kv_heads, model_cfg.head_dim, args.block_size, dtype)
+        kv_heads = ParallelContext(self.rank, self.world_size).local_kv_heads(model_cfg.num_kv_heads)
+        self.spec = KVCacheSpec(layers, kv_heads, model_cfg.head_dim, args.block_size, dtype)
         return WorkerInfo(self._num_blocks(self.spec, model_cfg.max_position_embeddings),
                           str(dtype).removeprefix("torch."), time.perf_counter() - started)
 

@@ -53,6 +53,6 @@ def test_parallel_context_checks_its_sizes():
         ParallelContext(0, 4).local_size(6)
     with pytest.raises(ValueError, match="outside a group"):
         ParallelContext(2, 2)
-    with pytest.raises(NotImplementedError, match="tensor parallelism"):  # refused, not silently wrong
+    with pytest.raises(NotImplementedError, match="with a bias over several ranks"):  # refused, not silently wrong
         RowParallelLinear(8, 4, parallel=ParallelContext(0, 2))
     assert ModelContext().parallel.world_size == 1

@@ -1,11 +1,13 @@
 """VocabParallelEmbedding: the token embedding, its vocabulary split over tensor-parallel ranks.
 
 Each rank keeps rows [rank * V / w, (rank + 1) * V / w) (`shard_dim` 0; the tied logits read
-the same slice). At world size 1, all there is today, it is nn.Embedding; the masked lookup
-and all-reduce of several ranks come with tensor parallelism.
+the same slice, and compute_logits gathers the ranks' columns). At world size 1 it is
+nn.Embedding; over several ranks each looks up the ids in its slice, zeros the others' rows and
+the ranks' rows are summed (one all-reduce).
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from asyncllm.model.parallel import SINGLE, ParallelContext
@@ -15,10 +17,18 @@ class VocabParallelEmbedding(nn.Embedding):
     shard_dim = 0
 
     def __init__(self, vocab_size: int, hidden_size: int, parallel: ParallelContext = SINGLE):
-        if not parallel.is_single:
-            raise NotImplementedError("a vocabulary split over several ranks comes with tensor parallelism")
         super().__init__(parallel.local_size(vocab_size, "vocabulary"), hidden_size)
         self.parallel = parallel
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.parallel.is_single:
+            return super().forward(ids)
+        first = self.parallel.rank * self.num_embeddings
+        local = ids - first
+        outside = (local < 0) | (local >= self.num_embeddings)
+        rows = super().forward(local.masked_fill(outside, 0))
+        rows.masked_fill_(outside.unsqueeze(-1), 0.0)
+        return self.parallel.all_reduce(rows)
 
 
 class ParallelLMHead(nn.Linear):
@@ -28,7 +38,5 @@ class ParallelLMHead(nn.Linear):
     shard_dim = 0
 
     def __init__(self, hidden_size: int, vocab_size: int, parallel: ParallelContext = SINGLE):
-        if not parallel.is_single:
-            raise NotImplementedError("a vocabulary split over several ranks comes with tensor parallelism")
         super().__init__(hidden_size, parallel.local_size(vocab_size, "vocabulary"), bias=False)
         self.parallel = parallel

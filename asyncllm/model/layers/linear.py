@@ -189,20 +189,26 @@ class ColumnParallelLinear(Linear):
     shard_dim = 0
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, ops: Ops = TORCH_OPS,
-                 parallel: ParallelContext = SINGLE):
-        super().__init__(in_features, parallel.local_size(out_features, "projection's outputs"), bias, ops)
+                 parallel: ParallelContext = SINGLE, local_out_features: int | None = None):
+        """local_out_features: this rank's outputs where they are not an even share (a QKV whose KV
+        heads are replicated over more ranks than there are KV heads)."""
+        local = local_out_features or parallel.local_size(out_features, "projection's outputs")
+        super().__init__(in_features, local, bias, ops)
         self.parallel = parallel
 
 
 class RowParallelLinear(Linear):
     """Input features split over the ranks (o_proj, down): each rank keeps those columns of the
-    weight; the ranks' partial outputs are summed (an all-reduce, once world size > 1 runs)."""
+    weight; the ranks' partial outputs are summed (one all-reduce per projection)."""
 
     shard_dim = 1
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, ops: Ops = TORCH_OPS,
                  parallel: ParallelContext = SINGLE):
-        if not parallel.is_single:
-            raise NotImplementedError("row-parallel projections over several ranks come with tensor parallelism")
+        if bias and not parallel.is_single:
+            raise NotImplementedError("a row-parallel projection with a bias over several ranks is not supported")
         super().__init__(parallel.local_size(in_features, "projection's inputs"), out_features, bias, ops)
         self.parallel = parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.parallel.all_reduce(super().forward(x))

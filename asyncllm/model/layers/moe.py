@@ -63,6 +63,9 @@ class SparseMoeBlock(nn.Module):
         from asyncllm.model.llama import LlamaMLP  # the expert shape: gate/up fused, SiLU, down
 
         moe = cfg.moe
+        if not ctx.parallel.is_single:
+            raise NotImplementedError("mixture-of-experts models over several ranks (expert parallelism) are not "
+                                      "supported yet")
         self.top_k, self.normalize = moe.top_k, moe.normalize_top_k
         self.gate = Linear(cfg.hidden_size, moe.num_experts, False, ctx.ops)
         self.local_experts = ctx.parallel.local_size(moe.num_experts, "number of experts")

@@ -1,0 +1,83 @@
+"""Tensor parallelism over 2 CPU processes (torch.distributed, gloo): column-parallel QKV and
+gate/up, row-parallel o/down with an all-reduce, the vocabulary split (embedding all-reduce,
+logits gathered): greedy ids equal to transformers, logprobs close, as on one rank."""
+import os
+import signal
+import time
+
+import pytest
+
+import helpers
+from asyncllm import LLM, EngineDeadError, SamplingParams
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM"])
+def test_two_ranks_match_transformers(arch, tiny_models):
+    path = tiny_models(arch)
+    llm = LLM(path, dtype="float32", kv_cache_memory=32 << 20, tensor_parallel_size=2, max_num_batched_tokens=20)
+    try:
+        executor = llm.engine.core.executor
+        assert len(executor.processes) == 2 and all(_alive(p.pid) for p in executor.processes)
+        # Chunked prompts sharing steps with decodes and a prefix-cache hit, on both ranks at once.
+        helpers.check_mixed_steps_match_transformers(llm, helpers.load_hf(path))
+    finally:
+        llm.engine.shutdown()
+    assert not any(_alive(p.pid) for p in executor.processes)
+
+
+def test_one_kv_head_is_replicated_on_both_ranks(tmp_path, tokenizer_dir):
+    """Fewer KV heads than ranks (Gemma 3 270M has 1): each rank keeps the KV head its query heads read."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(7)
+    config = LlamaConfig(**{**helpers.TINY_COMMON, "num_key_value_heads": 1}, architectures=["LlamaForCausalLM"])
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if os.path.exists(os.path.join(tokenizer_dir, name)):
+            shutil.copy(os.path.join(tokenizer_dir, name), tmp_path)
+    llm = LLM(str(tmp_path), dtype="float32", kv_cache_memory=16 << 20, tensor_parallel_size=2,
+              max_num_batched_tokens=20)
+    try:
+        helpers.check_mixed_steps_match_transformers(llm, helpers.load_hf(str(tmp_path)), max_tokens=12)
+    finally:
+        llm.engine.shutdown()
+
+
+def test_what_does_not_split_is_refused_with_a_message(tiny_models):
+    with pytest.raises(ValueError, match="tensor_parallel_size=3: a number of heads of 4 does not split"):
+        LLM(tiny_models("LlamaForCausalLM"), dtype="float32", kv_cache_memory=16 << 20, tensor_parallel_size=3)
+    with pytest.raises(ValueError, match="expert parallelism"):
+        LLM(tiny_models("MixtralForCausalLM"), dtype="float32", kv_cache_memory=16 << 20, tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="enable_lora is not supported with tensor_parallel_size > 1"):
+        LLM(tiny_models("LlamaForCausalLM"), tensor_parallel_size=2, enable_lora=True)
+    with pytest.raises(ValueError, match="distributed_executor_backend must be mp"):
+        LLM(tiny_models("LlamaForCausalLM"), tensor_parallel_size=2, distributed_executor_backend="uni")
+
+
+def test_a_dead_rank_stops_the_other_and_the_engine(tiny_models):
+    llm = LLM(tiny_models("LlamaForCausalLM"), dtype="float32", kv_cache_memory=16 << 20, tensor_parallel_size=2)
+    executor = llm.engine.core.executor
+    try:
+        assert llm.generate(["Hello"], SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
+        os.kill(executor.processes[1].pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while _alive(executor.processes[0].pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(executor.processes[0].pid)  # rank 0 stopped too, not left waiting in gloo
+        with pytest.raises(EngineDeadError):
+            llm.generate(["Hello"], SamplingParams(max_tokens=2), use_tqdm=False)
+    finally:
+        llm.engine.shutdown()
