@@ -38,3 +38,40 @@ def stop_process(proc) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def start_cli_server(args: list[str], timeout: float = 120.0):
+    """`asyncllm serve --port 0 ARGS` in a subprocess → (process, its URL once it serves). The
+    caller stops it with stop_process (by its pid)."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "asyncllm.cli", "serve", "--port", "0", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    url, lines = None, []
+    deadline = time.monotonic() + timeout
+    try:
+        while url is None and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            lines.append(line)
+            match = re.search(r"serving (http://127\.0\.0\.1:\d+)", line)
+            url = match.group(1) if match else None
+            assert proc.poll() is None, "".join(lines)
+        assert url, "".join(lines)
+    except BaseException:
+        stop_process(proc)
+        raise
+    return proc, url
+
+
+def pid_alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

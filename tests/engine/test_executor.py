@@ -10,16 +10,12 @@ import pytest
 from asyncllm import LLM, AsyncEngine, EngineDeadError, SamplingParams
 from asyncllm.executor.multiproc import MultiprocExecutor
 from asyncllm.sampling.structured import StructuredOutputs
+from server_helpers import pid_alive
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time,"]
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+_pid_alive = pid_alive
 
 
 @pytest.fixture(scope="module")
@@ -145,28 +141,14 @@ def test_the_worker_exits_when_the_engine_process_is_killed(tmp_path):
 
 
 def test_serve_with_the_mp_backend_gives_the_same_greedy_tokens(default_llm):
-    import re
-    import subprocess
-    import sys
 
     import openai
 
-    from server_helpers import stop_process
+    from server_helpers import start_cli_server, stop_process
 
-    proc = subprocess.Popen([sys.executable, "-m", "asyncllm.cli", "serve", "--port", "0", "--dtype", "float32",
-                             "--distributed-executor-backend", "mp", "--no-kv-cache-prefault"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc, url = start_cli_server(["--dtype", "float32", "--distributed-executor-backend", "mp",
+                                  "--no-kv-cache-prefault"])
     try:
-        url, lines = None, []
-        deadline = time.monotonic() + 120
-        while url is None and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            lines.append(line)
-            match = re.search(r"serving (http://127\.0\.0\.1:\d+)", line)
-            url = match.group(1) if match else None
-            assert proc.poll() is None, "".join(lines)
-        assert url, "".join(lines)
         client = openai.OpenAI(base_url=url + "/v1", api_key="none")
         model = client.models.list().data[0].id
         for prompt in PROMPTS:

@@ -9,16 +9,12 @@ import pytest
 
 import helpers
 from asyncllm import LLM, EngineDeadError, SamplingParams
+from server_helpers import pid_alive
 
 pytestmark = pytest.mark.timeout(300)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+_alive = pid_alive
 
 
 @pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM"])

@@ -7,10 +7,6 @@ the LangChain and LlamaIndex adapters in process.
 """
 import json
 import os
-import re
-import subprocess
-import sys
-import time
 
 import anyio
 import httpx
@@ -20,7 +16,7 @@ import pytest
 
 import helpers
 from asyncllm import AsyncEngine, SamplingParams
-from server_helpers import stop_process
+from server_helpers import start_cli_server, stop_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -98,21 +94,10 @@ def test_langchain_and_llamaindex_run_on_gemma3(engine):
 
 @pytest.mark.timeout(240)
 def test_cli_serves_gemma3_chat_and_structured_output(gemma3_gguf, engine):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "asyncllm.cli", "serve", "--model", gemma3_gguf, "--port", "0",
-                             "--dtype", "float32", "--chat-template", TEMPLATE, "--served-model-name", "gemma3",
-                             "--no-kv-cache-prefault", "--kv-cache-memory", str(256 << 20)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc, url = start_cli_server(["--model", gemma3_gguf, "--dtype", "float32", "--chat-template", TEMPLATE,
+                                  "--served-model-name", "gemma3", "--no-kv-cache-prefault",
+                                  "--kv-cache-memory", str(256 << 20)], timeout=180)
     try:
-        url, lines = None, []
-        deadline = time.monotonic() + 180
-        while url is None and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            lines.append(line)
-            match = re.search(r"serving (http://127\.0\.0\.1:\d+)", line)
-            url = match.group(1) if match else None
-            assert proc.poll() is None, "".join(lines)
-        assert url, "".join(lines)
         client = openai.OpenAI(base_url=url + "/v1", api_key="x")
         assert [m.id for m in client.models.list().data] == ["gemma3"]
         messages = [{"role": "user", "content": "Write one sentence about the sea."}]
