@@ -95,3 +95,12 @@ def test_lora_benchmark_runs(tmp_path, monkeypatch):
     assert [r["case"] for r in result["rows"]][:4] == ["batch 2, base", "batch 2, 2 adapters",
                                                          "single stream, base", "single stream, 1 adapter"]
     assert all(r["decode_tok_per_s"] > 0 for r in result["rows"]) and result["load_ms"] > 0
+
+
+def test_tp_collectives_benchmark_runs_its_two_ranks(tmp_path, monkeypatch):
+    common = _load("common")
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    result = _load("tp_collectives").main(["--skip-model", "--repeats", "20"])
+    assert set(result["collective_us"]) == {f"{c}: {what}" for c in ("gloo", "shm")
+                                           for what, _ in _load("tp_collectives").SIZES}
+    assert all(v > 0 for v in result["collective_us"].values())

@@ -114,6 +114,11 @@ class MultiprocExecutor(Executor):
         for conn in self._conns:
             conn.close()
         if self._rendezvous_dir is not None:
+            from asyncllm.model.shm_collectives import shm_path
+
+            path = shm_path(self._rendezvous_dir)
+            if os.path.exists(path):  # the ranks unlink it once mapped; not if they died first
+                os.unlink(path)
             shutil.rmtree(self._rendezvous_dir, ignore_errors=True)
 
     def _call(self, method: bytes, payload: bytes = b"") -> bytes:

@@ -30,18 +30,32 @@ def _die_with_parent(parent: int, interval: float = 0.25) -> None:
     threading.Thread(target=watch, name="asyncllm-parent-watch", daemon=True).start()
 
 
-def join_group(rank: int, world_size: int, rendezvous: str, backend: str) -> None:
+def join_group(rank: int, world_size: int, rendezvous: str, backend: str):
+    """Joins the tensor-parallel group; → the shared-memory collectives of this host's ranks (None
+    where they do not apply: NCCL, not x86-64, or ASYNCLLM_SHM_COLLECTIVES=0)."""
     import torch
     import torch.distributed as dist
+
+    from asyncllm.model.shm_collectives import ShmCollectives, shm_path, shm_supported
 
     if backend == "nccl":
         torch.cuda.set_device(rank)
     dist.init_process_group(backend, init_method=f"file://{rendezvous}", rank=rank, world_size=world_size)
     # Each rank computes its shard with its own threads: split the cores rather than oversubscribe.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    if backend != "gloo" or not shm_supported() or os.environ.get("ASYNCLLM_SHM_COLLECTIVES") == "0":
+        return None
+    path = shm_path(os.path.dirname(rendezvous))
+    shm = ShmCollectives(path, rank, world_size, create=True) if rank == 0 else None
+    dist.barrier()  # rank 0 has made the file
+    shm = shm or ShmCollectives(path, rank, world_size)
+    dist.barrier()  # every rank has mapped it: its name can go (no file outlives the group, even killed)
+    if rank == 0:
+        os.unlink(path)
+    return shm
 
 
-def serve(conn: Connection, rank: int = 0, world_size: int = 1) -> None:
+def serve(conn: Connection, rank: int = 0, world_size: int = 1, shm=None) -> None:
     from asyncllm.config import EngineArgs
     from asyncllm.core.sched_output import SchedulerOutput
     from asyncllm.executor import wire
@@ -64,7 +78,7 @@ def serve(conn: Connection, rank: int = 0, world_size: int = 1) -> None:
                 reply = wire.encode(output)
             elif method == b"config":
                 worker = Worker(wire.decode(body, EngineArgs).create_engine_config(), rank=rank,
-                                world_size=world_size)
+                                world_size=world_size, shm=shm)
                 reply = b""
             elif method == b"load":
                 reply = wire.encode(worker.load_model())
@@ -86,9 +100,8 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s worker %(levelname)s %(name)s: %(message)s")
     conn = Connection(int(sys.argv[1]))
     rank, world_size = (int(sys.argv[2]), int(sys.argv[3])) if len(sys.argv) > 3 else (0, 1)
-    if world_size > 1:
-        join_group(rank, world_size, sys.argv[4], sys.argv[5])
-    serve(conn, rank, world_size)
+    shm = join_group(rank, world_size, sys.argv[4], sys.argv[5]) if world_size > 1 else None
+    serve(conn, rank, world_size, shm)
     conn.close()
 
 

@@ -8,7 +8,8 @@ torch.distributed group (asyncllm/executor/multiproc.py).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -17,6 +18,9 @@ import torch
 class ParallelContext:
     rank: int = 0
     world_size: int = 1
+    # Shared-memory collectives between the ranks of one host (shm_collectives.py), used for the
+    # tensors they take; torch.distributed for the rest.
+    shm: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.world_size:
@@ -56,14 +60,19 @@ class ParallelContext:
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of the ranks' partial outputs (row-parallel projections)."""
-        if not self.is_single:
-            torch.distributed.all_reduce(x)
+        if self.is_single:
+            return x
+        if self.shm is not None and self.shm.takes(x):
+            return self.shm.all_reduce(x)
+        torch.distributed.all_reduce(x)
         return x
 
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
         """The ranks' column slices side by side (vocabulary-parallel logits)."""
         if self.is_single:
             return x
+        if self.shm is not None and self.shm.takes(x):
+            return self.shm.all_gather_last(x)
         parts = [torch.empty_like(x) for _ in range(self.world_size)]
         torch.distributed.all_gather(parts, x.contiguous())
         return torch.cat(parts, dim=-1)

@@ -55,10 +55,11 @@ class CacheConfig:
 
 class Worker:
     def __init__(self, config: EngineConfig, checkpoint: Checkpoint | None = None, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, shm=None):
         self.config = config
         self.rank = rank
         self.world_size = world_size
+        self.shm = shm  # the host's shared-memory collectives (tensor parallel on the CPU)
         self._checkpoint = checkpoint
         self.model: torch.nn.Module | None = None
         self.runner: ModelRunner | None = None
@@ -76,7 +77,7 @@ class Worker:
         dtype = (torch.float32 if args.quantized_weights_only and config.dtype_request == "auto"
                  else resolve_dtype(config.dtype_request, config.device))
         model = build_model(model_cfg, dtype, config.device,
-                            ModelContext(Ops(config.kernels), ParallelContext(self.rank, self.world_size)))
+                            ModelContext(Ops(config.kernels), ParallelContext(self.rank, self.world_size, self.shm)))
         model.load_weights(checkpoint.weights(dtype))
         if args.cpu_weight_prepack and prepack_supported(config.device, dtype):
             model.prepack_weights()

@@ -1,4 +1,5 @@
-"""Tensor parallelism over 2 CPU processes (torch.distributed, gloo): column-parallel QKV and
+"""Tensor parallelism over 2 CPU processes (torch.distributed with gloo, and the shared-memory
+collectives of one host): column-parallel QKV and
 gate/up, row-parallel o/down with an all-reduce, the vocabulary split (embedding all-reduce,
 logits gathered): greedy ids equal to transformers, logprobs close, as on one rank."""
 import os
@@ -17,8 +18,13 @@ pytestmark = pytest.mark.timeout(300)
 _alive = pid_alive
 
 
-@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma3ForCausalLM"])
-def test_two_ranks_match_transformers(arch, tiny_models):
+@pytest.mark.parametrize("arch,collectives", [("LlamaForCausalLM", "shm"), ("LlamaForCausalLM", "gloo"),
+                                              ("Qwen2ForCausalLM", "shm"), ("Qwen3ForCausalLM", "shm"),
+                                              ("Gemma3ForCausalLM", "shm")])
+def test_two_ranks_match_transformers(arch, collectives, tiny_models, monkeypatch):
+    """With the shared-memory collectives (the default on x86-64) and with gloo's alone."""
+    if collectives == "gloo":
+        monkeypatch.setenv("ASYNCLLM_SHM_COLLECTIVES", "0")  # the worker processes inherit it
     path = tiny_models(arch)
     llm = LLM(path, dtype="float32", kv_cache_memory=32 << 20, tensor_parallel_size=2, max_num_batched_tokens=20)
     try:
