@@ -100,6 +100,9 @@ class EngineArgs:
               "rank, steps sent as msgpack; a worker that dies fails every request with EngineDeadError); "
               "tensor_parallel_size > 1 implies mp",
         choices=["uni", "mp"])
+    execute_model_timeout: float = _opt(300.0, "seconds a step may take in the worker processes (mp) before they "
+                                               "are deemed hung: they are stopped and every request fails with "
+                                               "EngineDeadError")
     tensor_parallel_size: int = _opt(1, "ranks the model is split over (vLLM's -tp): worker processes joined by "
                                         "torch.distributed (gloo on the CPU, NCCL on CUDA), each holding its shard")
     chat_template: str | None = _opt(None, "Jinja chat template file overriding the tokenizer's")
@@ -184,6 +187,8 @@ class EngineConfig:
         if args.distributed_executor_backend not in (None, "uni", "mp"):
             errors.append(f"distributed_executor_backend must be uni or mp, got {args.distributed_executor_backend!r}"
                           + (" (ray is not supported yet)" if args.distributed_executor_backend == "ray" else ""))
+        if not args.execute_model_timeout > 0:
+            errors.append("execute_model_timeout must be > 0 seconds")
         if args.tensor_parallel_size < 1:
             errors.append("tensor_parallel_size must be >= 1")
         elif args.tensor_parallel_size > 1:

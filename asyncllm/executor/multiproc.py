@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 
@@ -57,6 +58,7 @@ class MultiprocExecutor(Executor):
             self._conns.append(Connection(os.dup(ours.fileno())))
             ours.close()
         self.process = self.processes[0]  # rank 0: its outputs are the engine's
+        self._step_timeout = config.args.execute_model_timeout
         self._lock = threading.Lock()  # one call on the channels at a time
         self._dead: str | None = None
         self._closing = False
@@ -80,7 +82,7 @@ class MultiprocExecutor(Executor):
         self._call(b"init_cache", wire.encode(cache))
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        return wire.decode(self._call(b"execute", wire.encode(sched)), ModelRunnerOutput)
+        return wire.decode(self._call(b"execute", wire.encode(sched), self._step_timeout), ModelRunnerOutput)
 
     def check_health(self) -> None:
         if self._dead is not None:
@@ -121,17 +123,24 @@ class MultiprocExecutor(Executor):
                 os.unlink(path)
             shutil.rmtree(self._rendezvous_dir, ignore_errors=True)
 
-    def _call(self, method: bytes, payload: bytes = b"") -> bytes:
+    def _call(self, method: bytes, payload: bytes = b"", timeout: float | None = None) -> bytes:
         """Sends the call to every rank (they run it together: collectives inside), then reads every
-        reply; → rank 0's body (the others compute the same outputs)."""
+        reply; → rank 0's body (the others compute the same outputs). A rank that has not answered
+        within `timeout` seconds is deemed hung (e.g. stopped): every rank is stopped, the engine dies."""
         with self._lock:
             if self._dead is not None:
                 raise EngineDeadError(self._dead)
             replies = []
+            deadline = None if timeout is None else time.monotonic() + timeout
             try:
                 for conn in self._conns:
                     conn.send_bytes(method + b"\n" + payload)
-                for conn in self._conns:
+                for rank, conn in enumerate(self._conns):
+                    if deadline is not None and not conn.poll(max(0.0, deadline - time.monotonic())):
+                        self._mark_dead(f"the worker process of rank {rank} (pid {self.processes[rank].pid}) did "
+                                        f"not finish a step within {timeout:g} s (execute_model_timeout): hung")
+                        self._stop_all()
+                        raise EngineDeadError(self._dead)
                     replies.append(conn.recv_bytes())
             except (EOFError, OSError) as exc:
                 dead = next((p for p in self.processes if p.poll() is not None), None)
@@ -160,9 +169,12 @@ class MultiprocExecutor(Executor):
             self._mark_dead(self._death_reason(process))
             # The other ranks would wait in their next collective for the dead one: stop them (by
             # pid), which also ends a step this executor is waiting on.
-            for other in self.processes:
-                if other is not process and other.poll() is None:
-                    other.kill()
+            self._stop_all()
+
+    def _stop_all(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()  # by its own pid (a stopped process dies of SIGKILL too)
 
     def _mark_dead(self, reason: str) -> None:
         if self._dead is not None:

@@ -83,3 +83,23 @@ def test_a_dead_rank_stops_the_other_and_the_engine(tiny_models):
             llm.generate(["Hello"], SamplingParams(max_tokens=2), use_tqdm=False)
     finally:
         llm.engine.shutdown()
+
+
+def test_a_hung_rank_fails_the_engine_within_the_step_timeout(tiny_models):
+    """SIGSTOP: the rank neither dies nor answers; the step time-out stops every rank."""
+    llm = LLM(tiny_models("LlamaForCausalLM"), dtype="float32", kv_cache_memory=16 << 20, tensor_parallel_size=2,
+              execute_model_timeout=3.0)
+    executor = llm.engine.core.executor
+    try:
+        assert llm.generate(["Hello"], SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
+        os.kill(executor.processes[1].pid, signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(EngineDeadError, match="hung"):
+            llm.generate(["Hello"], SamplingParams(max_tokens=2), use_tqdm=False)
+        assert time.monotonic() - started < 10
+        deadline = time.monotonic() + 5
+        while any(_alive(p.pid) for p in executor.processes) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_alive(p.pid) for p in executor.processes)
+    finally:
+        llm.engine.shutdown()
