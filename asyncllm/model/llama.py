@@ -322,7 +322,7 @@ class LlamaFamilyForCausalLM(nn.Module):
         dims = {}
         for name, module in self.named_modules():
             dim = getattr(module, "shard_dim", None)
-            if dim is None:
+            if dim is None or module.parallel.is_single:  # whole on this rank (e.g. an MoE expert)
                 continue
             dims[f"{name}.weight"] = dim
             if getattr(module, "bias", None) is not None and dim == 0:

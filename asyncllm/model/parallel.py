@@ -85,13 +85,18 @@ def check_tensor_parallel(config, world_size: int) -> None:
     """Refuses, before any worker starts, a model that does not split over `world_size` ranks."""
     if world_size == 1:
         return
-    if getattr(config, "is_encoder_only", False) or getattr(config, "moe", None) is not None:
-        what = "encoder models" if config.is_encoder_only else "mixture-of-experts models (expert parallelism)"
-        raise ValueError(f"tensor_parallel_size > 1 is not supported for {what} yet ({config.architecture})")
+    if getattr(config, "is_encoder_only", False):
+        raise ValueError(f"tensor_parallel_size > 1 is not supported for encoder models yet ({config.architecture})")
     group = ParallelContext(0, world_size)
+    moe = getattr(config, "moe", None)
+    sizes = [(config.num_heads, "number of heads"), (config.intermediate_size, "intermediate size"),
+             (config.vocab_size, "vocabulary")]
+    if moe is not None:  # whole experts per rank; a shared expert split as a dense MLP
+        sizes.append((moe.num_experts, "number of experts"))
+        if moe.shared_expert_intermediate_size:
+            sizes.append((moe.shared_expert_intermediate_size, "shared expert's intermediate size"))
     try:
-        for size, what in ((config.num_heads, "number of heads"), (config.intermediate_size, "intermediate size"),
-                           (config.vocab_size, "vocabulary")):
+        for size, what in sizes:
             group.local_size(size, what)
         group.local_kv_heads(config.num_kv_heads)
     except ValueError as exc:

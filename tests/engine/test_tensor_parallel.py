@@ -1,7 +1,8 @@
 """Tensor parallelism over 2 CPU processes (torch.distributed with gloo, and the shared-memory
 collectives of one host): column-parallel QKV and
 gate/up, row-parallel o/down with an all-reduce, the vocabulary split (embedding all-reduce,
-logits gathered): greedy ids equal to transformers, logprobs close, as on one rank."""
+logits gathered), and for mixture-of-experts models each rank's whole experts (expert parallel,
+their shares all-reduced): greedy ids equal to transformers, logprobs close, as on one rank."""
 import os
 import signal
 import time
@@ -20,7 +21,8 @@ _alive = pid_alive
 
 @pytest.mark.parametrize("arch,collectives", [("LlamaForCausalLM", "shm"), ("LlamaForCausalLM", "gloo"),
                                               ("Qwen2ForCausalLM", "shm"), ("Qwen3ForCausalLM", "shm"),
-                                              ("Gemma3ForCausalLM", "shm")])
+                                              ("Gemma3ForCausalLM", "shm"), ("MixtralForCausalLM", "shm"),
+                                              ("Qwen2MoeForCausalLM", "shm"), ("Qwen3MoeForCausalLM", "shm")])
 def test_two_ranks_match_transformers(arch, collectives, tiny_models, monkeypatch):
     """With the shared-memory collectives (the default on x86-64) and with gloo's alone."""
     if collectives == "gloo":
@@ -61,8 +63,8 @@ def test_one_kv_head_is_replicated_on_both_ranks(tmp_path, tokenizer_dir):
 def test_what_does_not_split_is_refused_with_a_message(tiny_models):
     with pytest.raises(ValueError, match="tensor_parallel_size=3: a number of heads of 4 does not split"):
         LLM(tiny_models("LlamaForCausalLM"), dtype="float32", kv_cache_memory=16 << 20, tensor_parallel_size=3)
-    with pytest.raises(ValueError, match="expert parallelism"):
-        LLM(tiny_models("MixtralForCausalLM"), dtype="float32", kv_cache_memory=16 << 20, tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="a number of experts of 6 does not split over 4 ranks"):
+        LLM(tiny_models("Qwen3MoeForCausalLM"), dtype="float32", kv_cache_memory=16 << 20, tensor_parallel_size=4)
     with pytest.raises(ValueError, match="enable_lora is not supported with tensor_parallel_size > 1"):
         LLM(tiny_models("LlamaForCausalLM"), tensor_parallel_size=2, enable_lora=True)
     with pytest.raises(ValueError, match="distributed_executor_backend must be mp"):

@@ -11,9 +11,12 @@ kernel for 1-2 rows), and quantisation and weight packing treat experts as any p
 On CUDA (`Ops.triton`) the experts' weights are stacked once and `asyncllm_kernels.fused_moe`
 runs both grouped GEMMs without a host sync (kernels/asyncllm_kernels/moe.py).
 
-Expert parallelism (asyncllm/model/parallel.py) is prepared, not run: a block holds the experts of
-its rank's range (`first_expert`, `local_experts`; all of them at world size 1) and the op skips
-(token, slot) pairs routed elsewhere, whose outputs another rank would add in.
+Expert parallelism comes with tensor parallelism (tensor_parallel_size > 1): a block holds the
+whole experts of its rank's range (`first_expert`, `local_experts`; all of them at world size 1),
+the op skips (token, slot) pairs routed elsewhere, and one all-reduce adds the ranks' shares. The
+tokens need no all-to-all: after the attention's all-reduce every rank holds every token's
+hidden state, and the router is replicated, so each rank routes alike. A shared expert is
+tensor-parallel like a dense MLP.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from torch import nn
 from asyncllm.model.arch_config import LlamaFamilyConfig
 from asyncllm.model.interface import ModelContext
 from asyncllm.model.layers.linear import Linear
+from asyncllm.model.parallel import SINGLE
 
 
 def route(router_logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,18 +67,17 @@ class SparseMoeBlock(nn.Module):
         from asyncllm.model.llama import LlamaMLP  # the expert shape: gate/up fused, SiLU, down
 
         moe = cfg.moe
-        if not ctx.parallel.is_single:
-            raise NotImplementedError("mixture-of-experts models over several ranks (expert parallelism) are not "
-                                      "supported yet")
+        self.parallel = ctx.parallel
         self.top_k, self.normalize = moe.top_k, moe.normalize_top_k
-        self.gate = Linear(cfg.hidden_size, moe.num_experts, False, ctx.ops)
+        self.gate = Linear(cfg.hidden_size, moe.num_experts, False, ctx.ops)  # replicated: every rank routes
+        # Expert parallel: this rank's range of whole experts (not split by tensor parallelism).
         self.local_experts = ctx.parallel.local_size(moe.num_experts, "number of experts")
         self.first_expert = ctx.parallel.rank * self.local_experts
-        self.experts = nn.ModuleList(LlamaMLP(cfg, ctx, moe.intermediate_size) for _ in range(self.local_experts))
+        whole = ModelContext(ctx.ops, SINGLE)
+        self.experts = nn.ModuleList(LlamaMLP(cfg, whole, moe.intermediate_size) for _ in range(self.local_experts))
         shared = moe.shared_expert_intermediate_size
-        self.shared_expert = LlamaMLP(cfg, ctx, shared) if shared else None
+        self.shared_expert = LlamaMLP(cfg, ctx, shared) if shared else None  # tensor-parallel, as a dense MLP
         self.shared_expert_gate = Linear(cfg.hidden_size, 1, False, ctx.ops) if shared else None
-
         self.triton = ctx.ops.triton and ctx.parallel.world_size == 1
         self._stacked: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -99,6 +102,7 @@ class SparseMoeBlock(nn.Module):
             out = triton_fused_moe(x, *self.stacked_weights(), weights, ids)
         else:
             out = fused_moe(x, weights, ids, self.experts, self.first_expert)
+            out = self.parallel.all_reduce(out)  # every rank's experts' share (each token's rows are on all ranks)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out
