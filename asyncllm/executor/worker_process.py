@@ -46,12 +46,29 @@ def join_group(rank: int, world_size: int, rendezvous: str, backend: str):
     if backend != "gloo" or not shm_supported() or os.environ.get("ASYNCLLM_SHM_COLLECTIVES") == "0":
         return None
     path = shm_path(os.path.dirname(rendezvous))
-    shm = ShmCollectives(path, rank, world_size, create=True) if rank == 0 else None
-    dist.barrier()  # rank 0 has made the file
-    shm = shm or ShmCollectives(path, rank, world_size)
-    dist.barrier()  # every rank has mapped it: its name can go (no file outlives the group, even killed)
-    if rank == 0:
+
+    def agreed(ok: bool) -> bool:  # every rank's answer: all ranks use shared memory, or none does
+        flag = torch.tensor([0 if ok else 1])
+        dist.all_reduce(flag)
+        return int(flag) == 0
+
+    shm = None
+    try:
+        if rank == 0:
+            shm = ShmCollectives(path, rank, world_size, create=True)
+    except OSError:  # e.g. a full /dev/shm: gloo alone, as the other ranks are told
+        pass
+    if agreed(rank != 0 or shm is not None):  # rank 0 has made the file
+        try:
+            shm = shm or ShmCollectives(path, rank, world_size)
+        except OSError:
+            shm = None
+    both = agreed(shm is not None)  # every rank has mapped it: its name can go (no file outlives the group)
+    if rank == 0 and os.path.exists(path):
         os.unlink(path)
+    if not both and shm is not None:
+        shm.close()
+        shm = None
     return shm
 
 
