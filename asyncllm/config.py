@@ -100,6 +100,10 @@ class EngineArgs:
               "rank, steps sent as msgpack; a worker that dies fails every request with EngineDeadError); "
               "tensor_parallel_size > 1 implies mp",
         choices=["uni", "mp"])
+    kv_cache_dtype: str = _opt("auto", "the KV cache's element type: auto (the model's dtype) or fp8 (fp8_e4m3, "
+                                       "scale 1: a quarter of fp32's bytes, half of bf16's; attention then runs on "
+                                       "the torch ops, widening the cached keys and values)",
+                               choices=["auto", "fp8", "fp8_e4m3"])
     execute_model_timeout: float = _opt(300.0, "seconds a step may take in the worker processes (mp) before they "
                                                "are deemed hung: they are stopped and every request fails with "
                                                "EngineDeadError")
@@ -187,6 +191,8 @@ class EngineConfig:
         if args.distributed_executor_backend not in (None, "uni", "mp"):
             errors.append(f"distributed_executor_backend must be uni or mp, got {args.distributed_executor_backend!r}"
                           + (" (ray is not supported yet)" if args.distributed_executor_backend == "ray" else ""))
+        if args.kv_cache_dtype not in ("auto", "fp8", "fp8_e4m3"):
+            errors.append(f"kv_cache_dtype must be auto, fp8 or fp8_e4m3, got {args.kv_cache_dtype!r}")
         if not args.execute_model_timeout > 0:
             errors.append("execute_model_timeout must be > 0 seconds")
         if args.tensor_parallel_size < 1:
@@ -230,6 +236,8 @@ class EngineConfig:
             raise ValueError(f"quantization='int8' reads 8-bit blocks with the C kernels (kernels='cpu', or 'auto' "
                              f"on a CPU where they build); this engine has device {device.type!r} and kernels "
                              f"{kernels!r}: leave quantization unset there")
+        if args.kv_cache_dtype != "auto" and kernels == "triton":
+            raise ValueError("kv_cache_dtype='fp8' is not built in the Triton kernels: use kernels='torch' or the CPU")
         if args.quantized_weights_only and kernels != "cpu":
             raise ValueError(f"quantized_weights_only keeps only the C kernels' blocks (kernels='cpu', or 'auto' on a "
                              f"CPU where they build); this engine has device {device.type!r} and kernels {kernels!r}")

@@ -74,10 +74,18 @@ class AttentionBackend(Protocol):
         ...
 
 
+FP8_KV_DTYPE = torch.float8_e4m3fn  # kv_cache_dtype="fp8": values saturate at +-448 (scale 1, as vLLM's default)
+
+
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    if kv_cache.dtype == FP8_KV_DTYPE:  # torch has no fp8 index_copy_: move the bytes
+        k, v, kv_cache = k.to(FP8_KV_DTYPE).view(torch.uint8), v.to(FP8_KV_DTYPE).view(torch.uint8), \
+            kv_cache.view(torch.uint8)
     kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
     kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+
 
 
 class TorchAttentionBackend:
@@ -96,6 +104,10 @@ class TorchAttentionBackend:
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        if kv_cache.dtype == FP8_KV_DTYPE:
+            # This step's K/V as the cache will hold them, so a prompt attends alike whether its
+            # keys come from this step or from the cache (a prefix-cache hit).
+            k, v = k.to(FP8_KV_DTYPE).to(k.dtype), v.to(FP8_KV_DTYPE).to(v.dtype)
         self._write_kv(k, v, kv_cache, meta.slot_mapping)
         block_size = kv_cache.shape[2]
         nd = meta.num_decodes
@@ -125,13 +137,17 @@ class TorchAttentionBackend:
     def _write_kv(self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         write_kv_cache(k, v, kv_cache, slot_mapping)
 
-    def _gather_expanded(self, kv_cache: torch.Tensor, block_table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gather_expanded(self, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                         dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of one request's blocks (`block_table`: [nblk]) → [H, nblk * block_size, D], KV
         heads repeated to the query heads: SDPA's fused CPU kernel refuses `enable_gqa` (and
         3-D inputs), and on its math path a 1024-token prefill took 1.94 s instead of 0.95 s.
         """
-        keys = kv_cache[0][block_table]  # [..., nblk, bs, KVH, D]
-        values = kv_cache[1][block_table]
+        readable = kv_cache.view(torch.uint8) if kv_cache.dtype == FP8_KV_DTYPE else kv_cache
+        keys = readable[0][block_table]  # [..., nblk, bs, KVH, D]
+        values = readable[1][block_table]
+        if kv_cache.dtype == FP8_KV_DTYPE:
+            keys, values = keys.view(FP8_KV_DTYPE).to(dtype), values.view(FP8_KV_DTYPE).to(dtype)
         shape = keys.shape[:-4] + (keys.shape[-4] * keys.shape[-3], self.num_kv_heads, self.head_dim)
         keys, values = keys.reshape(shape).transpose(-3, -2), values.reshape(shape).transpose(-3, -2)
         return self._expand_heads(keys), self._expand_heads(values)
@@ -153,8 +169,11 @@ class TorchAttentionBackend:
         group = heads // kvh
         seq = bias.shape[2]
         num_blocks = kv_cache.shape[1]
-        keys = kv_cache[0].view(num_blocks, -1).index_select(0, blocks).view(nd, seq, kvh * dim)
-        values = kv_cache[1].view(num_blocks, -1).index_select(0, blocks).view(nd, seq, kvh * dim)
+        readable = kv_cache.view(torch.uint8) if kv_cache.dtype == FP8_KV_DTYPE else kv_cache
+        keys = readable[0].view(num_blocks, -1).index_select(0, blocks).view(nd, seq, kvh * dim)
+        values = readable[1].view(num_blocks, -1).index_select(0, blocks).view(nd, seq, kvh * dim)
+        if kv_cache.dtype == FP8_KV_DTYPE:
+            keys, values = keys.view(FP8_KV_DTYPE).to(q.dtype), values.view(FP8_KV_DTYPE).to(q.dtype)
         # q_diag[b, h, kvh(h) * D + d] = q[b, h, d], zeros elsewhere: [nd, H, KVH*D].
         q_diag = q.new_zeros(nd, kvh, group, kvh, dim)
         torch.diagonal(q_diag, dim1=1, dim2=3).copy_(q.view(nd, kvh, group, dim).permute(0, 2, 3, 1))
@@ -190,7 +209,7 @@ class TorchAttentionBackend:
     def _prefill(self, q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                  seq_len: int, block_size: int) -> torch.Tensor:
         nblk = (seq_len + block_size - 1) // block_size
-        keys, values = self._gather_expanded(kv_cache, block_table[:nblk])  # [H, S', D]
+        keys, values = self._gather_expanded(kv_cache, block_table[:nblk], q.dtype)  # [H, S', D]
         return self._sdpa(q[None], keys[None, :, :seq_len], values[None, :, :seq_len], seq_len)[0]
 
     def _sdpa(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, seq_len: int) -> torch.Tensor:
