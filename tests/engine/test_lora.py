@@ -281,3 +281,22 @@ def test_default_model_adapter_matches_peft(default_gguf, tmp_path):
         helpers.check_logprobs(out.outputs[0], logits)
     assert outputs[0].outputs[0].token_ids != plain.outputs[0].token_ids
     assert torch.tensor(llm.engine.core.executor.worker.runner.lora.load_seconds).max() < 1.0
+
+
+def test_gemma3_adapter_matches_peft(tiny_models, tmp_path):
+    """Gemma 3's layer (four norms, GELU MLP, sliding layers) under an adapter on every projection."""
+    path = tiny_models("Gemma3ForCausalLM")
+    folder = str(tmp_path / "gemma-all8")
+    peft_model = helpers.save_lora_adapter(helpers.load_hf(path), folder, 8, ALL, seed=31, alpha=16.0)
+    llm = LLM(path, dtype="float32", kv_cache_memory=32 << 20, enable_lora=True, max_loras=1)
+    try:
+        tok = llm.get_tokenizer()
+        prompts = [tok.encode(p) for p in helpers.TEXT_PROMPTS[:2]]
+        base = _run(llm, prompts, None)
+        for prompt, out, plain in zip(prompts, _run(llm, prompts, LoRARequest("gemma-all8", 1, folder)), base):
+            reference, logits = helpers.hf_greedy(peft_model, prompt, 24)
+            assert out.outputs[0].token_ids == reference
+            helpers.check_logprobs(out.outputs[0], logits)
+            assert out.outputs[0].logprobs != plain.outputs[0].logprobs  # the adapter changes the model
+    finally:
+        llm.engine.shutdown()
