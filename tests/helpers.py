@@ -241,6 +241,59 @@ def write_llama_gguf(hf_dir: str, path: str, default_gguf: str, qtype) -> None:
     w.close()
 
 
+def write_gemma2_gguf(hf_dir: str, path: str) -> None:
+    """Writes a tiny HF Gemma 2 as llama.cpp's convert does (its names, norms stored as 1 + w,
+    the soft-caps and sliding window in the metadata; fp32 tensors). No tokenizer: load it with
+    `tokenizer=` (transformers' GGUF Gemma tokenizer expects a sentencepiece vocabulary)."""
+    import gguf
+    import numpy as np
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(hf_dir)
+    state = load_file(f"{hf_dir}/model.safetensors")
+    w = gguf.GGUFWriter(path, "gemma2")
+    w.add_name("tiny-gemma2")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_sliding_window(cfg.sliding_window)
+    w.add_float32("gemma2.attn_logit_softcapping", cfg.attn_logit_softcapping)
+    w.add_float32("gemma2.final_logit_softcapping", cfg.final_logit_softcapping)
+    w.add_uint32("gemma2.vocab_size", cfg.vocab_size)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    layer_names = {"input_layernorm.weight": "attn_norm", "post_attention_layernorm.weight": "post_attention_norm",
+                   "pre_feedforward_layernorm.weight": "ffn_norm",
+                   "post_feedforward_layernorm.weight": "post_ffw_norm",
+                   "self_attn.q_proj.weight": "attn_q", "self_attn.k_proj.weight": "attn_k",
+                   "self_attn.v_proj.weight": "attn_v", "self_attn.o_proj.weight": "attn_output",
+                   "mlp.gate_proj.weight": "ffn_gate", "mlp.up_proj.weight": "ffn_up",
+                   "mlp.down_proj.weight": "ffn_down"}
+    for name, tensor in state.items():
+        if name == "lm_head.weight":
+            continue  # tied
+        if name in names:
+            gname = names[name]
+        else:
+            _, _, layer, rest = name.split(".", 3)
+            gname = f"blk.{layer}.{layer_names[rest]}.weight"
+        data = tensor.float().numpy()
+        if name.endswith("norm.weight"):
+            data = data + 1  # llama.cpp's Gemma convert stores 1 + w
+        w.add_tensor(gname, data.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def llama3_rope_freqs(rope: dict, head_dim: int):
     """llama.cpp's convert_hf_to_gguf rule for `rope_freqs.weight` (LlamaModel.generate_extra_tensors):
     1 for short wavelengths, `factor` for long ones, the smooth blend's reciprocal in between."""

