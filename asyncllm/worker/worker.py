@@ -22,6 +22,7 @@ from asyncllm.model.layers.int4 import int4_max_rows
 from asyncllm.model.layers.linear import prepack_supported
 from asyncllm.model.layers.ops import Ops
 from asyncllm.model.loader import Checkpoint, load_checkpoint
+from asyncllm.model.layers.attention import FP8_KV_DTYPE
 from asyncllm.model.parallel import ParallelContext
 from asyncllm.model.registry import build_model
 from asyncllm.pooling.config import resolve_pooler
@@ -104,8 +105,6 @@ class Worker:
         # An encoder keeps no K/V: its blocks only count tokens for the scheduler.
         layers = 0 if model_cfg.is_encoder_only else model_cfg.num_layers
         kv_heads = ParallelContext(self.rank, self.world_size).local_kv_heads(model_cfg.num_kv_heads)
-        from asyncllm.model.layers.attention import FP8_KV_DTYPE
-
         kv_dtype = FP8_KV_DTYPE if args.kv_cache_dtype in ("fp8", "fp8_e4m3") else dtype
         self.spec = KVCacheSpec(layers, kv_heads, model_cfg.head_dim, args.block_size, kv_dtype)
         return WorkerInfo(self._num_blocks(self.spec, model_cfg.max_position_embeddings),
