@@ -105,3 +105,28 @@ def test_a_hung_rank_fails_the_engine_within_the_step_timeout(tiny_models):
         assert not any(_alive(p.pid) for p in executor.processes)
     finally:
         llm.engine.shutdown()
+
+
+def test_serve_with_tp_2_gives_the_one_rank_answers(tiny_models):
+    """`asyncllm serve MODEL -tp 2` behind the real openai client: the same greedy text as in process at TP=1."""
+    import openai
+
+    from server_helpers import start_cli_server, stop_process
+
+    path = tiny_models("Qwen3ForCausalLM")
+    proc, url = start_cli_server([path, "-tp", "2", "--dtype", "float32", "--no-kv-cache-prefault",
+                                  "--kv-cache-memory", str(16 << 20)])
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none")
+        model = client.models.list().data[0].id
+        served = [client.completions.create(model=model, prompt=p, max_tokens=12, temperature=0).choices[0].text
+                  for p in helpers.TEXT_PROMPTS[:3]]
+    finally:
+        stop_process(proc)
+    llm = LLM(path, dtype="float32", kv_cache_memory=16 << 20)
+    try:
+        local = [o.outputs[0].text for o in llm.generate(helpers.TEXT_PROMPTS[:3], SamplingParams(
+            max_tokens=12, temperature=0), use_tqdm=False)]
+    finally:
+        llm.engine.shutdown()
+    assert served == local and all(served)
