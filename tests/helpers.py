@@ -176,21 +176,16 @@ def llama_cpp_permute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
         weight.shape)
 
 
-def write_llama_gguf(hf_dir: str, path: str, default_gguf: str, qtype) -> None:
-    """Writes a tiny HF Llama as a llama.cpp-style GGUF (permuted Q/K, 2-D weights in `qtype`),
-    with the default model's tokenizer metadata so transformers can load it too."""
+def _gguf_writer(hf_dir: str, path: str, arch: str):
+    """A GGUFWriter for a tiny HF model with the hyper-parameters every architecture writes
+    → (writer, HF config, state dict)."""
     import gguf
-    import numpy as np
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
-    from asyncllm.model.gguf_file import GGUFFile
-
     cfg = AutoConfig.from_pretrained(hf_dir)
-    state = load_file(f"{hf_dir}/model.safetensors")
-    src = GGUFFile(default_gguf).metadata
-    w = gguf.GGUFWriter(path, "llama")
-    w.add_name("tiny-llama")
+    w = gguf.GGUFWriter(path, arch)
+    w.add_name(f"tiny-{arch}")
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -199,6 +194,19 @@ def write_llama_gguf(hf_dir: str, path: str, default_gguf: str, qtype) -> None:
     w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    return w, cfg, load_file(f"{hf_dir}/model.safetensors")
+
+
+def write_llama_gguf(hf_dir: str, path: str, default_gguf: str, qtype) -> None:
+    """Writes a tiny HF Llama as a llama.cpp-style GGUF (permuted Q/K, 2-D weights in `qtype`),
+    with the default model's tokenizer metadata so transformers can load it too."""
+    import gguf
+    import numpy as np
+
+    from asyncllm.model.gguf_file import GGUFFile
+
+    w, cfg, state = _gguf_writer(hf_dir, path, "llama")
+    src = GGUFFile(default_gguf).metadata
     w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(src["tokenizer.ggml.pre"])
@@ -245,25 +253,11 @@ def write_gemma2_gguf(hf_dir: str, path: str) -> None:
     """Writes a tiny HF Gemma 2 as llama.cpp's convert does (its names, norms stored as 1 + w,
     the soft-caps and sliding window in the metadata; fp32 tensors). No tokenizer: load it with
     `tokenizer=` (transformers' GGUF Gemma tokenizer expects a sentencepiece vocabulary)."""
-    import gguf
     import numpy as np
-    from safetensors.torch import load_file
-    from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(hf_dir)
-    state = load_file(f"{hf_dir}/model.safetensors")
-    w = gguf.GGUFWriter(path, "gemma2")
-    w.add_name("tiny-gemma2")
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
+    w, cfg, state = _gguf_writer(hf_dir, path, "gemma2")
     w.add_key_length(cfg.head_dim)
     w.add_value_length(cfg.head_dim)
-    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_sliding_window(cfg.sliding_window)
     w.add_float32("gemma2.attn_logit_softcapping", cfg.attn_logit_softcapping)
     w.add_float32("gemma2.final_logit_softcapping", cfg.final_logit_softcapping)
