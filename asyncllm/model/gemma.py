@@ -56,7 +56,7 @@ class GemmaForCausalLM(LlamaFamilyForCausalLM):
 
     def __init__(self, cfg: LlamaFamilyConfig, ctx: ModelContext = ModelContext()):
         super().__init__(cfg, ctx)
-        self.use_decode_stack = False
+        self.use_decode_stack = False  # the one-call C decoder has the Llama layer's shape
 
     def _make_layer(self, cfg: LlamaFamilyConfig, index: int) -> nn.Module:
         rotary = self.rotary
@@ -66,15 +66,6 @@ class GemmaForCausalLM(LlamaFamilyForCausalLM):
                                                     self.ctx.ops)
             rotary = self.local_rotary
         return GemmaDecoderLayer(cfg, rotary, self.ctx, index)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                meta: AttentionMetadata) -> torch.Tensor:
-        h = self.embed_tokens(input_ids)
-        h = h * torch.tensor(self.config.embedding_multiplier, dtype=h.dtype)
-        residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            h, residual = layer(h, residual, positions, kv_cache, meta)
-        return self.norm(h, residual)[0]
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

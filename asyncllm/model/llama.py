@@ -166,6 +166,8 @@ class LlamaFamilyForCausalLM(nn.Module):
             if self.decode_stack.takes(input_ids.shape[0], meta, kv_caches):
                 return self.decode_stack.forward(input_ids, positions, kv_caches, meta)
         h, residual = self.embed_tokens(input_ids), None
+        if self.config.embedding_multiplier is not None:  # Gemma: rounded to the weights' dtype, as transformers
+            h = h * torch.tensor(self.config.embedding_multiplier, dtype=h.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches):
             h, residual = layer(h, residual, positions, kv_cache, meta)
         return self.norm(h, residual)[0]

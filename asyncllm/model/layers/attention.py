@@ -77,11 +77,22 @@ class AttentionBackend(Protocol):
 FP8_KV_DTYPE = torch.float8_e4m3fn  # kv_cache_dtype="fp8": values saturate at +-448 (scale 1, as vLLM's default)
 
 
+def _as_stored(kv_cache: torch.Tensor) -> torch.Tensor:
+    """The cache as torch can copy and gather it: an fp8 cache as its bytes (torch has no fp8
+    index_copy_ or index_select)."""
+    return kv_cache.view(torch.uint8) if kv_cache.dtype == FP8_KV_DTYPE else kv_cache
+
+
+def _widened(gathered: torch.Tensor, kv_cache: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows gathered from `_as_stored(kv_cache)` as `dtype` (an fp8 cache's bytes widened)."""
+    return gathered.view(FP8_KV_DTYPE).to(dtype) if kv_cache.dtype == FP8_KV_DTYPE else gathered
+
+
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     if kv_cache.dtype == FP8_KV_DTYPE:  # torch has no fp8 index_copy_: move the bytes
-        k, v, kv_cache = k.to(FP8_KV_DTYPE).view(torch.uint8), v.to(FP8_KV_DTYPE).view(torch.uint8), \
-            kv_cache.view(torch.uint8)
+        k, v = k.to(FP8_KV_DTYPE).view(torch.uint8), v.to(FP8_KV_DTYPE).view(torch.uint8)
+    kv_cache = _as_stored(kv_cache)
     kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
     kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
 
@@ -143,11 +154,9 @@ class TorchAttentionBackend:
         heads repeated to the query heads: SDPA's fused CPU kernel refuses `enable_gqa` (and
         3-D inputs), and on its math path a 1024-token prefill took 1.94 s instead of 0.95 s.
         """
-        readable = kv_cache.view(torch.uint8) if kv_cache.dtype == FP8_KV_DTYPE else kv_cache
-        keys = readable[0][block_table]  # [..., nblk, bs, KVH, D]
-        values = readable[1][block_table]
-        if kv_cache.dtype == FP8_KV_DTYPE:
-            keys, values = keys.view(FP8_KV_DTYPE).to(dtype), values.view(FP8_KV_DTYPE).to(dtype)
+        readable = _as_stored(kv_cache)
+        keys = _widened(readable[0][block_table], kv_cache, dtype)  # [..., nblk, bs, KVH, D]
+        values = _widened(readable[1][block_table], kv_cache, dtype)
         shape = keys.shape[:-4] + (keys.shape[-4] * keys.shape[-3], self.num_kv_heads, self.head_dim)
         keys, values = keys.reshape(shape).transpose(-3, -2), values.reshape(shape).transpose(-3, -2)
         return self._expand_heads(keys), self._expand_heads(values)
@@ -169,11 +178,10 @@ class TorchAttentionBackend:
         group = heads // kvh
         seq = bias.shape[2]
         num_blocks = kv_cache.shape[1]
-        readable = kv_cache.view(torch.uint8) if kv_cache.dtype == FP8_KV_DTYPE else kv_cache
-        keys = readable[0].view(num_blocks, -1).index_select(0, blocks).view(nd, seq, kvh * dim)
-        values = readable[1].view(num_blocks, -1).index_select(0, blocks).view(nd, seq, kvh * dim)
-        if kv_cache.dtype == FP8_KV_DTYPE:
-            keys, values = keys.view(FP8_KV_DTYPE).to(q.dtype), values.view(FP8_KV_DTYPE).to(q.dtype)
+        readable = _as_stored(kv_cache)
+        keys = _widened(readable[0].view(num_blocks, -1).index_select(0, blocks), kv_cache, q.dtype)
+        values = _widened(readable[1].view(num_blocks, -1).index_select(0, blocks), kv_cache, q.dtype)
+        keys, values = keys.view(nd, seq, kvh * dim), values.view(nd, seq, kvh * dim)
         # q_diag[b, h, kvh(h) * D + d] = q[b, h, d], zeros elsewhere: [nd, H, KVH*D].
         q_diag = q.new_zeros(nd, kvh, group, kvh, dim)
         torch.diagonal(q_diag, dim1=1, dim2=3).copy_(q.view(nd, kvh, group, dim).permute(0, 2, 3, 1))
@@ -223,25 +231,25 @@ class TorchAttentionBackend:
         if q_len == seq_len and self.sliding_window is None:
             out = F.scaled_dot_product_attention(qh, keys, values, is_causal=True, scale=self.scale)
         else:
-            q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
-            k_pos = torch.arange(seq_len, device=q.device)[None, :]
-            mask = k_pos <= q_pos
-            if self.sliding_window is not None:
-                mask &= k_pos > q_pos - self.sliding_window
-            out = F.scaled_dot_product_attention(qh, keys, values, attn_mask=mask, scale=self.scale)
+            out = F.scaled_dot_product_attention(qh, keys, values, attn_mask=self._visible(q_len, seq_len, q.device),
+                                                 scale=self.scale)
         return out.transpose(1, 2)
+
+    def _visible(self, q_len: int, seq_len: int, device: torch.device) -> torch.Tensor:
+        """[q_len, seq_len] bool: which keys the last q_len of seq_len positions attend to (causal,
+        within the sliding window)."""
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=device)[:, None]
+        k_pos = torch.arange(seq_len, device=device)[None, :]
+        visible = k_pos <= q_pos
+        if self.sliding_window is not None:
+            visible &= k_pos > q_pos - self.sliding_window
+        return visible
 
     def _attend_capped(self, qh: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, seq_len: int) -> torch.Tensor:
         """Soft-capped attention as transformers' eager Gemma 2: qh [B, H, L, D] (the last L
         positions) over keys, values [B, H, seq_len, D] → [B, H, L, D]."""
-        q_len = qh.shape[2]
         scores = torch.matmul(qh, keys.transpose(-1, -2)) * self.scale
         scores = torch.tanh(scores / self.softcap) * self.softcap
-        q_pos = torch.arange(seq_len - q_len, seq_len, device=qh.device)[:, None]
-        k_pos = torch.arange(seq_len, device=qh.device)[None, :]
-        visible = k_pos <= q_pos
-        if self.sliding_window is not None:
-            visible &= k_pos > q_pos - self.sliding_window
-        scores = scores.masked_fill(~visible, float("-inf"))
+        scores = scores.masked_fill(~self._visible(qh.shape[2], seq_len, qh.device), float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(qh.dtype)
         return torch.matmul(probs, values)
