@@ -18,7 +18,8 @@ from asyncllm.tools.parsers import TOOL_PARSERS
 from asyncllm.tools.reasoning import REASONING_PARSERS
 
 _TYPES = {"int": int, "float": float, "str": str}
-_SHORT_FLAGS = {"tensor_parallel_size": ["-tp"]}  # vLLM's
+_SHORT_FLAGS = {"tensor_parallel_size": ["-tp"], "data_parallel_size": ["-dp"],
+                "pipeline_parallel_size": ["-pp"]}  # vLLM's
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:

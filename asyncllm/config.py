@@ -96,10 +96,12 @@ class EngineArgs:
     max_cpu_loras: int | None = _opt(None, "adapters kept loaded in host memory, least recently used dropped "
                                            "(default: max_loras)")
     distributed_executor_backend: str | None = _opt(
-        None, "where the model runs: uni (in the engine thread; the default) or mp (a worker process per "
-              "rank, steps sent as msgpack; a worker that dies fails every request with EngineDeadError); "
-              "tensor_parallel_size > 1 implies mp",
-        choices=["uni", "mp"])
+        None, "where the model runs: uni (in the engine thread; the default), mp (a worker process per "
+              "rank, steps sent as msgpack; a worker that dies fails every request with EngineDeadError; "
+              "tensor_parallel_size or data_parallel_size > 1 imply it) or ray (each rank a Ray actor in a "
+              "placement group of the Ray cluster that ray.init() finds or starts: RAY_ADDRESS, so the "
+              "ranks may span machines; needs the ray extra)",
+        choices=["uni", "mp", "ray"])
     kv_cache_dtype: str = _opt("auto", "the KV cache's element type: auto (the model's dtype) or fp8 (fp8_e4m3, "
                                        "scale 1: a quarter of fp32's bytes, half of bf16's; attention then runs on "
                                        "the torch ops, widening the cached keys and values)",
@@ -109,6 +111,13 @@ class EngineArgs:
                                                "EngineDeadError")
     tensor_parallel_size: int = _opt(1, "ranks the model is split over (vLLM's -tp): worker processes joined by "
                                         "torch.distributed (gloo on the CPU, NCCL on CUDA), each holding its shard")
+    pipeline_parallel_size: int = _opt(1, "stages the layers are split over (vLLM's -pp); only 1 so far: "
+                                          "pipeline parallelism is not built yet")
+    data_parallel_size: int = _opt(1, "engine replicas (vLLM's -dp), each with its own scheduler, KV cache and worker "
+                                      "process(es) (mp), behind one AsyncEngine / server; requests are routed by "
+                                      "load and prefix-cache affinity. The CPU's cores are split between them")
+    data_parallel_rank: int = _opt(0, "which replica this engine is (set by the data-parallel front; on CUDA it "
+                                      "picks the replica's devices)")
     chat_template: str | None = _opt(None, "Jinja chat template file overriding the tokenizer's")
     served_model_name: str | None = _opt(None, "model name reported by the API (default: the model's name)")
     max_n: int = _opt(16, "largest n (parallel samples) a request may ask for")
@@ -188,19 +197,29 @@ class EngineConfig:
             errors.append("grammar_compile_workers must be >= 1")
         if not args.grammar_compile_timeout > 0:
             errors.append("grammar_compile_timeout must be > 0 seconds")
-        if args.distributed_executor_backend not in (None, "uni", "mp"):
-            errors.append(f"distributed_executor_backend must be uni or mp, got {args.distributed_executor_backend!r}"
-                          + (" (ray is not supported yet)" if args.distributed_executor_backend == "ray" else ""))
+        if args.distributed_executor_backend not in (None, "uni", "mp", "ray"):
+            errors.append(f"distributed_executor_backend must be uni, mp or ray, got "
+                          f"{args.distributed_executor_backend!r}")
         if args.kv_cache_dtype not in ("auto", "fp8", "fp8_e4m3"):
             errors.append(f"kv_cache_dtype must be auto, fp8 or fp8_e4m3, got {args.kv_cache_dtype!r}")
         if not args.execute_model_timeout > 0:
             errors.append("execute_model_timeout must be > 0 seconds")
+        if args.pipeline_parallel_size != 1:
+            errors.append("pipeline_parallel_size must be 1: pipeline parallelism is not built yet (tensor_parallel_size "
+                          "splits a model over processes, data_parallel_size replicates it)")
+        if args.data_parallel_size < 1:
+            errors.append("data_parallel_size must be >= 1")
+        elif args.data_parallel_size > 1 and args.distributed_executor_backend == "uni":
+            errors.append("data_parallel_size > 1 runs each replica's model in worker processes: "
+                          "distributed_executor_backend must be mp, ray or unset")
+        if not 0 <= args.data_parallel_rank < max(1, args.data_parallel_size):
+            errors.append("data_parallel_rank must be in [0, data_parallel_size)")
         if args.tensor_parallel_size < 1:
             errors.append("tensor_parallel_size must be >= 1")
         elif args.tensor_parallel_size > 1:
             if args.distributed_executor_backend == "uni":
                 errors.append("tensor_parallel_size > 1 runs a worker process per rank: "
-                              "distributed_executor_backend must be mp (or unset)")
+                              "distributed_executor_backend must be mp, ray or unset")
             for flag in ("enable_lora", "quantized_weights_only"):
                 if getattr(args, flag):
                     errors.append(f"{flag} is not supported with tensor_parallel_size > 1 yet")

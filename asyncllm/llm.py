@@ -28,6 +28,9 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, **engine_args: Any):
+        if engine_args.get("data_parallel_size", 1) != 1:
+            raise ValueError("LLM drives one engine: data_parallel_size > 1 runs its replicas behind "
+                             "AsyncEngine.from_args(data_parallel_size=N) or `asyncllm serve MODEL -dp N`")
         self.engine = LLMEngine.from_engine_args(EngineArgs(model=model, **engine_args))
         self._counter = 0
 

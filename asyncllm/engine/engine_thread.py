@@ -79,6 +79,21 @@ class EngineThread:
     def started(self) -> bool:
         return self._thread.ident is not None
 
+    @property
+    def serving(self) -> bool:
+        """Can it take requests: its thread and its workers are alive (or not started yet)."""
+        try:
+            self.engine.core.executor.check_health()
+        except EngineDeadError:
+            return False
+        return self.dead_error is None and (self.is_alive or not self.started)
+
+    @property
+    def load(self) -> int:
+        """Sequences queued or running here (what a data-parallel front balances)."""
+        with self._cond:
+            return self._num_queued + self._max_num_seqs - self._free_slots
+
     def submit(self, prepared: PreparedRequest, stream: RequestStream) -> None:
         with self._cond:
             if self.dead_error is not None:

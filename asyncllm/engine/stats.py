@@ -14,6 +14,8 @@ class EngineSnapshot:
     num_waiting: int = 0
     kv_usage: float = 0.0
     prefix_cache_hit_rate: float = 0.0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache, and those found
+    prefix_cache_hits: int = 0
     prompt_tokens: int = 0
     generation_tokens: int = 0
     num_preemptions: int = 0
@@ -51,6 +53,7 @@ class StatsCollector:
             snap = self.snapshot
             snap.num_running, snap.num_waiting = st.num_running, st.num_waiting
             snap.kv_usage, snap.prefix_cache_hit_rate = st.kv_usage, st.prefix_cache_hit_rate
+            snap.prefix_cache_queries, snap.prefix_cache_hits = st.prefix_cache_queries, st.prefix_cache_hits
             snap.prompt_tokens, snap.generation_tokens = st.prompt_tokens_computed, st.generation_tokens
             snap.num_preemptions, snap.num_steps = st.num_preemptions, st.num_steps
             snap.spec_num_drafts, snap.spec_num_draft_tokens = st.spec_num_drafts, st.spec_num_draft_tokens

@@ -7,6 +7,7 @@ once a worker is gone; `on_death` callbacks let an idle engine learn it at once.
 """
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
@@ -15,7 +16,9 @@ from asyncllm.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from asyncllm.model.loader import Checkpoint
 from asyncllm.worker.worker import CacheConfig, WorkerInfo
 
-EXECUTOR_BACKENDS = ("uni", "mp")
+logger = logging.getLogger(__name__)
+
+EXECUTOR_BACKENDS = ("uni", "mp", "ray")
 
 
 class Executor(ABC):
@@ -43,18 +46,48 @@ class Executor(ABC):
         """Calls `callback(reason)` (from another thread) if a worker dies; in-process workers cannot."""
 
 
+class RemoteWorkersExecutor(Executor):
+    """Base of the executors whose workers live elsewhere (processes, Ray actors): the first death
+    reason is kept (every later call raises EngineDeadError with it) and told once to each callback."""
+
+    def __init__(self) -> None:
+        self._dead: str | None = None
+        self._callbacks: list[Callable[[str], None]] = []
+
+    def on_death(self, callback: Callable[[str], None]) -> None:
+        self._callbacks.append(callback)
+        if self._dead is not None:
+            callback(self._dead)
+
+    def _mark_dead(self, reason: str) -> None:
+        if self._dead is not None:
+            return
+        self._dead = reason
+        logger.error("%s", reason)
+        for callback in list(self._callbacks):
+            try:
+                callback(reason)
+            except Exception:  # noqa: BLE001 - a callback's failure must not hide the death
+                logger.exception("worker death callback failed")
+
+
 def create_executor(config: EngineConfig, checkpoint: Checkpoint) -> Executor:
-    backend = config.args.distributed_executor_backend or ("mp" if config.args.tensor_parallel_size > 1 else "uni")
+    args = config.args
+    backend = args.distributed_executor_backend or (
+        "mp" if args.tensor_parallel_size > 1 or args.data_parallel_size > 1 else "uni")
     if backend == "uni":
         from asyncllm.executor.uniproc import UniProcExecutor
 
         return UniProcExecutor(config, checkpoint)
-    if backend == "mp":
-        from asyncllm.executor.multiproc import MultiprocExecutor
+    if backend in ("mp", "ray"):
         from asyncllm.model.parallel import check_tensor_parallel
 
-        check_tensor_parallel(checkpoint.config, config.args.tensor_parallel_size)
+        check_tensor_parallel(checkpoint.config, args.tensor_parallel_size)
+        if backend == "ray":
+            from asyncllm.executor.ray_executor import RayExecutor
+
+            return RayExecutor(config)
+        from asyncllm.executor.multiproc import MultiprocExecutor
 
         return MultiprocExecutor(config)
-    raise ValueError(f"distributed_executor_backend must be one of {', '.join(EXECUTOR_BACKENDS)} "
-                     f"(ray comes with distributed inference); got {backend!r}")
+    raise ValueError(f"distributed_executor_backend must be one of {', '.join(EXECUTOR_BACKENDS)}; got {backend!r}")

@@ -15,7 +15,6 @@ the engine's: every rank gathers the whole vocabulary's logits and samples them 
 """
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import socket
@@ -24,25 +23,34 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 from asyncllm.config import EngineConfig
 from asyncllm.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from asyncllm.errors import EngineDeadError
 from asyncllm.executor import wire
-from asyncllm.executor.abstract import Executor
+from asyncllm.executor.abstract import RemoteWorkersExecutor
 from asyncllm.worker.worker import CacheConfig, WorkerInfo
-
-logger = logging.getLogger(__name__)
 
 
 class WorkerError(RuntimeError):
     """The worker raised while handling a call (its traceback is in the message)."""
 
 
-class MultiprocExecutor(Executor):
+def first_reply(method: bytes, replies: list[bytes]) -> bytes:
+    """Every rank's `ok\n<body>` → rank 0's body (the others compute the same outputs); a rank's
+    `error\n<traceback>` raises WorkerError."""
+    for rank, reply in enumerate(replies):
+        status, _, body = reply.partition(b"\n")
+        if status != b"ok":
+            where = "the worker process" if len(replies) == 1 else f"the worker process of rank {rank}"
+            raise WorkerError(f"{where} failed in {method.decode()}: {body.decode(errors='replace')}")
+    return replies[0].partition(b"\n")[2]
+
+
+class MultiprocExecutor(RemoteWorkersExecutor):
     def __init__(self, config: EngineConfig):
+        super().__init__()
         world_size = config.args.tensor_parallel_size
         self._rendezvous_dir = tempfile.mkdtemp(prefix="asyncllm-tp-") if world_size > 1 else None
         self.processes: list[subprocess.Popen] = []
@@ -60,9 +68,7 @@ class MultiprocExecutor(Executor):
         self.process = self.processes[0]  # rank 0: its outputs are the engine's
         self._step_timeout = config.args.execute_model_timeout
         self._lock = threading.Lock()  # one call on the channels at a time
-        self._dead: str | None = None
         self._closing = False
-        self._callbacks: list[Callable[[str], None]] = []
         self._watchers = [threading.Thread(target=self._watch, args=(process,), name="asyncllm-worker-watch",
                                            daemon=True) for process in self.processes]
         for watcher in self._watchers:
@@ -90,11 +96,6 @@ class MultiprocExecutor(Executor):
         for process in self.processes:
             if process.poll() is not None:
                 raise EngineDeadError(self._death_reason(process))
-
-    def on_death(self, callback: Callable[[str], None]) -> None:
-        self._callbacks.append(callback)
-        if self._dead is not None:
-            callback(self._dead)
 
     def shutdown(self) -> None:
         if self._closing:
@@ -149,12 +150,7 @@ class MultiprocExecutor(Executor):
                     dead.wait(timeout=5)
                 self._mark_dead(self._death_reason(dead))
                 raise EngineDeadError(self._dead) from exc
-        for rank, reply in enumerate(replies):
-            status, _, body = reply.partition(b"\n")
-            if status != b"ok":
-                where = "the worker process" if len(replies) == 1 else f"the worker process of rank {rank}"
-                raise WorkerError(f"{where} failed in {method.decode()}: {body.decode(errors='replace')}")
-        return replies[0].partition(b"\n")[2]
+        return first_reply(method, replies)
 
     # ------------------------------------------------------------------ death
 
@@ -175,14 +171,3 @@ class MultiprocExecutor(Executor):
         for process in self.processes:
             if process.poll() is None:
                 process.kill()  # by its own pid (a stopped process dies of SIGKILL too)
-
-    def _mark_dead(self, reason: str) -> None:
-        if self._dead is not None:
-            return
-        self._dead = reason
-        logger.error("%s", reason)
-        for callback in list(self._callbacks):
-            try:
-                callback(reason)
-            except Exception:  # noqa: BLE001 - a callback's failure must not hide the death
-                logger.exception("worker death callback failed")

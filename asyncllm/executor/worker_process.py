@@ -30,9 +30,10 @@ def _die_with_parent(parent: int, interval: float = 0.25) -> None:
     threading.Thread(target=watch, name="asyncllm-parent-watch", daemon=True).start()
 
 
-def join_group(rank: int, world_size: int, rendezvous: str, backend: str):
-    """Joins the tensor-parallel group; → the shared-memory collectives of this host's ranks (None
-    where they do not apply: NCCL, not x86-64, or ASYNCLLM_SHM_COLLECTIVES=0)."""
+def join_group(rank: int, world_size: int, init_method: str, backend: str, shm_dir: str | None):
+    """Joins the tensor-parallel group at `init_method` (file:// or tcp://); → the shared-memory
+    collectives of the ranks (None where they do not apply: no `shm_dir` as the ranks are not on
+    one host, NCCL, not x86-64, or ASYNCLLM_SHM_COLLECTIVES=0)."""
     import torch
     import torch.distributed as dist
 
@@ -40,12 +41,11 @@ def join_group(rank: int, world_size: int, rendezvous: str, backend: str):
 
     if backend == "nccl":
         torch.cuda.set_device(rank)
-    dist.init_process_group(backend, init_method=f"file://{rendezvous}", rank=rank, world_size=world_size)
-    # Each rank computes its shard with its own threads: split the cores rather than oversubscribe.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    if backend != "gloo" or not shm_supported() or os.environ.get("ASYNCLLM_SHM_COLLECTIVES") == "0":
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
+    if (shm_dir is None or backend != "gloo" or not shm_supported()
+            or os.environ.get("ASYNCLLM_SHM_COLLECTIVES") == "0"):
         return None
-    path = shm_path(os.path.dirname(rendezvous))
+    path = shm_path(shm_dir)
 
     def agreed(ok: bool) -> bool:  # every rank's answer: all ranks use shared memory, or none does
         flag = torch.tensor([0 if ok else 1])
@@ -72,13 +72,65 @@ def join_group(rank: int, world_size: int, rendezvous: str, backend: str):
     return shm
 
 
-def serve(conn: Connection, rank: int = 0, world_size: int = 1, shm=None) -> None:
-    from asyncllm.config import EngineArgs
-    from asyncllm.core.sched_output import SchedulerOutput
-    from asyncllm.executor import wire
-    from asyncllm.worker.worker import CacheConfig, Worker
+def _place(args, rank: int) -> None:
+    """Each rank of each data-parallel replica computes with its own threads: the host's cores are
+    split between them rather than oversubscribed (the C kernels follow torch's thread count). On
+    CUDA, replica r's ranks take devices r * tp + rank (before anything touches the device)."""
+    import torch
 
-    worker: Worker | None = None
+    processes = args.tensor_parallel_size * args.data_parallel_size
+    if processes > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes))
+    if args.device != "cpu" and args.data_parallel_size > 1 and torch.cuda.is_available():
+        torch.cuda.set_device(args.data_parallel_rank * args.tensor_parallel_size + rank)
+
+
+class WorkerCalls:
+    """The calls a worker answers, whatever carries them (a socket here, a Ray actor's method call):
+    `handle(method, body)` → `ok\n<msgpack>` or `error\n<traceback>`."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1, shm=None):
+        self.rank, self.world_size, self.shm = rank, world_size, shm
+        self.worker = None
+
+    def handle(self, method: bytes, body: bytes) -> bytes:
+        try:
+            return b"ok\n" + self._run(method, body)
+        except Exception:  # noqa: BLE001 - reported to the engine, which decides
+            return b"error\n" + traceback.format_exc().encode()
+
+    def _run(self, method: bytes, body: bytes) -> bytes:
+        from asyncllm.config import EngineArgs
+        from asyncllm.core.sched_output import SchedulerOutput
+        from asyncllm.executor import wire
+        from asyncllm.worker.worker import CacheConfig, Worker
+
+        if method == b"execute":
+            started = time.perf_counter()
+            output = self.worker.execute(wire.decode(body, SchedulerOutput))
+            output.worker_seconds = time.perf_counter() - started
+            return wire.encode(output)
+        if method == b"config":
+            args = wire.decode(body, EngineArgs)
+            _place(args, self.rank)
+            self.worker = Worker(args.create_engine_config(), rank=self.rank, world_size=self.world_size,
+                                 shm=self.shm)
+            return b""
+        if method == b"load":
+            return wire.encode(self.worker.load_model())
+        if method == b"init_cache":
+            self.worker.init_cache(wire.decode(body, CacheConfig))
+            return b""
+        raise ValueError(f"unknown call {method!r}")
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.shutdown()
+            self.worker = None
+
+
+def serve(conn: Connection, rank: int = 0, world_size: int = 1, shm=None) -> None:
+    calls = WorkerCalls(rank, world_size, shm)
     while True:
         try:
             message = conn.recv_bytes()
@@ -87,29 +139,8 @@ def serve(conn: Connection, rank: int = 0, world_size: int = 1, shm=None) -> Non
         method, _, body = message.partition(b"\n")
         if method == b"shutdown":
             break
-        try:
-            if method == b"execute":
-                started = time.perf_counter()
-                output = worker.execute(wire.decode(body, SchedulerOutput))
-                output.worker_seconds = time.perf_counter() - started
-                reply = wire.encode(output)
-            elif method == b"config":
-                worker = Worker(wire.decode(body, EngineArgs).create_engine_config(), rank=rank,
-                                world_size=world_size, shm=shm)
-                reply = b""
-            elif method == b"load":
-                reply = wire.encode(worker.load_model())
-            elif method == b"init_cache":
-                worker.init_cache(wire.decode(body, CacheConfig))
-                reply = b""
-            else:
-                raise ValueError(f"unknown call {method!r}")
-        except Exception:  # noqa: BLE001 - reported to the engine, which decides
-            conn.send_bytes(b"error\n" + traceback.format_exc().encode())
-            continue
-        conn.send_bytes(b"ok\n" + reply)
-    if worker is not None:
-        worker.shutdown()
+        conn.send_bytes(calls.handle(method, body))
+    calls.close()
 
 
 def main() -> None:
@@ -117,7 +148,9 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s worker %(levelname)s %(name)s: %(message)s")
     conn = Connection(int(sys.argv[1]))
     rank, world_size = (int(sys.argv[2]), int(sys.argv[3])) if len(sys.argv) > 3 else (0, 1)
-    shm = join_group(rank, world_size, sys.argv[4], sys.argv[5]) if world_size > 1 else None
+    rendezvous = sys.argv[4] if world_size > 1 else ""
+    shm = join_group(rank, world_size, f"file://{rendezvous}", sys.argv[5],
+                     os.path.dirname(rendezvous)) if world_size > 1 else None
     serve(conn, rank, world_size, shm)
     conn.close()
 

@@ -27,6 +27,8 @@ class _EngineCollector:
             ("asyncllm_kv_cache_usage_ratio", "Fraction of KV cache blocks in use", snap.kv_usage),
             ("asyncllm_prefix_cache_hit_ratio", "Prompt tokens served from the prefix cache", snap.prefix_cache_hit_rate),
             ("asyncllm_engine_healthy", "1 while the engine can serve", 1.0 if self.engine.is_healthy else 0.0),
+            ("asyncllm_engine_replicas_serving", "Data-parallel replicas that can serve (1 without data "
+             "parallelism)", sum(self.engine.replicas_serving)),
             ("asyncllm_spec_decode_mean_acceptance_length", "Speculative decoding: tokens per verification "
              "(1 + accepted proposals per draft)", 1 + snap.spec_num_accepted_tokens / max(1, snap.spec_num_drafts)),
         ]:

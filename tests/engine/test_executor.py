@@ -160,5 +160,5 @@ def test_serve_with_the_mp_backend_gives_the_same_greedy_tokens(default_llm):
 
 
 def test_unknown_executor_backend_is_refused():
-    with pytest.raises(ValueError, match="ray is not supported yet"):
-        LLM(distributed_executor_backend="ray")
+    with pytest.raises(ValueError, match="distributed_executor_backend must be uni, mp or ray, got 'dask'"):
+        LLM(distributed_executor_backend="dask")
