@@ -111,8 +111,9 @@ class EngineArgs:
                                                "EngineDeadError")
     tensor_parallel_size: int = _opt(1, "ranks the model is split over (vLLM's -tp): worker processes joined by "
                                         "torch.distributed (gloo on the CPU, NCCL on CUDA), each holding its shard")
-    pipeline_parallel_size: int = _opt(1, "stages the layers are split over (vLLM's -pp); only 1 so far: "
-                                          "pipeline parallelism is not built yet")
+    pipeline_parallel_size: int = _opt(1, "stages the layers are split over (vLLM's -pp): a worker process per "
+                                          "stage, hidden states sent point to point between them (one batch in "
+                                          "flight); decoder models of the Llama family, tensor_parallel_size 1")
     data_parallel_size: int = _opt(1, "engine replicas (vLLM's -dp), each with its own scheduler, KV cache and worker "
                                       "process(es) (mp), behind one AsyncEngine / server; requests are routed by "
                                       "load and prefix-cache affinity. The CPU's cores are split between them")
@@ -204,9 +205,18 @@ class EngineConfig:
             errors.append(f"kv_cache_dtype must be auto, fp8 or fp8_e4m3, got {args.kv_cache_dtype!r}")
         if not args.execute_model_timeout > 0:
             errors.append("execute_model_timeout must be > 0 seconds")
-        if args.pipeline_parallel_size != 1:
-            errors.append("pipeline_parallel_size must be 1: pipeline parallelism is not built yet (tensor_parallel_size "
-                          "splits a model over processes, data_parallel_size replicates it)")
+        if args.pipeline_parallel_size < 1:
+            errors.append("pipeline_parallel_size must be >= 1")
+        elif args.pipeline_parallel_size > 1:
+            if args.distributed_executor_backend == "uni":
+                errors.append("pipeline_parallel_size > 1 runs a worker process per stage: "
+                              "distributed_executor_backend must be mp, ray or unset")
+            if args.tensor_parallel_size > 1:
+                errors.append("pipeline_parallel_size > 1 with tensor_parallel_size > 1 is not supported yet "
+                              "(use one of them)")
+            for flag in ("enable_lora", "quantized_weights_only"):
+                if getattr(args, flag):
+                    errors.append(f"{flag} is not supported with pipeline_parallel_size > 1 yet")
         if args.data_parallel_size < 1:
             errors.append("data_parallel_size must be >= 1")
         elif args.data_parallel_size > 1 and args.distributed_executor_backend == "uni":

@@ -104,3 +104,14 @@ def test_tp_collectives_benchmark_runs_its_two_ranks(tmp_path, monkeypatch):
     assert set(result["collective_us"]) == {f"{c}: {what}" for c in ("gloo", "shm")
                                            for what, _ in _load("tp_collectives").SIZES}
     assert all(v > 0 for v in result["collective_us"].values())
+
+
+def test_parallelism_benchmark_runs(tmp_path, monkeypatch):
+    """The pipeline split (the data split differs only in the option it sets)."""
+    common = _load("common")
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    result = _load("parallelism").main(["--split", "pipeline", "--rounds", "1", "--num-prompts", "4",
+                                        "--input-len", "16", "--output-len", "4"])
+    assert [r["pipeline_parallel_size"] for r in result["rows"]] == [1, 2]
+    assert all(r["output tok/s"] > 0 and r["single stream tok/s"] > 0 for r in result["rows"])
+    assert (tmp_path / "pipeline_parallel.json").exists()

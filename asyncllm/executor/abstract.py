@@ -74,15 +74,16 @@ class RemoteWorkersExecutor(Executor):
 def create_executor(config: EngineConfig, checkpoint: Checkpoint) -> Executor:
     args = config.args
     backend = args.distributed_executor_backend or (
-        "mp" if args.tensor_parallel_size > 1 or args.data_parallel_size > 1 else "uni")
+        "mp" if max(args.tensor_parallel_size, args.pipeline_parallel_size, args.data_parallel_size) > 1 else "uni")
     if backend == "uni":
         from asyncllm.executor.uniproc import UniProcExecutor
 
         return UniProcExecutor(config, checkpoint)
     if backend in ("mp", "ray"):
-        from asyncllm.model.parallel import check_tensor_parallel
+        from asyncllm.model.parallel import check_pipeline_parallel, check_tensor_parallel
 
         check_tensor_parallel(checkpoint.config, args.tensor_parallel_size)
+        check_pipeline_parallel(checkpoint.config, args)
         if backend == "ray":
             from asyncllm.executor.ray_executor import RayExecutor
 

@@ -37,21 +37,27 @@ class WorkerError(RuntimeError):
     """The worker raised while handling a call (its traceback is in the message)."""
 
 
-def first_reply(method: bytes, replies: list[bytes]) -> bytes:
-    """Every rank's `ok\n<body>` → rank 0's body (the others compute the same outputs); a rank's
-    `error\n<traceback>` raises WorkerError."""
+def reply_bodies(method: bytes, replies: list[bytes]) -> list[bytes]:
+    """Every rank's `ok\n<body>` → the bodies, by rank; a rank's `error\n<traceback>` raises WorkerError."""
     for rank, reply in enumerate(replies):
         status, _, body = reply.partition(b"\n")
         if status != b"ok":
             where = "the worker process" if len(replies) == 1 else f"the worker process of rank {rank}"
             raise WorkerError(f"{where} failed in {method.decode()}: {body.decode(errors='replace')}")
-    return replies[0].partition(b"\n")[2]
+    return [reply.partition(b"\n")[2] for reply in replies]
+
+
+def smallest(infos: list[WorkerInfo]) -> WorkerInfo:
+    """The ranks' load reports → the engine's: the fewest KV blocks any rank holds (pipeline stages
+    with fewer layers hold more), the slowest load."""
+    fewest = min(infos, key=lambda info: info.num_blocks)
+    return WorkerInfo(fewest.num_blocks, fewest.dtype, max(info.load_seconds for info in infos))
 
 
 class MultiprocExecutor(RemoteWorkersExecutor):
     def __init__(self, config: EngineConfig):
         super().__init__()
-        world_size = config.args.tensor_parallel_size
+        world_size = config.args.tensor_parallel_size * config.args.pipeline_parallel_size
         self._rendezvous_dir = tempfile.mkdtemp(prefix="asyncllm-tp-") if world_size > 1 else None
         self.processes: list[subprocess.Popen] = []
         self._conns: list[Connection] = []
@@ -82,13 +88,14 @@ class MultiprocExecutor(RemoteWorkersExecutor):
     # ------------------------------------------------------------------ calls
 
     def initialize(self) -> WorkerInfo:
-        return wire.decode(self._call(b"load"), WorkerInfo)
+        return smallest([wire.decode(body, WorkerInfo) for body in self._call(b"load")])
 
     def init_cache(self, cache: CacheConfig) -> None:
         self._call(b"init_cache", wire.encode(cache))
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        return wire.decode(self._call(b"execute", wire.encode(sched), self._step_timeout), ModelRunnerOutput)
+        # The last rank's: the last pipeline stage samples (tensor-parallel ranks all sample alike).
+        return wire.decode(self._call(b"execute", wire.encode(sched), self._step_timeout)[-1], ModelRunnerOutput)
 
     def check_health(self) -> None:
         if self._dead is not None:
@@ -124,7 +131,7 @@ class MultiprocExecutor(RemoteWorkersExecutor):
                 os.unlink(path)
             shutil.rmtree(self._rendezvous_dir, ignore_errors=True)
 
-    def _call(self, method: bytes, payload: bytes = b"", timeout: float | None = None) -> bytes:
+    def _call(self, method: bytes, payload: bytes = b"", timeout: float | None = None) -> list[bytes]:
         """Sends the call to every rank (they run it together: collectives inside), then reads every
         reply; → rank 0's body (the others compute the same outputs). A rank that has not answered
         within `timeout` seconds is deemed hung (e.g. stopped): every rank is stopped, the engine dies."""
@@ -150,7 +157,7 @@ class MultiprocExecutor(RemoteWorkersExecutor):
                     dead.wait(timeout=5)
                 self._mark_dead(self._death_reason(dead))
                 raise EngineDeadError(self._dead) from exc
-        return first_reply(method, replies)
+        return reply_bodies(method, replies)
 
     # ------------------------------------------------------------------ death
 

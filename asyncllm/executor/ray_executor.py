@@ -22,7 +22,7 @@ from asyncllm.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from asyncllm.errors import EngineDeadError
 from asyncllm.executor import wire
 from asyncllm.executor.abstract import RemoteWorkersExecutor
-from asyncllm.executor.multiproc import first_reply
+from asyncllm.executor.multiproc import reply_bodies, smallest
 from asyncllm.worker.worker import CacheConfig, WorkerInfo
 
 PLACEMENT_TIMEOUT_S = 60.0
@@ -83,7 +83,7 @@ class RayExecutor(RemoteWorkersExecutor):
 
         if not ray.is_initialized():
             ray.init(ignore_reinit_error=True, include_dashboard=False)  # RAY_ADDRESS or a local cluster
-        world_size = config.args.tensor_parallel_size
+        world_size = config.args.tensor_parallel_size * config.args.pipeline_parallel_size
         gpu = config.device.type == "cuda"
         bundle = {"GPU": 1, "CPU": 1} if gpu else {"CPU": 1}
         self._group = placement_group([bundle] * world_size, strategy="PACK")
@@ -123,19 +123,20 @@ class RayExecutor(RemoteWorkersExecutor):
     # ------------------------------------------------------------------ calls
 
     def initialize(self) -> WorkerInfo:
-        return wire.decode(self._call(b"load"), WorkerInfo)
+        return smallest([wire.decode(body, WorkerInfo) for body in self._call(b"load")])
 
     def init_cache(self, cache: CacheConfig) -> None:
         self._call(b"init_cache", wire.encode(cache))
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        return wire.decode(self._call(b"execute", wire.encode(sched), self._step_timeout), ModelRunnerOutput)
+        # The last rank's: the last pipeline stage samples (tensor-parallel ranks all sample alike).
+        return wire.decode(self._call(b"execute", wire.encode(sched), self._step_timeout)[-1], ModelRunnerOutput)
 
     def check_health(self) -> None:
         if self._dead is not None:
             raise EngineDeadError(self._dead)
 
-    def _call(self, method: bytes, payload: bytes = b"", timeout: float | None = None) -> bytes:
+    def _call(self, method: bytes, payload: bytes = b"", timeout: float | None = None) -> list[bytes]:
         ray = self._ray
         with self._lock:
             if self._dead is not None:
@@ -152,7 +153,7 @@ class RayExecutor(RemoteWorkersExecutor):
                 self._mark_dead(f"a Ray worker actor died: {exc}")
                 self._kill_all()
                 raise EngineDeadError(self._dead) from exc
-        return first_reply(method, replies)
+        return reply_bodies(method, replies)
 
     # ------------------------------------------------------------------ death and shutdown
 

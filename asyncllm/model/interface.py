@@ -14,13 +14,14 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from asyncllm.model.layers.ops import TORCH_OPS, Ops
-from asyncllm.model.parallel import SINGLE, ParallelContext
+from asyncllm.model.parallel import SINGLE, SINGLE_STAGE, ParallelContext, PipelineContext
 
 
 @dataclass(frozen=True)
 class ModelContext:
     ops: Ops = TORCH_OPS
     parallel: ParallelContext = field(default=SINGLE)
+    pipeline: PipelineContext = field(default=SINGLE_STAGE)
 
 
 @runtime_checkable

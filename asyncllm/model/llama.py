@@ -120,6 +120,10 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
+class MissingLayer(nn.Module):
+    """Where another pipeline stage holds the layer: no weights, never called."""
+
+
 class LlamaFamilyForCausalLM(nn.Module):
     # transformers names of the projections we fuse: fused name → [(part name, index)]
     _FUSED = {
@@ -137,10 +141,17 @@ class LlamaFamilyForCausalLM(nn.Module):
         # One cos/sin table shared by every layer.
         rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, ops)
         self.rotary = rotary
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, parallel)
-        self.layers = nn.ModuleList(self._make_layer(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
-        self.lm_head = None if cfg.tie_word_embeddings else ParallelLMHead(cfg.hidden_size, cfg.vocab_size, parallel)
+        # A pipeline stage holds its layers only (the others are empty placeholders, so names keep
+        # their indices); the embedding where tokens enter (and the last stage, whose logits read a
+        # tied one), the norm and the logits projection where they leave.
+        pipeline = ctx.pipeline
+        self.embed_tokens = (VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, parallel)
+                             if pipeline.is_first or (pipeline.is_last and cfg.tie_word_embeddings) else None)
+        self.layers = nn.ModuleList(self._make_layer(cfg, i) if pipeline.owns(i) else MissingLayer()
+                                    for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops) if pipeline.is_last else None
+        self.lm_head = (ParallelLMHead(cfg.hidden_size, cfg.vocab_size, parallel)
+                        if pipeline.is_last and not cfg.tie_word_embeddings else None)
         self.logits_linear = PackedLinear(ops)
         # quantization with the C kernels: an 8-bit copy of the logits weight for decode steps of
         # up to logits_quant_max_rows rows (quantize).
@@ -150,27 +161,40 @@ class LlamaFamilyForCausalLM(nn.Module):
         # forward, once load-time changes (4-bit copies) are done.
         self.decode_stack: CpuDecodeStack | None = None
         # The C decoder's layers are dense and whole (no all-reduce inside its one call).
-        self.use_decode_stack = ops.c_kernels and cfg.moe is None and parallel.is_single
+        self.use_decode_stack = ops.c_kernels and cfg.moe is None and parallel.is_single and pipeline.is_single
         self.lora_batch = None  # the step's adapters once the worker enables LoRA (asyncllm/lora/layers.py)
 
     def _make_layer(self, cfg: LlamaFamilyConfig, index: int) -> nn.Module:
         return LlamaDecoderLayer(cfg, self.rotary, self.ctx, index)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                meta: AttentionMetadata) -> torch.Tensor:
-        """→ final hidden states [T, hidden]."""
+                meta: AttentionMetadata) -> torch.Tensor | None:
+        """→ final hidden states [T, hidden] (None on a pipeline stage before the last: it sends its
+        layers' output on). `kv_caches` are this stage's layers'."""
         # The one-call decoder adds the step's LoRA products too (decode_stack_impl.h, lora_for).
         if self.use_decode_stack:
             if self.decode_stack is None:
                 self.decode_stack = CpuDecodeStack(self)
             if self.decode_stack.takes(input_ids.shape[0], meta, kv_caches):
                 return self.decode_stack.forward(input_ids, positions, kv_caches, meta)
-        h, residual = self.embed_tokens(input_ids), None
-        if self.config.embedding_multiplier is not None:  # Gemma: rounded to the weights' dtype, as transformers
-            h = h * torch.tensor(self.config.embedding_multiplier, dtype=h.dtype)
-        for layer, kv_cache in zip(self.layers, kv_caches):
+        pipeline = self.ctx.pipeline
+        if pipeline.is_first:
+            h, residual = self.embed_tokens(input_ids), None
+            if self.config.embedding_multiplier is not None:  # Gemma: rounded to the weights' dtype, as transformers
+                h = h * torch.tensor(self.config.embedding_multiplier, dtype=h.dtype)
+        else:
+            h, residual = pipeline.recv(input_ids.shape[0], self.config.hidden_size, self.dtype, input_ids.device)
+        layers = self.layers if pipeline.is_single else self.layers[pipeline.first_layer:pipeline.end_layer]
+        for layer, kv_cache in zip(layers, kv_caches):
             h, residual = layer(h, residual, positions, kv_cache, meta)
+        if not pipeline.is_last:
+            pipeline.send(h, h if residual is None else residual)
+            return None
         return self.norm(h, residual)[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
 
     @property
     def logits_weight(self) -> torch.Tensor:
@@ -209,7 +233,8 @@ class LlamaFamilyForCausalLM(nn.Module):
         """Packed copies of every projection and of the logits weight (see layers/linear.py)."""
         for projection in self.projections():
             projection.pack()
-        self.logits_linear.pack(self.logits_weight)
+        if self.ctx.pipeline.is_last:  # the stage that computes logits
+            self.logits_linear.pack(self.logits_weight)
 
     def quantize(self, bits: int, int4_rows: int) -> tuple[int, int]:
         """`bits`-bit copies of the projections whose shape the layouts take (whole groups of 32
@@ -221,6 +246,8 @@ class LlamaFamilyForCausalLM(nn.Module):
         fitting = [p for p in projections if int4_shape_supported(p.out_features, p.in_features)]
         for projection in fitting:
             projection.quantize(bits, int4_rows)
+        if not self.ctx.pipeline.is_last:  # no logits on this stage
+            return len(fitting), len(projections) - len(fitting)
         logits = self.logits_weight
         rows = block_quant.logits_block_rows(logits, self.ctx.ops, bits)
         if rows:
@@ -249,7 +276,10 @@ class LlamaFamilyForCausalLM(nn.Module):
         part_offsets = self._fused_offsets()
         loaded: set[str] = set()
         for name, tensor in self._split_fused_checkpoint_tensors(weights):
-            name = self._model_name(name.removeprefix("model."))
+            name = name.removeprefix("model.")
+            if not self._on_this_stage(name):
+                continue  # another pipeline stage's layer, embedding or head
+            name = self._model_name(name)
             if name is None:
                 continue  # an expert of another rank
             if name == "lm_head.weight" and self.lm_head is None:
@@ -281,6 +311,15 @@ class LlamaFamilyForCausalLM(nn.Module):
         missing = expected - loaded
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {sorted(missing)[:4]}")
+
+    def _on_this_stage(self, name: str) -> bool:
+        """Does a checkpoint tensor belong to this pipeline stage's part of the model?"""
+        if name.startswith("layers."):
+            return self.ctx.pipeline.owns(int(name.split(".", 2)[1]))
+        module = name.split(".", 1)[0]
+        if module in ("embed_tokens", "norm", "lm_head"):
+            return getattr(self, module) is not None or (module == "lm_head" and self.ctx.pipeline.is_last)
+        return True
 
     _MIXTRAL_EXPERT_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 

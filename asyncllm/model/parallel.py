@@ -101,3 +101,82 @@ def check_tensor_parallel(config, world_size: int) -> None:
         group.local_kv_heads(config.num_kv_heads)
     except ValueError as exc:
         raise ValueError(f"{config.architecture} cannot run with tensor_parallel_size={world_size}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class PipelineContext:
+    """A rank's stage of a pipeline-parallel group: layers [first_layer, end_layer) of the model;
+    the first stage embeds, the last one normalises, computes logits and samples. Between stages
+    the step's hidden states and residual cross point to point (torch.distributed send / recv), and
+    the last stage hands every stage the tokens it sampled (broadcast), so their input batches
+    advance alike. At one stage it is the whole model and nothing is sent."""
+
+    stage: int = 0
+    num_stages: int = 1
+    first_layer: int = 0
+    end_layer: int = 0
+
+    @staticmethod
+    def of(stage: int, num_stages: int, num_layers: int) -> "PipelineContext":
+        """Stage `stage`'s even share of `num_layers` (earlier stages take one fewer when uneven)."""
+        if num_layers < num_stages:
+            raise ValueError(f"{num_layers} layers cannot split over {num_stages} pipeline stages")
+        return PipelineContext(stage, num_stages, stage * num_layers // num_stages,
+                               (stage + 1) * num_layers // num_stages)
+
+    @property
+    def is_single(self) -> bool:
+        return self.num_stages == 1
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage == self.num_stages - 1
+
+    def owns(self, layer: int) -> bool:
+        return self.is_single or self.first_layer <= layer < self.end_layer
+
+    def send(self, hidden: torch.Tensor, residual: torch.Tensor) -> None:
+        """To the next stage: the hidden states and residual of every token of the step."""
+        torch.distributed.send(torch.stack((hidden, residual)).contiguous(), self.stage + 1)
+
+    def recv(self, num_tokens: int, hidden_size: int, dtype: torch.dtype,
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        both = torch.empty((2, num_tokens, hidden_size), dtype=dtype, device=device)
+        torch.distributed.recv(both, self.stage - 1)
+        return both[0], both[1]
+
+    def share_sampled(self, tokens: list[list[int]] | None, lengths_bound: list[int]) -> list[list[int]]:
+        """The last stage's sampled tokens (one list per sampling request, at most `lengths_bound[i]`
+        each: every stage knows the bound from the step) → every stage; one broadcast."""
+        size = len(lengths_bound) + sum(lengths_bound)
+        buffer = torch.zeros(size, dtype=torch.long)
+        if self.is_last:
+            buffer[:len(tokens)] = torch.tensor([len(t) for t in tokens], dtype=torch.long)
+            flat = [token for t in tokens for token in t]
+            buffer[len(tokens):len(tokens) + len(flat)] = torch.tensor(flat, dtype=torch.long)
+        torch.distributed.broadcast(buffer, self.num_stages - 1)
+        if self.is_last:
+            return tokens
+        values = buffer.tolist()
+        lengths, out, at = values[:len(lengths_bound)], [], len(lengths_bound)
+        for n in lengths:
+            out.append(values[at:at + n])
+            at += n
+        return out
+
+
+SINGLE_STAGE = PipelineContext()
+
+
+def check_pipeline_parallel(config, args) -> None:
+    """Refuses, before any worker starts, what pipeline parallelism does not run."""
+    stages = args.pipeline_parallel_size
+    if stages == 1:
+        return
+    if getattr(config, "is_encoder_only", False) or not hasattr(config, "num_layers"):
+        raise ValueError(f"pipeline_parallel_size > 1 is not supported for {config.architecture}")
+    PipelineContext.of(0, stages, config.num_layers)

@@ -26,6 +26,7 @@ from asyncllm.core.sched_output import (
 )
 from asyncllm.lora.manager import LoRAManager
 from asyncllm.model.layers.attention import AttentionMetadata
+from asyncllm.model.parallel import SINGLE_STAGE
 from asyncllm.outputs import TokenLogprobs
 from asyncllm.pooling.pooler import Pooler
 from asyncllm.sampling.sampler import Sampler, prompt_logprobs_for
@@ -94,6 +95,8 @@ class ModelRunner:
         self.sampler = Sampler(seed, device)
         self.pooler = pooler
         self.lora = lora
+        ctx = getattr(model, "ctx", None)
+        self.pipeline = ctx.pipeline if ctx is not None else SINGLE_STAGE
 
     def release(self) -> None:
         self.kv_caches = []
@@ -105,6 +108,9 @@ class ModelRunner:
         if not items:
             return ModelRunnerOutput()
         masks = _grammar_masks(sched.grammar)
+        if not self.pipeline.is_single:
+            # Every stage must run the same batches: a failure is the engine's, not one request's.
+            return self._run(items, masks)
         try:
             return self._run(items, masks)
         except Exception:  # noqa: BLE001 - isolated below, request by request
@@ -148,15 +154,18 @@ class ModelRunner:
         hidden = self.model(flat.input_ids.to(dev), flat.positions.to(dev), self.kv_caches, meta)
 
         result = ModelRunnerOutput()
-        self._prompt_logprobs(items, hidden, query_start, result)
-        self._pool(items, hidden, query_start, result)
+        if hidden is not None:  # None: a pipeline stage before the last (it sent its output on)
+            self._prompt_logprobs(items, hidden, query_start, result)
+            self._pool(items, hidden, query_start, result)
         # Logits rows: a sampling request's last row, and before it one per proposed token.
         rows: list[int] = []
         step = StepRows()
         grammar_rows, grammar_masks = [], []
+        sampling: list[tuple[CachedRequestState, ScheduledRequest]] = []
         for i, (state, item) in enumerate(items):
             if not item.samples or state.pooling is not None:
                 continue
+            sampling.append((state, item))
             k = len(item.spec_token_ids)
             if item.req_id in masks:
                 grammar_rows.append(len(rows))
@@ -167,38 +176,45 @@ class ModelRunner:
                 step.draft_prefix.append(item.spec_token_ids[:j])
         if not rows:
             return result
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=dev)])
-        sampling = self.batch.sampling_metadata(step)
-        if grammar_rows:
-            sampling.grammar_rows = grammar_rows
-            sampling.grammar_bitmask = torch.stack(grammar_masks)
-        sampled = self.sampler(logits, sampling)
+        if hidden is not None:
+            self._sample(sampling, hidden[torch.tensor(rows, device=dev)], step, grammar_rows, grammar_masks,
+                         result)
+        accepted = result.sampled_token_ids
+        if not self.pipeline.is_single:  # every stage's batch advances by the last stage's tokens
+            accepted = self.pipeline.share_sampled(accepted if hidden is not None else None,
+                                                   [len(item.spec_token_ids) + 1 for _, item in sampling])
+        # Nothing is appended before the whole batch has sampled.
+        for (state, _), tokens in zip(sampling, accepted):
+            self.batch.append_tokens(state, tokens)
+        return result
 
-        # Verify, then commit (nothing is appended before the whole batch has sampled).
+    def _sample(self, sampling: list[tuple[CachedRequestState, ScheduledRequest]], hidden_rows: torch.Tensor,
+                step: StepRows, grammar_rows: list[int], grammar_masks: list[torch.Tensor],
+                result: ModelRunnerOutput) -> None:
+        """Samples every logits row, then keeps each request's longest run of proposed tokens the
+        samples agree with (+ the next sample) in `result`, in `sampling`'s order."""
+        logits = self.model.compute_logits(hidden_rows)
+        metadata = self.batch.sampling_metadata(step)
+        if grammar_rows:
+            metadata.grammar_rows = grammar_rows
+            metadata.grammar_bitmask = torch.stack(grammar_masks)
+        sampled = self.sampler(logits, metadata)
         row = 0
-        commits: list[tuple[CachedRequestState, list[int]]] = []
-        for state, item in items:
-            if not item.samples or state.pooling is not None:
-                continue
+        for state, item in sampling:
             drafts = item.spec_token_ids
             targets = sampled.token_ids[row:row + len(drafts) + 1]
             accepted = 0
             while accepted < len(drafts) and targets[accepted] == drafts[accepted]:
                 accepted += 1
-            tokens = targets[:accepted + 1]
             if accepted < len(drafts) and row + accepted in sampled.generator_states:
                 # The rejected rows' draws never happened for this seeded stream.
                 state.generator.set_state(sampled.generator_states[row + accepted])
             result.req_ids.append(item.req_id)
-            result.sampled_token_ids.append(tokens)
-            commits.append((state, tokens))
+            result.sampled_token_ids.append(targets[:accepted + 1])
             logprobs = sampled.logprobs[row:row + accepted + 1]
             if logprobs[0] is not None:
                 result.logprobs[item.req_id] = logprobs
             row += len(drafts) + 1
-        for state, tokens in commits:
-            self.batch.append_tokens(state, tokens)
-        return result
 
     def _pool(self, items: list[tuple[CachedRequestState, ScheduledRequest]], hidden: torch.Tensor,
               query_start: list[int], result: ModelRunnerOutput) -> None:

@@ -23,7 +23,7 @@ from asyncllm.model.layers.linear import prepack_supported
 from asyncllm.model.layers.ops import Ops
 from asyncllm.model.loader import Checkpoint, load_checkpoint
 from asyncllm.model.layers.attention import FP8_KV_DTYPE
-from asyncllm.model.parallel import ParallelContext
+from asyncllm.model.parallel import SINGLE_STAGE, ParallelContext, PipelineContext
 from asyncllm.model.registry import build_model
 from asyncllm.pooling.config import resolve_pooler
 from asyncllm.pooling.pooler import Pooler
@@ -78,7 +78,7 @@ class Worker:
         dtype = (torch.float32 if args.quantized_weights_only and config.dtype_request == "auto"
                  else resolve_dtype(config.dtype_request, config.device))
         model = build_model(model_cfg, dtype, config.device,
-                            ModelContext(Ops(config.kernels), ParallelContext(self.rank, self.world_size, self.shm)))
+                            ModelContext(Ops(config.kernels), self.tensor_parallel, self._pipeline(model_cfg)))
         model.load_weights(checkpoint.weights(dtype))
         if args.cpu_weight_prepack and prepack_supported(config.device, dtype):
             model.prepack_weights()
@@ -103,12 +103,26 @@ class Worker:
                                             model_cfg.is_encoder_only).pooling_type)
         self._checkpoint = None  # the weights stream is spent; the engine keeps its own checkpoint
         # An encoder keeps no K/V: its blocks only count tokens for the scheduler.
-        layers = 0 if model_cfg.is_encoder_only else model_cfg.num_layers
-        kv_heads = ParallelContext(self.rank, self.world_size).local_kv_heads(model_cfg.num_kv_heads)
+        pipeline = model.ctx.pipeline if hasattr(model, "ctx") else SINGLE_STAGE
+        layers = 0 if model_cfg.is_encoder_only else (
+            model_cfg.num_layers if pipeline.is_single else pipeline.end_layer - pipeline.first_layer)
+        kv_heads = self.tensor_parallel.local_kv_heads(model_cfg.num_kv_heads)
         kv_dtype = FP8_KV_DTYPE if args.kv_cache_dtype in ("fp8", "fp8_e4m3") else dtype
         self.spec = KVCacheSpec(layers, kv_heads, model_cfg.head_dim, args.block_size, kv_dtype)
         return WorkerInfo(self._num_blocks(self.spec, model_cfg.max_position_embeddings),
                           str(dtype).removeprefix("torch."), time.perf_counter() - started)
+
+    @property
+    def tensor_parallel(self) -> ParallelContext:
+        """This rank's place in its tensor-parallel group (ranks are stage-major: rank = stage * tp + i)."""
+        tp = self.world_size // self.config.args.pipeline_parallel_size
+        return ParallelContext(self.rank % tp, tp, self.shm if tp > 1 else None)
+
+    def _pipeline(self, model_cfg) -> PipelineContext:
+        stages = self.config.args.pipeline_parallel_size
+        if stages == 1:
+            return SINGLE_STAGE
+        return PipelineContext.of(self.rank // (self.world_size // stages), stages, model_cfg.num_layers)
 
     def init_cache(self, cache: CacheConfig) -> None:
         args = self.config.args

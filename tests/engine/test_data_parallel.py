@@ -61,8 +61,6 @@ def test_llm_refuses_data_parallel_with_a_message(tiny_models):
     with pytest.raises(ValueError, match="data_parallel_size > 1 runs each replica's model in worker processes"):
         AsyncEngine.from_args(model=tiny_models("LlamaForCausalLM"), data_parallel_size=2,
                               distributed_executor_backend="uni")
-    with pytest.raises(ValueError, match="pipeline parallelism is not built yet"):
-        LLM(tiny_models("LlamaForCausalLM"), pipeline_parallel_size=2)
     with pytest.raises(ValueError, match="data_parallel_size must be >= 1"):
         AsyncEngine.from_args(model=tiny_models("LlamaForCausalLM"), data_parallel_size=0)
 

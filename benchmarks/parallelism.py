@@ -1,9 +1,10 @@
-"""Data parallelism: W1-shaped offline throughput (N prompts of 128 tokens, 128 greedy tokens each,
-all submitted at once through AsyncEngine) with one engine against `data_parallel_size` replicas,
-every engine's model in worker processes (mp), alternating rounds in one run; the same tokens are
-checked. On a host of C cores each of the D replicas computes with C / D threads.
+"""Data or pipeline parallelism against one engine: W1-shaped offline throughput (N prompts of 128
+tokens, 128 greedy tokens each, all submitted at once through AsyncEngine) and a single stream,
+with `--split data` (D replicas; on a host of C cores each computes with C / D threads) or
+`--split pipeline` (the layers over S stage processes, one batch in flight); every engine's model
+in worker processes (mp), alternating rounds in one run; the same tokens are checked.
 
-    python benchmarks/data_parallel.py [--dtype float32] [--dp 2] [--rounds 3]
+    python benchmarks/parallelism.py [--split data|pipeline] [--size 2] [--dtype float32] [--rounds 3]
 """
 from __future__ import annotations
 
@@ -34,40 +35,46 @@ async def run_all(engine, prompts: list[list[int]], output_len: int) -> tuple[fl
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--dp", type=int, default=2)
+    parser.add_argument("--split", choices=["data", "pipeline"], default="data")
+    parser.add_argument("--size", type=int, default=2)
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     add_variant_args(parser)
-    parser.add_argument("--output", default="data_parallel")
+    parser.add_argument("--output", default=None, help="default: data_parallel / pipeline_parallel")
     args = parser.parse_args(argv)
+    option = f"{args.split}_parallel_size"
+    args.output = args.output or f"{args.split}_parallel"
     from asyncllm import AsyncEngine
 
-    sizes = (1, args.dp)
+    sizes = (1, args.size)
     throughput: dict[int, list[float]] = {d: [] for d in sizes}
+    single: dict[int, list[float]] = {d: [] for d in sizes}
     ttft: dict[int, list[float]] = {d: [] for d in sizes}
     tokens: dict[int, list[list[int]]] = {}
     for _ in range(args.rounds):
-        for dp in sizes:
-            engine = AsyncEngine.from_args(data_parallel_size=dp, distributed_executor_backend="mp",
+        for size in sizes:
+            engine = AsyncEngine.from_args(distributed_executor_backend="mp", **{option: size},
                                            **engine_variant(args))
             try:
                 prompts = pydoc_prompts(engine.tokenizer, args.num_prompts, args.input_len)
                 asyncio.run(run_all(engine, prompts[:2], 8))  # warm-up: kernels, pages
+                single[size].append(asyncio.run(run_all(engine, prompts[:1], args.output_len))[0])
                 tps, first, out = asyncio.run(run_all(engine, prompts, args.output_len))
             finally:
                 engine.shutdown()
-            throughput[dp].append(tps)
-            ttft[dp].append(first)
-            tokens[dp] = out
-    same = sum(a == b for a, b in zip(tokens[1], tokens[args.dp]))
-    rows = [{"replicas": dp, "output tok/s": statistics.median(throughput[dp]),
-             "TTFT p50 (s)": statistics.median(ttft[dp]),
-             "vs 1": statistics.median(throughput[dp]) / statistics.median(throughput[1])} for dp in sizes]
-    publish(f"data parallel, {args.num_prompts} x ({args.input_len} in, {args.output_len} out) "
+            throughput[size].append(tps)
+            ttft[size].append(first)
+            tokens[size] = out
+    same = sum(a == b for a, b in zip(tokens[1], tokens[args.size]))
+    rows = [{option: size, "output tok/s": statistics.median(throughput[size]),
+             "TTFT p50 (s)": statistics.median(ttft[size]),
+             "vs 1": statistics.median(throughput[size]) / statistics.median(throughput[1]),
+             "single stream tok/s": statistics.median(single[size])} for size in sizes]
+    publish(f"{args.split} parallel, {args.num_prompts} x ({args.input_len} in, {args.output_len} out) "
             f"({variant_name(args)}, median of {args.rounds} rounds; {same}/{len(tokens[1])} outputs equal)",
-            rows, args.output, {"args": vars(args), "rows": rows, "throughput": throughput, "ttft": ttft,
-                                "equal_outputs": same})
+            rows, args.output, {"args": vars(args), "rows": rows, "throughput": throughput, "single": single,
+                                "ttft": ttft, "equal_outputs": same})
     return {"rows": rows}
 
 

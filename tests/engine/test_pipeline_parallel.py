@@ -1,0 +1,129 @@
+"""Pipeline parallelism over 2 (and 3) CPU processes: each stage holds its layers and their KV cache
+only, the hidden states and residual cross point to point, the last stage samples and hands the
+tokens back to every stage: greedy ids equal to transformers, logprobs close, as with one stage."""
+import os
+import signal
+import time
+
+import pytest
+
+import helpers
+from asyncllm import LLM, EngineDeadError, SamplingParams
+from server_helpers import pid_alive
+
+pytestmark = pytest.mark.timeout(300)
+
+ARGS = dict(dtype="float32", kv_cache_memory=16 << 20)
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Gemma3ForCausalLM", "Qwen2MoeForCausalLM"])
+def test_two_stages_match_transformers(arch, tiny_models):
+    path = tiny_models(arch)
+    llm = LLM(path, pipeline_parallel_size=2, max_num_batched_tokens=20, **ARGS)
+    executor = llm.engine.core.executor
+    try:
+        assert len(executor.processes) == 2 and all(pid_alive(p.pid) for p in executor.processes)
+        # Chunked prompts sharing steps with decodes and a prefix-cache hit, through both stages.
+        helpers.check_mixed_steps_match_transformers(llm, helpers.load_hf(path))
+    finally:
+        llm.engine.shutdown()
+    assert not any(pid_alive(p.pid) for p in executor.processes)
+
+
+def test_three_uneven_stages_hold_only_their_layers(tmp_path, tokenizer_dir):
+    """5 layers over 3 stages (1, 2, 2): each stage's KV cache has its layers only, so with the same
+    memory per process the engine takes the fewest blocks any stage holds; tokens as transformers."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(5)
+    config = LlamaConfig(**{**helpers.TINY_COMMON, "num_hidden_layers": 5}, architectures=["LlamaForCausalLM"])
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if os.path.exists(os.path.join(tokenizer_dir, name)):
+            shutil.copy(os.path.join(tokenizer_dir, name), tmp_path)
+    args = {**ARGS, "kv_cache_memory": 4 << 20}
+    one = LLM(str(tmp_path), **args)
+    blocks_one_stage = one.engine.core.load_report.num_blocks
+    one.engine.shutdown()
+    llm = LLM(str(tmp_path), pipeline_parallel_size=3, max_num_batched_tokens=20, **args)
+    try:
+        # The stages of 2 layers hold 5/2 as many blocks as the whole model in the same memory.
+        assert 2.45 < llm.engine.core.load_report.num_blocks / blocks_one_stage < 2.55
+        helpers.check_mixed_steps_match_transformers(llm, helpers.load_hf(str(tmp_path)), max_tokens=12)
+    finally:
+        llm.engine.shutdown()
+
+
+def test_speculative_decoding_over_stages_gives_plain_decodings_tokens(tiny_models):
+    """Accepted runs of proposed tokens reach the first stage too (its next inputs)."""
+    path = tiny_models("Qwen3ForCausalLM")
+    prompts = [{"prompt_token_ids": [5, 6, 7, 8] * 6}, {"prompt_token_ids": list(range(40, 70))}]
+    params = SamplingParams(max_tokens=24, temperature=0)
+    plain = LLM(path, **ARGS)
+    try:
+        want = [list(o.outputs[0].token_ids) for o in plain.generate(prompts, params, use_tqdm=False)]
+    finally:
+        plain.engine.shutdown()
+    llm = LLM(path, pipeline_parallel_size=2, speculative_config={"method": "ngram", "num_speculative_tokens": 3},
+              **ARGS)
+    try:
+        got = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+        assert llm.engine.core.num_draft_tokens > 0
+    finally:
+        llm.engine.shutdown()
+    assert got == want
+
+
+def test_what_pipeline_parallel_does_not_run_is_refused(tiny_models):
+    with pytest.raises(ValueError, match="2 layers cannot split over 3 pipeline stages"):
+        LLM(tiny_models("LlamaForCausalLM"), pipeline_parallel_size=3, **ARGS)
+    with pytest.raises(ValueError, match="with tensor_parallel_size > 1 is not supported yet"):
+        LLM(tiny_models("LlamaForCausalLM"), pipeline_parallel_size=2, tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="enable_lora is not supported with pipeline_parallel_size > 1"):
+        LLM(tiny_models("LlamaForCausalLM"), pipeline_parallel_size=2, enable_lora=True)
+    with pytest.raises(ValueError, match="pipeline_parallel_size must be >= 1"):
+        LLM(tiny_models("LlamaForCausalLM"), pipeline_parallel_size=0)
+
+
+def test_a_dead_stage_stops_the_other_and_the_engine(tiny_models):
+    llm = LLM(tiny_models("LlamaForCausalLM"), pipeline_parallel_size=2, **ARGS)
+    executor = llm.engine.core.executor
+    try:
+        assert llm.generate(["Hello"], SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
+        os.kill(executor.processes[0].pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while pid_alive(executor.processes[1].pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not pid_alive(executor.processes[1].pid)
+        with pytest.raises(EngineDeadError):
+            llm.generate(["Hello"], SamplingParams(max_tokens=2), use_tqdm=False)
+    finally:
+        llm.engine.shutdown()
+
+
+def test_serve_with_pp_2_gives_the_one_stage_answers(tiny_models):
+    """`asyncllm serve MODEL -pp 2` behind the real openai client."""
+    import openai
+
+    from server_helpers import start_cli_server, stop_process
+
+    path = tiny_models("Qwen3ForCausalLM")
+    proc, url = start_cli_server([path, "-pp", "2", "--dtype", "float32", "--no-kv-cache-prefault",
+                                  "--kv-cache-memory", str(16 << 20)])
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none")
+        model = client.models.list().data[0].id
+        served = [client.completions.create(model=model, prompt=p, max_tokens=12, temperature=0).choices[0].text
+                  for p in helpers.TEXT_PROMPTS[:3]]
+    finally:
+        stop_process(proc)
+    llm = LLM(path, **ARGS)
+    try:
+        local = [o.outputs[0].text for o in llm.generate(helpers.TEXT_PROMPTS[:3], SamplingParams(
+            max_tokens=12, temperature=0), use_tqdm=False)]
+    finally:
+        llm.engine.shutdown()
+    assert served == local and all(served)
