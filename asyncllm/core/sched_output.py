@@ -47,6 +47,9 @@ class ScheduledRequest:
     num_new_tokens: int  # tokens this step computes: [start, start + num_new_tokens), spec tokens included
     spec_token_ids: list[int] = field(default_factory=list)  # proposed tokens to verify (the last ones computed)
     samples: bool = True  # this step reaches the request's last known token, so it samples
+    # Pipeline parallel: the request's tokens sampled since the stages before the last (which do
+    # not sample) last saw it; they append them before the step.
+    new_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass

@@ -56,6 +56,7 @@ class SchedulerConfig:
     speculative_disable_acceptance_rate: float | None = None  # pause a request's proposals below this rate
     pooling_uses_cache: bool = True  # False when the pooler reads every prompt position (MEAN, CLS)
     max_loras: int = 0  # most distinct LoRA adapters among running requests (0: LoRA off)
+    max_in_flight: int = 1  # batches in flight at once (pipeline parallel: one per stage)
 
 
 class Scheduler:
@@ -71,6 +72,10 @@ class Scheduler:
         self._preempted_ids: list[str] = []
         self.requests: dict[str, Request] = {}
         self._acceptance: dict[str, AcceptanceGate] = {}  # by request id, once it has proposed
+        # Several batches in flight (pipeline parallel): the requests of the batches not yet back,
+        # which wait for their tokens, and how many output tokens the workers were sent of each.
+        self.in_flight: set[str] = set()
+        self._sent_tokens: dict[str, int] = {}
         self.waiting: list[tuple[tuple, Request]] = []  # sorted by (priority, arrival, seq)
         self.running: list[Request] = []
         self._seq = itertools.count()
@@ -120,6 +125,7 @@ class Scheduler:
         if self.proposer is not None:
             self.proposer.finished(request)
         self._acceptance.pop(request.request_id, None)
+        self._sent_tokens.pop(request.request_id, None)
         self.requests.pop(request.request_id, None)
         if self._sent_blocks.pop(request.request_id, None) is not None or request.request_id in self._resumed:
             self._finished_ids.append(request.request_id)
@@ -133,10 +139,16 @@ class Scheduler:
         scheduled_set: set[str] = set()
         preempted: list[str] = []
 
-        # Running requests: decodes (one known token left to compute) before prompt chunks.
-        order = sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1)
+        # Running requests: decodes (one known token left to compute) before prompt chunks; none
+        # whose previous step is still in flight (pipeline parallel: its next token is unknown).
+        in_flight = self.in_flight
+        order = sorted((r for r in self.running if r.request_id not in in_flight),
+                       key=lambda r: r.num_tokens - r.num_computed_tokens > 1)
+        # Several batches in flight share the requests: each takes its share of them.
+        max_seqs = self.config.max_num_seqs if self.config.max_in_flight == 1 else max(
+            1, -(-(len(self.running) + len(self.waiting)) // self.config.max_in_flight))
         for request in order:
-            if budget == 0:
+            if budget == 0 or len(scheduled) >= max_seqs:
                 break
             if request.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
@@ -144,7 +156,7 @@ class Scheduler:
             request.spec_token_ids = self._propose(request, num_new, budget)
             num_new += len(request.spec_token_ids)
             while not self.kv.allocate_slots(request, num_new):
-                victim = self._pick_victim(exclude=scheduled_set)
+                victim = self._pick_victim(exclude=scheduled_set | in_flight)
                 self._preempt(victim)
                 preempted.append(victim.request_id)
                 if victim is request:
@@ -157,7 +169,7 @@ class Scheduler:
         # Waiting requests, while there is budget and room; none after a preemption (no room).
         position = 0
         while (position < len(self.waiting) and budget > 0 and not preempted
-               and len(self.running) < self.config.max_num_seqs):
+               and len(self.running) < self.config.max_num_seqs and len(scheduled) < max_seqs):
             request = self.waiting[position][1]
             if request.grammar is not None and request.grammar.guide is None:
                 position += 1  # its grammar is still compiling: the others go ahead
@@ -193,6 +205,8 @@ class Scheduler:
         out = SchedulerOutput(scheduled, self.config.max_num_batched_tokens - budget)
         if scheduled:  # otherwise the diffs wait for the next step that runs
             self._add_worker_diffs(out)
+        if self.config.max_in_flight > 1:
+            in_flight.update(s.req_id for s in scheduled)
         return out
 
     def _adapter_fits(self, request: Request) -> bool:
@@ -248,6 +262,11 @@ class Scheduler:
             elif len(block_ids) > sent:  # a decode within its last block sends nothing
                 out.cached_requests.append(CachedRequestData(rid, block_ids[sent:]))
             self._sent_blocks[rid] = len(block_ids)
+            if self.config.max_in_flight > 1:  # pipeline stages before the last learn the sampled tokens here
+                seen = self._sent_tokens.get(rid)
+                if seen is not None:
+                    item.new_token_ids = request.output_token_ids[seen:]
+                self._sent_tokens[rid] = len(request.output_token_ids)
 
     def _pick_victim(self, exclude: set[str]) -> Request:
         """Lowest priority (largest value), then newest, among running requests not yet scheduled."""
@@ -270,6 +289,7 @@ class Scheduler:
     # ------------------------------------------------------------------ update
 
     def update_from_output(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        self.in_flight.difference_update(item.req_id for item in sched.scheduled)
         sampled = dict(zip(result.req_ids, result.sampled_token_ids))
         outputs = []
         for item in sched.scheduled:

@@ -8,6 +8,7 @@ OutputProcessor above it.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from asyncllm.core.sched_output import EngineCoreOutput, GrammarOutput, Schedule
 from asyncllm.core.scheduler import Proposer, Scheduler, SchedulerConfig
 from asyncllm.errors import PromptTooLongError
 from asyncllm.executor import Executor, create_executor
+from asyncllm.executor.abstract import PendingStep
 from asyncllm.model.loader import Checkpoint, load_checkpoint
 from asyncllm.pooling.config import resolve_pooler
 from asyncllm.request import Request, RequestStatus
@@ -125,8 +127,12 @@ class EngineCore:
                             config.speculative.disable_by_batch_size if config.speculative is not None else None,
                             config.speculative.disable_by_acceptance_rate if config.speculative is not None else None,
                             pooling_uses_cache=not self.pooler_config.needs_every_position,
-                            max_loras=args.max_loras if args.enable_lora else 0),
+                            max_loras=args.max_loras if args.enable_lora else 0,
+                            max_in_flight=args.pipeline_parallel_size),
             self.kv, proposer)
+        # Pipeline parallel: up to one batch per stage in flight, so the stages overlap.
+        self.max_in_flight = args.pipeline_parallel_size
+        self._in_flight: collections.deque[tuple[SchedulerOutput, int, PendingStep]] = collections.deque()
         self.num_steps = 0
         self.prompt_tokens_computed = 0
         self.generation_tokens = 0
@@ -159,15 +165,21 @@ class EngineCore:
     # ------------------------------------------------------------------ step
 
     def step(self) -> list[EngineCoreOutput]:
+        """Schedules and runs a batch; with several in flight (pipeline parallel), fills the queue
+        with batches of requests that are not in flight, then finishes the oldest."""
         grammar_errors = self._check_grammars()
-        sched = self.scheduler.schedule()
-        if sched.is_empty:
+        while len(self._in_flight) < self.max_in_flight:
+            sched = self.scheduler.schedule()
+            if sched.is_empty:
+                break
+            sched.grammar = self._grammar_bitmask(sched)
+            self._in_flight.append((sched, self._prompt_tokens(sched), self.executor.execute_async(sched)))
+        if not self._in_flight:
             if not grammar_errors:
                 self._wait_for_grammars()
             return grammar_errors
-        sched.grammar = self._grammar_bitmask(sched)
-        prompt_tokens = self._prompt_tokens(sched)
-        result = self.executor.execute(sched)
+        sched, prompt_tokens, pending = self._in_flight.popleft()
+        result = pending.result()
         errors = [self._fail(request_id, WorkerRequestError(message)) for request_id, message in result.failed.items()]
         outputs = self.scheduler.update_from_output(sched, result) + errors + grammar_errors
         self.num_steps += 1

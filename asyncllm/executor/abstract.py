@@ -34,6 +34,11 @@ class Executor(ABC):
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         ...
 
+    def execute_async(self, sched: SchedulerOutput) -> "PendingStep":
+        """Starts the step; its result() waits for it. Steps finish in the order they started
+        (pipeline parallel keeps several in flight). Here: run now."""
+        return PendingStep(self.execute(sched))
+
     @abstractmethod
     def check_health(self) -> None:
         """Raises EngineDeadError when a worker has died."""
@@ -44,6 +49,19 @@ class Executor(ABC):
 
     def on_death(self, callback: Callable[[str], None]) -> None:
         """Calls `callback(reason)` (from another thread) if a worker dies; in-process workers cannot."""
+
+
+class PendingStep:
+    """A started step: `result()` → its ModelRunnerOutput (waiting for it if needed)."""
+
+    def __init__(self, output: ModelRunnerOutput | None = None,
+                 wait: Callable[[], ModelRunnerOutput] | None = None):
+        self._output, self._wait = output, wait
+
+    def result(self) -> ModelRunnerOutput:
+        if self._output is None:
+            self._output = self._wait()
+        return self._output
 
 
 class RemoteWorkersExecutor(Executor):

@@ -8,10 +8,13 @@ as msgpack (msgspec, typed dataclasses; no pickle). A worker that dies is notice
 a pending step sees EOF, and a watcher thread (waiting on the process) tells the engine
 even when it is idle. The worker exits when its parent process is gone, and on EOF.
 
-With `tensor_parallel_size` N, N such processes join one torch.distributed group (gloo on the
-CPU, NCCL on CUDA; rendezvous through a file in a private temporary folder); each step goes to
-every rank, which run it together (the collectives are inside the model), and rank 0's output is
-the engine's: every rank gathers the whole vocabulary's logits and samples them alike.
+With `tensor_parallel_size` × `pipeline_parallel_size` N > 1, N such processes join one
+torch.distributed group (gloo on the CPU, NCCL on CUDA; rendezvous through a file in a private
+temporary folder); each step goes to every rank, which run it together (the collectives and the
+stages' sends are inside the model), and the last rank's output is the engine's: the last
+pipeline stage samples, and tensor-parallel ranks all gather the whole vocabulary's logits and
+sample them alike. Steps may be sent before the previous ones are read (pipeline stages overlap);
+each channel answers in order.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from asyncllm.config import EngineConfig
 from asyncllm.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from asyncllm.errors import EngineDeadError
 from asyncllm.executor import wire
-from asyncllm.executor.abstract import RemoteWorkersExecutor
+from asyncllm.executor.abstract import PendingStep, RemoteWorkersExecutor
 from asyncllm.worker.worker import CacheConfig, WorkerInfo
 
 
@@ -71,7 +74,7 @@ class MultiprocExecutor(RemoteWorkersExecutor):
             theirs.close()  # only the worker holds its end: its death is our EOF
             self._conns.append(Connection(os.dup(ours.fileno())))
             ours.close()
-        self.process = self.processes[0]  # rank 0: its outputs are the engine's
+        self.process = self.processes[0]
         self._step_timeout = config.args.execute_model_timeout
         self._lock = threading.Lock()  # one call on the channels at a time
         self._closing = False
@@ -94,8 +97,15 @@ class MultiprocExecutor(RemoteWorkersExecutor):
         self._call(b"init_cache", wire.encode(cache))
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        # The last rank's: the last pipeline stage samples (tensor-parallel ranks all sample alike).
-        return wire.decode(self._call(b"execute", wire.encode(sched), self._step_timeout)[-1], ModelRunnerOutput)
+        return self.execute_async(sched).result()
+
+    def execute_async(self, sched: SchedulerOutput) -> PendingStep:
+        """Sent now; the replies are read by result(), in the order the steps were sent. The last
+        rank's output is the engine's: the last pipeline stage samples (tensor-parallel ranks all
+        sample alike)."""
+        self._send(b"execute", wire.encode(sched))
+        return PendingStep(wait=lambda: wire.decode(self._collect(b"execute", self._step_timeout)[-1],
+                                                    ModelRunnerOutput))
 
     def check_health(self) -> None:
         if self._dead is not None:
@@ -133,16 +143,29 @@ class MultiprocExecutor(RemoteWorkersExecutor):
 
     def _call(self, method: bytes, payload: bytes = b"", timeout: float | None = None) -> list[bytes]:
         """Sends the call to every rank (they run it together: collectives inside), then reads every
-        reply; → rank 0's body (the others compute the same outputs). A rank that has not answered
-        within `timeout` seconds is deemed hung (e.g. stopped): every rank is stopped, the engine dies."""
+        reply → the bodies, by rank."""
+        self._send(method, payload)
+        return self._collect(method, timeout)
+
+    def _send(self, method: bytes, payload: bytes) -> None:
+        with self._lock:
+            if self._dead is not None:
+                raise EngineDeadError(self._dead)
+            try:
+                for conn in self._conns:
+                    conn.send_bytes(method + b"\n" + payload)
+            except (EOFError, OSError) as exc:
+                self._lost(0, exc)
+
+    def _collect(self, method: bytes, timeout: float | None) -> list[bytes]:
+        """Every rank's reply to the oldest call not yet read. A rank that has not answered within
+        `timeout` seconds is deemed hung (e.g. stopped): every rank is stopped, the engine dies."""
         with self._lock:
             if self._dead is not None:
                 raise EngineDeadError(self._dead)
             replies = []
             deadline = None if timeout is None else time.monotonic() + timeout
             try:
-                for conn in self._conns:
-                    conn.send_bytes(method + b"\n" + payload)
                 for rank, conn in enumerate(self._conns):
                     if deadline is not None and not conn.poll(max(0.0, deadline - time.monotonic())):
                         self._mark_dead(f"the worker process of rank {rank} (pid {self.processes[rank].pid}) did "
@@ -151,13 +174,17 @@ class MultiprocExecutor(RemoteWorkersExecutor):
                         raise EngineDeadError(self._dead)
                     replies.append(conn.recv_bytes())
             except (EOFError, OSError) as exc:
-                dead = next((p for p in self.processes if p.poll() is not None), None)
-                if dead is None:
-                    dead = self.processes[len(replies)]
-                    dead.wait(timeout=5)
-                self._mark_dead(self._death_reason(dead))
-                raise EngineDeadError(self._dead) from exc
+                self._lost(len(replies), exc)
         return reply_bodies(method, replies)
+
+    def _lost(self, rank: int, exc: BaseException) -> None:
+        """A channel broke: the engine dies of whichever worker died (else of rank `rank`'s)."""
+        dead = next((p for p in self.processes if p.poll() is not None), None)
+        if dead is None:
+            dead = self.processes[rank]
+            dead.wait(timeout=5)
+        self._mark_dead(self._death_reason(dead))
+        raise EngineDeadError(self._dead) from exc
 
     # ------------------------------------------------------------------ death
 

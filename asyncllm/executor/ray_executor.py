@@ -21,7 +21,7 @@ from asyncllm.config import EngineConfig
 from asyncllm.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from asyncllm.errors import EngineDeadError
 from asyncllm.executor import wire
-from asyncllm.executor.abstract import RemoteWorkersExecutor
+from asyncllm.executor.abstract import PendingStep, RemoteWorkersExecutor
 from asyncllm.executor.multiproc import reply_bodies, smallest
 from asyncllm.worker.worker import CacheConfig, WorkerInfo
 
@@ -129,19 +129,32 @@ class RayExecutor(RemoteWorkersExecutor):
         self._call(b"init_cache", wire.encode(cache))
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        # The last rank's: the last pipeline stage samples (tensor-parallel ranks all sample alike).
-        return wire.decode(self._call(b"execute", wire.encode(sched), self._step_timeout)[-1], ModelRunnerOutput)
+        return self.execute_async(sched).result()
+
+    def execute_async(self, sched: SchedulerOutput) -> PendingStep:
+        """Started now (each actor runs its calls in order); result() awaits the last rank's output,
+        the engine's (the last pipeline stage samples; tensor-parallel ranks all sample alike)."""
+        refs = self._submit(b"execute", wire.encode(sched))
+        return PendingStep(wait=lambda: wire.decode(self._get(refs, self._step_timeout)[-1], ModelRunnerOutput))
 
     def check_health(self) -> None:
         if self._dead is not None:
             raise EngineDeadError(self._dead)
 
     def _call(self, method: bytes, payload: bytes = b"", timeout: float | None = None) -> list[bytes]:
+        return self._get(self._submit(method, payload), timeout, method)
+
+    def _submit(self, method: bytes, payload: bytes) -> list:
+        with self._lock:
+            if self._dead is not None:
+                raise EngineDeadError(self._dead)
+            return [a.call.remote(method, payload) for a in self.actors]
+
+    def _get(self, refs: list, timeout: float | None, method: bytes = b"execute") -> list[bytes]:
         ray = self._ray
         with self._lock:
             if self._dead is not None:
                 raise EngineDeadError(self._dead)
-            refs = [a.call.remote(method, payload) for a in self.actors]
             try:
                 replies = ray.get(refs, timeout=timeout)
             except ray.exceptions.GetTimeoutError:

@@ -78,8 +78,7 @@ def _place(args, rank: int) -> None:
     CUDA, replica r's ranks take devices r * tp + rank (before anything touches the device)."""
     import torch
 
-    # Pipeline stages take turns (one batch in flight): each may use all of its replica's share.
-    processes = args.tensor_parallel_size * args.data_parallel_size
+    processes = args.tensor_parallel_size * args.pipeline_parallel_size * args.data_parallel_size
     if processes > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes))
     if args.device != "cpu" and args.data_parallel_size > 1 and torch.cuda.is_available():

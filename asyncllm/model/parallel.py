@@ -107,9 +107,9 @@ def check_tensor_parallel(config, world_size: int) -> None:
 class PipelineContext:
     """A rank's stage of a pipeline-parallel group: layers [first_layer, end_layer) of the model;
     the first stage embeds, the last one normalises, computes logits and samples. Between stages
-    the step's hidden states and residual cross point to point (torch.distributed send / recv), and
-    the last stage hands every stage the tokens it sampled (broadcast), so their input batches
-    advance alike. At one stage it is the whole model and nothing is sent."""
+    the step's hidden states and residual cross point to point (torch.distributed send / recv); the
+    stages before the last learn the sampled tokens from their next step (the scheduler sends them).
+    At one stage it is the whole model and nothing is sent."""
 
     stage: int = 0
     num_stages: int = 1
@@ -148,25 +148,6 @@ class PipelineContext:
         both = torch.empty((2, num_tokens, hidden_size), dtype=dtype, device=device)
         torch.distributed.recv(both, self.stage - 1)
         return both[0], both[1]
-
-    def share_sampled(self, tokens: list[list[int]] | None, lengths_bound: list[int]) -> list[list[int]]:
-        """The last stage's sampled tokens (one list per sampling request, at most `lengths_bound[i]`
-        each: every stage knows the bound from the step) → every stage; one broadcast."""
-        size = len(lengths_bound) + sum(lengths_bound)
-        buffer = torch.zeros(size, dtype=torch.long)
-        if self.is_last:
-            buffer[:len(tokens)] = torch.tensor([len(t) for t in tokens], dtype=torch.long)
-            flat = [token for t in tokens for token in t]
-            buffer[len(tokens):len(tokens) + len(flat)] = torch.tensor(flat, dtype=torch.long)
-        torch.distributed.broadcast(buffer, self.num_stages - 1)
-        if self.is_last:
-            return tokens
-        values = buffer.tolist()
-        lengths, out, at = values[:len(lengths_bound)], [], len(lengths_bound)
-        for n in lengths:
-            out.append(values[at:at + n])
-            at += n
-        return out
 
 
 SINGLE_STAGE = PipelineContext()

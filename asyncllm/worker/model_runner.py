@@ -105,6 +105,10 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         self.batch.update(sched)
         items = [(self.batch.requests[s.req_id], s) for s in sched.scheduled]
+        if not self.pipeline.is_last:  # a stage that does not sample: the tokens sampled since it last ran
+            for state, item in items:
+                if item.new_token_ids:
+                    self.batch.append_tokens(state, item.new_token_ids)
         if not items:
             return ModelRunnerOutput()
         masks = _grammar_masks(sched.grammar)
@@ -179,12 +183,9 @@ class ModelRunner:
         if hidden is not None:
             self._sample(sampling, hidden[torch.tensor(rows, device=dev)], step, grammar_rows, grammar_masks,
                          result)
-        accepted = result.sampled_token_ids
-        if not self.pipeline.is_single:  # every stage's batch advances by the last stage's tokens
-            accepted = self.pipeline.share_sampled(accepted if hidden is not None else None,
-                                                   [len(item.spec_token_ids) + 1 for _, item in sampling])
-        # Nothing is appended before the whole batch has sampled.
-        for (state, _), tokens in zip(sampling, accepted):
+        # Nothing is appended before the whole batch has sampled (the stages before the last learn
+        # these tokens with their next step: ScheduledRequest.new_token_ids).
+        for (state, _), tokens in zip(sampling, result.sampled_token_ids):
             self.batch.append_tokens(state, tokens)
         return result
 

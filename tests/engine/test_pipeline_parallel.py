@@ -127,3 +127,62 @@ def test_serve_with_pp_2_gives_the_one_stage_answers(tiny_models):
     finally:
         llm.engine.shutdown()
     assert served == local and all(served)
+
+
+def test_two_batches_are_in_flight_at_once_and_never_share_a_request(tiny_models):
+    """The stages overlap: while one batch is in the second stage the next runs in the first; the
+    scheduler splits the running requests between the batches and keeps in-flight ones out."""
+    path = tiny_models("LlamaForCausalLM")
+    prompts = [{"prompt_token_ids": list(range(30 + 3 * i, 50 + 3 * i))} for i in range(8)]
+    params = SamplingParams(max_tokens=16, temperature=0)
+    llm = LLM(path, pipeline_parallel_size=2, **ARGS)
+    core = llm.engine.core
+    submitted = []
+    start = core.executor.execute_async
+
+    def execute_async(sched):
+        in_flight = {s.req_id for pending, _, _ in core._in_flight for s in pending.scheduled}
+        submitted.append((len(core._in_flight), in_flight & {s.req_id for s in sched.scheduled}))
+        return start(sched)
+
+    core.executor.execute_async = execute_async
+    try:
+        got = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+    finally:
+        llm.engine.shutdown()
+    assert all(not shared for _, shared in submitted)
+    assert sum(depth == 1 for depth, _ in submitted) > len(submitted) // 2  # mostly overlapped
+    hf = helpers.load_hf(path)
+    assert got == [helpers.hf_greedy(hf, p["prompt_token_ids"], 16)[0] for p in prompts]
+
+
+def test_aborts_while_batches_are_in_flight_free_everything(tiny_models):
+    import asyncio
+
+    from asyncllm import AsyncEngine
+
+    engine = AsyncEngine.from_args(model=tiny_models("Qwen3ForCausalLM"), pipeline_parallel_size=2, **ARGS)
+
+    async def run():
+        async def one(i):
+            out = []
+            async for text in engine.stream({"prompt_token_ids": list(range(10 + i, 30 + i))}, max_tokens=40,
+                                            temperature=0, ignore_eos=True):
+                out.append(text)
+                if i % 2 and len(out) == 3:
+                    break  # aborts this request, often while its batch is in flight
+            return len(out)
+
+        return await asyncio.gather(*(one(i) for i in range(8)))
+
+    try:
+        lengths = asyncio.run(run())
+        deadline = time.monotonic() + 10
+        core = engine.engine.core
+        while (core.kv.num_used_blocks() or core.has_unfinished_requests()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert core.kv.num_used_blocks() == 0 and not core.scheduler.in_flight
+        assert [n for i, n in enumerate(lengths) if i % 2] == [3] * 4
+        assert all(n > 3 for i, n in enumerate(lengths) if not i % 2)
+    finally:
+        engine.shutdown()
