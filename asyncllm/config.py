@@ -111,9 +111,9 @@ class EngineArgs:
                                                "EngineDeadError")
     tensor_parallel_size: int = _opt(1, "ranks the model is split over (vLLM's -tp): worker processes joined by "
                                         "torch.distributed (gloo on the CPU, NCCL on CUDA), each holding its shard")
-    pipeline_parallel_size: int = _opt(1, "stages the layers are split over (vLLM's -pp): a worker process per "
-                                          "stage, hidden states sent point to point between them (one batch in "
-                                          "flight); decoder models of the Llama family, tensor_parallel_size 1")
+    pipeline_parallel_size: int = _opt(1, "stages the layers are split over (vLLM's -pp): worker processes per "
+                                          "stage (tensor_parallel_size each), hidden states sent point to point "
+                                          "between them, a batch in flight per stage; Llama-family decoders")
     data_parallel_size: int = _opt(1, "engine replicas (vLLM's -dp), each with its own scheduler, KV cache and worker "
                                       "process(es) (mp), behind one AsyncEngine / server; requests are routed by "
                                       "load and prefix-cache affinity. The CPU's cores are split between them")
@@ -211,9 +211,6 @@ class EngineConfig:
             if args.distributed_executor_backend == "uni":
                 errors.append("pipeline_parallel_size > 1 runs a worker process per stage: "
                               "distributed_executor_backend must be mp, ray or unset")
-            if args.tensor_parallel_size > 1:
-                errors.append("pipeline_parallel_size > 1 with tensor_parallel_size > 1 is not supported yet "
-                              "(use one of them)")
             for flag in ("enable_lora", "quantized_weights_only"):
                 if getattr(args, flag):
                     errors.append(f"{flag} is not supported with pipeline_parallel_size > 1 yet")

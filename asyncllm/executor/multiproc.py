@@ -69,7 +69,7 @@ class MultiprocExecutor(RemoteWorkersExecutor):
             argv = [sys.executable, "-m", "asyncllm.executor.worker_process", str(theirs.fileno())]
             if world_size > 1:  # tensor parallel: the rank joins a torch.distributed group
                 argv += [str(rank), str(world_size), os.path.join(self._rendezvous_dir, "rendezvous"),
-                         "gloo" if config.device.type == "cpu" else "nccl"]
+                         "gloo" if config.device.type == "cpu" else "nccl", str(config.args.tensor_parallel_size)]
             self.processes.append(subprocess.Popen(argv, pass_fds=(theirs.fileno(),)))
             theirs.close()  # only the worker holds its end: its death is our EOF
             self._conns.append(Connection(os.dup(ours.fileno())))

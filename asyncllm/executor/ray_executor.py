@@ -55,11 +55,12 @@ class RayWorker:
             s.bind(("", 0))
             return s.getsockname()[1]
 
-    def join(self, init_method: str, backend: str, shm_dir: str | None) -> None:
+    def join(self, init_method: str, backend: str, shm_dir: str | None, tp_size: int) -> None:
         from asyncllm.executor.worker_process import WorkerCalls, join_group
 
-        shm = join_group(self.rank, self.world_size, init_method, backend, shm_dir) if self.world_size > 1 else None
-        self.calls = WorkerCalls(self.rank, self.world_size, shm)
+        group = join_group(self.rank, self.world_size, init_method, backend, shm_dir,
+                           tp_size) if self.world_size > 1 else None
+        self.calls = WorkerCalls(self.rank, self.world_size, group)
 
     def call(self, method: bytes, body: bytes) -> bytes:
         return self.calls.handle(method, body)
@@ -110,9 +111,10 @@ class RayExecutor(RemoteWorkersExecutor):
                 # The shared-memory all-reduce's file is named after this folder (under /dev/shm).
                 shm_dir = f"asyncllm-ray-{uuid.uuid4().hex}" if one_host else None
                 init = f"tcp://{places[0][1]}:{port}"
-                ray.get([a.join.remote(init, "nccl" if gpu else "gloo", shm_dir) for a in self.actors])
+                ray.get([a.join.remote(init, "nccl" if gpu else "gloo", shm_dir, config.args.tensor_parallel_size)
+                         for a in self.actors])
             else:
-                ray.get(self.actors[0].join.remote("", "gloo", None))
+                ray.get(self.actors[0].join.remote("", "gloo", None, 1))
             self._watch_refs = [a.until_exit.remote() for a in self.actors]
             threading.Thread(target=self._watch, name="asyncllm-ray-watch", daemon=True).start()
             self._call(b"config", wire.encode(config.args))

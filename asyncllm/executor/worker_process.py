@@ -1,8 +1,9 @@
-"""Entry point of a worker process: `python -m asyncllm.executor.worker_process FD [RANK WORLD RENDEZVOUS BACKEND]`.
+"""Entry point of a worker process:
+`python -m asyncllm.executor.worker_process FD [RANK WORLD RENDEZVOUS BACKEND TP]`.
 
-With a world size above 1 the process first joins the tensor-parallel group (torch.distributed:
-gloo on the CPU, NCCL on CUDA; rendezvous through the file the executor named) and takes its
-share of the CPU's threads.
+With a world size above 1 the process first joins the group of all ranks (torch.distributed:
+gloo on the CPU, NCCL on CUDA; rendezvous through the file the executor named) and its stage's
+tensor-parallel group (TP ranks per pipeline stage), and takes its share of the CPU's threads.
 
 Reads calls from the socket FD (method name, newline, msgpack payload), runs them on a
 Worker, and answers `ok\n<payload>` or `error\n<traceback>`. Exits on `shutdown`, on EOF
@@ -16,7 +17,9 @@ import sys
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from typing import Any
 
 
 def _die_with_parent(parent: int, interval: float = 0.25) -> None:
@@ -30,10 +33,21 @@ def _die_with_parent(parent: int, interval: float = 0.25) -> None:
     threading.Thread(target=watch, name="asyncllm-parent-watch", daemon=True).start()
 
 
-def join_group(rank: int, world_size: int, init_method: str, backend: str, shm_dir: str | None):
-    """Joins the tensor-parallel group at `init_method` (file:// or tcp://); → the shared-memory
-    collectives of the ranks (None where they do not apply: no `shm_dir` as the ranks are not on
-    one host, NCCL, not x86-64, or ASYNCLLM_SHM_COLLECTIVES=0)."""
+@dataclass
+class TensorGroup:
+    """A rank's tensor-parallel group: torch.distributed's (None: every rank, as without pipeline
+    stages) and its shared-memory collectives (None where they do not apply)."""
+
+    group: Any = None
+    shm: Any = None
+
+
+def join_group(rank: int, world_size: int, init_method: str, backend: str, shm_dir: str | None,
+               tp_size: int | None = None) -> TensorGroup:
+    """Joins the group of all ranks at `init_method` (file:// or tcp://), then, where pipeline stages
+    hold several ranks each, one group per stage (ranks are stage-major); → this rank's tensor-
+    parallel group, with the shared-memory collectives of its ranks (not where they do not apply:
+    no `shm_dir` as the ranks are not on one host, NCCL, not x86-64, or ASYNCLLM_SHM_COLLECTIVES=0)."""
     import torch
     import torch.distributed as dist
 
@@ -42,10 +56,17 @@ def join_group(rank: int, world_size: int, init_method: str, backend: str, shm_d
     if backend == "nccl":
         torch.cuda.set_device(rank)
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
-    if (shm_dir is None or backend != "gloo" or not shm_supported()
+    tp_size = tp_size or world_size
+    stage, tp_rank = divmod(rank, tp_size)
+    result = TensorGroup()
+    if tp_size < world_size:  # every rank creates every stage's group, in the same order
+        groups = [dist.new_group(list(range(s * tp_size, (s + 1) * tp_size))) for s in range(world_size // tp_size)]
+        result.group = groups[stage] if tp_size > 1 else None
+    if (tp_size == 1 or shm_dir is None or backend != "gloo" or not shm_supported()
             or os.environ.get("ASYNCLLM_SHM_COLLECTIVES") == "0"):
-        return None
-    path = shm_path(shm_dir)
+        return result
+    path = shm_path(shm_dir) + (f"-stage{stage}" if tp_size < world_size else "")
+    leader = tp_rank == 0
 
     def agreed(ok: bool) -> bool:  # every rank's answer: all ranks use shared memory, or none does
         flag = torch.tensor([0 if ok else 1])
@@ -54,22 +75,23 @@ def join_group(rank: int, world_size: int, init_method: str, backend: str, shm_d
 
     shm = None
     try:
-        if rank == 0:
-            shm = ShmCollectives(path, rank, world_size, create=True)
+        if leader:
+            shm = ShmCollectives(path, tp_rank, tp_size, create=True)
     except OSError:  # e.g. a full /dev/shm: gloo alone, as the other ranks are told
         pass
-    if agreed(rank != 0 or shm is not None):  # rank 0 has made the file
+    if agreed(not leader or shm is not None):  # each group's first rank has made its file
         try:
-            shm = shm or ShmCollectives(path, rank, world_size)
+            shm = shm or ShmCollectives(path, tp_rank, tp_size)
         except OSError:
             shm = None
     both = agreed(shm is not None)  # every rank has mapped it: its name can go (no file outlives the group)
-    if rank == 0 and os.path.exists(path):
+    if leader and os.path.exists(path):
         os.unlink(path)
     if not both and shm is not None:
         shm.close()
         shm = None
-    return shm
+    result.shm = shm
+    return result
 
 
 def _place(args, rank: int) -> None:
@@ -89,8 +111,9 @@ class WorkerCalls:
     """The calls a worker answers, whatever carries them (a socket here, a Ray actor's method call):
     `handle(method, body)` → `ok\n<msgpack>` or `error\n<traceback>`."""
 
-    def __init__(self, rank: int = 0, world_size: int = 1, shm=None):
-        self.rank, self.world_size, self.shm = rank, world_size, shm
+    def __init__(self, rank: int = 0, world_size: int = 1, tensor_group: TensorGroup | None = None):
+        self.rank, self.world_size = rank, world_size
+        self.tensor_group = tensor_group or TensorGroup()
         self.worker = None
 
     def handle(self, method: bytes, body: bytes) -> bytes:
@@ -114,7 +137,7 @@ class WorkerCalls:
             args = wire.decode(body, EngineArgs)
             _place(args, self.rank)
             self.worker = Worker(args.create_engine_config(), rank=self.rank, world_size=self.world_size,
-                                 shm=self.shm)
+                                 shm=self.tensor_group.shm, tp_group=self.tensor_group.group)
             return b""
         if method == b"load":
             return wire.encode(self.worker.load_model())
@@ -129,8 +152,8 @@ class WorkerCalls:
             self.worker = None
 
 
-def serve(conn: Connection, rank: int = 0, world_size: int = 1, shm=None) -> None:
-    calls = WorkerCalls(rank, world_size, shm)
+def serve(conn: Connection, rank: int = 0, world_size: int = 1, tensor_group: TensorGroup | None = None) -> None:
+    calls = WorkerCalls(rank, world_size, tensor_group)
     while True:
         try:
             message = conn.recv_bytes()
@@ -149,9 +172,9 @@ def main() -> None:
     conn = Connection(int(sys.argv[1]))
     rank, world_size = (int(sys.argv[2]), int(sys.argv[3])) if len(sys.argv) > 3 else (0, 1)
     rendezvous = sys.argv[4] if world_size > 1 else ""
-    shm = join_group(rank, world_size, f"file://{rendezvous}", sys.argv[5],
-                     os.path.dirname(rendezvous)) if world_size > 1 else None
-    serve(conn, rank, world_size, shm)
+    group = join_group(rank, world_size, f"file://{rendezvous}", sys.argv[5], os.path.dirname(rendezvous),
+                       int(sys.argv[6])) if world_size > 1 else None
+    serve(conn, rank, world_size, group)
     conn.close()
 
 

@@ -19,8 +19,10 @@ class ParallelContext:
     rank: int = 0
     world_size: int = 1
     # Shared-memory collectives between the ranks of one host (shm_collectives.py), used for the
-    # tensors they take; torch.distributed for the rest.
+    # tensors they take; torch.distributed for the rest, in `group` (None: all ranks; with pipeline
+    # stages, this stage's ranks).
     shm: Any = field(default=None, compare=False, repr=False)
+    group: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.world_size:
@@ -64,7 +66,7 @@ class ParallelContext:
             return x
         if self.shm is not None and self.shm.takes(x):
             return self.shm.all_reduce(x)
-        torch.distributed.all_reduce(x)
+        torch.distributed.all_reduce(x, group=self.group)
         return x
 
     def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,7 +76,7 @@ class ParallelContext:
         if self.shm is not None and self.shm.takes(x):
             return self.shm.all_gather_last(x)
         parts = [torch.empty_like(x) for _ in range(self.world_size)]
-        torch.distributed.all_gather(parts, x.contiguous())
+        torch.distributed.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)
 
 
@@ -115,14 +117,17 @@ class PipelineContext:
     num_stages: int = 1
     first_layer: int = 0
     end_layer: int = 0
+    rank: int = 0  # this process's rank among all; the next stage's peer is rank + stride
+    stride: int = 1  # the tensor-parallel size: ranks are stage-major
 
     @staticmethod
-    def of(stage: int, num_stages: int, num_layers: int) -> "PipelineContext":
+    def of(stage: int, num_stages: int, num_layers: int, rank: int | None = None,
+           stride: int = 1) -> "PipelineContext":
         """Stage `stage`'s even share of `num_layers` (earlier stages take one fewer when uneven)."""
         if num_layers < num_stages:
             raise ValueError(f"{num_layers} layers cannot split over {num_stages} pipeline stages")
         return PipelineContext(stage, num_stages, stage * num_layers // num_stages,
-                               (stage + 1) * num_layers // num_stages)
+                               (stage + 1) * num_layers // num_stages, stage if rank is None else rank, stride)
 
     @property
     def is_single(self) -> bool:
@@ -141,12 +146,12 @@ class PipelineContext:
 
     def send(self, hidden: torch.Tensor, residual: torch.Tensor) -> None:
         """To the next stage: the hidden states and residual of every token of the step."""
-        torch.distributed.send(torch.stack((hidden, residual)).contiguous(), self.stage + 1)
+        torch.distributed.send(torch.stack((hidden, residual)).contiguous(), self.rank + self.stride)
 
     def recv(self, num_tokens: int, hidden_size: int, dtype: torch.dtype,
              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         both = torch.empty((2, num_tokens, hidden_size), dtype=dtype, device=device)
-        torch.distributed.recv(both, self.stage - 1)
+        torch.distributed.recv(both, self.rank - self.stride)
         return both[0], both[1]
 
 

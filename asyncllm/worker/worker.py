@@ -56,11 +56,12 @@ class CacheConfig:
 
 class Worker:
     def __init__(self, config: EngineConfig, checkpoint: Checkpoint | None = None, rank: int = 0,
-                 world_size: int = 1, shm=None):
+                 world_size: int = 1, shm=None, tp_group=None):
         self.config = config
         self.rank = rank
         self.world_size = world_size
         self.shm = shm  # the host's shared-memory collectives (tensor parallel on the CPU)
+        self.tp_group = tp_group  # torch.distributed's group of this stage's ranks (None: all ranks)
         self._checkpoint = checkpoint
         self.model: torch.nn.Module | None = None
         self.runner: ModelRunner | None = None
@@ -116,13 +117,14 @@ class Worker:
     def tensor_parallel(self) -> ParallelContext:
         """This rank's place in its tensor-parallel group (ranks are stage-major: rank = stage * tp + i)."""
         tp = self.world_size // self.config.args.pipeline_parallel_size
-        return ParallelContext(self.rank % tp, tp, self.shm if tp > 1 else None)
+        return ParallelContext(self.rank % tp, tp, self.shm if tp > 1 else None, self.tp_group)
 
     def _pipeline(self, model_cfg) -> PipelineContext:
         stages = self.config.args.pipeline_parallel_size
         if stages == 1:
             return SINGLE_STAGE
-        return PipelineContext.of(self.rank // (self.world_size // stages), stages, model_cfg.num_layers)
+        tp = self.world_size // stages
+        return PipelineContext.of(self.rank // tp, stages, model_cfg.num_layers, self.rank, tp)
 
     def init_cache(self, cache: CacheConfig) -> None:
         args = self.config.args

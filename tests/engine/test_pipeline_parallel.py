@@ -57,6 +57,38 @@ def test_three_uneven_stages_hold_only_their_layers(tmp_path, tokenizer_dir):
         llm.engine.shutdown()
 
 
+def test_two_stages_of_two_tensor_parallel_ranks_match_transformers(tiny_models):
+    """TP=2 x PP=2: four processes (two per stage, each stage its own tensor-parallel group with its
+    shared-memory collectives), slow on two cores but the same tokens."""
+    path = tiny_models("Qwen3ForCausalLM")
+    llm = LLM(path, pipeline_parallel_size=2, tensor_parallel_size=2, max_num_batched_tokens=20, **ARGS)
+    executor = llm.engine.core.executor
+    try:
+        assert len(executor.processes) == 4
+        helpers.check_mixed_steps_match_transformers(llm, helpers.load_hf(path), max_tokens=12)
+    finally:
+        llm.engine.shutdown()
+    assert not any(pid_alive(p.pid) for p in executor.processes)
+
+
+@pytest.mark.parametrize("split", [dict(pipeline_parallel_size=2), dict(tensor_parallel_size=3)])
+def test_the_default_model_split_gives_one_process_tokens(split, default_llm):
+    """The real default model over two stages, and over three tensor-parallel ranks (its 9 heads
+    and 3 KV heads do not split in two)."""
+    prompts = helpers.TEXT_PROMPTS[:4]
+    params = SamplingParams(max_tokens=16, temperature=0, logprobs=1)
+    want = default_llm.generate(prompts, params, use_tqdm=False)
+    llm = LLM(dtype="float32", kv_cache_memory=64 << 20, **split)
+    try:
+        got = llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        llm.engine.shutdown()
+    for a, b in zip(got, want):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for token, x, y in zip(b.outputs[0].token_ids, a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert abs(x[token].logprob - y[token].logprob) < 1e-3
+
+
 def test_speculative_decoding_over_stages_gives_plain_decodings_tokens(tiny_models):
     """Accepted runs of proposed tokens reach the first stage too (its next inputs)."""
     path = tiny_models("Qwen3ForCausalLM")
@@ -80,8 +112,6 @@ def test_speculative_decoding_over_stages_gives_plain_decodings_tokens(tiny_mode
 def test_what_pipeline_parallel_does_not_run_is_refused(tiny_models):
     with pytest.raises(ValueError, match="2 layers cannot split over 3 pipeline stages"):
         LLM(tiny_models("LlamaForCausalLM"), pipeline_parallel_size=3, **ARGS)
-    with pytest.raises(ValueError, match="with tensor_parallel_size > 1 is not supported yet"):
-        LLM(tiny_models("LlamaForCausalLM"), pipeline_parallel_size=2, tensor_parallel_size=2)
     with pytest.raises(ValueError, match="enable_lora is not supported with pipeline_parallel_size > 1"):
         LLM(tiny_models("LlamaForCausalLM"), pipeline_parallel_size=2, enable_lora=True)
     with pytest.raises(ValueError, match="pipeline_parallel_size must be >= 1"):
