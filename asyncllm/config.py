@@ -248,6 +248,10 @@ class EngineConfig:
             speculative = SpeculativeConfig.parse(args.speculative_config)
         except ValueError as exc:
             errors.append(str(exc))
+        if speculative is not None and speculative.method == "draft_model" and (
+                args.tensor_parallel_size > 1 or args.pipeline_parallel_size > 1):
+            errors.append("speculative method 'draft_model' runs with tensor_parallel_size and "
+                          "pipeline_parallel_size 1 so far")
         if errors:
             raise ValueError("invalid engine arguments: " + "; ".join(errors))
         if args.device == "auto":

@@ -59,6 +59,7 @@ class Request:
     stop_reason: int | str | None = None
     num_preemptions: int = 0
     spec_token_ids: list[int] = field(default_factory=list)  # proposed for this step, to verify
+    draft_token_ids: list[int] = field(default_factory=list)  # a draft model's proposals for its next step
     pooling: bool = False  # an embedding request: finished by its pooled vector once its prompt is computed
     lora_request: LoRARequest | None = None  # its adapter (None: the base model)
 

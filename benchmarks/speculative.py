@@ -1,6 +1,8 @@
-"""Speculative decoding: single-stream decode tok/s of plain decoding, ngram and suffix on the same
-engine settings, on copy-heavy chat prompts (repeat / quote a pydoc section of ~300-600 tokens)
-and on free generation, greedy; the outputs must be identical.
+"""Speculative decoding: single-stream decode tok/s of plain decoding, ngram, suffix and a draft
+model (the default model's own int8 copy: the pair that exists here) on the same engine settings,
+on copy-heavy chat prompts (repeat / quote a pydoc section of ~300-600 tokens) and on free
+generation, greedy; the outputs must be identical. The acceptance rate (accepted / proposed
+tokens) is printed for each method.
 
     python benchmarks/speculative.py [--num-prompts 3] [--max-tokens 96] [--dtype float32]
 """
@@ -19,6 +21,8 @@ METHODS = {
     "plain": None,
     "ngram": {"method": "ngram", "num_speculative_tokens": 7, "prompt_lookup_min": 2, "prompt_lookup_max": 4},
     "suffix": {"method": "suffix", "num_speculative_tokens": 7},
+    # The default model proposing for itself from its 8-bit copy (model filled in at run time).
+    "draft_model int8": {"method": "draft_model", "quantization": "int8", "num_speculative_tokens": 4},
 }
 
 
@@ -45,7 +49,11 @@ def main(argv=None) -> dict:
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0)
     rows, outputs = [], {}
+    from asyncllm.model.default_model import default_model_path
+
     for name, spec in METHODS.items():
+        if spec is not None and spec["method"] == "draft_model":
+            spec = {**spec, "model": default_model_path()}
         llm = LLM(dtype=args.dtype, speculative_config=None if spec is None else {**spec, **extra})
         tok = llm.get_tokenizer()
         workloads = {"copy": copy_prompts(tok, args.num_prompts),
@@ -54,7 +62,9 @@ def main(argv=None) -> dict:
                               for q in ("Write a short story about a lighthouse.", "Explain how rain forms.",
                                         "Describe your ideal weekend.")[:args.num_prompts]]}
         llm.generate(workloads["free"][:1], SamplingParams(max_tokens=8, temperature=0), use_tqdm=False)  # warm up
+        core = llm.engine.core
         for workload, prompts in workloads.items():
+            proposed, accepted = core.num_draft_tokens, core.num_accepted_tokens
             tokens, seconds, texts = 0, 0.0, []
             for prompt in prompts:  # one stream at a time
                 with Timer() as t:
@@ -63,7 +73,9 @@ def main(argv=None) -> dict:
                 tokens += len(out.outputs[0].token_ids)
                 texts.append(out.outputs[0].token_ids)
             outputs[(name, workload)] = texts
-            rows.append({"method": name, "workload": workload, "tokens": tokens, "tok_per_s": tokens / seconds})
+            proposed, accepted = core.num_draft_tokens - proposed, core.num_accepted_tokens - accepted
+            rows.append({"method": name, "workload": workload, "tokens": tokens, "tok_per_s": tokens / seconds,
+                         "acceptance": accepted / proposed if proposed else 0.0})
         llm.engine.shutdown()
     plain = {r["workload"]: r["tok_per_s"] for r in rows if r["method"] == "plain"}
     for row in rows:

@@ -83,7 +83,7 @@ def test_speculative_benchmark_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "RESULTS", tmp_path)
     result = _load("speculative").main(["--num-prompts", "1", "--max-tokens", "8"])
     assert {(r["method"], r["workload"]) for r in result["rows"]} == {
-        (m, w) for m in ("plain", "ngram", "suffix") for w in ("copy", "free")}
+        (m, w) for m in ("plain", "ngram", "suffix", "draft_model int8") for w in ("copy", "free")}
     assert all(r["same_tokens"] for r in result["rows"])
 
 

@@ -50,6 +50,9 @@ class ScheduledRequest:
     # Pipeline parallel: the request's tokens sampled since the stages before the last (which do
     # not sample) last saw it; they append them before the step.
     new_token_ids: list[int] = field(default_factory=list)
+    # Draft-model speculation: after this step samples, decode this many draft tokens from the new
+    # one (the next step's proposals); 0: none.
+    num_draft: int = 0
 
 
 @dataclass
@@ -85,6 +88,7 @@ class ModelRunnerOutput:
     prompt_logprobs: dict[str, list[TokenLogprobs | None]] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # request id → error: it failed inside the worker
     pooled: dict[str, bytes] = field(default_factory=dict)  # request id → its pooled vector (fp32 bytes)
+    draft_token_ids: dict[str, list[int]] = field(default_factory=dict)  # request id → the draft's next proposals
     # Seconds the worker process spent on the step, from its input's bytes to this output (set
     # by the mp worker; 0 in the engine thread): the rest of a round trip is the channel's cost.
     worker_seconds: float = 0.0

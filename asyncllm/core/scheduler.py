@@ -57,6 +57,7 @@ class SchedulerConfig:
     pooling_uses_cache: bool = True  # False when the pooler reads every prompt position (MEAN, CLS)
     max_loras: int = 0  # most distinct LoRA adapters among running requests (0: LoRA off)
     max_in_flight: int = 1  # batches in flight at once (pipeline parallel: one per stage)
+    draft_in_worker: bool = False  # a draft model in the workers proposes (it needs k slots ahead)
 
 
 class Scheduler:
@@ -155,7 +156,7 @@ class Scheduler:
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             request.spec_token_ids = self._propose(request, num_new, budget)
             num_new += len(request.spec_token_ids)
-            while not self.kv.allocate_slots(request, num_new):
+            while not self.kv.allocate_slots(request, num_new + self._lookahead):
                 victim = self._pick_victim(exclude=scheduled_set | in_flight)
                 self._preempt(victim)
                 preempted.append(victim.request_id)
@@ -186,7 +187,7 @@ class Scheduler:
                 if not self.config.enable_chunked_prefill:
                     break
                 num_new = budget
-            if not self.kv.allocate_slots(request, num_new, hits):
+            if not self.kv.allocate_slots(request, num_new + self._lookahead, hits):
                 break
             self.waiting.pop(position)
             if request.num_cached_tokens < 0:
@@ -236,10 +237,26 @@ class Scheduler:
         k = min(k, budget - 1, self.config.max_model_len - request.num_tokens)
         return list(self.proposer.propose(request, k)[:k]) if k > 0 else []
 
+    @property
+    def _lookahead(self) -> int:
+        """Slots past a step's tokens that a draft model writes its proposals' K/V into (at most a
+        block: the workers' block tables hold one block past max_model_len)."""
+        return min(self.config.num_speculative_tokens, self.kv.block_size) if self.config.draft_in_worker else 0
+
     def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
         spec = request.spec_token_ids
         samples = request.num_computed_tokens + num_new - len(spec) == request.num_tokens
-        return ScheduledRequest(request.request_id, request.num_computed_tokens, num_new, list(spec), samples)
+        item = ScheduledRequest(request.request_id, request.num_computed_tokens, num_new, list(spec), samples)
+        if samples and self.config.draft_in_worker and self._may_propose(request):
+            item.num_draft = self._lookahead  # the worker stops short of max_model_len
+        return item
+
+    def _may_propose(self, request: Request) -> bool:
+        """Whether the next step of this request may verify proposals (the rules _propose applies
+        that are known now): not constrained, not a pooled request, the batch not too large."""
+        limit = self.config.speculative_disable_batch_size
+        return (request.grammar is None and not request.pooling
+                and (limit is None or len(self.running) < limit))
 
     def _add_worker_diffs(self, out: SchedulerOutput) -> None:
         """The first step of a request carries its data; later steps only what changed (its start
@@ -277,6 +294,7 @@ class Scheduler:
         self.running.remove(request)
         self.kv.free(request)
         request.spec_token_ids = []
+        request.draft_token_ids = []  # the draft's cache of it is gone with its blocks
         if self._sent_blocks.pop(request.request_id, None) is not None:
             self._preempted_ids.append(request.request_id)  # the workers keep its tokens and generator
             self._resumed.add(request.request_id)
@@ -304,6 +322,7 @@ class Scheduler:
                 gate.record(len(item.spec_token_ids), len(tokens) - 1)
             request.num_computed_tokens += item.num_new_tokens - rejected
             request.spec_token_ids = []
+            request.draft_token_ids = result.draft_token_ids.get(item.req_id, [])
             pooled = result.pooled.get(item.req_id)
             if pooled is not None:  # an embedding request is done once its prompt is
                 request.status = RequestStatus.FINISHED_STOPPED

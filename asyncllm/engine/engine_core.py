@@ -128,7 +128,9 @@ class EngineCore:
                             config.speculative.disable_by_acceptance_rate if config.speculative is not None else None,
                             pooling_uses_cache=not self.pooler_config.needs_every_position,
                             max_loras=args.max_loras if args.enable_lora else 0,
-                            max_in_flight=args.pipeline_parallel_size),
+                            max_in_flight=args.pipeline_parallel_size,
+                            draft_in_worker=config.speculative is not None
+                            and config.speculative.method == "draft_model"),
             self.kv, proposer)
         # Pipeline parallel: up to one batch per stage in flight, so the stages overlap.
         self.max_in_flight = args.pipeline_parallel_size

@@ -8,8 +8,8 @@ from typing import Any
 
 from asyncllm.json_option import dict_option
 
-SUPPORTED_METHODS = ("ngram", "suffix")
-PLANNED_METHODS = ("draft_model", "eagle", "eagle3", "medusa", "mtp")
+SUPPORTED_METHODS = ("ngram", "suffix", "draft_model")
+PLANNED_METHODS = ("eagle", "eagle3", "medusa", "mtp")
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,10 @@ class SpeculativeConfig:
     suffix_decoding_max_cached_requests: int = 10000
     suffix_decoding_max_spec_factor: float = 1.0
     suffix_decoding_min_token_prob: float = 0.1
+    # method "draft_model" (vLLM's keys): the draft's folder or GGUF (same tokenizer as the target),
+    # and its own quantization (None, int8 or int4; the target's is separate).
+    model: str | None = None
+    quantization: str | None = None
 
     @classmethod
     def parse(cls, value: Any) -> "SpeculativeConfig | None":
@@ -59,6 +63,16 @@ class SpeculativeConfig:
         rate = config.disable_by_acceptance_rate
         if rate is not None and (not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0 <= rate <= 1):
             raise ValueError(f"speculative_config.disable_by_acceptance_rate must be in [0, 1] or null, got {rate!r}")
+        if config.method == "draft_model":
+            if not isinstance(config.model, str) or not config.model:
+                raise ValueError("speculative_config.model (the draft model's path) is required for method "
+                                 "'draft_model'")
+            if config.quantization not in (None, "int8", "int4"):
+                raise ValueError(f"speculative_config.quantization must be null, 'int8' or 'int4', got "
+                                 f"{config.quantization!r}")
+        elif config.model is not None or config.quantization is not None:
+            raise ValueError(f"speculative_config.model and .quantization are for method 'draft_model', not "
+                             f"{config.method!r}")
         if config.prompt_lookup_min > config.prompt_lookup_max:
             raise ValueError("speculative_config.prompt_lookup_min must be <= prompt_lookup_max")
         depth, cached = config.suffix_decoding_max_tree_depth, config.suffix_decoding_max_cached_requests
@@ -78,6 +92,10 @@ class SpeculativeConfig:
 def make_proposer(config: SpeculativeConfig | None):
     if config is None:
         return None
+    if config.method == "draft_model":
+        from asyncllm.spec_decode.draft_model import DraftTokensProposer
+
+        return DraftTokensProposer()
     if config.method == "suffix":
         from asyncllm.spec_decode.suffix import SuffixProposer
 

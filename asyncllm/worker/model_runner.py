@@ -30,6 +30,7 @@ from asyncllm.model.parallel import SINGLE_STAGE
 from asyncllm.outputs import TokenLogprobs
 from asyncllm.pooling.pooler import Pooler
 from asyncllm.sampling.sampler import Sampler, prompt_logprobs_for
+from asyncllm.spec_decode.draft_model import DraftModel
 from asyncllm.worker.input_batch import CachedRequestState, InputBatch, StepRows
 
 logger = logging.getLogger(__name__)
@@ -79,7 +80,9 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, pre
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, spec: KVCacheSpec, num_blocks: int, max_model_len: int,
                  max_num_seqs: int, device: torch.device, seed: int, prefault: bool = False,
-                 pooler: Pooler | None = None, lora: LoRAManager | None = None):
+                 pooler: Pooler | None = None, lora: LoRAManager | None = None,
+                 draft: tuple[torch.nn.Module, KVCacheSpec] | None = None):
+        """`draft`: speculative decoding's draft model and its K/V per block, paged like the target's."""
         self.model = model
         self.spec = spec
         self.device = device
@@ -92,9 +95,16 @@ class ModelRunner:
                     time.perf_counter() - started)
         # Room for the proposed tokens past max_model_len's last block too.
         self.batch = InputBatch(max_num_seqs, -(-max_model_len // spec.block_size) + 1, spec.block_size, device)
+        self.max_model_len = max_model_len
         self.sampler = Sampler(seed, device)
         self.pooler = pooler
         self.lora = lora
+        self.draft: DraftModel | None = None
+        if draft is not None:
+            model_d, spec_d = draft
+            shape_d = (2, num_blocks, spec_d.block_size, spec_d.num_kv_heads, spec_d.head_dim)
+            self.draft = DraftModel(model_d, [_zeros(shape_d, spec_d.dtype, device, prefault)
+                                              for _ in range(spec_d.num_layers)], spec_d.block_size, device)
         ctx = getattr(model, "ctx", None)
         self.pipeline = ctx.pipeline if ctx is not None else SINGLE_STAGE
 
@@ -155,7 +165,10 @@ class ModelRunner:
         )
         if self.lora is not None:
             self.lora.prepare_step([state.lora for state, _ in items], query_start)
-        hidden = self.model(flat.input_ids.to(dev), flat.positions.to(dev), self.kv_caches, meta)
+        input_ids, positions = flat.input_ids.to(dev), flat.positions.to(dev)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        if self.draft is not None:  # the draft's cache of the same tokens (its next proposals read it)
+            self.draft.forward(input_ids, positions, meta)
 
         result = ModelRunnerOutput()
         if hidden is not None:  # None: a pipeline stage before the last (it sent its output on)
@@ -187,7 +200,24 @@ class ModelRunner:
         # these tokens with their next step: ScheduledRequest.new_token_ids).
         for (state, _), tokens in zip(sampling, result.sampled_token_ids):
             self.batch.append_tokens(state, tokens)
+        if self.draft is not None and hidden is not None:
+            self._draft_proposals(sampling, result)
         return result
+
+    def _draft_proposals(self, sampling: list[tuple[CachedRequestState, ScheduledRequest]],
+                         result: ModelRunnerOutput) -> None:
+        """The draft's next proposals for the requests the scheduler asked, none at or past
+        max_model_len (grouped by how many)."""
+        by_count: dict[int, list[tuple[CachedRequestState, ScheduledRequest]]] = {}
+        for state, item in sampling:
+            k = min(item.num_draft, self.max_model_len - state.num_tokens)
+            if k > 0:
+                by_count.setdefault(k, []).append((state, item))
+        for k, group in by_count.items():
+            states = [state for state, _ in group]
+            proposals = self.draft.propose(states, self.batch.block_table_for(states).to(self.device), k)
+            for (_, item), proposal in zip(group, proposals):
+                result.draft_token_ids[item.req_id] = proposal
 
     def _sample(self, sampling: list[tuple[CachedRequestState, ScheduledRequest]], hidden_rows: torch.Tensor,
                 step: StepRows, grammar_rows: list[int], grammar_masks: list[torch.Tensor],

@@ -68,6 +68,8 @@ class Worker:
         self.spec: KVCacheSpec | None = None
         self.pooler: Pooler | None = None
         self.lora: LoRAManager | None = None
+        self.draft_model: torch.nn.Module | None = None  # speculative_config's draft_model
+        self.draft_spec: KVCacheSpec | None = None
 
     def load_model(self) -> WorkerInfo:
         started = time.perf_counter()
@@ -110,8 +112,35 @@ class Worker:
         kv_heads = self.tensor_parallel.local_kv_heads(model_cfg.num_kv_heads)
         kv_dtype = FP8_KV_DTYPE if args.kv_cache_dtype in ("fp8", "fp8_e4m3") else dtype
         self.spec = KVCacheSpec(layers, kv_heads, model_cfg.head_dim, args.block_size, kv_dtype)
-        return WorkerInfo(self._num_blocks(self.spec, model_cfg.max_position_embeddings),
+        specs = [self.spec]
+        speculative = config.speculative
+        if speculative is not None and speculative.method == "draft_model":
+            self.draft_model, self.draft_spec = self._load_draft(speculative, checkpoint, dtype, kv_dtype)
+            specs.append(self.draft_spec)  # a block holds the draft's K/V of its tokens too
+        return WorkerInfo(self._num_blocks(specs, model_cfg.max_position_embeddings),
                           str(dtype).removeprefix("torch."), time.perf_counter() - started)
+
+    def _load_draft(self, speculative, target: Checkpoint, dtype: torch.dtype,
+                    kv_dtype: torch.dtype) -> tuple[torch.nn.Module, KVCacheSpec]:
+        """The draft model of speculative_config (same dtype and kernels as the target, its own
+        quantization), and the K/V it keeps per block."""
+        args = self.config.args
+        draft = load_checkpoint(speculative.model, None)
+        cfg = draft.config
+        if cfg.is_encoder_only or cfg.vocab_size != target.config.vocab_size or (
+                draft.tokenizer is not None and target.tokenizer is not None
+                and draft.tokenizer.get_vocab() != target.tokenizer.get_vocab()):
+            raise ValueError(f"the draft model {speculative.model!r} must be a decoder with the target's tokenizer "
+                             f"(vocabulary of {target.config.vocab_size}); it has {cfg.vocab_size} tokens"
+                             + ("" if cfg.vocab_size != target.config.vocab_size else " and another vocabulary"))
+        model = build_model(cfg, dtype, self.config.device, ModelContext(Ops(self.config.kernels)))
+        model.load_weights(draft.weights(dtype))
+        if args.cpu_weight_prepack and prepack_supported(self.config.device, dtype):
+            model.prepack_weights()
+        if speculative.quantization is not None:
+            model.quantize(QUANTIZATION_BITS[speculative.quantization], int4_rows=int4_max_rows(dtype))
+        model.eval()
+        return model, KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, args.block_size, kv_dtype)
 
     @property
     def tensor_parallel(self) -> ParallelContext:
@@ -130,7 +159,7 @@ class Worker:
         args = self.config.args
         self.runner = ModelRunner(self.model, self.spec, cache.num_blocks, cache.max_model_len, args.max_num_seqs,
                                   self.config.device, args.seed, prefault=args.kv_cache_prefault, pooler=self.pooler,
-                                  lora=self.lora)
+                                  lora=self.lora, draft=(self.draft_model, self.draft_spec) if self.draft_model else None)
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute(sched)
@@ -163,8 +192,11 @@ class Worker:
             logger.info("%s: kept only the quantised projections, freeing %.0f MB of dense weights and packed copies",
                         scheme, freed / 1e6)
 
-    def _num_blocks(self, spec: KVCacheSpec, max_positions: int) -> int:
-        if spec.bytes_per_block == 0:  # an encoder: room for max_num_seqs whole sequences, costing nothing
+    def _num_blocks(self, specs: list[KVCacheSpec], max_positions: int) -> int:
+        """Blocks that fit, each holding every spec's K/V of its tokens (the target's, a draft's)."""
+        spec = specs[0]
+        bytes_per_block = sum(s.bytes_per_block for s in specs)
+        if bytes_per_block == 0:  # an encoder: room for max_num_seqs whole sequences, costing nothing
             return self.config.args.max_num_seqs * -(-max_positions // spec.block_size)
         if self.config.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.config.device)
@@ -172,9 +204,9 @@ class Worker:
             budget = int(total * self.config.args.gpu_memory_utilization) - used
             if budget <= 0:
                 raise ValueError("no GPU memory left for the KV cache; raise gpu_memory_utilization")
-            return max(1, spec.num_blocks_for(budget))
+            return max(1, budget // bytes_per_block)
         memory = self.config.kv_cache_memory
-        blocks = spec.num_blocks_for(memory)
+        blocks = memory // bytes_per_block
         if blocks < 1:
-            raise ValueError(f"kv_cache_memory={memory} bytes holds no block ({spec.bytes_per_block} bytes each)")
+            raise ValueError(f"kv_cache_memory={memory} bytes holds no block ({bytes_per_block} bytes each)")
         return blocks

@@ -104,7 +104,10 @@ class WrongProposer:
 
 
 def test_unsupported_speculative_methods_are_refused():
-    for bad, message in [({"method": "draft_model", "model": "x"}, "not supported yet"),
+    for bad, message in [({"method": "eagle", "model": "x"}, "not supported yet"),
+                         ({"method": "draft_model"}, "model .the draft model's path. is required"),
+                         ({"method": "draft_model", "model": "x", "quantization": "fp8"}, "quantization must be"),
+                         ({"method": "ngram", "model": "x"}, "are for method 'draft_model'"),
                          ({"method": "ngram", "num_speculative_tokens": 0}, "integer >= 1"),
                          ("{not json", "not valid JSON"),
                          ({"method": "ngram", "disable_by_batch_size": 0}, "disable_by_batch_size"),
