@@ -60,8 +60,10 @@ class GrammarOutput:
     """Allowed-token bitmask of each constrained request sampling this step (engine side)."""
 
     req_ids: list[str]
-    bitmask: bytes  # int32 [len(req_ids), ceil(vocab / 32)], row-major
+    bitmask: bytes  # int32 [sum(num_rows) or len(req_ids), ceil(vocab / 32)], row-major
     words: int
+    # Rows per request: 1, or 1 + its proposals (the mask after each accepted proposal). Empty: 1 each.
+    num_rows: list[int] = field(default_factory=list)
 
 
 @dataclass

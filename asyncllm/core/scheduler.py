@@ -58,6 +58,7 @@ class SchedulerConfig:
     max_loras: int = 0  # most distinct LoRA adapters among running requests (0: LoRA off)
     max_in_flight: int = 1  # batches in flight at once (pipeline parallel: one per stage)
     draft_in_worker: bool = False  # a draft model in the workers proposes (it needs k slots ahead)
+    vocab_size: int = 0  # the model's (grammar masks of proposals)
 
 
 class Scheduler:
@@ -219,10 +220,12 @@ class Scheduler:
         return request.lora_request.lora_int_id in running or len(running) < self.config.max_loras
 
     def _propose(self, request: Request, num_new: int, budget: int) -> list[int]:
-        """Tokens to verify along with a decode (none for prompts and for grammar-constrained
-        requests, whose masks cover one position), within the budget and max_model_len."""
+        """Tokens to verify along with a decode (none for prompts), within the budget and
+        max_model_len; a grammar-constrained request's only as far as its grammar allows them."""
         k = self.config.num_speculative_tokens
-        if self.proposer is None or k == 0 or num_new != 1 or request.grammar is not None:
+        if request.grammar is not None:
+            request.grammar.spec_masks = None
+        if self.proposer is None or k == 0 or num_new != 1:
             return []
         limit = self.config.speculative_disable_batch_size
         if limit is not None and len(self.running) >= limit:
@@ -235,7 +238,10 @@ class Scheduler:
             if not gate.allows():
                 return []
         k = min(k, budget - 1, self.config.max_model_len - request.num_tokens)
-        return list(self.proposer.propose(request, k)[:k]) if k > 0 else []
+        proposals = list(self.proposer.propose(request, k)[:k]) if k > 0 else []
+        if proposals and request.grammar is not None:
+            proposals = proposals[:request.grammar.propose_along(proposals, self.config.vocab_size)]
+        return proposals
 
     @property
     def _lookahead(self) -> int:
@@ -253,10 +259,9 @@ class Scheduler:
 
     def _may_propose(self, request: Request) -> bool:
         """Whether the next step of this request may verify proposals (the rules _propose applies
-        that are known now): not constrained, not a pooled request, the batch not too large."""
+        that are known now): not a pooled request, the batch not too large."""
         limit = self.config.speculative_disable_batch_size
-        return (request.grammar is None and not request.pooling
-                and (limit is None or len(self.running) < limit))
+        return not request.pooling and (limit is None or len(self.running) < limit)
 
     def _add_worker_diffs(self, out: SchedulerOutput) -> None:
         """The first step of a request carries its data; later steps only what changed (its start

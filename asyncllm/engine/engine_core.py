@@ -130,7 +130,8 @@ class EngineCore:
                             max_loras=args.max_loras if args.enable_lora else 0,
                             max_in_flight=args.pipeline_parallel_size,
                             draft_in_worker=config.speculative is not None
-                            and config.speculative.method == "draft_model"),
+                            and config.speculative.method == "draft_model",
+                            vocab_size=model_cfg.vocab_size),
             self.kv, proposer)
         # Pipeline parallel: up to one batch per stage in flight, so the stages overlap.
         self.max_in_flight = args.pipeline_parallel_size
@@ -198,15 +199,23 @@ class EngineCore:
                    for s in sched.scheduled)
 
     def _grammar_bitmask(self, sched: SchedulerOutput) -> GrammarOutput | None:
-        """Each constrained request that samples this step: its automaton's allowed next tokens."""
+        """Each constrained request that samples this step: its automaton's allowed next tokens, and
+        after each of its proposals (the masks the scheduler kept while checking them)."""
         requests = self.scheduler.requests
-        constrained = [s.req_id for s in sched.scheduled
-                       if s.samples and requests[s.req_id].grammar is not None
-                       and requests[s.req_id].grammar.guide is not None]
-        if not constrained:
+        items = [s for s in sched.scheduled
+                 if s.samples and requests[s.req_id].grammar is not None and requests[s.req_id].grammar.guide is not None]
+        if not items:
             return None
-        bitmask = write_bitmask([requests[r].grammar.guide for r in constrained], self.vocab_size)
-        return GrammarOutput(constrained, bitmask.numpy().tobytes(), bitmask.shape[1])
+        parts = []
+        for item in items:
+            grammar = requests[item.req_id].grammar
+            if item.spec_token_ids and grammar.spec_masks is not None:
+                parts.append(grammar.spec_masks[:len(item.spec_token_ids) + 1])
+            else:
+                parts.append(write_bitmask([grammar.guide], self.vocab_size))
+        bitmask = torch.cat(parts)
+        return GrammarOutput([s.req_id for s in items], bitmask.numpy().tobytes(), bitmask.shape[1],
+                             [part.shape[0] for part in parts])
 
     def _check_grammars(self) -> list[EngineCoreOutput]:
         """Waiting requests whose grammar failed to compile (or took too long) fail now."""

@@ -57,6 +57,10 @@ class LarkGuide:
     def is_finished(self) -> bool:
         return self.matcher.is_stopped()
 
+    def rollback_state(self, num_tokens: int) -> None:
+        """Undoes the last `num_tokens` advances (speculative proposals checked, then taken back)."""
+        self.matcher.rollback(num_tokens)
+
     def failure(self) -> str | None:
         """Why the grammar cannot go on (a step past llguidance's fuel limits), or None."""
         return self.matcher.get_error() if self.matcher.is_error() else None

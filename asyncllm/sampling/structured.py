@@ -315,6 +315,8 @@ class GrammarState:
         self.eos_token_id = eos_token_id
         self.deadline = deadline
         self.guide = None
+        # Masks of this step's rows when it verifies proposals (propose_along), else None.
+        self.spec_masks: torch.Tensor | None = None
 
     def ready(self) -> bool:
         """True once the guide exists; raises the compile error (or a timeout) if compiling failed."""
@@ -338,6 +340,34 @@ class GrammarState:
 
     def finished(self) -> bool:
         return self.guide is not None and self.guide.is_finished()
+
+    def propose_along(self, tokens: list[int], vocab_size: int) -> int:
+        """Speculative proposals under the grammar: walks them one by one, keeping the allowed-token
+        mask of each position (the next one, then after each accepted proposal) in `spec_masks`,
+        stops at the first the grammar refuses (or at EOS), then rolls the guide back to where it
+        was. → how many of `tokens` the grammar accepts (spec_masks holds that many + 1 rows).
+        (A grammar out of llguidance's fuel shows when the kept tokens are accepted for good.)"""
+        words = (vocab_size + 31) // 32
+        masks = torch.zeros(len(tokens) + 1, words, dtype=torch.int32)
+
+        def write(j: int) -> torch.Tensor:
+            row = masks[j]
+            self.guide.write_mask_into(row.data_ptr(), row.numel(), row.element_size())
+            return row
+
+        accepted = 0
+        for j, token in enumerate(tokens):
+            row = write(j)
+            if token == self.eos_token_id or not (int(row[token // 32]) >> (token % 32)) & 1:
+                break
+            self.guide.advance(token)
+            accepted += 1
+        else:
+            write(len(tokens))
+        if accepted:
+            self.guide.rollback_state(accepted)
+        self.spec_masks = masks[:accepted + 1]
+        return accepted
 
 
 def write_bitmask(guides: list, vocab_size: int) -> torch.Tensor:

@@ -184,10 +184,10 @@ class ModelRunner:
                 continue
             sampling.append((state, item))
             k = len(item.spec_token_ids)
-            if item.req_id in masks:
-                grammar_rows.append(len(rows))
-                grammar_masks.append(masks[item.req_id])
             for j in range(k + 1):
+                if item.req_id in masks and j < masks[item.req_id].shape[0]:  # the grammar's mask of this row
+                    grammar_rows.append(len(rows))
+                    grammar_masks.append(masks[item.req_id][j])
                 rows.append(query_start[i + 1] - 1 - k + j)
                 step.states.append(state)
                 step.draft_prefix.append(item.spec_token_ids[:j])
@@ -305,9 +305,9 @@ def _attention_rows(items: list[tuple[CachedRequestState, ScheduledRequest]], fl
 
 
 def _grammar_masks(grammar: GrammarOutput | None) -> dict[str, torch.Tensor]:
-    """Request id → its bitmask row, from the bytes the engine sent."""
+    """Request id → its bitmask rows [1 + proposals, words], from the bytes the engine sent."""
     if grammar is None or not grammar.req_ids:
         return {}
-    bitmask = torch.frombuffer(bytearray(grammar.bitmask), dtype=torch.int32).view(len(grammar.req_ids),
-                                                                                  grammar.words)
-    return {req_id: bitmask[i] for i, req_id in enumerate(grammar.req_ids)}
+    counts = grammar.num_rows or [1] * len(grammar.req_ids)
+    bitmask = torch.frombuffer(bytearray(grammar.bitmask), dtype=torch.int32).view(sum(counts), grammar.words)
+    return dict(zip(grammar.req_ids, bitmask.split(counts)))
