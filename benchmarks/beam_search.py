@@ -4,8 +4,8 @@ same prompts and weights, in one run (default model, beam width 4, 32 tokens).
     python benchmarks/beam_search.py [--num-prompts 4] [--beam-width 4] [--max-tokens 32] [--dtype float32]
                                      [--block-size 16]
 
-Each step recomputes every beam's last, partial KV block (the prefix cache shares whole blocks
-only), so a smaller --block-size makes the steps cheaper.
+Each step's beams continue their parents' prompts: whole blocks come from the prefix cache and the
+last, partial one is copied (copy-on-write), so a step computes one token per beam.
 """
 from __future__ import annotations
 

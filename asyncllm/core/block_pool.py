@@ -3,7 +3,9 @@
 A block is free when its ref count is 0. Free blocks wait in one queue, reused from its
 front: first freed blocks that hold nothing (no hash), then never-used blocks in id order,
 then blocks that still hold a cached prefix, least recently freed first (until reused they
-stay findable). Empty used blocks go first because their memory is already committed: on the
+stay findable). Besides full blocks, a finished request's last, partial block is findable by its
+tokens (`cache_partial`): a request that continues those tokens copies it into a block of its own
+(copy-on-write) instead of computing them again, as beams do every step. Empty used blocks go first because their memory is already committed: on the
 CPU the cache is lazily mapped, and a never-used block costs page faults on its first write
 (docs/PERFORMANCE.md). Blocks are never freed twice: freeing one with ref count 0 is a bug
 and raises.
@@ -21,6 +23,7 @@ class KVCacheBlock:
     block_id: int
     ref_cnt: int = 0
     block_hash: BlockHash | None = None
+    partial_hash: BlockHash | None = None  # a free block holding a prefix's last, partial block
 
 
 class BlockPool:
@@ -33,6 +36,7 @@ class BlockPool:
         # Queue order = reuse order: the first entry is reused (and evicted, if cached) first.
         self._free: OrderedDict[int, KVCacheBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
         self._cached: dict[BlockHash, KVCacheBlock] = {}
+        self._partial: dict[BlockHash, KVCacheBlock] = {}
         self.num_evictions = 0
 
     @property
@@ -52,6 +56,10 @@ class BlockPool:
             _, block = self._free.popitem(last=False)
             if block.block_hash is not None:
                 self._evict(block)
+            if block.partial_hash is not None:
+                if self._partial.get(block.partial_hash) is block:
+                    del self._partial[block.partial_hash]
+                block.partial_hash = None
             block.ref_cnt = 1
             out.append(block)
         return out
@@ -64,6 +72,18 @@ class BlockPool:
 
     def get_cached_block(self, block_hash: BlockHash) -> KVCacheBlock | None:
         return self._cached.get(block_hash) if self.enable_caching else None
+
+    def get_partial_block(self, partial_hash: BlockHash) -> KVCacheBlock | None:
+        return self._partial.get(partial_hash) if self.enable_caching else None
+
+    def cache_partial(self, block: KVCacheBlock, partial_hash: BlockHash) -> None:
+        """Registers a block about to be freed that holds a prefix's last tokens, fewer than a block
+        (the first such block wins; it stays findable until the free queue reuses it)."""
+        if (not self.enable_caching or block.block_hash is not None or block.partial_hash is not None
+                or partial_hash in self._partial):
+            return
+        block.partial_hash = partial_hash
+        self._partial[partial_hash] = block
 
     def touch(self, blocks: list[KVCacheBlock]) -> None:
         """Takes a reference on cache-hit blocks, pulling free ones out of the free queue."""
@@ -81,7 +101,7 @@ class BlockPool:
             block.ref_cnt -= 1
             if block.ref_cnt == 0:
                 self._free[block.block_id] = block
-                if block.block_hash is None:
+                if block.block_hash is None and block.partial_hash is None:
                     self._free.move_to_end(block.block_id, last=False)
 
     def cache_block(self, block: KVCacheBlock, block_hash: BlockHash) -> None:
@@ -98,8 +118,9 @@ class BlockPool:
         if len(self._free) != self.num_blocks:
             return False
         for block in self.blocks:
-            block.block_hash = None
+            block.block_hash = block.partial_hash = None
         self._cached.clear()
+        self._partial.clear()
         return True
 
     def check_invariants(self) -> None:
@@ -109,3 +130,5 @@ class BlockPool:
             assert (block.ref_cnt == 0) == (block.block_id in self._free), block
         for h, block in self._cached.items():
             assert block.block_hash == h
+        for h, block in self._partial.items():
+            assert block.partial_hash == h and block.ref_cnt == 0, block

@@ -120,8 +120,36 @@ class KVCacheManager:
             self.pool.cache_block(blocks[i], hashes[i])
         self.req_num_cached[request.request_id] = num_full
 
+    def get_partial_block(self, request: Request, num_hit: int) -> tuple[KVCacheBlock | None, int]:
+        """After `num_hit` tokens of full-block hits: a free partial block holding the request's next
+        m tokens (the longest, m < a block, at least one token left to compute) → (block, m), to be
+        copied into the request's own next block; (None, 0) if none."""
+        if not self.enable_caching:
+            return None, 0
+        bs = self.block_size
+        hashes = self._block_hashes(request, num_hit)
+        parent = hashes[num_hit // bs - 1] if num_hit else None
+        for m in range(min(bs - 1, request.num_tokens - num_hit - 1), 0, -1):
+            block = self.pool.get_partial_block(
+                hash_block(parent, request.token_ids(num_hit, num_hit + m), request.cache_key))
+            if block is not None:
+                return block, m
+        return None, 0
+
+    def _cache_partial_block(self, request: Request, blocks: list[KVCacheBlock]) -> None:
+        """The computed tokens in a leaving request's last, partial block stay findable."""
+        bs, computed = self.block_size, request.num_computed_tokens
+        full, m = divmod(computed, bs)
+        if not self.enable_caching or m == 0 or full >= len(blocks) or blocks[full].ref_cnt != 1:
+            return
+        hashes = self._block_hashes(request, full * bs)
+        parent = hashes[full - 1] if full else None
+        self.pool.cache_partial(blocks[full], hash_block(parent, request.token_ids(full * bs, computed),
+                                                         request.cache_key))
+
     def free(self, request: Request) -> None:
         blocks = self.req_blocks.pop(request.request_id, [])
+        self._cache_partial_block(request, blocks)
         self.pool.free_blocks(list(reversed(blocks)))
         self.req_num_cached.pop(request.request_id, None)
         self.req_hashes.pop(request.request_id, None)

@@ -75,6 +75,9 @@ class SchedulerOutput:
     finished_req_ids: list[str] = field(default_factory=list)  # finished or aborted since the last step
     preempted_ids: list[str] = field(default_factory=list)  # the workers drop them from the batch, keep their state
     grammar: GrammarOutput | None = None
+    # (source, destination) block ids: before the step, the workers copy each source block's K/V into
+    # its destination (a prefix's cached partial block, continued by a request in a block of its own).
+    copy_blocks: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:

@@ -137,6 +137,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
+        copies: list[tuple[int, int]] = []
         scheduled: list[ScheduledRequest] = []
         scheduled_set: set[str] = set()
         preempted: list[str] = []
@@ -183,13 +184,18 @@ class Scheduler:
             use_cache = request.sampling_params.prompt_logprobs is None and (
                 not request.pooling or self.config.pooling_uses_cache)
             hits, num_hit = self.kv.get_computed_blocks(request) if use_cache else ([], 0)
-            num_new = request.num_tokens - num_hit
+            # A cached partial block continuing those hits is copied, not computed again.
+            source, num_copied = self.kv.get_partial_block(request, num_hit) if use_cache else (None, 0)
+            num_new = request.num_tokens - num_hit - num_copied
             if num_new > budget:
                 if not self.config.enable_chunked_prefill:
                     break
                 num_new = budget
-            if not self.kv.allocate_slots(request, num_new + self._lookahead, hits):
+            if not self.kv.allocate_slots(request, num_copied + num_new + self._lookahead, hits):
                 break
+            if source is not None:
+                copies.append((source.block_id, self.kv.req_blocks[request.request_id][len(hits)].block_id))
+                num_hit += num_copied
             self.waiting.pop(position)
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_hit
@@ -204,7 +210,7 @@ class Scheduler:
 
         # One-token queries first: the attention backend batches them as decodes.
         scheduled.sort(key=lambda s: s.num_new_tokens > 1)
-        out = SchedulerOutput(scheduled, self.config.max_num_batched_tokens - budget)
+        out = SchedulerOutput(scheduled, self.config.max_num_batched_tokens - budget, copy_blocks=copies)
         if scheduled:  # otherwise the diffs wait for the next step that runs
             self._add_worker_diffs(out)
         if self.config.max_in_flight > 1:

@@ -114,6 +114,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         self.batch.update(sched)
+        if sched.copy_blocks:
+            self._copy_blocks(sched.copy_blocks)
         items = [(self.batch.requests[s.req_id], s) for s in sched.scheduled]
         if not self.pipeline.is_last:  # a stage that does not sample: the tokens sampled since it last ran
             for state, item in items:
@@ -203,6 +205,14 @@ class ModelRunner:
         if self.draft is not None and hidden is not None:
             self._draft_proposals(sampling, result)
         return result
+
+    def _copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy-on-write of cached partial blocks: each layer's K/V of every source block into its
+        destination (the draft's too), before the step writes anything."""
+        src = torch.tensor([s for s, _ in pairs], dtype=torch.long, device=self.device)
+        dst = torch.tensor([d for _, d in pairs], dtype=torch.long, device=self.device)
+        for cache in self.kv_caches + (self.draft.kv_caches if self.draft is not None else []):
+            cache[:, dst] = cache[:, src]
 
     def _draft_proposals(self, sampling: list[tuple[CachedRequestState, ScheduledRequest]],
                          result: ModelRunnerOutput) -> None:

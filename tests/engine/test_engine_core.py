@@ -59,6 +59,32 @@ def test_prefix_cache_hit_counts_and_keeps_output():
     assert after_reset.num_cached_tokens == 0 and after_reset.outputs[0].token_ids == first.outputs[0].token_ids
 
 
+def test_a_continued_prompt_copies_the_cached_partial_block(tiny_models):
+    """A finished request's last, partial block stays findable by its tokens: a prompt that
+    continues it (a beam's next step, the next turn of a chat) copies it into a block of its own
+    (copy-on-write) and computes only what follows; the tokens are those of an uncached engine."""
+    path = tiny_models("Qwen3ForCausalLM")
+    llm = LLM(path, dtype="float32", kv_cache_memory=16 << 20)
+    base = list(range(200, 237))  # 2 full blocks + 5 tokens
+    params = SamplingParams(max_tokens=6, temperature=0, logprobs=1)
+    first = llm.generate({"prompt_token_ids": base}, params, use_tqdm=False)[0]
+    pool = llm.engine.core.kv.pool
+    assert len(pool._partial) == 1  # its last block: 5 prompt tokens + 5 generated ones computed
+    continued = base + list(first.outputs[0].token_ids[:5]) + [7, 8]
+    second = llm.generate({"prompt_token_ids": continued}, params, use_tqdm=False)[0]
+    assert second.num_cached_tokens == 32 + 10  # two full blocks and the copied partial one
+    pool.check_invariants()
+    fresh = LLM(path, dtype="float32", kv_cache_memory=16 << 20, enable_prefix_caching=False)
+    try:
+        want = fresh.generate({"prompt_token_ids": continued}, params, use_tqdm=False)[0]
+    finally:
+        fresh.engine.shutdown()
+        llm.engine.shutdown()
+    assert second.outputs[0].token_ids == want.outputs[0].token_ids
+    for token, a, b in zip(want.outputs[0].token_ids, second.outputs[0].logprobs, want.outputs[0].logprobs):
+        assert abs(a[token].logprob - b[token].logprob) < 1e-4
+
+
 def test_tiny_kv_cache_forces_preemption_with_equal_outputs(default_llm):
     prompts = _pydoc_prompts(8, words=40)
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
