@@ -205,15 +205,17 @@ class EngineConfig:
             errors.append(f"kv_cache_dtype must be auto, fp8 or fp8_e4m3, got {args.kv_cache_dtype!r}")
         if not args.execute_model_timeout > 0:
             errors.append("execute_model_timeout must be > 0 seconds")
-        if args.pipeline_parallel_size < 1:
-            errors.append("pipeline_parallel_size must be >= 1")
-        elif args.pipeline_parallel_size > 1:
-            if args.distributed_executor_backend == "uni":
-                errors.append("pipeline_parallel_size > 1 runs a worker process per stage: "
-                              "distributed_executor_backend must be mp, ray or unset")
-            for flag in ("enable_lora", "quantized_weights_only"):
-                if getattr(args, flag):
-                    errors.append(f"{flag} is not supported with pipeline_parallel_size > 1 yet")
+        for split, what in (("tensor_parallel_size", "rank"), ("pipeline_parallel_size", "stage")):
+            size = getattr(args, split)
+            if size < 1:
+                errors.append(f"{split} must be >= 1")
+            elif size > 1:
+                if args.distributed_executor_backend == "uni":
+                    errors.append(f"{split} > 1 runs a worker process per {what}: "
+                                  "distributed_executor_backend must be mp, ray or unset")
+                for flag in ("enable_lora", "quantized_weights_only"):
+                    if getattr(args, flag):
+                        errors.append(f"{flag} is not supported with {split} > 1 yet")
         if args.data_parallel_size < 1:
             errors.append("data_parallel_size must be >= 1")
         elif args.data_parallel_size > 1 and args.distributed_executor_backend == "uni":
@@ -221,15 +223,6 @@ class EngineConfig:
                           "distributed_executor_backend must be mp, ray or unset")
         if not 0 <= args.data_parallel_rank < max(1, args.data_parallel_size):
             errors.append("data_parallel_rank must be in [0, data_parallel_size)")
-        if args.tensor_parallel_size < 1:
-            errors.append("tensor_parallel_size must be >= 1")
-        elif args.tensor_parallel_size > 1:
-            if args.distributed_executor_backend == "uni":
-                errors.append("tensor_parallel_size > 1 runs a worker process per rank: "
-                              "distributed_executor_backend must be mp, ray or unset")
-            for flag in ("enable_lora", "quantized_weights_only"):
-                if getattr(args, flag):
-                    errors.append(f"{flag} is not supported with tensor_parallel_size > 1 yet")
         if args.enable_lora:
             if args.max_loras < 1:
                 errors.append("max_loras must be >= 1")

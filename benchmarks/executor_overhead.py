@@ -37,17 +37,24 @@ class ChannelTimer:
     """Wraps an executor's execute: per decode step, round trip minus the worker's own time."""
 
     def __init__(self, executor, batch: int):
+        from asyncllm.executor.abstract import PendingStep
+
         self.samples: list[float] = []
-        inner = executor.execute
+        start = executor.execute_async  # the engine starts each step here and waits on its result
 
-        def execute(sched):
+        def execute_async(sched):
             started = time.perf_counter()
-            output = inner(sched)
-            if len(sched.scheduled) == batch and sched.num_batched_tokens == batch:
-                self.samples.append((time.perf_counter() - started - output.worker_seconds) * 1e3)
-            return output
+            pending = start(sched)
 
-        executor.execute = execute
+            def wait():
+                output = pending.result()
+                if len(sched.scheduled) == batch and sched.num_batched_tokens == batch:
+                    self.samples.append((time.perf_counter() - started - output.worker_seconds) * 1e3)
+                return output
+
+            return PendingStep(wait=wait)
+
+        executor.execute_async = execute_async
 
 
 def main(argv=None) -> dict:

@@ -1,6 +1,7 @@
 """Shared test helpers: tiny random models of each architecture, transformers references."""
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -380,3 +381,48 @@ def save_lora_adapter(base, path, rank: int, targets: list[str], seed: int, alph
                 param.normal_(0, b_std)
     model.save_pretrained(path, safe_serialization=True)
     return model.eval()
+
+
+def local_greedy_texts(path: str, prompts: list[str], max_tokens: int = 12) -> list[str]:
+    """One in-process engine's greedy texts (fp32): what a split or served engine must give."""
+    from asyncllm import LLM, SamplingParams
+
+    llm = LLM(path, dtype="float32", kv_cache_memory=16 << 20)
+    try:
+        return [o.outputs[0].text for o in llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0),
+                                                        use_tqdm=False)]
+    finally:
+        llm.engine.shutdown()
+
+
+def check_serve_gives_one_process_texts(path: str, flags: list[str]) -> None:
+    """`asyncllm serve PATH FLAGS` behind the real openai client: the greedy texts of one process."""
+    import openai
+
+    from server_helpers import start_cli_server, stop_process
+
+    proc, url = start_cli_server([path, *flags, "--dtype", "float32", "--no-kv-cache-prefault",
+                                  "--kv-cache-memory", str(16 << 20)])
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none")
+        model = client.models.list().data[0].id
+        served = [client.completions.create(model=model, prompt=p, max_tokens=12, temperature=0).choices[0].text
+                  for p in TEXT_PROMPTS[:3]]
+    finally:
+        stop_process(proc)
+    local = local_greedy_texts(path, TEXT_PROMPTS[:3])
+    assert served == local and all(served)
+
+
+def save_llama_variant(path, tokenizer_dir: str, seed: int, **overrides) -> str:
+    """A tiny random Llama with TINY_COMMON changed by `overrides` (e.g. num_hidden_layers=5), with
+    the test tokenizer copied beside it → its folder."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(**{**TINY_COMMON, **overrides}, architectures=["LlamaForCausalLM"])
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if os.path.exists(os.path.join(tokenizer_dir, name)):
+            shutil.copy(os.path.join(tokenizer_dir, name), path)
+    return str(path)

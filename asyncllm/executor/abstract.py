@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from asyncllm.config import EngineConfig
 from asyncllm.core.sched_output import ModelRunnerOutput, SchedulerOutput
+from asyncllm.executor import wire
 from asyncllm.model.loader import Checkpoint
 from asyncllm.worker.worker import CacheConfig, WorkerInfo
 
@@ -64,13 +65,45 @@ class PendingStep:
         return self._output
 
 
+def smallest(infos: list[WorkerInfo]) -> WorkerInfo:
+    """The ranks' load reports → the engine's: the fewest KV blocks any rank holds (pipeline stages
+    with fewer layers hold more), the slowest load."""
+    fewest = min(infos, key=lambda info: info.num_blocks)
+    return WorkerInfo(fewest.num_blocks, fewest.dtype, max(info.load_seconds for info in infos))
+
+
 class RemoteWorkersExecutor(Executor):
-    """Base of the executors whose workers live elsewhere (processes, Ray actors): the first death
-    reason is kept (every later call raises EngineDeadError with it) and told once to each callback."""
+    """Base of the executors whose workers live elsewhere (processes, Ray actors): every call goes
+    to every rank as msgpack (`_start` sends it and returns how to collect the ranks' replies, in
+    order); the last rank's step output is the engine's (the last pipeline stage samples;
+    tensor-parallel ranks all sample alike). The first death reason is kept (every later call
+    raises EngineDeadError with it) and told once to each callback."""
 
     def __init__(self) -> None:
         self._dead: str | None = None
         self._callbacks: list[Callable[[str], None]] = []
+        self._step_timeout: float | None = None
+
+    @abstractmethod
+    def _start(self, method: bytes, payload: bytes) -> Callable[[float | None], list[bytes]]:
+        """Sends a call to every rank; → collect(timeout): every rank's reply body, by rank."""
+
+    def _call(self, method: bytes, payload: bytes = b"", timeout: float | None = None) -> list[bytes]:
+        return self._start(method, payload)(timeout)
+
+    def initialize(self) -> WorkerInfo:
+        return smallest([wire.decode(body, WorkerInfo) for body in self._call(b"load")])
+
+    def init_cache(self, cache: CacheConfig) -> None:
+        self._call(b"init_cache", wire.encode(cache))
+
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        return self.execute_async(sched).result()
+
+    def execute_async(self, sched: SchedulerOutput) -> PendingStep:
+        """Sent now; result() reads the replies (steps finish in the order they were sent)."""
+        collect = self._start(b"execute", wire.encode(sched))
+        return PendingStep(wait=lambda: wire.decode(collect(self._step_timeout)[-1], ModelRunnerOutput))
 
     def on_death(self, callback: Callable[[str], None]) -> None:
         self._callbacks.append(callback)

@@ -29,11 +29,9 @@ import time
 from multiprocessing.connection import Connection
 
 from asyncllm.config import EngineConfig
-from asyncllm.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from asyncllm.errors import EngineDeadError
 from asyncllm.executor import wire
-from asyncllm.executor.abstract import PendingStep, RemoteWorkersExecutor
-from asyncllm.worker.worker import CacheConfig, WorkerInfo
+from asyncllm.executor.abstract import RemoteWorkersExecutor
 
 
 class WorkerError(RuntimeError):
@@ -48,13 +46,6 @@ def reply_bodies(method: bytes, replies: list[bytes]) -> list[bytes]:
             where = "the worker process" if len(replies) == 1 else f"the worker process of rank {rank}"
             raise WorkerError(f"{where} failed in {method.decode()}: {body.decode(errors='replace')}")
     return [reply.partition(b"\n")[2] for reply in replies]
-
-
-def smallest(infos: list[WorkerInfo]) -> WorkerInfo:
-    """The ranks' load reports → the engine's: the fewest KV blocks any rank holds (pipeline stages
-    with fewer layers hold more), the slowest load."""
-    fewest = min(infos, key=lambda info: info.num_blocks)
-    return WorkerInfo(fewest.num_blocks, fewest.dtype, max(info.load_seconds for info in infos))
 
 
 class MultiprocExecutor(RemoteWorkersExecutor):
@@ -90,23 +81,6 @@ class MultiprocExecutor(RemoteWorkersExecutor):
 
     # ------------------------------------------------------------------ calls
 
-    def initialize(self) -> WorkerInfo:
-        return smallest([wire.decode(body, WorkerInfo) for body in self._call(b"load")])
-
-    def init_cache(self, cache: CacheConfig) -> None:
-        self._call(b"init_cache", wire.encode(cache))
-
-    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        return self.execute_async(sched).result()
-
-    def execute_async(self, sched: SchedulerOutput) -> PendingStep:
-        """Sent now; the replies are read by result(), in the order the steps were sent. The last
-        rank's output is the engine's: the last pipeline stage samples (tensor-parallel ranks all
-        sample alike)."""
-        self._send(b"execute", wire.encode(sched))
-        return PendingStep(wait=lambda: wire.decode(self._collect(b"execute", self._step_timeout)[-1],
-                                                    ModelRunnerOutput))
-
     def check_health(self) -> None:
         if self._dead is not None:
             raise EngineDeadError(self._dead)
@@ -141,11 +115,11 @@ class MultiprocExecutor(RemoteWorkersExecutor):
                 os.unlink(path)
             shutil.rmtree(self._rendezvous_dir, ignore_errors=True)
 
-    def _call(self, method: bytes, payload: bytes = b"", timeout: float | None = None) -> list[bytes]:
-        """Sends the call to every rank (they run it together: collectives inside), then reads every
-        reply → the bodies, by rank."""
+    def _start(self, method: bytes, payload: bytes):
+        """Writes the call to every rank (they run it together: collectives inside); the replies
+        are read by the returned collect(timeout), each channel in order."""
         self._send(method, payload)
-        return self._collect(method, timeout)
+        return lambda timeout: self._collect(method, timeout)
 
     def _send(self, method: bytes, payload: bytes) -> None:
         with self._lock:

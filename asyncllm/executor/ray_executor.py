@@ -18,12 +18,10 @@ import threading
 import uuid
 
 from asyncllm.config import EngineConfig
-from asyncllm.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from asyncllm.errors import EngineDeadError
 from asyncllm.executor import wire
-from asyncllm.executor.abstract import PendingStep, RemoteWorkersExecutor
-from asyncllm.executor.multiproc import reply_bodies, smallest
-from asyncllm.worker.worker import CacheConfig, WorkerInfo
+from asyncllm.executor.abstract import RemoteWorkersExecutor
+from asyncllm.executor.multiproc import reply_bodies
 
 PLACEMENT_TIMEOUT_S = 60.0
 
@@ -124,27 +122,14 @@ class RayExecutor(RemoteWorkersExecutor):
 
     # ------------------------------------------------------------------ calls
 
-    def initialize(self) -> WorkerInfo:
-        return smallest([wire.decode(body, WorkerInfo) for body in self._call(b"load")])
-
-    def init_cache(self, cache: CacheConfig) -> None:
-        self._call(b"init_cache", wire.encode(cache))
-
-    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        return self.execute_async(sched).result()
-
-    def execute_async(self, sched: SchedulerOutput) -> PendingStep:
-        """Started now (each actor runs its calls in order); result() awaits the last rank's output,
-        the engine's (the last pipeline stage samples; tensor-parallel ranks all sample alike)."""
-        refs = self._submit(b"execute", wire.encode(sched))
-        return PendingStep(wait=lambda: wire.decode(self._get(refs, self._step_timeout)[-1], ModelRunnerOutput))
-
     def check_health(self) -> None:
         if self._dead is not None:
             raise EngineDeadError(self._dead)
 
-    def _call(self, method: bytes, payload: bytes = b"", timeout: float | None = None) -> list[bytes]:
-        return self._get(self._submit(method, payload), timeout, method)
+    def _start(self, method: bytes, payload: bytes):
+        """Each actor's call starts now (an actor runs its calls in order); collect(timeout) awaits them."""
+        refs = self._submit(method, payload)
+        return lambda timeout: self._get(refs, timeout, method)
 
     def _submit(self, method: bytes, payload: bytes) -> list:
         with self._lock:

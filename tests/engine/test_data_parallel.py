@@ -192,13 +192,7 @@ def test_serve_with_dp_2_answers_as_one_engine_and_sums_the_metrics(tiny_models)
         metrics = httpx.get(url + "/metrics").text
     finally:
         stop_process(proc)
-    llm = LLM(path, dtype="float32", kv_cache_memory=16 << 20)
-    try:
-        local = [o.outputs[0].text for o in llm.generate(helpers.TEXT_PROMPTS[:4], SamplingParams(
-            max_tokens=12, temperature=0), use_tqdm=False)]
-    finally:
-        llm.engine.shutdown()
-    assert served == local and all(served)
+    assert served == helpers.local_greedy_texts(path, helpers.TEXT_PROMPTS[:4]) and all(served)
     values = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
               if line.startswith("asyncllm_") and "{" in line}
     assert values["asyncllm_engine_replicas_serving"] == 2

@@ -33,17 +33,7 @@ def test_two_stages_match_transformers(arch, tiny_models):
 def test_three_uneven_stages_hold_only_their_layers(tmp_path, tokenizer_dir):
     """5 layers over 3 stages (1, 2, 2): each stage's KV cache has its layers only, so with the same
     memory per process the engine takes the fewest blocks any stage holds; tokens as transformers."""
-    import shutil
-
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(5)
-    config = LlamaConfig(**{**helpers.TINY_COMMON, "num_hidden_layers": 5}, architectures=["LlamaForCausalLM"])
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp_path)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if os.path.exists(os.path.join(tokenizer_dir, name)):
-            shutil.copy(os.path.join(tokenizer_dir, name), tmp_path)
+    helpers.save_llama_variant(tmp_path, tokenizer_dir, seed=5, num_hidden_layers=5)
     args = {**ARGS, "kv_cache_memory": 4 << 20}
     one = LLM(str(tmp_path), **args)
     blocks_one_stage = one.engine.core.load_report.num_blocks
@@ -136,27 +126,7 @@ def test_a_dead_stage_stops_the_other_and_the_engine(tiny_models):
 
 def test_serve_with_pp_2_gives_the_one_stage_answers(tiny_models):
     """`asyncllm serve MODEL -pp 2` behind the real openai client."""
-    import openai
-
-    from server_helpers import start_cli_server, stop_process
-
-    path = tiny_models("Qwen3ForCausalLM")
-    proc, url = start_cli_server([path, "-pp", "2", "--dtype", "float32", "--no-kv-cache-prefault",
-                                  "--kv-cache-memory", str(16 << 20)])
-    try:
-        client = openai.OpenAI(base_url=url + "/v1", api_key="none")
-        model = client.models.list().data[0].id
-        served = [client.completions.create(model=model, prompt=p, max_tokens=12, temperature=0).choices[0].text
-                  for p in helpers.TEXT_PROMPTS[:3]]
-    finally:
-        stop_process(proc)
-    llm = LLM(path, **ARGS)
-    try:
-        local = [o.outputs[0].text for o in llm.generate(helpers.TEXT_PROMPTS[:3], SamplingParams(
-            max_tokens=12, temperature=0), use_tqdm=False)]
-    finally:
-        llm.engine.shutdown()
-    assert served == local and all(served)
+    helpers.check_serve_gives_one_process_texts(tiny_models("Qwen3ForCausalLM"), ["-pp", "2"])
 
 
 def test_two_batches_are_in_flight_at_once_and_never_share_a_request(tiny_models):

@@ -6,7 +6,6 @@ import os
 import shutil
 
 import pytest
-import torch
 
 import helpers
 from asyncllm import LLM, SamplingParams
@@ -19,16 +18,7 @@ ARGS = dict(dtype="float32", kv_cache_memory=16 << 20)
 @pytest.fixture(scope="module")
 def other_tiny_llama(tmp_path_factory, tokenizer_dir) -> str:
     """A tiny Llama with other random weights (and one layer) but the same tokenizer: a poor draft."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    path = tmp_path_factory.mktemp("draft")
-    torch.manual_seed(99)
-    config = LlamaConfig(**{**helpers.TINY_COMMON, "num_hidden_layers": 1}, architectures=["LlamaForCausalLM"])
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if os.path.exists(os.path.join(tokenizer_dir, name)):
-            shutil.copy(os.path.join(tokenizer_dir, name), path)
-    return str(path)
+    return helpers.save_llama_variant(tmp_path_factory.mktemp("draft"), tokenizer_dir, seed=99, num_hidden_layers=1)
 
 
 def _draft(model: str, k: int = 3, **extra) -> dict:

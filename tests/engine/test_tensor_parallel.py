@@ -41,17 +41,7 @@ def test_two_ranks_match_transformers(arch, collectives, tiny_models, monkeypatc
 
 def test_one_kv_head_is_replicated_on_both_ranks(tmp_path, tokenizer_dir):
     """Fewer KV heads than ranks (Gemma 3 270M has 1): each rank keeps the KV head its query heads read."""
-    import shutil
-
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(7)
-    config = LlamaConfig(**{**helpers.TINY_COMMON, "num_key_value_heads": 1}, architectures=["LlamaForCausalLM"])
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp_path)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if os.path.exists(os.path.join(tokenizer_dir, name)):
-            shutil.copy(os.path.join(tokenizer_dir, name), tmp_path)
+    helpers.save_llama_variant(tmp_path, tokenizer_dir, seed=7, num_key_value_heads=1)
     llm = LLM(str(tmp_path), dtype="float32", kv_cache_memory=16 << 20, tensor_parallel_size=2,
               max_num_batched_tokens=20)
     try:
@@ -109,24 +99,4 @@ def test_a_hung_rank_fails_the_engine_within_the_step_timeout(tiny_models):
 
 def test_serve_with_tp_2_gives_the_one_rank_answers(tiny_models):
     """`asyncllm serve MODEL -tp 2` behind the real openai client: the same greedy text as in process at TP=1."""
-    import openai
-
-    from server_helpers import start_cli_server, stop_process
-
-    path = tiny_models("Qwen3ForCausalLM")
-    proc, url = start_cli_server([path, "-tp", "2", "--dtype", "float32", "--no-kv-cache-prefault",
-                                  "--kv-cache-memory", str(16 << 20)])
-    try:
-        client = openai.OpenAI(base_url=url + "/v1", api_key="none")
-        model = client.models.list().data[0].id
-        served = [client.completions.create(model=model, prompt=p, max_tokens=12, temperature=0).choices[0].text
-                  for p in helpers.TEXT_PROMPTS[:3]]
-    finally:
-        stop_process(proc)
-    llm = LLM(path, dtype="float32", kv_cache_memory=16 << 20)
-    try:
-        local = [o.outputs[0].text for o in llm.generate(helpers.TEXT_PROMPTS[:3], SamplingParams(
-            max_tokens=12, temperature=0), use_tqdm=False)]
-    finally:
-        llm.engine.shutdown()
-    assert served == local and all(served)
+    helpers.check_serve_gives_one_process_texts(tiny_models("Qwen3ForCausalLM"), ["-tp", "2"])
