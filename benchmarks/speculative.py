@@ -5,6 +5,11 @@ generation, greedy; the outputs must be identical. The acceptance rate (accepted
 tokens) is printed for each method.
 
     python benchmarks/speculative.py [--num-prompts 3] [--max-tokens 96] [--dtype float32]
+    python benchmarks/speculative.py --w1 [--dtype float32]   # the cost on a W1 batch instead
+
+--w1: 64 pydoc prompts of 128 tokens, 128 greedy tokens each, all at once: plain decoding against
+ngram (k 7) without a batch-size rule and with `disable_by_batch_size` 8 (no proposals while 8 or
+more requests run), alternating rounds, median of 3.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from common import Timer, publish  # noqa: E402
+from common import Timer, publish, pydoc_prompts  # noqa: E402
 
 METHODS = {
     "plain": None,
@@ -42,7 +47,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--disable-by-acceptance-rate", type=float, default=None,
                         help="that speculative_config key for every method (default: unset, i.e. off)")
+    parser.add_argument("--w1", action="store_true", help="measure the cost on a W1 batch (see above)")
     args = parser.parse_args(argv)
+    if args.w1:
+        return w1_cost(args)
     extra = {"disable_by_acceptance_rate": args.disable_by_acceptance_rate}
 
     from asyncllm import LLM, SamplingParams
@@ -83,6 +91,38 @@ def main(argv=None) -> dict:
         row["same_tokens"] = outputs[(row["method"], row["workload"])] == outputs[("plain", row["workload"])]
     publish(f"Speculative decoding, single stream, greedy, {args.dtype}, {args.max_tokens} tokens", rows,
             "speculative", {"rows": rows, "args": vars(args)})
+    return {"rows": rows}
+
+
+def w1_cost(args, rounds: int = 3, num_prompts: int = 64, length: int = 128) -> dict:
+    import statistics
+
+    from asyncllm import LLM, SamplingParams
+
+    ngram = METHODS["ngram"]
+    configs = {"plain": None, "ngram": ngram, "ngram, disable_by_batch_size 8": {**ngram, "disable_by_batch_size": 8}}
+    params = SamplingParams(max_tokens=length, temperature=0, ignore_eos=True)
+    speeds: dict[str, list[float]] = {name: [] for name in configs}
+    same: dict[str, bool] = {}
+    outputs = {}
+    for _ in range(rounds):
+        for name, spec in configs.items():
+            llm = LLM(dtype=args.dtype, speculative_config=spec)
+            prompts = [{"prompt_token_ids": p} for p in pydoc_prompts(llm.get_tokenizer(), num_prompts, length)]
+            llm.generate(prompts[:2], SamplingParams(max_tokens=8, temperature=0), use_tqdm=False)  # warm up
+            with Timer() as t:
+                outs = llm.generate(prompts, params, use_tqdm=False)
+            speeds[name].append(sum(len(o.outputs[0].token_ids) for o in outs) / t.seconds)
+            outputs[name] = [o.outputs[0].token_ids for o in outs]
+            llm.engine.shutdown()
+    plain = statistics.median(speeds["plain"])
+    rows = []
+    for name in configs:
+        same[name] = outputs[name] == outputs["plain"]
+        rows.append({"method": name, "tok_per_s": statistics.median(speeds[name]),
+                     "vs_plain": statistics.median(speeds[name]) / plain, "same_tokens": same[name]})
+    publish(f"Speculative decoding on W1 ({num_prompts} x ({length} in, {length} out)), {args.dtype}, median of "
+            f"{rounds}", rows, "speculative_w1", {"rows": rows, "speeds": speeds, "args": vars(args)})
     return {"rows": rows}
 
 
