@@ -148,6 +148,18 @@ class EngineArgs:
     def create_engine_config(self) -> "EngineConfig":
         return EngineConfig.from_args(self)
 
+    def override(self, overrides: dict) -> None:
+        """Sets each named argument (TypeError for a name that is not one)."""
+        for key, value in overrides.items():
+            if not hasattr(self, key):
+                raise TypeError(f"unknown engine argument {key!r}")
+            setattr(self, key, value)
+
+    @property
+    def world_size(self) -> int:
+        """Processes of one replica: tensor-parallel ranks × pipeline stages (stage-major)."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]

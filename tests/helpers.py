@@ -426,3 +426,44 @@ def save_llama_variant(path, tokenizer_dir: str, seed: int, **overrides) -> str:
         if os.path.exists(os.path.join(tokenizer_dir, name)):
             shutil.copy(os.path.join(tokenizer_dir, name), path)
     return str(path)
+
+
+def check_split_matches_transformers(path: str, num_processes: int, max_tokens: int = 24, **engine_args) -> None:
+    """A model split over worker processes (tensor / pipeline parallel) gives transformers' greedy
+    ids and logprobs with chunked prompts, mixed steps and a prefix-cache hit; its processes run
+    while it does and are gone after shutdown."""
+    from asyncllm import LLM
+    from server_helpers import pid_alive
+
+    llm = LLM(path, dtype="float32", max_num_batched_tokens=20, **engine_args)
+    executor = llm.engine.core.executor
+    try:
+        assert len(executor.processes) == num_processes and all(pid_alive(p.pid) for p in executor.processes)
+        check_mixed_steps_match_transformers(llm, load_hf(path), max_tokens=max_tokens)
+    finally:
+        llm.engine.shutdown()
+    assert not any(pid_alive(p.pid) for p in executor.processes)
+
+
+def check_a_killed_process_stops_the_others(path: str, killed: int, **engine_args) -> None:
+    """A split model's worker process `killed` dies (SIGKILL) after a first request: the others are
+    stopped too (not left waiting in a collective or a recv) and the engine fails with EngineDeadError."""
+    import signal
+    import time
+
+    from asyncllm import LLM, EngineDeadError, SamplingParams
+    from server_helpers import pid_alive
+
+    llm = LLM(path, dtype="float32", kv_cache_memory=16 << 20, **engine_args)
+    processes = llm.engine.core.executor.processes
+    try:
+        assert llm.generate(["Hello"], SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
+        os.kill(processes[killed].pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while any(pid_alive(p.pid) for p in processes) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not any(pid_alive(p.pid) for p in processes)
+        with pytest.raises(EngineDeadError):
+            llm.generate(["Hello"], SamplingParams(max_tokens=2), use_tqdm=False)
+    finally:
+        llm.engine.shutdown()

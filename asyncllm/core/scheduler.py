@@ -233,8 +233,7 @@ class Scheduler:
             request.grammar.spec_masks = None
         if self.proposer is None or k == 0 or num_new != 1:
             return []
-        limit = self.config.speculative_disable_batch_size
-        if limit is not None and len(self.running) >= limit:
+        if not self._batch_allows_proposals():
             return []
         floor = self.config.speculative_disable_acceptance_rate
         if floor is not None:
@@ -266,8 +265,12 @@ class Scheduler:
     def _may_propose(self, request: Request) -> bool:
         """Whether the next step of this request may verify proposals (the rules _propose applies
         that are known now): not a pooled request, the batch not too large."""
+        return not request.pooling and self._batch_allows_proposals()
+
+    def _batch_allows_proposals(self) -> bool:
+        """disable_by_batch_size: no proposals while that many requests run."""
         limit = self.config.speculative_disable_batch_size
-        return not request.pooling and (limit is None or len(self.running) < limit)
+        return limit is None or len(self.running) < limit
 
     def _add_worker_diffs(self, out: SchedulerOutput) -> None:
         """The first step of a request carries its data; later steps only what changed (its start

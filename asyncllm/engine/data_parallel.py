@@ -33,9 +33,7 @@ class PrefixAffinityRouter:
     Prefixes are the prompt's leading full KV blocks, hashed as the prefix cache hashes them (chained,
     with the salt/adapter key), at most `max_blocks` deep; `capacity` hashes are remembered (LRU)."""
 
-    def __init__(self, num_replicas: int, block_size: int, max_imbalance: int = 4, max_blocks: int = 32,
-                 capacity: int = 1 << 16):
-        self.num_replicas = num_replicas
+    def __init__(self, block_size: int, max_imbalance: int = 4, max_blocks: int = 32, capacity: int = 1 << 16):
         self.block_size = block_size
         self.max_imbalance = max_imbalance
         self.max_blocks = max_blocks
@@ -102,26 +100,18 @@ class AggregateStats:
 
 
 class ReplicaSet:
-    """N EngineThreads behind EngineThread's interface (start, submit, abort, shutdown, stats)."""
+    """N EngineThreads behind the EngineThread interface AsyncEngine uses (start, submit, abort,
+    shutdown, serving, dead_error, stats)."""
 
     def __init__(self, engines: list[LLMEngine], max_waiting_requests: int):
-        self.engines = engines
         self.replicas = [EngineThread(engine, max_waiting_requests) for engine in engines]
-        self.router = PrefixAffinityRouter(len(engines), engines[0].config.args.block_size)
+        self.router = PrefixAffinityRouter(engines[0].config.args.block_size)
         self.stats = AggregateStats([replica.stats for replica in self.replicas])
         self._lock = threading.Lock()  # routing decisions, one at a time (loads read, then added to)
 
     def start(self) -> None:
         for replica in self.replicas:
             replica.start()
-
-    @property
-    def started(self) -> bool:
-        return any(replica.started for replica in self.replicas)
-
-    @property
-    def is_alive(self) -> bool:
-        return any(replica.is_alive for replica in self.replicas)
 
     @property
     def alive(self) -> list[bool]:
@@ -176,10 +166,7 @@ def load_replicas(args: EngineArgs, overrides: dict) -> list[LLMEngine]:
     """`data_parallel_size` engines loaded at once (each waits on its own worker processes), numbered
     by `data_parallel_rank`; if any fails, the others are shut down and the error raised."""
     base = dataclasses.replace(args)
-    for key, value in overrides.items():
-        if not hasattr(base, key):
-            raise TypeError(f"unknown engine argument {key!r}")
-        setattr(base, key, value)
+    base.override(overrides)
     configs = [dataclasses.replace(base, data_parallel_rank=rank).create_engine_config()
                for rank in range(base.data_parallel_size)]
     with concurrent.futures.ThreadPoolExecutor(len(configs), thread_name_prefix="asyncllm-dp-load") as pool:

@@ -61,10 +61,7 @@ class LLMEngine:
     @classmethod
     def from_engine_args(cls, args: EngineArgs | None = None, **overrides) -> "LLMEngine":
         args = args or EngineArgs()
-        for key, value in overrides.items():
-            if not hasattr(args, key):
-                raise TypeError(f"unknown engine argument {key!r}")
-            setattr(args, key, value)
+        args.override(overrides)
         return cls(args.create_engine_config())
 
     @property

@@ -79,10 +79,10 @@ class RemoteWorkersExecutor(Executor):
     tensor-parallel ranks all sample alike). The first death reason is kept (every later call
     raises EngineDeadError with it) and told once to each callback."""
 
-    def __init__(self) -> None:
+    def __init__(self, config: EngineConfig) -> None:
         self._dead: str | None = None
         self._callbacks: list[Callable[[str], None]] = []
-        self._step_timeout: float | None = None
+        self._step_timeout = config.args.execute_model_timeout
 
     @abstractmethod
     def _start(self, method: bytes, payload: bytes) -> Callable[[float | None], list[bytes]]:

@@ -50,8 +50,8 @@ def reply_bodies(method: bytes, replies: list[bytes]) -> list[bytes]:
 
 class MultiprocExecutor(RemoteWorkersExecutor):
     def __init__(self, config: EngineConfig):
-        super().__init__()
-        world_size = config.args.tensor_parallel_size * config.args.pipeline_parallel_size
+        super().__init__(config)
+        world_size = config.args.world_size
         self._rendezvous_dir = tempfile.mkdtemp(prefix="asyncllm-tp-") if world_size > 1 else None
         self.processes: list[subprocess.Popen] = []
         self._conns: list[Connection] = []
@@ -66,7 +66,6 @@ class MultiprocExecutor(RemoteWorkersExecutor):
             self._conns.append(Connection(os.dup(ours.fileno())))
             ours.close()
         self.process = self.processes[0]
-        self._step_timeout = config.args.execute_model_timeout
         self._lock = threading.Lock()  # one call on the channels at a time
         self._closing = False
         self._watchers = [threading.Thread(target=self._watch, args=(process,), name="asyncllm-worker-watch",

@@ -75,14 +75,14 @@ class RayWorker:
 
 class RayExecutor(RemoteWorkersExecutor):
     def __init__(self, config: EngineConfig):
-        super().__init__()
+        super().__init__(config)
         ray = self._ray = import_ray()
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         if not ray.is_initialized():
             ray.init(ignore_reinit_error=True, include_dashboard=False)  # RAY_ADDRESS or a local cluster
-        world_size = config.args.tensor_parallel_size * config.args.pipeline_parallel_size
+        world_size = config.args.world_size
         gpu = config.device.type == "cuda"
         bundle = {"GPU": 1, "CPU": 1} if gpu else {"CPU": 1}
         self._group = placement_group([bundle] * world_size, strategy="PACK")
@@ -99,7 +99,6 @@ class RayExecutor(RemoteWorkersExecutor):
                        .remote(rank, world_size) for rank in range(world_size)]
         self._closing = False
         self._lock = threading.Lock()
-        self._step_timeout = config.args.execute_model_timeout
         try:
             places = ray.get([a.where.remote() for a in self.actors], timeout=PLACEMENT_TIMEOUT_S)
             self.pids = [pid for _, _, pid in places]
@@ -137,7 +136,7 @@ class RayExecutor(RemoteWorkersExecutor):
                 raise EngineDeadError(self._dead)
             return [a.call.remote(method, payload) for a in self.actors]
 
-    def _get(self, refs: list, timeout: float | None, method: bytes = b"execute") -> list[bytes]:
+    def _get(self, refs: list, timeout: float | None, method: bytes) -> list[bytes]:
         ray = self._ray
         with self._lock:
             if self._dead is not None:

@@ -97,14 +97,14 @@ def join_group(rank: int, world_size: int, init_method: str, backend: str, shm_d
 def _place(args, rank: int) -> None:
     """Each rank of each data-parallel replica computes with its own threads: the host's cores are
     split between them rather than oversubscribed (the C kernels follow torch's thread count). On
-    CUDA, replica r's ranks take devices r * tp + rank (before anything touches the device)."""
+    CUDA, replica r's ranks take devices r * world_size + rank (before anything touches the device)."""
     import torch
 
-    processes = args.tensor_parallel_size * args.pipeline_parallel_size * args.data_parallel_size
+    processes = args.world_size * args.data_parallel_size
     if processes > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes))
     if args.device != "cpu" and args.data_parallel_size > 1 and torch.cuda.is_available():
-        torch.cuda.set_device(args.data_parallel_rank * args.tensor_parallel_size + rank)
+        torch.cuda.set_device(args.data_parallel_rank * args.world_size + rank)
 
 
 class WorkerCalls:

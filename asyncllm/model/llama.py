@@ -188,7 +188,7 @@ class LlamaFamilyForCausalLM(nn.Module):
         for layer, kv_cache in zip(layers, kv_caches):
             h, residual = layer(h, residual, positions, kv_cache, meta)
         if not pipeline.is_last:
-            pipeline.send(h, h if residual is None else residual)
+            pipeline.send(h, residual)  # a stage holds at least one layer: residual is set
             return None
         return self.norm(h, residual)[0]
 
@@ -317,9 +317,9 @@ class LlamaFamilyForCausalLM(nn.Module):
         if name.startswith("layers."):
             return self.ctx.pipeline.owns(int(name.split(".", 2)[1]))
         module = name.split(".", 1)[0]
-        if module in ("embed_tokens", "norm", "lm_head"):
-            return getattr(self, module) is not None or (module == "lm_head" and self.ctx.pipeline.is_last)
-        return True
+        if module == "lm_head":  # the last stage's (a tied copy is skipped later)
+            return self.ctx.pipeline.is_last
+        return module not in ("embed_tokens", "norm") or getattr(self, module) is not None
 
     _MIXTRAL_EXPERT_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 

@@ -49,8 +49,10 @@ class KVCacheSpec:
         elem = torch.empty((), dtype=self.dtype).element_size()
         return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
 
-    def num_blocks_for(self, memory_bytes: int) -> int:
-        return memory_bytes // self.bytes_per_block
+    def allocate(self, num_blocks: int, device: torch.device, prefault: bool) -> list[torch.Tensor]:
+        """One zeroed [2, num_blocks, block_size, heads, head_dim] cache per layer (`_zeros`)."""
+        shape = (2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        return [_zeros(shape, self.dtype, device, prefault) for _ in range(self.num_layers)]
 
 
 # Linux >= 5.14 (the same value on every architecture); older kernels refuse it with EINVAL.
@@ -88,8 +90,7 @@ class ModelRunner:
         self.device = device
         self.num_blocks = num_blocks
         started = time.perf_counter()
-        shape = (2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
-        self.kv_caches = [_zeros(shape, spec.dtype, device, prefault) for _ in range(spec.num_layers)]
+        self.kv_caches = spec.allocate(num_blocks, device, prefault)
         logger.info("KV cache: %d blocks x %d tokens (%.0f MiB%s) in %.2fs", num_blocks, spec.block_size,
                     num_blocks * spec.bytes_per_block / 2**20, ", prefaulted" if prefault else "",
                     time.perf_counter() - started)
@@ -102,9 +103,7 @@ class ModelRunner:
         self.draft: DraftModel | None = None
         if draft is not None:
             model_d, spec_d = draft
-            shape_d = (2, num_blocks, spec_d.block_size, spec_d.num_kv_heads, spec_d.head_dim)
-            self.draft = DraftModel(model_d, [_zeros(shape_d, spec_d.dtype, device, prefault)
-                                              for _ in range(spec_d.num_layers)], spec_d.block_size, device)
+            self.draft = DraftModel(model_d, spec_d.allocate(num_blocks, device, prefault), spec_d.block_size, device)
         ctx = getattr(model, "ctx", None)
         self.pipeline = ctx.pipeline if ctx is not None else SINGLE_STAGE
 

@@ -80,11 +80,8 @@ class Worker:
         # panel GEMM), so "auto" means fp32 there rather than a dtype that setting refuses.
         dtype = (torch.float32 if args.quantized_weights_only and config.dtype_request == "auto"
                  else resolve_dtype(config.dtype_request, config.device))
-        model = build_model(model_cfg, dtype, config.device,
+        model = self._build(checkpoint, dtype,
                             ModelContext(Ops(config.kernels), self.tensor_parallel, self._pipeline(model_cfg)))
-        model.load_weights(checkpoint.weights(dtype))
-        if args.cpu_weight_prepack and prepack_supported(config.device, dtype):
-            model.prepack_weights()
         if args.quantization is not None:
             if model_cfg.is_encoder_only:
                 raise ValueError(f"quantization is not supported for encoder models ({model_cfg.architecture})")
@@ -120,6 +117,14 @@ class Worker:
         return WorkerInfo(self._num_blocks(specs, model_cfg.max_position_embeddings),
                           str(dtype).removeprefix("torch."), time.perf_counter() - started)
 
+    def _build(self, checkpoint: Checkpoint, dtype: torch.dtype, ctx: ModelContext) -> torch.nn.Module:
+        """The checkpoint's model with its weights loaded (and packed where prepacking applies)."""
+        model = build_model(checkpoint.config, dtype, self.config.device, ctx)
+        model.load_weights(checkpoint.weights(dtype))
+        if self.config.args.cpu_weight_prepack and prepack_supported(self.config.device, dtype):
+            model.prepack_weights()
+        return model
+
     def _load_draft(self, speculative, target: Checkpoint, dtype: torch.dtype,
                     kv_dtype: torch.dtype) -> tuple[torch.nn.Module, KVCacheSpec]:
         """The draft model of speculative_config (same dtype and kernels as the target, its own
@@ -133,10 +138,7 @@ class Worker:
             raise ValueError(f"the draft model {speculative.model!r} must be a decoder with the target's tokenizer "
                              f"(vocabulary of {target.config.vocab_size}); it has {cfg.vocab_size} tokens"
                              + ("" if cfg.vocab_size != target.config.vocab_size else " and another vocabulary"))
-        model = build_model(cfg, dtype, self.config.device, ModelContext(Ops(self.config.kernels)))
-        model.load_weights(draft.weights(dtype))
-        if args.cpu_weight_prepack and prepack_supported(self.config.device, dtype):
-            model.prepack_weights()
+        model = self._build(draft, dtype, ModelContext(Ops(self.config.kernels)))
         if speculative.quantization is not None:
             model.quantize(QUANTIZATION_BITS[speculative.quantization], int4_rows=int4_max_rows(dtype))
         model.eval()

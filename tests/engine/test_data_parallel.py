@@ -26,7 +26,7 @@ def _worker_pids(engine: AsyncEngine) -> list[int]:
 
 
 def test_the_router_keeps_a_prefix_on_its_replica_until_it_is_too_busy():
-    router = PrefixAffinityRouter(2, block_size=4, max_imbalance=2)
+    router = PrefixAffinityRouter(block_size=4, max_imbalance=2)
     system = list(range(100, 112))  # three full blocks
     first = router.choose(system + [1, 2], None, [0, 0])
     assert first == 0  # the least loaded, lowest index on ties
@@ -47,7 +47,7 @@ def test_the_router_keeps_a_prefix_on_its_replica_until_it_is_too_busy():
 
 
 def test_the_router_forgets_the_oldest_prefixes_beyond_its_capacity():
-    router = PrefixAffinityRouter(2, block_size=2, capacity=4)
+    router = PrefixAffinityRouter(block_size=2, capacity=4)
     router.choose([1, 2, 3, 4], None, [0, 0])  # two hashes → replica 0
     router.choose([5, 6, 7, 8, 9, 10], None, [1, 0])  # three more → replica 1; the oldest is dropped
     assert len(router._owner) == 4

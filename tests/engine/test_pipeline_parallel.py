@@ -1,15 +1,12 @@
 """Pipeline parallelism over 2 (and 3) CPU processes: each stage holds its layers and their KV cache
 only, the hidden states and residual cross point to point, the last stage samples and hands the
 tokens back to every stage: greedy ids equal to transformers, logprobs close, as with one stage."""
-import os
-import signal
 import time
 
 import pytest
 
 import helpers
-from asyncllm import LLM, EngineDeadError, SamplingParams
-from server_helpers import pid_alive
+from asyncllm import LLM, SamplingParams
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -18,16 +15,8 @@ ARGS = dict(dtype="float32", kv_cache_memory=16 << 20)
 
 @pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Gemma3ForCausalLM", "Qwen2MoeForCausalLM"])
 def test_two_stages_match_transformers(arch, tiny_models):
-    path = tiny_models(arch)
-    llm = LLM(path, pipeline_parallel_size=2, max_num_batched_tokens=20, **ARGS)
-    executor = llm.engine.core.executor
-    try:
-        assert len(executor.processes) == 2 and all(pid_alive(p.pid) for p in executor.processes)
-        # Chunked prompts sharing steps with decodes and a prefix-cache hit, through both stages.
-        helpers.check_mixed_steps_match_transformers(llm, helpers.load_hf(path))
-    finally:
-        llm.engine.shutdown()
-    assert not any(pid_alive(p.pid) for p in executor.processes)
+    # Chunked prompts sharing steps with decodes and a prefix-cache hit, through both stages.
+    helpers.check_split_matches_transformers(tiny_models(arch), 2, kv_cache_memory=16 << 20, pipeline_parallel_size=2)
 
 
 def test_three_uneven_stages_hold_only_their_layers(tmp_path, tokenizer_dir):
@@ -50,15 +39,8 @@ def test_three_uneven_stages_hold_only_their_layers(tmp_path, tokenizer_dir):
 def test_two_stages_of_two_tensor_parallel_ranks_match_transformers(tiny_models):
     """TP=2 x PP=2: four processes (two per stage, each stage its own tensor-parallel group with its
     shared-memory collectives), slow on two cores but the same tokens."""
-    path = tiny_models("Qwen3ForCausalLM")
-    llm = LLM(path, pipeline_parallel_size=2, tensor_parallel_size=2, max_num_batched_tokens=20, **ARGS)
-    executor = llm.engine.core.executor
-    try:
-        assert len(executor.processes) == 4
-        helpers.check_mixed_steps_match_transformers(llm, helpers.load_hf(path), max_tokens=12)
-    finally:
-        llm.engine.shutdown()
-    assert not any(pid_alive(p.pid) for p in executor.processes)
+    helpers.check_split_matches_transformers(tiny_models("Qwen3ForCausalLM"), 4, max_tokens=12,
+                                             kv_cache_memory=16 << 20, pipeline_parallel_size=2, tensor_parallel_size=2)
 
 
 @pytest.mark.parametrize("split", [dict(pipeline_parallel_size=2), dict(tensor_parallel_size=3)])
@@ -109,19 +91,7 @@ def test_what_pipeline_parallel_does_not_run_is_refused(tiny_models):
 
 
 def test_a_dead_stage_stops_the_other_and_the_engine(tiny_models):
-    llm = LLM(tiny_models("LlamaForCausalLM"), pipeline_parallel_size=2, **ARGS)
-    executor = llm.engine.core.executor
-    try:
-        assert llm.generate(["Hello"], SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
-        os.kill(executor.processes[0].pid, signal.SIGKILL)
-        deadline = time.monotonic() + 5
-        while pid_alive(executor.processes[1].pid) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert not pid_alive(executor.processes[1].pid)
-        with pytest.raises(EngineDeadError):
-            llm.generate(["Hello"], SamplingParams(max_tokens=2), use_tqdm=False)
-    finally:
-        llm.engine.shutdown()
+    helpers.check_a_killed_process_stops_the_others(tiny_models("LlamaForCausalLM"), 0, pipeline_parallel_size=2)
 
 
 def test_serve_with_pp_2_gives_the_one_stage_answers(tiny_models):

@@ -27,16 +27,8 @@ def test_two_ranks_match_transformers(arch, collectives, tiny_models, monkeypatc
     """With the shared-memory collectives (the default on x86-64) and with gloo's alone."""
     if collectives == "gloo":
         monkeypatch.setenv("ASYNCLLM_SHM_COLLECTIVES", "0")  # the worker processes inherit it
-    path = tiny_models(arch)
-    llm = LLM(path, dtype="float32", kv_cache_memory=32 << 20, tensor_parallel_size=2, max_num_batched_tokens=20)
-    try:
-        executor = llm.engine.core.executor
-        assert len(executor.processes) == 2 and all(_alive(p.pid) for p in executor.processes)
-        # Chunked prompts sharing steps with decodes and a prefix-cache hit, on both ranks at once.
-        helpers.check_mixed_steps_match_transformers(llm, helpers.load_hf(path))
-    finally:
-        llm.engine.shutdown()
-    assert not any(_alive(p.pid) for p in executor.processes)
+    # Chunked prompts sharing steps with decodes and a prefix-cache hit, on both ranks at once.
+    helpers.check_split_matches_transformers(tiny_models(arch), 2, kv_cache_memory=32 << 20, tensor_parallel_size=2)
 
 
 def test_one_kv_head_is_replicated_on_both_ranks(tmp_path, tokenizer_dir):
@@ -62,19 +54,7 @@ def test_what_does_not_split_is_refused_with_a_message(tiny_models):
 
 
 def test_a_dead_rank_stops_the_other_and_the_engine(tiny_models):
-    llm = LLM(tiny_models("LlamaForCausalLM"), dtype="float32", kv_cache_memory=16 << 20, tensor_parallel_size=2)
-    executor = llm.engine.core.executor
-    try:
-        assert llm.generate(["Hello"], SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
-        os.kill(executor.processes[1].pid, signal.SIGKILL)
-        deadline = time.monotonic() + 5
-        while _alive(executor.processes[0].pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not _alive(executor.processes[0].pid)  # rank 0 stopped too, not left waiting in gloo
-        with pytest.raises(EngineDeadError):
-            llm.generate(["Hello"], SamplingParams(max_tokens=2), use_tqdm=False)
-    finally:
-        llm.engine.shutdown()
+    helpers.check_a_killed_process_stops_the_others(tiny_models("LlamaForCausalLM"), 1, tensor_parallel_size=2)
 
 
 def test_a_hung_rank_fails_the_engine_within_the_step_timeout(tiny_models):
