@@ -47,8 +47,43 @@ class RegexTooComplex(ValueError):
     pass
 
 
+# Deeper groups are refused before parsing: Python's parser recurses per level, so without
+# this bound the answer would depend on the recursion limit of the process (torch raises it).
+MAX_NESTING = 100
+
+
+def nesting_depth(pattern: str) -> int:
+    """The deepest group nesting, skipping escapes and character classes."""
+    depth = deepest = 0
+    i, n = 0, len(pattern)
+    in_class = False
+    while i < n:
+        c = pattern[i]
+        if c == "\\":
+            i += 2
+            continue
+        if in_class:
+            if c == "]":
+                in_class = False
+        elif c == "[":
+            in_class = True
+            if pattern.startswith("]", i + 1) or pattern.startswith("^]", i + 1):
+                i += 2 if pattern[i + 1] == "]" else 3  # a leading ] is a literal
+                continue
+        elif c == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c == ")":
+            depth = max(depth - 1, 0)
+        i += 1
+    return deepest
+
+
 def regex_cost(pattern: str) -> RegexCost:
     """Raises re.error for a pattern Python cannot parse, RegexTooComplex for one nested too deeply."""
+    depth = nesting_depth(pattern)
+    if depth > MAX_NESTING:
+        raise RegexTooComplex(f"the regex nests too deeply ({depth} levels of groups; at most {MAX_NESTING})")
     try:
         parsed = sre_parse.parse(pattern)
     except RecursionError:
