@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from asyncllm.model.arch_config import LlamaFamilyConfig
+from asyncllm.model.checkpoint_quant import GroupedWeight
 from asyncllm.model.cpu_decode import CpuDecodeStack
 from asyncllm.model.interface import ModelContext
 from asyncllm.model.layers import block_quant
@@ -255,6 +256,15 @@ class LlamaFamilyForCausalLM(nn.Module):
             self.logits_quant_max_rows = rows
         return len(fitting), len(projections) - len(fitting)
 
+    def adopt_checkpoint_groups(self, drop_dense: bool) -> tuple[int, int, int]:
+        """After loading a GPTQ / AWQ checkpoint: its codes become the C blocks of every projection
+        they fit (Linear.adopt_checkpoint_groups) and, with `drop_dense`, those projections keep
+        no dense weight. → (projections on the checkpoint's blocks, projections dense, bytes freed)."""
+        projections = self.projections()
+        adopted = [p for p in projections if p.adopt_checkpoint_groups()]
+        freed = sum(p.drop_dense() for p in adopted if p.can_drop_dense) if drop_dense else 0
+        return len(adopted), len(projections) - len(adopted), freed
+
     def drop_dense_projections(self) -> int:
         """After quantize(): every projection keeps only its C blocks (Linear.drop_dense). → bytes
         freed. The embedding / logits weight stays dense (token lookups read it)."""
@@ -304,6 +314,10 @@ class LlamaFamilyForCausalLM(nn.Module):
             if dest.shape != tensor.shape:
                 raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
                                  f"expected {tuple(dest.shape)}")
+            if isinstance(tensor, GroupedWeight):  # a GPTQ / AWQ projection: its groups kept for its blocks
+                self.get_submodule(target_name.removesuffix(".weight")).checkpoint_groups[
+                    0 if rows is None else rows[0]] = tensor.groups
+                tensor = tensor.dequantize()
             dest.copy_(tensor)
             loaded.add(name if rows is None else f"{target_name}:{rows[0]}")
         expected = {n for n in params if not any(f".{f}." in n for f in self._FUSED)}

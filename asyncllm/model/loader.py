@@ -17,6 +17,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from asyncllm.model.arch_config import EncoderConfig, LlamaFamilyConfig, config_from_hf
+from asyncllm.model.checkpoint_quant import CheckpointQuantization, GroupedWeight, grouped_weights, \
+    read_quantization_config
 from asyncllm.model.default_model import DEFAULT_MODEL_NAME, default_model_path
 from asyncllm.model.gguf_file import GGUFFile
 from asyncllm.model.registry import resolve_architecture
@@ -26,7 +28,8 @@ from asyncllm.pooling.config import (
     read_sentence_transformers,
 )
 
-WeightStream = Iterator[tuple[str, torch.Tensor]]
+# A pre-quantised checkpoint's projections may come as GroupedWeight (checkpoint_quant.py).
+WeightStream = Iterator[tuple[str, "torch.Tensor | GroupedWeight"]]
 
 
 @dataclass
@@ -42,6 +45,8 @@ class Checkpoint:
     # Trained for Matryoshka truncation (config.json `is_matryoshka` / `matryoshka_dimensions`):
     # None: not; () any size; else the sizes it was trained for.
     matryoshka_dimensions: tuple[int, ...] | None = None
+    # A GPTQ / AWQ folder's quantization_config (None: dense weights, or a GGUF).
+    quantization: CheckpointQuantization | None = None
 
 
 def load_checkpoint(model: str | None, tokenizer_path: str | None = None) -> Checkpoint:
@@ -81,16 +86,32 @@ def _load_hf_folder(path: str, tokenizer_path: str | None) -> Checkpoint:
     files = _safetensors_files(path)
     tokenizer = load_hf_tokenizer(tokenizer_path or path)
 
-    def weights(dtype: torch.dtype) -> WeightStream:
+    quantization = read_quantization_config(_as_dict(getattr(hf_config, "quantization_config", None)))
+    if quantization is not None and isinstance(config, EncoderConfig):
+        raise ValueError(f"{path}: a {quantization.method} encoder is not supported (decoder models only)")
+
+    def tensors() -> WeightStream:
         from safetensors import safe_open
 
         for file in files:
             with safe_open(file, framework="pt") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name).to(dtype)
+                    yield name, f.get_tensor(name)
+
+    def weights(dtype: torch.dtype) -> WeightStream:
+        stream = tensors() if quantization is None else grouped_weights(tensors(), quantization)
+        for name, tensor in stream:
+            yield name, tensor if isinstance(tensor, GroupedWeight) else tensor.to(dtype)
 
     return Checkpoint(os.path.basename(os.path.normpath(path)), path, "hf", config, tokenizer, weights,
-                      read_sentence_transformers(path), _matryoshka_dimensions(hf_config))
+                      read_sentence_transformers(path), _matryoshka_dimensions(hf_config), quantization)
+
+
+def _as_dict(config) -> dict | None:
+    """transformers keeps quantization_config as a dict, or as its own config object."""
+    if config is None or isinstance(config, dict):
+        return config
+    return config.to_dict()
 
 
 def _matryoshka_dimensions(hf_config) -> tuple[int, ...] | None:

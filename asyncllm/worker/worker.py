@@ -76,13 +76,16 @@ class Worker:
         config, args = self.config, self.config.args
         checkpoint = self._checkpoint or load_checkpoint(args.model, args.tokenizer)
         model_cfg = checkpoint.config
+        check_checkpoint_quantization(args.quantization, checkpoint)
         # Keeping only quantised blocks computes every step in fp32 (the block kernels and the
-        # panel GEMM), so "auto" means fp32 there rather than a dtype that setting refuses.
-        dtype = (torch.float32 if args.quantized_weights_only and config.dtype_request == "auto"
+        # panel GEMM), so "auto" means fp32 there rather than a dtype that setting refuses; so
+        # for a GPTQ / AWQ checkpoint on the C kernels, which runs from its blocks.
+        blocks_only = args.quantized_weights_only or (checkpoint.quantization is not None and config.kernels == "cpu")
+        dtype = (torch.float32 if blocks_only and config.dtype_request == "auto"
                  else resolve_dtype(config.dtype_request, config.device))
         model = self._build(checkpoint, dtype,
                             ModelContext(Ops(config.kernels), self.tensor_parallel, self._pipeline(model_cfg)))
-        if args.quantization is not None:
+        if args.quantization in QUANTIZATION_BITS:
             if model_cfg.is_encoder_only:
                 raise ValueError(f"quantization is not supported for encoder models ({model_cfg.architecture})")
             self._quantize(model, args.quantization, dtype)
@@ -121,6 +124,14 @@ class Worker:
         """The checkpoint's model with its weights loaded (and packed where prepacking applies)."""
         model = build_model(checkpoint.config, dtype, self.config.device, ctx)
         model.load_weights(checkpoint.weights(dtype))
+        if checkpoint.quantization is not None:  # before packing: adopted projections need no packed copy
+            blocks, dense, freed = model.adopt_checkpoint_groups(drop_dense=True)
+            if freed and self.config.device.type == "cpu":
+                return_freed_memory()
+            logger.info("%s checkpoint: %d projections run from its %d-bit codes (%.0f MB of dense weights "
+                        "freed), %d dense (dequantised: act order, other group sizes, or no C kernel "
+                        "for this dtype)", checkpoint.quantization.method, blocks, checkpoint.quantization.bits,
+                        freed / 1e6, dense)
         if self.config.args.cpu_weight_prepack and prepack_supported(self.config.device, dtype):
             model.prepack_weights()
         return model
@@ -212,3 +223,15 @@ class Worker:
         if blocks < 1:
             raise ValueError(f"kv_cache_memory={memory} bytes holds no block ({bytes_per_block} bytes each)")
         return blocks
+
+
+def check_checkpoint_quantization(requested: str | None, checkpoint: Checkpoint) -> None:
+    """EngineArgs.quantization against a checkpoint's own: unset or the same method for a GPTQ /
+    AWQ folder (vLLM's rule); int4 / int8 quantise dense weights only."""
+    method = None if checkpoint.quantization is None else checkpoint.quantization.method
+    if method is None and requested in ("gptq", "awq"):
+        raise ValueError(f"quantization={requested!r} needs a {requested} checkpoint (an HF folder whose "
+                         f"config.json has quantization_config); {checkpoint.name!r} has none")
+    if method is not None and requested not in (None, method):
+        raise ValueError(f"{checkpoint.name!r} is a {method} checkpoint: leave quantization unset or pass "
+                         f"{method!r}, not {requested!r}")

@@ -53,6 +53,12 @@ class GroupQuantized:
         """What torch's int4 kernel adds: w = (codes - 8) * scale + zero."""
         return self.low + 8 * self.scale
 
+    @staticmethod
+    def stack_rows(parts: "list[GroupQuantized]") -> "GroupQuantized":
+        """Fused projections' parts one above the other."""
+        return GroupQuantized(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]),
+                              torch.cat([p.low for p in parts]), parts[0].bits)
+
     def dequantize(self) -> torch.Tensor:
         out_features, in_features = self.codes.shape
         codes = self.codes.reshape(out_features, -1, GROUP_SIZE).float()

@@ -32,7 +32,7 @@ from torch import nn
 from asyncllm.kernels import cpu as cpu_kernels
 from asyncllm.model.layers import block_quant
 from asyncllm.model.layers.block_quant import BlockQuantWeight
-from asyncllm.model.layers.int4 import Int4Weight
+from asyncllm.model.layers.int4 import GroupQuantized, Int4Weight
 from asyncllm.model.layers.ops import TORCH_OPS, Ops
 from asyncllm.model.parallel import SINGLE, ParallelContext
 
@@ -110,9 +110,30 @@ class Linear(nn.Linear):
         self.quantized: Int4Weight | BlockQuantWeight | None = None
         self.quantized_max_rows = 0
         self.lora = None  # a LoRAProjection once the worker enables LoRA (asyncllm/lora/layers.py)
+        # A GPTQ / AWQ checkpoint's exact groups of this weight, by first row (fused parts), until
+        # adopt_checkpoint_groups() turns them into the blocks.
+        self.checkpoint_groups: dict[int, GroupQuantized] = {}
 
     def pack(self) -> None:
-        self.prepacked.pack(self.weight)
+        if not self.dense_dropped:
+            self.prepacked.pack(self.weight)
+
+    def adopt_checkpoint_groups(self) -> bool:
+        """The checkpoint's own codes as this projection's C blocks (exact: the loaded dense weight
+        holds the same values), where every row came as groups and the C kernels read such blocks
+        at this dtype. → whether it did."""
+        parts = [self.checkpoint_groups[row] for row in sorted(self.checkpoint_groups)]
+        self.checkpoint_groups = {}
+        if not parts or sum(p.codes.shape[0] for p in parts) != self.out_features or \
+                len({p.bits for p in parts}) != 1:
+            return False
+        rows = block_quant.block_rows(self.weight, self.prepacked.ops, parts[0].bits)
+        if not rows:
+            return False
+        self.quantized = BlockQuantWeight.from_groups(GroupQuantized.stack_rows(parts))
+        self.quantized.exact = True
+        self.quantized_max_rows = rows
+        return True
 
     def quantize(self, bits: int, int4_rows: int) -> None:
         """A `bits`-bit copy: the C kernel's blocks where they serve, for the steps

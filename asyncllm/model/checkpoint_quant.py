@@ -1,0 +1,216 @@
+"""Pre-quantised HF checkpoints (GPTQ, AWQ): their packed int32 tensors read into exact groups.
+
+A GPTQ or AWQ folder says so in config.json's `quantization_config`. Each quantised projection
+`P` is stored as `P.qweight` (4- or 8-bit codes packed into int32), `P.qzeros` (the zero points,
+packed alike), `P.scales` (fp16, one per group of `group_size` inputs and output) and, for GPTQ,
+`P.g_idx` (each input's group: act-order checkpoints permute them). The weight they stand for is
+w[o, i] = scale[g(i), o] * (q[i, o] - zero[g(i), o]).
+
+The two formats (as AutoGPTQ / GPTQModel and AutoAWQ write them):
+  GPTQ  qweight [in / p, out], p = 32 / bits codes per int32 along the *input*, code j at bits * j;
+        qzeros [groups, out / p] along the output, stored as zero - 1 (checkpoint_format "gptq";
+        "gptq_v2" stores zero itself); g_idx [in].
+  AWQ   qweight [in, out / 8] along the *output*, the 8 codes of an int32 in the order
+        0, 2, 4, 6, 1, 3, 5, 7; qzeros [groups, out / 8] alike; 4 bits only.
+
+Where the groups are whole runs of 32 inputs (group_size a multiple of 32 or the whole row, no
+act-order permutation) the weight is handed to the model as `GroupedWeight`: codes, scale and
+min (= -scale * zero, exact in fp32 since the scales are 16-bit) per 32 inputs, which the C
+kernels' blocks hold as they are (layers/block_quant.py): the model runs from the checkpoint's
+own codes, no dense copy kept. Other layouts (act order, groups of 16, asymmetric 8 bits) are
+handed over dequantised: the same weights, in dense form.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+
+from asyncllm.model.layers.int4 import GROUP_SIZE, GroupQuantized
+
+SUPPORTED_METHODS = ("gptq", "awq")
+_PACKED_PARTS = ("qweight", "qzeros", "scales", "g_idx")
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # output column of the code at each nibble of an int32
+
+
+@dataclass(frozen=True)
+class CheckpointQuantization:
+    """A checkpoint's quantization_config, validated."""
+    method: str       # "gptq" | "awq"
+    bits: int
+    group_size: int   # inputs per group; -1: one group per row
+    desc_act: bool    # GPTQ act order: g_idx permutes the groups
+    zero_offset: int  # added to the stored zero points (GPTQ v1 stores zero - 1)
+
+
+def read_quantization_config(config: dict | None) -> CheckpointQuantization | None:
+    """config.json's quantization_config → CheckpointQuantization (None: not quantised);
+    a method or layout this engine does not run raises ValueError saying which."""
+    if not config:
+        return None
+    method = str(config.get("quant_method", "")).lower()
+    if method not in SUPPORTED_METHODS:
+        raise ValueError(f"quantization_config.quant_method {method!r} is not supported: this engine loads "
+                         f"{', '.join(SUPPORTED_METHODS)} checkpoints (or quantises a dense one with "
+                         "quantization='int4' / 'int8')")
+    bits = int(config.get("bits", config.get("w_bit", 0)))
+    group_size = int(config.get("group_size", config.get("q_group_size", -1)))
+    if group_size == 0 or group_size < -1:
+        raise ValueError(f"{method} group_size must be -1 or > 0, got {group_size}")
+    if method == "gptq":
+        if bits not in (4, 8):
+            raise ValueError(f"GPTQ with {bits} bits is not supported: 4 or 8")
+        fmt = str(config.get("checkpoint_format", "gptq")).lower()
+        if fmt not in ("gptq", "gptq_v2"):
+            raise ValueError(f"GPTQ checkpoint_format {fmt!r} is not supported: gptq or gptq_v2")
+        return CheckpointQuantization("gptq", bits, group_size, bool(config.get("desc_act", False)),
+                                      1 if fmt == "gptq" else 0)
+    version = str(config.get("version", "gemm")).lower()
+    if version != "gemm":
+        raise ValueError(f"AWQ version {version!r} is not supported: gemm (AutoAWQ's default packing)")
+    if bits != 4:
+        raise ValueError(f"AWQ with {bits} bits is not supported: 4")
+    if not config.get("zero_point", True):
+        raise ValueError("AWQ without zero points is not supported")
+    return CheckpointQuantization("awq", 4, group_size, False, 0)
+
+
+@dataclass
+class GroupedWeight:
+    """A projection weight [out, in] as codes with a scale and a min per 32 inputs, standing for its
+    dense tensor in the weight stream (shape, narrow and split as the loaders use them)."""
+    groups: GroupQuantized
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.groups.codes.shape
+
+    def dequantize(self) -> torch.Tensor:
+        """The fp32 weight, exactly what the blocks compute with (code * scale + min, rounded once)."""
+        g = self.groups
+        n, k = g.codes.shape
+        codes = g.codes.reshape(n, k // GROUP_SIZE, GROUP_SIZE).double()
+        return (codes * g.scale.double()[..., None] + g.low.double()[..., None]).float().reshape(n, k)
+
+    def narrow(self, dim: int, start: int, length: int) -> "GroupedWeight | torch.Tensor":
+        """Rows, or whole groups of columns, stay groups; a cut through a group is dense."""
+        g = self.groups
+        if dim == 0:
+            return GroupedWeight(GroupQuantized(g.codes.narrow(0, start, length), g.scale.narrow(0, start, length),
+                                                g.low.narrow(0, start, length), g.bits))
+        if start % GROUP_SIZE or length % GROUP_SIZE:
+            return self.dequantize().narrow(dim, start, length)
+        first, count = start // GROUP_SIZE, length // GROUP_SIZE
+        return GroupedWeight(GroupQuantized(g.codes.narrow(1, start, length), g.scale.narrow(1, first, count),
+                                            g.low.narrow(1, first, count), g.bits))
+
+    def split(self, sizes: Iterable[int]) -> list["GroupedWeight"]:
+        """Along the rows (Phi-3's fused QKV and gate/up)."""
+        parts, start = [], 0
+        for size in sizes:
+            parts.append(self.narrow(0, start, size))
+            start += size
+        return parts
+
+
+def _unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """int32 words → their codes (code j of a word at bits * j), spread along `dim` (0 or 1)."""
+    words = packed.to(torch.int64) & 0xFFFFFFFF
+    per_word = 32 // bits
+    shifts = torch.arange(0, 32, bits, dtype=torch.int64)
+    if dim == 0:  # [r, c] → [r * per_word, c]
+        codes = (words[:, None, :] >> shifts[None, :, None]) & ((1 << bits) - 1)
+        return codes.reshape(-1, words.shape[1])
+    codes = (words[:, :, None] >> shifts[None, None, :]) & ((1 << bits) - 1)
+    return codes.reshape(words.shape[0], -1)
+
+
+def _awq_columns(codes: torch.Tensor) -> torch.Tensor:
+    """AWQ's interleaved nibbles [r, out] → output order."""
+    r, n = codes.shape
+    order = torch.tensor(AWQ_ORDER)
+    out = torch.empty_like(codes)
+    out.view(r, n // 8, 8)[:, :, order] = codes.view(r, n // 8, 8)
+    return out
+
+
+def unpack_projection(name: str, parts: dict[str, torch.Tensor], quant: CheckpointQuantization
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One projection's packed tensors → codes [in, out], zeros [groups, out], scales [groups, out]
+    (fp32) and each input's group [in] (int64)."""
+    for part in ("qweight", "qzeros", "scales"):
+        if part not in parts:
+            raise ValueError(f"quantised projection {name!r} has no {part} tensor")
+    scales = parts["scales"].float()
+    groups, out_features = scales.shape
+    if quant.method == "gptq":
+        codes = _unpack(parts["qweight"], quant.bits, dim=0)
+        zeros = _unpack(parts["qzeros"], quant.bits, dim=1)[:, :out_features] + quant.zero_offset
+    else:
+        codes = _awq_columns(_unpack(parts["qweight"], quant.bits, dim=1))
+        zeros = _awq_columns(_unpack(parts["qzeros"], quant.bits, dim=1))
+    in_features = codes.shape[0]
+    if codes.shape[1] != out_features or zeros.shape != scales.shape:
+        raise ValueError(f"quantised projection {name!r}: qweight, qzeros and scales disagree "
+                         f"({tuple(codes.shape)}, {tuple(zeros.shape)}, {tuple(scales.shape)})")
+    size = in_features if quant.group_size == -1 else quant.group_size
+    if "g_idx" in parts:
+        group_of = parts["g_idx"].to(torch.int64)
+    else:
+        group_of = torch.arange(in_features) // size
+    if group_of.shape != (in_features,) or int(group_of.min()) < 0 or int(group_of.max()) >= groups:
+        raise ValueError(f"quantised projection {name!r}: g_idx does not name a group per input "
+                         f"({in_features} inputs, {groups} groups)")
+    return codes, zeros, scales, group_of
+
+
+def to_weight(name: str, parts: dict[str, torch.Tensor], quant: CheckpointQuantization
+              ) -> GroupedWeight | torch.Tensor:
+    """A projection's packed tensors → GroupedWeight where 32-input blocks hold it as it is, else
+    the dense fp32 weight [out, in] (the same values)."""
+    codes, zeros, scales, group_of = unpack_projection(name, parts, quant)
+    in_features = codes.shape[0]
+    block_group = group_of[::GROUP_SIZE] if in_features % GROUP_SIZE == 0 else None
+    contiguous = block_group is not None and torch.equal(group_of, block_group.repeat_interleave(GROUP_SIZE))
+    scale32 = scales[block_group].T.contiguous() if contiguous else None  # [out, in / 32]
+    zero32 = zeros[block_group].T if contiguous else None
+    if contiguous and quant.bits == 4:
+        return GroupedWeight(GroupQuantized(codes.T.to(torch.int32).contiguous(), scale32,
+                                            (-(scale32.double() * zero32)).float().contiguous(), 4))
+    if contiguous and quant.bits == 8 and bool((zero32 == 128).all()):  # symmetric: Q8_0 blocks
+        return GroupedWeight(GroupQuantized((codes.T - 128).to(torch.int32).contiguous(), scale32,
+                                            torch.zeros_like(scale32), 8))
+    dense = scales[group_of].double() * (codes - zeros[group_of]).double()  # [in, out]
+    return dense.float().T.contiguous()
+
+
+def grouped_weights(stream: Iterable[tuple[str, torch.Tensor]], quant: CheckpointQuantization
+                    ) -> Iterator[tuple[str, GroupedWeight | torch.Tensor]]:
+    """A checkpoint's tensors with every packed projection's parts replaced by one `P.weight`
+    (GroupedWeight or dense); other tensors pass through. A projection is complete once its
+    qweight, qzeros and scales are in (and g_idx, for act order)."""
+    needed = {"qweight", "qzeros", "scales"} | ({"g_idx"} if quant.desc_act else set())
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    done: set[str] = set()
+    for name, tensor in stream:
+        prefix, _, part = name.rpartition(".")
+        if part not in _PACKED_PARTS:
+            yield name, tensor
+            continue
+        if prefix in done:
+            if part == "g_idx" and not torch.equal(tensor.to(torch.int64), _default_groups(tensor, quant)):
+                raise ValueError(f"{name} permutes the groups but desc_act is false in quantization_config")
+            continue
+        parts = pending.setdefault(prefix, {})
+        parts[part] = tensor
+        if needed <= parts.keys():
+            done.add(prefix)
+            yield f"{prefix}.weight", to_weight(prefix, pending.pop(prefix), quant)
+    for prefix, parts in pending.items():
+        yield f"{prefix}.weight", to_weight(prefix, parts, quant)
+
+
+def _default_groups(g_idx: torch.Tensor, quant: CheckpointQuantization) -> torch.Tensor:
+    size = g_idx.numel() if quant.group_size == -1 else quant.group_size
+    return torch.arange(g_idx.numel()) // size
