@@ -1,6 +1,6 @@
-"""Pre-quantised HF checkpoints (GPTQ, AWQ): their packed int32 tensors read into exact groups.
+"""Pre-quantised HF checkpoints (GPTQ, AWQ, compressed-tensors): packed int32 tensors read into exact groups.
 
-A GPTQ or AWQ folder says so in config.json's `quantization_config`. Each quantised projection
+A GPTQ, AWQ or compressed-tensors folder says so in config.json's `quantization_config`. Each quantised projection
 `P` is stored as `P.qweight` (4- or 8-bit codes packed into int32), `P.qzeros` (the zero points,
 packed alike), `P.scales` (fp16, one per group of `group_size` inputs and output) and, for GPTQ,
 `P.g_idx` (each input's group: act-order checkpoints permute them). The weight they stand for is
@@ -12,6 +12,10 @@ The two formats (as AutoGPTQ / GPTQModel and AutoAWQ write them):
         "gptq_v2" stores zero itself); g_idx [in].
   AWQ   qweight [in, out / 8] along the *output*, the 8 codes of an int32 in the order
         0, 2, 4, 6, 1, 3, 5, 7; qzeros [groups, out / 8] alike; 4 bits only.
+  compressed-tensors "pack-quantized" (llm-compressor's W4A16 / W8A16): weight_packed [out, in / p]
+        along the input, each code stored as q + 2^(bits-1); weight_scale [out, groups];
+        weight_zero_point [out / p, groups] along the output, offset alike (absent: symmetric,
+        zero 0); weight_shape; weight_g_idx for act order.
 
 Where the groups are whole runs of 32 inputs (group_size a multiple of 32 or the whole row, no
 act-order permutation) the weight is handed to the model as `GroupedWeight`: codes, scale and
@@ -29,19 +33,27 @@ import torch
 
 from asyncllm.model.layers.int4 import GROUP_SIZE, GroupQuantized
 
-SUPPORTED_METHODS = ("gptq", "awq")
-_PACKED_PARTS = ("qweight", "qzeros", "scales", "g_idx")
+SUPPORTED_METHODS = ("gptq", "awq", "compressed-tensors")
+# each format's tensor names for: codes, zero points, scales, each input's group (and the shape)
+_PARTS = {"gptq": ("qweight", "qzeros", "scales", "g_idx"), "awq": ("qweight", "qzeros", "scales", "g_idx"),
+          "compressed-tensors": ("weight_packed", "weight_zero_point", "weight_scale", "weight_g_idx")}
+_ALL_PARTS = {part for parts in _PARTS.values() for part in parts} | {"weight_shape"}
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # output column of the code at each nibble of an int32
 
 
 @dataclass(frozen=True)
 class CheckpointQuantization:
     """A checkpoint's quantization_config, validated."""
-    method: str       # "gptq" | "awq"
+    method: str       # "gptq" | "awq" | "compressed-tensors"
     bits: int
     group_size: int   # inputs per group; -1: one group per row
-    desc_act: bool    # GPTQ act order: g_idx permutes the groups
+    desc_act: bool    # act order: g_idx permutes the groups
     zero_offset: int  # added to the stored zero points (GPTQ v1 stores zero - 1)
+    symmetric: bool = False  # compressed-tensors: no zero points stored (zero 0)
+
+    @property
+    def parts(self) -> tuple[str, str, str, str]:
+        return _PARTS[self.method]
 
 
 def read_quantization_config(config: dict | None) -> CheckpointQuantization | None:
@@ -50,6 +62,8 @@ def read_quantization_config(config: dict | None) -> CheckpointQuantization | No
     if not config:
         return None
     method = str(config.get("quant_method", "")).lower()
+    if method == "compressed-tensors":
+        return _read_compressed_tensors(config)
     if method not in SUPPORTED_METHODS:
         raise ValueError(f"quantization_config.quant_method {method!r} is not supported: this engine loads "
                          f"{', '.join(SUPPORTED_METHODS)} checkpoints (or quantises a dense one with "
@@ -74,6 +88,32 @@ def read_quantization_config(config: dict | None) -> CheckpointQuantization | No
     if not config.get("zero_point", True):
         raise ValueError("AWQ without zero points is not supported")
     return CheckpointQuantization("awq", 4, group_size, False, 0)
+
+
+def _read_compressed_tensors(config: dict) -> CheckpointQuantization:
+    """compressed-tensors: one config group of int weights (4 or 8 bits, per group or per channel),
+    activations left alone (W4A16 / W8A16), pack-quantized."""
+    fmt = str(config.get("format", "")).lower()
+    if fmt != "pack-quantized":
+        raise ValueError(f"compressed-tensors format {fmt!r} is not supported: pack-quantized (int4 / int8 "
+                         "weights, 16-bit activations)")
+    groups = list((config.get("config_groups") or {}).values())
+    if len(groups) != 1:
+        raise ValueError(f"compressed-tensors with {len(groups)} config groups is not supported: one")
+    scheme = groups[0]
+    if scheme.get("input_activations") or scheme.get("output_activations"):
+        raise ValueError("compressed-tensors activation quantization (W8A8, FP8 activations) is not supported: "
+                         "weight-only schemes (W4A16, W8A16)")
+    weights = scheme.get("weights") or {}
+    bits, kind, strategy = int(weights.get("num_bits", 0)), weights.get("type", "int"), weights.get("strategy")
+    if kind != "int" or bits not in (4, 8):
+        raise ValueError(f"compressed-tensors {kind} weights of {bits} bits are not supported: int, 4 or 8 bits")
+    if strategy not in ("group", "channel"):
+        raise ValueError(f"compressed-tensors strategy {strategy!r} is not supported: group or channel")
+    group_size = int(weights.get("group_size") or -1) if strategy == "group" else -1
+    actorder = weights.get("actorder") == "group"  # "weight" / "static" orders are folded into the weights
+    return CheckpointQuantization("compressed-tensors", bits, group_size, actorder, 0,
+                                  bool(weights.get("symmetric", True)))
 
 
 @dataclass
@@ -117,9 +157,8 @@ class GroupedWeight:
 def _unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """int32 words → their codes (code j of a word at bits * j), spread along `dim` (0 or 1)."""
     words = packed.to(torch.int64) & 0xFFFFFFFF
-    per_word = 32 // bits
     shifts = torch.arange(0, 32, bits, dtype=torch.int64)
-    if dim == 0:  # [r, c] → [r * per_word, c]
+    if dim == 0:  # [r, c] → [r * 32 / bits, c]
         codes = (words[:, None, :] >> shifts[None, :, None]) & ((1 << bits) - 1)
         return codes.reshape(-1, words.shape[1])
     codes = (words[:, :, None] >> shifts[None, None, :]) & ((1 << bits) - 1)
@@ -139,28 +178,40 @@ def unpack_projection(name: str, parts: dict[str, torch.Tensor], quant: Checkpoi
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One projection's packed tensors → codes [in, out], zeros [groups, out], scales [groups, out]
     (fp32) and each input's group [in] (int64)."""
-    for part in ("qweight", "qzeros", "scales"):
+    codes_name, zeros_name, scales_name, groups_name = quant.parts
+    required = (codes_name, scales_name) + (() if quant.symmetric else (zeros_name,))
+    for part in required:
         if part not in parts:
             raise ValueError(f"quantised projection {name!r} has no {part} tensor")
-    scales = parts["scales"].float()
-    groups, out_features = scales.shape
-    if quant.method == "gptq":
-        codes = _unpack(parts["qweight"], quant.bits, dim=0)
-        zeros = _unpack(parts["qzeros"], quant.bits, dim=1)[:, :out_features] + quant.zero_offset
+    if quant.method == "compressed-tensors":
+        scales = parts[scales_name].float().T  # [groups, out]
+        groups, out_features = scales.shape
+        codes = _unpack(parts[codes_name], quant.bits, dim=1).T  # [in (padded), out]
+        if "weight_shape" in parts:
+            codes = codes[:int(parts["weight_shape"][1])]
+        offset = 1 << (quant.bits - 1)  # codes and zero points are stored as q + offset
+        zeros = (torch.full_like(scales, offset, dtype=torch.int64) if quant.symmetric
+                 else _unpack(parts[zeros_name], quant.bits, dim=0)[:out_features].T)
     else:
-        codes = _awq_columns(_unpack(parts["qweight"], quant.bits, dim=1))
-        zeros = _awq_columns(_unpack(parts["qzeros"], quant.bits, dim=1))
+        scales = parts[scales_name].float()
+        groups, out_features = scales.shape
+        if quant.method == "gptq":
+            codes = _unpack(parts[codes_name], quant.bits, dim=0)
+            zeros = _unpack(parts[zeros_name], quant.bits, dim=1)[:, :out_features] + quant.zero_offset
+        else:
+            codes = _awq_columns(_unpack(parts[codes_name], quant.bits, dim=1))
+            zeros = _awq_columns(_unpack(parts[zeros_name], quant.bits, dim=1))
     in_features = codes.shape[0]
     if codes.shape[1] != out_features or zeros.shape != scales.shape:
-        raise ValueError(f"quantised projection {name!r}: qweight, qzeros and scales disagree "
+        raise ValueError(f"quantised projection {name!r}: its codes, zero points and scales disagree "
                          f"({tuple(codes.shape)}, {tuple(zeros.shape)}, {tuple(scales.shape)})")
     size = in_features if quant.group_size == -1 else quant.group_size
-    if "g_idx" in parts:
-        group_of = parts["g_idx"].to(torch.int64)
+    if groups_name in parts:
+        group_of = parts[groups_name].to(torch.int64)
     else:
         group_of = torch.arange(in_features) // size
     if group_of.shape != (in_features,) or int(group_of.min()) < 0 or int(group_of.max()) >= groups:
-        raise ValueError(f"quantised projection {name!r}: g_idx does not name a group per input "
+        raise ValueError(f"quantised projection {name!r}: {groups_name} does not name a group per input "
                          f"({in_features} inputs, {groups} groups)")
     return codes, zeros, scales, group_of
 
@@ -188,19 +239,22 @@ def to_weight(name: str, parts: dict[str, torch.Tensor], quant: CheckpointQuanti
 def grouped_weights(stream: Iterable[tuple[str, torch.Tensor]], quant: CheckpointQuantization
                     ) -> Iterator[tuple[str, GroupedWeight | torch.Tensor]]:
     """A checkpoint's tensors with every packed projection's parts replaced by one `P.weight`
-    (GroupedWeight or dense); other tensors pass through. A projection is complete once its
-    qweight, qzeros and scales are in (and g_idx, for act order)."""
-    needed = {"qweight", "qzeros", "scales"} | ({"g_idx"} if quant.desc_act else set())
+    (GroupedWeight or dense); other tensors pass through. A projection is complete once its codes,
+    scales and zero points are in (and its groups, for act order; its shape, for compressed-tensors)."""
+    codes_name, zeros_name, scales_name, groups_name = quant.parts
+    needed = {codes_name, scales_name} | (set() if quant.symmetric else {zeros_name})
+    needed |= {groups_name} if quant.desc_act else set()
+    needed |= {"weight_shape"} if quant.method == "compressed-tensors" else set()
     pending: dict[str, dict[str, torch.Tensor]] = {}
     done: set[str] = set()
     for name, tensor in stream:
         prefix, _, part = name.rpartition(".")
-        if part not in _PACKED_PARTS:
+        if part not in _ALL_PARTS:
             yield name, tensor
             continue
         if prefix in done:
-            if part == "g_idx" and not torch.equal(tensor.to(torch.int64), _default_groups(tensor, quant)):
-                raise ValueError(f"{name} permutes the groups but desc_act is false in quantization_config")
+            if part == groups_name and not torch.equal(tensor.to(torch.int64), _default_groups(tensor, quant)):
+                raise ValueError(f"{name} permutes the groups but quantization_config has no act order")
             continue
         parts = pending.setdefault(prefix, {})
         parts[part] = tensor

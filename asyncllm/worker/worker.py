@@ -15,6 +15,7 @@ import torch
 from asyncllm.config import EngineConfig
 from asyncllm.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from asyncllm.lora.manager import LoRAManager
+from asyncllm.model.checkpoint_quant import SUPPORTED_METHODS
 from asyncllm.model.dtype import resolve_dtype
 from asyncllm.model.interface import ModelContext
 from asyncllm.model.layers.block_quant import QUANTIZATION_BITS
@@ -226,10 +227,10 @@ class Worker:
 
 
 def check_checkpoint_quantization(requested: str | None, checkpoint: Checkpoint) -> None:
-    """EngineArgs.quantization against a checkpoint's own: unset or the same method for a GPTQ /
-    AWQ folder (vLLM's rule); int4 / int8 quantise dense weights only."""
+    """EngineArgs.quantization against a checkpoint's own: unset or the same method for a GPTQ,
+    AWQ or compressed-tensors folder (vLLM's rule); int4 / int8 quantise dense weights only."""
     method = None if checkpoint.quantization is None else checkpoint.quantization.method
-    if method is None and requested in ("gptq", "awq"):
+    if method is None and requested in SUPPORTED_METHODS:
         raise ValueError(f"quantization={requested!r} needs a {requested} checkpoint (an HF folder whose "
                          f"config.json has quantization_config); {checkpoint.name!r} has none")
     if method is not None and requested not in (None, method):

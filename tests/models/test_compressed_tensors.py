@@ -1,0 +1,106 @@
+"""compressed-tensors "pack-quantized" checkpoints (llm-compressor's W4A16 / W8A16): a tiny random
+model compressed by the compressed-tensors library itself (its qparams, its quantize and its
+packer: the format's reference implementation), loaded by asyncllm from the packed tensors and
+compared with transformers running the library's own dequantisation of them."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+from compressed_tensors.quantization.utils import calculate_qparams
+from safetensors.torch import load_file, save_file
+
+import helpers
+from asyncllm import LLM
+from asyncllm.kernels import cpu as cpu_kernels
+from asyncllm.model.layers.block_quant import BlockQuantWeight
+from quant_packers import PROJECTIONS
+
+
+def compress(weight: torch.Tensor, args: QuantizationArgs) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One projection by the library: scale and zero point per group (fp16 scales, as a 16-bit
+    model stores them), packed → (its tensors, the library's dequantisation of them in fp32)."""
+    out_f, in_f = weight.shape
+    size = in_f if args.strategy == "channel" else args.group_size
+    groups = weight.reshape(out_f, in_f // size, size)
+    scale, zero_point = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
+    scale = scale.to(torch.float16)
+    zero_point = zero_point.to(torch.int8)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    state = {"weight": weight.to(torch.float16), "weight_scale": scale, "weight_zero_point": zero_point}
+    packed = PackedQuantizationCompressor.compress(state, scheme)
+    # Dequantised in fp32 (the library computes in its scales' dtype: fp16 would round 8-bit products).
+    dense = PackedQuantizationCompressor.decompress({**packed, "weight_scale": scale.float()}, scheme)["weight"]
+    return dict(packed), dense.float()
+
+
+def write_compressed(dense_dir: str, path, args: QuantizationArgs) -> dict[str, torch.Tensor]:
+    """A copy of `dense_dir` with every projection compressed; config.json gets the library's own
+    quantization_config → the dequantised weights by name."""
+    os.makedirs(path, exist_ok=True)
+    for name in os.listdir(dense_dir):
+        if not name.endswith(".safetensors"):
+            shutil.copy(os.path.join(dense_dir, name), path)
+    out, reference = {}, {}
+    for name, tensor in load_file(os.path.join(dense_dir, "model.safetensors")).items():
+        prefix = name.removesuffix(".weight")
+        if name.endswith(".weight") and prefix.endswith(PROJECTIONS):
+            packed, reference[name] = compress(tensor, args)
+            out.update({f"{prefix}.{part}": t.contiguous() for part, t in packed.items()})
+        else:
+            out[name] = tensor
+    save_file(out, os.path.join(path, "model.safetensors"))
+    config = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)},
+                                format="pack-quantized", quantization_status="compressed", ignore=["lm_head"])
+    with open(os.path.join(path, "config.json")) as f:
+        hf_config = json.load(f)
+    hf_config["quantization_config"] = config.model_dump(mode="json")
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf_config, f)
+    return reference
+
+
+@pytest.mark.skipif(cpu_kernels.build_error() is not None, reason="the C kernels do not build here")
+@pytest.mark.parametrize("bits, symmetric, strategy, group_size", [
+    (4, True, "group", 32),
+    (4, False, "group", 64),
+    (8, True, "channel", None),
+])
+def test_pack_quantized_checkpoint_matches_transformers_on_its_dequantised_weights(tiny_models, tmp_path, bits,
+                                                                                   symmetric, strategy, group_size):
+    dense = tiny_models("LlamaForCausalLM")
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy=strategy, group_size=group_size)
+    weights = write_compressed(dense, tmp_path / "ct", args)
+    llm = LLM(str(tmp_path / "ct"), kv_cache_memory=16 << 20, max_num_batched_tokens=20)
+    try:
+        projections = llm.engine.core.executor.worker.runner.model.projections()
+        assert all(p.dense_dropped and isinstance(p.quantized, BlockQuantWeight) and p.quantized.bits == bits
+                   for p in projections)
+        hf = helpers.load_hf(dense)
+        with torch.no_grad():
+            for name, weight in weights.items():
+                hf.get_parameter(name).copy_(weight)
+        helpers.check_mixed_steps_match_transformers(llm, hf)
+    finally:
+        llm.engine.shutdown()
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda q: q.update(format="float-quantized"), "format 'float-quantized' is not supported"),
+    (lambda q: q["config_groups"]["group_0"].update(input_activations={"num_bits": 8, "type": "int"}),
+     "activation quantization"),
+])
+def test_unsupported_compressed_tensors_schemes_are_refused(tiny_models, tmp_path, change, message):
+    dense = tiny_models("LlamaForCausalLM")
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=32)
+    write_compressed(dense, tmp_path / "ct", args)
+    with open(tmp_path / "ct" / "config.json") as f:
+        config = json.load(f)
+    change(config["quantization_config"])
+    with open(tmp_path / "ct" / "config.json", "w") as f:
+        json.dump(config, f)
+    with pytest.raises(ValueError, match=message):
+        LLM(str(tmp_path / "ct"), kv_cache_memory=16 << 20)
