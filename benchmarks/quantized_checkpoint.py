@@ -61,6 +61,7 @@ def run_one(path: str, engine_args: dict) -> dict:
 def build_checkpoints(root: str, group_size: int) -> dict[str, str]:
     """The dense HF folder of the default model and its GPTQ and AWQ packings → name → folder."""
     import torch
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
@@ -73,7 +74,16 @@ def build_checkpoints(root: str, group_size: int) -> dict[str, str]:
     dense = os.path.join(root, "dense")
     model = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
                                                  dtype=torch.float32)
-    model.save_pretrained(dense)
+    # transformers will not save a GGUF-loaded model: its config and tensors are written as a plain fp32 folder.
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["architectures"] = [type(model).__name__]
+    os.makedirs(dense)
+    with open(os.path.join(dense, "config.json"), "w") as f:
+        json.dump(config, f)
+    tied = config.get("tie_word_embeddings", False)
+    save_file({name: t.contiguous() for name, t in model.state_dict().items()
+               if not (tied and name == "lm_head.weight")}, os.path.join(dense, "model.safetensors"))
     load_gguf_tokenizer(gguf).save_pretrained(dense)
     write_quantized(dense, os.path.join(root, "gptq"), "gptq",
                     {"bits": 4, "group_size": group_size, "desc_act": False, "sym": False},
@@ -102,16 +112,20 @@ def main(argv=None) -> dict:
         folders = build_checkpoints(root, args.group_size)
         sizes = {name: sum(os.path.getsize(os.path.join(p, f)) for f in os.listdir(p) if f.endswith(".safetensors"))
                  for name, p in folders.items()}
-        rows, reference = [], None
+        rows, reference, outputs = [], None, {}
         for label, folder, engine_args in variants:
-            out = subprocess.run([sys.executable, __file__, "--one", json.dumps([folders[folder], engine_args])],
-                                 capture_output=True, text=True, check=True).stdout
-            result = json.loads(out.split("RESULT ", 1)[1])
-            ids = result.pop("ids")
+            proc = subprocess.run([sys.executable, __file__, "--one", json.dumps([folders[folder], engine_args])],
+                                  capture_output=True, text=True)
+            if proc.returncode:
+                raise RuntimeError(f"{label} failed:\n{proc.stderr[-3000:]}")
+            result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+            ids = outputs[folder] = result.pop("ids")
             reference = reference or ids
             agree = sum(a == b for x, y in zip(ids, reference) for a, b in zip(x, y)) / sum(map(len, reference))
             rows.append({"variant": label, "file_mb": round(sizes[folder] / 2**20), **result,
                          "greedy_agreement_vs_dense": round(agree, 3)})
+    # the two packings hold the same codes, scales and zeros: the same weights, so the same tokens
+    print("GPTQ and AWQ give the same greedy tokens:", outputs["gptq"] == outputs["awq"])
     return publish("Quantised checkpoints of the default model's shape (one process each)", rows,
                    "quantized_checkpoint", {"machine": machine(), "group_size": args.group_size, "rows": rows})
 
