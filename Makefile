@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install serve test bench bench-vllm chromium clean
+.PHONY: install serve test bench bench-vllm bench-llamacpp chromium clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,22 @@ $(VLLM_VENV)/.installed:
 
 bench-vllm: install $(VLLM_VENV)/.installed
 	$(PY) benchmarks/vllm_compare.py --vllm-python $(VLLM_VENV)/bin/python
+
+# llama.cpp side by side: llama-server built from the llama.cpp that PyPI's llama-cpp-python sdist
+# vendors (its own folder .llamacpp/, nothing installed into the project's venv; cmake and a C++
+# compiler needed; ~15 min of compiling on 2 cores, once).
+LLAMACPP_VERSION := 0.3.36
+LLAMACPP_SERVER := .llamacpp/build/bin/llama-server
+$(LLAMACPP_SERVER):
+	mkdir -p .llamacpp
+	$(PIP) download --no-deps --no-binary :all: llama-cpp-python==$(LLAMACPP_VERSION) -d .llamacpp
+	tar xzf .llamacpp/llama_cpp_python-$(LLAMACPP_VERSION).tar.gz -C .llamacpp
+	cmake -S .llamacpp/llama_cpp_python-$(LLAMACPP_VERSION)/vendor/llama.cpp -B .llamacpp/build \
+	  -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+	cmake --build .llamacpp/build --target llama-server -j $$(nproc)
+
+bench-llamacpp: install $(LLAMACPP_SERVER)
+	$(PY) benchmarks/llamacpp_compare.py --server $(LLAMACPP_SERVER) $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -8,7 +8,7 @@ load minus before it (the KV cache is allocated lazily and small here); then one
 the first 32 tokens of 8 prompts against the dense fp32 engine (the 4-bit packing re-rounds the
 weights, so this measures the packing's loss, not the engine's).
 
-    python benchmarks/quantized_checkpoint.py [--group-size 64]
+    python benchmarks/quantized_checkpoint.py [--group-size 32]
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -60,31 +61,11 @@ def run_one(path: str, engine_args: dict) -> dict:
 
 def build_checkpoints(root: str, group_size: int) -> dict[str, str]:
     """The dense HF folder of the default model and its GPTQ and AWQ packings → name → folder."""
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM
-
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
     from quant_packers import pack_awq, pack_gptq, write_quantized
+    from vllm_compare import export_hf_folder
 
-    from asyncllm.model.default_model import default_model_path
-    from asyncllm.model.tokenizer import load_gguf_tokenizer
-
-    gguf = default_model_path()
-    dense = os.path.join(root, "dense")
-    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
-                                                 dtype=torch.float32)
-    # transformers will not save a GGUF-loaded model: its config and tensors are written as a plain fp32 folder.
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    config["architectures"] = [type(model).__name__]
-    os.makedirs(dense)
-    with open(os.path.join(dense, "config.json"), "w") as f:
-        json.dump(config, f)
-    tied = config.get("tie_word_embeddings", False)
-    save_file({name: t.contiguous() for name, t in model.state_dict().items()
-               if not (tied and name == "lm_head.weight")}, os.path.join(dense, "model.safetensors"))
-    load_gguf_tokenizer(gguf).save_pretrained(dense)
+    dense = str(export_hf_folder(Path(root) / "dense"))
     write_quantized(dense, os.path.join(root, "gptq"), "gptq",
                     {"bits": 4, "group_size": group_size, "desc_act": False, "sym": False},
                     lambda name, w: pack_gptq(w, 4, group_size, False, False, seed=0))
@@ -96,7 +77,7 @@ def build_checkpoints(root: str, group_size: int) -> dict[str, str]:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--group-size", type=int, default=32)
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: JSON [path, engine_args]
     args = parser.parse_args(argv)
     if args.one:

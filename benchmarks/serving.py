@@ -68,10 +68,12 @@ async def one_stream(client, model: str, prompt: list[int], max_tokens: int) -> 
 
 
 async def run_load(base_url: str, prompts: list[list[int]], concurrency: int, max_tokens: int,
-                   api_key: str = "none") -> dict:
+                   api_key: str = "none", max_retries: int = 0) -> dict:
+    """max_retries: the client's, for servers that close idle keep-alive connections under it
+    (llama-server): a request on such a connection fails before the server sees it."""
     from openai import AsyncOpenAI
 
-    client = AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=600)
+    client = AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=max_retries, timeout=600)
     model = (await client.models.list()).data[0].id
     await one_stream(client, model, prompts[0], 2)  # warm-up: first request pays lazy set-up
     gate = asyncio.Semaphore(concurrency)
