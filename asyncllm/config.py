@@ -72,8 +72,9 @@ class EngineArgs:
                                           "quantized_weights_only. A GPTQ, AWQ or compressed-tensors "
                                           "(pack-quantized) checkpoint (4-bit, or symmetric 8-bit, groups of a multiple of 32 inputs) is read "
                                           "from config.json and runs from its own codes: leave this unset or "
-                                          "name its method (gptq, awq, compressed-tensors)",
-                                    choices=["int4", "int8", "gptq", "awq", "compressed-tensors"])
+                                          "name its method (gptq, awq, compressed-tensors); an FP8 "
+                                          "checkpoint (fp8) loads dequantised",
+                                    choices=["int4", "int8", "gptq", "awq", "compressed-tensors", "fp8"])
     quantized_weights_only: bool = _opt(False, "with quantization on the C kernels in fp32: keep only the "
                                                 "quantised blocks of the projections and free their dense "
                                                 "weights and packed copies (the default model: ~0.85 GB less); "
@@ -203,9 +204,9 @@ class EngineConfig:
             errors.append(f"kernels must be auto, torch, triton or cpu, got {args.kernels!r}")
         if args.kernels == "triton" and args.block_size < 16:
             errors.append("kernels='triton' needs block_size >= 16")
-        if args.quantization not in (None, "int4", "int8", "gptq", "awq", "compressed-tensors"):
-            errors.append(f"quantization must be None, 'int4', 'int8', 'gptq', 'awq' or 'compressed-tensors', got "
-                          f"{args.quantization!r}")
+        if args.quantization not in (None, "int4", "int8", "gptq", "awq", "compressed-tensors", "fp8"):
+            errors.append(f"quantization must be None, 'int4', 'int8', 'gptq', 'awq', 'compressed-tensors' or 'fp8', "
+                          f"got {args.quantization!r}")
         if args.quantized_weights_only and args.quantization is None:
             errors.append("quantized_weights_only keeps only the quantised weights: set quantization too")
         if args.kv_cache_memory is not None and args.kv_cache_memory <= 0:

@@ -22,18 +22,23 @@ act-order permutation) the weight is handed to the model as `GroupedWeight`: cod
 min (= -scale * zero, exact in fp32 since the scales are 16-bit) per 32 inputs, which the C
 kernels' blocks hold as they are (layers/block_quant.py): the model runs from the checkpoint's
 own codes, no dense copy kept. Other layouts (act order, groups of 16, asymmetric 8 bits) are
-handed over dequantised: the same weights, in dense form.
+handed over dequantised: the same weights, in dense form. FP8 checkpoints (quant_method "fp8",
+compressed-tensors "float-quantized") are read by checkpoint_fp8.py and load dequantised.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import torch
 
+from asyncllm.model.checkpoint_fp8 import Fp8Layout, compressed_tensors_fp8_layout, fp8_weights, read_fp8_config
 from asyncllm.model.layers.int4 import GROUP_SIZE, GroupQuantized
 
-SUPPORTED_METHODS = ("gptq", "awq", "compressed-tensors")
+logger = logging.getLogger(__name__)
+
+SUPPORTED_METHODS = ("gptq", "awq", "compressed-tensors", "fp8")
 # each format's tensor names for: codes, zero points, scales, each input's group (and the shape)
 _PARTS = {"gptq": ("qweight", "qzeros", "scales", "g_idx"), "awq": ("qweight", "qzeros", "scales", "g_idx"),
           "compressed-tensors": ("weight_packed", "weight_zero_point", "weight_scale", "weight_g_idx")}
@@ -50,6 +55,12 @@ class CheckpointQuantization:
     desc_act: bool    # act order: g_idx permutes the groups
     zero_offset: int  # added to the stored zero points (GPTQ v1 stores zero - 1)
     symmetric: bool = False  # compressed-tensors: no zero points stored (zero 0)
+    fp8: Fp8Layout | None = None  # method "fp8": float8 weights, loaded dequantised (checkpoint_fp8.py)
+
+    @property
+    def packed(self) -> bool:
+        """Integer codes packed in int32 (GPTQ, AWQ, compressed-tensors), which can become C blocks."""
+        return self.method != "fp8"
 
     @property
     def parts(self) -> tuple[str, str, str, str]:
@@ -64,6 +75,11 @@ def read_quantization_config(config: dict | None) -> CheckpointQuantization | No
     method = str(config.get("quant_method", "")).lower()
     if method == "compressed-tensors":
         return _read_compressed_tensors(config)
+    if method == "fp8":
+        if str(config.get("activation_scheme", "dynamic")).lower() == "static":
+            logger.warning("fp8 static activation scales are not applied: activations run in the model's dtype "
+                           "on the dequantised weights")
+        return CheckpointQuantization("fp8", 8, -1, False, 0, fp8=read_fp8_config(config))
     if method not in SUPPORTED_METHODS:
         raise ValueError(f"quantization_config.quant_method {method!r} is not supported: this engine loads "
                          f"{', '.join(SUPPORTED_METHODS)} checkpoints (or quantises a dense one with "
@@ -94,13 +110,19 @@ def _read_compressed_tensors(config: dict) -> CheckpointQuantization:
     """compressed-tensors: one config group of int weights (4 or 8 bits, per group or per channel),
     activations left alone (W4A16 / W8A16), pack-quantized."""
     fmt = str(config.get("format", "")).lower()
-    if fmt != "pack-quantized":
+    if fmt not in ("pack-quantized", "float-quantized"):
         raise ValueError(f"compressed-tensors format {fmt!r} is not supported: pack-quantized (int4 / int8 "
-                         "weights, 16-bit activations)")
+                         "weights, 16-bit activations) or float-quantized (FP8 weights)")
     groups = list((config.get("config_groups") or {}).values())
     if len(groups) != 1:
         raise ValueError(f"compressed-tensors with {len(groups)} config groups is not supported: one")
     scheme = groups[0]
+    if fmt == "float-quantized":  # FP8 weights, loaded dequantised; activations run unquantised
+        if scheme.get("input_activations"):
+            logger.warning("compressed-tensors FP8 activation quantisation is not applied: activations run in "
+                           "the model's dtype on the dequantised weights")
+        return CheckpointQuantization("fp8", 8, -1, False, 0,
+                                      fp8=compressed_tensors_fp8_layout(scheme.get("weights") or {}))
     if scheme.get("input_activations") or scheme.get("output_activations"):
         raise ValueError("compressed-tensors activation quantization (W8A8, FP8 activations) is not supported: "
                          "weight-only schemes (W4A16, W8A16)")
@@ -268,3 +290,9 @@ def grouped_weights(stream: Iterable[tuple[str, torch.Tensor]], quant: Checkpoin
 def _default_groups(g_idx: torch.Tensor, quant: CheckpointQuantization) -> torch.Tensor:
     size = g_idx.numel() if quant.group_size == -1 else quant.group_size
     return torch.arange(g_idx.numel()) // size
+
+
+def checkpoint_weights(stream: Iterable[tuple[str, torch.Tensor]], quant: CheckpointQuantization
+                       ) -> Iterator[tuple[str, GroupedWeight | torch.Tensor]]:
+    """A quantised checkpoint's tensors as the model loads them (packed → groups, fp8 → dense)."""
+    return grouped_weights(stream, quant) if quant.packed else fp8_weights(stream, quant.fp8)

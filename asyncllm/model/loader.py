@@ -17,7 +17,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from asyncllm.model.arch_config import EncoderConfig, LlamaFamilyConfig, config_from_hf
-from asyncllm.model.checkpoint_quant import CheckpointQuantization, GroupedWeight, grouped_weights, \
+from asyncllm.model.checkpoint_quant import CheckpointQuantization, GroupedWeight, checkpoint_weights, \
     read_quantization_config
 from asyncllm.model.default_model import DEFAULT_MODEL_NAME, default_model_path
 from asyncllm.model.gguf_file import GGUFFile
@@ -99,7 +99,7 @@ def _load_hf_folder(path: str, tokenizer_path: str | None) -> Checkpoint:
                     yield name, f.get_tensor(name)
 
     def weights(dtype: torch.dtype) -> WeightStream:
-        stream = tensors() if quantization is None else grouped_weights(tensors(), quantization)
+        stream = tensors() if quantization is None else checkpoint_weights(tensors(), quantization)
         for name, tensor in stream:
             yield name, tensor if isinstance(tensor, GroupedWeight) else tensor.to(dtype)
 

@@ -81,7 +81,8 @@ class Worker:
         # Keeping only quantised blocks computes every step in fp32 (the block kernels and the
         # panel GEMM), so "auto" means fp32 there rather than a dtype that setting refuses; so
         # for a GPTQ / AWQ checkpoint on the C kernels, which runs from its blocks.
-        blocks_only = args.quantized_weights_only or (checkpoint.quantization is not None and config.kernels == "cpu")
+        blocks_only = args.quantized_weights_only or (
+            checkpoint.quantization is not None and checkpoint.quantization.packed and config.kernels == "cpu")
         dtype = (torch.float32 if blocks_only and config.dtype_request == "auto"
                  else resolve_dtype(config.dtype_request, config.device))
         model = self._build(checkpoint, dtype,
@@ -125,7 +126,7 @@ class Worker:
         """The checkpoint's model with its weights loaded (and packed where prepacking applies)."""
         model = build_model(checkpoint.config, dtype, self.config.device, ctx)
         model.load_weights(checkpoint.weights(dtype))
-        if checkpoint.quantization is not None:  # before packing: adopted projections need no packed copy
+        if checkpoint.quantization is not None and checkpoint.quantization.packed:  # before packing (none needed)
             blocks, dense, freed = model.adopt_checkpoint_groups(drop_dense=True)
             if freed and self.config.device.type == "cpu":
                 return_freed_memory()
@@ -230,6 +231,10 @@ def check_checkpoint_quantization(requested: str | None, checkpoint: Checkpoint)
     """EngineArgs.quantization against a checkpoint's own: unset or the same method for a GPTQ,
     AWQ or compressed-tensors folder (vLLM's rule); int4 / int8 quantise dense weights only."""
     method = None if checkpoint.quantization is None else checkpoint.quantization.method
+    if method is None and requested == "fp8":
+        raise ValueError(f"quantization='fp8' of a dense checkpoint ({checkpoint.name!r}: vLLM's dynamic FP8) is "
+                         "not supported: the CPU has no fp8 matmul; load an FP8 checkpoint (it runs "
+                         "dequantised) or use quantization='int8'")
     if method is None and requested in SUPPORTED_METHODS:
         raise ValueError(f"quantization={requested!r} needs a {requested} checkpoint (an HF folder whose "
                          f"config.json has quantization_config); {checkpoint.name!r} has none")

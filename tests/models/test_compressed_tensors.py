@@ -1,13 +1,15 @@
-"""compressed-tensors "pack-quantized" checkpoints (llm-compressor's W4A16 / W8A16): a tiny random
-model compressed by the compressed-tensors library itself (its qparams, its quantize and its
-packer: the format's reference implementation), loaded by asyncllm from the packed tensors and
-compared with transformers running the library's own dequantisation of them."""
+"""compressed-tensors checkpoints, "pack-quantized" (llm-compressor's W4A16 / W8A16) and
+"float-quantized" (FP8, FP8_DYNAMIC, FP8_BLOCK): a tiny random model compressed by the
+compressed-tensors library itself (its qparams, its quantize and its packer: the format's
+reference implementation), loaded by asyncllm and compared with transformers running the
+library's own dequantisation of them."""
 import json
 import os
 import shutil
 
 import pytest
 import torch
+from compressed_tensors.compressors.naive_quantized.base import FloatQuantizationCompressor
 from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
 from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 from compressed_tensors.quantization.utils import calculate_qparams
@@ -37,9 +39,28 @@ def compress(weight: torch.Tensor, args: QuantizationArgs) -> tuple[dict[str, to
     return dict(packed), dense.float()
 
 
-def write_compressed(dense_dir: str, path, args: QuantizationArgs) -> dict[str, torch.Tensor]:
-    """A copy of `dense_dir` with every projection compressed; config.json gets the library's own
-    quantization_config → the dequantised weights by name."""
+def compress_fp8(weight: torch.Tensor, scheme: QuantizationScheme) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One projection as float8 by the library (per channel or per block) → (its tensors, the
+    library's fp32 dequantisation of them)."""
+    args = scheme.weights
+    out_f, in_f = weight.shape
+    if args.strategy == "block":
+        bo, bi = args.block_structure
+        blocks = weight.reshape(out_f // bo, bo, in_f // bi, bi)
+        low, high = blocks.amin((1, 3)), blocks.amax((1, 3))
+    else:
+        low, high = weight.amin(1, keepdim=True), weight.amax(1, keepdim=True)
+    scale, _ = calculate_qparams(low, high, args)
+    packed = FloatQuantizationCompressor.compress({"weight": weight, "weight_scale": scale.float()}, scheme)
+    dense = FloatQuantizationCompressor.decompress(dict(packed), scheme)["weight"]
+    return dict(packed), dense.float()
+
+
+def write_compressed(dense_dir: str, path, args: QuantizationArgs, scheme: QuantizationScheme | None = None,
+                     fmt: str = "pack-quantized") -> dict[str, torch.Tensor]:
+    """A copy of `dense_dir` with every projection compressed (by `scheme`, FP8, when given; else
+    packed by `args`); config.json gets the library's own quantization_config → the dequantised
+    weights by name."""
     os.makedirs(path, exist_ok=True)
     for name in os.listdir(dense_dir):
         if not name.endswith(".safetensors"):
@@ -48,13 +69,13 @@ def write_compressed(dense_dir: str, path, args: QuantizationArgs) -> dict[str, 
     for name, tensor in load_file(os.path.join(dense_dir, "model.safetensors")).items():
         prefix = name.removesuffix(".weight")
         if name.endswith(".weight") and prefix.endswith(PROJECTIONS):
-            packed, reference[name] = compress(tensor, args)
+            packed, reference[name] = compress(tensor, args) if scheme is None else compress_fp8(tensor, scheme)
             out.update({f"{prefix}.{part}": t.contiguous() for part, t in packed.items()})
         else:
             out[name] = tensor
     save_file(out, os.path.join(path, "model.safetensors"))
-    config = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)},
-                                format="pack-quantized", quantization_status="compressed", ignore=["lm_head"])
+    config = QuantizationConfig(config_groups={"group_0": scheme or QuantizationScheme(targets=["Linear"], weights=args)},
+                                format=fmt, quantization_status="compressed", ignore=["lm_head"])
     with open(os.path.join(path, "config.json")) as f:
         hf_config = json.load(f)
     hf_config["quantization_config"] = config.model_dump(mode="json")
@@ -88,8 +109,30 @@ def test_pack_quantized_checkpoint_matches_transformers_on_its_dequantised_weigh
         llm.engine.shutdown()
 
 
+@pytest.mark.parametrize("preset, block", [("FP8_DYNAMIC", None), ("FP8_BLOCK", [32, 32])])
+def test_fp8_checkpoint_loads_dequantised_and_matches_transformers(tiny_models, tmp_path, preset, block):
+    """FP8 weights (per channel; per 32 x 32 block) with dynamic FP8 activations in the scheme: the
+    weights load dequantised, the activations run unquantised (a warning says so)."""
+    from compressed_tensors.quantization import preset_name_to_scheme
+
+    scheme = preset_name_to_scheme(preset, ["Linear"])
+    if block:
+        scheme.weights.block_structure = block
+    dense = tiny_models("LlamaForCausalLM")
+    weights = write_compressed(dense, tmp_path / "ct", scheme.weights, scheme, fmt="float-quantized")
+    llm = LLM(str(tmp_path / "ct"), dtype="float32", kv_cache_memory=16 << 20, max_num_batched_tokens=20)
+    try:
+        hf = helpers.load_hf(dense)
+        with torch.no_grad():
+            for name, weight in weights.items():
+                hf.get_parameter(name).copy_(weight)
+        helpers.check_mixed_steps_match_transformers(llm, hf)
+    finally:
+        llm.engine.shutdown()
+
+
 @pytest.mark.parametrize("change, message", [
-    (lambda q: q.update(format="float-quantized"), "format 'float-quantized' is not supported"),
+    (lambda q: q.update(format="marlin-24"), "format 'marlin-24' is not supported"),
     (lambda q: q["config_groups"]["group_0"].update(input_activations={"num_bits": 8, "type": "int"}),
      "activation quantization"),
 ])

@@ -90,7 +90,8 @@ def test_gptq_act_order_runs_dequantised(tiny_models, tmp_path, kernels):
 
 
 @pytest.mark.parametrize("quant_config, engine_args, message", [
-    ({"quant_method": "fp8"}, {}, "quant_method 'fp8' is not supported"),
+    ({"quant_method": "bitsandbytes"}, {}, "quant_method 'bitsandbytes' is not supported"),
+    ({"quant_method": "fp8", "fmt": "e5m2"}, {}, "fp8 fmt 'e5m2' is not supported"),
     ({"quant_method": "gptq", "bits": 3, "group_size": 32}, {}, "GPTQ with 3 bits"),
     ({"quant_method": "awq", "bits": 4, "group_size": 32, "version": "gemv"}, {}, "AWQ version 'gemv'"),
     ({"quant_method": "gptq", "bits": 4, "group_size": 32}, {"quantization": "int4"}, "is a gptq checkpoint"),
