@@ -66,11 +66,11 @@ def build_checkpoints(root: str, group_size: int) -> dict[str, str]:
     from vllm_compare import export_hf_folder
 
     dense = str(export_hf_folder(Path(root) / "dense"))
-    write_quantized(dense, os.path.join(root, "gptq"), "gptq",
-                    {"bits": 4, "group_size": group_size, "desc_act": False, "sym": False},
+    write_quantized(dense, os.path.join(root, "gptq"),
+                    {"quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": False, "sym": False},
                     lambda name, w: pack_gptq(w, 4, group_size, False, False, seed=0))
-    write_quantized(dense, os.path.join(root, "awq"), "awq",
-                    {"bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm"},
+    write_quantized(dense, os.path.join(root, "awq"),
+                    {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm"},
                     lambda name, w: pack_awq(w, group_size))
     return {name: os.path.join(root, name) for name in ("dense", "gptq", "awq")}
 

@@ -92,27 +92,53 @@ def pack_awq(weight, group_size):
     return {"qweight": pack(q), "qzeros": pack(zero), "scales": scale}, dequantized(q, zero, scale, group_of)
 
 
-def write_quantized(dense_dir: str, path, method: str, quant_config: dict, pack) -> dict[str, torch.Tensor]:
-    """A copy of `dense_dir` with every projection packed by `pack(name, weight)` → (tensors, its
-    dequantised weight); → the dequantised weights by name (what transformers is given)."""
+def write_quantized(dense_dir: str, path, quantization_config: dict, pack) -> dict[str, torch.Tensor]:
+    """A copy of `dense_dir` with every projection replaced by `pack(name, weight)` → (its tensors by
+    part name: qweight..., or weight + weight_scale..., the weight they stand for) and config.json's
+    quantization_config set; → the weights they stand for, by name (what transformers is given)."""
     os.makedirs(path, exist_ok=True)
     for name in os.listdir(dense_dir):
         if not name.endswith(".safetensors"):
             shutil.copy(os.path.join(dense_dir, name), path)
-    state = load_file(os.path.join(dense_dir, "model.safetensors"))
     out, reference = {}, {}
-    for name, tensor in state.items():
+    for name, tensor in load_file(os.path.join(dense_dir, "model.safetensors")).items():
         prefix = name.removesuffix(".weight")
         if name.endswith(".weight") and prefix.endswith(PROJECTIONS):
-            packed, weight = pack(name, tensor)
-            out.update({f"{prefix}.{part}": t for part, t in packed.items()})
-            reference[name] = weight
+            packed, reference[name] = pack(name, tensor)
+            out.update({f"{prefix}.{part}": t.contiguous() for part, t in packed.items()})
         else:
             out[name] = tensor
     save_file(out, os.path.join(path, "model.safetensors"))
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)
-    config["quantization_config"] = {"quant_method": method, **quant_config}
+    config["quantization_config"] = quantization_config
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f)
     return reference
+
+
+def transformers_on(dense_dir: str, weights: dict[str, torch.Tensor]):
+    """transformers on `dense_dir` with `weights` (by name) copied in."""
+    import helpers
+
+    hf = helpers.load_hf(dense_dir)
+    with torch.no_grad():
+        for name, weight in weights.items():
+            hf.get_parameter(name).copy_(weight)
+    return hf
+
+
+def check_checkpoint(path, dense_dir: str, weights: dict[str, torch.Tensor], check=None, max_tokens: int = 24,
+                     **engine_args) -> None:
+    """An engine on the quantised folder `path` (small KV cache, chunked prompts) gives transformers'
+    greedy ids and logprobs on the weights it stands for; `check(llm)` first, if given."""
+    import helpers
+    from asyncllm import LLM
+
+    llm = LLM(str(path), kv_cache_memory=16 << 20, max_num_batched_tokens=20, **engine_args)
+    try:
+        if check is not None:
+            check(llm)
+        helpers.check_mixed_steps_match_transformers(llm, transformers_on(dense_dir, weights), max_tokens=max_tokens)
+    finally:
+        llm.engine.shutdown()

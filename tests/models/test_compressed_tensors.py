@@ -4,8 +4,6 @@ compressed-tensors library itself (its qparams, its quantize and its packer: the
 reference implementation), loaded by asyncllm and compared with transformers running the
 library's own dequantisation of them."""
 import json
-import os
-import shutil
 
 import pytest
 import torch
@@ -13,13 +11,11 @@ from compressed_tensors.compressors.naive_quantized.base import FloatQuantizatio
 from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
 from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 from compressed_tensors.quantization.utils import calculate_qparams
-from safetensors.torch import load_file, save_file
 
-import helpers
 from asyncllm import LLM
 from asyncllm.kernels import cpu as cpu_kernels
 from asyncllm.model.layers.block_quant import BlockQuantWeight
-from quant_packers import PROJECTIONS
+from quant_packers import check_checkpoint, write_quantized
 
 
 def compress(weight: torch.Tensor, args: QuantizationArgs) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -59,29 +55,13 @@ def compress_fp8(weight: torch.Tensor, scheme: QuantizationScheme) -> tuple[dict
 def write_compressed(dense_dir: str, path, args: QuantizationArgs, scheme: QuantizationScheme | None = None,
                      fmt: str = "pack-quantized") -> dict[str, torch.Tensor]:
     """A copy of `dense_dir` with every projection compressed (by `scheme`, FP8, when given; else
-    packed by `args`); config.json gets the library's own quantization_config → the dequantised
+    packed by `args`), config.json's quantization_config the library's own → the dequantised
     weights by name."""
-    os.makedirs(path, exist_ok=True)
-    for name in os.listdir(dense_dir):
-        if not name.endswith(".safetensors"):
-            shutil.copy(os.path.join(dense_dir, name), path)
-    out, reference = {}, {}
-    for name, tensor in load_file(os.path.join(dense_dir, "model.safetensors")).items():
-        prefix = name.removesuffix(".weight")
-        if name.endswith(".weight") and prefix.endswith(PROJECTIONS):
-            packed, reference[name] = compress(tensor, args) if scheme is None else compress_fp8(tensor, scheme)
-            out.update({f"{prefix}.{part}": t.contiguous() for part, t in packed.items()})
-        else:
-            out[name] = tensor
-    save_file(out, os.path.join(path, "model.safetensors"))
-    config = QuantizationConfig(config_groups={"group_0": scheme or QuantizationScheme(targets=["Linear"], weights=args)},
+    config = QuantizationConfig(config_groups={"group_0": scheme or QuantizationScheme(targets=["Linear"],
+                                                                                        weights=args)},
                                 format=fmt, quantization_status="compressed", ignore=["lm_head"])
-    with open(os.path.join(path, "config.json")) as f:
-        hf_config = json.load(f)
-    hf_config["quantization_config"] = config.model_dump(mode="json")
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(hf_config, f)
-    return reference
+    return write_quantized(dense_dir, path, config.model_dump(mode="json"),
+                           lambda name, w: compress(w, args) if scheme is None else compress_fp8(w, scheme))
 
 
 @pytest.mark.skipif(cpu_kernels.build_error() is not None, reason="the C kernels do not build here")
@@ -95,18 +75,12 @@ def test_pack_quantized_checkpoint_matches_transformers_on_its_dequantised_weigh
     dense = tiny_models("LlamaForCausalLM")
     args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy=strategy, group_size=group_size)
     weights = write_compressed(dense, tmp_path / "ct", args)
-    llm = LLM(str(tmp_path / "ct"), kv_cache_memory=16 << 20, max_num_batched_tokens=20)
-    try:
-        projections = llm.engine.core.executor.worker.runner.model.projections()
+
+    def runs_from_the_checkpoints_codes(llm):
         assert all(p.dense_dropped and isinstance(p.quantized, BlockQuantWeight) and p.quantized.bits == bits
-                   for p in projections)
-        hf = helpers.load_hf(dense)
-        with torch.no_grad():
-            for name, weight in weights.items():
-                hf.get_parameter(name).copy_(weight)
-        helpers.check_mixed_steps_match_transformers(llm, hf)
-    finally:
-        llm.engine.shutdown()
+                   for p in llm.engine.core.executor.worker.runner.model.projections())
+
+    check_checkpoint(tmp_path / "ct", dense, weights, check=runs_from_the_checkpoints_codes)
 
 
 @pytest.mark.parametrize("preset, block", [("FP8_DYNAMIC", None), ("FP8_BLOCK", [32, 32])])
@@ -120,15 +94,7 @@ def test_fp8_checkpoint_loads_dequantised_and_matches_transformers(tiny_models, 
         scheme.weights.block_structure = block
     dense = tiny_models("LlamaForCausalLM")
     weights = write_compressed(dense, tmp_path / "ct", scheme.weights, scheme, fmt="float-quantized")
-    llm = LLM(str(tmp_path / "ct"), dtype="float32", kv_cache_memory=16 << 20, max_num_batched_tokens=20)
-    try:
-        hf = helpers.load_hf(dense)
-        with torch.no_grad():
-            for name, weight in weights.items():
-                hf.get_parameter(name).copy_(weight)
-        helpers.check_mixed_steps_match_transformers(llm, hf)
-    finally:
-        llm.engine.shutdown()
+    check_checkpoint(tmp_path / "ct", dense, weights, dtype="float32")
 
 
 @pytest.mark.parametrize("change, message", [

@@ -1,17 +1,12 @@
 """FP8 checkpoints (quant_method "fp8"): float8_e4m3fn weights with block scales (weight_scale_inv)
 or per-row scales (weight_scale, with static input scales beside), written here as the format
 says, load dequantised and equal transformers on those dequantised weights."""
-import json
-import os
-import shutil
-
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import helpers
 from asyncllm import LLM
-from quant_packers import PROJECTIONS
+from quant_packers import check_checkpoint, write_quantized
 
 FP8_MAX = 448.0  # e4m3fn's largest finite value
 
@@ -32,48 +27,23 @@ def to_fp8(weight: torch.Tensor, block: tuple[int, int] | None) -> tuple[torch.T
 
 
 def write_fp8(dense_dir: str, path, block: tuple[int, int] | None) -> dict[str, torch.Tensor]:
-    os.makedirs(path, exist_ok=True)
-    for name in os.listdir(dense_dir):
-        if not name.endswith(".safetensors"):
-            shutil.copy(os.path.join(dense_dir, name), path)
-    out, reference = {}, {}
-    for name, tensor in load_file(os.path.join(dense_dir, "model.safetensors")).items():
-        prefix = name.removesuffix(".weight")
-        if name.endswith(".weight") and prefix.endswith(PROJECTIONS):
-            q, scale, reference[name] = to_fp8(tensor, block)
-            out[name] = q
-            if block is None:
-                out[f"{prefix}.weight_scale"] = scale
-                out[f"{prefix}.input_scale"] = torch.tensor([0.05])  # static activations: read past
-            else:
-                out[f"{prefix}.weight_scale_inv"] = scale
-        else:
-            out[name] = tensor
-    save_file(out, os.path.join(path, "model.safetensors"))
-    with open(os.path.join(path, "config.json")) as f:
-        config = json.load(f)
-    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3",
-                                     "activation_scheme": "static" if block is None else "dynamic",
-                                     **({"weight_block_size": list(block)} if block else {})}
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f)
-    return reference
+    """Per block: weight_scale_inv; per row: weight_scale, with a static input scale beside."""
+    def pack(name, weight):
+        q, scale, dense = to_fp8(weight, block)
+        if block is not None:
+            return {"weight": q, "weight_scale_inv": scale}, dense
+        return {"weight": q, "weight_scale": scale, "input_scale": torch.tensor([0.05])}, dense
+
+    config = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "static" if block is None else "dynamic",
+              **({"weight_block_size": list(block)} if block else {})}
+    return write_quantized(dense_dir, path, config, pack)
 
 
 @pytest.mark.parametrize("block", [(32, 32), None])
 def test_fp8_checkpoint_matches_transformers_on_its_dequantised_weights(tiny_models, tmp_path, block):
     dense = tiny_models("LlamaForCausalLM")
     weights = write_fp8(dense, tmp_path / "fp8", block)
-    llm = LLM(str(tmp_path / "fp8"), dtype="float32", kv_cache_memory=16 << 20, max_num_batched_tokens=20,
-              quantization="fp8")
-    try:
-        hf = helpers.load_hf(dense)
-        with torch.no_grad():
-            for name, weight in weights.items():
-                hf.get_parameter(name).copy_(weight)
-        helpers.check_mixed_steps_match_transformers(llm, hf)
-    finally:
-        llm.engine.shutdown()
+    check_checkpoint(tmp_path / "fp8", dense, weights, dtype="float32", quantization="fp8")
 
 
 def test_fp8_of_a_dense_checkpoint_and_a_missing_scale_are_refused(tiny_models, tmp_path):

@@ -6,37 +6,32 @@ import json
 import shutil
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
-import helpers
-from quant_packers import pack_awq, pack_gptq, write_quantized
 from asyncllm import LLM
 from asyncllm.kernels import cpu as cpu_kernels
 from asyncllm.model.layers.block_quant import BlockQuantWeight
+from quant_packers import check_checkpoint, pack_awq, pack_gptq, write_quantized
 
 needs_c_kernels = pytest.mark.skipif(cpu_kernels.build_error() is not None, reason="the C kernels do not build here")
 
 
-def transformers_on(dense_dir: str, weights: dict[str, torch.Tensor]):
-    hf = helpers.load_hf(dense_dir)
-    with torch.no_grad():
-        for name, weight in weights.items():
-            hf.get_parameter(name).copy_(weight)
-    return hf
+def gptq(bits: int, group_size: int, desc_act: bool = False, sym: bool = False):
+    """(quantization_config, packer) of a GPTQ checkpoint."""
+    config = {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": sym}
+    return config, lambda name, w: pack_gptq(w, bits, group_size, desc_act, sym, seed=len(name))
 
 
-def _engine(path, **kwargs) -> LLM:
-    return LLM(str(path), kv_cache_memory=16 << 20, max_num_batched_tokens=20, **kwargs)
-
-
-def _check_runs_from_the_checkpoints_codes(llm, expect_blocks: bool, bits: int = 4) -> None:
-    projections = llm.engine.core.executor.worker.runner.model.projections()
-    if expect_blocks:  # no dense copy: the checkpoint's codes in the C kernels' blocks, holding its weights exactly
+def runs_from_the_checkpoints_codes(bits: int = 4):
+    def check(llm) -> None:  # no dense copy: the codes in the C kernels' blocks, holding the weights exactly
+        projections = llm.engine.core.executor.worker.runner.model.projections()
         assert all(p.dense_dropped and isinstance(p.quantized, BlockQuantWeight) and p.quantized.exact
                    and p.quantized.bits == bits for p in projections)
-    else:
-        assert not any(p.dense_dropped for p in projections)
+    return check
+
+
+def runs_dense(llm) -> None:
+    assert not any(p.dense_dropped for p in llm.engine.core.executor.worker.runner.model.projections())
 
 
 @needs_c_kernels
@@ -48,29 +43,19 @@ def _check_runs_from_the_checkpoints_codes(llm, expect_blocks: bool, bits: int =
 def test_gptq_checkpoint_matches_transformers_on_its_dequantised_weights(tiny_models, tmp_path, arch, bits,
                                                                            group_size, sym):
     dense = tiny_models(arch)
-    weights = write_quantized(dense, tmp_path / "gptq", "gptq",
-                              {"bits": bits, "group_size": group_size, "desc_act": False, "sym": sym},
-                              lambda name, w: pack_gptq(w, bits, group_size, False, sym, seed=len(name)))
-    llm = _engine(tmp_path / "gptq")  # dtype auto: float32, what the blocks compute in
-    try:
-        _check_runs_from_the_checkpoints_codes(llm, expect_blocks=True, bits=bits)
-        helpers.check_mixed_steps_match_transformers(llm, transformers_on(dense, weights))
-    finally:
-        llm.engine.shutdown()
+    weights = write_quantized(dense, tmp_path / "gptq", *gptq(bits, group_size, sym=sym))
+    # dtype auto: float32, what the blocks compute in
+    check_checkpoint(tmp_path / "gptq", dense, weights, check=runs_from_the_checkpoints_codes(bits))
 
 
 @needs_c_kernels
 def test_awq_checkpoint_matches_transformers_on_its_dequantised_weights(tiny_models, tmp_path):
     dense = tiny_models("LlamaForCausalLM")
-    weights = write_quantized(dense, tmp_path / "awq", "awq",
-                              {"bits": 4, "group_size": 64, "zero_point": True, "version": "gemm"},
-                              lambda name, w: pack_awq(w, 64))
-    llm = _engine(tmp_path / "awq", quantization="awq")  # vLLM's spelling, agreeing with the checkpoint
-    try:
-        _check_runs_from_the_checkpoints_codes(llm, expect_blocks=True)
-        helpers.check_mixed_steps_match_transformers(llm, transformers_on(dense, weights))
-    finally:
-        llm.engine.shutdown()
+    weights = write_quantized(dense, tmp_path / "awq",
+                              {"quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": True,
+                               "version": "gemm"}, lambda name, w: pack_awq(w, 64))
+    check_checkpoint(tmp_path / "awq", dense, weights, check=runs_from_the_checkpoints_codes(),
+                     quantization="awq")  # vLLM's spelling, agreeing with the checkpoint
 
 
 @pytest.mark.parametrize("kernels", ["torch"] + (["cpu"] if cpu_kernels.build_error() is None else []))
@@ -78,15 +63,22 @@ def test_gptq_act_order_runs_dequantised(tiny_models, tmp_path, kernels):
     """desc_act: g_idx scatters each group over the inputs, which 32-input blocks cannot hold; the
     weights load dequantised (and so do all on the torch kernels), still the checkpoint's values."""
     dense = tiny_models("LlamaForCausalLM")
-    weights = write_quantized(dense, tmp_path / "gptq", "gptq",
-                              {"bits": 4, "group_size": 32, "desc_act": True, "sym": False},
-                              lambda name, w: pack_gptq(w, 4, 32, True, False, seed=len(name)))
-    llm = _engine(tmp_path / "gptq", dtype="float32", kernels=kernels)
-    try:
-        _check_runs_from_the_checkpoints_codes(llm, expect_blocks=False)
-        helpers.check_mixed_steps_match_transformers(llm, transformers_on(dense, weights), max_tokens=12)
-    finally:
-        llm.engine.shutdown()
+    weights = write_quantized(dense, tmp_path / "gptq", *gptq(4, 32, desc_act=True))
+    check_checkpoint(tmp_path / "gptq", dense, weights, check=runs_dense, max_tokens=12, dtype="float32",
+                     kernels=kernels)
+
+
+@needs_c_kernels
+def test_gptq_checkpoint_split_over_two_ranks(tiny_models, tmp_path):
+    """Tensor parallel: each rank keeps its rows (q/k/v, gate/up) or its whole groups of columns
+    (o, down) of the packed codes."""
+    dense = tiny_models("LlamaForCausalLM")
+    weights = write_quantized(dense, tmp_path / "gptq", *gptq(4, 32))
+    check_checkpoint(tmp_path / "gptq", dense, weights, max_tokens=12, tensor_parallel_size=2)
+
+
+def _engine(path, **kwargs) -> LLM:
+    return LLM(str(path), kv_cache_memory=16 << 20, **kwargs)
 
 
 @pytest.mark.parametrize("quant_config, engine_args, message", [
@@ -115,25 +107,9 @@ def test_gptq_asked_of_a_dense_checkpoint_is_refused(tiny_models):
 
 
 def test_a_packed_projection_missing_its_zeros_is_refused(tiny_models, tmp_path):
-    dense = tiny_models("LlamaForCausalLM")
-    write_quantized(dense, tmp_path / "gptq", "gptq", {"bits": 4, "group_size": 32, "desc_act": False},
-                    lambda name, w: pack_gptq(w, 4, 32, False, False, seed=0))
+    write_quantized(tiny_models("LlamaForCausalLM"), tmp_path / "gptq", *gptq(4, 32))
     state = load_file(tmp_path / "gptq" / "model.safetensors")
     del state["model.layers.1.mlp.down_proj.qzeros"]
     save_file(state, tmp_path / "gptq" / "model.safetensors")
     with pytest.raises(ValueError, match="down_proj' has no qzeros"):
         _engine(tmp_path / "gptq")
-
-
-@needs_c_kernels
-def test_gptq_checkpoint_split_over_two_ranks(tiny_models, tmp_path):
-    """Tensor parallel: each rank keeps its rows (q/k/v, gate/up) or its whole groups of columns
-    (o, down) of the packed codes."""
-    dense = tiny_models("LlamaForCausalLM")
-    weights = write_quantized(dense, tmp_path / "gptq", "gptq", {"bits": 4, "group_size": 32, "desc_act": False},
-                              lambda name, w: pack_gptq(w, 4, 32, False, False, seed=len(name)))
-    llm = _engine(tmp_path / "gptq", tensor_parallel_size=2)
-    try:
-        helpers.check_mixed_steps_match_transformers(llm, transformers_on(dense, weights), max_tokens=12)
-    finally:
-        llm.engine.shutdown()
