@@ -70,9 +70,10 @@ class EngineArgs:
                                           "logits weight; needs the C kernels); prompts and larger batches "
                                           "keep the dense weights, so it adds memory unless "
                                           "quantized_weights_only. A GPTQ, AWQ or compressed-tensors "
-                                          "(pack-quantized) checkpoint (4-bit, or symmetric 8-bit, groups of a multiple of 32 inputs) is read "
-                                          "from config.json and runs from its own codes: leave this unset or "
-                                          "name its method (gptq, awq, compressed-tensors); an FP8 "
+                                          "(pack-quantized) checkpoint is read from config.json and runs "
+                                          "from its own codes (4-bit, or symmetric 8-bit, in groups of a "
+                                          "multiple of 32 inputs; other layouts dequantised): leave this "
+                                          "unset or name its method (gptq, awq, compressed-tensors); an FP8 "
                                           "checkpoint (fp8) loads dequantised",
                                     choices=["int4", "int8", "gptq", "awq", "compressed-tensors", "fp8"])
     quantized_weights_only: bool = _opt(False, "with quantization on the C kernels in fp32: keep only the "

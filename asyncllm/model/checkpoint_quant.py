@@ -49,7 +49,7 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # output column of the code at each nibble
 @dataclass(frozen=True)
 class CheckpointQuantization:
     """A checkpoint's quantization_config, validated."""
-    method: str       # "gptq" | "awq" | "compressed-tensors"
+    method: str       # "gptq" | "awq" | "compressed-tensors" | "fp8"
     bits: int
     group_size: int   # inputs per group; -1: one group per row
     desc_act: bool    # act order: g_idx permutes the groups

@@ -257,9 +257,9 @@ class LlamaFamilyForCausalLM(nn.Module):
         return len(fitting), len(projections) - len(fitting)
 
     def adopt_checkpoint_groups(self, drop_dense: bool) -> tuple[int, int, int]:
-        """After loading a GPTQ / AWQ checkpoint: its codes become the C blocks of every projection
-        they fit (Linear.adopt_checkpoint_groups) and, with `drop_dense`, those projections keep
-        no dense weight. → (projections on the checkpoint's blocks, projections dense, bytes freed)."""
+        """After loading a GPTQ / AWQ / compressed-tensors checkpoint: its codes become the C blocks
+        of every projection they fit (Linear.adopt_checkpoint_groups) and, with `drop_dense`, those
+        projections keep no dense weight. → (projections on its blocks, projections dense, bytes freed)."""
         projections = self.projections()
         adopted = [p for p in projections if p.adopt_checkpoint_groups()]
         freed = sum(p.drop_dense() for p in adopted if p.can_drop_dense) if drop_dense else 0
@@ -314,7 +314,7 @@ class LlamaFamilyForCausalLM(nn.Module):
             if dest.shape != tensor.shape:
                 raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
                                  f"expected {tuple(dest.shape)}")
-            if isinstance(tensor, GroupedWeight):  # a GPTQ / AWQ projection: its groups kept for its blocks
+            if isinstance(tensor, GroupedWeight):  # a packed checkpoint's projection: its groups kept for its blocks
                 self.get_submodule(target_name.removesuffix(".weight")).checkpoint_groups[
                     0 if rows is None else rows[0]] = tensor.groups
                 tensor = tensor.dequantize()

@@ -45,7 +45,7 @@ class Checkpoint:
     # Trained for Matryoshka truncation (config.json `is_matryoshka` / `matryoshka_dimensions`):
     # None: not; () any size; else the sizes it was trained for.
     matryoshka_dimensions: tuple[int, ...] | None = None
-    # A GPTQ / AWQ folder's quantization_config (None: dense weights, or a GGUF).
+    # A GPTQ / AWQ / compressed-tensors / FP8 folder's quantization_config (None: dense weights, or a GGUF).
     quantization: CheckpointQuantization | None = None
 
 
