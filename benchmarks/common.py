@@ -49,6 +49,15 @@ class Timer:
         self.seconds = time.perf_counter() - self.start
 
 
+def rss_mb(pid: int | str = "self") -> float:
+    """A process's resident memory (VmRSS), MiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def print_table(title: str, rows: list[dict]) -> None:
     print(f"\n{title}")
     if not rows:

@@ -35,19 +35,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import latency  # noqa: E402
 import serving  # noqa: E402
 import throughput  # noqa: E402
-from common import add_variant_args, machine, print_table, pydoc_prompts, save, stop_process  # noqa: E402
+from common import add_variant_args, machine, print_table, pydoc_prompts, rss_mb, save, stop_process  # noqa: E402
 from common import engine_variant, resolve_model, variant_flags, variant_name  # noqa: E402
 from vllm_compare import free_port  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def kv_bytes(gguf: str, dtype: str, tokens: int) -> int:

@@ -23,12 +23,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from common import Timer, machine, pydoc_prompts, publish  # noqa: E402
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+from common import Timer, machine, pydoc_prompts, publish, rss_mb  # noqa: E402
 
 
 def run_one(path: str, engine_args: dict) -> dict:
@@ -37,10 +32,10 @@ def run_one(path: str, engine_args: dict) -> dict:
 
     from asyncllm import LLM, SamplingParams
 
-    before = _rss_mb()
+    before = rss_mb()
     with Timer() as load:
         llm = LLM(path, kv_cache_memory=256 << 20, **engine_args)
-    weights_mb = _rss_mb() - before
+    weights_mb = rss_mb() - before
     tok = llm.get_tokenizer()
     prompts = pydoc_prompts(tok, 16, 128)
     greedy = SamplingParams(max_tokens=128, temperature=0, ignore_eos=True)
@@ -54,7 +49,7 @@ def run_one(path: str, engine_args: dict) -> dict:
     ids = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts[:8]], check,
                                                        use_tqdm=False)]
     llm.engine.shutdown()
-    return {"weights_mb": round(weights_mb), "rss_mb": round(_rss_mb()), "load_s": round(load.seconds, 2),
+    return {"weights_mb": round(weights_mb), "rss_mb": round(rss_mb()), "load_s": round(load.seconds, 2),
             "single_stream_tok_s": round(128 / one.seconds, 1), "batch16_out_tok_s": round(16 * 64 / many.seconds, 1),
             "ids": ids}
 

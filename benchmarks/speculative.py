@@ -103,7 +103,6 @@ def w1_cost(args, rounds: int = 3, num_prompts: int = 64, length: int = 128) -> 
     configs = {"plain": None, "ngram": ngram, "ngram, disable_by_batch_size 8": {**ngram, "disable_by_batch_size": 8}}
     params = SamplingParams(max_tokens=length, temperature=0, ignore_eos=True)
     speeds: dict[str, list[float]] = {name: [] for name in configs}
-    same: dict[str, bool] = {}
     outputs = {}
     for _ in range(rounds):
         for name, spec in configs.items():
@@ -118,9 +117,9 @@ def w1_cost(args, rounds: int = 3, num_prompts: int = 64, length: int = 128) -> 
     plain = statistics.median(speeds["plain"])
     rows = []
     for name in configs:
-        same[name] = outputs[name] == outputs["plain"]
         rows.append({"method": name, "tok_per_s": statistics.median(speeds[name]),
-                     "vs_plain": statistics.median(speeds[name]) / plain, "same_tokens": same[name]})
+                     "vs_plain": statistics.median(speeds[name]) / plain,
+                     "same_tokens": outputs[name] == outputs["plain"]})
     publish(f"Speculative decoding on W1 ({num_prompts} x ({length} in, {length} out)), {args.dtype}, median of "
             f"{rounds}", rows, "speculative_w1", {"rows": rows, "speeds": speeds, "args": vars(args)})
     return {"rows": rows}

@@ -120,12 +120,15 @@ def save_tiny_model(arch: str, path, tokenizer_dir: str) -> str:
                 if name.endswith("norm.weight"):
                     param.normal_(0, 0.3)
     model.save_pretrained(path)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
-        try:
-            shutil.copy(f"{tokenizer_dir}/{name}", path)
-        except FileNotFoundError:
-            pass
+    copy_tokenizer(tokenizer_dir, path)
     return str(path)
+
+
+def copy_tokenizer(tokenizer_dir: str, path) -> None:
+    """The test tokenizer's files (those it has) into a model folder."""
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if os.path.exists(os.path.join(tokenizer_dir, name)):
+            shutil.copy(os.path.join(tokenizer_dir, name), path)
 
 
 def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
@@ -422,9 +425,7 @@ def save_llama_variant(path, tokenizer_dir: str, seed: int, **overrides) -> str:
     torch.manual_seed(seed)
     config = LlamaConfig(**{**TINY_COMMON, **overrides}, architectures=["LlamaForCausalLM"])
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if os.path.exists(os.path.join(tokenizer_dir, name)):
-            shutil.copy(os.path.join(tokenizer_dir, name), path)
+    copy_tokenizer(tokenizer_dir, path)
     return str(path)
 
 

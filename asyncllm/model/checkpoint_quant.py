@@ -149,11 +149,8 @@ class GroupedWeight:
         return self.groups.codes.shape
 
     def dequantize(self) -> torch.Tensor:
-        """The fp32 weight, exactly what the blocks compute with (code * scale + min, rounded once)."""
-        g = self.groups
-        n, k = g.codes.shape
-        codes = g.codes.reshape(n, k // GROUP_SIZE, GROUP_SIZE).double()
-        return (codes * g.scale.double()[..., None] + g.low.double()[..., None]).float().reshape(n, k)
+        """The fp32 weight, exactly what the blocks compute with."""
+        return self.groups.rounded_once()
 
     def narrow(self, dim: int, start: int, length: int) -> "GroupedWeight | torch.Tensor":
         """Rows, or whole groups of columns, stay groups; a cut through a group is dense."""

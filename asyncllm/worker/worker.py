@@ -80,7 +80,7 @@ class Worker:
         check_checkpoint_quantization(args.quantization, checkpoint)
         # Keeping only quantised blocks computes every step in fp32 (the block kernels and the
         # panel GEMM), so "auto" means fp32 there rather than a dtype that setting refuses; so
-        # for a GPTQ / AWQ checkpoint on the C kernels, which runs from its blocks.
+        # for a packed checkpoint (GPTQ / AWQ / compressed-tensors) on the C kernels, which runs from its blocks.
         blocks_only = args.quantized_weights_only or (
             checkpoint.quantization is not None and checkpoint.quantization.packed and config.kernels == "cpu")
         dtype = (torch.float32 if blocks_only and config.dtype_request == "auto"

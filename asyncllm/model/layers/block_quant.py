@@ -126,11 +126,7 @@ class BlockQuantWeight:
 
     def dequantize(self) -> torch.Tensor:
         """The weight as the kernel computes it: each w = code * scale + min rounded once."""
-        q = self.groups()
-        n, k = q.codes.shape
-        codes = q.codes.reshape(n, -1, GROUP_SIZE).double()
-        exact = codes * q.scale.double()[..., None] + q.low.double()[..., None]
-        return exact.float().reshape(n, k)
+        return self.groups().rounded_once()
 
     def linear_many_rows(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [rows, in_features] fp32 → x @ dequantize()^T (+ bias), for any row count, as the panel

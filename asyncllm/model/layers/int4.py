@@ -59,6 +59,14 @@ class GroupQuantized:
         return GroupQuantized(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]),
                               torch.cat([p.low for p in parts]), parts[0].bits)
 
+    def rounded_once(self) -> torch.Tensor:
+        """The fp32 weight as the C block kernels compute with it: each w = code * scale + min,
+        computed exactly and rounded once."""
+        out_features, in_features = self.codes.shape
+        codes = self.codes.reshape(out_features, -1, GROUP_SIZE).double()
+        exact = codes * self.scale.double()[..., None] + self.low.double()[..., None]
+        return exact.float().reshape(out_features, in_features)
+
     def dequantize(self) -> torch.Tensor:
         out_features, in_features = self.codes.shape
         codes = self.codes.reshape(out_features, -1, GROUP_SIZE).float()

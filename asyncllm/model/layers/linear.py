@@ -110,7 +110,7 @@ class Linear(nn.Linear):
         self.quantized: Int4Weight | BlockQuantWeight | None = None
         self.quantized_max_rows = 0
         self.lora = None  # a LoRAProjection once the worker enables LoRA (asyncllm/lora/layers.py)
-        # A GPTQ / AWQ checkpoint's exact groups of this weight, by first row (fused parts), until
+        # A packed checkpoint's exact groups of this weight, by first row (fused parts), until
         # adopt_checkpoint_groups() turns them into the blocks.
         self.checkpoint_groups: dict[int, GroupQuantized] = {}
 
