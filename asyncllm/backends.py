@@ -116,7 +116,7 @@ class LocalBackend:
             plan = plan_tools(options.tools, options.tool_choice, options.parallel_tool_calls,
                               auto_parser=self.tool_call_parser or guess_tool_parser(tokenizer.chat_template))
             params = apply_plan(params, plan)
-            prompt = render_chat(tokenizer, list(prompt), plan.tools)
+            prompt = render_chat(tokenizer, list(prompt), plan.tools, takes_images=self.engine.engine.takes_images)
             streamer = ChatDeltaStreamer(plan.parser, None) if plan.parser is not None else None
         elif options.tools:
             raise InvalidRequestError("tools need chat messages, not a text prompt", param="tools")

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import torch
 
 from asyncllm.model.layers.int4 import int4_supported
+from asyncllm.multimodal.processor import parse_limit_mm_per_prompt
 from asyncllm.pooling.config import parse_pooler_config
 from asyncllm.sampling.structured import StructuredLimits
 from asyncllm.sampling_params import SamplingLimits
@@ -93,6 +94,9 @@ class EngineArgs:
         None, "speculative decoding, as vLLM's: a dict or its JSON text, e.g. {\"method\": \"ngram\", "
               "\"num_speculative_tokens\": 4, \"prompt_lookup_min\": 2, \"prompt_lookup_max\": 5}; proposed "
               "tokens are verified in one forward, so the tokens are those of plain decoding (ngram only so far)")
+    limit_mm_per_prompt: dict | str | None = _opt(
+        None, "most images per prompt for models that take images (LLaVA), as vLLM's: {\"image\": N} or its JSON "
+              "text (default 4)")
     enable_lora: bool = _opt(False, "serve LoRA adapters (PEFT folders) per request over the base model, "
                                     "mixed in one batch (vLLM's flag)")
     max_loras: int = _opt(1, "most distinct adapters running at once (requests of others wait); each takes a "
@@ -252,6 +256,10 @@ class EngineConfig:
             errors.append(f"task must be auto, generate or embed, got {args.task!r}")
         try:
             parse_pooler_config(args.pooler_config)
+        except ValueError as exc:
+            errors.append(str(exc))
+        try:
+            parse_limit_mm_per_prompt(args.limit_mm_per_prompt)
         except ValueError as exc:
             errors.append(str(exc))
         speculative = None

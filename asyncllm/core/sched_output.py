@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from asyncllm.lora.request import LoRARequest
+from asyncllm.multimodal.inputs import ImageInput
 from asyncllm.outputs import TokenLogprobs
 from asyncllm.sampling.metadata import SamplingRow
 
@@ -27,6 +28,7 @@ class NewRequestData:
     cache_key: str | None = None  # prefix-cache extra key (LoRA adapter, images, salt): for the worker's adapters
     pooling: bool = False  # an embedding request: its prompt's hidden states are pooled, nothing is sampled
     lora: LoRARequest | None = None  # its adapter: the worker loads it on first use
+    images: list[ImageInput] = field(default_factory=list)  # its prompt's images: their features fill their placeholders
 
 
 @dataclass

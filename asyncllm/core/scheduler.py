@@ -286,7 +286,7 @@ class Scheduler:
                 out.new_requests.append(NewRequestData(
                     rid, request.prompt_token_ids, list(request.output_token_ids),
                     SamplingRow.from_params(request.sampling_params, request.eos_token_ids, request.sample_seed),
-                    block_ids, request.cache_salt, request.pooling, request.lora_request))
+                    block_ids, request.cache_salt, request.pooling, request.lora_request, request.images))
             elif sent is None:
                 self._resumed.discard(rid)
                 out.cached_requests.append(CachedRequestData(rid, block_ids, resumed=True))

@@ -6,13 +6,15 @@ errors reach the caller at once (and the server answers 400 with the offending p
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Union
 
 from transformers import PreTrainedTokenizerBase
 
 from asyncllm.errors import InvalidRequestError, PromptTooLongError
 from asyncllm.lora.request import LoRARequest
+from asyncllm.multimodal.inputs import ImageInput
+from asyncllm.multimodal.processor import ImagePromptProcessor, image_sources
 from asyncllm.request import Request
 from asyncllm.sampling.grammar_compiler import GrammarCompiler
 from asyncllm.sampling.structured import GrammarState
@@ -26,6 +28,7 @@ PromptType = Union[str, list[int], ChatMessages, dict[str, Any]]
 class ProcessedPrompt:
     prompt: str | None
     prompt_token_ids: list[int]
+    images: list[ImageInput] = field(default_factory=list)  # placeholders expanded in prompt_token_ids
 
 
 def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: ChatMessages,
@@ -47,8 +50,9 @@ def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: ChatMessag
 class InputProcessor:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, vocab_size: int, max_model_len: int,
                  eos_token_ids: tuple[int, ...], limits: SamplingLimits, max_tokens_limit: int | None, seed: int,
-                 grammars: GrammarCompiler | None = None):
+                 grammars: GrammarCompiler | None = None, images: ImagePromptProcessor | None = None):
         self.tokenizer = tokenizer
+        self.images = images  # None: the model takes no images
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -58,25 +62,48 @@ class InputProcessor:
         self.grammars = grammars
 
     def process_prompt(self, prompt: PromptType) -> ProcessedPrompt:
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return self._token_prompt(list(prompt["prompt_token_ids"]), prompt.get("prompt"))
-            if "messages" in prompt:
-                return self.process_prompt(list(prompt["messages"]))
-            if "prompt" in prompt:
-                return self.process_prompt(prompt["prompt"])
-            raise InvalidRequestError("a dict prompt needs 'prompt', 'prompt_token_ids' or 'messages'", "prompt")
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequestError("the prompt must not be empty", param="prompt")
-            return ProcessedPrompt(prompt, self.tokenizer.encode(prompt))
+        """A prompt → its token ids; images (chat image parts, or a dict prompt's vLLM-style
+        `multi_modal_data`) are loaded and their placeholders expanded."""
+        images: list[Any] = []
         if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
-            text = apply_chat_template(self.tokenizer, prompt)
-            return ProcessedPrompt(text, self.tokenizer.encode(text, add_special_tokens=False))
-        if isinstance(prompt, list):
-            return self._token_prompt(prompt, None)
-        raise InvalidRequestError(f"unsupported prompt type {type(prompt).__name__}: pass a string, "
-                                  "token ids or chat messages", param="prompt")
+            from asyncllm.tools.template import render_chat
+
+            prompt = render_chat(self.tokenizer, prompt, None, takes_images=self.images is not None)
+        if isinstance(prompt, dict):
+            images = image_sources(prompt.get("multi_modal_data"))
+            if "prompt_token_ids" in prompt:
+                processed = self._token_prompt(list(prompt["prompt_token_ids"]), prompt.get("prompt"))
+            elif "messages" in prompt:
+                if images:
+                    raise InvalidRequestError("put a chat's images in its messages' image parts, not in "
+                                              "multi_modal_data", param="multi_modal_data")
+                return self.process_prompt(list(prompt["messages"]))
+            elif "prompt" in prompt and isinstance(prompt["prompt"], str):
+                processed = self._text_prompt(prompt["prompt"])
+            elif "prompt" in prompt and not images:
+                return self.process_prompt(prompt["prompt"])
+            else:
+                raise InvalidRequestError("a dict prompt needs 'prompt' (text with images), 'prompt_token_ids' or "
+                                          "'messages'", "prompt")
+        elif isinstance(prompt, str):
+            processed = self._text_prompt(prompt)
+        elif isinstance(prompt, list):
+            processed = self._token_prompt(prompt, None)
+        else:
+            raise InvalidRequestError(f"unsupported prompt type {type(prompt).__name__}: pass a string, "
+                                      "token ids or chat messages", param="prompt")
+        if self.images is None:
+            if images:
+                raise InvalidRequestError("this model does not take image input (a LLaVA-style model does)",
+                                          param="messages")
+            return processed
+        processed.prompt_token_ids, processed.images = self.images.process(processed.prompt_token_ids, images)
+        return processed
+
+    def _text_prompt(self, prompt: str) -> ProcessedPrompt:
+        if not prompt:
+            raise InvalidRequestError("the prompt must not be empty", param="prompt")
+        return ProcessedPrompt(prompt, self.tokenizer.encode(prompt))
 
     def _token_prompt(self, ids: list[Any], text: str | None) -> ProcessedPrompt:
         if not ids:
@@ -114,7 +141,8 @@ class InputProcessor:
                 grammar = GrammarState(compilation.future, self.grammars.eos_token_id, compilation.deadline)
             requests.append(Request(child_id, prompt.prompt_token_ids, params, self.eos_token_ids, max_tokens,
                                     priority=priority, arrival_time=arrival, cache_salt=cache_salt,
-                                    sample_seed=seed, grammar=grammar, lora_request=lora_request))
+                                    sample_seed=seed, grammar=grammar, lora_request=lora_request,
+                                    images=prompt.images))
         return requests
 
     def _bad_words_ids(self, words: list[str]) -> list[list[int]]:

@@ -20,6 +20,7 @@ from asyncllm.errors import InvalidRequestError, PromptTooLongError
 from asyncllm.lora.registry import LoRARegistry
 from asyncllm.lora.request import LoRARequest
 from asyncllm.model.tokenizer import apply_chat_template_override
+from asyncllm.multimodal.processor import ImagePromptProcessor, parse_limit_mm_per_prompt
 from asyncllm.outputs import EmbeddingRequestOutput, RequestOutput
 from asyncllm.pooling_params import PoolingParams
 from asyncllm.request import Request, RequestStatus
@@ -52,11 +53,19 @@ class LLMEngine:
         self.input_processor = InputProcessor(self.tokenizer, model_cfg.vocab_size, self.core.max_model_len,
                                               self.eos_token_ids, config.limits, config.args.max_tokens_limit,
                                               config.args.seed,
-                                              GrammarCompiler(self.tokenizer, config.structured_limits))
+                                              GrammarCompiler(self.tokenizer, config.structured_limits),
+                                              self._image_processor())
         if config.args.structured_outputs_warmup:
             self.input_processor.grammars.warm_up()
         self.output_processor = OutputProcessor(self.tokenizer, self.core.pooler_config.normalize)
         self.loras = LoRARegistry(model_cfg, config.args.enable_lora, config.args.max_lora_rank)
+
+    def _image_processor(self) -> ImagePromptProcessor | None:
+        vision = getattr(self.core.checkpoint.config, "vision", None)
+        if vision is None:
+            return None
+        return ImagePromptProcessor(self.core.checkpoint.path, vision.image_token_id, vision.tokens_per_image,
+                                    vision.image_size, parse_limit_mm_per_prompt(self.config.args.limit_mm_per_prompt))
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs | None = None, **overrides) -> "LLMEngine":
@@ -74,6 +83,10 @@ class LLMEngine:
 
     def new_request_id(self) -> str:
         return uuid.uuid4().hex
+
+    @property
+    def takes_images(self) -> bool:
+        return self.input_processor.images is not None
 
     @property
     def task(self) -> str:
@@ -128,6 +141,8 @@ class LLMEngine:
             processed = self.input_processor.process_prompt(prompt)
             if k is not None and len(processed.prompt_token_ids) > k:
                 processed.prompt_token_ids = processed.prompt_token_ids[-k:]  # token ids: the last k, as vLLM
+        if processed.images:
+            raise InvalidRequestError("embeddings of image prompts are not supported", param="input")
         ids = processed.prompt_token_ids
         if len(ids) > self.max_model_len:
             raise PromptTooLongError(f"the input has {len(ids)} tokens but this model takes at most "

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import math
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
+
+from asyncllm.model.vision_config import VisionConfig, text_architecture
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ class LlamaFamilyConfig:
     final_logit_softcapping: float | None = None  # logits = cap * tanh(logits / cap)
     attention_softcapping: float | None = None  # Gemma 2: the same on attention scores
     moe: MoEConfig | None = None  # mixture-of-experts MLPs (layers/moe.py)
+    vision: VisionConfig | None = None  # LLaVA: the vision tower and projector of image prompts (llava.py)
     is_encoder_only = False  # a decoder: causal attention over a paged KV cache
 
     def layer_sliding_window(self, layer: int) -> int | None:
@@ -270,4 +273,7 @@ def config_from_hf(config: Any, architecture: str) -> LlamaFamilyConfig | Encode
 
     if architecture in ENCODER_ARCHITECTURES:
         return EncoderConfig.from_hf(config, architecture)
+    if architecture == "LlavaForConditionalGeneration":  # its text_config's decoder, with a vision tower
+        text = LlamaFamilyConfig.from_hf(config.text_config, text_architecture(config))
+        return replace(text, architecture=architecture, vision=VisionConfig.from_hf(config))
     return LlamaFamilyConfig.from_hf(config, architecture)

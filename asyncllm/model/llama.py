@@ -25,6 +25,7 @@ from asyncllm.model.layers.int4 import int4_shape_supported
 from asyncllm.model.layers.linear import ColumnParallelLinear, Linear, PackedLinear, RowParallelLinear
 from asyncllm.model.layers.norm import RMSNorm
 from asyncllm.model.layers.rotary import RotaryEmbedding
+from asyncllm.multimodal.inputs import ImageEmbeds
 
 
 class LlamaAttention(nn.Module):
@@ -169,11 +170,12 @@ class LlamaFamilyForCausalLM(nn.Module):
         return LlamaDecoderLayer(cfg, self.rotary, self.ctx, index)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                meta: AttentionMetadata) -> torch.Tensor | None:
+                meta: AttentionMetadata, image_embeds: ImageEmbeds | None = None) -> torch.Tensor | None:
         """→ final hidden states [T, hidden] (None on a pipeline stage before the last: it sends its
-        layers' output on). `kv_caches` are this stage's layers'."""
+        layers' output on). `kv_caches` are this stage's layers'. `image_embeds`: rows whose input is
+        an image's features rather than their (placeholder) token's embedding (LLaVA)."""
         # The one-call decoder adds the step's LoRA products too (decode_stack_impl.h, lora_for).
-        if self.use_decode_stack:
+        if self.use_decode_stack and image_embeds is None:
             if self.decode_stack is None:
                 self.decode_stack = CpuDecodeStack(self)
             if self.decode_stack.takes(input_ids.shape[0], meta, kv_caches):
@@ -183,6 +185,8 @@ class LlamaFamilyForCausalLM(nn.Module):
             h, residual = self.embed_tokens(input_ids), None
             if self.config.embedding_multiplier is not None:  # Gemma: rounded to the weights' dtype, as transformers
                 h = h * torch.tensor(self.config.embedding_multiplier, dtype=h.dtype)
+            if image_embeds is not None:
+                h[image_embeds.rows] = image_embeds.values
         else:
             h, residual = pipeline.recv(input_ids.shape[0], self.config.hidden_size, self.dtype, input_ids.device)
         layers = self.layers if pipeline.is_single else self.layers[pipeline.first_layer:pipeline.end_layer]
@@ -281,7 +285,7 @@ class LlamaFamilyForCausalLM(nn.Module):
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copies transformers-named tensors in, fusing q/k/v and gate/up; checks nothing is missing."""
-        params = dict(self.named_parameters())
+        params = self._decoder_parameters()
         shard_dims = self._shard_dims()
         part_offsets = self._fused_offsets()
         loaded: set[str] = set()
@@ -325,6 +329,10 @@ class LlamaFamilyForCausalLM(nn.Module):
         missing = expected - loaded
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {sorted(missing)[:4]}")
+
+    def _decoder_parameters(self) -> dict[str, nn.Parameter]:
+        """The parameters load_weights fills (LLaVA's vision tower loads on its own)."""
+        return dict(self.named_parameters())
 
     def _on_this_stage(self, name: str) -> bool:
         """Does a checkpoint tensor belong to this pipeline stage's part of the model?"""

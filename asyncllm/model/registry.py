@@ -23,6 +23,8 @@ _MODELS: dict[str, tuple[str, str]] = {
     "MixtralForCausalLM": ("asyncllm.model.llama", "LlamaFamilyForCausalLM"),
     "Qwen2MoeForCausalLM": ("asyncllm.model.llama", "LlamaFamilyForCausalLM"),
     "Qwen3MoeForCausalLM": ("asyncllm.model.llama", "LlamaFamilyForCausalLM"),
+    # Image prompts: the Llama-family decoder with a CLIP / SigLIP vision tower (llava.py).
+    "LlavaForConditionalGeneration": ("asyncllm.model.llava", "LlavaForConditionalGeneration"),
     # Encoders (embedding models; sentence-transformers folders).
     "BertModel": ("asyncllm.model.bert", "BertEncoder"),
 }

@@ -33,13 +33,16 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     for i, m in enumerate(messages):
         content = m.content
         if isinstance(content, list):
-            parts = []
-            for part in content:
-                if part.type != "text" or part.text is None:
-                    raise InvalidRequestError(f"messages[{i}]: only text content parts are supported",
-                                              param="messages")
-                parts.append(part.text)
-            content = "\n".join(parts)
+            for j, part in enumerate(content):
+                if (part.type, part.text is None, part.image_url is None) not in (("text", False, True),
+                                                                                  ("image_url", True, False)):
+                    raise InvalidRequestError(f"messages[{i}].content[{j}]: content parts are text (with its text) "
+                                              "or image_url (with its url)", param="messages")
+            if any(part.type == "image_url" for part in content):  # parts kept: the template places the images
+                content = [{"type": "text", "text": part.text} if part.type == "text"
+                           else {"type": "image_url", "image_url": part.image_url} for part in content]
+            else:
+                content = "\n".join(part.text for part in content)
         message: dict[str, Any] = {"role": m.role, "content": content or ""}
         if m.tool_calls:
             message["tool_calls"] = m.tool_calls
@@ -71,7 +74,7 @@ def check_template_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
 def chat_prompt(ctx: ServerContext, messages: list[ChatMessage], add_generation_prompt: bool,
                 kwargs: dict[str, Any] | None, tools: list[dict] | None = None) -> dict[str, Any]:
     return render_chat(ctx.engine.tokenizer, message_dicts(messages), tools, add_generation_prompt,
-                       check_template_kwargs(kwargs))
+                       check_template_kwargs(kwargs), takes_images=ctx.engine.engine.takes_images)
 
 
 def _chat_logprobs(c: CompletionOutput, top: int) -> dict | None:

@@ -109,6 +109,7 @@ class CompletionRequest(_SamplingFields):
 class ContentPart(_Strict):
     type: str
     text: str | None = None
+    image_url: Union[dict[str, Any], str, None] = None  # {"url": "data:image/...;base64,...", "detail": ...}
 
 
 class ChatMessage(_Strict):

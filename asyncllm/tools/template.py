@@ -79,14 +79,23 @@ def prepare_messages(messages: list[dict[str, Any]], tools: list[dict] | None,
 
 
 def render_chat(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict] | None,
-                add_generation_prompt: bool = True, template_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+                add_generation_prompt: bool = True, template_kwargs: dict[str, Any] | None = None,
+                takes_images: bool = True) -> dict[str, Any]:
     """The prompt (text and its token ids) of a chat with these tools, as the server, `LLM.chat`
-    and the in-process framework backends all render it."""
+    and the in-process framework backends all render it; image parts go in `multi_modal_data`
+    (refused at once where the model `takes_images` not, before its template sees them)."""
     from asyncllm.engine.input_processor import apply_chat_template
+    from asyncllm.multimodal.image_loading import split_image_parts
 
+    messages, images = split_image_parts(messages)  # each image part → {"type": "image"}: the template places it
+    if images and not takes_images:
+        raise InvalidRequestError("this model does not take image input (a LLaVA-style model does)", "messages")
     rendered, tool_kwargs = prepare_messages(messages, tools, tokenizer.chat_template)
     text = apply_chat_template(tokenizer, rendered, add_generation_prompt, **(template_kwargs or {}), **tool_kwargs)
-    return {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
+    prompt: dict[str, Any] = {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
+    if images:  # loaded, checked and expanded into placeholders by the engine's InputProcessor
+        prompt["multi_modal_data"] = {"image": images}
+    return prompt
 
 
 # Markers by which a template that takes tools shows the call format it teaches the model.

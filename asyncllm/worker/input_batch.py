@@ -18,6 +18,7 @@ import torch
 
 from asyncllm.core.sched_output import ScheduledRequest, SchedulerOutput
 from asyncllm.lora.request import LoRARequest
+from asyncllm.multimodal.inputs import ImageInput
 from asyncllm.pooling.pooler import PoolingState
 from asyncllm.sampling.metadata import PenaltyInputs, SamplingMetadata, SamplingRow
 
@@ -34,6 +35,10 @@ class CachedRequestState:
     row: int = -1  # its row in the batch; -1 while preempted
     pooling: PoolingState | None = None  # an embedding request: what its chunks gathered so far
     lora: LoRARequest | None = None  # its adapter (None: the base model)
+    images: list[ImageInput] = field(default_factory=list)  # its prompt's images (LLaVA)
+    # Each image's features once computed (by index in `images`), kept until the request leaves, so
+    # prompt chunks and a recompute after preemption run the vision tower once per image.
+    image_features: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
@@ -124,7 +129,8 @@ class InputBatch:
         for new in sched.new_requests:
             state = CachedRequestState(new.req_id, new.prompt_token_ids + new.output_token_ids,
                                        len(new.prompt_token_ids), new.sampling, list(new.block_ids),
-                                       pooling=PoolingState() if new.pooling else None, lora=new.lora)
+                                       pooling=PoolingState() if new.pooling else None, lora=new.lora,
+                                       images=list(new.images))
             self.requests[new.req_id] = state
             self._enter(state)
         for diff in sched.cached_requests:

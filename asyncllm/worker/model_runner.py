@@ -27,6 +27,7 @@ from asyncllm.core.sched_output import (
 from asyncllm.lora.manager import LoRAManager
 from asyncllm.model.layers.attention import AttentionMetadata
 from asyncllm.model.parallel import SINGLE_STAGE
+from asyncllm.multimodal.inputs import ImageEmbeds
 from asyncllm.outputs import TokenLogprobs
 from asyncllm.pooling.pooler import Pooler
 from asyncllm.sampling.sampler import Sampler, prompt_logprobs_for
@@ -106,6 +107,8 @@ class ModelRunner:
             self.draft = DraftModel(model_d, spec_d.allocate(num_blocks, device, prefault), spec_d.block_size, device)
         ctx = getattr(model, "ctx", None)
         self.pipeline = ctx.pipeline if ctx is not None else SINGLE_STAGE
+        # LLaVA on the stage where tokens enter: image placeholders take the images' features.
+        self.takes_images = getattr(model, "vision_tower", None) is not None
 
     def release(self) -> None:
         self.kv_caches = []
@@ -167,7 +170,9 @@ class ModelRunner:
         if self.lora is not None:
             self.lora.prepare_step([state.lora for state, _ in items], query_start)
         input_ids, positions = flat.input_ids.to(dev), flat.positions.to(dev)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        image_embeds = self._image_embeds(items, query_start) if self.takes_images else None
+        extra = {} if image_embeds is None else {"image_embeds": image_embeds}
+        hidden = self.model(input_ids, positions, self.kv_caches, meta, **extra)
         if self.draft is not None:  # the draft's cache of the same tokens (its next proposals read it)
             self.draft.forward(input_ids, positions, meta)
 
@@ -204,6 +209,29 @@ class ModelRunner:
         if self.draft is not None and hidden is not None:
             self._draft_proposals(sampling, result)
         return result
+
+    def _image_embeds(self, items: list[tuple[CachedRequestState, ScheduledRequest]],
+                      query_start: list[int]) -> ImageEmbeds | None:
+        """The step's rows that hold image placeholders, and their features: each image through the
+        vision tower on the first step that reaches it (every such image of the step in one batch),
+        then kept with its request, so a chunk boundary inside an image costs nothing."""
+        spans = []  # (state, image index, first feature row, end feature row, first flat row)
+        for i, (state, item) in enumerate(items):
+            start, end = item.start, item.start + item.num_new_tokens
+            for k, image in enumerate(state.images):
+                if image.overlaps(start, end):
+                    lo, hi = max(start, image.offset), min(end, image.offset + image.length)
+                    spans.append((state, k, lo - image.offset, hi - image.offset, query_start[i] + lo - start))
+        if not spans:
+            return None
+        missing = [(state, k) for state, k, *_ in spans if k not in state.image_features]
+        if missing:
+            pixels = torch.stack([state.images[k].pixels() for state, k in missing]).to(self.device)
+            for (state, k), features in zip(missing, self.model.image_features(pixels)):
+                state.image_features[k] = features
+        rows = torch.cat([torch.arange(flat, flat + hi - lo) for _, _, lo, hi, flat in spans]).to(self.device)
+        values = torch.cat([state.image_features[k][lo:hi] for state, k, lo, hi, _ in spans])
+        return ImageEmbeds(rows, values)
 
     def _copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write of cached partial blocks: each layer's K/V of every source block into its
