@@ -64,6 +64,9 @@ class Request:
     pooling: bool = False  # an embedding request: finished by its pooled vector once its prompt is computed
     lora_request: LoRARequest | None = None  # its adapter (None: the base model)
     images: list[ImageInput] = field(default_factory=list)  # its prompt's images (LLaVA), by placeholder offset
+    # LongRoPE (Phi-3): its K/V is computed on the long factors (it was longer than the original
+    # context when it last started computing; the scheduler recomputes it when it grows past that).
+    long_rope: bool = False
 
     @property
     def cache_key(self) -> str | None:
@@ -76,12 +79,14 @@ class Request:
     def block_key(self, start: int, end: int) -> str | None:
         """Extra key of the prefix-cache hash of its tokens [start, end): `cache_key`, and the hash of
         every image whose placeholders fall there (the same tokens with another image are other K/V;
-        the hash chain carries the difference to every later block)."""
+        the hash chain carries the difference to every later block), and LongRoPE's long factors."""
+        keys = [self.cache_key] if self.cache_key is not None else []
         hashes = [image.hash for image in self.images if image.overlaps(start, end)]
-        if not hashes:
-            return self.cache_key
-        images = "image:" + ",".join(hashes)
-        return images if self.cache_key is None else f"{self.cache_key}|{images}"
+        if hashes:
+            keys.append("image:" + ",".join(hashes))
+        if self.long_rope:  # other rotary factors: other K/V for the same tokens
+            keys.append("long_rope")
+        return "|".join(keys) if keys else None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -59,6 +59,9 @@ class SchedulerConfig:
     max_in_flight: int = 1  # batches in flight at once (pipeline parallel: one per stage)
     draft_in_worker: bool = False  # a draft model in the workers proposes (it needs k slots ahead)
     vocab_size: int = 0  # the model's (grammar masks of proposals)
+    # LongRoPE (Phi-3): a sequence longer than this runs on the long factors, and one that grows past
+    # it is computed again from the start on them, as transformers does (None: no such switch).
+    long_rope_from: int | None = None
 
 
 class Scheduler:
@@ -155,6 +158,11 @@ class Scheduler:
                 break
             if request.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
+            if self._passed_short_rope(request):
+                # Its K/V was computed on the short factors: the whole sequence again, on the long ones
+                # (the waiting loop below may take it at once).
+                self._preempt(request, recompute=True)
+                continue
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             request.spec_token_ids = self._propose(request, num_new, budget)
             num_new += len(request.spec_token_ids)
@@ -180,6 +188,8 @@ class Scheduler:
             if not self._adapter_fits(request):
                 position += 1  # max_loras other adapters are running: it waits for one of them to end
                 continue
+            limit = self.config.long_rope_from
+            request.long_rope = limit is not None and request.num_tokens > limit  # before its blocks are hashed
             # Prompt logprobs, and MEAN/CLS pooling, need every position computed.
             use_cache = request.sampling_params.prompt_logprobs is None and (
                 not request.pooling or self.config.pooling_uses_cache)
@@ -243,6 +253,10 @@ class Scheduler:
             if not gate.allows():
                 return []
         k = min(k, budget - 1, self.config.max_model_len - request.num_tokens)
+        if self.config.long_rope_from is not None and not request.long_rope:
+            # Proposals verified on the short factors must all fit the original context (transformers
+            # computes a longer sequence on the long ones).
+            k = min(k, self.config.long_rope_from - request.num_tokens)
         proposals = list(self.proposer.propose(request, k)[:k]) if k > 0 else []
         if proposals and request.grammar is not None:
             proposals = proposals[:request.grammar.propose_along(proposals, self.config.vocab_size)]
@@ -304,7 +318,13 @@ class Scheduler:
         candidates = [r for r in self.running if r.request_id not in exclude]
         return max(candidates, key=lambda r: (r.priority, r.arrival_time))
 
-    def _preempt(self, request: Request) -> None:
+    def _passed_short_rope(self, request: Request) -> bool:
+        limit = self.config.long_rope_from
+        return limit is not None and not request.long_rope and request.num_tokens > limit
+
+    def _preempt(self, request: Request, recompute: bool = False) -> None:
+        """Frees a running request's blocks; it waits to be computed again from the start.
+        `recompute`: not for room (LongRoPE's switch), so not counted as a preemption."""
         self.running.remove(request)
         self.kv.free(request)
         request.spec_token_ids = []
@@ -314,8 +334,9 @@ class Scheduler:
             self._resumed.add(request.request_id)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
-        request.num_preemptions += 1
-        self.num_preemptions += 1
+        if not recompute:
+            request.num_preemptions += 1
+            self.num_preemptions += 1
         self._enqueue(request)
 
     # ------------------------------------------------------------------ update

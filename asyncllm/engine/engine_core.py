@@ -107,8 +107,8 @@ class EngineCore:
                 longrope = getattr(getattr(model_cfg, "rope", None), "rope_type", None) == "longrope"
                 raise ValueError(f"max_model_len {args.max_model_len} exceeds the model's "
                                  f"{model_cfg.max_position_embeddings} positions" + (
-                                     " (a LongRoPE model runs within its original context: its long "
-                                     "factors are not supported yet)" if longrope else ""))
+                                     " (a LongRoPE model without long factors runs within its original "
+                                     "context)" if longrope else ""))
             if args.max_model_len is not None and args.max_model_len > capacity:
                 logger.warning("max_model_len %d exceeds the KV cache (%d tokens); using %d",
                                args.max_model_len, capacity, capacity)
@@ -131,7 +131,8 @@ class EngineCore:
                             max_in_flight=args.pipeline_parallel_size,
                             draft_in_worker=config.speculative is not None
                             and config.speculative.method == "draft_model",
-                            vocab_size=model_cfg.vocab_size),
+                            vocab_size=model_cfg.vocab_size,
+                            long_rope_from=getattr(getattr(model_cfg, "rope", None), "long_rope_from", None)),
             self.kv, proposer)
         # Pipeline parallel: up to one batch per stage in flight, so the stages overlap.
         self.max_in_flight = args.pipeline_parallel_size

@@ -26,12 +26,18 @@ class RopeConfig:
     # Per-dimension divisors of the frequencies, as a Llama 3.1+ GGUF stores them (`rope_freqs`:
     # llama.cpp's convert writes the llama3 scaling this way); applied after `rope_type`.
     freq_factors: tuple[float, ...] | None = None
-    # "longrope" (Phi-3): frequencies divided by short_factor, cos/sin times attention_factor.
-    # transformers switches a sequence to long_factor once it passes
-    # original_max_position_embeddings, recomputing its whole cache; that is not built, so such
-    # a model's context is its original one (LlamaFamilyConfig.from_hf).
+    # "longrope" (Phi-3): frequencies divided by short_factor while a sequence fits
+    # original_max_position_embeddings, by long_factor once it is longer (transformers then
+    # recomputes the whole sequence; so does the scheduler: SchedulerConfig.long_rope_from);
+    # cos/sin times attention_factor either way.
     short_factor: tuple[float, ...] | None = None
+    long_factor: tuple[float, ...] | None = None
     attention_factor: float = 1.0
+
+    @property
+    def long_rope_from(self) -> int | None:
+        """LongRoPE with long factors: sequences longer than this run on them (None: no switch)."""
+        return self.original_max_position_embeddings if self.long_factor is not None else None
 
 
 @dataclass(frozen=True)
@@ -104,7 +110,7 @@ class LlamaFamilyConfig:
             raise ValueError(f"{architecture} with hidden_act={hidden_act!r} is not supported (only silu)")
         rope = extra.pop("rope", None) or _rope_from_hf(config)
         max_positions = getattr(config, "max_position_embeddings", 4096)
-        if rope.rope_type == "longrope":  # the short factors' range (see RopeConfig)
+        if rope.rope_type == "longrope" and rope.long_factor is None:  # only the short factors' range
             max_positions = min(max_positions, rope.original_max_position_embeddings)
         return cls(
             architecture=architecture,
@@ -206,7 +212,9 @@ def _rope_from_hf(config: Any, params: dict[str, Any] | None = None) -> RopeConf
         attention = params.get("attention_factor")
         if attention is None:
             attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
-        extra = dict(short_factor=tuple(float(f) for f in params["short_factor"]), attention_factor=float(attention))
+        long = params.get("long_factor")
+        extra = dict(short_factor=tuple(float(f) for f in params["short_factor"]),
+                     long_factor=tuple(float(f) for f in long) if long else None, attention_factor=float(attention))
     return RopeConfig(
         theta=float(theta),
         rope_type=rope_type,

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from asyncllm.model.arch_config import EncoderConfig
-from asyncllm.model.interface import ModelContext
+from asyncllm.model.interface import ModelContext, copy_checked
 
 
 class BertLayer(nn.Module):
@@ -134,12 +134,7 @@ class BertEncoder(nn.Module):
             target = self._target(name, qkv_parts, tensor)
             if target is None:
                 continue
-            if target not in params:
-                raise ValueError(f"unexpected weight {name!r} for {self.config.architecture}")
-            if params[target].shape != tensor.shape:
-                raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, expected "
-                                 f"{tuple(params[target].shape)}")
-            params[target].copy_(tensor)
+            copy_checked(params, target, tensor, name, self.config.architecture)
             loaded.add(target)
         for target, parts in qkv_parts.items():
             if len(parts) != 3:

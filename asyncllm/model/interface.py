@@ -24,6 +24,18 @@ class ModelContext:
     pipeline: PipelineContext = field(default=SINGLE_STAGE)
 
 
+def copy_checked(params: dict[str, torch.nn.Parameter], target: str, tensor: torch.Tensor, name: str,
+                 model: str) -> None:
+    """A checkpoint tensor `name` into parameter `target`, refused with why when it has no place or
+    another shape."""
+    if target not in params:
+        raise ValueError(f"checkpoint tensor {name!r} has no place in {model}")
+    if params[target].shape != tensor.shape:
+        raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected "
+                         f"{tuple(params[target].shape)}")
+    params[target].copy_(tensor)
+
+
 @runtime_checkable
 class CausalLM(Protocol):
     config: Any

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from asyncllm.model.arch_config import LlamaFamilyConfig
-from asyncllm.model.interface import ModelContext
+from asyncllm.model.interface import ModelContext, copy_checked
 from asyncllm.model.llama import LlamaFamilyForCausalLM
 from asyncllm.model.vision import MultiModalProjector, VisionTower, tower_name
 
@@ -71,12 +71,7 @@ class LlavaForConditionalGeneration(LlamaFamilyForCausalLM):
                 if local.startswith("layers.") and int(local.split(".")[1]) >= len(self.vision_tower.layers):
                     continue  # past the deepest feature layer: never run
                 name = "vision_tower." + local
-            if name not in params:
-                raise ValueError(f"checkpoint tensor {name!r} has no place in LlavaForConditionalGeneration")
-            if params[name].shape != tensor.shape:
-                raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
-                                 f"expected {tuple(params[name].shape)}")
-            params[name].copy_(tensor)
+            copy_checked(params, name, tensor, name, self.config.architecture)
             loaded.add(name)
         missing = set(params) - loaded
         if missing:

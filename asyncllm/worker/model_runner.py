@@ -109,6 +109,9 @@ class ModelRunner:
         self.pipeline = ctx.pipeline if ctx is not None else SINGLE_STAGE
         # LLaVA on the stage where tokens enter: image placeholders take the images' features.
         self.takes_images = getattr(model, "vision_tower", None) is not None
+        # LongRoPE: sequences longer than this read the long factors' rows of the rotary table.
+        rotary = getattr(model, "rotary", None)
+        self.long_rope_from: int | None = rotary.rope.long_rope_from if rotary is not None else None
 
     def release(self) -> None:
         self.kv_caches = []
@@ -172,7 +175,8 @@ class ModelRunner:
         input_ids, positions = flat.input_ids.to(dev), flat.positions.to(dev)
         image_embeds = self._image_embeds(items, query_start) if self.takes_images else None
         extra = {} if image_embeds is None else {"image_embeds": image_embeds}
-        hidden = self.model(input_ids, positions, self.kv_caches, meta, **extra)
+        hidden = self.model(input_ids, self._rope_positions(items, query_start, positions), self.kv_caches, meta,
+                            **extra)
         if self.draft is not None:  # the draft's cache of the same tokens (its next proposals read it)
             self.draft.forward(input_ids, positions, meta)
 
@@ -209,6 +213,21 @@ class ModelRunner:
         if self.draft is not None and hidden is not None:
             self._draft_proposals(sampling, result)
         return result
+
+    def _rope_positions(self, items: list[tuple[CachedRequestState, ScheduledRequest]], query_start: list[int],
+                        positions: torch.Tensor) -> torch.Tensor:
+        """The rotary table's rows of the step's tokens: their positions, shifted past the short rows
+        for a sequence longer than LongRoPE's original context (whose K/V the scheduler has computed on
+        the long factors from its start: SchedulerConfig.long_rope_from)."""
+        limit = self.long_rope_from
+        spans = [] if limit is None else [(query_start[i], query_start[i + 1])
+                                          for i, (state, _) in enumerate(items) if state.num_tokens > limit]
+        if not spans:
+            return positions
+        shifted = positions.clone()
+        for start, end in spans:
+            shifted[start:end] += limit
+        return shifted
 
     def _image_embeds(self, items: list[tuple[CachedRequestState, ScheduledRequest]],
                       query_start: list[int]) -> ImageEmbeds | None:

@@ -32,26 +32,30 @@ def test_mistral_sliding_window_is_exercised(tiny_models):
     assert llm.engine.core.checkpoint.config.sliding_window == 24
 
 
-def test_phi3_checkpoint_is_fused_and_its_context_is_the_original_one(tiny_models):
-    """Phi-3 stores qkv_proj and gate_up_proj fused (split at load); LongRoPE runs on its short
-    factors, so the context is original_max_position_embeddings and a longer one is refused."""
+def test_phi3_checkpoint_is_fused_and_its_context_is_the_long_one(tiny_models):
+    """Phi-3 stores qkv_proj and gate_up_proj fused (split at load); with LongRoPE's long factors the
+    context is max_position_embeddings (test_phi3_long_context.py runs past the original one), without
+    them the original context, and a longer max_model_len is refused."""
     import os
 
     from safetensors import safe_open
     from transformers import AutoConfig
+
+    from asyncllm.model.arch_config import LlamaFamilyConfig
 
     path = tiny_models("Phi3ForCausalLM")
     with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
         names = set(f.keys())
     assert "model.layers.0.self_attn.qkv_proj.weight" in names and "model.layers.0.mlp.gate_up_proj.weight" in names
     llm = LLM(path, dtype="float32", kv_cache_memory=16 << 20)
-    assert llm.engine.max_model_len == 64 and llm.engine.core.checkpoint.config.rope.attention_factor > 1.2
-    with pytest.raises(ValueError, match="LongRoPE"):
-        LLM(path, dtype="float32", kv_cache_memory=16 << 20, max_model_len=128)
+    assert llm.engine.max_model_len == 512 and llm.engine.core.checkpoint.config.rope.attention_factor > 1.2
+    with pytest.raises(ValueError, match="exceeds the model's 512 positions"):
+        LLM(path, dtype="float32", kv_cache_memory=16 << 20, max_model_len=1024)
     config = AutoConfig.from_pretrained(path)
-    config.rope_parameters = {**config.rope_parameters, "partial_rotary_factor": 0.75}
-    from asyncllm.model.arch_config import LlamaFamilyConfig
-
+    short_only = {k: v for k, v in config.rope_parameters.items() if k != "long_factor"}
+    config.rope_parameters = short_only
+    assert LlamaFamilyConfig.from_hf(config, "Phi3ForCausalLM").max_position_embeddings == 64
+    config.rope_parameters = {**short_only, "partial_rotary_factor": 0.75}
     with pytest.raises(ValueError, match="partial_rotary_factor"):
         LlamaFamilyConfig.from_hf(config, "Phi3ForCausalLM")
 

@@ -10,13 +10,15 @@ from asyncllm.model.arch_config import RopeConfig
 from asyncllm.model.layers.ops import TORCH_OPS, Ops
 
 
-def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
+def rope_inv_freq(rope: RopeConfig, head_dim: int, long: bool = False) -> torch.Tensor:
     powers = rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
     inv_freq = 1.0 / powers
-    if rope.rope_type == "longrope":  # transformers' _compute_longrope_parameters, short factors
-        if len(rope.short_factor) != head_dim // 2:
-            raise ValueError(f"longrope needs {head_dim // 2} short factors, got {len(rope.short_factor)}")
-        inv_freq = 1.0 / (torch.tensor(rope.short_factor, dtype=torch.float32) * powers)
+    if rope.rope_type == "longrope":  # transformers' _compute_longrope_parameters, short or long factors
+        factors = rope.long_factor if long else rope.short_factor
+        if len(factors) != head_dim // 2:
+            raise ValueError(f"longrope needs {head_dim // 2} {'long' if long else 'short'} factors, got "
+                             f"{len(factors)}")
+        inv_freq = 1.0 / (torch.tensor(factors, dtype=torch.float32) * powers)
     elif rope.rope_type == "linear":
         inv_freq = inv_freq / rope.factor
     elif rope.rope_type == "llama3":
@@ -46,14 +48,23 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", torch.empty(0), persistent=False)
 
     def build(self, device: torch.device) -> None:
-        """(Re)computes the fp32 cos/sin tables on `device` (after a model was built on meta)."""
-        inv_freq = rope_inv_freq(self.rope, self.head_dim)
-        positions = torch.arange(self.max_positions, dtype=torch.float32)
-        freqs = torch.outer(positions, inv_freq)
+        """(Re)computes the fp32 cos/sin tables on `device` (after a model was built on meta). With
+        LongRoPE's long factors the table holds the short rows of the original context, then the long
+        rows of every position: a long sequence's tokens read row `long_rope_from + position` (the
+        runner shifts their positions), so every kernel indexes one table as before."""
+        tables = [self._table(self.max_positions if self.rope.long_rope_from is None else self.rope.long_rope_from)]
+        if self.rope.long_rope_from is not None:
+            tables.append(self._table(self.max_positions, long=True))
+        cos, sin = zip(*tables)
+        self.cos = torch.cat(cos).to(device)
+        self.sin = torch.cat(sin).to(device)
+
+    def _table(self, rows: int, long: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = rope_inv_freq(self.rope, self.head_dim, long)
+        freqs = torch.outer(torch.arange(rows, dtype=torch.float32), inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
         scale = self.rope.attention_factor  # longrope's; 1 otherwise
-        self.cos = (emb.cos() * scale).to(device)
-        self.sin = (emb.sin() * scale).to(device)
+        return emb.cos() * scale, emb.sin() * scale
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [T, H, D], k: [T, KVH, D]; positions: [T]. The kernels rotate in place."""
