@@ -209,3 +209,26 @@ def test_split_over_processes_gives_the_same_tokens(tiny_llava, split):
         assert [o.outputs[0].token_ids for o in llm.generate(prompts, greedy(), use_tqdm=False)] == expected
     finally:
         llm.engine.shutdown()
+
+
+def test_preempted_requests_recompute_with_their_images(tiny_llava):
+    """Three image requests in 9 KV blocks (8 KB each here): they preempt each other while they
+    grow, are computed again from their images' kept features, and answer as with room."""
+    path = tiny_llava("siglip")
+    prompts = [{"prompt": ONE_IMAGE, "multi_modal_data": {"image": image(i)}} for i in (14, 15, 16)]
+    roomy = LLM(path, dtype="float32")
+    try:
+        expected = [o.outputs[0].token_ids for o in roomy.generate(prompts, greedy(40), use_tqdm=False)]
+    finally:
+        roomy.engine.shutdown()
+    tight = LLM(path, dtype="float32", kv_cache_memory=9 * 8 * 1024, enable_prefix_caching=False)
+    model = tight.engine.core.executor.worker.runner.model
+    calls: list[int] = []
+    original = model.image_features
+    model.image_features = lambda pixels: calls.append(pixels.shape[0]) or original(pixels)
+    try:
+        assert [o.outputs[0].token_ids for o in tight.generate(prompts, greedy(40), use_tqdm=False)] == expected
+        assert tight.engine.core.scheduler.num_preemptions > 0
+        assert sum(calls) == 3
+    finally:
+        tight.engine.shutdown()
