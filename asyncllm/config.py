@@ -93,7 +93,8 @@ class EngineArgs:
     speculative_config: dict | str | None = _opt(
         None, "speculative decoding, as vLLM's: a dict or its JSON text, e.g. {\"method\": \"ngram\", "
               "\"num_speculative_tokens\": 4, \"prompt_lookup_min\": 2, \"prompt_lookup_max\": 5}; proposed "
-              "tokens are verified in one forward, so the tokens are those of plain decoding (ngram only so far)")
+              "tokens are verified in one forward, so the tokens are those of plain decoding; methods ngram, suffix, "
+              "draft_model; no proposals while disable_by_batch_size (default 6) or more requests run")
     limit_mm_per_prompt: dict | str | None = _opt(
         None, "most images per prompt for models that take images (LLaVA), as vLLM's: {\"image\": N} or its JSON "
               "text (default 4)")

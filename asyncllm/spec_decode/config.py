@@ -9,6 +9,7 @@ from typing import Any
 from asyncllm.json_option import dict_option
 
 SUPPORTED_METHODS = ("ngram", "suffix", "draft_model")
+DEFAULT_DISABLE_BY_BATCH_SIZE = 6
 PLANNED_METHODS = ("eagle", "eagle3", "medusa", "mtp")
 
 
@@ -19,8 +20,10 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 1
     prompt_lookup_max: int = 4
     # No proposals while this many requests run (vLLM's key): batched steps are compute-bound,
-    # where verifying rejected tokens costs more than it saves. None: always propose.
-    disable_by_batch_size: int | None = None
+    # where verifying rejected tokens costs more than it saves. Unset, the measured crossover
+    # (`benchmarks/speculative.py --batch-sweep`, ngram k 7 on free text: 1.38x / 1.57x plain at 4
+    # streams, 0.86x / 0.98x at 6, in fp32 / bf16 on a 2-vCPU EPYC); null: always propose (vLLM's default).
+    disable_by_batch_size: int | None = DEFAULT_DISABLE_BY_BATCH_SIZE
     # A request whose recent acceptance rate (kept / proposed tokens) falls below this stops
     # proposing for a few steps, then tries again (spec_decode/acceptance.py). None (the default,
     # as vLLM has no such rule): never. Measured on free text it changed little (README).

@@ -54,6 +54,14 @@ def test_ngram_gives_the_tokens_of_plain_decoding_in_fewer_forwards(default_llm,
     assert ngram_llm.engine.core.kv.num_used_blocks() == 0
 
 
+def test_disable_by_batch_size_defaults_to_the_measured_crossover():
+    from asyncllm.spec_decode.config import DEFAULT_DISABLE_BY_BATCH_SIZE, SpeculativeConfig
+
+    assert SpeculativeConfig.parse({"method": "ngram"}).disable_by_batch_size == DEFAULT_DISABLE_BY_BATCH_SIZE == 6
+    assert SpeculativeConfig.parse({"method": "ngram", "disable_by_batch_size": None}).disable_by_batch_size is None
+    assert SpeculativeConfig.parse('{"method": "suffix", "disable_by_batch_size": 32}').disable_by_batch_size == 32
+
+
 def test_no_proposals_at_or_above_disable_by_batch_size(ngram_llm):
     import dataclasses
 

@@ -78,7 +78,7 @@ def test_sampled_speculation_keeps_the_target_distribution(tiny_models):
     prompt, probs = _a_prompt_whose_proposals_are_likely(hf)
     common = dict(dtype="float32", kv_cache_memory=64 << 20, max_num_seqs=256, enable_prefix_caching=True)
     spec = LLM(path, speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 2,
-                                         "prompt_lookup_max": 2}, **common)
+                                         "prompt_lookup_max": 2, "disable_by_batch_size": None}, **common)
     plain = LLM(path, **common)
     with_speculation = _sample(spec, prompt)
     assert spec.engine.core.num_accepted_tokens > SAMPLES // 10  # proposals were verified and often kept

@@ -8,14 +8,15 @@ from asyncllm import LLM, SamplingParams, StructuredOutputs
 
 pytestmark = pytest.mark.timeout(300)
 
-NGRAM = {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+NGRAM = {"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_min": 1, "prompt_lookup_max": 3,
+         "disable_by_batch_size": None}
 
 
 @pytest.fixture(scope="module", params=["ngram", "draft_model"])
 def engines(request, tiny_models):
     path = tiny_models("LlamaForCausalLM")
     config = NGRAM if request.param == "ngram" else {"method": "draft_model", "model": path,
-                                                       "num_speculative_tokens": 4}
+                                                       "num_speculative_tokens": 4, "disable_by_batch_size": None}
     plain = LLM(path, dtype="float32", kv_cache_memory=16 << 20)
     spec = LLM(path, dtype="float32", kv_cache_memory=16 << 20, speculative_config=config)
     yield plain, spec
