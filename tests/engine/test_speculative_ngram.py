@@ -155,3 +155,34 @@ def test_acceptance_counters_per_request_and_in_prometheus(ngram_llm):
     assert values["asyncllm_spec_decode_num_draft_tokens_total"] >= values["asyncllm_spec_decode_num_accepted_tokens_total"] > 0
     assert values["asyncllm_spec_decode_num_drafts_total"] > 0
     assert values["asyncllm_spec_decode_mean_acceptance_length"] > 1.5
+
+
+def test_ngram_with_n_samples_stop_strings_chunked_prompts_and_cache_hits(default_llm):
+    """The cases plain decoding has, with proposals: two seeded samples per request, a stop string
+    that ends the text inside an accepted run, prompts computed in 32-token chunks, and the second
+    run of each served by the prefix cache; always plain decoding's tokens and texts."""
+    llm = LLM(dtype="float32", max_num_batched_tokens=32,
+              speculative_config={"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_min": 1,
+                                  "disable_by_batch_size": None})
+    try:
+        tok = llm.get_tokenizer()
+        prompt = tok.apply_chat_template([{"role": "user", "content": f"Repeat this text exactly:\n{PASSAGE}"}],
+                                         tokenize=False, add_generation_prompt=True)
+        greedy = default_llm.generate(prompt, SamplingParams(max_tokens=60, temperature=0), use_tqdm=False)[0]
+        text = greedy.outputs[0].text
+        stop = text[len(text) // 2:len(text) // 2 + 12]  # somewhere in a copied stretch
+        cases = [SamplingParams(n=2, temperature=0.8, seed=11, max_tokens=40),
+                 SamplingParams(temperature=0, max_tokens=60, stop=[stop])]
+        core = llm.engine.core
+        for params in cases:
+            want = default_llm.generate(prompt, params, use_tqdm=False)[0]
+            for attempt in range(2):
+                accepted = core.num_accepted_tokens
+                got = llm.generate(prompt, params, use_tqdm=False)[0]
+                assert [(c.token_ids, c.text, c.finish_reason) for c in got.outputs] == \
+                    [(c.token_ids, c.text, c.finish_reason) for c in want.outputs]
+                assert core.num_accepted_tokens > accepted
+                assert attempt == 0 or got.num_cached_tokens > 0
+        assert want.outputs[0].finish_reason == "stop" and stop not in want.outputs[0].text
+    finally:
+        llm.engine.shutdown()
