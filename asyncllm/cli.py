@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")
     serve.add_argument("--api-key", default=None, help="require this Bearer key (default: $ASYNCLLM_API_KEY)")
     serve.add_argument("--no-browser-page", action="store_true", help="do not serve the chat page at /")
-    serve.add_argument("--max-body-bytes", type=int, default=4 << 20)
+    serve.add_argument("--max-body-bytes", type=int, default=None,
+                       help="largest request body (default 4 MiB; 32 MiB for a model that takes images)")
     serve.add_argument("--max-json-depth", type=int, default=64, help="deepest JSON nesting a request body may have")
     serve.add_argument("--shutdown-timeout", type=float, default=30.0,
                        help="on SIGTERM/SIGINT: seconds in-flight requests (streams too) may run to their end "

@@ -169,7 +169,8 @@ def w1_cost(args, rounds: int = 3, num_prompts: int = 64, length: int = 128) -> 
         # Each round's ratio to the plain run beside it: the machine's drift between rounds cancels.
         paired = [s / p for s, p in zip(speeds[name], speeds["plain"])]
         rows.append({"method": name, "tok_per_s": statistics.median(speeds[name]),
-                     "vs_plain": statistics.median(speeds[name]) / plain, "median_round_ratio": statistics.median(paired),
+                     "vs_plain": statistics.median(speeds[name]) / plain,
+                     "median_round_ratio": statistics.median(paired),
                      "steps": work[name][0], "draft_tokens": work[name][1],
                      "same_tokens": outputs[name] == outputs["plain"]})
     publish(f"Speculative decoding on W1 ({num_prompts} x ({length} in, {length} out)), {args.dtype}, median of "

@@ -1,8 +1,9 @@
 """KVCacheManager: per-request block tables on top of the BlockPool, and prefix-cache look-up.
 
 A request's full blocks are keyed by a chained hash: blake2b(parent hash, the block's token
-ids, extra keys such as a cache salt / LoRA id / the hashes of the images its tokens hold). Equal hashes mean equal prefixes, so a new
-request whose first k blocks hash the same reuses them instead of recomputing.
+ids, extra keys such as a cache salt / LoRA id / the hashes of the images its tokens hold).
+Equal hashes mean equal prefixes, so a new request whose first k blocks hash the same reuses
+them instead of recomputing.
 """
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ class NewRequestData:
     cache_key: str | None = None  # prefix-cache extra key (LoRA adapter, images, salt): for the worker's adapters
     pooling: bool = False  # an embedding request: its prompt's hidden states are pooled, nothing is sampled
     lora: LoRARequest | None = None  # its adapter: the worker loads it on first use
-    images: list[ImageInput] = field(default_factory=list)  # its prompt's images: their features fill their placeholders
+    images: list[ImageInput] = field(default_factory=list)  # its prompt's images (features fill placeholders)
 
 
 @dataclass

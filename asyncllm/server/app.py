@@ -61,9 +61,13 @@ async def engine_lifespan(engine: AsyncEngine) -> AsyncIterator[AsyncEngine]:
         await engine.ashutdown()
 
 
+DEFAULT_MAX_BODY_BYTES = 4 << 20
+IMAGE_MAX_BODY_BYTES = 32 << 20  # a model that takes images: a few inline photos (base64: 4/3 of their bytes)
+
+
 def build_app(engine: AsyncEngine, *, api_key: str | None = None, served_model_name: str | None = None,
               public_paths: Iterable[str] = DEFAULT_PUBLIC_PATHS, browser_page: bool = True,
-              max_body_bytes: int = 4 << 20, max_prompts_per_request: int = 64, max_json_depth: int = 64,
+              max_body_bytes: int | None = None, max_prompts_per_request: int = 64, max_json_depth: int = 64,
               openapi: bool = True, run_lifespan: bool = True, enable_auto_tool_choice: bool = False,
               tool_call_parser: str | None = None, reasoning_parser: str | None = None,
               embedding_engine: AsyncEngine | None = None,
@@ -218,6 +222,8 @@ def build_app(engine: AsyncEngine, *, api_key: str | None = None, served_model_n
         exception_handlers={404: not_found_handler, 405: method_not_allowed_handler, HTTPException: api_error_handler},
         lifespan=lifespan if run_lifespan else None,
     )
+    if max_body_bytes is None:  # images come inline (data: URLs): a model that takes them gets room for a few
+        max_body_bytes = IMAGE_MAX_BODY_BYTES if engine.engine.takes_images else DEFAULT_MAX_BODY_BYTES
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=max_body_bytes)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key, public_paths=public_paths)

@@ -23,7 +23,8 @@ def other_tiny_llama(tmp_path_factory, tokenizer_dir) -> str:
 
 def _draft(model: str, k: int = 3, **extra) -> dict:
     # Proposals at any batch size: these tests check the verification itself.
-    return {"method": "draft_model", "model": model, "num_speculative_tokens": k, "disable_by_batch_size": None, **extra}
+    return {"method": "draft_model", "model": model, "num_speculative_tokens": k, "disable_by_batch_size": None,
+            **extra}
 
 
 @pytest.mark.parametrize("draft", ["itself", "other"])

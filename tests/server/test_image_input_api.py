@@ -74,3 +74,22 @@ def test_a_text_model_answers_400_to_an_image(server):
     unknown = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
         "messages": [{"role": "user", "content": [{"type": "input_audio", "text": "x"}]}]})
     assert unknown.status_code == 400 and "content parts are text" in unknown.json()["error"]["message"]
+
+
+def test_a_model_that_takes_images_has_room_for_inline_photos(llava_server, server):
+    """A 1400x1400 noise PNG is ~8 MB as a data: URL: past the default 4 MiB body limit, within the
+    32 MiB a model that takes images gets; the text model's server still answers 413."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray((np.random.RandomState(3).rand(1400, 1400, 3) * 255).astype("uint8")).save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    assert len(url) > 4 << 20
+    body = {"model": "llava", "messages": _messages(url), "max_tokens": 4}
+    assert httpx.post(llava_server[1].url + "/v1/chat/completions", json=body, timeout=120).status_code == 200
+    assert httpx.post(server.url + "/v1/chat/completions", json={**body, "model": None},
+                      timeout=120).status_code == 413
