@@ -2,8 +2,8 @@
 engine, at batch 8 (4 different rank-16 adapters, two requests each) and single stream (one
 adapter), greedy; and the time to load a rank-16 adapter over all seven projections.
 
-Decode tok/s = rows x (max_tokens - 1) / (time of max_tokens - time of 1 token), so the prompt's
-prefill is left out. The adapters are PEFT folders of random weights (write_random_adapter).
+Decode tok/s = rows x (max_tokens - 1) / the batch's decode window (from every request's first
+token to the last token, by the requests' own timestamps), so the prompt's prefill is left out. The adapters are PEFT folders of random weights (write_random_adapter).
 
     python benchmarks/lora.py [--batch 8] [--max-tokens 128] [--dtypes float32,auto] [--repeats 3]
 
@@ -25,16 +25,15 @@ from common import Timer, publish, pydoc_prompts  # noqa: E402
 
 
 def decode_tok_per_s(llm, prompts, loras, max_tokens: int) -> float:
+    """Tokens after the first over the batch's decode window: from the moment every request has its
+    first token to the last token (the requests' own timestamps, so no prompt time is in it; a
+    difference of two whole runs' times could go negative on a few tokens)."""
     from asyncllm import SamplingParams
 
-    def seconds(n: int) -> float:
-        params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
-        with Timer() as t:
-            llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False, lora_request=loras)
-        return t.seconds
-
-    first = seconds(1)
-    return len(prompts) * (max_tokens - 1) / (seconds(max_tokens) - first)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False, lora_request=loras)
+    window = max(o.metrics.last_token_time for o in outs) - max(o.metrics.first_token_time for o in outs)
+    return len(prompts) * (max_tokens - 1) / window
 
 
 def main(argv=None) -> dict:
