@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install serve test bench bench-vllm bench-llamacpp chromium clean
+.PHONY: install serve test bench bench-vllm bench-llamacpp gpu-bundle gpu-check chromium clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -76,6 +76,16 @@ $(LLAMACPP_SERVER):
 
 bench-llamacpp: install $(LLAMACPP_SERVER)
 	$(PY) benchmarks/llamacpp_compare.py --server $(LLAMACPP_SERVER) $(ARGS)
+
+# The GPU check (issue "The GPU step loop"): `make gpu-bundle` here gathers into .gpu/ what a GPU machine
+# without a package registry needs (wheels of the pure dependencies its CUDA image lacks, the
+# tokenizer); `make gpu-check` there runs benchmarks/gpu_check.sh with the machine's own python3
+# (its CUDA torch and triton), never this venv. Results and the log go to $$OUT.
+gpu-bundle: install
+	$(PY) benchmarks/gpu_bundle.py --dest .gpu
+
+gpu-check:
+	bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -83,7 +83,14 @@ class EngineArgs:
                                                 "prompts and batches of more than 8 rows then unpack the blocks "
                                                 "panel by panel as they multiply (slower prefill and big "
                                                 "batches); dtype auto means float32 here")
-    gpu_memory_utilization: float = _opt(0.9, "fraction of GPU memory for weights + KV cache (CUDA)")
+    gpu_memory_utilization: float = _opt(0.9, "CUDA: fraction of the GPU's memory this engine may hold: weights, "
+                                              "the activation peak of a profiled max-size step, and the KV cache "
+                                              "in what is left")
+    enforce_eager: bool = _opt(False, "CUDA: run every step eagerly instead of replaying decode steps from CUDA "
+                                      "graphs captured at start")
+    cuda_graph_sizes: list[int] | str | None = _opt(
+        None, "CUDA: the decode batch sizes captured as graphs (a list or comma-separated text; a batch is padded to "
+              "the next one; default 1, 2, 4 and multiples of 8 up to max_num_seqs)")
     max_num_seqs: int = _opt(128, "most requests running at once")
     max_num_batched_tokens: int = _opt(1024, "token budget of one engine step (decodes + prompt chunks)")
     enable_chunked_prefill: bool = _opt(True, "split long prompts across steps so decodes keep going")
@@ -206,6 +213,10 @@ class EngineConfig:
             errors.append("without chunked prefill, max_num_batched_tokens must be >= max_model_len")
         if not 0 < args.gpu_memory_utilization <= 1:
             errors.append("gpu_memory_utilization must be in (0, 1]")
+        try:
+            parse_cuda_graph_sizes(args.cuda_graph_sizes, args.max_num_seqs)
+        except ValueError as exc:
+            errors.append(str(exc))
         if args.kernels not in ("auto", "torch", "triton", "cpu"):
             errors.append(f"kernels must be auto, torch, triton or cpu, got {args.kernels!r}")
         if args.kernels == "triton" and args.block_size < 16:
@@ -305,6 +316,22 @@ class EngineConfig:
                                       worker_memory_bytes=args.grammar_worker_memory)
         return cls(args=args, device=device, dtype_request=args.dtype, kernels=kernels,
                    kv_cache_memory=kv_mem, limits=limits, structured_limits=structured, speculative=speculative)
+
+
+def parse_cuda_graph_sizes(value: list[int] | str | None, max_num_seqs: int) -> list[int]:
+    """EngineArgs.cuda_graph_sizes → sorted sizes (vLLM's defaults when None)."""
+    from asyncllm.worker.cuda_graphs import default_capture_sizes
+
+    if value is None:
+        return default_capture_sizes(max_num_seqs)
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        sizes = sorted({int(str(p).strip()) for p in parts if str(p).strip()})
+    except ValueError:
+        raise ValueError(f"cuda_graph_sizes must be whole batch sizes, got {value!r}") from None
+    if not sizes or sizes[0] < 1:
+        raise ValueError(f"cuda_graph_sizes must be positive batch sizes, got {value!r}")
+    return sizes
 
 
 def triton_kernels_available() -> bool:

@@ -26,12 +26,16 @@ def default_gguf() -> str:
 
 
 @pytest.fixture(scope="session")
-def tokenizer_dir(tmp_path_factory, default_gguf) -> str:
-    """The default model's tokenizer saved as a HF folder (the tiny test models reuse it)."""
+def tokenizer_dir(tmp_path_factory, request) -> str:
+    """The default model's tokenizer saved as a HF folder (the tiny test models reuse it), or the
+    copy in ASYNCLLM_TEST_TOKENIZER (make gpu-check: the 94 MB default model cannot travel to the GPU
+    machine, its tokenizer folder can)."""
+    if os.environ.get("ASYNCLLM_TEST_TOKENIZER"):
+        return os.environ["ASYNCLLM_TEST_TOKENIZER"]
     from asyncllm.model.tokenizer import load_gguf_tokenizer
 
     path = tmp_path_factory.mktemp("tokenizer")
-    load_gguf_tokenizer(default_gguf).save_pretrained(path)
+    load_gguf_tokenizer(request.getfixturevalue("default_gguf")).save_pretrained(path)
     return str(path)
 
 

@@ -115,3 +115,22 @@ def test_parallelism_benchmark_runs(tmp_path, monkeypatch):
     assert [r["pipeline_parallel_size"] for r in result["rows"]] == [1, 2]
     assert all(r["output tok/s"] > 0 and r["single stream tok/s"] > 0 for r in result["rows"])
     assert (tmp_path / "pipeline_parallel.json").exists()
+
+
+def test_gpu_bench_runs_on_tiny_shapes(tmp_path):
+    """make gpu-check's measurements (benchmarks/gpu_bench.py) at tiny sizes on this device: the
+    parity part checks fp32 ids against transformers, the engine part runs with the graphs'
+    padded buffers (eagerly without CUDA) and without."""
+    import json
+
+    out = tmp_path / "gpu_bench.json"
+    result = _load("gpu_bench").main(["--smoke", "--out", str(out)])
+    assert json.loads(out.read_text())["parity"] == result["parity"]
+    fp32 = result["parity"]["tiny"]["float32"]
+    assert fp32["greedy_equal"] == fp32["prompts"] == 2 and fp32["max_abs_logprob_diff"] < 1e-3
+    assert {r["kernel"] for r in result["kernels"]} == {"paged_decode", "varlen_prefill"}
+    assert all(r["ms"] > 0 and r["sdpa_flash_ms"] > 0 for r in result["kernels"])
+    tiny = result["engine"]["tiny"]
+    assert tiny["graphs"]["graph_replays"] > 0 and tiny["eager"]["graph_replays"] == 0
+    assert all(tiny[run][k] > 0 for run in ("graphs", "eager") for k in ("single_stream_decode_tok_s", "w1_tok_s",
+                                                                         "w2_offline_tok_s"))

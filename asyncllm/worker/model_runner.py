@@ -32,6 +32,7 @@ from asyncllm.outputs import TokenLogprobs
 from asyncllm.pooling.pooler import Pooler
 from asyncllm.sampling.sampler import Sampler, prompt_logprobs_for
 from asyncllm.spec_decode.draft_model import DraftModel
+from asyncllm.worker.cuda_graphs import DecodeGraphs
 from asyncllm.worker.input_batch import CachedRequestState, InputBatch, StepRows
 
 logger = logging.getLogger(__name__)
@@ -112,8 +113,17 @@ class ModelRunner:
         # LongRoPE: sequences longer than this read the long factors' rows of the rotary table.
         rotary = getattr(model, "rotary", None)
         self.long_rope_from: int | None = rotary.rope.long_rope_from if rotary is not None else None
+        self.decode_graphs: DecodeGraphs | None = None
+
+    def enable_decode_graphs(self, sizes: list[int], capture: bool) -> DecodeGraphs:
+        """Pure-decode steps of up to max(sizes) requests replay CUDA graphs (capture=False: the same
+        padded static buffers run eagerly, for checking without CUDA; worker/cuda_graphs.py)."""
+        self.decode_graphs = DecodeGraphs(self.model, self.kv_caches, sizes, self.batch.block_table.shape[1],
+                                          self.device, capture)
+        return self.decode_graphs
 
     def release(self) -> None:
+        self.decode_graphs = None
         self.kv_caches = []
 
     @torch.inference_mode()
@@ -175,8 +185,12 @@ class ModelRunner:
         input_ids, positions = flat.input_ids.to(dev), flat.positions.to(dev)
         image_embeds = self._image_embeds(items, query_start) if self.takes_images else None
         extra = {} if image_embeds is None else {"image_embeds": image_embeds}
-        hidden = self.model(input_ids, self._rope_positions(items, query_start, positions), self.kv_caches, meta,
-                            **extra)
+        rope_positions = self._rope_positions(items, query_start, positions)
+        graphs = self.decode_graphs
+        if graphs is not None and num_decodes == len(seq_lens) == len(items) <= graphs.max_size and not extra:
+            hidden = graphs.run(input_ids, rope_positions, meta.seq_lens_tensor, meta.block_tables, meta.slot_mapping)
+        else:
+            hidden = self.model(input_ids, rope_positions, self.kv_caches, meta, **extra)
         if self.draft is not None:  # the draft's cache of the same tokens (its next proposals read it)
             self.draft.forward(input_ids, positions, meta)
 

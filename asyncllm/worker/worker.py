@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from asyncllm.config import EngineConfig
+from asyncllm.config import EngineConfig, parse_cuda_graph_sizes
 from asyncllm.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from asyncllm.lora.manager import LoRAManager
 from asyncllm.model.checkpoint_quant import SUPPORTED_METHODS
@@ -29,6 +29,8 @@ from asyncllm.model.registry import build_model
 from asyncllm.pooling.config import resolve_pooler
 from asyncllm.pooling.pooler import Pooler
 from asyncllm.worker.cpu_allocator import keep_freed_memory_in_heap, return_freed_memory
+from asyncllm.worker.cuda_graphs import graph_unsupported_reason
+from asyncllm.worker.memory_profile import activation_peak_bytes, dummy_step_shape, kv_cache_budget
 from asyncllm.worker.model_runner import KVCacheSpec, ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -175,6 +177,14 @@ class Worker:
         self.runner = ModelRunner(self.model, self.spec, cache.num_blocks, cache.max_model_len, args.max_num_seqs,
                                   self.config.device, args.seed, prefault=args.kv_cache_prefault, pooler=self.pooler,
                                   lora=self.lora, draft=(self.draft_model, self.draft_spec) if self.draft_model else None)
+        if self.config.device.type == "cuda" and not args.enforce_eager:
+            reason = graph_unsupported_reason(self.model, self.config.kernels, lora=self.lora is not None,
+                                              draft=self.draft_model is not None)
+            if reason is None:
+                self.runner.enable_decode_graphs(parse_cuda_graph_sizes(args.cuda_graph_sizes, args.max_num_seqs),
+                                                 capture=True)
+            else:
+                logger.info("CUDA graphs off: %s; steps run eagerly", reason)
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute(sched)
@@ -214,11 +224,15 @@ class Worker:
         if bytes_per_block == 0:  # an encoder: room for max_num_seqs whole sequences, costing nothing
             return self.config.args.max_num_seqs * -(-max_positions // spec.block_size)
         if self.config.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.config.device)
-            used = total - free
-            budget = int(total * self.config.args.gpu_memory_utilization) - used
-            if budget <= 0:
-                raise ValueError("no GPU memory left for the KV cache; raise gpu_memory_utilization")
+            args, device = self.config.args, self.config.device
+            longest = min(max_positions, args.max_model_len or max_positions)
+            shape = dummy_step_shape(args.max_num_batched_tokens, longest, spec.block_size)
+            peak = activation_peak_bytes(self.model, spec, shape, args.max_num_seqs, device)
+            free, total = torch.cuda.mem_get_info(device)
+            budget = kv_cache_budget(total, free, args.gpu_memory_utilization, peak)
+            logger.info("GPU memory: %.1f GiB in use after loading, a %d-token step peaks at %.2f GiB more; "
+                        "%.1f GiB of gpu_memory_utilization %.2f left for the KV cache", (total - free) / 2**30,
+                        shape.tokens, peak / 2**30, budget / 2**30, args.gpu_memory_utilization)
             return max(1, budget // bytes_per_block)
         memory = self.config.kv_cache_memory
         blocks = memory // bytes_per_block

@@ -13,15 +13,26 @@ import triton
 import triton.language as tl
 
 
+# Decode split-K (vLLM's paged attention v2, FlashDecoding): with few requests a context of many
+# thousand tokens leaves most of the GPU idle in one program per (request, KV head), so the keys go
+# in partitions of this many tokens, one program each, combined by a second kernel. Below two
+# partitions the one-pass kernel writes the output directly.
+DECODE_PARTITION = 512
+
+
 @triton.jit
 def _paged_decode_kernel(
-        out_ptr, q_ptr, cache_ptr, table_ptr, seq_lens_ptr, scale, window,
+        out_ptr, part_ptr, q_ptr, cache_ptr, table_ptr, seq_lens_ptr, scale, window,
         stride_qt, stride_qh, stride_ot, stride_oh, stride_tb, cache_half,
-        num_kv_heads, group, head_dim,
-        BLOCK_SIZE: tl.constexpr, GROUP_P2: tl.constexpr, DIM_P2: tl.constexpr):
-    """One program per (request, KV head): its `group` query heads share every K/V load."""
+        num_kv_heads, group, head_dim, num_heads,
+        BLOCK_SIZE: tl.constexpr, GROUP_P2: tl.constexpr, DIM_P2: tl.constexpr,
+        PARTITION_BLOCKS: tl.constexpr, SPLIT: tl.constexpr):
+    """One program per (request, KV head[, partition]): its `group` query heads share every K/V
+    load. SPLIT: write this partition's running max, sum and unnormalised output to part_ptr
+    ([B, H, partitions, DIM_P2 + 2] fp32) for _combine_partitions; else the output itself."""
     req = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
+    part = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + req)
     g = tl.arange(0, GROUP_P2)
     d = tl.arange(0, DIM_P2)
@@ -35,7 +46,12 @@ def _paged_decode_kernel(
     first_visible = tl.where(window > 0, tl.maximum(seq_len - window, 0), 0)
     offs = tl.arange(0, BLOCK_SIZE)
     row = num_kv_heads * head_dim
-    for j in range(first_visible // BLOCK_SIZE, tl.cdiv(seq_len, BLOCK_SIZE)):
+    j_start = first_visible // BLOCK_SIZE
+    j_end = tl.cdiv(seq_len, BLOCK_SIZE)
+    if SPLIT:
+        j_start = tl.maximum(j_start, part * PARTITION_BLOCKS)
+        j_end = tl.minimum(j_end, (part + 1) * PARTITION_BLOCKS)
+    for j in range(j_start, j_end):
         block = tl.load(table_ptr + req * stride_tb + j).to(tl.int64)
         pos = j * BLOCK_SIZE + offs
         visible = (pos < seq_len) & (pos >= first_visible)
@@ -51,27 +67,67 @@ def _paged_decode_kernel(
         l = l * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
         m = m_new
-    out = acc / l[:, None]
-    tl.store(out_ptr + req * stride_ot + heads[:, None] * stride_oh + d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=g_keep[:, None] & d_keep[None, :])
+    if SPLIT:
+        parts = tl.num_programs(2)
+        base = ((req * num_heads + heads) * parts + part) * (DIM_P2 + 2)  # [G]
+        keep = g_keep[:, None] & (d[None, :] < DIM_P2)
+        tl.store(part_ptr + base[:, None] + d[None, :], acc, mask=keep)
+        tl.store(part_ptr + base + DIM_P2, m, mask=g_keep)
+        tl.store(part_ptr + base + DIM_P2 + 1, l, mask=g_keep)
+    else:
+        out = acc / l[:, None]
+        tl.store(out_ptr + req * stride_ot + heads[:, None] * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=g_keep[:, None] & d_keep[None, :])
+
+
+@triton.jit
+def _combine_partitions(out_ptr, part_ptr, stride_ot, stride_oh, num_heads, head_dim, parts,
+                        DIM_P2: tl.constexpr, PARTS_P2: tl.constexpr):
+    """One program per (request, head): the partitions' outputs rescaled to the overall max and
+    summed. A partition that saw no key has m = -inf and l = 0 and adds nothing."""
+    req = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    p = tl.arange(0, PARTS_P2)
+    d = tl.arange(0, DIM_P2)
+    p_keep = p < parts
+    base = ((req * num_heads + head) * parts + p) * (DIM_P2 + 2)
+    m = tl.load(part_ptr + base + DIM_P2, mask=p_keep, other=float("-inf"))
+    l = tl.load(part_ptr + base + DIM_P2 + 1, mask=p_keep, other=0.0)
+    acc = tl.load(part_ptr + base[:, None] + d[None, :], mask=p_keep[:, None], other=0.0)
+    top = tl.max(m, axis=0)
+    weight = tl.where(p_keep & (l > 0), tl.exp(m - top), 0.0)
+    out = tl.sum(acc * weight[:, None], axis=0) / tl.sum(l * weight, axis=0)
+    tl.store(out_ptr + req * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < head_dim)
 
 
 def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, sliding_window: int | None = None,
-                           out: torch.Tensor | None = None) -> torch.Tensor:
+                           out: torch.Tensor | None = None, partition: int = DECODE_PARTITION) -> torch.Tensor:
     """q: [B, H, D] (one query token per request); block_tables: [B, max_blocks]; seq_lens: [B]
-    (context including this token) → [B, H, D]."""
+    (context including this token) → [B, H, D]. The table's width bounds the context without a
+    host sync (and stays fixed under a CUDA graph): from two partitions of `partition` tokens on,
+    the keys are split (empty partitions of shorter requests return at once)."""
     batch, heads, dim = q.shape
-    kv_heads = kv_cache.shape[3]
+    kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
     if out is None:
         out = torch.empty_like(q)
-    if batch:
-        _paged_decode_kernel[(batch, kv_heads)](
-            out, q, kv_cache, block_tables, seq_lens, scale, sliding_window or 0,
-            q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), kv_cache[0].numel(),
-            kv_heads, heads // kv_heads, dim,
-            BLOCK_SIZE=kv_cache.shape[2], GROUP_P2=triton.next_power_of_2(heads // kv_heads),
-            DIM_P2=triton.next_power_of_2(dim))
+    if not batch:
+        return out
+    partition_blocks = max(1, partition // block_size)
+    parts = -(-block_tables.shape[1] // partition_blocks)
+    dim_p2 = triton.next_power_of_2(dim)
+    split = parts > 1
+    partials = torch.empty((batch, heads, parts, dim_p2 + 2) if split else (1,), dtype=torch.float32,
+                           device=q.device)
+    _paged_decode_kernel[(batch, kv_heads, parts if split else 1)](
+        out, partials, q, kv_cache, block_tables, seq_lens, scale, sliding_window or 0,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), kv_cache[0].numel(),
+        kv_heads, heads // kv_heads, dim, heads,
+        BLOCK_SIZE=block_size, GROUP_P2=triton.next_power_of_2(heads // kv_heads), DIM_P2=dim_p2,
+        PARTITION_BLOCKS=partition_blocks, SPLIT=split)
+    if split:
+        _combine_partitions[(batch, heads)](out, partials, out.stride(0), out.stride(1), heads, dim, parts,
+                                            DIM_P2=dim_p2, PARTS_P2=triton.next_power_of_2(parts))
     return out
 
 

@@ -113,6 +113,28 @@ def test_paged_decode_attention_matches_reference(dtype, window):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window", [None, 100])
+def test_paged_decode_split_k_matches_reference(dtype, window):
+    """Long contexts over several key partitions (split-K, then the combine kernel), next to short
+    requests whose later partitions are empty: equal to the reference and to the one-pass kernel."""
+    generator = torch.Generator().manual_seed(2)
+    torch.manual_seed(2)
+    heads, kv_heads, dim, block_size = 4, 2, 32, 16
+    seq_lens = [1, 40, 300, 517]
+    cache = _cache(64, block_size, kv_heads, dim, dtype)
+    tables = _tables(seq_lens, block_size, 64, generator)
+    assert tables.shape[1] * block_size > 4 * 128  # five partitions of 128 tokens
+    q = torch.randn(len(seq_lens), heads, dim, dtype=dtype, device=DEVICE)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    got = paged_decode_attention(q, cache, tables, lens, dim ** -0.5, window, partition=128)
+    want = paged_attention_reference(q, cache, tables, list(range(len(seq_lens) + 1)), seq_lens, dim ** -0.5,
+                                     window)
+    torch.testing.assert_close(got, want, **_tol(dtype))
+    one_pass = paged_decode_attention(q, cache, tables, lens, dim ** -0.5, window, partition=4096)
+    torch.testing.assert_close(got, one_pass, **_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("window", [None, 24])
 def test_varlen_prefill_attention_matches_reference(dtype, window):
     """Fresh prompts, chunks after a cached prefix and a 1-token chunk, in one varlen batch."""
