@@ -34,6 +34,7 @@ from asyncllm.sampling.sampler import Sampler, prompt_logprobs_for
 from asyncllm.spec_decode.draft_model import DraftModel
 from asyncllm.worker.cuda_graphs import DecodeGraphs
 from asyncllm.worker.input_batch import CachedRequestState, InputBatch, StepRows
+from asyncllm.worker.staging import HostToDeviceStaging
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +115,7 @@ class ModelRunner:
         rotary = getattr(model, "rotary", None)
         self.long_rope_from: int | None = rotary.rope.long_rope_from if rotary is not None else None
         self.decode_graphs: DecodeGraphs | None = None
+        self.staging = HostToDeviceStaging(device)  # the step's inputs in one pinned copy on CUDA
 
     def enable_decode_graphs(self, sizes: list[int], capture: bool) -> DecodeGraphs:
         """Pure-decode steps of up to max(sizes) requests replay CUDA graphs (capture=False: the same
@@ -172,17 +174,19 @@ class ModelRunner:
         query_start = flat.query_start
         dev = self.device
         num_decodes, attn_starts, seq_lens, table_states = _attention_rows(items, flat)
+        input_ids, positions, seq_lens_tensor, block_tables, slot_mapping = self.staging.to_device(
+            flat.input_ids, flat.positions, torch.tensor(seq_lens, dtype=torch.long),
+            self.batch.block_table_for(table_states), flat.slot_mapping)
         meta = AttentionMetadata(
             num_decodes=num_decodes,
             query_start_loc=attn_starts,
             seq_lens=seq_lens,
-            seq_lens_tensor=torch.tensor(seq_lens, dtype=torch.long, device=dev),
-            block_tables=self.batch.block_table_for(table_states).to(dev),
-            slot_mapping=flat.slot_mapping.to(dev),
+            seq_lens_tensor=seq_lens_tensor,
+            block_tables=block_tables,
+            slot_mapping=slot_mapping,
         )
         if self.lora is not None:
             self.lora.prepare_step([state.lora for state, _ in items], query_start)
-        input_ids, positions = flat.input_ids.to(dev), flat.positions.to(dev)
         image_embeds = self._image_embeds(items, query_start) if self.takes_images else None
         extra = {} if image_embeds is None else {"image_embeds": image_embeds}
         rope_positions = self._rope_positions(items, query_start, positions)

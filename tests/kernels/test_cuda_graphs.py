@@ -113,3 +113,38 @@ def test_kv_cache_budget_takes_the_share_less_use_and_peak():
         int(80 * gib * 0.9) - 10 * gib - 2 * gib
     with pytest.raises(ValueError, match="raise gpu_memory_utilization or lower max_num_batched_tokens"):
         kv_cache_budget(total=80 * gib, free=10 * gib, utilization=0.9, activation_peak=2 * gib)
+
+
+def test_step_inputs_go_over_in_one_packed_copy():
+    from asyncllm.worker.staging import HostToDeviceStaging
+
+    staging = HostToDeviceStaging(torch.device("cpu"), pack=True)
+    first = [torch.arange(5), torch.tensor([[3, 4, 5], [6, 7, 8]], dtype=torch.int32), torch.tensor([9])]
+    got = staging.to_device(*first)
+    second = staging.to_device(torch.arange(100, 140).view(4, 10))  # reuses and grows the buffer
+    assert [g.dtype for g in got] == [torch.long] * 3 and [g.shape for g in got] == [t.shape for t in first]
+    assert all(torch.equal(g, t.long()) for g, t in zip(got, first))  # not overwritten by the next call
+    assert torch.equal(second[0], torch.arange(100, 140).view(4, 10)) and staging.copies == 2
+    assert HostToDeviceStaging(torch.device("cpu")).pack is False  # the CPU engine copies nothing
+
+
+def test_packed_step_inputs_give_the_same_tokens(tiny_models):
+    """The runner's inputs through the packed copy (what CUDA steps take) give the plain engine's tokens."""
+    from asyncllm import SamplingParams
+    from asyncllm.worker.staging import HostToDeviceStaging
+
+    path = tiny_models("LlamaForCausalLM")
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=2)
+    prompts = [{"prompt_token_ids": list(range(3 + i, 30 + 2 * i))} for i in range(3)]
+    outs = []
+    for pack in (False, True):
+        llm = LLM(path, dtype="float32", kernels="torch", kv_cache_memory=4 << 20, max_num_batched_tokens=32)
+        try:
+            runner = llm.engine.core.executor.worker.runner
+            runner.staging = HostToDeviceStaging(torch.device("cpu"), pack=pack)
+            outs.append(llm.generate(prompts, params, use_tqdm=False))
+            assert (runner.staging.copies > 0) == pack
+        finally:
+            llm.engine.shutdown()
+    for a, b in zip(*outs):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids and a.outputs[0].logprobs == b.outputs[0].logprobs
