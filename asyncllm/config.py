@@ -74,8 +74,11 @@ class EngineArgs:
                                           "(pack-quantized) checkpoint is read from config.json and runs "
                                           "from its own codes (4-bit, or symmetric 8-bit, in groups of a "
                                           "multiple of 32 inputs; other layouts dequantised): leave this "
-                                          "unset or name its method (gptq, awq, compressed-tensors); an FP8 "
-                                          "checkpoint (fp8) loads dequantised",
+                                          "unset or name its method (gptq, awq, compressed-tensors). fp8: "
+                                          "an FP8 checkpoint's projections run from their e4m3 codes (C "
+                                          "kernels; else dequantised), and a dense checkpoint is quantised "
+                                          "to e4m3 blocks with a scale per 32 inputs (vLLM's dynamic fp8, "
+                                          "weights only: the CPU has no fp8 matmul; needs the C kernels)",
                                     choices=["int4", "int8", "gptq", "awq", "compressed-tensors", "fp8"])
     quantized_weights_only: bool = _opt(False, "with quantization on the C kernels in fp32: keep only the "
                                                 "quantised blocks of the projections and free their dense "

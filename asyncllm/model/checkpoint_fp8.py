@@ -7,8 +7,12 @@
   compressed-tensors "float-quantized" (llm-compressor's FP8, FP8_DYNAMIC, FP8_BLOCK): `P.weight_scale`
     per tensor, per output row, or per block (block_structure)
 
-The CPU has no fp8 matmul, so the weights are widened once at load to the model's dtype (exact
-in fp32: e4m3 has 4 significant bits, the scales are fp32 or 16-bit) and run as a dense model.
+The CPU has no fp8 matmul. A decoder projection whose scales fall on whole groups of 32 inputs
+(per tensor, per row, or blocks of a multiple of 32 inputs) comes out as a GroupedWeight of e4m3
+codes with a scale per group: on the C kernels those codes become the projection's e4m3 blocks
+(layers/block_quant.py, read by the block kernels, no dense copy kept in fp32), elsewhere it is
+dequantised. Other weights are widened once at load to the model's dtype (exact in fp32: e4m3 has
+4 significant bits, the scales are fp32 or 16-bit) and run dense.
 Activations are not quantised (`activation_scheme` dynamic or static, and any `P.input_scale`,
 are read past): the arithmetic is the dense model's on the checkpoint's weights, as
 transformers computes them dequantised.
@@ -20,7 +24,12 @@ from typing import Iterable, Iterator
 
 import torch
 
+from asyncllm.model.layers.int4 import FP8_BITS, GROUP_SIZE, GroupQuantized, int4_shape_supported
+
 FP8_DTYPES = (torch.float8_e4m3fn,)
+# Decoder projections, which can run from their codes (a vision tower's and MoE experts' load dense).
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj",
+                "gate_up_proj")
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,38 @@ def dequantize_fp8(name: str, weight: torch.Tensor, scale: torch.Tensor, layout:
     return values * per_element
 
 
+def _per_group_scales(weight: torch.Tensor, scale: torch.Tensor, layout: Fp8Layout) -> torch.Tensor | None:
+    """The checkpoint's scales as one per row and group of 32 inputs [out, in / 32], where they fall on
+    such groups (None where a block boundary cuts a group, or the shape is not the kernels')."""
+    out_f, in_f = weight.shape
+    if not int4_shape_supported(out_f, in_f):
+        return None
+    groups = in_f // GROUP_SIZE
+    scale = scale.float()
+    if layout.block_size is None:
+        return scale.reshape(-1, 1).expand(out_f, groups).contiguous()
+    bo, bi = layout.block_size
+    if bi % GROUP_SIZE:
+        return None
+    return scale.repeat_interleave(bo, 0)[:out_f].repeat_interleave(bi // GROUP_SIZE, 1)[:, :groups].contiguous()
+
+
+def _as_groups(name: str, weight: torch.Tensor, scale: torch.Tensor, layout: Fp8Layout):
+    """A projection's float8 weight as e4m3 groups (a GroupedWeight the decoder keeps as blocks), else
+    its dequantised tensor."""
+    from asyncllm.model.checkpoint_quant import GroupedWeight
+
+    dense = dequantize_fp8(name, weight, scale, layout)  # validates the scales' shape first
+    parts = name.split(".")
+    if len(parts) < 2 or parts[-2] not in _PROJECTIONS or "experts" in parts or any("vision" in p for p in parts):
+        return dense
+    per_group = _per_group_scales(weight, scale, layout)
+    if per_group is None:
+        return dense
+    codes = weight.view(torch.uint8).to(torch.int32)
+    return GroupedWeight(GroupQuantized(codes, per_group, torch.zeros_like(per_group), bits=FP8_BITS))
+
+
 def fp8_weights(stream: Iterable[tuple[str, torch.Tensor]], layout: Fp8Layout
                 ) -> Iterator[tuple[str, torch.Tensor]]:
     """The checkpoint's tensors with every float8 weight dequantised by its scale (held until both
@@ -88,7 +129,7 @@ def fp8_weights(stream: Iterable[tuple[str, torch.Tensor]], layout: Fp8Layout
             yield name, tensor
             continue
         if prefix in weights and prefix in scales:
-            yield f"{prefix}.weight", dequantize_fp8(name, weights.pop(prefix), scales.pop(prefix), layout)
+            yield f"{prefix}.weight", _as_groups(f"{prefix}.weight", weights.pop(prefix), scales.pop(prefix), layout)
     if weights or scales:
         prefix = next(iter(weights or scales))
         missing = scale_part if prefix in weights else "float8 weight"

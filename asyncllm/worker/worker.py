@@ -83,13 +83,12 @@ class Worker:
         # Keeping only quantised blocks computes every step in fp32 (the block kernels and the
         # panel GEMM), so "auto" means fp32 there rather than a dtype that setting refuses; so
         # for a packed checkpoint (GPTQ / AWQ / compressed-tensors) on the C kernels, which runs from its blocks.
-        blocks_only = args.quantized_weights_only or (
-            checkpoint.quantization is not None and checkpoint.quantization.packed and config.kernels == "cpu")
+        blocks_only = args.quantized_weights_only or (checkpoint.quantization is not None and config.kernels == "cpu")
         dtype = (torch.float32 if blocks_only and config.dtype_request == "auto"
                  else resolve_dtype(config.dtype_request, config.device))
         model = self._build(checkpoint, dtype,
                             ModelContext(Ops(config.kernels), self.tensor_parallel, self._pipeline(model_cfg)))
-        if args.quantization in QUANTIZATION_BITS:
+        if args.quantization in QUANTIZATION_BITS and checkpoint.quantization is None:
             if model_cfg.is_encoder_only:
                 raise ValueError(f"quantization is not supported for encoder models ({model_cfg.architecture})")
             self._quantize(model, args.quantization, dtype)
@@ -128,7 +127,7 @@ class Worker:
         """The checkpoint's model with its weights loaded (and packed where prepacking applies)."""
         model = build_model(checkpoint.config, dtype, self.config.device, ctx)
         model.load_weights(checkpoint.weights(dtype))
-        if checkpoint.quantization is not None and checkpoint.quantization.packed:  # before packing (none needed)
+        if checkpoint.quantization is not None:  # its codes as C blocks, before packing (none needed)
             blocks, dense, freed = model.adopt_checkpoint_groups(drop_dense=True)
             if freed and self.config.device.type == "cpu":
                 return_freed_memory()
@@ -205,9 +204,9 @@ class Worker:
         copies = [p.quantized for p in quantized] + ([model.logits_quant] if model.logits_quant is not None else [])
         # Exact copies (a GGUF quantised in these formats) make the quantised steps compute with
         # the weights themselves: the same outputs as the dense path.
-        logger.info("%s: %d projections have %d-bit copies for steps of <= %d rows (%d left dense: shape)%s; "
+        logger.info("%s: %d projections have %s copies for steps of <= %d rows (%d left dense: shape)%s; "
                     "%d of %d copies hold their weights exactly; the copies take %.0f MB",
-                    scheme, done, bits, rows, skipped,
+                    scheme, done, "e4m3" if scheme == "fp8" else f"{bits}-bit", rows, skipped,
                     "; the logits weight an 8-bit copy" if model.logits_quant is not None else "",
                     sum(c.exact for c in copies), len(copies), sum(c.nbytes for c in copies) / 1e6)
         if args.quantized_weights_only:
@@ -245,11 +244,7 @@ def check_checkpoint_quantization(requested: str | None, checkpoint: Checkpoint)
     """EngineArgs.quantization against a checkpoint's own: unset or the same method for a GPTQ,
     AWQ or compressed-tensors folder (vLLM's rule); int4 / int8 quantise dense weights only."""
     method = None if checkpoint.quantization is None else checkpoint.quantization.method
-    if method is None and requested == "fp8":
-        raise ValueError(f"quantization='fp8' of a dense checkpoint ({checkpoint.name!r}: vLLM's dynamic FP8) is "
-                         "not supported: the CPU has no fp8 matmul; load an FP8 checkpoint (it runs "
-                         "dequantised) or use quantization='int8'")
-    if method is None and requested in SUPPORTED_METHODS:
+    if method is None and requested in SUPPORTED_METHODS and requested not in QUANTIZATION_BITS:
         raise ValueError(f"quantization={requested!r} needs a {requested} checkpoint (an HF folder whose "
                          f"config.json has quantization_config); {checkpoint.name!r} has none")
     if method is not None and requested not in (None, method):

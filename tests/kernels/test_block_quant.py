@@ -1,4 +1,4 @@
-"""The C kernels' 4- and 8-bit block layout (layers/block_quant.py) and the matmul that reads it
+"""The C kernels' 4-bit, 8-bit and e4m3 block layout (layers/block_quant.py) and the matmul that reads it
 (asyncllm/kernels/cpu/quant_rows_impl.h): the blocks hold what the quantiser chose, the kernel computes x
 times those weights (against float64), a row's result does not depend on the other rows, and the
 default model's Q4_1 / Q8_0 tensors come back from the file's values."""
@@ -10,7 +10,8 @@ from asyncllm.model.gguf_file import GGUFFile
 from asyncllm.kernels import cpu as cpu_kernels
 from asyncllm.model.layers.block_quant import (
     BF16_MAX_ROWS, BLOCK_BYTES, MAX_ROWS, BlockQuantWeight, block_quant_supported, block_rows, logits_block_rows)
-from asyncllm.model.layers.int4 import quantize_groups, quantize_groups_int8
+from asyncllm.model.layers.int4 import FP8_BITS, GroupQuantized, quantize_groups, quantize_groups_fp8, \
+    quantize_groups_int8
 from asyncllm.model.layers.ops import Ops
 
 pytestmark = [pytest.mark.timeout(120),
@@ -62,6 +63,40 @@ def test_c_quantiser_makes_the_torch_quantisers_blocks(bits):
     assert made.exact and torch.equal(made.dequantize(), integers)
 
 
+def test_every_e4m3_code_decodes_to_its_float8_value():
+    """All 254 finite e4m3fn codes (both signs, subnormals included) in blocks with scale 1: the
+    block kernel (1-8 rows) and the panel unpacking (more rows) multiply exactly torch's float8 values."""
+    codes = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F], dtype=torch.int32)
+    codes = torch.cat([codes, codes[:2]]).reshape(-1, 32)  # 256 codes: 8 groups
+    codes = codes.repeat(2, 1).reshape(16, 32)  # 16 rows of one group each
+    q = GroupQuantized(codes, torch.ones(16, 1), torch.zeros(16, 1), bits=FP8_BITS)
+    values = codes.to(torch.uint8).view(torch.float8_e4m3fn).float()
+    assert torch.equal(q.rounded_once(), values) and (values[values != 0].abs().min() == 2.0 ** -9)
+    blocks = BlockQuantWeight.from_groups(q)
+    assert torch.equal(blocks.groups().codes, codes) and torch.equal(blocks.dequantize(), values)
+    eye = torch.eye(32)
+    assert torch.equal(blocks.linear_many_rows(eye).t(), values)
+    for start in range(0, 32, 8):
+        assert torch.equal(blocks.linear(eye[start:start + 8]).t(), values[:, start:start + 8])
+
+
+def test_fp8_quantiser_scales_each_group_to_448():
+    weight = torch.zeros(16, 64)
+    weight[0, :32] = torch.linspace(-2.0, 1.0, 32)
+    weight[1, 32:] = 1e-3  # constant group
+    q = quantize_groups_fp8(weight)
+    assert q.bits == FP8_BITS and q.scale[0, 0] == 2.0 / 448 and q.scale[2, 0] == 1.0  # all-zero: scale 1
+    values = q.code_values()
+    assert values[0, 0] == -448 and values[1, 32:].eq(448).all() and values[2:].eq(0).all()
+    # round to nearest even in e4m3, then the scale: the rule's weights, written out here
+    expected = (weight[0, :32] / (2.0 / 448)).to(torch.float8_e4m3fn).float() * (2.0 / 448)
+    assert torch.equal(q.rounded_once()[0, :32], expected)
+    made = BlockQuantWeight.quantize(weight, FP8_BITS)
+    assert torch.equal(made.blocks, BlockQuantWeight.from_groups(q).blocks) and not made.exact
+    again = BlockQuantWeight.quantize(made.dequantize(), FP8_BITS)  # e4m3 values already: exact
+    assert again.exact and torch.equal(again.dequantize(), made.dequantize())
+
+
 def test_int8_quantiser_follows_q8_0():
     weight = torch.zeros(16, 32)
     weight[0] = torch.tensor([0.5, -1.27, 0.0, 0.01] * 8)  # rows 1-15: all-zero groups
@@ -70,7 +105,7 @@ def test_int8_quantiser_follows_q8_0():
     assert q.codes[0, :4].tolist() == [50, -127, 0, 1] and int(q.codes[1:].abs().max()) == 0
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [4, 8, FP8_BITS])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8])
 @pytest.mark.parametrize("n, k", [(16, 32), (80, 96), (48, 1536)])
@@ -85,7 +120,7 @@ def test_kernel_matches_a_float64_matmul_of_its_weights(bits, dtype, rows, n, k)
     torch.testing.assert_close(out.double(), expected, **tol)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [4, 8, FP8_BITS])
 def test_a_rows_result_does_not_depend_on_the_other_rows(bits):
     torch.manual_seed(3)
     weight = BlockQuantWeight.quantize(torch.randn(64, 160) * 0.05, bits)
@@ -111,7 +146,7 @@ def test_bad_inputs_get_clear_errors():
     for x in (torch.randn(9, 64), torch.randn(0, 64), torch.randn(2, 32), torch.randn(2, 64, dtype=torch.float64)):
         with pytest.raises(ValueError, match="linear_quant_rows takes"):
             weight.linear(x)
-    with pytest.raises(ValueError, match="bits must be 4 or 8"):
+    with pytest.raises(ValueError, match="bits must be 4, 8 or 9"):
         BlockQuantWeight.quantize(torch.randn(16, 64), 3)
     with pytest.raises(ValueError, match="in_features % 32"):
         BlockQuantWeight.quantize(torch.randn(16, 48), 8)
@@ -135,11 +170,12 @@ def test_default_models_quantised_tensors_come_back_from_the_file():
 
 def test_which_weights_get_blocks_for_how_many_rows():
     fp32, bf16 = torch.randn(32, 64), torch.randn(32, 64, dtype=torch.bfloat16)
-    for bits in (4, 8):
+    for bits in (4, 8, FP8_BITS):
         assert block_rows(fp32, Ops("cpu"), bits) == logits_block_rows(fp32, Ops("cpu"), bits) == MAX_ROWS
         assert block_rows(fp32, Ops("torch"), bits) == logits_block_rows(fp32, Ops("torch"), bits) == 0  # no C kernels
     # bf16: 8-bit blocks up to BF16_MAX_ROWS (oneDNN's packed bf16 wins above); 4 bits stay on
     # torch's int4 kernel, and then the logits weight keeps its dense copy too.
     assert block_rows(bf16, Ops("cpu"), 8) == logits_block_rows(bf16, Ops("cpu"), 8) == BF16_MAX_ROWS
+    assert block_rows(bf16, Ops("cpu"), FP8_BITS) == logits_block_rows(bf16, Ops("cpu"), FP8_BITS) == BF16_MAX_ROWS
     assert block_rows(bf16, Ops("cpu"), 4) == logits_block_rows(bf16, Ops("cpu"), 4) == 0
     assert block_rows(torch.randn(24, 64), Ops("cpu"), 8) == 0  # not whole 16-row tiles

@@ -46,7 +46,7 @@ def _decode_steps(recorder, rows: int):
     return [s for s in recorder.steps if s[3].num_decodes == s[3].num_requests == s[0].shape[0] == rows]
 
 
-@pytest.mark.parametrize("quantization", [None, "int4", "int8"])
+@pytest.mark.parametrize("quantization", [None, "int4", "int8", "fp8"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_stack_equals_the_per_op_path(arch, quantization, tiny_models):
     """Recorded decode steps rerun through both paths (each writes the same K/V into the same
@@ -105,9 +105,9 @@ def test_stack_takes_only_the_steps_it_is_built_for(tiny_models):
         assert other_model.decode_stack is None or not other_model.decode_stack.enabled, kwargs
 
 
-@pytest.mark.parametrize("quantization", ["int4", "int8"])
+@pytest.mark.parametrize("quantization", ["int4", "int8", "fp8"])
 def test_stack_reads_the_blocks_and_the_8bit_logits(quantization, tiny_models):
-    """quantization="int4" or "int8" with the C kernels: the stack is on, reads every projection's blocks,
+    """quantization="int4", "int8" or "fp8" with the C kernels: the stack is on, reads every projection's blocks,
     and the step's logits come from the 8-bit copy; a 1-row step's hidden state and logits equal,
     to fp32 rounding, what the per-op path gives with the blocks' weights put back as dense ones."""
     llm = LLM(tiny_models("Qwen3ForCausalLM"), dtype="float32", kernels="cpu", kv_cache_memory=16 << 20,

@@ -8,13 +8,14 @@ import helpers
 from asyncllm import LLM
 from asyncllm.kernels import cpu as cpu_kernels
 from asyncllm.model.layers.block_quant import BlockQuantWeight
+from asyncllm.model.layers.int4 import FP8_BITS
 from asyncllm.model.layers.linear import Linear
 from asyncllm.model.layers.ops import Ops
 
 pytestmark = pytest.mark.skipif(cpu_kernels.build_error() is not None, reason="the C kernels do not build here")
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [4, 8, FP8_BITS])
 @pytest.mark.parametrize("n, k", [(96, 576), (80, 64), (16, 1536)])  # n not a whole panel; one panel, part-filled
 @pytest.mark.parametrize("rows", [1, 7, 9, 64, 300])
 def test_panel_linear_blocks_equals_the_panel_gemm_of_the_dequantised_weight(bits, n, k, rows):

@@ -70,6 +70,8 @@ def rotary_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torc
 
 
 FEW_ROWS_MAX = 8  # most activation rows linear_few_rows takes
+FP8_BITS = 9  # the block kernels' "bits" of e4m3 blocks (8-bit floats; QUANT_FP8 in quant_rows_impl.h)
+BLOCK_BITS = (4, 8, FP8_BITS)  # block formats: Q4_1, Q8_0, e4m3 with a scale per 32
 # Fewest rows an fp32 matmul with a panel copy (pack_panels) reads it rather than the dense weight
 # through linear_few_rows. On AMD EPYC (AVX-512) the panels were as fast at 1-2 rows and faster
 # from 3 (the default model's projections + logits at 3 / 8 rows: 12.8 / 13.5 ms against 15.1 /
@@ -147,7 +149,7 @@ def linear_quant_rows(x: torch.Tensor, blocks: torch.Tensor, bits: int, n: int, 
     if x.stride(1) != 1:
         x = x.contiguous()
     assert blocks.dtype == torch.uint8 and blocks.is_contiguous() and blocks.shape[0] == n
-    assert bits in (4, 8) and k % 32 == 0 and n % 16 == 0
+    assert bits in BLOCK_BITS and k % 32 == 0 and n % 16 == 0
     out = torch.empty(rows, n, dtype=x.dtype)
     _typed("linear_quant_rows", x.dtype)(x.data_ptr(), x.stride(0), blocks.data_ptr(), bits, out.data_ptr(), rows,
                                          n, k, torch.get_num_threads())
@@ -298,7 +300,7 @@ def panel_linear_blocks(x: torch.Tensor, blocks: torch.Tensor, bits: int, n: int
     x, out, bias_ptr = _panel_call(x, n, bias)
     rows, k = x.shape
     assert blocks.dtype == torch.uint8 and blocks.is_contiguous()
-    assert bits in (4, 8) and k % 32 == 0 and blocks.shape[0] == n
+    assert bits in BLOCK_BITS and k % 32 == 0 and blocks.shape[0] == n
     if load_library().panel_linear_blocks_f32(x.data_ptr(), x.stride(0), rows, blocks.data_ptr(), bits, bias_ptr,
                                               out.data_ptr(), n, k, torch.get_num_threads()):
         raise MemoryError(f"no memory for a {k} x panel-width buffer per thread")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from asyncllm.kernels.cpu import PANEL_MIN_ROWS, _typed
+from asyncllm.kernels.cpu import BLOCK_BITS, PANEL_MIN_ROWS, _typed
 
 LAYER_TENSORS = ("input_norm", "qkv", "qkv_bias", "q_norm", "k_norm", "o", "post_norm", "gate_up", "gate_up_bias",
                  "down", "down_bias")
@@ -42,7 +42,7 @@ class DecodeShape:
     eps: float
     scale: float
     window: int  # 0: no sliding window
-    quant_bits: int = 0  # bits of the projections' blocks (4 or 8; 0: none)
+    quant_bits: int = 0  # bits of the projections' blocks (4, 8 or FP8_BITS; 0: none)
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -68,7 +68,7 @@ class DecodeStackArgs:
             for name in PROJECTIONS:
                 blocks = tensors.get(f"{name}_quant")
                 assert blocks is None or (blocks.is_contiguous() and blocks.dtype == torch.uint8
-                                          and shape.quant_bits in (4, 8)), name
+                                          and shape.quant_bits in BLOCK_BITS), name
                 setattr(entry, f"{name}_quant", _ptr(blocks))
                 panels = tensors.get(f"{name}_panels")
                 assert panels is None or (panels.is_contiguous() and panels.dtype == torch.float32), name

@@ -31,7 +31,7 @@ typedef struct {
 
 typedef struct {
     int64_t num_layers, hidden, heads, kv_heads, head_dim, intermediate, block_size, window;
-    int64_t quant_bits; /* of every layer's blocks: 4 or 8 (0: none) */
+    int64_t quant_bits; /* of every layer's blocks: 4, 8 or QUANT_FP8 (0: none) */
     int64_t panel_min_rows; /* fewest rows read from panel copies (cpu_kernels.PANEL_MIN_ROWS) */
     double eps, scale;
     const float *cos, *sin; /* [max_positions, head_dim] */

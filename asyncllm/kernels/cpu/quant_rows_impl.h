@@ -6,6 +6,8 @@
  *   4-bit (llama.cpp's Q4_1): float scale, float min, 16 bytes of codes; byte j holds column j
  *     in its low nibble and column j + 16 in its high one; w = code * scale + min.
  *   8-bit (llama.cpp's Q8_0): float scale, 32 signed bytes; w = code * scale.
+ *   8-bit float (bits == QUANT_FP8: FP8 checkpoints, quantization="fp8"): float scale, 32 e4m3
+ *     bytes (1 sign, 4 exponent bits of bias 7, 3 mantissa bits); w = e4m3 value * scale.
  * Every block is unpacked to fp32 once per tile (w rounded once, by one fused multiply-add) and
  * multiplied into every activation row while in registers, so each output is one multiply-add
  * chain over k in order: a row's result does not depend on the step's other rows. The scale and
@@ -17,8 +19,22 @@
 #ifndef QUANT_ROWS_COMMON
 #define QUANT_ROWS_COMMON
 #define QUANT_GROUP 32
+#define QUANT_FP8 9 /* the "bits" of e4m3 blocks: 8 bits like Q8_0's, told apart by this value */
 
 static inline int64_t quant_block_bytes(int bits) { return bits == 4 ? 8 + 16 : 4 + 32; }
+
+/* 16 e4m3 codes (zero-extended bytes) → their exact fp32 values. A normal code's exponent and
+ * mantissa, moved into fp32's fields and rebiased (7 → 127), is the value; a subnormal one (exponent
+ * 0) is m * 2^-9, computed from the integer so no fp32 denormal is involved (the CPU may flush
+ * those). e4m3fn's NaN codes (S.1111.111) never come from a quantiser, which saturates at 448. */
+static inline v16sf e4m3_to_f32(v16si code) {
+    v16si magnitude = code & 0x7f;
+    v16si normal = (magnitude << 20) + (120 << 23);
+    v16sf subnormal = __builtin_convertvector(magnitude, v16sf) * (1.0f / 512.0f);
+    v16si is_subnormal = magnitude < 8;
+    v16su value = (v16su)((is_subnormal & (v16si)subnormal) | (~is_subnormal & normal));
+    return (v16sf)(value | ((v16su)(code & 0x80) << 24));
+}
 
 /* 16 bytes → 16 int32 lanes, zero- or sign-extended. With intrinsics: gcc turns the generic
  * __builtin_convertvector of bytes into one insert per lane (3x slower kernel). */
@@ -66,6 +82,9 @@ static inline quant_pair unpack_block(const uint8_t *block, const int bits) {
         w.lo = fma16(__builtin_convertvector(codes & 15, v16sf), s, m);
         w.hi = fma16(__builtin_convertvector(codes >> 4, v16sf), s, m);
 #endif
+    } else if (bits == QUANT_FP8) {
+        w.lo = e4m3_to_f32(widen16(block + 4, 0)) * s;
+        w.hi = e4m3_to_f32(widen16(block + 4 + 16, 0)) * s;
     } else {
         w.lo = __builtin_convertvector(widen16(block + 4, 1), v16sf) * s;
         w.hi = __builtin_convertvector(widen16(block + 4 + 16, 1), v16sf) * s;
@@ -153,7 +172,7 @@ static inline __attribute__((always_inline)) void NAME(quant_rows_tile)(
     }
 }
 
-/* out [rows, n] = x [rows, k] @ w^T for 1-8 rows, w [n] rows of k / 32 blocks of `bits` (4 or 8).
+/* out [rows, n] = x [rows, k] @ w^T for 1-8 rows, w [n] rows of k / 32 blocks of `bits` (4, 8 or QUANT_FP8).
  * Needs k % 32 == 0 and n % 16 == 0. An orphaned `omp for`, like few_rows_for. */
 static void NAME(quant_rows_for)(const T *x, int64_t x_stride, const uint8_t *w, int bits, T *out, int64_t rows,
                                  int64_t n, int64_t k) {
@@ -169,6 +188,8 @@ static void NAME(quant_rows_for)(const T *x, int64_t x_stride, const uint8_t *w,
     switch (mb * 16 + bits) {
         QUANT_ROWS_CASE(1, 4) QUANT_ROWS_CASE(2, 4) QUANT_ROWS_CASE(4, 4) QUANT_ROWS_CASE(8, 4)
         QUANT_ROWS_CASE(1, 8) QUANT_ROWS_CASE(2, 8) QUANT_ROWS_CASE(4, 8) QUANT_ROWS_CASE(8, 8)
+        QUANT_ROWS_CASE(1, QUANT_FP8) QUANT_ROWS_CASE(2, QUANT_FP8) QUANT_ROWS_CASE(4, QUANT_FP8)
+        QUANT_ROWS_CASE(8, QUANT_FP8)
         default: break;
     }
 #undef QUANT_ROWS_CASE

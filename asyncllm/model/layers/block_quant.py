@@ -11,6 +11,7 @@ projections too (lossy where the weights were not 8-bit already, but far closer 
 One row of the weight is a run of blocks, one per GROUP_SIZE input columns:
   4 bits (Q4_1): fp32 scale, fp32 min, 16 bytes; byte j = code of column j | code of column j+16 << 4
   8 bits (Q8_0): fp32 scale, 32 signed bytes
+  8-bit floats (FP8_BITS: FP8 checkpoints, quantization="fp8"): fp32 scale, 32 e4m3 bytes
 """
 from __future__ import annotations
 
@@ -20,10 +21,11 @@ import torch
 
 from asyncllm.kernels import cpu as cpu_kernels
 from asyncllm.model.layers.ops import Ops
-from asyncllm.model.layers.int4 import GROUP_SIZE, GroupQuantized, int4_shape_supported, quantize_groups, \
-    quantize_groups_int8
+from asyncllm.model.layers.int4 import FP8_BITS, GROUP_SIZE, GroupQuantized, int4_shape_supported, \
+    quantize_groups, quantize_groups_fp8, quantize_groups_int8
 
-BLOCK_BYTES = {4: 8 + GROUP_SIZE // 2, 8: 4 + GROUP_SIZE}
+BLOCK_BYTES = {4: 8 + GROUP_SIZE // 2, 8: 4 + GROUP_SIZE, FP8_BITS: 4 + GROUP_SIZE}
+_QUANTIZERS = {4: quantize_groups, 8: quantize_groups_int8, FP8_BITS: quantize_groups_fp8}
 
 
 MAX_ROWS = cpu_kernels.FEW_ROWS_MAX  # activation rows the kernel's tiles take
@@ -35,7 +37,8 @@ def block_quant_supported(weight: torch.Tensor) -> bool:
     return (weight.dim() == 2 and int4_shape_supported(*weight.shape) and cpu_kernels.supports(weight))
 
 
-QUANTIZATION_BITS = {"int4": 4, "int8": 8}  # EngineArgs.quantization → bits of the projections' copies
+# EngineArgs.quantization → bits of the projections' copies ("fp8" of a dense checkpoint: e4m3 blocks)
+QUANTIZATION_BITS = {"int4": 4, "int8": 8, "fp8": FP8_BITS}
 
 # bf16 models read 8-bit blocks for steps of up to this many rows: measured on the default model's
 # 120 projections, 4.6 / 5.6 / 6.9 / 13.4 ms at 1 / 2 / 4 / 8 rows against a flat ~11 ms for
@@ -54,7 +57,7 @@ def block_rows(weight: torch.Tensor, ops: Ops, bits: int) -> int:
         return 0
     if weight.dtype == torch.float32:
         return MAX_ROWS
-    return BF16_MAX_ROWS if bits == 8 else 0
+    return BF16_MAX_ROWS if bits in (8, FP8_BITS) else 0
 
 
 def logits_block_rows(weight: torch.Tensor, ops: Ops, bits: int) -> int:
@@ -90,12 +93,12 @@ class BlockQuantWeight:
         """By the Q4_1 (4 bits) or Q8_0 (8 bits) rule, in C when the kernels are built (the same
         codes and scales, ~10x faster: ~0.15 s instead of 1.6 s for the default model)."""
         if bits not in BLOCK_BYTES:
-            raise ValueError(f"bits must be 4 or 8, got {bits}")
-        if (weight.dtype == torch.float32 and weight.dim() == 2 and weight.stride(-1) == 1
+            raise ValueError(f"bits must be 4, 8 or {FP8_BITS} (fp8), got {bits}")
+        if (bits != FP8_BITS and weight.dtype == torch.float32 and weight.dim() == 2 and weight.stride(-1) == 1
                 and int4_shape_supported(*weight.shape) and cpu_kernels.build_error() is None):
             blocks, misses = cpu_kernels.quantize_blocks(weight.detach(), bits, BLOCK_BYTES[bits])
             return cls(blocks, bits, weight.shape[1], exact=misses == 0)
-        quantized = cls.from_groups(quantize_groups(weight) if bits == 4 else quantize_groups_int8(weight))
+        quantized = cls.from_groups(_QUANTIZERS[bits](weight))
         quantized.exact = torch.equal(quantized.dequantize(), weight.detach().float())
         return quantized
 
@@ -106,8 +109,8 @@ class BlockQuantWeight:
         if q.bits == 4:
             packed = (codes[..., :GROUP_SIZE // 2] | (codes[..., GROUP_SIZE // 2:] << 4)).to(torch.uint8)
             parts = [_as_bytes(q.scale), _as_bytes(q.low), packed]
-        else:
-            parts = [_as_bytes(q.scale), codes.to(torch.int8).view(torch.uint8)]
+        else:  # a signed byte (Q8_0) or an e4m3 byte
+            parts = [_as_bytes(q.scale), codes.to(torch.int8 if q.bits == 8 else torch.uint8).view(torch.uint8)]
         return cls(torch.cat(parts, dim=-1).reshape(n, -1).contiguous(), q.bits, k)
 
     def groups(self) -> GroupQuantized:
@@ -121,7 +124,7 @@ class BlockQuantWeight:
             codes = torch.cat([packed & 15, packed >> 4], dim=-1)
         else:
             low = torch.zeros_like(scale)
-            codes = blocks[..., 4:].contiguous().view(torch.int8).to(torch.int32)
+            codes = blocks[..., 4:].contiguous().view(torch.int8 if self.bits == 8 else torch.uint8).to(torch.int32)
         return GroupQuantized(codes.reshape(n, k), scale, low, self.bits)
 
     def dequantize(self) -> torch.Tensor:

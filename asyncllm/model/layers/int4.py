@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 
 GROUP_SIZE = 32
+FP8_BITS = 9  # GroupQuantized.bits of e4m3 codes (asyncllm.kernels.cpu.FP8_BITS)
+FP8_MAX = 448.0  # e4m3fn's largest finite value
 _INNER_K_TILES = 2  # the CPU kernel's packing parameter (2, 4 or 8; no measurable difference here)
 COMPUTE_DTYPE = torch.bfloat16  # the kernel's only fast activation dtype (fp32 and fp16 fall back ~30x slower)
 
@@ -43,7 +45,8 @@ def int4_shape_supported(out_features: int, in_features: int) -> bool:
 class GroupQuantized:
     """A weight as integer codes with one scale (and, for 4 bits, one minimum) per group of
     GROUP_SIZE input columns: w ≈ codes * scale + low."""
-    codes: torch.Tensor  # [out_features, in_features] int32: 0..15 (4 bits), -127..127 (8 bits)
+    codes: torch.Tensor  # [out_features, in_features] int32: 0..15 (4 bits), -127..127 (8 bits), e4m3 bytes
+    #                      0..255 (FP8_BITS: the value is the byte read as float8_e4m3fn)
     scale: torch.Tensor  # [out_features, in_features / GROUP_SIZE] fp32
     low: torch.Tensor    # same shape; zeros for 8 bits
     bits: int = 4
@@ -63,13 +66,19 @@ class GroupQuantized:
         """The fp32 weight as the C block kernels compute with it: each w = code * scale + min,
         computed exactly and rounded once."""
         out_features, in_features = self.codes.shape
-        codes = self.codes.reshape(out_features, -1, GROUP_SIZE).double()
+        codes = self.code_values().reshape(out_features, -1, GROUP_SIZE).double()
         exact = codes * self.scale.double()[..., None] + self.low.double()[..., None]
         return exact.float().reshape(out_features, in_features)
 
+    def code_values(self) -> torch.Tensor:
+        """What each code stands for before its scale (exact in fp32): the integer, or an e4m3 byte's float."""
+        if self.bits == FP8_BITS:
+            return self.codes.to(torch.uint8).view(torch.float8_e4m3fn).float()
+        return self.codes.float()
+
     def dequantize(self) -> torch.Tensor:
         out_features, in_features = self.codes.shape
-        codes = self.codes.reshape(out_features, -1, GROUP_SIZE).float()
+        codes = self.code_values().reshape(out_features, -1, GROUP_SIZE)
         return (codes * self.scale[..., None] + self.low[..., None]).reshape(out_features, in_features)
 
 
@@ -100,6 +109,19 @@ def quantize_groups_int8(weight: torch.Tensor) -> GroupQuantized:
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group: codes 0
     codes = (groups / scale[..., None]).round().clamp(-127, 127)
     return GroupQuantized(codes.to(torch.int32).reshape(weight.shape), scale, torch.zeros_like(scale), bits=8)
+
+
+def quantize_groups_fp8(weight: torch.Tensor) -> GroupQuantized:
+    """[out_features, in_features] → e4m3 codes with one fp32 scale per group of 32 inputs (max |w| /
+    448, so the largest weight of each group is e4m3's largest value; round to nearest even). The
+    block layout has a scale per group anyway, so this costs nothing over vLLM's per-tensor or
+    per-channel scales and loses less to e4m3's narrow range."""
+    groups = _groups(weight)
+    scale = groups.abs().amax(-1) / FP8_MAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero group: codes 0
+    values = (groups / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    codes = values.view(torch.uint8).to(torch.int32).reshape(weight.shape)
+    return GroupQuantized(codes, scale, torch.zeros_like(scale), bits=FP8_BITS)
 
 
 @dataclass

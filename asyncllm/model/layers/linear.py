@@ -138,7 +138,7 @@ class Linear(nn.Linear):
     def quantize(self, bits: int, int4_rows: int) -> None:
         """A `bits`-bit copy: the C kernel's blocks where they serve, for the steps
         block_quant.block_rows says, else torch's int4 layout for steps of at most `int4_rows` rows
-        (4 bits only; 8 bits need the C kernels, which EngineConfig checks)."""
+        (4 bits only; 8-bit and fp8 copies need the C kernels)."""
         rows = block_quant.block_rows(self.weight, self.prepacked.ops, bits)
         if rows:
             self.quantized = BlockQuantWeight.quantize(self.weight, bits=bits)
@@ -147,7 +147,8 @@ class Linear(nn.Linear):
             self.quantized = Int4Weight.quantize(self.weight)
             self.quantized_max_rows = int4_rows
         else:
-            raise ValueError(f"{bits}-bit copies need the C kernels and an fp32 or bf16 weight whose shape they "
+            what = "fp8 (e4m3)" if bits == block_quant.FP8_BITS else f"{bits}-bit"
+            raise ValueError(f"{what} copies need the C kernels and an fp32 or bf16 weight whose shape they "
                              f"take, got a {self.weight.dtype} {tuple(self.weight.shape)} weight with ops "
                              f"{self.prepacked.ops.name!r}")
 
