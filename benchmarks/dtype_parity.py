@@ -7,6 +7,9 @@ it scores our whole sequence, so the comparison holds whatever greedy did.
 
     python benchmarks/dtype_parity.py [--variants float32,bfloat16,float16,float32+int4,bfloat16+int4,float32+int8,bfloat16+int8]
                                       [--max-num-seqs N] [--output NAME]
+
+A variant is dtype[+quantization][+kvfp8]: e.g. float32+fp8 (e4m3 weight blocks), float32+kvfp8
+(kv_cache_dtype="fp8"), bfloat16+int8+kvfp8.
 """
 from __future__ import annotations
 
@@ -61,8 +64,10 @@ def main(argv=None) -> dict:
 
         rows = []
         for variant in args.variants.split(","):
-            dtype, _, quantization = variant.partition("+")
-            llm = LLM(dtype=dtype, quantization=quantization or None, max_num_seqs=args.max_num_seqs or len(prompts))
+            dtype, *options = variant.split("+")
+            quantization = next((o for o in options if o != "kvfp8"), None)
+            llm = LLM(dtype=dtype, quantization=quantization, kv_cache_dtype="fp8" if "kvfp8" in options else "auto",
+                      max_num_seqs=args.max_num_seqs or len(prompts))
             outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                                 SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True, logprobs=0),
                                 use_tqdm=False)

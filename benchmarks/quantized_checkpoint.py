@@ -1,7 +1,9 @@
-"""GPTQ / AWQ checkpoints of the default model's shape: weight memory and speed against the dense model.
+"""GPTQ / AWQ / FP8 checkpoints of the default model's shape: weight memory and speed against the dense model.
 
 The default model's GGUF is dequantised into an HF folder (fp32), then packed as GPTQ and AWQ
-(4 bits, groups of --group-size, by tests/quant_packers.py). Each variant loads in its own
+(4 bits, groups of --group-size) and written as an FP8 checkpoint (e4m3, a scale per output row),
+by tests/quant_packers.py; the dense folder also runs with quantization int8 and fp8 (e4m3 blocks
+with a scale per 32 inputs), weights only. Each variant loads in its own
 process (so resident memory is its own): the weights' memory is the process's RSS after the
 load minus before it (the KV cache is allocated lazily and small here); then one stream
 (128-token prompt, 128 greedy tokens) and a batch of 16 (128 in, 64 out). Greedy agreement:
@@ -57,7 +59,7 @@ def run_one(path: str, engine_args: dict) -> dict:
 def build_checkpoints(root: str, group_size: int) -> dict[str, str]:
     """The dense HF folder of the default model and its GPTQ and AWQ packings → name → folder."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-    from quant_packers import pack_awq, pack_gptq, write_quantized
+    from quant_packers import pack_awq, pack_gptq, write_fp8, write_quantized
     from vllm_compare import export_hf_folder
 
     dense = str(export_hf_folder(Path(root) / "dense"))
@@ -67,7 +69,8 @@ def build_checkpoints(root: str, group_size: int) -> dict[str, str]:
     write_quantized(dense, os.path.join(root, "awq"),
                     {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm"},
                     lambda name, w: pack_awq(w, group_size))
-    return {name: os.path.join(root, name) for name in ("dense", "gptq", "awq")}
+    write_fp8(dense, os.path.join(root, "fp8"), None)
+    return {name: os.path.join(root, name) for name in ("dense", "gptq", "awq", "fp8")}
 
 
 def main(argv=None) -> dict:
@@ -82,8 +85,13 @@ def main(argv=None) -> dict:
     variants = [("dense fp32", "dense", {"dtype": "float32"}),
                 ("dense fp32 + int4, weights only", "dense",
                  {"dtype": "float32", "quantization": "int4", "quantized_weights_only": True}),
+                ("dense fp32 + int8, weights only", "dense",
+                 {"dtype": "float32", "quantization": "int8", "quantized_weights_only": True}),
+                ("dense fp32 + fp8, weights only", "dense",
+                 {"dtype": "float32", "quantization": "fp8", "quantized_weights_only": True}),
                 (f"GPTQ 4-bit g{args.group_size}", "gptq", {}),
-                (f"AWQ 4-bit g{args.group_size}", "awq", {})]
+                (f"AWQ 4-bit g{args.group_size}", "awq", {}),
+                ("FP8 checkpoint (per-row scales)", "fp8", {})]
     with tempfile.TemporaryDirectory() as root:
         folders = build_checkpoints(root, args.group_size)
         sizes = {name: sum(os.path.getsize(os.path.join(p, f)) for f in os.listdir(p) if f.endswith(".safetensors"))

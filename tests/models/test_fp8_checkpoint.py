@@ -11,39 +11,11 @@ from asyncllm import LLM
 from asyncllm.kernels import cpu as cpu_kernels
 from asyncllm.model.layers.block_quant import BlockQuantWeight
 from asyncllm.model.layers.int4 import FP8_BITS
-from quant_packers import check_checkpoint, write_quantized
+from quant_packers import check_checkpoint, write_fp8
 
 needs_c_kernels = pytest.mark.skipif(cpu_kernels.build_error() is not None, reason="the C kernels do not build here")
 
 FP8_MAX = 448.0  # e4m3fn's largest finite value
-
-
-def to_fp8(weight: torch.Tensor, block: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """→ (float8 weight, its scales, the weight they stand for)."""
-    out_f, in_f = weight.shape
-    if block is None:  # one scale per output row
-        scale = weight.abs().amax(1, keepdim=True) / FP8_MAX
-        q = (weight / scale).to(torch.float8_e4m3fn)
-        return q, scale, q.float() * scale
-    bo, bi = block
-    blocks = weight.reshape(out_f // bo, bo, in_f // bi, bi)
-    scale = blocks.abs().amax((1, 3)) / FP8_MAX  # [out / bo, in / bi]
-    q = (blocks / scale[:, None, :, None]).reshape(out_f, in_f).to(torch.float8_e4m3fn)
-    dense = (q.float().reshape(out_f // bo, bo, in_f // bi, bi) * scale[:, None, :, None]).reshape(out_f, in_f)
-    return q, scale, dense
-
-
-def write_fp8(dense_dir: str, path, block: tuple[int, int] | None) -> dict[str, torch.Tensor]:
-    """Per block: weight_scale_inv; per row: weight_scale, with a static input scale beside."""
-    def pack(name, weight):
-        q, scale, dense = to_fp8(weight, block)
-        if block is not None:
-            return {"weight": q, "weight_scale_inv": scale}, dense
-        return {"weight": q, "weight_scale": scale, "input_scale": torch.tensor([0.05])}, dense
-
-    config = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "static" if block is None else "dynamic",
-              **({"weight_block_size": list(block)} if block else {})}
-    return write_quantized(dense_dir, path, config, pack)
 
 
 def runs_from_e4m3_blocks(exact: bool):
