@@ -292,19 +292,21 @@ class EngineConfig:
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         else:
             device = torch.device(args.device)
-        if args.quantization == "int4" and not int4_supported(device):
-            raise ValueError(f"quantization='int4' runs on the CPU (torch's int4 CPU kernel); this engine runs on "
-                             f"{device.type}: leave quantization unset there")
         kernels = resolve_kernels(args, device)
-        if args.quantization == "int8" and kernels != "cpu":
+        if args.quantization == "int4" and not int4_supported(device) and kernels != "triton":
+            raise ValueError(f"quantization='int4' runs on the CPU (torch's int4 CPU kernel) or on the Triton "
+                             f"kernels; this engine runs on {device.type} with kernels {kernels!r}: leave "
+                             f"quantization unset there")
+        if args.quantization == "int8" and kernels not in ("cpu", "triton"):
             raise ValueError(f"quantization='int8' reads 8-bit blocks with the C kernels (kernels='cpu', or 'auto' "
-                             f"on a CPU where they build); this engine has device {device.type!r} and kernels "
-                             f"{kernels!r}: leave quantization unset there")
+                             f"on a CPU where they build) or the Triton kernels; this engine has device "
+                             f"{device.type!r} and kernels {kernels!r}: leave quantization unset there")
         if args.kv_cache_dtype != "auto" and kernels == "triton":
             raise ValueError("kv_cache_dtype='fp8' is not built in the Triton kernels: use kernels='torch' or the CPU")
-        if args.quantized_weights_only and kernels != "cpu":
-            raise ValueError(f"quantized_weights_only keeps only the C kernels' blocks (kernels='cpu', or 'auto' on a "
-                             f"CPU where they build); this engine has device {device.type!r} and kernels {kernels!r}")
+        if args.quantized_weights_only and kernels not in ("cpu", "triton"):
+            raise ValueError(f"quantized_weights_only keeps only the blocks the C kernels (kernels='cpu', or 'auto' on "
+                             f"a CPU where they build) or the Triton kernels read; this engine has device "
+                             f"{device.type!r} and kernels {kernels!r}")
         kv_mem = args.kv_cache_memory
         if kv_mem is None and device.type == "cpu":
             kv_mem = int(os.environ.get("ASYNCLLM_KV_CACHE_MEMORY", 1 << 30))

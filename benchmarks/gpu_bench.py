@@ -184,6 +184,31 @@ def kernels(device: str, smoke: bool) -> list[dict]:
             flash = _time(lambda: F.scaled_dot_product_attention(qf, kf, vf, is_causal=True), device, reps)
         rows.append({"kernel": "varlen_prefill", "sequences": seqs, "length": length, "ms": paged * 1e3,
                      "sdpa_flash_ms": flash * 1e3, "time_vs_flash": paged / flash})
+    rows += block_linear_rows(device, dtype, smoke, reps)
+    return rows
+
+
+def block_linear_rows(device: str, dtype, smoke: bool, reps: int) -> list[dict]:
+    """asyncllm_kernels.block_linear (Q4_1 / Q8_0 / e4m3 blocks) against torch's dense matmul of the
+    same weight in the model's dtype: the blocks' bytes read per second, and the time ratio."""
+    import torch
+
+    from asyncllm.model.layers.block_quant import BlockQuantWeight
+    from asyncllm_kernels import block_linear
+
+    n, k = (64, 64) if smoke else (4096, 4096)
+    weight = torch.randn(n, k) * 0.02
+    rows = []
+    for bits in (4, 8, 9):
+        quantized = BlockQuantWeight.quantize(weight, bits)
+        blocks, dense = quantized.blocks.to(device), quantized.dequantize().to(device, dtype)
+        for m in ((1, 16) if smoke else (1, 16, 256)):
+            x = torch.randn(m, k, dtype=dtype, device=device)
+            ours = _time(lambda: block_linear(x, blocks, bits, n), device, reps)
+            theirs = _time(lambda: x @ dense.t(), device, reps)
+            rows.append({"kernel": "block_linear", "bits": bits, "rows": m, "n": n, "k": k, "ms": ours * 1e3,
+                         "dense_matmul_ms": theirs * 1e3, "GB_per_s": blocks.numel() / ours / 1e9,
+                         "time_vs_dense": ours / theirs})
     return rows
 
 

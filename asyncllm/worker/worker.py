@@ -194,7 +194,7 @@ class Worker:
 
     def _quantize(self, model, scheme: str, dtype: torch.dtype) -> None:
         args = self.config.args
-        if args.quantized_weights_only and dtype != torch.float32:
+        if args.quantized_weights_only and dtype != torch.float32 and self.config.kernels == "cpu":
             raise ValueError(f"quantized_weights_only needs dtype float32 (the blocks' large-step path is fp32); "
                              f"got {dtype} (dtype={args.dtype!r}): pass dtype='float32'")
         bits = QUANTIZATION_BITS[scheme]

@@ -9,7 +9,8 @@ from asyncllm_kernels.cache import reshape_and_cache
 from asyncllm_kernels.lora import lora_bgmv
 from asyncllm_kernels.moe import fused_moe
 from asyncllm_kernels.norm import rms_norm
+from asyncllm_kernels.quant import block_linear
 from asyncllm_kernels.rotary import rotary_embedding
 
 __all__ = ["paged_decode_attention", "varlen_prefill_attention", "reshape_and_cache", "rms_norm",
-           "rotary_embedding", "lora_bgmv", "fused_moe"]
+           "rotary_embedding", "lora_bgmv", "fused_moe", "block_linear"]

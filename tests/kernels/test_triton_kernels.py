@@ -194,3 +194,33 @@ def test_fused_moe_matches_reference(dtype):
     # bf16: the gate|up and activated rows are rounded to bf16 between the GEMMs (as vLLM does).
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=6e-2, rtol=5e-2)
     torch.testing.assert_close(out, fused_moe_reference(x, w13, w2, weights, ids), **tol)
+
+
+@pytest.mark.parametrize("bits", [4, 8, 9])  # Q4_1, Q8_0, e4m3 (FP8_BITS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 5, 40])
+def test_block_linear_matches_a_float64_matmul_of_the_blocks_weights(bits, dtype, rows):
+    """The weight the C kernels' blocks hold (BlockQuantWeight.dequantize: code * scale + min),
+    multiplied from the blocks themselves: 80 outputs (a part-filled column tile) of 96 inputs."""
+    from asyncllm.model.layers.block_quant import BlockQuantWeight
+    from asyncllm_kernels.quant import block_linear, block_linear_reference
+
+    torch.manual_seed(rows * 10 + bits)
+    quantized = BlockQuantWeight.quantize(torch.randn(80, 96) * 0.1, bits)
+    x = torch.randn(rows, 96, dtype=dtype, device=DEVICE)
+    got = block_linear(x, quantized.blocks.to(DEVICE), bits, 80)
+    want = block_linear_reference(x, quantized.dequantize().to(DEVICE))
+    assert got.dtype == dtype and got.shape == (rows, 80)
+    torch.testing.assert_close(got.float(), want.float(), **(_tol(dtype) if dtype != torch.float32
+                                                               else dict(atol=1e-4, rtol=1e-4)))
+
+
+def test_block_linear_refuses_blocks_of_another_shape():
+    from asyncllm.model.layers.block_quant import BlockQuantWeight
+    from asyncllm_kernels.quant import block_linear
+
+    blocks = BlockQuantWeight.quantize(torch.randn(16, 64), 4).blocks.to(DEVICE)
+    with pytest.raises(ValueError, match="do not hold a 16x96 weight"):
+        block_linear(torch.randn(2, 96, device=DEVICE), blocks, 4, 16)
+    with pytest.raises(ValueError, match="bits 4, 8 or 9"):
+        block_linear(torch.randn(2, 64, device=DEVICE), blocks, 5, 16)

@@ -65,7 +65,7 @@ def test_quantized_weights_only_errors_are_clear(tiny_models):
     path = tiny_models("LlamaForCausalLM")
     with pytest.raises(ValueError, match="set quantization too"):
         LLM(path, dtype="float32", quantized_weights_only=True)
-    with pytest.raises(ValueError, match="keeps only the C kernels' blocks"):
+    with pytest.raises(ValueError, match="keeps only the blocks the C kernels"):
         LLM(path, dtype="float32", quantization="int4", quantized_weights_only=True, kernels="torch")
     with pytest.raises(ValueError, match="needs dtype float32"):
         LLM(path, dtype="bfloat16", quantization="int8", quantized_weights_only=True, kernels="cpu")

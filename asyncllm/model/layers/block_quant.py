@@ -46,13 +46,18 @@ QUANTIZATION_BITS = {"int4": 4, "int8": 8, "fp8": FP8_BITS}
 # against ~7); fp32 ones: 4.9 / 4.9 / 6.8 / 9.2 against the few-rows kernel's 16.2-18.9 ms, so
 # every row count the kernel takes.
 BF16_MAX_ROWS = 4
+# On the Triton kernels (CUDA) the blocks serve every step (asyncllm_kernels.block_linear tiles any
+# row count): the dense weight is never needed.
+TRITON_ROWS = 1 << 62
 
 
 def block_rows(weight: torch.Tensor, ops: Ops, bits: int) -> int:
-    """Most rows of the steps that read C blocks of `bits` made from this weight under
-    `quantization` (0: none). Blocks need the C kernels; fp32 models read them for every step
-    the kernel takes (MAX_ROWS), bf16 ones 8-bit blocks up to BF16_MAX_ROWS (bf16 models keep
-    torch's int4 kernel for 4 bits)."""
+    """Most rows of the steps that read blocks of `bits` made from this weight under
+    `quantization` (0: none). On the C kernels fp32 models read them for every step the kernel
+    takes (MAX_ROWS), bf16 ones 8-bit and e4m3 blocks up to BF16_MAX_ROWS (bf16 models keep torch's
+    int4 kernel for 4 bits); on the Triton kernels every step reads them (TRITON_ROWS)."""
+    if ops.triton:
+        return TRITON_ROWS if weight.dim() == 2 and int4_shape_supported(*weight.shape) else 0
     if not ops.c_kernels or not block_quant_supported(weight):
         return 0
     if weight.dtype == torch.float32:
@@ -63,8 +68,8 @@ def block_rows(weight: torch.Tensor, ops: Ops, bits: int) -> int:
 def logits_block_rows(weight: torch.Tensor, ops: Ops, bits: int) -> int:
     """Most rows of the steps that read an 8-bit copy of the logits weight when the projections
     are quantised to `bits` (0: none): it has one where they get C blocks, read as 8-bit blocks
-    are (block_rows)."""
-    return block_rows(weight, ops, 8) if block_rows(weight, ops, bits) else 0
+    are (block_rows). Not on the Triton kernels: the copy is for the CPU's memory bandwidth."""
+    return block_rows(weight, ops, 8) if block_rows(weight, ops, bits) and not ops.triton else 0
 
 
 def _as_bytes(values: torch.Tensor) -> torch.Tensor:
@@ -94,7 +99,8 @@ class BlockQuantWeight:
         codes and scales, ~10x faster: ~0.15 s instead of 1.6 s for the default model)."""
         if bits not in BLOCK_BYTES:
             raise ValueError(f"bits must be 4, 8 or {FP8_BITS} (fp8), got {bits}")
-        if (bits != FP8_BITS and weight.dtype == torch.float32 and weight.dim() == 2 and weight.stride(-1) == 1
+        if (bits != FP8_BITS and weight.device.type == "cpu" and weight.dtype == torch.float32
+                and weight.dim() == 2 and weight.stride(-1) == 1
                 and int4_shape_supported(*weight.shape) and cpu_kernels.build_error() is None):
             blocks, misses = cpu_kernels.quantize_blocks(weight.detach(), bits, BLOCK_BYTES[bits])
             return cls(blocks, bits, weight.shape[1], exact=misses == 0)
@@ -135,6 +141,13 @@ class BlockQuantWeight:
         """x [rows, in_features] fp32 → x @ dequantize()^T (+ bias), for any row count, as the panel
         GEMM computes it (what the other steps take when only the blocks are kept: Linear.drop_dense)."""
         return cpu_kernels.panel_linear_blocks(x, self.blocks, self.bits, self.out_features, bias)
+
+    def linear_triton(self, x: torch.Tensor) -> torch.Tensor:
+        """x [rows, in_features] → [rows, out_features] in x's dtype, by asyncllm_kernels.block_linear
+        (CUDA; Triton's interpreter in the tests)."""
+        from asyncllm_kernels import block_linear
+
+        return block_linear(x, self.blocks, self.bits, self.out_features)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         """x [rows <= MAX_ROWS, in_features] (fp32 or bf16) → [rows, out_features] in x's dtype."""

@@ -131,6 +131,7 @@ class Linear(nn.Linear):
         if not rows:
             return False
         self.quantized = BlockQuantWeight.from_groups(GroupQuantized.stack_rows(parts))
+        self.quantized.blocks = self.quantized.blocks.to(self.weight.device)
         self.quantized.exact = True
         self.quantized_max_rows = rows
         return True
@@ -142,6 +143,7 @@ class Linear(nn.Linear):
         rows = block_quant.block_rows(self.weight, self.prepacked.ops, bits)
         if rows:
             self.quantized = BlockQuantWeight.quantize(self.weight, bits=bits)
+            self.quantized.blocks = self.quantized.blocks.to(self.weight.device)
             self.quantized_max_rows = rows
         elif bits == 4:
             self.quantized = Int4Weight.quantize(self.weight)
@@ -158,20 +160,24 @@ class Linear(nn.Linear):
 
     @property
     def can_drop_dense(self) -> bool:
-        """An fp32 projection with C blocks: every step can run from the blocks alone."""
-        return isinstance(self.quantized, BlockQuantWeight) and self.weight.dtype == torch.float32
+        """A projection with blocks whose every step can run from them alone: fp32 on the C kernels
+        (the panel GEMM unpacks them for big steps), any dtype on the Triton kernels."""
+        return isinstance(self.quantized, BlockQuantWeight) and (
+            self.weight.dtype == torch.float32 or self.prepacked.ops.triton)
 
     def drop_dense(self) -> int:
-        """Keeps only the C blocks (EngineArgs.quantized_weights_only): frees the dense weight and
-        its packed copy; steps of more rows than the block kernel takes then run the panel GEMM on
-        panels unpacked from the blocks as it goes (the same weights the block kernel computes
-        with). → bytes freed."""
+        """Keeps only the blocks (EngineArgs.quantized_weights_only): frees the dense weight and
+        its packed copy; on the C kernels steps of more rows than the block kernel takes then run
+        the panel GEMM on panels unpacked from the blocks as it goes (the same weights the block
+        kernel computes with). → bytes freed."""
         if not self.can_drop_dense:
-            raise ValueError("only an fp32 projection with C blocks can drop its dense weight")
+            raise ValueError("only an fp32 projection with C blocks (or one with blocks on the Triton kernels) can "
+                             "drop its dense weight")
         freed = self.weight.numel() * self.weight.element_size()
         freed += sum(t.numel() * t.element_size() for t in (self.prepacked.packed, self.prepacked.panels)
                      if t is not None)
-        self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)
+        self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype, device=self.weight.device),
+                                   requires_grad=False)
         self.prepacked = PackedLinear(self.prepacked.ops)
         return freed
 
@@ -185,7 +191,7 @@ class Linear(nn.Linear):
 
     def _base(self, x: torch.Tensor) -> torch.Tensor:
         if self._reads_quantized(x):
-            out = self.quantized.linear(x)
+            out = self.quantized.linear_triton(x) if self.prepacked.ops.triton else self.quantized.linear(x)
             return out if self.bias is None else out + self.bias
         if self.dense_dropped:
             return self._linear_from_blocks(x)
