@@ -151,6 +151,13 @@ class GGUFFile:
             raise GGUFFormatError(f"tensor {name}: GGML type {info.qtype.name} cannot be dequantised") from None
         return torch.from_numpy(values).reshape(info.shape).to(dtype)
 
+    def release_pages(self) -> None:
+        """Drops the file's pages read so far from this process's resident memory (the mapping stays:
+        a later read brings them back from the page cache). Called once the weights are loaded, so
+        the file's bytes are not counted twice beside the model's own copy."""
+        if getattr(self, "_mm", None) is not None and hasattr(mmap, "MADV_DONTNEED"):
+            self._mm.madvise(mmap.MADV_DONTNEED)
+
     def close(self) -> None:
         if getattr(self, "_mm", None) is not None:
             self._mm.close()

@@ -159,6 +159,7 @@ class LlamaFamilyForCausalLM(nn.Module):
         # up to logits_quant_max_rows rows (quantize).
         self.logits_quant: BlockQuantWeight | None = None
         self.logits_quant_max_rows = 0
+        self.logits_only_blocks = False  # quantized_weights_only: logits_quant serves every step
         # Decode steps of a few sequences in one C call (cpu_decode.py); built by the first
         # forward, once load-time changes (4-bit copies) are done.
         self.decode_stack: CpuDecodeStack | None = None
@@ -208,6 +209,8 @@ class LlamaFamilyForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.logits_quant is not None and hidden.shape[0] <= self.logits_quant_max_rows:
             logits = self.logits_quant.linear(hidden).float()
+        elif self.logits_only_blocks:  # more rows (prompt logprobs, many samplers): the panel GEMM on its blocks
+            logits = self.logits_quant.linear_many_rows(hidden).float()
         else:
             logits = self.logits_linear.linear(hidden, self.logits_weight).float()
         logits = self.ctx.parallel.all_gather_last(logits)  # every rank gets the whole vocabulary's logits
@@ -270,15 +273,39 @@ class LlamaFamilyForCausalLM(nn.Module):
         return len(adopted), len(projections) - len(adopted), freed
 
     def drop_dense_projections(self) -> int:
-        """After quantize(): every projection keeps only its C blocks (Linear.drop_dense). → bytes
-        freed. The embedding / logits weight stays dense (token lookups read it)."""
+        """After quantize(): every projection keeps only its C blocks (Linear.drop_dense), and the
+        embedding / logits weight its Q8_0 blocks (_keep_only_embedding_blocks). → bytes freed."""
         projections = self.projections()
         missing = [p for p in projections if not p.can_drop_dense]
         if missing:  # checked for all first: no model left half dropped
             raise ValueError(f"quantized_weights_only needs C blocks for every projection (an fp32 model on the C "
                              f"kernels, whole groups of 32 inputs and 16-row tiles); {len(missing)} of "
                              f"{len(projections)} have none")
-        return sum(p.drop_dense() for p in projections)
+        return sum(p.drop_dense() for p in projections) + self._keep_only_embedding_blocks()
+
+    def _keep_only_embedding_blocks(self) -> int:
+        """With the projections, where the blocks hold these weights exactly (a Q8_0 embedding and
+        output weight, as llama.cpp's 4-bit files store them): the embedding and the logits weight
+        as Q8_0 blocks only (tied, the logits' 8-bit copy serves both; untied, the embedding gets its
+        own), their dense weights and the packed logits copy freed, so the weights' memory is about
+        the file's. Other weights stay dense (lookups would otherwise change). → bytes freed."""
+        if self.logits_quant is None or self.embed_tokens is None or not self.logits_quant.exact:
+            return 0
+        embedding = self.logits_quant
+        if self.lm_head is not None:
+            embedding = BlockQuantWeight.quantize(self.embed_tokens.weight, bits=8)
+            if not embedding.exact:
+                return 0
+        packed = [t for t in (self.logits_linear.packed, self.logits_linear.panels) if t is not None]
+        freed = sum(t.numel() * t.element_size() for t in packed)
+        self.logits_linear = PackedLinear(self.ctx.ops)
+        freed += self.embed_tokens.keep_only_blocks(embedding)
+        if self.lm_head is not None:
+            freed += self.lm_head.weight.numel() * self.lm_head.weight.element_size()
+            self.lm_head.weight = nn.Parameter(torch.empty(0, self.lm_head.in_features, dtype=self.lm_head.weight.dtype),
+                                               requires_grad=False)
+        self.logits_only_blocks = True
+        return freed
 
     # ------------------------------------------------------------------ weights
 

@@ -304,6 +304,7 @@ def _load_gguf(path: str, tokenizer_path: str | None) -> Checkpoint:
             elif permute and hf_name.endswith("k_proj.weight"):
                 tensor = _reverse_llama_permute(tensor, config.num_kv_heads)
             yield hf_name, tensor.to(dtype)
+        gguf.release_pages()  # the model holds its own copy now
 
     name = str(gguf.metadata.get("general.name") or os.path.splitext(os.path.basename(path))[0])
     return Checkpoint(name, path, "gguf", config, tokenizer, weights)

@@ -42,7 +42,21 @@ def test_default_model_int4_weights_only_equals_fp32_and_frees_the_dense_weights
     projections = model.projections()
     assert all(p.dense_dropped and p.weight.numel() == 0 and not p.prepacked.is_packed for p in projections)
     assert all(isinstance(p.quantized, BlockQuantWeight) and p.quantized.exact for p in projections)
+    # Its tied embedding is Q8_0 in the file: the logits' 8-bit copy is exact, so it is the embedding too.
+    assert model.logits_quant.exact and model.embed_tokens.blocks is model.logits_quant and model.logits_only_blocks
+    assert model.embed_tokens.weight.numel() == 0 and not model.logits_linear.is_packed
     helpers.check_same_as_reference_engine(llm, default_llm)
+    # Prompt logprobs: logits of every prompt row at once (more than 8), from the blocks by the panel GEMM.
+    from asyncllm import SamplingParams
+
+    ids = llm.get_tokenizer().encode(" ".join(helpers.TEXT_PROMPTS[:6]))
+    params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1)
+    ours, theirs = (e.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0].prompt_logprobs
+                    for e in (llm, default_llm))
+    assert len(ours) == len(ids) > 16 and ours[0] is None
+    for a, b in zip(ours[1:], theirs[1:]):
+        assert a.keys() == b.keys() and all(abs(a[t].logprob - b[t].logprob) < 1e-4 for t in a)
+    llm.engine.shutdown()
 
 
 def test_tiny_model_int8_weights_only_stays_close_to_transformers(tiny_models):

@@ -137,6 +137,12 @@ class BlockQuantWeight:
         """The weight as the kernel computes it: each w = code * scale + min rounded once."""
         return self.groups().rounded_once()
 
+    def take(self, ids: torch.Tensor) -> torch.Tensor:
+        """The weight's rows `ids` (any shape) → [*ids.shape, in_features] fp32, as dequantize() has them
+        (an embedding kept as blocks)."""
+        rows = BlockQuantWeight(self.blocks.index_select(0, ids.reshape(-1)), self.bits, self.in_features)
+        return rows.dequantize().reshape(*ids.shape, self.in_features)
+
     def linear_many_rows(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x [rows, in_features] fp32 → x @ dequantize()^T (+ bias), for any row count, as the panel
         GEMM computes it (what the other steps take when only the blocks are kept: Linear.drop_dense)."""

@@ -19,8 +19,22 @@ class VocabParallelEmbedding(nn.Embedding):
     def __init__(self, vocab_size: int, hidden_size: int, parallel: ParallelContext = SINGLE):
         super().__init__(parallel.local_size(vocab_size, "vocabulary"), hidden_size)
         self.parallel = parallel
+        # quantized_weights_only: the rows as Q8_0 blocks instead of the dense weight (one rank),
+        # each looked-up row unpacked as it is read (keep_only_blocks).
+        self.blocks = None
+
+    def keep_only_blocks(self, blocks) -> int:
+        """Looks rows up in `blocks` (a BlockQuantWeight of this weight) and frees the dense weight. → bytes freed."""
+        if not self.parallel.is_single:
+            raise ValueError("an embedding kept as blocks is not supported over several ranks")
+        freed = self.weight.numel() * self.weight.element_size()
+        self.blocks = blocks
+        self.weight = nn.Parameter(torch.empty(0, self.embedding_dim, dtype=self.weight.dtype), requires_grad=False)
+        return freed
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.blocks is not None:
+            return self.blocks.take(ids).to(self.weight.dtype)
         if self.parallel.is_single:
             return super().forward(ids)
         first = self.parallel.rank * self.num_embeddings
