@@ -201,9 +201,10 @@ def _gguf_writer(hf_dir: str, path: str, arch: str):
     return w, cfg, load_file(f"{hf_dir}/model.safetensors")
 
 
-def write_llama_gguf(hf_dir: str, path: str, default_gguf: str, qtype) -> None:
-    """Writes a tiny HF Llama as a llama.cpp-style GGUF (permuted Q/K, 2-D weights in `qtype`),
-    with the default model's tokenizer metadata so transformers can load it too."""
+def write_llama_gguf(hf_dir: str, path: str, default_gguf: str, qtype, embedding_qtype=None) -> None:
+    """Writes a tiny HF Llama as a llama.cpp-style GGUF (permuted Q/K, 2-D weights in `qtype`, the
+    embedding and output weight in `embedding_qtype` if given), with the default model's tokenizer metadata so
+    transformers can load it too."""
     import gguf
     import numpy as np
 
@@ -240,7 +241,9 @@ def write_llama_gguf(hf_dir: str, path: str, default_gguf: str, qtype) -> None:
             tensor = llama_cpp_permute(tensor, cfg.num_key_value_heads)
         data = tensor.float().numpy()
         if data.ndim == 2:
-            w.add_tensor(gname, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+            is_embedding = gname in ("token_embd.weight", "output.weight")
+            kind = embedding_qtype if embedding_qtype is not None and is_embedding else qtype
+            w.add_tensor(gname, gguf.quants.quantize(data, kind), raw_dtype=kind)
         else:
             w.add_tensor(gname, data.astype(np.float32))
     rope = cfg.rope_parameters
@@ -513,3 +516,19 @@ def save_tiny_llava(path, tokenizer_dir: str, tower: str) -> str:
                    vision_feature_select_strategy=strategy,
                    num_additional_image_tokens=1 if tower == "clip" else 0).save_pretrained(path)
     return str(path)
+
+
+def plain_llama(tiny_models) -> str:
+    """The tiny Llama, re-saved untied with default rope (what a plain llama GGUF describes)."""
+    from transformers import AutoModelForCausalLM
+
+    src = tiny_models("LlamaForCausalLM")
+    target = os.path.join(os.path.dirname(src), "plain-llama")
+    if not os.path.isdir(target):
+        cfg = tiny_config("LlamaForCausalLM")
+        cfg.tie_word_embeddings = False
+        cfg.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
+        cfg.architectures = ["LlamaForCausalLM"]
+        torch.manual_seed(7)
+        AutoModelForCausalLM.from_config(cfg).save_pretrained(target)
+    return target

@@ -136,6 +136,13 @@ class GGUFFile:
     def architecture(self) -> str:
         return str(self.metadata.get("general.architecture", ""))
 
+    def raw(self, name: str) -> np.ndarray:
+        """The named tensor's bytes as stored, one row of the tensor per row (a view of the file)."""
+        info = self.tensors[name]
+        raw = np.frombuffer(self._mm, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+        block_size, type_size = GGML_QUANT_SIZES[info.qtype]
+        return raw.reshape(-1, info.shape[-1] // block_size * type_size)
+
     def load(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The named tensor, dequantised to `dtype`."""
         info = self.tensors[name]

@@ -20,6 +20,7 @@ from asyncllm.model.arch_config import EncoderConfig, LlamaFamilyConfig, config_
 from asyncllm.model.checkpoint_quant import CheckpointQuantization, GroupedWeight, checkpoint_weights, \
     read_quantization_config
 from asyncllm.model.default_model import DEFAULT_MODEL_NAME, default_model_path
+from asyncllm.model.gguf_blocks import EXACT_BITS, gguf_groups, permute_rows
 from asyncllm.model.gguf_file import GGUFFile
 from asyncllm.model.registry import resolve_architecture
 from asyncllm.model.tokenizer import load_gguf_tokenizer, load_hf_tokenizer
@@ -39,7 +40,9 @@ class Checkpoint:
     format: str  # "hf" | "gguf"
     config: LlamaFamilyConfig | EncoderConfig
     tokenizer: PreTrainedTokenizerBase
-    weights: Callable[[torch.dtype], WeightStream]
+    # weights(dtype, exact_bits=None): the tensors in the model's dtype; a GGUF's projections stored in a
+    # type that `exact_bits`-bit blocks hold exactly come as GroupedWeight (gguf_blocks.py).
+    weights: Callable[..., WeightStream]
     # A sentence-transformers folder's pooling and longest input (None: not such a folder).
     sentence_transformers: SentenceTransformersLayout | None = None
     # Trained for Matryoshka truncation (config.json `is_matryoshka` / `matryoshka_dimensions`):
@@ -98,7 +101,7 @@ def _load_hf_folder(path: str, tokenizer_path: str | None) -> Checkpoint:
                 for name in f.keys():
                     yield name, f.get_tensor(name)
 
-    def weights(dtype: torch.dtype) -> WeightStream:
+    def weights(dtype: torch.dtype, exact_bits: int | None = None) -> WeightStream:
         stream = tensors() if quantization is None else checkpoint_weights(tensors(), quantization)
         for name, tensor in stream:
             yield name, tensor if isinstance(tensor, GroupedWeight) else tensor.to(dtype)
@@ -254,6 +257,15 @@ def gguf_hf_config(gguf: GGUFFile):
     return config, class_name
 
 
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _is_projection(hf_name: str) -> bool:
+    """A decoder layer's attention or MLP projection (not an MoE expert's, not the embedding)."""
+    parts = hf_name.split(".")
+    return len(parts) >= 2 and parts[-2] in _PROJECTIONS and "experts" not in parts
+
+
 def _reverse_llama_permute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo llama.cpp's interleaving of Q/K rows, back to transformers' rotate-half layout."""
     dim = weight.shape[0] // n_head // 2
@@ -289,13 +301,22 @@ def _load_gguf(path: str, tokenizer_path: str | None) -> Checkpoint:
         config = dataclasses.replace(config, rope=dataclasses.replace(config.rope,
                                                                       freq_factors=tuple(factors.tolist())))
 
-    def weights(dtype: torch.dtype) -> WeightStream:
+    def weights(dtype: torch.dtype, exact_bits: int | None = None) -> WeightStream:
         for name in gguf.tensors:
             if name == "rope_freqs.weight":
                 continue  # read above, into the config
             hf_name = gguf_to_hf_name(name, gguf.architecture)
             if hf_name is None:
                 raise ValueError(f"{path}: unexpected GGUF tensor {name!r}")
+            info = gguf.tensors[name]
+            if exact_bits is not None and EXACT_BITS.get(info.qtype) == exact_bits and _is_projection(hf_name):
+                groups = gguf_groups(gguf.raw(name), info.qtype, info.shape)
+                if permute and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+                    heads = config.num_heads if hf_name.endswith("q_proj.weight") else config.num_kv_heads
+                    order = _reverse_llama_permute(torch.arange(info.shape[0]), heads)
+                    groups = permute_rows(groups, order)
+                yield hf_name, GroupedWeight(groups)
+                continue
             tensor = gguf.load(name, torch.float32)
             if gemma_norms and hf_name.endswith("norm.weight"):
                 tensor = tensor - 1

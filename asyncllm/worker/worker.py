@@ -126,7 +126,14 @@ class Worker:
     def _build(self, checkpoint: Checkpoint, dtype: torch.dtype, ctx: ModelContext) -> torch.nn.Module:
         """The checkpoint's model with its weights loaded (and packed where prepacking applies)."""
         model = build_model(checkpoint.config, dtype, self.config.device, ctx)
-        model.load_weights(checkpoint.weights(dtype))
+        # quantization int4 / int8 of a GGUF: projections stored in a type those blocks hold exactly
+        # keep the file's codes (gguf_blocks.py) instead of a re-quantisation of their values.
+        exact_bits = QUANTIZATION_BITS.get(self.config.args.quantization) if checkpoint.format == "gguf" else None
+        model.load_weights(checkpoint.weights(dtype, exact_bits=exact_bits if exact_bits in (4, 8) else None))
+        if exact_bits in (4, 8):
+            blocks, dense, _ = model.adopt_checkpoint_groups(drop_dense=False)
+            logger.info("GGUF: %d projections keep the file's codes as %d-bit blocks (exact), %d are quantised from "
+                        "their values", blocks, exact_bits, dense)
         if checkpoint.quantization is not None:  # its codes as C blocks, before packing (none needed)
             blocks, dense, freed = model.adopt_checkpoint_groups(drop_dense=True)
             if freed and self.config.device.type == "cpu":

@@ -81,7 +81,7 @@ def test_dequantization_matches_transformers(qtype, tmp_path):
 def test_gguf_llama_with_permuted_qk_matches_transformers(qtype, tiny_models, default_gguf, tmp_path):
     """A llama.cpp-layout GGUF (Q/K rows permuted for rotary) gives transformers' tokens."""
     path = str(tmp_path / "tiny-llama.gguf")
-    helpers.write_llama_gguf(_plain_llama(tiny_models), path, default_gguf, qtype)
+    helpers.write_llama_gguf(helpers.plain_llama(tiny_models), path, default_gguf, qtype)
     hf = helpers.load_hf(None, gguf_file=path)
     llm = LLM(path, dtype="float32", kv_cache_memory=16 << 20)
     tok = llm.get_tokenizer()
@@ -116,22 +116,6 @@ def test_llama3_gguf_with_rope_freqs_matches_transformers_on_the_hf_folder(tiny_
         out = llm.generate({"prompt_token_ids": ids}, params, use_tqdm=False)[0].outputs[0]
         assert out.token_ids == expected
         helpers.check_logprobs(out, logits)
-
-
-def _plain_llama(tiny_models) -> str:
-    """The tiny Llama, re-saved untied with default rope (what a plain llama GGUF describes)."""
-    from transformers import AutoModelForCausalLM
-
-    src = tiny_models("LlamaForCausalLM")
-    target = os.path.join(os.path.dirname(src), "plain-llama")
-    if not os.path.isdir(target):
-        cfg = helpers.tiny_config("LlamaForCausalLM")
-        cfg.tie_word_embeddings = False
-        cfg.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
-        cfg.architectures = ["LlamaForCausalLM"]
-        torch.manual_seed(7)
-        AutoModelForCausalLM.from_config(cfg).save_pretrained(target)
-    return target
 
 
 def test_sharded_safetensors_equal_unsharded(tiny_models, tokenizer_dir, tmp_path):

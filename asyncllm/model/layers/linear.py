@@ -141,6 +141,8 @@ class Linear(nn.Linear):
         block_quant.block_rows says, else torch's int4 layout for steps of at most `int4_rows` rows
         (4 bits only; 8-bit and fp8 copies need the C kernels)."""
         rows = block_quant.block_rows(self.weight, self.prepacked.ops, bits)
+        if rows and isinstance(self.quantized, BlockQuantWeight) and self.quantized.bits == bits:
+            return  # the checkpoint's own codes already (adopt_checkpoint_groups): exact
         if rows:
             self.quantized = BlockQuantWeight.quantize(self.weight, bits=bits)
             self.quantized.blocks = self.quantized.blocks.to(self.weight.device)
