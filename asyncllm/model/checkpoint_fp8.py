@@ -11,8 +11,9 @@ The CPU has no fp8 matmul. A decoder projection whose scales fall on whole group
 (per tensor, per row, or blocks of a multiple of 32 inputs) comes out as a GroupedWeight of e4m3
 codes with a scale per group: on the C kernels those codes become the projection's e4m3 blocks
 (layers/block_quant.py, read by the block kernels, no dense copy kept in fp32), on the Triton
-kernels blocks read by block_linear, elsewhere (kernels="torch") it is dequantised. Other weights are widened once at load to the model's dtype (exact in fp32: e4m3 has
-4 significant bits, the scales are fp32 or 16-bit) and run dense.
+kernels blocks read by block_linear, elsewhere (kernels="torch") it is dequantised. Other
+weights are widened once at load to the model's dtype (exact in fp32: e4m3 has 4 significant
+bits, the scales are fp32 or 16-bit) and run dense.
 Activations are not quantised (`activation_scheme` dynamic or static, and any `P.input_scale`,
 are read past): the arithmetic is the dense model's on the checkpoint's weights, as
 transformers computes them dequantised.

@@ -15,7 +15,8 @@ round them differently, e.g. Q8_0's max / 127 scale over Q5_0's 5-bit values). E
 Each product (an fp16 times a small integer) is exact in fp32 and the one addition rounds once,
 as the block kernels' fused multiply-add does, so the blocks give back the values gguf's own
 dequantisation computes, bit for bit (tests/models/test_gguf_blocks.py checks every such tensor of
-the real files). Q5_1, Q5_K, Q6_K and the others have no exact block form here: they load dense.
+the real files). Q5_1, Q5_K, Q6_K and the others have no exact block form here: under
+`quantization` they are re-quantised from their values, as before.
 """
 from __future__ import annotations
 

@@ -302,8 +302,8 @@ class LlamaFamilyForCausalLM(nn.Module):
         freed += self.embed_tokens.keep_only_blocks(embedding)
         if self.lm_head is not None:
             freed += self.lm_head.weight.numel() * self.lm_head.weight.element_size()
-            self.lm_head.weight = nn.Parameter(torch.empty(0, self.lm_head.in_features, dtype=self.lm_head.weight.dtype),
-                                               requires_grad=False)
+            empty = torch.empty(0, self.lm_head.in_features, dtype=self.lm_head.weight.dtype)
+            self.lm_head.weight = nn.Parameter(empty, requires_grad=False)
         self.logits_only_blocks = True
         return freed
 

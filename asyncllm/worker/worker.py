@@ -82,12 +82,17 @@ class Worker:
         check_checkpoint_quantization(args.quantization, checkpoint)
         # Keeping only quantised blocks computes every step in fp32 (the block kernels and the
         # panel GEMM), so "auto" means fp32 there rather than a dtype that setting refuses; so
-        # for a packed checkpoint (GPTQ / AWQ / compressed-tensors) on the C kernels, which runs from its blocks.
+        # for a quantised checkpoint (GPTQ / AWQ / compressed-tensors / FP8) on the C kernels, which
+        # runs from its blocks.
         blocks_only = args.quantized_weights_only or (checkpoint.quantization is not None and config.kernels == "cpu")
         dtype = (torch.float32 if blocks_only and config.dtype_request == "auto"
                  else resolve_dtype(config.dtype_request, config.device))
+        # quantization int4 / int8 of a GGUF: projections stored in a type those blocks hold exactly
+        # keep the file's codes (gguf_blocks.py) instead of a re-quantisation of their values.
+        exact_bits = QUANTIZATION_BITS.get(args.quantization) if checkpoint.format == "gguf" else None
         model = self._build(checkpoint, dtype,
-                            ModelContext(Ops(config.kernels), self.tensor_parallel, self._pipeline(model_cfg)))
+                            ModelContext(Ops(config.kernels), self.tensor_parallel, self._pipeline(model_cfg)),
+                            exact_bits=exact_bits if exact_bits in (4, 8) else None)
         if args.quantization in QUANTIZATION_BITS and checkpoint.quantization is None:
             if model_cfg.is_encoder_only:
                 raise ValueError(f"quantization is not supported for encoder models ({model_cfg.architecture})")
@@ -123,14 +128,13 @@ class Worker:
         return WorkerInfo(self._num_blocks(specs, model_cfg.max_position_embeddings),
                           str(dtype).removeprefix("torch."), time.perf_counter() - started)
 
-    def _build(self, checkpoint: Checkpoint, dtype: torch.dtype, ctx: ModelContext) -> torch.nn.Module:
-        """The checkpoint's model with its weights loaded (and packed where prepacking applies)."""
+    def _build(self, checkpoint: Checkpoint, dtype: torch.dtype, ctx: ModelContext,
+               exact_bits: int | None = None) -> torch.nn.Module:
+        """The checkpoint's model with its weights loaded (and packed where prepacking applies);
+        `exact_bits`: a GGUF's projections that blocks of these bits hold exactly take the file's codes."""
         model = build_model(checkpoint.config, dtype, self.config.device, ctx)
-        # quantization int4 / int8 of a GGUF: projections stored in a type those blocks hold exactly
-        # keep the file's codes (gguf_blocks.py) instead of a re-quantisation of their values.
-        exact_bits = QUANTIZATION_BITS.get(self.config.args.quantization) if checkpoint.format == "gguf" else None
-        model.load_weights(checkpoint.weights(dtype, exact_bits=exact_bits if exact_bits in (4, 8) else None))
-        if exact_bits in (4, 8):
+        model.load_weights(checkpoint.weights(dtype, exact_bits=exact_bits))
+        if exact_bits is not None:
             blocks, dense, _ = model.adopt_checkpoint_groups(drop_dense=False)
             logger.info("GGUF: %d projections keep the file's codes as %d-bit blocks (exact), %d are quantised from "
                         "their values", blocks, exact_bits, dense)
