@@ -51,7 +51,8 @@ class EngineArgs:
                         choices=["auto", "torch", "triton", "cpu"])
     max_model_len: int | None = _opt(None, "longest prompt + output in tokens (default: the model's, capped by the KV cache)")
     block_size: int = _opt(16, "tokens per KV cache block")
-    kv_cache_memory: int | None = _opt(None, "bytes of KV cache on the CPU (default 1 GiB)")
+    kv_cache_memory: int | None = _opt(None, "bytes of KV cache (CPU default 1 GiB; on CUDA, when set, it replaces the "
+                                             "gpu_memory_utilization sizing, as vLLM's kv_cache_memory_bytes)")
     kv_cache_prefault: bool = _opt(False, "CPU: map every page of the KV cache at start (as vLLM does) instead of "
                                           "on first use, which on a VM costs a few us per 4 KiB page inside the "
                                           "first requests' steps; the process then holds all of kv_cache_memory "

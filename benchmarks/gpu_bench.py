@@ -227,8 +227,8 @@ def engine(path: str, device: str, smoke: bool, graphs: bool) -> dict:
 
     dtype = "bfloat16" if device == "cuda" else "float32"
     llm = LLM(path, dtype=dtype, device=device, kernels="triton", enforce_eager=not graphs,
-              kv_cache_memory=64 << 20, gpu_memory_utilization=0.5, max_num_seqs=256 if not smoke else 8,
-              max_num_batched_tokens=8192 if not smoke else 64)
+              kv_cache_memory=None if device == "cuda" else 64 << 20, gpu_memory_utilization=0.5,
+              max_num_seqs=256 if not smoke else 8, max_num_batched_tokens=8192 if not smoke else 64)
     try:
         runner = llm.engine.core.executor.worker.runner
         if graphs and runner.decode_graphs is None:  # no CUDA: the graphs' padded buffers, run eagerly

@@ -202,6 +202,8 @@ class Worker:
     def shutdown(self) -> None:
         if self.runner is not None:
             self.runner.release()
+        if self.config.device.type == "cuda":
+            torch.cuda.empty_cache()  # the cache's memory back to the device, for the next engine to size its own
 
     def _quantize(self, model, scheme: str, dtype: torch.dtype) -> None:
         args = self.config.args
@@ -233,7 +235,7 @@ class Worker:
         bytes_per_block = sum(s.bytes_per_block for s in specs)
         if bytes_per_block == 0:  # an encoder: room for max_num_seqs whole sequences, costing nothing
             return self.config.args.max_num_seqs * -(-max_positions // spec.block_size)
-        if self.config.device.type == "cuda":
+        if self.config.device.type == "cuda" and self.config.kv_cache_memory is None:
             args, device = self.config.args, self.config.device
             longest = min(max_positions, args.max_model_len or max_positions)
             shape = dummy_step_shape(args.max_num_batched_tokens, longest, spec.block_size)

@@ -31,14 +31,15 @@ def test_capture_sizes_follow_vllm_defaults_and_parse():
 
 
 def test_graphs_are_refused_where_a_step_reads_the_host(tiny_models):
-    llm = LLM(tiny_models("MixtralForCausalLM"), dtype="float32", kernels="torch", kv_cache_memory=4 << 20)
+    llm = LLM(tiny_models("MixtralForCausalLM"), dtype="float32", device="cpu", kernels="torch",
+              kv_cache_memory=4 << 20)
     try:
         model = llm.engine.core.executor.worker.model
         assert "kernels='torch'" in graph_unsupported_reason(model, "torch", lora=False, draft=False)
         assert "mixture of experts" in graph_unsupported_reason(model, "triton", lora=False, draft=False)
     finally:
         llm.engine.shutdown()
-    llm = LLM(tiny_models("LlamaForCausalLM"), dtype="float32", kernels="torch", kv_cache_memory=4 << 20)
+    llm = LLM(tiny_models("LlamaForCausalLM"), dtype="float32", device="cpu", kernels="torch", kv_cache_memory=4 << 20)
     try:
         model = llm.engine.core.executor.worker.model
         assert graph_unsupported_reason(model, "triton", lora=False, draft=False) is None
@@ -90,7 +91,7 @@ def test_dummy_step_runs_in_a_cache_of_its_own(tiny_models):
     throw-away cache: the engine's cache is untouched."""
     from asyncllm import SamplingParams
 
-    llm = LLM(tiny_models("LlamaForCausalLM"), dtype="float32", kernels="torch", kv_cache_memory=4 << 20)
+    llm = LLM(tiny_models("LlamaForCausalLM"), dtype="float32", device="cpu", kernels="torch", kv_cache_memory=4 << 20)
     try:
         worker = llm.engine.core.executor.worker
         cache_before = [c.clone() for c in worker.runner.kv_caches]
@@ -138,7 +139,8 @@ def test_packed_step_inputs_give_the_same_tokens(tiny_models):
     prompts = [{"prompt_token_ids": list(range(3 + i, 30 + 2 * i))} for i in range(3)]
     outs = []
     for pack in (False, True):
-        llm = LLM(path, dtype="float32", kernels="torch", kv_cache_memory=4 << 20, max_num_batched_tokens=32)
+        llm = LLM(path, dtype="float32", device="cpu", kernels="torch", kv_cache_memory=4 << 20,
+                  max_num_batched_tokens=32)
         try:
             runner = llm.engine.core.executor.worker.runner
             runner.staging = HostToDeviceStaging(torch.device("cpu"), pack=pack)
