@@ -32,10 +32,13 @@ if [ -d .gpu/wheels ]; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/asyncllm-site \
     .gpu/wheels/*.whl || { echo "FAIL: the wheels in .gpu/wheels do not install"; exit 2; }
   export PYTHONPATH=/tmp/asyncllm-site
+else
+  echo "note: no .gpu/wheels: run 'make gpu-bundle' on the CPU machine first and carry .gpu (the image lacks gguf, msgspec, ...)"
 fi
 export PYTHONPATH=$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}
 if [ -d .gpu/tokenizer ]; then export ASYNCLLM_TEST_TOKENIZER=$PWD/.gpu/tokenizer; fi
-$PY -c "import asyncllm, asyncllm_kernels; from asyncllm import LLM" || { echo "FAIL: asyncllm does not import"; exit 2; }
+$PY -c "import asyncllm, asyncllm_kernels; from asyncllm import LLM" || {
+  echo "FAIL: asyncllm does not import (a missing package: add it to benchmarks/gpu_bundle.py's PACKAGES)"; exit 2; }
 
 step "Triton kernel tests, compiled"
 timeout 150 $PY -m pytest -x -q -p no:cacheprovider -o addopts="" tests/kernels/test_triton_kernels.py \
