@@ -23,7 +23,8 @@ step() { echo; echo "=== $1 ($(date +%T))"; }
 failed=0
 
 step "device"
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || { echo "FAIL: no NVIDIA GPU"; exit 2; }
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv \
+  || { echo "FAIL: no NVIDIA GPU"; exit 2; }
 $PY -c "import torch, triton; assert torch.cuda.is_available(), 'torch sees no GPU'; \
 print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))" || exit 2
 
@@ -33,7 +34,8 @@ if [ -d .gpu/wheels ]; then
     .gpu/wheels/*.whl || { echo "FAIL: the wheels in .gpu/wheels do not install"; exit 2; }
   export PYTHONPATH=/tmp/asyncllm-site
 else
-  echo "note: no .gpu/wheels: run 'make gpu-bundle' on the CPU machine first and carry .gpu (the image lacks gguf, msgspec, ...)"
+  echo "note: no .gpu/wheels: run 'make gpu-bundle' on the CPU machine first and carry .gpu"
+  echo "      (the CUDA image lacks gguf, msgspec, pydantic, outlines-core, llguidance)"
 fi
 export PYTHONPATH=$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}
 if [ -d .gpu/tokenizer ]; then export ASYNCLLM_TEST_TOKENIZER=$PWD/.gpu/tokenizer; fi
