@@ -7,6 +7,15 @@ import shutil
 import pytest
 import torch
 
+def _c_kernels_build() -> bool:
+    from asyncllm.kernels import cpu as cpu_kernels
+
+    return cpu_kernels.build_error() is None
+
+
+# What exists only with the C kernels (their block layouts): skipped where gcc cannot build them.
+needs_c_kernels = pytest.mark.skipif(not _c_kernels_build(), reason="the C kernels do not build here")
+
 TINY_COMMON = dict(
     vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.1, rms_norm_eps=1e-6,

@@ -25,12 +25,10 @@ from typing import Iterable, Iterator
 
 import torch
 
+from asyncllm.model.interface import is_decoder_projection
 from asyncllm.model.layers.int4 import FP8_BITS, GROUP_SIZE, GroupQuantized, int4_shape_supported
 
 FP8_DTYPES = (torch.float8_e4m3fn,)
-# Decoder projections, which can run from their codes (a vision tower's and MoE experts' load dense).
-_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj",
-                "gate_up_proj")
 
 
 @dataclass(frozen=True)
@@ -62,19 +60,28 @@ def compressed_tensors_fp8_layout(weights: dict) -> Fp8Layout:
     return Fp8Layout(_block(weights.get("block_structure") or ()) if strategy == "block" else None)
 
 
-def dequantize_fp8(name: str, weight: torch.Tensor, scale: torch.Tensor, layout: Fp8Layout) -> torch.Tensor:
-    """float8 [out, in] and its scales → the fp32 weight."""
+def _check_scales(name: str, weight: torch.Tensor, scale: torch.Tensor, layout: Fp8Layout) -> None:
+    """The scales' count / shape against the weight's, refused with why."""
     out_f, in_f = weight.shape
-    values, scale = weight.float(), scale.float()
     if layout.block_size is None:
         if scale.numel() not in (1, out_f):
             raise ValueError(f"{name}: weight_scale has {scale.numel()} values for {out_f} rows: one or one per row")
-        return values * scale.reshape(-1, 1)
+        return
     bo, bi = layout.block_size
     want = (-(-out_f // bo), -(-in_f // bi))
     if tuple(scale.shape) != want:
         raise ValueError(f"{name}: its scales have shape {tuple(scale.shape)}, expected {want} for a "
                          f"{out_f}x{in_f} weight in {bo}x{bi} blocks")
+
+
+def dequantize_fp8(name: str, weight: torch.Tensor, scale: torch.Tensor, layout: Fp8Layout) -> torch.Tensor:
+    """float8 [out, in] and its scales → the fp32 weight."""
+    _check_scales(name, weight, scale, layout)
+    out_f, in_f = weight.shape
+    values, scale = weight.float(), scale.float()
+    if layout.block_size is None:
+        return values * scale.reshape(-1, 1)
+    bo, bi = layout.block_size
     per_element = scale.repeat_interleave(bo, 0)[:out_f].repeat_interleave(bi, 1)[:, :in_f]
     return values * per_element
 
@@ -100,13 +107,10 @@ def _as_groups(name: str, weight: torch.Tensor, scale: torch.Tensor, layout: Fp8
     its dequantised tensor."""
     from asyncllm.model.checkpoint_quant import GroupedWeight
 
-    dense = dequantize_fp8(name, weight, scale, layout)  # validates the scales' shape first
-    parts = name.split(".")
-    if len(parts) < 2 or parts[-2] not in _PROJECTIONS or "experts" in parts or any("vision" in p for p in parts):
-        return dense
-    per_group = _per_group_scales(weight, scale, layout)
+    _check_scales(name, weight, scale, layout)
+    per_group = _per_group_scales(weight, scale, layout) if is_decoder_projection(name) else None
     if per_group is None:
-        return dense
+        return dequantize_fp8(name, weight, scale, layout)
     codes = weight.view(torch.uint8).to(torch.int32)
     return GroupedWeight(GroupQuantized(codes, per_group, torch.zeros_like(per_group), bits=FP8_BITS))
 

@@ -24,6 +24,19 @@ class ModelContext:
     pipeline: PipelineContext = field(default=SINGLE_STAGE)
 
 
+# Decoder projections' module names as checkpoints spell them (and Phi-3's fused ones).
+_DECODER_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj",
+                        "gate_up_proj")
+
+
+def is_decoder_projection(weight_name: str) -> bool:
+    """Whether a checkpoint tensor is a decoder layer's attention or MLP projection, which can run
+    from quantised blocks: not an MoE expert's (stacked), not a vision tower's, not the embedding."""
+    parts = weight_name.split(".")
+    return (len(parts) >= 2 and parts[-2] in _DECODER_PROJECTIONS and "experts" not in parts
+            and not any("vision" in part for part in parts))
+
+
 def copy_checked(params: dict[str, torch.nn.Parameter], target: str, tensor: torch.Tensor, name: str,
                  model: str) -> None:
     """A checkpoint tensor `name` into parameter `target`, refused with why when it has no place or

@@ -159,7 +159,6 @@ class LlamaFamilyForCausalLM(nn.Module):
         # up to logits_quant_max_rows rows (quantize).
         self.logits_quant: BlockQuantWeight | None = None
         self.logits_quant_max_rows = 0
-        self.logits_only_blocks = False  # quantized_weights_only: logits_quant serves every step
         # Decode steps of a few sequences in one C call (cpu_decode.py); built by the first
         # forward, once load-time changes (4-bit copies) are done.
         self.decode_stack: CpuDecodeStack | None = None
@@ -201,6 +200,11 @@ class LlamaFamilyForCausalLM(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
+
+    @property
+    def logits_only_blocks(self) -> bool:
+        """quantized_weights_only freed the dense logits weight: logits_quant serves every step."""
+        return self.logits_quant is not None and self.logits_weight.numel() == 0
 
     @property
     def logits_weight(self) -> torch.Tensor:
@@ -304,7 +308,6 @@ class LlamaFamilyForCausalLM(nn.Module):
             freed += self.lm_head.weight.numel() * self.lm_head.weight.element_size()
             empty = torch.empty(0, self.lm_head.in_features, dtype=self.lm_head.weight.dtype)
             self.lm_head.weight = nn.Parameter(empty, requires_grad=False)
-        self.logits_only_blocks = True
         return freed
 
     # ------------------------------------------------------------------ weights

@@ -22,6 +22,7 @@ from asyncllm.model.checkpoint_quant import CheckpointQuantization, GroupedWeigh
 from asyncllm.model.default_model import DEFAULT_MODEL_NAME, default_model_path
 from asyncllm.model.gguf_blocks import EXACT_BITS, gguf_groups, permute_rows
 from asyncllm.model.gguf_file import GGUFFile
+from asyncllm.model.interface import is_decoder_projection
 from asyncllm.model.registry import resolve_architecture
 from asyncllm.model.tokenizer import load_gguf_tokenizer, load_hf_tokenizer
 from asyncllm.pooling.config import (
@@ -257,15 +258,6 @@ def gguf_hf_config(gguf: GGUFFile):
     return config, class_name
 
 
-_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def _is_projection(hf_name: str) -> bool:
-    """A decoder layer's attention or MLP projection (not an MoE expert's, not the embedding)."""
-    parts = hf_name.split(".")
-    return len(parts) >= 2 and parts[-2] in _PROJECTIONS and "experts" not in parts
-
-
 def _reverse_llama_permute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo llama.cpp's interleaving of Q/K rows, back to transformers' rotate-half layout."""
     dim = weight.shape[0] // n_head // 2
@@ -309,7 +301,7 @@ def _load_gguf(path: str, tokenizer_path: str | None) -> Checkpoint:
             if hf_name is None:
                 raise ValueError(f"{path}: unexpected GGUF tensor {name!r}")
             info = gguf.tensors[name]
-            if exact_bits is not None and EXACT_BITS.get(info.qtype) == exact_bits and _is_projection(hf_name):
+            if exact_bits is not None and EXACT_BITS.get(info.qtype) == exact_bits and is_decoder_projection(hf_name):
                 groups = gguf_groups(gguf.raw(name), info.qtype, info.shape)
                 if permute and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
                     heads = config.num_heads if hf_name.endswith("q_proj.weight") else config.num_kv_heads

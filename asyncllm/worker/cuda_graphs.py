@@ -35,8 +35,8 @@ def default_capture_sizes(max_num_seqs: int) -> list[int]:
     """vLLM's default buckets: 1, 2, 4, then every multiple of 8, up to max_num_seqs (rounded up to a
     bucket, so a full batch has one)."""
     top = min(max_num_seqs, MAX_DEFAULT_SIZE)
-    sizes = [s for s in (1, 2, 4) if s < top] + list(range(8, top + 8, 8))
-    return sorted({s for s in sizes if s < top} | {top if top <= 4 else -(-top // 8) * 8})
+    sizes = [s for s in (1, 2, 4) if s < top] + list(range(8, top, 8))
+    return sorted(set(sizes + [top if top <= 4 else -(-top // 8) * 8]))
 
 
 def graph_unsupported_reason(model: torch.nn.Module, kernels: str, *, lora: bool, draft: bool) -> str | None:

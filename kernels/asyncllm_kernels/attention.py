@@ -70,8 +70,7 @@ def _paged_decode_kernel(
     if SPLIT:
         parts = tl.num_programs(2)
         base = ((req * num_heads + heads) * parts + part) * (DIM_P2 + 2)  # [G]
-        keep = g_keep[:, None] & (d[None, :] < DIM_P2)
-        tl.store(part_ptr + base[:, None] + d[None, :], acc, mask=keep)
+        tl.store(part_ptr + base[:, None] + d[None, :], acc, mask=g_keep[:, None])
         tl.store(part_ptr + base + DIM_P2, m, mask=g_keep)
         tl.store(part_ptr + base + DIM_P2 + 1, l, mask=g_keep)
     else:

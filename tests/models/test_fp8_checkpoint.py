@@ -7,13 +7,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import helpers
 from asyncllm import LLM
-from asyncllm.kernels import cpu as cpu_kernels
 from asyncllm.model.layers.block_quant import BlockQuantWeight
 from asyncllm.model.layers.int4 import FP8_BITS
 from quant_packers import check_checkpoint, write_fp8
 
-needs_c_kernels = pytest.mark.skipif(cpu_kernels.build_error() is not None, reason="the C kernels do not build here")
 
 FP8_MAX = 448.0  # e4m3fn's largest finite value
 
@@ -30,7 +29,7 @@ def runs_dense(llm) -> None:
     assert not any(p.dense_dropped for p in llm.engine.core.executor.worker.runner.model.projections())
 
 
-@needs_c_kernels
+@helpers.needs_c_kernels
 @pytest.mark.parametrize("block", [(32, 32), (16, 64), None])
 def test_fp8_checkpoint_runs_from_its_codes(tiny_models, tmp_path, block):
     """Per-row and block scales (whole groups of 32 inputs) → e4m3 blocks holding the checkpoint's
@@ -59,7 +58,7 @@ def fp8_per_group(weight: torch.Tensor) -> torch.Tensor:
     return ((groups / scale).to(torch.float8_e4m3fn).float() * scale).reshape(weight.shape)
 
 
-@needs_c_kernels
+@helpers.needs_c_kernels
 @pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen2ForCausalLM"])
 def test_fp8_quantization_of_a_dense_checkpoint_matches_transformers(tiny_models, arch):
     """vLLM's quantization="fp8" on a dense checkpoint: weight-only e4m3 blocks (the CPU has no fp8
@@ -67,8 +66,6 @@ def test_fp8_quantization_of_a_dense_checkpoint_matches_transformers(tiny_models
     (fp8_per_group, written here), and the engine gives transformers' greedy ids and logprobs on
     those weights, with the logits weight as its Q8_0 copy (what decode steps read, as under int4 /
     int8), through prompt chunks, mixed steps and the one-call decoder."""
-    import helpers
-
     dense = tiny_models(arch)
     llm = LLM(dense, quantization="fp8", quantized_weights_only=True, kv_cache_memory=16 << 20,
               max_num_batched_tokens=20)

@@ -8,12 +8,10 @@ from gguf import GGMLQuantizationType as Q
 
 import helpers
 from asyncllm import LLM, SamplingParams
-from asyncllm.kernels import cpu as cpu_kernels
 from asyncllm.model.gguf_blocks import EXACT_BITS, gguf_groups
 from asyncllm.model.gguf_file import GGUFFile
 from asyncllm.model.layers.block_quant import BlockQuantWeight
 
-needs_c_kernels = pytest.mark.skipif(cpu_kernels.build_error() is not None, reason="the C kernels do not build here")
 
 
 def _check_file(path: str) -> dict[str, int]:
@@ -57,7 +55,7 @@ def test_q4_0_and_q5_0_repack_exactly(tmp_path):
     assert gguf_groups(np.zeros((4, 210), np.uint8), Q.Q6_K, (4, 256)) is None  # no exact block form
 
 
-@needs_c_kernels
+@helpers.needs_c_kernels
 @pytest.mark.parametrize("qtype, quantization", [(Q.Q4_0, "int4"), (Q.Q5_0, "int8"), (Q.Q8_0, "int8")])
 def test_quantized_gguf_keeps_the_files_codes_and_matches_transformers(qtype, quantization, tiny_models,
                                                                        default_gguf, tmp_path):

@@ -8,12 +8,12 @@ import shutil
 import pytest
 from safetensors.torch import load_file, save_file
 
+import helpers
 from asyncllm import LLM
 from asyncllm.kernels import cpu as cpu_kernels
 from asyncllm.model.layers.block_quant import BlockQuantWeight
 from quant_packers import check_checkpoint, pack_awq, pack_gptq, write_quantized
 
-needs_c_kernels = pytest.mark.skipif(cpu_kernels.build_error() is not None, reason="the C kernels do not build here")
 
 
 def gptq(bits: int, group_size: int, desc_act: bool = False, sym: bool = False):
@@ -34,7 +34,7 @@ def runs_dense(llm) -> None:
     assert not any(p.dense_dropped for p in llm.engine.core.executor.worker.runner.model.projections())
 
 
-@needs_c_kernels
+@helpers.needs_c_kernels
 @pytest.mark.parametrize("arch, bits, group_size, sym", [
     ("LlamaForCausalLM", 4, 32, False),
     ("Qwen2ForCausalLM", 4, -1, True),   # biases beside the packed q/k/v; one group per row
@@ -48,7 +48,7 @@ def test_gptq_checkpoint_matches_transformers_on_its_dequantised_weights(tiny_mo
     check_checkpoint(tmp_path / "gptq", dense, weights, check=runs_from_the_checkpoints_codes(bits))
 
 
-@needs_c_kernels
+@helpers.needs_c_kernels
 def test_awq_checkpoint_matches_transformers_on_its_dequantised_weights(tiny_models, tmp_path):
     dense = tiny_models("LlamaForCausalLM")
     weights = write_quantized(dense, tmp_path / "awq",
@@ -68,7 +68,7 @@ def test_gptq_act_order_runs_dequantised(tiny_models, tmp_path, kernels):
                      kernels=kernels)
 
 
-@needs_c_kernels
+@helpers.needs_c_kernels
 def test_gptq_checkpoint_split_over_two_ranks(tiny_models, tmp_path):
     """Tensor parallel: each rank keeps its rows (q/k/v, gate/up) or its whole groups of columns
     (o, down) of the packed codes."""

@@ -144,8 +144,7 @@ class Linear(nn.Linear):
         if rows and isinstance(self.quantized, BlockQuantWeight) and self.quantized.bits == bits:
             return  # the checkpoint's own codes already (adopt_checkpoint_groups): exact
         if rows:
-            self.quantized = BlockQuantWeight.quantize(self.weight, bits=bits)
-            self.quantized.blocks = self.quantized.blocks.to(self.weight.device)
+            self.quantized = BlockQuantWeight.quantize(self.weight, bits=bits)  # on the weight's device
             self.quantized_max_rows = rows
         elif bits == 4:
             self.quantized = Int4Weight.quantize(self.weight)
