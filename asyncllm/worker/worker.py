@@ -146,7 +146,8 @@ class Worker:
                         "freed), %d dense (dequantised: act order, other group sizes, or no C kernel "
                         "for this dtype)", checkpoint.quantization.method, blocks, checkpoint.quantization.bits,
                         freed / 1e6, dense)
-        if self.config.args.cpu_weight_prepack and prepack_supported(self.config.device, dtype):
+        ops = Ops(self.config.kernels)
+        if self.config.args.cpu_weight_prepack and prepack_supported(self.config.device, dtype, ops):
             model.prepack_weights()
         return model
 

@@ -50,8 +50,8 @@ def _decode_steps(recorder, rows: int):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_stack_equals_the_per_op_path(arch, quantization, tiny_models):
     """Recorded decode steps rerun through both paths (each writes the same K/V into the same
-    slots): bit for bit at every row count, dense (few-rows tiles below PANEL_MIN_ROWS rows, the
-    panel copies from there) or with 4- or 8-bit blocks (both paths call the same matmul kernels)."""
+    slots): bit for bit at every row count, dense (the panel copies) or with 4- or 8-bit blocks
+    (both paths call the same matmul kernels)."""
     llm = LLM(tiny_models(arch), dtype="float32", kernels="cpu", kv_cache_memory=16 << 20, quantization=quantization)
     model = llm.engine.core.executor.worker.runner.model
     # Dense projections have panel copies, read from PANEL_MIN_ROWS rows by both paths.
@@ -126,6 +126,7 @@ def test_stack_reads_the_blocks_and_the_8bit_logits(quantization, tiny_models):
         for projection in model.projections():  # swap the blocks' weights in, densely
             projection.weight.copy_(projection.quantized.dequantize())
             projection.quantized, projection.quantized_max_rows = None, 0
+            projection.pack()  # the panel copy, which steps of any row count read, of the new weight
         model.use_decode_stack = False
         hidden = model(input_ids, positions, kv_caches, meta)
         expected_dense = model.logits_linear.linear(hidden, model.logits_weight)

@@ -192,8 +192,8 @@ def test_linear_routes_fp32_rows_to_the_kernels(rows, packed, monkeypatch):
     with torch.no_grad():
         got = layer(x)
         torch.testing.assert_close(got, torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
-        # With a panel copy, PANEL_MIN_ROWS rows and more read it; fewer (one row too: MKL's gemv
-        # is slower on some CPUs) take the few-rows kernel, which without panels serves up to 8.
+        # With a panel copy, PANEL_MIN_ROWS rows and more (every step) read it; without one the
+        # few-rows kernel serves up to 8 (one row too: MKL's gemv is slower on some CPUs).
         panel = packed and rows >= cpu_kernels.PANEL_MIN_ROWS
         few = not panel and rows <= cpu_kernels.FEW_ROWS_MAX
         assert calls == {"few": int(few), "panel": int(panel)}
@@ -244,9 +244,8 @@ def test_panel_linear_silu_equals_linear_then_silu_and_mul(rows, with_bias):
 
 
 def test_mlp_takes_the_fused_gate_up_kernel_where_it_serves(monkeypatch):
-    """LlamaMLP on the C kernels: prompt-sized steps (>= PANEL_MIN_ROWS rows) go through
-    panel_linear_silu with the same bits as the unfused path; fewer rows, halves that are not whole
-    panels and layers without panels keep the unfused path."""
+    """LlamaMLP on the C kernels: fp32 steps go through panel_linear_silu with the same bits as the
+    unfused path; halves that are not whole panels and layers without panels keep the unfused path."""
     from asyncllm.model.arch_config import LlamaFamilyConfig
     from asyncllm.model.llama import LlamaMLP
 
@@ -277,7 +276,6 @@ def test_mlp_takes_the_fused_gate_up_kernel_where_it_serves(monkeypatch):
         assert calls == [1]
         expected = fused_mlp.down_proj(cpu_kernels.silu_and_mul(fused_mlp.gate_up_proj(x)))
         assert torch.equal(got, expected)
-        fused_mlp(x[:cpu_kernels.PANEL_MIN_ROWS - 1])
         mlp(2 * width + 4, packed=True)(x)  # halves not whole panels
         mlp(2 * width, packed=False)(x)  # no panel copy
     assert calls == [1]
@@ -292,23 +290,45 @@ def test_panel_linear_reads_strided_rows_and_leaves_the_weight():
     x = wide[:, 10:74]  # rows 100 elements apart
     torch.testing.assert_close(cpu_kernels.panel_linear(x, packed, 80), x @ weight.t(), atol=1e-5, rtol=1e-5)
     assert torch.equal(weight, before)
-    assert not cpu_kernels.panel_weight_supported(weight.bfloat16())  # fp32 only
+    assert not cpu_kernels.panel_weight_supported(weight.half())  # fp32 and bf16 only
+    assert not cpu_kernels.panel_weight_supported(torch.randn(8, 63).bfloat16())  # bf16 inputs go in pairs
     assert not cpu_kernels.panel_weight_supported(torch.randn(64, 80).t())  # weight rows must be contiguous
 
 
-@pytest.mark.parametrize("dtype, layout", [(torch.float32, "panels"), (torch.bfloat16, "onednn")])
-def test_linear_packs_panels_for_fp32_c_kernels(dtype, layout, monkeypatch):
-    """With kernels="cpu" an fp32 Linear packs column panels and sends >= PANEL_MIN_ROWS rows to
-    panel_linear; bf16 (AMX) keeps oneDNN's packed copy."""
+def test_bf16_panels_equal_an_fp32_chain_of_pair_products_and_ignore_the_row_count():
+    """bf16 panel_linear: each output is fp32 multiply-adds over k in pairs (odd input, then even, as
+    vdpbf16ps defines them) rounded once to bf16, plus the bias; the same bits for a row whether it
+    comes alone or among 40, and for strided rows."""
+    torch.manual_seed(0)
+    n, k = 100, 96
+    weight, bias = torch.randn(n, k).bfloat16(), torch.randn(n).bfloat16()
+    packed = cpu_kernels.pack_panels(weight)
+    assert packed.dtype == torch.int32 and packed.shape[1] == k // 2
+    wide = torch.randn(40, k + 10).bfloat16()
+    x = wide[:, 3:3 + k]
+    got = cpu_kernels.panel_linear(x, packed, n, bias)
+    w, xf = weight.double(), x.double()
+    acc = torch.zeros(40, n, dtype=torch.float32)
+    for c in range(0, k, 2):  # each product of two bf16 is exact in fp32; each sum rounds
+        acc = (acc.double() + xf[:, c + 1:c + 2] * w[:, c + 1]).float()
+        acc = (acc.double() + xf[:, c:c + 1] * w[:, c]).float()
+    assert torch.equal(got, (acc + bias.float()).bfloat16())
+    alone = torch.cat([cpu_kernels.panel_linear(x[i:i + 1], packed, n, bias) for i in range(40)])
+    assert torch.equal(alone, got)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_packs_panels_for_the_c_kernels(dtype, monkeypatch):
+    """With kernels="cpu" an fp32 or bf16 Linear packs column panels and sends steps of every row
+    count to panel_linear (one reduction order per output: batch-invariant)."""
     from asyncllm.model.layers.linear import Linear, prepack_supported
 
-    if not prepack_supported(torch.device("cpu"), dtype):  # the engine then packs nothing
-        pytest.skip(f"oneDNN cannot pack {dtype} here (bf16 on an AVX2-only CPU)")
+    assert prepack_supported(torch.device("cpu"), dtype, Ops("cpu"))
     torch.manual_seed(0)
     layer = Linear(64, 96, bias=True, ops=Ops("cpu")).to(dtype)
     layer.pack()
     assert layer.prepacked.is_packed
-    assert (layer.prepacked.panels is not None) == (layout == "panels")
+    assert layer.prepacked.panels is not None and layer.prepacked.packed is None
     calls = []
     real = cpu_kernels.panel_linear
     monkeypatch.setattr(cpu_kernels, "panel_linear", lambda *a: calls.append(a) or real(*a))
@@ -317,4 +337,4 @@ def test_linear_packs_panels_for_fp32_c_kernels(dtype, layout, monkeypatch):
         for rows in (1, 5, 9, 40):
             x = torch.randn(rows, 64, dtype=dtype)
             torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), **tolerance)
-    assert len(calls) == (3 if layout == "panels" else 0)  # 5, 9 and 40 rows
+    assert len(calls) == 4  # 1, 5, 9 and 40 rows

@@ -99,7 +99,6 @@ def test_bf16_prompts_stay_as_close_to_exact_as_sdpa(window, monkeypatch):
     heads, kv_heads, dim = 9, 3, 64
     q, k, v, cache, meta = _step([70, 7, 33], [70, 7 + 40, 33 + 16], 0, heads, kv_heads, dim, seed=5)
     q, k, v, cache = (t.bfloat16() for t in (q, k, v, cache))
-    monkeypatch.setattr(cpu_kernels, "prefill_attention_takes", lambda dtype: True)  # AMX CPUs too
     got, got_cache = _run(CpuAttentionBackend, q, k, v, cache, meta, heads, kv_heads, dim, window)
     sdpa, _ = _run(TorchAttentionBackend, q, k, v, cache, meta, heads, kv_heads, dim, window)
     exact, _ = _run(TorchAttentionBackend, q.double(), k.double(), v.double(), cache.double(), meta, heads, kv_heads,
@@ -110,15 +109,42 @@ def test_bf16_prompts_stay_as_close_to_exact_as_sdpa(window, monkeypatch):
     assert got_error.mean() <= (sdpa.double() - exact).abs().mean() * 1.05
 
 
-@pytest.mark.parametrize("amx", [False, True])
-def test_bf16_prompts_take_the_c_kernel_only_without_amx(amx, monkeypatch):
-    monkeypatch.setattr(cpu_kernels, "cpu_has_amx", lambda: amx)
+def test_bf16_prompts_take_the_c_kernel(monkeypatch):
+    """On every CPU, AMX ones too: only the C kernel gives a prompt row a decode step's bits."""
     assert cpu_kernels.prefill_attention_takes(torch.float32)
-    assert cpu_kernels.prefill_attention_takes(torch.bfloat16) == (not amx)
+    assert cpu_kernels.prefill_attention_takes(torch.bfloat16)
     assert not cpu_kernels.prefill_attention_takes(torch.float16)
     calls = []
     real = cpu_kernels.prefill_attention
     monkeypatch.setattr(cpu_kernels, "prefill_attention", lambda *a: calls.append(a) or real(*a))
     q, k, v, cache, meta = _step([20], [20], 0, 4, 2, 16)
     out, _ = _run(CpuAttentionBackend, q.bfloat16(), k.bfloat16(), v.bfloat16(), cache.bfloat16(), meta, 4, 2, 16, None)
-    assert out.dtype == torch.bfloat16 and len(calls) == (0 if amx else 1)
+    assert out.dtype == torch.bfloat16 and len(calls) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads, kv_heads, dim, window", [(9, 3, 64, None), (4, 4, 128, None), (6, 2, 32, 20)])
+def test_a_prompt_row_gets_the_bits_a_decode_step_gives_it(dtype, heads, kv_heads, dim, window):
+    """Every query row of prompt chunks (after cached context too) equals paged decode attention for
+    that token over the same cache, bit for bit: so a token's attention does not depend on whether
+    it was computed in a prompt (whole, chunked, after a cache hit, recomputed after preemption) or
+    while decoding (issue 26)."""
+    torch.manual_seed(3)
+    block_size, lens, contexts = 16, [70, 33, 5], [0, 16, 40]
+    blocks_each = [(c + n + block_size - 1) // block_size for c, n in zip(contexts, lens)]
+    cache = torch.randn(2, sum(blocks_each) + 1, block_size, kv_heads, dim).to(dtype)
+    perm = torch.randperm(sum(blocks_each)) + 1  # scattered blocks; block 0 unused
+    tables, start = torch.zeros(len(lens), max(blocks_each), dtype=torch.int64), 0
+    for b, count in enumerate(blocks_each):
+        tables[b, :count] = perm[start:start + count]
+        start += count
+    q = torch.randn(sum(lens), heads, dim).to(dtype)
+    query_starts = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int64)
+    seq_lens = torch.tensor([c + n for c, n in zip(contexts, lens)], dtype=torch.int64)
+    prompt = cpu_kernels.prefill_attention(q, cache, tables, query_starts, seq_lens, dim ** -0.5, window)
+    for b, (ctx, n) in enumerate(zip(contexts, lens)):
+        for r in range(n):
+            row = query_starts[b] + r
+            decode = cpu_kernels.paged_decode_attention(q[row:row + 1].contiguous(), cache, tables[b:b + 1],
+                                                        torch.tensor([ctx + r + 1]), dim ** -0.5, window)
+            assert torch.equal(decode[0], prompt[row]), (b, r)

@@ -161,9 +161,7 @@ def test_int4_is_refused_off_the_cpu_and_for_unknown_schemes():
 def test_default_model_int4_on_the_c_kernels_equals_fp32(default_llm):
     """The default model's file stores its projections as Q4_1 and its embedding as Q8_0, so the C
     kernels' 4- and 8-bit blocks hold the fp32 weights exactly: the same tokens as the dense fp32
-    engine, and the same logprobs bit for bit in steps of 1-2 rows and prompts (the dense few-rows
-    matmul and the blocks' kernel take the same multiply-add order; prompts both take the panel
-    GEMM); from 3 rows the dense weights take the panel order: within 1e-4."""
+    engine, and logprobs within 1e-4 (helpers.check_same_as_reference_engine)."""
     if default_llm.engine.core.config.kernels != "cpu":
         pytest.skip("the C kernels do not build here")
     llm = LLM(dtype="float32", quantization="int4", kv_cache_memory=64 << 20)

@@ -35,8 +35,8 @@ def test_panel_linear_blocks_equals_the_panel_gemm_of_the_dequantised_weight(bit
 def test_default_model_int4_weights_only_equals_fp32_and_frees_the_dense_weights(default_llm):
     """The default model's projections are Q4_1 in its file, so its 4-bit blocks hold the fp32
     weights exactly: with only the blocks kept, prompts (panel GEMM on the unpacked panels) and
-    decode steps of 1-2 rows (the block kernel) give the dense fp32 engine's tokens and logprobs
-    bit for bit (3 rows: within 1e-4, the dense weights taking the panel GEMM there)."""
+    decode steps (the block kernel) give the dense fp32 engine's tokens, and logprobs within 1e-4
+    (the dense weights take the panel GEMM's order at every row count)."""
     llm = LLM(dtype="float32", quantization="int4", quantized_weights_only=True, kv_cache_memory=64 << 20)
     model = llm.engine.core.executor.worker.runner.model
     projections = model.projections()

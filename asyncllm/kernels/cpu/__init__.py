@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import torch
 
-from asyncllm.kernels.cpu.library import KernelBuildError, build_error, cpu_has_amx, load_library
+from asyncllm.kernels.cpu.library import KernelBuildError, build_error, load_library
 
 __all__ = ["KernelBuildError", "build_error", "supports", "rms_norm", "rotary_", "silu_and_mul", "write_kv_cache",
            "paged_decode_attention", "few_rows_supported", "few_rows_weight_supported", "linear_few_rows",
            "FEW_ROWS_MAX", "linear_quant_rows", "quantize_blocks", "panel_linear_blocks", "panel_weight_supported",
-           "pack_panels", "panel_linear", "panel_linear_silu", "PANEL_MIN_ROWS", "prefill_attention", "prefill_attention_takes", "lora_rows",
+           "pack_panels", "panels_dtype", "panel_linear", "panel_linear_silu", "PANEL_MIN_ROWS", "prefill_attention", "prefill_attention_takes", "lora_rows",
            "LoRARows"]
 
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
@@ -73,10 +73,12 @@ FEW_ROWS_MAX = 8  # most activation rows linear_few_rows takes
 FP8_BITS = 9  # the block kernels' "bits" of e4m3 blocks (8-bit floats; QUANT_FP8 in quant_rows_impl.h)
 BLOCK_BITS = (4, 8, FP8_BITS)  # block formats: Q4_1, Q8_0, e4m3 with a scale per 32
 # Fewest rows an fp32 matmul with a panel copy (pack_panels) reads it rather than the dense weight
-# through linear_few_rows. On AMD EPYC (AVX-512) the panels were as fast at 1-2 rows and faster
-# from 3 (the default model's projections + logits at 3 / 8 rows: 12.8 / 13.5 ms against 15.1 /
-# 16.4); the per-op path and decode_stack both ask this, so they stay bit-equal.
-PANEL_MIN_ROWS = 3
+# through linear_few_rows: 1, so every step reads the panels and a row's result never depends on
+# how many rows its step has (batch-invariant; issue 26). On AMD EPYC (AVX-512) the panels were
+# as fast as linear_few_rows at 1-2 rows (the default model's projections + logits: 13.4 ms
+# both) and faster from 3 (13.6 / 15.3 ms at 3 / 8 rows against 16.3 / 19.4); the per-op path
+# and decode_stack both ask this, so they stay bit-equal.
+PANEL_MIN_ROWS = 1
 
 
 def few_rows_weight_supported(weight: torch.Tensor) -> bool:
@@ -206,10 +208,11 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
 
 
 def prefill_attention_takes(dtype: torch.dtype) -> bool:
-    """Whether prompt attention in this dtype goes to prefill_attention: fp32 always; bf16 where
-    the CPU has no AMX (measured on AVX-512-BF16 without it: 2x torch's bf16 SDPA; with AMX
-    torch's kernel runs on the tiles and was not measured against ours, so it keeps SDPA)."""
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and not cpu_has_amx())
+    """Whether prompt attention in this dtype goes to prefill_attention: fp32 and bf16 (measured on
+    AVX-512-BF16 without AMX: 2x torch's bf16 SDPA). On AMX CPUs too, unmeasured against torch's
+    tile kernel: only this kernel gives a prompt row the bits a decode step gives it, which keeps
+    greedy output independent of chunking, the prefix cache and preemption (issue 26)."""
+    return dtype in (torch.float32, torch.bfloat16)
 
 
 def prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -237,43 +240,59 @@ def prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: tor
 
 
 def panel_weight_supported(weight: torch.Tensor) -> bool:
-    """Whether pack_panels takes this weight [n, k]: fp32 on the CPU, elements of a row adjacent."""
-    return supports(weight) and weight.dtype == torch.float32 and weight.dim() == 2 and weight.stride(1) == 1
+    """Whether pack_panels takes this weight [n, k]: fp32, or bf16 with k even, on the CPU, elements of
+    a row adjacent."""
+    return (supports(weight) and weight.dim() == 2 and weight.stride(1) == 1
+            and (weight.dtype == torch.float32 or weight.shape[1] % 2 == 0))
 
 
 def pack_panels(weight: torch.Tensor) -> torch.Tensor:
-    """The weight [n, k] in panel_linear's layout: [panels, k, panel width], columns side by side,
-    zero past n. A copy: the weight itself is left as it is."""
+    """The weight [n, k] in panel_linear's layout, columns side by side, zero past n: fp32 [panels, k,
+    panel width]; bf16 [panels, k / 2, panel width] int32 words, each two adjacent inputs' weights
+    (panel_gemm_bf16_impl.h). A copy: the weight itself is left as it is."""
     assert panel_weight_supported(weight)
     n, k = weight.shape
     lib = load_library()
     width = lib.panel_width()
-    packed = torch.empty((n + width - 1) // width, k, width, dtype=torch.float32)
+    panels = (n + width - 1) // width
+    if weight.dtype == torch.bfloat16:
+        packed = torch.empty(panels, k // 2, width, dtype=torch.int32)
+        lib.pack_panels_bf16(weight.data_ptr(), weight.stride(0), packed.data_ptr(), n, k, torch.get_num_threads())
+        return packed
+    packed = torch.empty(panels, k, width, dtype=torch.float32)
     lib.pack_panels_f32(weight.data_ptr(), weight.stride(0), packed.data_ptr(), n, k, torch.get_num_threads())
     return packed
 
 
-def _panel_call(x: torch.Tensor, n: int, bias: torch.Tensor | None,
+def panels_dtype(packed: torch.Tensor) -> torch.dtype:
+    """The dtype of the weight pack_panels made these panels of."""
+    return torch.bfloat16 if packed.dtype == torch.int32 else torch.float32
+
+
+def _panel_call(x: torch.Tensor, n: int, bias: torch.Tensor | None, dtype: torch.dtype = torch.float32,
                 out_width: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int | None]:
-    """What the panel GEMMs take: x [rows, k] fp32 with adjacent elements, its output [rows,
-    out_width (default n)], and the bias's pointer (None: no bias; checked to be [n] fp32, contiguous)."""
+    """What the panel GEMMs take: x [rows, k] in `dtype` with adjacent elements, its output [rows,
+    out_width (default n)], and the bias's pointer (None: no bias; checked to be [n], `dtype`, contiguous)."""
     if x.stride(-1) != 1:
         x = x.contiguous()
-    assert x.dtype == torch.float32 and x.dim() == 2
+    assert x.dtype == dtype and x.dim() == 2
     if bias is not None:
-        assert bias.dtype == torch.float32 and bias.is_contiguous() and bias.shape == (n,)
-    out = torch.empty(x.shape[0], n if out_width is None else out_width, dtype=torch.float32)
+        assert bias.dtype == dtype and bias.is_contiguous() and bias.shape == (n,)
+    out = torch.empty(x.shape[0], n if out_width is None else out_width, dtype=dtype)
     return x, out, None if bias is None else bias.data_ptr()
 
 
 def panel_linear(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias) for x [rows, k] fp32, with `packed = pack_panels(weight)` and n =
-    weight.shape[0]. Each output is one multiply-add chain over k, whatever the row count."""
-    x, out, bias_ptr = _panel_call(x, n, bias)
+    """F.linear(x, weight, bias) for x [rows, k] in the weight's dtype (fp32 or bf16), with `packed =
+    pack_panels(weight)` and n = weight.shape[0]. Each output is one chain over k (fp32 accumulation),
+    whatever the row count: a row's result never depends on the others in the call."""
+    dtype = panels_dtype(packed)
+    x, out, bias_ptr = _panel_call(x, n, bias, dtype)
     rows, k = x.shape
-    assert packed.shape[1] == k and n <= packed.shape[0] * packed.shape[2]
-    load_library().panel_linear_f32(x.data_ptr(), x.stride(0), rows, packed.data_ptr(), bias_ptr, out.data_ptr(), n,
-                                    k, torch.get_num_threads())
+    pairs = k // 2 if dtype == torch.bfloat16 else k
+    assert packed.shape[1] == pairs and n <= packed.shape[0] * packed.shape[2]
+    call = load_library().panel_linear_bf16 if dtype == torch.bfloat16 else load_library().panel_linear_f32
+    call(x.data_ptr(), x.stride(0), rows, packed.data_ptr(), bias_ptr, out.data_ptr(), n, k, torch.get_num_threads())
     return out
 
 

@@ -11,7 +11,8 @@
  * kernels_impl.h is included once per element type (float and bf16) with T/LOAD/STORE set, and
  * after it decode_stack_impl.h: the whole decoder of a 1-8-row decode step in one call.
  * panel_gemm_impl.h (fp32 only, included once): the matmul of steps of 3 rows and more (the
- * decode stack calls it too, hence PANELS: 1 in the fp32 instantiation); after it
+ * decode stack calls it too, hence PANELS: 1 in the fp32 instantiation); panel_gemm_bf16_impl.h:
+ * the bf16 matmul of steps of any size on the same tiles, batch-invariant; after them
  * prefill_attention_impl.h: prompt attention on the same register tiles (fp32 or bf16 in and out).
  */
 #include <math.h>
@@ -137,19 +138,25 @@ static inline v16sf splat16(float s) {
 #endif
 }
 
-/* p[i] = exp(p[i] - max) / sum over the row: torch's softmax, with exp_nonpositive. */
+/* p[i] = exp(p[i] - max) / sum over the row: torch's softmax, with exp_nonpositive. The sum's
+ * order depends on n only (16 lanes by index from the row's start, then the lanes in order, then
+ * the tail), never on where p lies: decode and prompt attention call this on rows at different
+ * alignments and must get the same bits (an `omp simd` reduction may peel for alignment). */
 static void softmax_row(float *p, int64_t n) {
     float top = p[0];
     /* A compare, not fmaxf: gcc calls libm's fmaxf per element (not vectorised), which took a
      * fifth of a long prompt's attention. The same maximum for finite scores. */
 #pragma omp simd reduction(max : top)
     for (int64_t i = 1; i < n; i++) top = p[i] > top ? p[i] : top;
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) p[i] = exp_nonpositive(p[i] - top);
+    float lanes[16] = {0};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 16; j++) lanes[j] += p[i + j];
     float total = 0.0f;
-#pragma omp simd reduction(+ : total)
-    for (int64_t i = 0; i < n; i++) {
-        p[i] = exp_nonpositive(p[i] - top);
-        total += p[i];
-    }
+    for (int j = 0; j < 16; j++) total += lanes[j];
+    for (; i < n; i++) total += p[i];
     float inv_total = 1.0f / total;
 #pragma omp simd
     for (int64_t i = 0; i < n; i++) p[i] *= inv_total;
@@ -210,6 +217,7 @@ static inline int64_t max_seq_len(const int64_t *seq_lens, int64_t seqs) {
 #undef CONCAT_
 
 #include "panel_gemm_impl.h"
+#include "panel_gemm_bf16_impl.h"
 #include "prefill_attention_impl.h"
 
 /* KV write (dtype-free: rows are copied as bytes). k, v: [tokens, row_bytes] with the given

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch  # noqa: F401  (loads torch's libgomp first, so the library's OpenMP resolves to it)
 
 SOURCES = ("kernels.c", "kernels_impl.h", "quant_rows_impl.h", "decode_stack_impl.h", "panel_gemm_impl.h",
-           "prefill_attention_impl.h")
+           "panel_gemm_bf16_impl.h", "prefill_attention_impl.h")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 # gcc keeps to 256-bit vectors on AVX-512 CPUs unless told; the attention loops gain from 512.
 X86_FLAGS = ("-mprefer-vector-width=512",)
@@ -128,6 +128,9 @@ def load_library() -> ctypes.CDLL:
     lib.pack_panels_f32.argtypes, lib.pack_panels_f32.restype = (_P, _I64, _P, _I64, _I64, _INT), None
     lib.panel_linear_f32.argtypes = (_P, _I64, _I64, _P, _P, _P, _I64, _I64, _INT)
     lib.panel_linear_f32.restype = None
+    lib.pack_panels_bf16.argtypes, lib.pack_panels_bf16.restype = (_P, _I64, _P, _I64, _I64, _INT), None
+    lib.panel_linear_bf16.argtypes = (_P, _I64, _I64, _P, _P, _P, _I64, _I64, _INT)
+    lib.panel_linear_bf16.restype = None
     lib.panel_linear_silu_f32.argtypes = (_P, _I64, _I64, _P, _P, _P, _I64, _I64, _INT)
     lib.panel_linear_silu_f32.restype = _I64
     lib.prefill_attention.argtypes = (_P, _I64, _P, _P, _P, _I64, _P, _P, _I64, _I64, _I64, _I64, _I64, _F32, _I64,

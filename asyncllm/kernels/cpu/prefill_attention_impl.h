@@ -7,45 +7,43 @@
  * 7 x 128-token prompt step's ~500 ms for the default model (9 heads of 64; about 35 GFLOPS), and
  * it needs the KV heads repeated for every query head first (another ~4.5 ms of copies) and
  * cached context gathered out of the blocks. Here, one KV head at a time, each request's keys
- * and values are copied once out of the blocks into panel layout (keys as the "weight rows" of
- * scores = q @ K^T, values as those of q_out = P @ V; one buffer for the call, kept in the heap
- * by the engine's malloc settings), then a task is (request, tile of PREFILL_TILE query rows)
- * and every query head of the group runs over them; key panels wholly past a tile's causal
- * limit (or before its window) are skipped.
+ * and values are copied once out of the blocks (keys as fp32 rows, values as the "weight rows"
+ * of q_out = P @ V; one buffer for the call, kept in the heap by the engine's malloc settings),
+ * then a task is (request, tile of PREFILL_TILE query rows) and every query head of the group
+ * runs over them; keys past a row's causal limit (or before its window) are skipped.
  *
  * bf16 models' q, cache and output are converted on the way in and out (the copies above, the
  * task's queries, its outputs): the arithmetic is fp32 either way.
  *
- * Rounding: each score is one multiply-add chain over the head's dims, times the scale; each
- * row's softmax is softmax_row (max, exp, sum, divide, as decode attention); each output is one
- * chain over the visible keys in order (zeros stand for the keys a row does not see, and adding
- * 0 * v leaves a sum unchanged). So a row's result does not depend on the tile, the task order
- * or the other requests in the step. */
+ * Rounding: a query row's result is the same bits here as in decode attention (kernels_impl.h),
+ * so a token's attention does not depend on whether it was computed in a prompt chunk (whole,
+ * chunked, after a prefix-cache hit, recomputed after preemption) or in a decode step (issue
+ * 26): each score is block_scores' (per-key vectors of partial products over the head's dims,
+ * one sum16, times the scale; head sizes that are multiples of 16), each row's softmax is
+ * softmax_row over the keys it sees, and each output is one multiply-add chain over those keys
+ * in order (zeros stand for the keys a row does not see in the tile, and adding 0 * v leaves a
+ * sum unchanged). Scores by register tiles over key panels (one chain over the dims) were 1.1x
+ * (8 x 128-token prompts) to 1.6x (one of 2k tokens) faster, but gave other bits than decode. */
 
 #define PREFILL_TILE 32 /* query rows per task */
+#define PREFILL_SCORE_KEYS 64 /* keys scored for all of a register tile's rows at a time (16 KB at 64 dims) */
 
 /* Element i of an fp32 or (bf16 != 0) bf16 array, as fp32. */
 static inline float prefill_element(const void *base, int64_t i, int bf16) {
     return bf16 ? bf16_to_float(((const bf16_t *)base)[i]) : ((const float *)base)[i];
 }
 
-/* Keys [kstart, kstart + nk) of KV head g, out of the blocks `table` lists, as panels for
- * panel_tile: kp[p][d][j] = key(kstart + p * PANEL_WIDTH + j)[d], zero past nk. */
-static void pack_key_panels(const void *k_cache, int bf16, const int64_t *table, int64_t block_size,
-                            int64_t token_stride, int64_t g, int64_t dim, int64_t kstart, int64_t nk, float *kp) {
-    int64_t panels = (nk + PANEL_WIDTH - 1) / PANEL_WIDTH;
-    for (int64_t p = 0; p < panels; p++) {
-        float *panel = kp + p * dim * PANEL_WIDTH;
-        for (int64_t j = 0; j < PANEL_WIDTH; j++) {
-            int64_t t = p * PANEL_WIDTH + j;
-            if (t >= nk) {
-                for (int64_t d = 0; d < dim; d++) panel[d * PANEL_WIDTH + j] = 0.0f;
-                continue;
-            }
-            int64_t pos = kstart + t;
-            int64_t key = (table[pos / block_size] * block_size + pos % block_size) * token_stride + g * dim;
-            for (int64_t d = 0; d < dim; d++) panel[d * PANEL_WIDTH + j] = prefill_element(k_cache, key + d, bf16);
-        }
+/* Keys [kstart, kstart + nk) of KV head g, out of the blocks `table` lists, as fp32 rows:
+ * kr[t][d] = key(kstart + t)[d] (block_scores' layout, token stride `dim`). */
+static void pack_key_rows(const void *k_cache, int bf16, const int64_t *table, int64_t block_size,
+                          int64_t token_stride, int64_t g, int64_t dim, int64_t kstart, int64_t nk, float *kr) {
+    for (int64_t t = 0; t < nk; t++) {
+        int64_t pos = kstart + t;
+        int64_t key = (table[pos / block_size] * block_size + pos % block_size) * token_stride + g * dim;
+        if (!bf16)
+            memcpy(kr + t * dim, (const float *)k_cache + key, (size_t)dim * sizeof(float));
+        else
+            for (int64_t d = 0; d < dim; d++) kr[t * dim + d] = prefill_element(k_cache, key + d, 1);
     }
 }
 
@@ -129,21 +127,21 @@ static inline int64_t prefill_first_key(int64_t position, int64_t window) {
 }
 
 /* One task: query rows [r0, r1) of a request (positions ctx + r), KV head g and its `group`
- * query heads. kp, vp: the keys and values [kbase, kbase + knum) of the request and head, packed
- * (pack_key_panels, pack_value_panels); scores: PANEL_ROWS rows of it; qf, of: [PREFILL_TILE]
+ * query heads. kr, vp: the keys and values [kbase, kbase + knum) of the request and head, packed
+ * (pack_key_rows, pack_value_panels); scores: PANEL_ROWS rows of it; qf, of: [PREFILL_TILE]
  * [group * dim], the task's queries and outputs in fp32. Each register tile of rows runs scores,
  * softmax and P @ V before the next. (Going over the keys in L2-sized blocks measured alike at
  * 2k and 8k tokens: 18.4 vs 18.5, 316 vs 324 ms per layer.) */
 static void prefill_attend_tile(const void *q, int64_t q_stride, int bf16, int64_t ctx, int64_t r0, int64_t r1,
                                 int64_t g, int64_t group, int64_t heads, int64_t dim, float scale, int64_t window,
-                                void *out, const float *kp, const float *vp, int64_t kbase, int64_t knum,
+                                void *out, const float *kr, const float *vp, int64_t kbase, int64_t knum,
                                 float *scores, float *qf, float *of) {
     const int64_t width = group * dim; /* qf, of: [PREFILL_TILE][width] */
     /* The group's query heads are adjacent in each q row: copied (converted) once. */
     for (int64_t r = r0; r < r1; r++)
         for (int64_t i = 0; i < width; i++)
             qf[(r - r0) * width + i] = prefill_element(q, r * q_stride + g * width + i, bf16);
-    /* Scores rows span the keys up to the tile's last row's (the panels past them are unused). */
+    /* Scores rows span the keys up to the tile's last row's. */
     const int64_t key_panels = (ctx + r1 - kbase + PANEL_WIDTH - 1) / PANEL_WIDTH, stride = key_panels * PANEL_WIDTH;
     const int64_t value_panels = (dim + PANEL_WIDTH - 1) / PANEL_WIDTH;
     const int64_t vrows = value_tile_rows(dim); /* > 0: value_tile's rows; 0: PANEL_WIDTH panels */
@@ -156,15 +154,24 @@ static void prefill_attend_tile(const void *q, int64_t q_stride, int bf16, int64
             int64_t lo = prefill_first_key(ctx + m0, window) - kbase, hi = ctx + m0 + rows - kbase;
             const float *x = qh + (m0 - r0) * width;
             float *out_rows = oh + (m0 - r0) * width;
-            /* scores = q @ K^T */
-            for (int64_t p = lo / PANEL_WIDTH; p * PANEL_WIDTH < hi; p++)
-                panel_tile_rows(x, width, kp + p * dim * PANEL_WIDTH, NULL, scores + p * PANEL_WIDTH, stride, dim,
-                                PANEL_WIDTH, NULL, 0, rows);
-            /* Each row's softmax over the keys it sees; zeros for the others the tile spans. */
+            /* Each row's scale * q @ K^T over the keys it sees, as decode attention computes it
+             * (block_scores_f32: each key's score on its own, so splitting the keys changes no
+             * bit), PREFILL_SCORE_KEYS keys at a time for all the rows, so those keys stay in L1
+             * (row by row over all the keys took 1.6x as long at 2k tokens). */
+            for (int64_t t0 = lo; t0 < hi; t0 += PREFILL_SCORE_KEYS)
+                for (int64_t i = 0; i < rows; i++) {
+                    int64_t first = prefill_first_key(ctx + m0 + i, window) - kbase, last = ctx + m0 + i + 1 - kbase;
+                    int64_t a = first > t0 ? first : t0, z = t0 + PREFILL_SCORE_KEYS;
+                    z = last < z ? last : z;
+                    if (a < z)
+                        block_scores_f32(x + i * width, kr, a, z, 0, 1, 1, dim, dim, scale, scores + i * stride, 0,
+                                         NULL, 0);
+                }
+            /* Each row's softmax over the keys it sees (softmax_row, as decode attention); zeros for
+             * the other keys the tile spans. */
             for (int64_t i = 0; i < rows; i++) {
                 float *row = scores + i * stride;
                 int64_t first = prefill_first_key(ctx + m0 + i, window) - kbase, last = ctx + m0 + i + 1 - kbase;
-                for (int64_t j = first; j < last; j++) row[j] *= scale;
                 softmax_row(row + first, last - first);
                 for (int64_t j = lo; j < first; j++) row[j] = 0.0f;
                 for (int64_t j = last; j < hi; j++) row[j] = 0.0f;
@@ -273,8 +280,8 @@ int64_t prefill_attention(const void *q, int64_t q_stride, const void *k_cache, 
                 int64_t b = jobs[2 * i], c0 = jobs[2 * i + 1];
                 int64_t count = knum[b] - c0 < PREFILL_PACK_KEYS ? knum[b] - c0 : PREFILL_PACK_KEYS;
                 const int64_t *table = block_tables + b * bt_stride;
-                pack_key_panels(k_cache, (int)bf16, table, block_size, token_stride, g, dim, kbase[b] + c0, count,
-                                kv + koff[b] + c0 * dim);
+                pack_key_rows(k_cache, (int)bf16, table, block_size, token_stride, g, dim, kbase[b] + c0, count,
+                              kv + koff[b] + c0 * dim);
                 pack_value_panels(v_cache, (int)bf16, table, block_size, token_stride, g, dim, kbase[b], knum[b], c0,
                                   c0 + count, vwidth, kv + voff[b]);
             }
