@@ -1,10 +1,11 @@
-"""Decode steps of 1-8 sequences through one C call for the whole decoder (kernels="cpu", fp32).
+"""Decode steps of 1-8 sequences through one C call for the whole decoder (kernels="cpu", fp32 or bf16).
 
 Such a step is bound by reading every weight from memory (~540 MB in fp32 for the default
 model), and the per-op forward spent ~20% of a batch-1 step between the matmuls: Python calls,
 tensor views and an OpenMP fork/join for each of ~10 small ops per layer. `decode_stack`
 (kernels/cpu/decode_stack_impl.h) runs the same ops in the same order in one parallel
-region. Prompt steps, bigger batches and other dtypes keep the per-op forward. With
+region (in bf16 it reads the projections' bf16 panel copies, as the per-op path does). Prompt
+steps, bigger batches and other dtypes keep the per-op forward. With
 `quantization` the projections that have 4- or 8-bit blocks (layers/block_quant.py) are read from
 them here too, by the same C kernel the per-op path calls.
 
@@ -26,7 +27,10 @@ MAX_ROWS = cpu_kernels.FEW_ROWS_MAX  # the few-rows matmul's limit
 
 def _projection_fits(p) -> bool:
     """fp32, and either blocks for every step the stack takes or a dense weight whose shape the
-    few-rows matmul takes (torch's int4 layout: neither)."""
+    few-rows matmul takes (torch's int4 layout: neither); or bf16 with its panel copy (what the
+    per-op path reads at every row count, so both give the same bits)."""
+    if p.weight.dtype == torch.bfloat16:
+        return p.quantized is None and p.prepacked.panels is not None
     if p.weight.dtype != torch.float32:
         return False
     if p.quantized is None:
@@ -65,7 +69,7 @@ class CpuDecodeStack:
 
     def takes(self, num_tokens: int, meta: AttentionMetadata, kv_caches: list[torch.Tensor]) -> bool:
         return (self.enabled and num_tokens <= MAX_ROWS and meta.num_decodes == meta.num_requests == num_tokens
-                and kv_caches[0].dtype == torch.float32)
+                and kv_caches[0].dtype == self.model.norm.weight.dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -89,7 +93,7 @@ class CpuDecodeStack:
             for layer in self.model.layers:
                 projections = (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
                                layer.mlp.down_proj)
-                layers.append([p.lora.c_layout() for p in projections])
+                layers.append([p.lora.c_layout(args.dtype) for p in projections])
             args.set_lora(layers, batch.rank)
             self._lora_version = batch.version
         args.set_lora_rows(batch.row_adapter)

@@ -46,13 +46,14 @@ def _decode_steps(recorder, rows: int):
     return [s for s in recorder.steps if s[3].num_decodes == s[3].num_requests == s[0].shape[0] == rows]
 
 
-@pytest.mark.parametrize("quantization", [None, "int4", "int8", "fp8"])
+@pytest.mark.parametrize("dtype, quantization", [("float32", None), ("float32", "int4"), ("float32", "int8"),
+                                                 ("float32", "fp8"), ("bfloat16", None)])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_stack_equals_the_per_op_path(arch, quantization, tiny_models):
+def test_stack_equals_the_per_op_path(arch, dtype, quantization, tiny_models):
     """Recorded decode steps rerun through both paths (each writes the same K/V into the same
-    slots): bit for bit at every row count, dense (the panel copies) or with 4- or 8-bit blocks
-    (both paths call the same matmul kernels)."""
-    llm = LLM(tiny_models(arch), dtype="float32", kernels="cpu", kv_cache_memory=16 << 20, quantization=quantization)
+    slots): bit for bit at every row count, dense (the fp32 or bf16 panel copies) or with 4- or
+    8-bit blocks (both paths call the same matmul kernels)."""
+    llm = LLM(tiny_models(arch), dtype=dtype, kernels="cpu", kv_cache_memory=16 << 20, quantization=quantization)
     model = llm.engine.core.executor.worker.runner.model
     # Dense projections have panel copies, read from PANEL_MIN_ROWS rows by both paths.
     assert all(p.prepacked.panels is not None for p in model.projections())
@@ -97,7 +98,8 @@ def test_stack_takes_only_the_steps_it_is_built_for(tiny_models):
     assert len(recorder.steps) > len(decodes)  # the prompt steps
     assert recorder.stack_calls == len([s for s in decodes if s[0].shape[0] == 2])
 
-    for kwargs in ({"kernels": "torch"}, {"dtype": "bfloat16"}, {"kernels": "torch", "quantization": "int4"},
+    for kwargs in ({"kernels": "torch"}, {"dtype": "bfloat16", "cpu_weight_prepack": False},
+                   {"kernels": "torch", "quantization": "int4"},
                    {"dtype": "bfloat16", "quantization": "int4"}, {"dtype": "bfloat16", "quantization": "int8"}):
         other = LLM(path, **{"dtype": "float32", "kv_cache_memory": 16 << 20, **kwargs})
         other_model = other.engine.core.executor.worker.runner.model

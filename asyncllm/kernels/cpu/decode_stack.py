@@ -71,7 +71,8 @@ class DecodeStackArgs:
                                           and shape.quant_bits in BLOCK_BITS), name
                 setattr(entry, f"{name}_quant", _ptr(blocks))
                 panels = tensors.get(f"{name}_panels")
-                assert panels is None or (panels.is_contiguous() and panels.dtype == torch.float32), name
+                panels_of = torch.float32 if self.dtype == torch.float32 else torch.int32  # pack_panels' layouts
+                assert panels is None or (panels.is_contiguous() and panels.dtype == panels_of), name
                 setattr(entry, f"{name}_panels", _ptr(panels))
             entry.k_cache, entry.v_cache = cache[0].data_ptr(), cache[1].data_ptr()
         self.block_size = kv_caches[0].shape[2]
@@ -86,12 +87,12 @@ class DecodeStackArgs:
         self._lora_index: torch.Tensor | None = None
 
     def set_lora(self, layers: list[list[tuple[torch.Tensor, torch.Tensor] | None]], rank: int) -> None:
-        """The step's adapters: per layer, per projection (PROJECTIONS order) the fp32 (a, b) of
-        decode_stack_impl.h's layout, or None where no adapter targets it."""
+        """The step's adapters: per layer, per projection (PROJECTIONS order) the (a, b) of
+        decode_stack_impl.h's layout in the stack's dtype, or None where no adapter targets it."""
         for entry, projections in zip(self._layers, layers):
             for i, pair in enumerate(projections):
                 if pair is not None:
-                    assert all(t.is_contiguous() and t.dtype == torch.float32 for t in pair)
+                    assert all(t.is_contiguous() and t.dtype == self.dtype for t in pair)
                 entry.lora_a[i], entry.lora_b[i] = (None, None) if pair is None else (pair[0].data_ptr(),
                                                                                       pair[1].data_ptr())
         self.struct.lora_rank = rank

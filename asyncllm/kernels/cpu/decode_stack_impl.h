@@ -14,14 +14,14 @@
 #define DECODE_STACK_TYPES
 /* One layer's tensors (element type T; NULL where the model has none). A projection with blocks
  * (quant_rows_impl.h, DecodeStack.quant_bits wide) is read from them instead of its dense weight;
- * else one with a panel copy (fp32: pack_panels_f32) is read from that in steps of at least
- * DecodeStack.panel_min_rows rows, as the per-op path does.
+ * else one with a panel copy (pack_panels_f32, or pack_panels_bf16's words in bf16) is read from
+ * that in steps of at least DecodeStack.panel_min_rows rows, as the per-op path does.
  * Mirrored by ctypes in cpu_kernels/decode_stack.py: keep the field order. */
 typedef struct {
     const void *input_norm, *qkv, *qkv_bias, *q_norm, *k_norm, *o, *post_norm, *gate_up, *gate_up_bias, *down,
         *down_bias;
     const uint8_t *qkv_quant, *o_quant, *gate_up_quant, *down_quant;
-    const float *qkv_panels, *o_panels, *gate_up_panels, *down_panels;
+    const void *qkv_panels, *o_panels, *gate_up_panels, *down_panels;
     void *k_cache, *v_cache; /* [num_blocks, block_size, kv_heads, head_dim] each */
     /* LoRA of the step's adapters per projection (qkv, o, gate_up, down; NULL: none targets it), T:
      * a [adapters, parts * lora_rank, in], b [adapters, lora_rank, out] (B^T, part p's columns with
@@ -45,28 +45,33 @@ typedef struct {
 
 static void panel_linear_for(const float *x, int64_t x_stride, int64_t rows, const float *packed, const float *bias,
                              float *out, int64_t n, int64_t k); /* panel_gemm_impl.h */
+static void panel_linear_bf16_for(const bf16_t *x, int64_t x_stride, int64_t rows, const uint32_t *packed,
+                                  const bf16_t *bias, bf16_t *out, int64_t n, int64_t k); /* panel_gemm_bf16_impl.h */
 #endif
 
 static inline void NAME(add_bias_row)(T *row, const T *bias, int64_t n) {
     for (int64_t i = 0; i < n; i++) row[i] = STORE(LOAD(row[i]) + LOAD(bias[i]));
 }
 
-/* out [rows, n] = x @ w^T from the `bits`-bit blocks when there are some, else from the panel
- * copy for steps of at least m->panel_min_rows rows (fp32 only), else from the dense weight. */
+/* out [rows, n] = x @ w^T (+ bias, or NULL) from the `bits`-bit blocks when there are some, else
+ * from the panel copy for steps of at least m->panel_min_rows rows, else from the dense weight.
+ * As the per-op path (layers/linear.py): the panel kernel adds the bias to its fp32 sums before
+ * the one rounding to T; the others' outputs get it added after (before any LoRA product). */
 static inline void NAME(project_for)(const DecodeStack *m, const T *x, int64_t x_stride, const void *dense,
-                                     const uint8_t *blocks, const float *panels, T *out, int64_t rows, int64_t n,
-                                     int64_t k) {
-#if !PANELS
-    (void)panels;
-#endif
+                                     const uint8_t *blocks, const void *panels, const T *bias, T *out, int64_t rows,
+                                     int64_t n, int64_t k) {
+    if (blocks == NULL && panels != NULL && rows >= m->panel_min_rows) {
+        PANEL_LINEAR_FOR(x, x_stride, rows, panels, bias, out, n, k);
+        return;
+    }
     if (blocks != NULL)
         NAME(quant_rows_for)(x, x_stride, blocks, (int)m->quant_bits, out, rows, n, k);
-#if PANELS
-    else if (panels != NULL && rows >= m->panel_min_rows)
-        panel_linear_for(x, x_stride, rows, panels, NULL, out, n, k);
-#endif
     else
         NAME(few_rows_for)(x, x_stride, dense, out, rows, n, k);
+    if (bias != NULL) {
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) NAME(add_bias_row)(out + r * n, bias, n);
+    }
 }
 
 /* out [rows, n] (row stride out_stride) += each row's LoRA product: for row r with adapter j =
@@ -174,13 +179,13 @@ void NAME(decode_stack)(const DecodeStack *m, T *h, int64_t rows, const int64_t 
                     NAME(rms_norm_row)(hr, rr, rr, xr, layer->input_norm, hidden, eps);
                 }
             }
-            NAME(project_for)(m, x, hidden, layer->qkv, layer->qkv_quant, layer->qkv_panels, qkv, rows, qkv_n, hidden);
+            NAME(project_for)(m, x, hidden, layer->qkv, layer->qkv_quant, layer->qkv_panels, layer->qkv_bias, qkv, rows,
+                              qkv_n, hidden);
             if (lora_s != NULL && layer->lora_a[0] != NULL)
                 NAME(layer_lora)(m, layer, 0, x, hidden, rows, 3, qkv_ends, qkv, qkv_n, qkv_n, hidden, lora_s);
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < rows; r++) {
                 T *q = qkv + r * qkv_n, *k = q + q_size, *v = k + kv_size;
-                if (layer->qkv_bias != NULL) NAME(add_bias_row)(q, layer->qkv_bias, qkv_n);
                 if (layer->q_norm != NULL) {
                     for (int64_t i = 0; i < heads; i++)
                         NAME(rms_norm_row)(q + i * dim, NULL, NULL, q + i * dim, layer->q_norm, dim, eps);
@@ -196,31 +201,27 @@ void NAME(decode_stack)(const DecodeStack *m, T *h, int64_t rows, const int64_t 
             NAME(decode_attention_for)(qkv, qkv_n, layer->k_cache, layer->v_cache, block_tables, bt_stride, seq_lens,
                                        attn, rows, heads, kv_heads, dim, m->block_size, scale, m->window,
                                        heads_per_task, qf, acc, probs);
-            NAME(project_for)(m, attn, q_size, layer->o, layer->o_quant, layer->o_panels, h, rows, hidden, q_size);
+            NAME(project_for)(m, attn, q_size, layer->o, layer->o_quant, layer->o_panels, NULL, h, rows, hidden, q_size);
             if (lora_s != NULL && layer->lora_a[1] != NULL)
                 NAME(layer_lora)(m, layer, 1, attn, q_size, rows, 1, o_ends, h, hidden, hidden, q_size, lora_s);
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < rows; r++)
                 NAME(rms_norm_row)(h + r * hidden, residual + r * hidden, residual + r * hidden, x + r * hidden,
                                    layer->post_norm, hidden, eps);
-            NAME(project_for)(m, x, hidden, layer->gate_up, layer->gate_up_quant, layer->gate_up_panels, gate_up, rows,
-                              2 * inter, hidden);
+            NAME(project_for)(m, x, hidden, layer->gate_up, layer->gate_up_quant, layer->gate_up_panels,
+                              layer->gate_up_bias, gate_up, rows, 2 * inter, hidden);
             if (lora_s != NULL && layer->lora_a[2] != NULL)
                 NAME(layer_lora)(m, layer, 2, x, hidden, rows, 2, gate_up_ends, gate_up, 2 * inter, 2 * inter, hidden,
                                  lora_s);
 #pragma omp for schedule(static)
             for (int64_t r = 0; r < rows; r++) {
                 T *gu = gate_up + r * 2 * inter;
-                if (layer->gate_up_bias != NULL) NAME(add_bias_row)(gu, layer->gate_up_bias, 2 * inter);
                 NAME(silu_and_mul_row)(gu, gu + inter, act + r * inter, inter);
             }
-            NAME(project_for)(m, act, inter, layer->down, layer->down_quant, layer->down_panels, h, rows, hidden, inter);
+            NAME(project_for)(m, act, inter, layer->down, layer->down_quant, layer->down_panels, layer->down_bias, h,
+                              rows, hidden, inter);
             if (lora_s != NULL && layer->lora_a[3] != NULL)
                 NAME(layer_lora)(m, layer, 3, act, inter, rows, 1, o_ends, h, hidden, hidden, inter, lora_s);
-            if (layer->down_bias != NULL) {
-#pragma omp for schedule(static)
-                for (int64_t r = 0; r < rows; r++) NAME(add_bias_row)(h + r * hidden, layer->down_bias, hidden);
-            }
         }
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++)

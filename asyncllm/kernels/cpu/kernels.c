@@ -10,9 +10,9 @@
  *
  * kernels_impl.h is included once per element type (float and bf16) with T/LOAD/STORE set, and
  * after it decode_stack_impl.h: the whole decoder of a 1-8-row decode step in one call.
- * panel_gemm_impl.h (fp32 only, included once): the matmul of steps of 3 rows and more (the
- * decode stack calls it too, hence PANELS: 1 in the fp32 instantiation); panel_gemm_bf16_impl.h:
- * the bf16 matmul of steps of any size on the same tiles, batch-invariant; after them
+ * panel_gemm_impl.h (fp32, included once): the matmul of steps of any size against packed panels,
+ * and panel_gemm_bf16_impl.h the bf16 one on the same tiles (the decode stack calls them too:
+ * PANEL_LINEAR_FOR); after them
  * prefill_attention_impl.h: prompt attention on the same register tiles (fp32 or bf16 in and out).
  */
 #include <math.h>
@@ -186,7 +186,7 @@ static inline int64_t max_seq_len(const int64_t *seq_lens, int64_t seqs) {
 #define LOAD16 load16_f32
 #define LOAD(p) (p)
 #define STORE(x) (x)
-#define PANELS 1 /* decode_stack may read panel copies (fp32 only) */
+#define PANEL_LINEAR_FOR panel_linear_for /* decode_stack's matmul on panel copies */
 #include "kernels_impl.h"
 #include "quant_rows_impl.h"
 #include "decode_stack_impl.h"
@@ -195,14 +195,14 @@ static inline int64_t max_seq_len(const int64_t *seq_lens, int64_t seqs) {
 #undef LOAD
 #undef STORE
 #undef LOAD16
-#undef PANELS
+#undef PANEL_LINEAR_FOR
 
 #define T bf16_t
 #define SUFFIX bf16
 #define LOAD16 load16_bf16
 #define LOAD(p) bf16_to_float(p)
 #define STORE(x) float_to_bf16(x)
-#define PANELS 0
+#define PANEL_LINEAR_FOR panel_linear_bf16_for
 #include "kernels_impl.h"
 #include "quant_rows_impl.h"
 #include "decode_stack_impl.h"
@@ -211,7 +211,7 @@ static inline int64_t max_seq_len(const int64_t *seq_lens, int64_t seqs) {
 #undef LOAD
 #undef STORE
 #undef LOAD16
-#undef PANELS
+#undef PANEL_LINEAR_FOR
 #undef NAME
 #undef CONCAT
 #undef CONCAT_

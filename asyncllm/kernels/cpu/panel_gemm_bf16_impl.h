@@ -114,11 +114,11 @@ static inline __attribute__((always_inline)) void bf16_panel_rows(
 
 /* out [rows, n] = x [rows, k] (rows `x_stride` apart) @ w^T (+ bias [n] or NULL), bf16 in and out,
  * w packed by pack_panels_bf16. The threads share out the panels; rows go in chunks of
- * PANEL_CHUNK_ROWS (panel_linear_f32's schedule). */
-void panel_linear_bf16(const bf16_t *x, int64_t x_stride, int64_t rows, const uint32_t *packed, const bf16_t *bias,
-                       bf16_t *out, int64_t n, int64_t k, int num_threads) {
+ * PANEL_CHUNK_ROWS (panel_linear_for's schedule). An orphaned `omp for`, as panel_linear_for:
+ * decode_stack runs it inside its own region. */
+static void panel_linear_bf16_for(const bf16_t *x, int64_t x_stride, int64_t rows, const uint32_t *packed,
+                                  const bf16_t *bias, bf16_t *out, int64_t n, int64_t k) {
     const int64_t panels = (n + PANEL_WIDTH - 1) / PANEL_WIDTH, pairs = k / 2, panel_words = pairs * PANEL_WIDTH;
-#pragma omp parallel num_threads(num_threads)
     for (int64_t m0 = 0; m0 < rows; m0 += PANEL_CHUNK_ROWS) {
         int64_t chunk = rows - m0 < PANEL_CHUNK_ROWS ? rows - m0 : PANEL_CHUNK_ROWS;
 #pragma omp for schedule(static)
@@ -130,4 +130,10 @@ void panel_linear_bf16(const bf16_t *x, int64_t x_stride, int64_t rows, const ui
                             out + m0 * n + p * PANEL_WIDTH, n, pairs, cols, next);
         }
     }
+}
+
+void panel_linear_bf16(const bf16_t *x, int64_t x_stride, int64_t rows, const uint32_t *packed, const bf16_t *bias,
+                       bf16_t *out, int64_t n, int64_t k, int num_threads) {
+#pragma omp parallel num_threads(num_threads)
+    panel_linear_bf16_for(x, x_stride, rows, packed, bias, out, n, k);
 }
