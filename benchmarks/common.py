@@ -133,14 +133,22 @@ def variant_name(args) -> str:
 
 
 def measure_fp32_gflops() -> float:
-    """This machine's fp32 matmul throughput now (the compute bound of batched decoding): the faster
-    of torch's matmul and asyncllm's own panel GEMM (which the engine uses for big fp32 steps; on
-    AMD CPUs MKL's sgemm is well below it, and a bound from torch alone would not be one)."""
+    """This machine's fp32 matmul throughput now (see measure_matmul_gflops)."""
+    import torch
+
+    return measure_matmul_gflops(torch.float32)
+
+
+def measure_matmul_gflops(dtype) -> float:
+    """This machine's matmul throughput in `dtype` (fp32 or bf16) now, the compute bound of batched
+    decoding and prompts: the faster of torch's matmul (MKL / oneDNN) and asyncllm's own panel GEMM
+    (which the engine uses; on AMD CPUs MKL's sgemm is well below it, and a bound from torch alone
+    would not be one)."""
     import torch
 
     from asyncllm.kernels import cpu as cpu_kernels
 
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a, b = torch.randn(1024, 1024).to(dtype), torch.randn(1024, 1024).to(dtype)
     candidates = [lambda: a @ b]
     if cpu_kernels.build_error() is None and cpu_kernels.panel_weight_supported(b):
         panels = cpu_kernels.pack_panels(b)

@@ -1,8 +1,9 @@
 """Greedy output that does not depend on how a request was scheduled (issue 26), in bf16 (what
 dtype="auto" picks on AVX-512-BF16 and AMX CPUs) and fp32, on the default model with the C
 kernels: tokens and logprobs bit-equal between a request alone and in a batch of 16 or 64, its
-prompt whole or chunked at two budgets, its prefix computed or read from the prefix cache, and
-a run with preemptions (recomputed prompts) against one without.
+prompt whole or chunked at two budgets, its prefix computed or read from the prefix cache, a run
+with preemptions (recomputed prompts) against one without, and n-gram speculative decoding
+against plain decoding.
 
 Why it holds: every projection reads one panel kernel at every row count (one reduction order
 per output: panel_gemm_impl.h, panel_gemm_bf16_impl.h), and prompt attention gives a query row
@@ -87,5 +88,18 @@ def test_preemption(batched):
     try:
         assert _results(llm.generate(prompts, GREEDY, use_tqdm=False)) == want
         assert llm.engine.core.scheduler.num_preemptions > 0
+    finally:
+        llm.engine.shutdown()
+
+
+def test_speculative_decoding(batched):
+    """n-gram proposals verified as decode rows of their sequence: plain decoding's tokens and
+    logprobs, bit for bit (in bf16 too), with proposals accepted along the way."""
+    dtype, prompts, want, _ = batched
+    llm = LLM(dtype=dtype, enable_prefix_caching=False, kv_cache_memory=64 << 20,
+              speculative_config={"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3})
+    try:
+        assert _results(llm.generate(prompts, GREEDY, use_tqdm=False)) == want
+        assert llm.engine.core.num_accepted_tokens > 0
     finally:
         llm.engine.shutdown()
