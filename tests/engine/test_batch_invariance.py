@@ -1,6 +1,6 @@
 """Greedy output that does not depend on how a request was scheduled (issue 26), in bf16 (what
-dtype="auto" picks on AVX-512-BF16 and AMX CPUs) and fp32, on the default model with the C
-kernels: tokens and logprobs bit-equal between a request alone and in a batch of 16 or 64, its
+dtype="auto" picks on AVX-512-BF16 CPUs; not on AMX ones, where bf16 keeps oneDNN's tiles) and
+fp32, on the default model with the C kernels: tokens and logprobs bit-equal between a request alone and in a batch of 16 or 64, its
 prompt whole or chunked at two budgets, its prefix computed or read from the prefix cache, a run
 with preemptions (recomputed prompts) against one without, and n-gram speculative decoding
 against plain decoding.
@@ -16,6 +16,15 @@ from asyncllm import LLM, SamplingParams
 from helpers import needs_c_kernels
 
 pytestmark = needs_c_kernels
+
+
+def _dtypes() -> list:
+    """bf16 where the C kernels serve it (not on AMX CPUs: cpu_kernels.bf16_kernels_serve), fp32 everywhere."""
+    from asyncllm.kernels import cpu as cpu_kernels
+
+    bf16 = pytest.param("bfloat16", marks=pytest.mark.skipif(
+        not cpu_kernels.bf16_kernels_serve(), reason="on AMX CPUs bf16 keeps oneDNN's tiles and SDPA"))
+    return [bf16, "float32"]
 
 GREEDY = SamplingParams(max_tokens=20, temperature=0, logprobs=1, ignore_eos=True)
 
@@ -34,7 +43,7 @@ def _results(outputs) -> list[tuple[list[int], list[dict]]]:
             for o in outputs]
 
 
-@pytest.fixture(scope="module", params=["bfloat16", "float32"])
+@pytest.fixture(scope="module", params=_dtypes())
 def batched(request):
     """(dtype, 16 prompts, their results in one batch of 16 on a cache-less engine, that engine)."""
     llm = LLM(dtype=request.param, enable_prefix_caching=False, kv_cache_memory=64 << 20, max_num_seqs=64)

@@ -317,18 +317,24 @@ def test_bf16_panels_equal_an_fp32_chain_of_pair_products_and_ignore_the_row_cou
     assert torch.equal(alone, got)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_packs_panels_for_the_c_kernels(dtype, monkeypatch):
-    """With kernels="cpu" an fp32 or bf16 Linear packs column panels and sends steps of every row
-    count to panel_linear (one reduction order per output: batch-invariant)."""
+@pytest.mark.parametrize("dtype, amx", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False),
+                                        (torch.bfloat16, True)])
+def test_linear_packs_panels_for_the_c_kernels(dtype, amx, monkeypatch):
+    """With kernels="cpu" an fp32 Linear, and a bf16 one without AMX, packs column panels and sends
+    steps of every row count to panel_linear (one reduction order per output: batch-invariant); bf16
+    on AMX CPUs keeps oneDNN's packed copy (cpu_kernels.bf16_kernels_serve)."""
     from asyncllm.model.layers.linear import Linear, prepack_supported
 
+    monkeypatch.setattr(cpu_kernels, "cpu_has_amx", lambda: amx)
+    panels = dtype == torch.float32 or not amx
+    if not panels and not prepack_supported(torch.device("cpu"), dtype):
+        pytest.skip("oneDNN cannot pack bf16 here (an AVX2-only CPU; AMX ones can)")
     assert prepack_supported(torch.device("cpu"), dtype, Ops("cpu"))
     torch.manual_seed(0)
     layer = Linear(64, 96, bias=True, ops=Ops("cpu")).to(dtype)
     layer.pack()
     assert layer.prepacked.is_packed
-    assert layer.prepacked.panels is not None and layer.prepacked.packed is None
+    assert (layer.prepacked.panels is not None) == panels and (layer.prepacked.packed is not None) == (not panels)
     calls = []
     real = cpu_kernels.panel_linear
     monkeypatch.setattr(cpu_kernels, "panel_linear", lambda *a: calls.append(a) or real(*a))
@@ -337,4 +343,4 @@ def test_linear_packs_panels_for_the_c_kernels(dtype, monkeypatch):
         for rows in (1, 5, 9, 40):
             x = torch.randn(rows, 64, dtype=dtype)
             torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), **tolerance)
-    assert len(calls) == 4  # 1, 5, 9 and 40 rows
+    assert len(calls) == (4 if panels else 0)  # 1, 5, 9 and 40 rows

@@ -99,6 +99,7 @@ def test_bf16_prompts_stay_as_close_to_exact_as_sdpa(window, monkeypatch):
     heads, kv_heads, dim = 9, 3, 64
     q, k, v, cache, meta = _step([70, 7, 33], [70, 7 + 40, 33 + 16], 0, heads, kv_heads, dim, seed=5)
     q, k, v, cache = (t.bfloat16() for t in (q, k, v, cache))
+    monkeypatch.setattr(cpu_kernels, "prefill_attention_takes", lambda dtype: True)  # AMX CPUs too
     got, got_cache = _run(CpuAttentionBackend, q, k, v, cache, meta, heads, kv_heads, dim, window)
     sdpa, _ = _run(TorchAttentionBackend, q, k, v, cache, meta, heads, kv_heads, dim, window)
     exact, _ = _run(TorchAttentionBackend, q.double(), k.double(), v.double(), cache.double(), meta, heads, kv_heads,
@@ -109,17 +110,20 @@ def test_bf16_prompts_stay_as_close_to_exact_as_sdpa(window, monkeypatch):
     assert got_error.mean() <= (sdpa.double() - exact).abs().mean() * 1.05
 
 
-def test_bf16_prompts_take_the_c_kernel(monkeypatch):
-    """On every CPU, AMX ones too: only the C kernel gives a prompt row a decode step's bits."""
+@pytest.mark.parametrize("amx", [False, True])
+def test_bf16_prompts_take_the_c_kernel_only_without_amx(amx, monkeypatch):
+    """Without AMX bf16 prompts take the C kernel (a decode step's bits); AMX CPUs keep torch's SDPA
+    on the tiles, which ours was not measured against (cpu_kernels.bf16_kernels_serve)."""
+    monkeypatch.setattr(cpu_kernels, "cpu_has_amx", lambda: amx)
     assert cpu_kernels.prefill_attention_takes(torch.float32)
-    assert cpu_kernels.prefill_attention_takes(torch.bfloat16)
+    assert cpu_kernels.prefill_attention_takes(torch.bfloat16) == (not amx)
     assert not cpu_kernels.prefill_attention_takes(torch.float16)
     calls = []
     real = cpu_kernels.prefill_attention
     monkeypatch.setattr(cpu_kernels, "prefill_attention", lambda *a: calls.append(a) or real(*a))
     q, k, v, cache, meta = _step([20], [20], 0, 4, 2, 16)
     out, _ = _run(CpuAttentionBackend, q.bfloat16(), k.bfloat16(), v.bfloat16(), cache.bfloat16(), meta, 4, 2, 16, None)
-    assert out.dtype == torch.bfloat16 and len(calls) == 1
+    assert out.dtype == torch.bfloat16 and len(calls) == (0 if amx else 1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import torch
 
-from asyncllm.kernels.cpu.library import KernelBuildError, build_error, load_library
+from asyncllm.kernels.cpu.library import KernelBuildError, build_error, cpu_has_amx, load_library
 
 __all__ = ["KernelBuildError", "build_error", "supports", "rms_norm", "rotary_", "silu_and_mul", "write_kv_cache",
            "paged_decode_attention", "few_rows_supported", "few_rows_weight_supported", "linear_few_rows",
            "FEW_ROWS_MAX", "linear_quant_rows", "quantize_blocks", "panel_linear_blocks", "panel_weight_supported",
-           "pack_panels", "panels_dtype", "panel_linear", "panel_linear_silu", "PANEL_MIN_ROWS", "prefill_attention", "prefill_attention_takes", "lora_rows",
+           "pack_panels", "panels_dtype", "bf16_kernels_serve", "panel_linear", "panel_linear_silu", "PANEL_MIN_ROWS", "prefill_attention", "prefill_attention_takes", "lora_rows",
            "LoRARows"]
 
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
@@ -207,12 +207,20 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     return out
 
 
+def bf16_kernels_serve() -> bool:
+    """Whether bf16 models take the C kernels' bf16 panel GEMM and prompt attention (batch-invariant,
+    issue 26) rather than oneDNN's packed weights and torch's SDPA: everywhere but on AMX CPUs, where
+    oneDNN and SDPA run on the tiles and ours (no AMX tile kernel yet) were never measured against
+    them; there bf16 keeps the measured torch path, and is not batch-invariant."""
+    return not cpu_has_amx()
+
+
 def prefill_attention_takes(dtype: torch.dtype) -> bool:
-    """Whether prompt attention in this dtype goes to prefill_attention: fp32 and bf16 (measured on
-    AVX-512-BF16 without AMX: 2x torch's bf16 SDPA). On AMX CPUs too, unmeasured against torch's
-    tile kernel: only this kernel gives a prompt row the bits a decode step gives it, which keeps
-    greedy output independent of chunking, the prefix cache and preemption (issue 26)."""
-    return dtype in (torch.float32, torch.bfloat16)
+    """Whether prompt attention in this dtype goes to prefill_attention: fp32 always; bf16 where
+    bf16_kernels_serve (measured on AVX-512-BF16 without AMX: 2x torch's bf16 SDPA). Only this
+    kernel gives a prompt row the bits a decode step gives it, which keeps greedy output
+    independent of chunking, the prefix cache and preemption."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and bf16_kernels_serve())
 
 
 def prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,

@@ -100,14 +100,7 @@ static inline __attribute__((always_inline)) void bf16_panel_rows(
         const uint32_t *ahead = next + pass * share;
 #define BF16_TILE_CASE(R) \
     case R: bf16_panel_tile(xm, x_stride, panel, bias, om, out_stride, pairs, cols, ahead, share, R); break;
-        switch (left) {
-            BF16_TILE_CASE(1) BF16_TILE_CASE(2) BF16_TILE_CASE(3) BF16_TILE_CASE(4)
-            BF16_TILE_CASE(5) BF16_TILE_CASE(6)
-#if PANEL_ROWS == 8
-            BF16_TILE_CASE(7) BF16_TILE_CASE(8)
-#endif
-            default: break;
-        }
+        PANEL_ROWS_SWITCH(left, BF16_TILE_CASE)
 #undef BF16_TILE_CASE
     }
 }

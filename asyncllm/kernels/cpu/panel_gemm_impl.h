@@ -96,20 +96,23 @@ static inline __attribute__((always_inline)) void panel_tile(
     }
 }
 
-/* panel_tile for 1..PANEL_ROWS rows, each count a compile-time constant (its own unrolled code). */
+/* switch (rows) with CASE(R) for R = 1..PANEL_ROWS: each row count a compile-time constant of a
+ * tile function (its own unrolled code). */
+#if PANEL_ROWS == 8
+#define PANEL_ROWS_SWITCH(rows, CASE) \
+    switch (rows) { CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8) default: break; }
+#else
+#define PANEL_ROWS_SWITCH(rows, CASE) \
+    switch (rows) { CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) default: break; }
+#endif
+
+/* panel_tile for 1..PANEL_ROWS rows. */
 static inline __attribute__((always_inline)) void panel_tile_rows(
         const float *x, int64_t x_stride, const float *panel, const float *bias, float *out, int64_t out_stride,
         int64_t k, int64_t cols, const float *next, int64_t share, int64_t rows) {
 #define PANEL_TILE_CASE(R) \
     case R: panel_tile(x, x_stride, panel, bias, out, out_stride, k, cols, next, share, R); break;
-    switch (rows) {
-        PANEL_TILE_CASE(1) PANEL_TILE_CASE(2) PANEL_TILE_CASE(3) PANEL_TILE_CASE(4)
-        PANEL_TILE_CASE(5) PANEL_TILE_CASE(6)
-#if PANEL_ROWS == 8
-        PANEL_TILE_CASE(7) PANEL_TILE_CASE(8)
-#endif
-        default: break;
-    }
+    PANEL_ROWS_SWITCH(rows, PANEL_TILE_CASE)
 #undef PANEL_TILE_CASE
 }
 
