@@ -1,7 +1,7 @@
 """Greedy output that does not depend on how a request was scheduled (issue 26), in bf16 (what
 dtype="auto" picks on AVX-512-BF16 CPUs; not on AMX ones, where bf16 keeps oneDNN's tiles) and
-fp32, on the default model with the C kernels: tokens and logprobs bit-equal between a request alone and in a batch of 16 or 64, its
-prompt whole or chunked at two budgets, its prefix computed or read from the prefix cache, a run
+fp32, on the default model with the C kernels: tokens and logprobs bit-equal between a request
+alone and in a batch of 16 or 64, its prompt whole or chunked at two budgets, its prefix computed or read from the prefix cache, a run
 with preemptions (recomputed prompts) against one without, and n-gram speculative decoding
 against plain decoding.
 

@@ -13,7 +13,8 @@
  * panel_gemm_impl.h (fp32, included once): the matmul of steps of any size against packed panels,
  * and panel_gemm_bf16_impl.h the bf16 one on the same tiles (the decode stack calls them too:
  * PANEL_LINEAR_FOR); after them
- * prefill_attention_impl.h: prompt attention on the same register tiles (fp32 or bf16 in and out).
+ * prefill_attention_impl.h: prompt attention (decode attention's scores and softmax, P @ V on the
+ * panel tiles; fp32 or bf16 in and out).
  */
 #include <math.h>
 #if defined(__AVX512F__) || defined(__FMA__)

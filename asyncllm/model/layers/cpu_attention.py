@@ -1,7 +1,8 @@
 """Attention backend on the C kernels (asyncllm/kernels/cpu): the KV write, batched decode
 attention and prompt attention read and write the paged cache where it lies, with no gathered
 copies and no KV heads repeated per query head (fp32 and bf16; prompt attention computes in fp32
-either way, a row's result the same bits as a decode step's: cpu_kernels.prefill_attention_takes).
+either way, a row's result the same bits as a decode step's; bf16 prompts on AMX CPUs keep
+torch's SDPA: cpu_kernels.prefill_attention_takes).
 Selected on the CPU (kernels="auto"); dtypes the kernels lack (fp16) take the torch backend's
 code, and so do soft-capped layers (Gemma 2: the C kernels have no cap)."""
 from __future__ import annotations

@@ -16,8 +16,8 @@ row it matches MKL's gemv on Intel and beats it 2.5-3.3x on AMD EPYC, where MKL'
 
 In bf16 with the C kernels every step, one row or a thousand, uses `panel_linear` on bf16 panels
 (panel_gemm_bf16_impl.h: vdpbf16ps where the CPU has it, fp32 accumulation; not on AMX CPUs,
-whose oneDNN tile path was not measured against it: cpu_kernels.bf16_kernels_serve): one reduction order
-per output whatever the rows, so greedy bf16 output no longer depends on the batch or the
+whose oneDNN tile path was not measured against it: cpu_kernels.bf16_kernels_serve): one
+reduction order per output whatever the rows, so greedy bf16 output no longer depends on the batch or the
 chunking (issue 26), and on AVX-512-BF16 it ran the default model's projection and logits
 shapes 1.4x / 1.6x / 1.2x faster than oneDNN's packed bf16 at 1 / 8 / 64 rows, 0.96-0.98x at
 512-1024.
