@@ -132,13 +132,6 @@ def variant_name(args) -> str:
             + ("-only" if args.quantized_weights_only else ""))
 
 
-def measure_fp32_gflops() -> float:
-    """This machine's fp32 matmul throughput now (see measure_matmul_gflops)."""
-    import torch
-
-    return measure_matmul_gflops(torch.float32)
-
-
 def measure_matmul_gflops(dtype) -> float:
     """This machine's matmul throughput in `dtype` (fp32 or bf16) now, the compute bound of batched
     decoding and prompts: the faster of torch's matmul (MKL / oneDNN) and asyncllm's own panel GEMM

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from common import (Timer, add_variant_args, hf_generate_seconds, load_transformers,  # noqa: E402
-                    measure_fp32_gflops, measure_matmul_gflops, publish, pydoc_prompts, variant_name,
+                    measure_matmul_gflops, publish, pydoc_prompts, variant_name,
                     engine_variant)
 
 
@@ -37,7 +37,7 @@ def main(argv=None) -> dict:
 
     from asyncllm import LLM, SamplingParams
 
-    gflops = measure_fp32_gflops()
+    gflops = measure_matmul_gflops(torch.float32)
     with Timer() as load:
         # An offline batch job takes its KV cache up front, as vLLM's LLM does (its load time below
         # includes that); lazily mapped, this run's first steps page-fault ~750 MB of cache in.

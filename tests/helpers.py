@@ -16,6 +16,18 @@ def _c_kernels_build() -> bool:
 # What exists only with the C kernels (their block layouts): skipped where gcc cannot build them.
 needs_c_kernels = pytest.mark.skipif(not _c_kernels_build(), reason="the C kernels do not build here")
 
+
+def _bf16_c_kernels_serve() -> bool:
+    from asyncllm.kernels import cpu as cpu_kernels
+
+    return cpu_kernels.bf16_kernels_serve()
+
+
+# What bf16 has only where the C kernels' bf16 panels and prompt attention serve it (batch
+# invariance, the one-call decoder): not on AMX CPUs, where bf16 keeps oneDNN's tiles and SDPA.
+needs_bf16_c_kernels = pytest.mark.skipif(not _bf16_c_kernels_serve(),
+                                          reason="on AMX CPUs bf16 keeps oneDNN's tiles and SDPA: no bf16 panels")
+
 TINY_COMMON = dict(
     vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.1, rms_norm_eps=1e-6,

@@ -1,9 +1,9 @@
 """Greedy output that does not depend on how a request was scheduled (issue 26), in bf16 (what
 dtype="auto" picks on AVX-512-BF16 CPUs; not on AMX ones, where bf16 keeps oneDNN's tiles) and
 fp32, on the default model with the C kernels: tokens and logprobs bit-equal between a request
-alone and in a batch of 16 or 64, its prompt whole or chunked at two budgets, its prefix computed or read from the prefix cache, a run
-with preemptions (recomputed prompts) against one without, and n-gram speculative decoding
-against plain decoding.
+alone and in a batch of 16 or 64, its prompt whole or chunked at two budgets, its prefix
+computed or read from the prefix cache, a run with preemptions (recomputed prompts) against one
+without, and n-gram speculative decoding against plain decoding.
 
 Why it holds: every projection reads one panel kernel at every row count (one reduction order
 per output: panel_gemm_impl.h, panel_gemm_bf16_impl.h), and prompt attention gives a query row
@@ -13,18 +13,9 @@ from __future__ import annotations
 import pytest
 
 from asyncllm import LLM, SamplingParams
-from helpers import needs_c_kernels
+from helpers import needs_bf16_c_kernels, needs_c_kernels
 
 pytestmark = needs_c_kernels
-
-
-def _dtypes() -> list:
-    """bf16 where the C kernels serve it (not on AMX CPUs: cpu_kernels.bf16_kernels_serve), fp32 everywhere."""
-    from asyncllm.kernels import cpu as cpu_kernels
-
-    bf16 = pytest.param("bfloat16", marks=pytest.mark.skipif(
-        not cpu_kernels.bf16_kernels_serve(), reason="on AMX CPUs bf16 keeps oneDNN's tiles and SDPA"))
-    return [bf16, "float32"]
 
 GREEDY = SamplingParams(max_tokens=20, temperature=0, logprobs=1, ignore_eos=True)
 
@@ -43,7 +34,7 @@ def _results(outputs) -> list[tuple[list[int], list[dict]]]:
             for o in outputs]
 
 
-@pytest.fixture(scope="module", params=_dtypes())
+@pytest.fixture(scope="module", params=[pytest.param("bfloat16", marks=needs_bf16_c_kernels), "float32"])
 def batched(request):
     """(dtype, 16 prompts, their results in one batch of 16 on a cache-less engine, that engine)."""
     llm = LLM(dtype=request.param, enable_prefix_caching=False, kv_cache_memory=64 << 20, max_num_seqs=64)

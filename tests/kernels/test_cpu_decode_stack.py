@@ -6,7 +6,6 @@ import torch
 
 import helpers
 from asyncllm import LLM, SamplingParams
-from asyncllm.kernels import cpu as cpu_kernels
 from asyncllm.model.cpu_decode import MAX_ROWS
 
 pytestmark = pytest.mark.timeout(600)
@@ -49,8 +48,7 @@ def _decode_steps(recorder, rows: int):
 
 @pytest.mark.parametrize("dtype, quantization", [
     ("float32", None), ("float32", "int4"), ("float32", "int8"), ("float32", "fp8"),
-    pytest.param("bfloat16", None, marks=pytest.mark.skipif(
-        not cpu_kernels.bf16_kernels_serve(), reason="on AMX CPUs bf16 keeps oneDNN's tiles: no bf16 panels"))])
+    pytest.param("bfloat16", None, marks=helpers.needs_bf16_c_kernels)])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_stack_equals_the_per_op_path(arch, dtype, quantization, tiny_models):
     """Recorded decode steps rerun through both paths (each writes the same K/V into the same

@@ -60,6 +60,7 @@ class DecodeStackArgs:
         self._keep = (layers, final_norm, cos, sin, kv_caches)
         self.kv_caches = kv_caches
         self._layers = (DecodeLayer * len(layers))()
+        panels_of = torch.float32 if self.dtype == torch.float32 else torch.int32  # pack_panels' layouts
         for entry, tensors, cache in zip(self._layers, layers, kv_caches):
             for name in LAYER_TENSORS:
                 tensor = tensors.get(name)
@@ -71,7 +72,6 @@ class DecodeStackArgs:
                                           and shape.quant_bits in BLOCK_BITS), name
                 setattr(entry, f"{name}_quant", _ptr(blocks))
                 panels = tensors.get(f"{name}_panels")
-                panels_of = torch.float32 if self.dtype == torch.float32 else torch.int32  # pack_panels' layouts
                 assert panels is None or (panels.is_contiguous() and panels.dtype == panels_of), name
                 setattr(entry, f"{name}_panels", _ptr(panels))
             entry.k_cache, entry.v_cache = cache[0].data_ptr(), cache[1].data_ptr()

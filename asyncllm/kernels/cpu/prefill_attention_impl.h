@@ -154,15 +154,19 @@ static void prefill_attend_tile(const void *q, int64_t q_stride, int bf16, int64
             int64_t lo = prefill_first_key(ctx + m0, window) - kbase, hi = ctx + m0 + rows - kbase;
             const float *x = qh + (m0 - r0) * width;
             float *out_rows = oh + (m0 - r0) * width;
+            int64_t first[PANEL_ROWS], last[PANEL_ROWS]; /* each row's keys: [first, last) */
+            for (int64_t i = 0; i < rows; i++) {
+                first[i] = prefill_first_key(ctx + m0 + i, window) - kbase;
+                last[i] = ctx + m0 + i + 1 - kbase;
+            }
             /* Each row's scale * q @ K^T over the keys it sees, as decode attention computes it
              * (block_scores_f32: each key's score on its own, so splitting the keys changes no
              * bit), PREFILL_SCORE_KEYS keys at a time for all the rows, so those keys stay in L1
              * (row by row over all the keys took 1.6x as long at 2k tokens). */
             for (int64_t t0 = lo; t0 < hi; t0 += PREFILL_SCORE_KEYS)
                 for (int64_t i = 0; i < rows; i++) {
-                    int64_t first = prefill_first_key(ctx + m0 + i, window) - kbase, last = ctx + m0 + i + 1 - kbase;
-                    int64_t a = first > t0 ? first : t0, z = t0 + PREFILL_SCORE_KEYS;
-                    z = last < z ? last : z;
+                    int64_t a = first[i] > t0 ? first[i] : t0, z = t0 + PREFILL_SCORE_KEYS;
+                    z = last[i] < z ? last[i] : z;
                     if (a < z)
                         block_scores_f32(x + i * width, kr, a, z, 0, 1, 1, dim, dim, scale, scores + i * stride, 0,
                                          NULL, 0);
@@ -171,10 +175,9 @@ static void prefill_attend_tile(const void *q, int64_t q_stride, int bf16, int64
              * the other keys the tile spans. */
             for (int64_t i = 0; i < rows; i++) {
                 float *row = scores + i * stride;
-                int64_t first = prefill_first_key(ctx + m0 + i, window) - kbase, last = ctx + m0 + i + 1 - kbase;
-                softmax_row(row + first, last - first);
-                for (int64_t j = lo; j < first; j++) row[j] = 0.0f;
-                for (int64_t j = last; j < hi; j++) row[j] = 0.0f;
+                softmax_row(row + first[i], last[i] - first[i]);
+                for (int64_t j = lo; j < first[i]; j++) row[j] = 0.0f;
+                for (int64_t j = last[i]; j < hi; j++) row[j] = 0.0f;
             }
             /* out = P @ V over [lo, hi) */
 #if VALUE_TILE
@@ -236,7 +239,7 @@ int64_t prefill_attention(const void *q, int64_t q_stride, const void *k_cache, 
         knum[b] = seq_lens[b] - kbase[b];
         num_jobs += (knum[b] + PREFILL_PACK_KEYS - 1) / PREFILL_PACK_KEYS;
         koff[b] = floats;
-        floats += (knum[b] + PANEL_WIDTH - 1) / PANEL_WIDTH * PANEL_WIDTH * dim;
+        floats += knum[b] * dim; /* keys as rows (pack_key_rows) */
         voff[b] = floats;
         floats += value_panels * knum[b] * vwidth;
     }
