@@ -22,9 +22,16 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
     return _fastest_cpu_dtype()
 
 
-@functools.lru_cache(maxsize=1)
 def _fastest_cpu_dtype() -> torch.dtype:
-    """bf16 only where a decode-shaped matmul in bf16 beats fp32 by a clear margin (≥ 1.3x).
+    """bf16 only where a decode-shaped matmul in bf16 beats fp32 by a clear margin (>= 1.3x): the rule
+    for steps auto does not time whole (worker/auto_setting.py times them where it can)."""
+    fp32, bf16 = cpu_matmul_seconds()
+    return torch.bfloat16 if bf16 * 1.3 < fp32 else torch.float32
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_matmul_seconds() -> tuple[float, float]:
+    """Seconds of one decode-shaped matmul (32 x 576 by 576 x 1536) in fp32 and in bf16.
 
     On AVX2-only CPUs torch's bf16 matmul is ~100x slower than fp32; on AVX-512-BF16/AMX
     ones it is faster. The measurement takes a few ms (bf16 is cut short when slow).
@@ -41,7 +48,6 @@ def _fastest_cpu_dtype() -> torch.dtype:
             torch.nn.functional.linear(x, w)
             reps += 1
         timings[dtype] = (time.perf_counter() - start) / reps
-    choice = torch.bfloat16 if timings[torch.bfloat16] * 1.3 < timings[torch.float32] else torch.float32
-    logger.info("dtype=auto on CPU: fp32 %.3f ms, bf16 %.3f ms per matmul -> %s",
-                timings[torch.float32] * 1e3, timings[torch.bfloat16] * 1e3, choice)
-    return choice
+    logger.info("CPU matmul 32 x 576 x 1536: fp32 %.3f ms, bf16 %.3f ms",
+                timings[torch.float32] * 1e3, timings[torch.bfloat16] * 1e3)
+    return timings[torch.float32], timings[torch.bfloat16]

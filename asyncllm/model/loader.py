@@ -51,6 +51,9 @@ class Checkpoint:
     matryoshka_dimensions: tuple[int, ...] | None = None
     # A GPTQ / AWQ / compressed-tensors / FP8 folder's quantization_config (None: dense weights, or a GGUF).
     quantization: CheckpointQuantization | None = None
+    # A GGUF whose every decoder projection is stored in a type that blocks of these bits hold
+    # exactly (gguf_blocks.EXACT_BITS): the bits; else None.
+    exact_block_bits: int | None = None
 
 
 def load_checkpoint(model: str | None, tokenizer_path: str | None = None) -> Checkpoint:
@@ -320,4 +323,7 @@ def _load_gguf(path: str, tokenizer_path: str | None) -> Checkpoint:
         gguf.release_pages()  # the model holds its own copy now
 
     name = str(gguf.metadata.get("general.name") or os.path.splitext(os.path.basename(path))[0])
-    return Checkpoint(name, path, "gguf", config, tokenizer, weights)
+    projection_bits = {EXACT_BITS.get(info.qtype) for tensor_name, info in gguf.tensors.items()
+                       if is_decoder_projection(gguf_to_hf_name(tensor_name, gguf.architecture) or "")}
+    exact_block_bits = projection_bits.pop() if len(projection_bits) == 1 else None
+    return Checkpoint(name, path, "gguf", config, tokenizer, weights, exact_block_bits=exact_block_bits)

@@ -34,30 +34,41 @@ def dummy_step_shape(max_tokens: int, max_model_len: int, block_size: int) -> Du
     return DummyStep(max_tokens, lengths, sum(-(-n // block_size) for n in lengths))
 
 
+def dummy_batch(spec, sequences: list[tuple[int, int]], device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, int]:
+    """A step of made-up requests over a throw-away cache: each (context length after the step,
+    new tokens), decodes (one new token after a context) first, each request on blocks of its own.
+    → (input ids, positions, metadata, the blocks the cache needs)."""
+    num_decodes = 0
+    while num_decodes < len(sequences) and sequences[num_decodes][1] == 1 and sequences[num_decodes][0] > 1:
+        num_decodes += 1
+    starts, tables, slots, positions = [0], [], [], []
+    first_block = 0
+    width = max(-(-context // spec.block_size) for context, _ in sequences)
+    for context, new in sequences:
+        blocks = -(-context // spec.block_size)
+        tables.append(list(range(first_block, first_block + blocks)) + [0] * (width - blocks))
+        slots += [first_block * spec.block_size + i for i in range(context - new, context)]
+        positions += list(range(context - new, context))
+        starts.append(starts[-1] + new)
+        first_block += blocks
+    lengths = [context for context, _ in sequences]
+    meta = AttentionMetadata(
+        num_decodes=num_decodes, query_start_loc=starts, seq_lens=lengths,
+        seq_lens_tensor=torch.tensor(lengths, dtype=torch.long, device=device),
+        block_tables=torch.tensor(tables, dtype=torch.long, device=device),
+        slot_mapping=torch.tensor(slots, dtype=torch.long, device=device))
+    input_ids = torch.zeros(starts[-1], dtype=torch.long, device=device)
+    return input_ids, torch.tensor(positions, dtype=torch.long, device=device), meta, first_block
+
+
 @torch.inference_mode()
 def run_dummy_step(model: torch.nn.Module, spec, shape: DummyStep, logit_rows: int,
                    device: torch.device) -> torch.Tensor:
     """One prompt step of `shape` through `model` (K/V into a cache of shape.blocks blocks that is
     dropped afterwards), then the logits of `logit_rows` rows. → the logits."""
-    caches = spec.allocate(shape.blocks, device, False)
-    starts, tables, slots, positions = [0], [], [], []
-    first_block = 0
-    width = max(-(-n // spec.block_size) for n in shape.sequence_lengths)
-    for n in shape.sequence_lengths:
-        blocks = -(-n // spec.block_size)
-        table = list(range(first_block, first_block + blocks))
-        tables.append(table + [0] * (width - blocks))
-        slots += [first_block * spec.block_size + i for i in range(n)]
-        positions += list(range(n))
-        starts.append(starts[-1] + n)
-        first_block += blocks
-    meta = AttentionMetadata(
-        num_decodes=0, query_start_loc=starts, seq_lens=list(shape.sequence_lengths),
-        seq_lens_tensor=torch.tensor(shape.sequence_lengths, dtype=torch.long, device=device),
-        block_tables=torch.tensor(tables, dtype=torch.long, device=device),
-        slot_mapping=torch.tensor(slots, dtype=torch.long, device=device))
-    input_ids = torch.zeros(shape.tokens, dtype=torch.long, device=device)
-    hidden = model(input_ids, torch.tensor(positions, dtype=torch.long, device=device), caches, meta)
+    input_ids, positions, meta, blocks = dummy_batch(spec, [(n, n) for n in shape.sequence_lengths], device)
+    hidden = model(input_ids, positions, spec.allocate(blocks, device, False), meta)
     rows = hidden[-min(logit_rows, shape.tokens):]
     return model.compute_logits(rows)
 

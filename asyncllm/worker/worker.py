@@ -28,6 +28,8 @@ from asyncllm.model.parallel import SINGLE_STAGE, ParallelContext, PipelineConte
 from asyncllm.model.registry import build_model
 from asyncllm.pooling.config import resolve_pooler
 from asyncllm.pooling.pooler import Pooler
+from asyncllm.worker import auto_setting
+from asyncllm.worker.auto_setting import CpuSetting
 from asyncllm.worker.cpu_allocator import keep_freed_memory_in_heap, return_freed_memory
 from asyncllm.worker.cuda_graphs import graph_unsupported_reason
 from asyncllm.worker.memory_profile import activation_peak_bytes, dummy_step_shape, kv_cache_budget
@@ -80,23 +82,22 @@ class Worker:
         checkpoint = self._checkpoint or load_checkpoint(args.model, args.tokenizer)
         model_cfg = checkpoint.config
         check_checkpoint_quantization(args.quantization, checkpoint)
-        # Keeping only quantised blocks computes every step in fp32 (the block kernels and the
-        # panel GEMM), so "auto" means fp32 there rather than a dtype that setting refuses; so
-        # for a quantised checkpoint (GPTQ / AWQ / compressed-tensors / FP8) on the C kernels, which
-        # runs from its blocks.
-        blocks_only = args.quantized_weights_only or (checkpoint.quantization is not None and config.kernels == "cpu")
-        dtype = (torch.float32 if blocks_only and config.dtype_request == "auto"
-                 else resolve_dtype(config.dtype_request, config.device))
+        setting = self._setting(checkpoint)
+        dtype = setting.dtype
+        # dtype auto may pick the GGUF's exact blocks alone (auto_setting.py): as if quantization
+        # int4 / int8 with quantized_weights_only had been asked for.
+        quantization = args.quantization or setting.quantization
+        weights_only = args.quantized_weights_only or setting.block_bits is not None
         # quantization int4 / int8 of a GGUF: projections stored in a type those blocks hold exactly
         # keep the file's codes (gguf_blocks.py) instead of a re-quantisation of their values.
-        exact_bits = QUANTIZATION_BITS.get(args.quantization) if checkpoint.format == "gguf" else None
+        exact_bits = QUANTIZATION_BITS.get(quantization) if checkpoint.format == "gguf" else None
         model = self._build(checkpoint, dtype,
                             ModelContext(Ops(config.kernels), self.tensor_parallel, self._pipeline(model_cfg)),
                             exact_bits=exact_bits if exact_bits in (4, 8) else None)
-        if args.quantization in QUANTIZATION_BITS and checkpoint.quantization is None:
+        if quantization in QUANTIZATION_BITS and checkpoint.quantization is None:
             if model_cfg.is_encoder_only:
                 raise ValueError(f"quantization is not supported for encoder models ({model_cfg.architecture})")
-            self._quantize(model, args.quantization, dtype)
+            self._quantize(model, quantization, dtype, weights_only)
         model.eval()
         if args.enable_lora:
             if model_cfg.is_encoder_only:
@@ -206,9 +207,33 @@ class Worker:
         if self.config.device.type == "cuda":
             torch.cuda.empty_cache()  # the cache's memory back to the device, for the next engine to size its own
 
-    def _quantize(self, model, scheme: str, dtype: torch.dtype) -> None:
+    def _setting(self, checkpoint: Checkpoint) -> CpuSetting:
+        """The dtype (and, under auto, whether to keep only a GGUF's exact blocks) this worker runs."""
+        config, args = self.config, self.config.args
+        model_cfg = checkpoint.config
+        if config.dtype_request != "auto":
+            return CpuSetting(resolve_dtype(config.dtype_request, config.device))
+        # Keeping only quantised blocks computes every step in fp32 (the block kernels and the
+        # panel GEMM), so "auto" means fp32 there rather than a dtype that setting refuses; so
+        # for a quantised checkpoint (GPTQ / AWQ / compressed-tensors / FP8) on the C kernels, which
+        # runs from its blocks.
+        if args.quantized_weights_only or (checkpoint.quantization is not None and config.kernels == "cpu"):
+            return CpuSetting(torch.float32)
+        # Whole steps are timed for one plain decoder on the C kernels in one process (ranks
+        # timing apart could pick different dtypes); the rest keep the one-matmul rule.
+        if (config.device.type != "cpu" or config.kernels != "cpu" or self.world_size > 1 or args.quantization
+                or model_cfg.is_encoder_only or model_cfg.moe is not None or model_cfg.vision is not None):
+            return CpuSetting(resolve_dtype("auto", config.device))
+        # The file's own blocks alone: not with adapters or a draft model, which need dense weights.
+        draft = config.speculative is not None and config.speculative.method == "draft_model"
+        block_bits = None if args.enable_lora or draft else checkpoint.exact_block_bits
+        setting, _ = auto_setting.choose(model_cfg, auto_setting.candidates(block_bits), config.kernels,
+                                         args.cpu_weight_prepack)
+        return setting
+
+    def _quantize(self, model, scheme: str, dtype: torch.dtype, weights_only: bool) -> None:
         args = self.config.args
-        if args.quantized_weights_only and dtype != torch.float32 and self.config.kernels == "cpu":
+        if weights_only and dtype != torch.float32 and self.config.kernels == "cpu":
             raise ValueError(f"quantized_weights_only needs dtype float32 (the blocks' large-step path is fp32); "
                              f"got {dtype} (dtype={args.dtype!r}): pass dtype='float32'")
         bits = QUANTIZATION_BITS[scheme]
@@ -223,7 +248,7 @@ class Worker:
                     scheme, done, "e4m3" if scheme == "fp8" else f"{bits}-bit", rows, skipped,
                     "; the logits weight an 8-bit copy" if model.logits_quant is not None else "",
                     sum(c.exact for c in copies), len(copies), sum(c.nbytes for c in copies) / 1e6)
-        if args.quantized_weights_only:
+        if weights_only:
             freed = model.drop_dense_projections()
             if self.config.device.type == "cpu":
                 return_freed_memory()
