@@ -118,6 +118,11 @@ def engine_variant(args) -> dict:
             "quantized_weights_only": args.quantized_weights_only}
 
 
+def first_difference(ours: list[int], reference: list[int]) -> int:
+    """The first step where two greedy outputs differ (their length when they do not)."""
+    return next((i for i, (a, b) in enumerate(zip(ours, reference)) if a != b), len(reference))
+
+
 def variant_flags(args) -> list[str]:
     """The same as flags of the scripts and of `asyncllm serve` (they share the names)."""
     model = resolve_model(args.model)

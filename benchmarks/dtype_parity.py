@@ -20,7 +20,7 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from common import load_transformers, publish  # noqa: E402
+from common import first_difference, load_transformers, publish  # noqa: E402
 
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain recursion in one sentence.",
              "List three primary colors.", "What is 12 times 12?", "Give me a tip for learning Python.",
@@ -75,7 +75,7 @@ def main(argv=None) -> dict:
             for p, out, ref in zip(prompts, outs, reference):
                 ours = list(out.outputs[0].token_ids)
                 identical += ours == ref
-                first_diff.append(next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), len(ref)))
+                first_diff.append(first_difference(ours, ref))
                 theirs = hf_logprobs(p, ours)
                 diffs += [abs(step[t].logprob - lp) for step, t, lp in zip(out.outputs[0].logprobs, ours, theirs)]
             rows.append({"variant": variant, "greedy_identical": f"{identical}/{len(prompts)}",

@@ -17,9 +17,9 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from common import (Timer, add_variant_args, hf_generate_seconds, load_transformers,  # noqa: E402
-                    measure_matmul_gflops, publish, pydoc_prompts, variant_name,
-                    engine_variant)
+from common import (Timer, add_variant_args, engine_variant, first_difference,  # noqa: E402
+                    hf_generate_seconds, load_transformers, measure_matmul_gflops, publish, pydoc_prompts,
+                    variant_name)
 
 
 def main(argv=None) -> dict:
@@ -30,6 +30,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--one-at-a-time", type=int, default=2, help="prompts for the one-at-a-time baseline")
     add_variant_args(parser)
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--agreement-with", default=None, metavar="DTYPE",
+                        help="also run W1's prompts in this dtype (e.g. float32) and report how many greedy outputs "
+                             "are identical to the measured run's, and where the others first differ")
     parser.add_argument("--output", default="throughput", help="results file name (without .json)")
     args = parser.parse_args(argv)
 
@@ -54,6 +57,16 @@ def main(argv=None) -> dict:
         for prompt in prompts[:args.one_at_a_time]:
             llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
     ours_one = args.one_at_a_time * args.output_len / one_t.seconds
+    agreement = None
+    if args.agreement_with:
+        other = LLM(**{**engine_variant(args), "dtype": args.agreement_with}, max_num_seqs=args.num_prompts,
+                    max_num_batched_tokens=2048)
+        theirs = other.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        other.engine.shutdown()
+        steps = [first_difference(list(a.outputs[0].token_ids), list(b.outputs[0].token_ids))
+                 for a, b in zip(outs, theirs)]
+        agreement = {"dtype": args.agreement_with, "identical": sum(s == args.output_len for s in steps),
+                     "of": len(steps), "mean_first_difference": sum(steps) / len(steps)}
     dtype = llm.engine.core.dtype  # the peak of the dtype the engine computes in (bf16 where `auto` picks it)
     peak = gflops if dtype == torch.float32 else measure_matmul_gflops(dtype)
     # FLOPs per generated token ~ 2 x parameters (+ the prefill of the prompt tokens).
@@ -67,7 +80,7 @@ def main(argv=None) -> dict:
              "vs_hf_batch": None, "fraction_of_peak": None}]
     result = {"asyncllm_tok_per_s": ours, "asyncllm_one_tok_per_s": ours_one, "fp32_gflops": gflops,
               "peak_gflops": peak, "peak_dtype": str(dtype).removeprefix("torch."),
-              "asyncllm_load_seconds": load.seconds, "model": args.model or "default"}
+              "asyncllm_load_seconds": load.seconds, "model": args.model or "default", "agreement": agreement}
     if not args.skip_transformers:
         model = load_transformers(args.dtype, args.model)
         batch = torch.tensor(prompts)
@@ -88,6 +101,9 @@ def main(argv=None) -> dict:
     publish(f"W1 throughput: {args.num_prompts} x {args.input_len} in / {args.output_len} out, greedy "
             f"({str(dtype).removeprefix('torch.')} matmul peak measured now: {peak:.0f} GFLOPS)", rows, args.output,
             {"rows": rows, "result": result, "args": vars(args)})
+    if agreement:
+        print(f"greedy outputs identical to {agreement['dtype']}'s: {agreement['identical']}/{agreement['of']} "
+              f"(mean first difference at step {agreement['mean_first_difference']:.1f} of {args.output_len})")
     return result
 
 

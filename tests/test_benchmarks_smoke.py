@@ -31,8 +31,10 @@ def test_throughput_and_latency_benchmarks_run(tmp_path, monkeypatch):
     common = _load("common")
     monkeypatch.setattr(common, "RESULTS", tmp_path)
     w1 = _load("throughput").main(["--num-prompts", "2", "--input-len", "16", "--output-len", "4",
-                                   "--skip-transformers"])
+                                   "--skip-transformers", "--agreement-with", "float32"])
     assert w1["asyncllm_tok_per_s"] > 0 and w1["fp32_gflops"] > 0 and w1["peak_gflops"] > 0
+    # fp32 against a second fp32 engine: batch-invariant, so every greedy output is the same
+    assert w1["agreement"] == {"dtype": "float32", "identical": 2, "of": 2, "mean_first_difference": 4}
     lat = _load("latency").main(["--lengths", "32,64", "--output-len", "4", "--skip-transformers"])
     assert lat["decode_tok_per_s"] > 0 and set(lat["ttft"]) == {32, 64}
     assert lat["prefix_hit_s"] > 0 and lat["prefix_miss_s"] > 0
