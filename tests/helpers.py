@@ -348,6 +348,21 @@ def check_logprobs(completion, hf_logits, atol=2e-3):
         assert top_ours == pytest.approx(top_hf, abs=atol), f"step {step}"
 
 
+def check_gguf_greedy_matches_transformers(llm, path: str, texts: list[str], max_tokens: int = 12) -> None:
+    """Each text's greedy ids equal transformers' on the same GGUF file, and its logprobs close."""
+    from asyncllm import SamplingParams
+
+    hf = load_hf(None, gguf_file=path)
+    tok = llm.get_tokenizer()
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, logprobs=3)
+    for text in texts:
+        ids = tok.encode(text)
+        expected, logits = hf_greedy(hf, ids, max_tokens)
+        out = llm.generate({"prompt_token_ids": ids}, params, use_tqdm=False)[0].outputs[0]
+        assert out.token_ids == expected
+        check_logprobs(out, logits)
+
+
 def check_mixed_steps_match_transformers(llm, hf, max_tokens: int = 24) -> list[list[int]]:
     """Three ~30-token prompts and a fourth that extends the first (a prefix-cache hit), decoded
     together (with a small token budget, prompt chunks share steps with decodes): greedy ids equal

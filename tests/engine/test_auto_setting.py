@@ -7,7 +7,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 import helpers
-from asyncllm import LLM, SamplingParams
+from asyncllm import LLM
 from asyncllm.model.loader import load_checkpoint
 from asyncllm.worker import auto_setting
 from asyncllm.worker.auto_setting import CpuSetting, SettingTiming
@@ -91,13 +91,7 @@ def test_auto_on_the_files_blocks_runs_from_them_alone_and_matches_transformers(
         assert model.dtype == torch.float32
         assert all(p.dense_dropped and p.quantized.exact and p.quantized.bits == 8 for p in model.projections())
         assert model.logits_only_blocks
-        hf = helpers.load_hf(None, gguf_file=path)
-        ids = llm.get_tokenizer().encode(helpers.TEXT_PROMPTS[0])
-        expected, logits = helpers.hf_greedy(hf, ids, 12)
-        out = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
-                                                                    logprobs=3), use_tqdm=False)[0].outputs[0]
-        assert out.token_ids == expected
-        helpers.check_logprobs(out, logits)
+        helpers.check_gguf_greedy_matches_transformers(llm, path, helpers.TEXT_PROMPTS[:1])
     finally:
         llm.engine.shutdown()
 

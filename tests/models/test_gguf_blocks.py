@@ -7,7 +7,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 import helpers
-from asyncllm import LLM, SamplingParams
+from asyncllm import LLM
 from asyncllm.model.gguf_blocks import EXACT_BITS, gguf_groups
 from asyncllm.model.gguf_file import GGUFFile
 from asyncllm.model.layers.block_quant import BlockQuantWeight
@@ -72,14 +72,6 @@ def test_quantized_gguf_keeps_the_files_codes_and_matches_transformers(qtype, qu
         assert all(p.dense_dropped and p.quantized.exact and p.quantized.bits == (4 if quantization == "int4" else 8)
                    for p in model.projections())
         assert model.logits_only_blocks and model.embed_tokens.weight.numel() == 0
-        hf = helpers.load_hf(None, gguf_file=path)
-        tok = llm.get_tokenizer()
-        for text in helpers.TEXT_PROMPTS[:3]:
-            ids = tok.encode(text)
-            expected, logits = helpers.hf_greedy(hf, ids, 12)
-            out = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
-                                                                        logprobs=3), use_tqdm=False)[0].outputs[0]
-            assert out.token_ids == expected
-            helpers.check_logprobs(out, logits)
+        helpers.check_gguf_greedy_matches_transformers(llm, path, helpers.TEXT_PROMPTS[:3])
     finally:
         llm.engine.shutdown()
