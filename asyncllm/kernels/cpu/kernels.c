@@ -92,6 +92,15 @@ static inline v16sf load16_bf16(const bf16_t *p) {
 #endif
 }
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+/* Eight floats into one ymm register (the AVX2 block kernel, quant_rows_impl.h). */
+static inline __m256 load8_f32(const float *p) { return _mm256_loadu_ps(p); }
+
+static inline __m256 load8_bf16(const bf16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+#endif
+
 /* Sums of 16 vectors at once: lane i holds the sum of p[bitreverse4(i)]. A transposing tree of
  * shuffles and adds, 2 instructions per sum instead of one horizontal reduction (~10) each. */
 static const int SUM16_ORDER[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
@@ -185,6 +194,7 @@ static inline int64_t max_seq_len(const int64_t *seq_lens, int64_t seqs) {
 #define T float
 #define SUFFIX f32
 #define LOAD16 load16_f32
+#define LOAD8 load8_f32
 #define LOAD(p) (p)
 #define STORE(x) (x)
 #define PANEL_LINEAR_FOR panel_linear_for /* decode_stack's matmul on panel copies */
@@ -196,11 +206,13 @@ static inline int64_t max_seq_len(const int64_t *seq_lens, int64_t seqs) {
 #undef LOAD
 #undef STORE
 #undef LOAD16
+#undef LOAD8
 #undef PANEL_LINEAR_FOR
 
 #define T bf16_t
 #define SUFFIX bf16
 #define LOAD16 load16_bf16
+#define LOAD8 load8_bf16
 #define LOAD(p) bf16_to_float(p)
 #define STORE(x) float_to_bf16(x)
 #define PANEL_LINEAR_FOR panel_linear_bf16_for
@@ -212,6 +224,7 @@ static inline int64_t max_seq_len(const int64_t *seq_lens, int64_t seqs) {
 #undef LOAD
 #undef STORE
 #undef LOAD16
+#undef LOAD8
 #undef PANEL_LINEAR_FOR
 #undef NAME
 #undef CONCAT
