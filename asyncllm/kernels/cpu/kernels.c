@@ -92,12 +92,25 @@ static inline v16sf load16_bf16(const bf16_t *p) {
 #endif
 }
 
-#if defined(__AVX2__) && !defined(__AVX512F__)
-/* Eight floats into one ymm register (the AVX2 block kernel, quant_rows_impl.h). */
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+/* The AVX2 build's hot loops work on 8-lane registers directly: gcc lowers the 16-lane types
+ * above to pairs of ymm registers that it keeps in memory once a loop holds more than a few (the
+ * block kernel's 16-accumulator tile ran at ~10 GFLOPS, attention scores at ~6). The arithmetic
+ * is the 16-lane code's, lane for lane: a 16-lane value as its lanes 0-7 and 8-15. */
+#define KERNELS_AVX2 1
 static inline __m256 load8_f32(const float *p) { return _mm256_loadu_ps(p); }
 
 static inline __m256 load8_bf16(const bf16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+/* One 16-lane accumulator (lanes 0-7 in lo, 8-15 in hi) summed in sum16's tree for each of its
+ * vectors: lanes j and j + 8, then j and j + 4, j and j + 2, j and j + 1. The same bits. */
+static inline float lane_sum16_halves(__m256 lo, __m256 hi) {
+    __m256 q = _mm256_add_ps(lo, hi);
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(q), _mm256_extractf128_ps(q, 1));
+    __m128 s = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
 }
 #endif
 

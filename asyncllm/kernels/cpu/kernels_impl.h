@@ -165,6 +165,27 @@ static inline void NAME(prefetch_part)(const T *next, int64_t bytes, int64_t par
         __builtin_prefetch(base + i, 0, 2);
 }
 
+#ifdef KERNELS_AVX2
+/* KEYS (1-4) keys' scores from t on, as the 16-lane loop below computes each: a 16-lane vector of
+ * partial products over the head's dims (here its lanes 0-7 and 8-15 as two ymm), summed in
+ * sum16's order, times the scale. Eight ymm accumulators at most, so nothing spills. */
+static inline __attribute__((always_inline)) void NAME(score_keys8)(
+        const float *qh, const T *keys, int64_t t, int64_t dim, int64_t token_stride, float scale, float *scores,
+        const int KEYS) {
+    __m256 acc[4][2];
+    for (int u = 0; u < 4; u++) acc[u][0] = acc[u][1] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < dim; c += 16) {
+        __m256 q0 = _mm256_loadu_ps(qh + c), q1 = _mm256_loadu_ps(qh + c + 8);
+        for (int u = 0; u < KEYS; u++) {
+            const T *key = keys + (t + u) * token_stride + c;
+            acc[u][0] = _mm256_fmadd_ps(q0, LOAD8(key), acc[u][0]);
+            acc[u][1] = _mm256_fmadd_ps(q1, LOAD8(key + 8), acc[u][1]);
+        }
+    }
+    for (int u = 0; u < KEYS; u++) scores[t + u] = lane_sum16_halves(acc[u][0], acc[u][1]) * scale;
+}
+#endif
+
 /* scores[h][off] = scale * q_h . key(off) for query heads [h0, h1) and the block rows [lo, hi)
  * (`rows`: the block's first row; scores: [heads][n], already offset to the block's tokens). */
 static inline __attribute__((always_inline)) void NAME(block_scores)(
@@ -174,6 +195,14 @@ static inline __attribute__((always_inline)) void NAME(block_scores)(
         NAME(prefetch_part)(next, next_bytes, h - h0, h1 - h0);
         const float *qh = qf + h * dim;
         const T *keys = rows + (h / group) * dim;
+#ifdef KERNELS_AVX2
+        if (dim % 16 == 0 && dim <= 256) {
+            int64_t t = lo;
+            for (; t + 4 <= hi; t += 4) NAME(score_keys8)(qh, keys, t, dim, token_stride, scale, scores + h * n, 4);
+            for (; t < hi; t++) NAME(score_keys8)(qh, keys, t, dim, token_stride, scale, scores + h * n, 1);
+            continue;
+        }
+#endif
         if (dim % 16 == 0 && dim <= 256) {
             /* The query in registers (loaded once: the score stores below may alias qf, so the
              * compiler reloaded it for every key); sixteen keys at a time, per-key vectors of
@@ -215,6 +244,25 @@ static inline __attribute__((always_inline)) void NAME(block_mix)(
         float *ah = acc + h * dim;
         const float *weights = probs + h * n;
         const T *values = rows + (h / group) * dim;
+#ifdef KERNELS_AVX2
+        if (dim % 16 == 0 && dim <= 256) {
+            /* 64 dims at a time in 8 ymm registers: each lane the same multiply-add chain over
+             * the block's values in order as in the 16-lane loop below. */
+            for (int64_t c0 = 0; c0 < dim; c0 += 64) {
+                const int64_t vectors = dim - c0 < 64 ? (dim - c0) / 8 : 8;
+                __m256 sums[8];
+                for (int64_t j = 0; j < vectors; j++) sums[j] = _mm256_loadu_ps(ah + c0 + 8 * j);
+                for (int64_t off = lo; off < hi; off++) {
+                    const __m256 weight = _mm256_set1_ps(weights[off]);
+                    const T *value = values + off * token_stride + c0;
+                    for (int64_t j = 0; j < vectors; j++)
+                        sums[j] = _mm256_fmadd_ps(weight, LOAD8(value + 8 * j), sums[j]);
+                }
+                for (int64_t j = 0; j < vectors; j++) _mm256_storeu_ps(ah + c0 + 8 * j, sums[j]);
+            }
+            continue;
+        }
+#endif
         if (dim % 16 == 0 && dim <= 256) {
             /* The head's accumulator stays in registers across the block's values. */
             v16sf sums[16];

@@ -56,12 +56,9 @@ static inline v16si widen16(const uint8_t *p, const int is_signed) {
 #endif
 }
 
-#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
-#define QUANT_ROWS_AVX2 1
-/* The AVX2 build works on 8-lane registers directly: gcc lowers the 16-lane types above to pairs
- * of ymm registers that it keeps in memory once a tile holds more than a few (the 16-accumulator
- * tile ran at ~10 GFLOPS). The arithmetic is the 16-lane code's, lane for lane: a block's weights
- * as four vectors (columns 0-7, 8-15, 16-23, 24-31: the 16-lane lo and hi halves). */
+#ifdef KERNELS_AVX2
+/* The AVX2 build (kernels.c): a block's weights as four 8-lane vectors, columns 0-7, 8-15,
+ * 16-23 and 24-31 (unpack_block's lo and hi halves). */
 static inline __m256i widen8(const uint8_t *p, const int is_signed) {
     __m128i bytes = _mm_loadl_epi64((const __m128i *)p);
     return is_signed ? _mm256_cvtepi8_epi32(bytes) : _mm256_cvtepu8_epi32(bytes);
@@ -98,14 +95,6 @@ static inline void unpack_block8(const uint8_t *block, const int bits, __m256 w[
     }
 }
 
-/* One 16-lane accumulator (lanes 0-7 in lo, 8-15 in hi) summed in sum16's tree: lanes j and
- * j + 8, then j and j + 4, j and j + 2, j and j + 1. */
-static inline float lane_sum16_halves(__m256 lo, __m256 hi) {
-    __m256 q = _mm256_add_ps(lo, hi);
-    __m128 r = _mm_add_ps(_mm256_castps256_ps128(q), _mm256_extractf128_ps(q, 1));
-    __m128 s = _mm_add_ps(r, _mm_movehl_ps(r, r));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
-}
 #endif
 
 /* One block's 32 weights as two vectors: columns 0-15 and 16-31. By value, so they stay in
@@ -205,7 +194,7 @@ static inline __attribute__((always_inline)) void NAME(quant_rows_tile)(
         const T *const *xs, const uint8_t *w, int64_t row_bytes, T *out, int64_t out_stride, int64_t n0, int64_t k,
         int64_t rows, const int MB, const int ROWS, const int bits) {
     const int64_t block_bytes = quant_block_bytes(bits);
-#ifdef QUANT_ROWS_AVX2
+#ifdef KERNELS_AVX2
     /* Up to 4 outputs at a time (8 ymm accumulators): RW weight rows by GROUP x rows, each weight
      * block unpacked once per group. Each output is the same multiply-add chain as below, reduced
      * in sum16's order: the same bits. */
