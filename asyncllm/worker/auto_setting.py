@@ -148,7 +148,7 @@ def _step_seconds(model: torch.nn.Module, spec, sequences: list[tuple[int, int]]
     input_ids, positions, meta, blocks = dummy_batch(spec, sequences, _CPU)
     caches = spec.allocate(blocks, _CPU, True)
     best_layers = best_logits = float("inf")
-    for _ in range(3):  # the first run warms up (page faults, packed copies, the decoder's buffers)
+    for _ in range(5):  # the first run warms up (page faults, packed copies, the decoder's buffers); min of the rest
         meta._memo.clear()
         start = time.perf_counter()
         hidden = model(input_ids, positions, caches, meta)
