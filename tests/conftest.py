@@ -91,7 +91,10 @@ def minilm_llm(minilm_path):
 
 @pytest.fixture(scope="session")
 def default_llm():
-    """The default model in fp32 (the dtype transformers compares with), shared by tests."""
+    """The default model in fp32 (the dtype transformers compares with), shared by tests. Its compile
+    limit is above the 10 s default: the structured-output corpus queues 20 schemas at once on 2
+    compile workers, which took longer than 10 s (queueing included) on a slow 2-vCPU AVX2 VM; the
+    limit itself is tested on engines of its own (test_grammar_compiler.py, test_hardening.py)."""
     from asyncllm import LLM
 
-    return LLM(dtype="float32", max_num_seqs=64)
+    return LLM(dtype="float32", max_num_seqs=64, grammar_compile_timeout=60.0)
