@@ -19,14 +19,13 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
         raise ValueError(f"unknown dtype {requested!r}; use auto, float32, bfloat16 or float16")
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return _fastest_cpu_dtype()
+    return matmul_rule_dtype(*cpu_matmul_seconds())
 
 
-def _fastest_cpu_dtype() -> torch.dtype:
+def matmul_rule_dtype(fp32_seconds: float, bf16_seconds: float) -> torch.dtype:
     """bf16 only where a decode-shaped matmul in bf16 beats fp32 by a clear margin (>= 1.3x): the rule
-    for steps auto does not time whole (worker/auto_setting.py times them where it can)."""
-    fp32, bf16 = cpu_matmul_seconds()
-    return torch.bfloat16 if bf16 * 1.3 < fp32 else torch.float32
+    for steps auto does not time whole, and auto_setting's first candidate where it times them."""
+    return torch.bfloat16 if bf16_seconds * 1.3 < fp32_seconds else torch.float32
 
 
 @functools.lru_cache(maxsize=1)

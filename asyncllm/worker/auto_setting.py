@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from asyncllm.model.dtype import cpu_matmul_seconds
+from asyncllm.model.dtype import cpu_matmul_seconds, matmul_rule_dtype
 from asyncllm.model.interface import ModelContext
 from asyncllm.model.layers.int4 import int4_max_rows
 from asyncllm.model.layers.linear import prepack_supported
@@ -70,7 +70,7 @@ def candidates(block_bits: int | None) -> list[CpuSetting]:
     """The settings worth timing on this CPU, the one-matmul rule's dtype first; `block_bits`: the
     bits of the exact blocks the checkpoint's projections have (None: none or not all)."""
     fp32, bf16 = cpu_matmul_seconds()
-    first = CpuSetting(torch.bfloat16 if bf16 * 1.3 < fp32 else torch.float32)
+    first = CpuSetting(matmul_rule_dtype(fp32, bf16))
     found = [first]
     if first.dtype == torch.float32 and bf16 < BF16_TOO_SLOW * fp32:
         found.append(CpuSetting(torch.bfloat16))
