@@ -1,11 +1,14 @@
-"""Decode steps of 1-8 sequences through one C call for the whole decoder (kernels="cpu", fp32 or bf16).
+"""Decode steps through one C call for the whole decoder (kernels="cpu", fp32 or bf16): of any
+number of sequences where every projection is read from its panel copy, of 1-8 where some are
+read from blocks.
 
 Such a step is bound by reading every weight from memory (~540 MB in fp32 for the default
 model), and the per-op forward spent ~20% of a batch-1 step between the matmuls: Python calls,
 tensor views and an OpenMP fork/join for each of ~10 small ops per layer. `decode_stack`
 (kernels/cpu/decode_stack_impl.h) runs the same ops in the same order in one parallel
-region (in bf16 it reads the projections' bf16 panel copies, as the per-op path does). Prompt
-steps, bigger batches and other dtypes keep the per-op forward. With
+region (it reads the projections' fp32 or bf16 panel copies, as the per-op path does). At W1's
+64-row decode steps the per-op path's ~300 Python-level calls per step are time the C call does
+not spend either. Prompt steps and other dtypes keep the per-op forward. With
 `quantization` the projections that have 4- or 8-bit blocks (layers/block_quant.py) are read from
 them here too, by the same C kernel the per-op path calls.
 
@@ -22,7 +25,7 @@ from asyncllm.model.layers.attention import AttentionMetadata
 from asyncllm.model.layers.block_quant import BlockQuantWeight
 from asyncllm.kernels.cpu.decode_stack import DecodeShape, DecodeStackArgs
 
-MAX_ROWS = cpu_kernels.FEW_ROWS_MAX  # the few-rows matmul's limit
+MAX_ROWS = cpu_kernels.FEW_ROWS_MAX  # the block kernel's limit (bigger steps read panels unpacked from the blocks)
 
 
 def _projection_fits(p) -> bool:
@@ -41,6 +44,11 @@ def _projection_fits(p) -> bool:
 def _block_bits(model: nn.Module) -> set[int]:
     """The widths of the projections' C blocks (the C structure has room for one)."""
     return {p.quantized.bits for p in model.projections() if isinstance(p.quantized, BlockQuantWeight)}
+
+
+def _panels_only(model: nn.Module) -> bool:
+    """Every projection read from its panel copy at every row count: the stack takes steps of any size."""
+    return all(p.quantized is None and p.prepacked.panels is not None for p in model.projections())
 
 
 def _weights_fit(model: nn.Module) -> bool:
@@ -63,12 +71,14 @@ class CpuDecodeStack:
     def __init__(self, model: nn.Module):
         self.model = model
         self.enabled = _weights_fit(model)
+        self.max_rows = None if _panels_only(model) else MAX_ROWS  # None: any number of rows
         self._args: DecodeStackArgs | None = None
         self._lora_version = -1  # the LoRABatch version the structure's adapter pointers are of
         self.lora_steps = 0  # steps run with adapters (tests check the C path ran)
 
     def takes(self, num_tokens: int, meta: AttentionMetadata, kv_caches: list[torch.Tensor]) -> bool:
-        return (self.enabled and num_tokens <= MAX_ROWS and meta.num_decodes == meta.num_requests == num_tokens
+        return (self.enabled and (self.max_rows is None or num_tokens <= self.max_rows)
+                and meta.num_decodes == meta.num_requests == num_tokens
                 and kv_caches[0].dtype == self.model.norm.weight.dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],

@@ -1,4 +1,5 @@
-"""The whole-decoder C call for decode steps of 1-8 sequences (model/cpu_decode.py): the same bits
+"""The whole-decoder C call for decode steps (model/cpu_decode.py; any number of sequences on panel
+copies, 1-8 with blocks): the same bits
 as the per-op C path at every row count, equal to transformers through the engine, and only taken
 by the steps it is built for."""
 import pytest
@@ -6,7 +7,7 @@ import torch
 
 import helpers
 from asyncllm import LLM, SamplingParams
-from asyncllm.model.cpu_decode import MAX_ROWS
+from asyncllm.model.cpu_decode import MAX_ROWS, CpuDecodeStack
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -58,12 +59,14 @@ def test_stack_equals_the_per_op_path(arch, dtype, quantization, tiny_models):
     model = llm.engine.core.executor.worker.runner.model
     # Dense projections have panel copies, read from PANEL_MIN_ROWS rows by both paths.
     assert all(p.prepacked.panels is not None for p in model.projections())
+    # Past MAX_ROWS rows the stack takes a step only where every projection has its panel copy.
+    row_counts = (1, 3, 8, 13) if CpuDecodeStack(model).max_rows is None else (1, 3, 8)
     recorder = StepRecorder(model)
-    for rows in (1, 3, 8):
+    for rows in row_counts:
         _generate(llm, rows)
     model.forward = recorder._forward
     assert recorder.stack_calls > 0
-    for rows in (1, 3, 8):
+    for rows in row_counts:
         steps = _decode_steps(recorder, rows)
         assert steps, rows
         input_ids, positions, kv_caches, meta = steps[-1]
@@ -87,18 +90,25 @@ def test_engine_on_the_stack_matches_transformers(arch, tiny_models):
     assert recorder.stack_calls == len(decode_only) > 0
 
 
-def test_stack_takes_only_the_steps_it_is_built_for(tiny_models):
+@pytest.mark.parametrize("quantization, big_steps_on_stack", [(None, True), ("int4", False)])
+def test_stack_takes_only_the_steps_it_is_built_for(quantization, big_steps_on_stack, tiny_models):
+    """Decode-only steps: any size on panel copies; with blocks (read at 1-8 rows), 1-8 rows only."""
     path = tiny_models("LlamaForCausalLM")
-    llm = LLM(path, dtype="float32", kernels="cpu", kv_cache_memory=16 << 20, max_num_seqs=12)
+    llm = LLM(path, dtype="float32", kernels="cpu", kv_cache_memory=16 << 20, max_num_seqs=12,
+              quantization=quantization)
     model = llm.engine.core.executor.worker.runner.model
     recorder = StepRecorder(model)
-    _generate(llm, MAX_ROWS + 3)  # decode steps of 11 rows: per-op
+    _generate(llm, MAX_ROWS + 3)  # decode steps of 11 rows
     _generate(llm, 2)  # decode steps of 2 rows: the stack
     decodes = [s for s in recorder.steps if s[3].num_decodes == s[3].num_requests == s[0].shape[0]]
     assert {s[0].shape[0] for s in decodes} == {MAX_ROWS + 3, 2}
     assert len(recorder.steps) > len(decodes)  # the prompt steps
-    assert recorder.stack_calls == len([s for s in decodes if s[0].shape[0] == 2])
+    on_stack = [s for s in decodes if big_steps_on_stack or s[0].shape[0] == 2]
+    assert recorder.stack_calls == len(on_stack)
 
+
+def test_stack_is_off_where_the_weights_do_not_fit_it(tiny_models):
+    path = tiny_models("LlamaForCausalLM")
     for kwargs in ({"kernels": "torch"}, {"dtype": "bfloat16", "cpu_weight_prepack": False},
                    {"kernels": "torch", "quantization": "int4"},
                    {"dtype": "bfloat16", "quantization": "int4"}, {"dtype": "bfloat16", "quantization": "int8"}):
