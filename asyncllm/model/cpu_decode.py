@@ -1,6 +1,6 @@
 """Decode steps through one C call for the whole decoder (kernels="cpu", fp32 or bf16): of any
 number of sequences where every projection is read from its panel copy, of 1-8 where some are
-read from blocks.
+read from blocks or from a dense fp32 weight without one (the few-rows matmul).
 
 Such a step is bound by reading every weight from memory (~540 MB in fp32 for the default
 model), and the per-op forward spent ~20% of a batch-1 step between the matmuls: Python calls,
@@ -25,7 +25,12 @@ from asyncllm.model.layers.attention import AttentionMetadata
 from asyncllm.model.layers.block_quant import BlockQuantWeight
 from asyncllm.kernels.cpu.decode_stack import DecodeShape, DecodeStackArgs
 
-MAX_ROWS = cpu_kernels.FEW_ROWS_MAX  # the block kernel's limit (bigger steps read panels unpacked from the blocks)
+MAX_ROWS = cpu_kernels.FEW_ROWS_MAX  # the block and few-rows kernels' limit: projections without a panel copy
+
+
+def _reads_panels(p) -> bool:
+    """Read from its panel copy at every row count, by the stack and the per-op path alike."""
+    return p.quantized is None and p.prepacked.panels is not None
 
 
 def _projection_fits(p) -> bool:
@@ -33,7 +38,7 @@ def _projection_fits(p) -> bool:
     few-rows matmul takes (torch's int4 layout: neither); or bf16 with its panel copy (what the
     per-op path reads at every row count, so both give the same bits)."""
     if p.weight.dtype == torch.bfloat16:
-        return p.quantized is None and p.prepacked.panels is not None
+        return _reads_panels(p)
     if p.weight.dtype != torch.float32:
         return False
     if p.quantized is None:
@@ -48,7 +53,7 @@ def _block_bits(model: nn.Module) -> set[int]:
 
 def _panels_only(model: nn.Module) -> bool:
     """Every projection read from its panel copy at every row count: the stack takes steps of any size."""
-    return all(p.quantized is None and p.prepacked.panels is not None for p in model.projections())
+    return all(_reads_panels(p) for p in model.projections())
 
 
 def _weights_fit(model: nn.Module) -> bool:
