@@ -17,6 +17,7 @@ from torch import nn
 
 from asyncllm.model.arch_config import EncoderConfig
 from asyncllm.model.interface import ModelContext, copy_checked
+from asyncllm.model.layers.embedding import uninitialised_embedding
 
 
 class BertLayer(nn.Module):
@@ -84,9 +85,9 @@ class BertEncoder(nn.Module):
         self.config = cfg
         self.ctx = ctx
         h = cfg.hidden_size
-        self.word_embeddings = nn.Embedding(cfg.vocab_size, h)
-        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, h)
-        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, h)
+        self.word_embeddings = uninitialised_embedding(cfg.vocab_size, h)
+        self.position_embeddings = uninitialised_embedding(cfg.max_position_embeddings, h)
+        self.token_type_embeddings = uninitialised_embedding(cfg.type_vocab_size, h)
         self.embed_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
         self.layers = nn.ModuleList(BertLayer(cfg) for _ in range(cfg.num_layers))
 

@@ -68,7 +68,10 @@ def gguf_groups(raw: np.ndarray, qtype: Q, shape: tuple[int, ...]) -> GroupQuant
             codes, scale, low = blocks[:, 2:34].view(np.int8), d[:, 0], np.zeros_like(d[:, 0])
         bits = EXACT_BITS[qtype]
     groups = in_f // GROUP_SIZE
-    return GroupQuantized(torch.from_numpy(np.ascontiguousarray(codes, dtype=np.int32)).reshape(out_f, in_f),
+    # One byte per code (not GroupQuantized's usual int32): a Q8_0 embedding's codes are then 28 MB,
+    # not 113, while the load turns them into blocks.
+    code_type = np.uint8 if bits == 4 else np.int8
+    return GroupQuantized(torch.from_numpy(np.ascontiguousarray(codes, dtype=code_type)).reshape(out_f, in_f),
                           torch.from_numpy(np.ascontiguousarray(scale, dtype=np.float32)).reshape(out_f, groups),
                           torch.from_numpy(np.ascontiguousarray(low, dtype=np.float32)).reshape(out_f, groups), bits)
 

@@ -158,12 +158,19 @@ class GGUFFile:
             raise GGUFFormatError(f"tensor {name}: GGML type {info.qtype.name} cannot be dequantised") from None
         return torch.from_numpy(values).reshape(info.shape).to(dtype)
 
-    def release_pages(self) -> None:
-        """Drops the file's pages read so far from this process's resident memory (the mapping stays:
-        a later read brings them back from the page cache). Called once the weights are loaded, so
-        the file's bytes are not counted twice beside the model's own copy."""
-        if getattr(self, "_mm", None) is not None and hasattr(mmap, "MADV_DONTNEED"):
+    def release_pages(self, name: str | None = None) -> None:
+        """Drops the file's pages read so far (or those of tensor `name`) from this process's resident
+        memory (the mapping stays: a later read brings them back from the page cache). Called as each
+        tensor is loaded and once all are, so the file's bytes are not counted beside the model's own
+        copy, neither at the end nor at the load's peak."""
+        if getattr(self, "_mm", None) is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        if name is None:
             self._mm.madvise(mmap.MADV_DONTNEED)
+            return
+        info = self.tensors[name]
+        start = info.offset - info.offset % mmap.PAGESIZE  # madvise takes whole pages
+        self._mm.madvise(mmap.MADV_DONTNEED, start, info.offset + info.nbytes - start)
 
     def close(self) -> None:
         if getattr(self, "_mm", None) is not None:

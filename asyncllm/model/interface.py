@@ -22,6 +22,12 @@ class ModelContext:
     ops: Ops = TORCH_OPS
     parallel: ParallelContext = field(default=SINGLE)
     pipeline: PipelineContext = field(default=SINGLE_STAGE)
+    # Projections that come as exact groups (a GGUF's blocks under quantization, a GPTQ / AWQ /
+    # compressed-tensors / FP8 checkpoint) keep only their blocks from the load on, where the
+    # blocks serve every step: their dense weight is never written, so the load's peak memory is
+    # about the blocks', not the dense model's (the worker sets it where the dense copy would be
+    # dropped anyway: quantized_weights_only, a quantised checkpoint).
+    blocks_only: bool = False
 
 
 # Decoder projections' module names as checkpoints spell them (and Phi-3's fused ones).

@@ -245,7 +245,7 @@ class LlamaFamilyForCausalLM(nn.Module):
         """Packed copies of every projection and of the logits weight (see layers/linear.py)."""
         for projection in self.projections():
             projection.pack()
-        if self.ctx.pipeline.is_last:  # the stage that computes logits
+        if self.ctx.pipeline.is_last and not self.logits_only_blocks:  # the stage that computes logits
             self.logits_linear.pack(self.logits_weight)
 
     def quantize(self, bits: int, int4_rows: int) -> tuple[int, int]:
@@ -258,7 +258,7 @@ class LlamaFamilyForCausalLM(nn.Module):
         fitting = [p for p in projections if int4_shape_supported(p.out_features, p.in_features)]
         for projection in fitting:
             projection.quantize(bits, int4_rows)
-        if not self.ctx.pipeline.is_last:  # no logits on this stage
+        if not self.ctx.pipeline.is_last or self.logits_only_blocks:  # no logits here, or the file's blocks already
             return len(fitting), len(projections) - len(fitting)
         logits = self.logits_weight
         rows = block_quant.logits_block_rows(logits, self.ctx.ops, bits)
@@ -267,14 +267,12 @@ class LlamaFamilyForCausalLM(nn.Module):
             self.logits_quant_max_rows = rows
         return len(fitting), len(projections) - len(fitting)
 
-    def adopt_checkpoint_groups(self, drop_dense: bool) -> tuple[int, int, int]:
-        """After loading a GPTQ / AWQ / compressed-tensors checkpoint: its codes become the C blocks
-        of every projection they fit (Linear.adopt_checkpoint_groups) and, with `drop_dense`, those
-        projections keep no dense weight. → (projections on its blocks, projections dense, bytes freed)."""
+    def checkpoint_block_counts(self) -> tuple[int, int]:
+        """After loading a checkpoint whose projections came as exact groups (a GGUF under
+        quantization, GPTQ / AWQ / compressed-tensors / FP8) → (projections on its codes, projections dense)."""
         projections = self.projections()
-        adopted = [p for p in projections if p.adopt_checkpoint_groups()]
-        freed = sum(p.drop_dense() for p in adopted if p.can_drop_dense) if drop_dense else 0
-        return len(adopted), len(projections) - len(adopted), freed
+        on_blocks = sum(p.on_checkpoint_blocks for p in projections)
+        return on_blocks, len(projections) - on_blocks
 
     def drop_dense_projections(self) -> int:
         """After quantize(): every projection keeps only its C blocks (Linear.drop_dense), and the
@@ -348,17 +346,35 @@ class LlamaFamilyForCausalLM(nn.Module):
             if dest.shape != tensor.shape:
                 raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
                                  f"expected {tuple(dest.shape)}")
-            if isinstance(tensor, GroupedWeight):  # a packed checkpoint's projection: its groups kept for its blocks
-                self.get_submodule(target_name.removesuffix(".weight")).checkpoint_groups[
-                    0 if rows is None else rows[0]] = tensor.groups
-                tensor = tensor.dequantize()
-            dest.copy_(tensor)
+            if isinstance(tensor, GroupedWeight) and target_name == "embed_tokens.weight":
+                self._take_embedding_groups(tensor.groups, dest)
+            elif isinstance(tensor, GroupedWeight):  # a packed checkpoint's projection: its groups become its blocks
+                self.get_submodule(target_name.removesuffix(".weight")).take_checkpoint_groups(
+                    0 if rows is None else rows[0], tensor.groups, keep_dense=not self.ctx.blocks_only)
+            else:
+                dest.copy_(tensor)
             loaded.add(name if rows is None else f"{target_name}:{rows[0]}")
+        for projection in self.projections():  # rows of projections that did not come all as groups
+            projection.finish_checkpoint_groups()
         expected = {n for n in params if not any(f".{f}." in n for f in self._FUSED)}
         expected |= {f"{n}:{rows[0]}" for (n, _), rows in part_offsets.items()}
         missing = expected - loaded
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {sorted(missing)[:4]}")
+
+    def _take_embedding_groups(self, groups, dest: torch.Tensor) -> None:
+        """A GGUF's embedding as exact 8-bit groups: with blocks_only (one rank, tied logits, fp32 on
+        the C kernels) they become the logits' 8-bit copy and the lookup table, and no dense copy is
+        made (113 MB in fp32 for the default model); otherwise the dense weight is written from them."""
+        blocks = BlockQuantWeight.from_groups(groups)
+        blocks.exact = True
+        rows = block_quant.block_rows(dest, self.ctx.ops, 8)
+        if not (self.ctx.blocks_only and self.lm_head is None and groups.bits == 8 and rows and self.ctx.parallel.is_single
+                and self.ctx.pipeline.is_single and dest.dtype == torch.float32):
+            dest.copy_(groups.rounded_once())
+            return
+        self.logits_quant, self.logits_quant_max_rows = blocks, rows
+        self.embed_tokens.keep_only_blocks(blocks)
 
     def _decoder_parameters(self) -> dict[str, nn.Parameter]:
         """The parameters load_weights fills (LLaVA's vision tower loads on its own)."""

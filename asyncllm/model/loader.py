@@ -304,13 +304,18 @@ def _load_gguf(path: str, tokenizer_path: str | None) -> Checkpoint:
             if hf_name is None:
                 raise ValueError(f"{path}: unexpected GGUF tensor {name!r}")
             info = gguf.tensors[name]
-            if exact_bits is not None and EXACT_BITS.get(info.qtype) == exact_bits and is_decoder_projection(hf_name):
+            bits = EXACT_BITS.get(info.qtype) if exact_bits is not None else None
+            # The embedding too where 8-bit blocks hold it (Q8_0, Q5_0): the logits' 8-bit copy, and
+            # the lookup table itself under quantized_weights_only, with no fp32 copy made on the way.
+            if bits is not None and ((bits == exact_bits and is_decoder_projection(hf_name))
+                                     or (bits == 8 and hf_name == "model.embed_tokens.weight")):
                 groups = gguf_groups(gguf.raw(name), info.qtype, info.shape)
                 if permute and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
                     heads = config.num_heads if hf_name.endswith("q_proj.weight") else config.num_kv_heads
                     order = _reverse_llama_permute(torch.arange(info.shape[0]), heads)
                     groups = permute_rows(groups, order)
                 yield hf_name, GroupedWeight(groups)
+                gguf.release_pages(name)  # the groups are a copy
                 continue
             tensor = gguf.load(name, torch.float32)
             if gemma_norms and hf_name.endswith("norm.weight"):
@@ -320,7 +325,8 @@ def _load_gguf(path: str, tokenizer_path: str | None) -> Checkpoint:
             elif permute and hf_name.endswith("k_proj.weight"):
                 tensor = _reverse_llama_permute(tensor, config.num_kv_heads)
             yield hf_name, tensor.to(dtype)
-        gguf.release_pages()  # the model holds its own copy now
+            gguf.release_pages(name)  # the model holds its own copy now
+        gguf.release_pages()
 
     name = str(gguf.metadata.get("general.name") or os.path.splitext(os.path.basename(path))[0])
     projection_bits = {EXACT_BITS.get(info.qtype) for tensor_name, info in gguf.tensors.items()

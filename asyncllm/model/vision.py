@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from asyncllm.model.layers.embedding import uninitialised_embedding
 from asyncllm.model.vision_config import VisionConfig
 
 
@@ -73,7 +74,8 @@ class VisionEmbeddings(nn.Module):
         self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size,
                                          bias=not cfg.has_class_token)  # CLIP's conv has no bias, SigLIP's has
         self.class_embedding = nn.Parameter(torch.empty(cfg.hidden_size)) if cfg.has_class_token else None
-        self.position_embedding = nn.Embedding(cfg.num_patches + (1 if cfg.has_class_token else 0), cfg.hidden_size)
+        self.position_embedding = uninitialised_embedding(cfg.num_patches + (1 if cfg.has_class_token else 0),
+                                                          cfg.hidden_size)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)

@@ -6,6 +6,7 @@ takes the engine config and plain step data, and returns plain results.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -92,12 +93,14 @@ class Worker:
         # keep the file's codes (gguf_blocks.py) instead of a re-quantisation of their values.
         exact_bits = QUANTIZATION_BITS.get(quantization) if checkpoint.format == "gguf" else None
         model = self._build(checkpoint, dtype,
-                            ModelContext(Ops(config.kernels), self.tensor_parallel, self._pipeline(model_cfg)),
+                            ModelContext(Ops(config.kernels), self.tensor_parallel, self._pipeline(model_cfg),
+                                         blocks_only=weights_only),
                             exact_bits=exact_bits if exact_bits in (4, 8) else None)
         if quantization in QUANTIZATION_BITS and checkpoint.quantization is None:
             if model_cfg.is_encoder_only:
                 raise ValueError(f"quantization is not supported for encoder models ({model_cfg.architecture})")
             self._quantize(model, quantization, dtype, weights_only)
+        self._prepack(model, dtype)
         model.eval()
         if args.enable_lora:
             if model_cfg.is_encoder_only:
@@ -107,9 +110,13 @@ class Worker:
                                  f"({model_cfg.architecture})")
             self.lora = LoRAManager(model, args.max_loras, args.max_lora_rank, args.max_cpu_loras or args.max_loras,
                                     config.device, dtype)
-        if args.cpu_malloc_tuning and config.device.type == "cpu":
-            # After the load, so its temporary buffers have gone back to the OS.
-            keep_freed_memory_in_heap()
+        if config.device.type == "cpu":
+            # The load's temporaries (a GGUF tokenizer's conversion: ~320 MB for Gemma 3's 262k
+            # vocabulary; dense copies of weights kept as blocks) back to the OS: malloc keeps
+            # freed memory below its heap top otherwise.
+            return_freed_memory()
+            if args.cpu_malloc_tuning:  # after that, so the load's buffers are not kept
+                keep_freed_memory_in_heap()
         self.model = model
         self.pooler = Pooler(resolve_pooler(args.pooler_config, checkpoint.sentence_transformers,
                                             model_cfg.is_encoder_only).pooling_type)
@@ -133,24 +140,27 @@ class Worker:
                exact_bits: int | None = None) -> torch.nn.Module:
         """The checkpoint's model with its weights loaded (and packed where prepacking applies);
         `exact_bits`: a GGUF's projections that blocks of these bits hold exactly take the file's codes."""
+        if checkpoint.quantization is not None:  # runs from its codes: no dense copy where they serve
+            ctx = dataclasses.replace(ctx, blocks_only=True)
         model = build_model(checkpoint.config, dtype, self.config.device, ctx)
         model.load_weights(checkpoint.weights(dtype, exact_bits=exact_bits))
         if exact_bits is not None:
-            blocks, dense, _ = model.adopt_checkpoint_groups(drop_dense=False)
-            logger.info("GGUF: %d projections keep the file's codes as %d-bit blocks (exact), %d are quantised from "
-                        "their values", blocks, exact_bits, dense)
-        if checkpoint.quantization is not None:  # its codes as C blocks, before packing (none needed)
-            blocks, dense, freed = model.adopt_checkpoint_groups(drop_dense=True)
-            if freed and self.config.device.type == "cpu":
-                return_freed_memory()
-            logger.info("%s checkpoint: %d projections run from its %d-bit codes (%.0f MB of dense weights "
-                        "freed), %d dense (dequantised: act order, other group sizes, or no C kernel "
-                        "for this dtype)", checkpoint.quantization.method, blocks, checkpoint.quantization.bits,
-                        freed / 1e6, dense)
-        ops = Ops(self.config.kernels)
-        if self.config.args.cpu_weight_prepack and prepack_supported(self.config.device, dtype, ops):
-            model.prepack_weights()
+            blocks, dense = model.checkpoint_block_counts()
+            logger.info("GGUF: %d projections keep the file's codes as %d-bit blocks (exact%s), %d are quantised from "
+                        "their values", blocks, exact_bits, ", no dense copy" if ctx.blocks_only else "", dense)
+        if checkpoint.quantization is not None:
+            blocks, dense = model.checkpoint_block_counts()
+            logger.info("%s checkpoint: %d projections run from its %d-bit codes (no dense copy), %d dense "
+                        "(dequantised: act order, other group sizes, or no C kernel for this dtype)",
+                        checkpoint.quantization.method, blocks, checkpoint.quantization.bits, dense)
         return model
+
+    def _prepack(self, model: torch.nn.Module, dtype: torch.dtype) -> None:
+        """The packed copies the steps read (cpu_weight_prepack), made after quantisation so that
+        weights kept only as blocks are never packed (the load's peak stays near the blocks')."""
+        if self.config.args.cpu_weight_prepack and prepack_supported(self.config.device, dtype,
+                                                                     Ops(self.config.kernels)):
+            model.prepack_weights()
 
     def _load_draft(self, speculative, target: Checkpoint, dtype: torch.dtype,
                     kv_dtype: torch.dtype) -> tuple[torch.nn.Module, KVCacheSpec]:
@@ -168,6 +178,7 @@ class Worker:
         model = self._build(draft, dtype, ModelContext(Ops(self.config.kernels)))
         if speculative.quantization is not None:
             model.quantize(QUANTIZATION_BITS[speculative.quantization], int4_rows=int4_max_rows(dtype))
+        self._prepack(model, dtype)
         model.eval()
         return model, KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, args.block_size, kv_dtype)
 
@@ -250,8 +261,6 @@ class Worker:
                     sum(c.exact for c in copies), len(copies), sum(c.nbytes for c in copies) / 1e6)
         if weights_only:
             freed = model.drop_dense_projections()
-            if self.config.device.type == "cpu":
-                return_freed_memory()
             logger.info("%s: kept only the quantised projections, freeing %.0f MB of dense weights and packed copies",
                         scheme, freed / 1e6)
 

@@ -13,11 +13,18 @@ from torch import nn
 from asyncllm.model.parallel import SINGLE, ParallelContext
 
 
+def uninitialised_embedding(rows: int, dim: int) -> nn.Embedding:
+    """nn.Embedding without its random init, which the checkpoint overwrites: on the meta device
+    that init (normal_) imports torch._dynamo and triton, ~140 MB of RSS a CPU engine never uses."""
+    return nn.Embedding(rows, dim, _weight=torch.empty(rows, dim))
+
+
 class VocabParallelEmbedding(nn.Embedding):
     shard_dim = 0
 
     def __init__(self, vocab_size: int, hidden_size: int, parallel: ParallelContext = SINGLE):
-        super().__init__(parallel.local_size(vocab_size, "vocabulary"), hidden_size)
+        rows = parallel.local_size(vocab_size, "vocabulary")
+        super().__init__(rows, hidden_size, _weight=torch.empty(rows, hidden_size))
         self.parallel = parallel
         # quantized_weights_only: the rows as Q8_0 blocks instead of the dense weight (one rank),
         # each looked-up row unpacked as it is read (keep_only_blocks).

@@ -124,21 +124,41 @@ class Linear(nn.Linear):
         self.quantized_max_rows = 0
         self.lora = None  # a LoRAProjection once the worker enables LoRA (asyncllm/lora/layers.py)
         # A packed checkpoint's exact groups of this weight, by first row (fused parts), until
-        # adopt_checkpoint_groups() turns them into the blocks.
+        # every row has come (take_checkpoint_groups turns them into the blocks).
         self.checkpoint_groups: dict[int, GroupQuantized] = {}
 
     def pack(self) -> None:
         if not self.dense_dropped:
             self.prepacked.pack(self.weight)
 
-    def adopt_checkpoint_groups(self) -> bool:
-        """The checkpoint's own codes as this projection's C blocks (exact: the loaded dense weight
-        holds the same values), where every row came as groups and the C kernels read such blocks
-        at this dtype. → whether it did."""
-        parts = [self.checkpoint_groups[row] for row in sorted(self.checkpoint_groups)]
+    def take_checkpoint_groups(self, first_row: int, groups: GroupQuantized, keep_dense: bool) -> None:
+        """Rows [first_row, first_row + n) of the weight as a checkpoint's exact groups. Once every
+        row has come as groups they become the C blocks (where the kernels read such blocks at this
+        dtype), and the dense weight is written only if it is kept (`keep_dense`) or the blocks
+        cannot serve every step alone; rows whose projection is not all groups are written by
+        finish_checkpoint_groups()."""
+        self.checkpoint_groups[first_row] = groups
+        if sum(g.codes.shape[0] for g in self.checkpoint_groups.values()) < self.out_features:
+            return
+        if self._adopt(self.checkpoint_groups) and not keep_dense and self.can_drop_dense:
+            self.checkpoint_groups = {}
+            self.drop_dense()
+            return
+        self.finish_checkpoint_groups()
+
+    @torch.no_grad()
+    def finish_checkpoint_groups(self) -> None:
+        """After the load: rows still held as groups are written into the dense weight."""
+        for first_row, groups in sorted(self.checkpoint_groups.items()):
+            self.weight[first_row:first_row + groups.codes.shape[0]].copy_(groups.rounded_once())
         self.checkpoint_groups = {}
-        if not parts or sum(p.codes.shape[0] for p in parts) != self.out_features or \
-                len({p.bits for p in parts}) != 1:
+
+    def _adopt(self, groups_by_row: dict[int, GroupQuantized]) -> bool:
+        """The checkpoint's own codes as this projection's C blocks (exact: the same values as its
+        dense weight), where one bit width covers every row and the C kernels read such blocks at
+        this dtype. → whether it did."""
+        parts = [groups_by_row[row] for row in sorted(groups_by_row)]
+        if len({p.bits for p in parts}) != 1:
             return False
         rows = block_quant.block_rows(self.weight, self.prepacked.ops, parts[0].bits)
         if not rows:
@@ -149,13 +169,20 @@ class Linear(nn.Linear):
         self.quantized_max_rows = rows
         return True
 
+    @property
+    def on_checkpoint_blocks(self) -> bool:
+        """Whether this projection runs from a checkpoint's own codes (exact blocks)."""
+        return isinstance(self.quantized, BlockQuantWeight) and self.quantized.exact
+
     def quantize(self, bits: int, int4_rows: int) -> None:
         """A `bits`-bit copy: the C kernel's blocks where they serve, for the steps
         block_quant.block_rows says, else torch's int4 layout for steps of at most `int4_rows` rows
         (4 bits only; 8-bit and fp8 copies need the C kernels)."""
+        if self.dense_dropped:
+            return  # kept only the checkpoint's own codes at load (take_checkpoint_groups)
         rows = block_quant.block_rows(self.weight, self.prepacked.ops, bits)
         if rows and isinstance(self.quantized, BlockQuantWeight) and self.quantized.bits == bits:
-            return  # the checkpoint's own codes already (adopt_checkpoint_groups): exact
+            return  # the checkpoint's own codes already (take_checkpoint_groups): exact
         if rows:
             self.quantized = BlockQuantWeight.quantize(self.weight, bits=bits)  # on the weight's device
             self.quantized_max_rows = rows
