@@ -136,6 +136,13 @@ class GGUFFile:
     def architecture(self) -> str:
         return str(self.metadata.get("general.architecture", ""))
 
+    def drop_arrays(self) -> None:
+        """Drops the metadata's arrays (the vocabulary: tokens, scores, token types, merges) once the
+        config and tokenizer are built from them; the scalars stay. A checkpoint keeps its file open
+        for the weights, and the arrays as Python objects took 11 MB for the default model, 33 MB
+        for Gemma 3's 262k-token vocabulary."""
+        self.metadata = {k: v for k, v in self.metadata.items() if not isinstance(v, (list, tuple, np.ndarray))}
+
     def raw(self, name: str) -> np.ndarray:
         """The named tensor's bytes as stored, one row of the tensor per row (a view of the file)."""
         info = self.tensors[name]

@@ -369,8 +369,8 @@ class LlamaFamilyForCausalLM(nn.Module):
         blocks = BlockQuantWeight.from_groups(groups)
         blocks.exact = True
         rows = block_quant.block_rows(dest, self.ctx.ops, 8)
-        if not (self.ctx.blocks_only and self.lm_head is None and groups.bits == 8 and rows and self.ctx.parallel.is_single
-                and self.ctx.pipeline.is_single and dest.dtype == torch.float32):
+        if not (self.ctx.blocks_only and self.lm_head is None and groups.bits == 8 and rows
+                and self.ctx.parallel.is_single and self.ctx.pipeline.is_single and dest.dtype == torch.float32):
             dest.copy_(groups.rounded_once())
             return
         self.logits_quant, self.logits_quant_max_rows = blocks, rows

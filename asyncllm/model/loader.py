@@ -328,6 +328,7 @@ def _load_gguf(path: str, tokenizer_path: str | None) -> Checkpoint:
             gguf.release_pages(name)  # the model holds its own copy now
         gguf.release_pages()
 
+    gguf.drop_arrays()  # config and tokenizer are built
     name = str(gguf.metadata.get("general.name") or os.path.splitext(os.path.basename(path))[0])
     projection_bits = {EXACT_BITS.get(info.qtype) for tensor_name, info in gguf.tensors.items()
                        if is_decoder_projection(gguf_to_hf_name(tensor_name, gguf.architecture) or "")}

@@ -191,14 +191,15 @@ def test_linear_routes_fp32_rows_to_the_kernels(rows, packed, monkeypatch):
     x = torch.randn(rows, 64)
     with torch.no_grad():
         got = layer(x)
-        torch.testing.assert_close(got, torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+        weight = layer.dense_weight()  # the plain weight, or its panel copy's values once pack() freed it
+        torch.testing.assert_close(got, torch.nn.functional.linear(x, weight, layer.bias), atol=1e-5, rtol=1e-5)
         # With a panel copy, PANEL_MIN_ROWS rows and more (every step) read it; without one the
         # few-rows kernel serves up to 8 (one row too: MKL's gemv is slower on some CPUs).
         panel = packed and rows >= cpu_kernels.PANEL_MIN_ROWS
         few = not panel and rows <= cpu_kernels.FEW_ROWS_MAX
         assert calls == {"few": int(few), "panel": int(panel)}
         torch_layer = Linear(64, 32, bias=True, ops=Ops("torch"))
-        torch_layer.load_state_dict(layer.state_dict())
+        torch_layer.load_state_dict({"weight": weight, "bias": layer.bias})
         if packed:
             torch_layer.pack()
         torch_layer(x)
@@ -342,5 +343,32 @@ def test_linear_packs_panels_for_the_c_kernels(dtype, amx, monkeypatch):
     with torch.no_grad():
         for rows in (1, 5, 9, 40):
             x = torch.randn(rows, 64, dtype=dtype)
-            torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), **tolerance)
+            torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.dense_weight(), layer.bias),
+                                       **tolerance)
     assert len(calls) == (4 if panels else 0)  # 1, 5, 9 and 40 rows
+    # Panels serve every step: the plain weight was freed (half the dense memory), its values kept.
+    assert layer.weight_in_panels == panels and (layer.weight.numel() == 0) == panels
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_panels_unpack_to_the_weight_and_serve_any_input_shape_once_it_is_freed(dtype):
+    """unpack_panels is pack_panels' inverse, bit for bit; a Linear that kept only its panels gives
+    for 3-D inputs and empty ones what it gives for the same rows in 2-D, and refuses to quantise."""
+    from asyncllm.model.layers.linear import Linear
+
+    torch.manual_seed(3)
+    for n, k in ((96, 64), (80, 576), (17, 130)):
+        weight = torch.randn(n, k).to(dtype)
+        assert torch.equal(cpu_kernels.unpack_panels(cpu_kernels.pack_panels(weight), n), weight)
+    if dtype == torch.bfloat16 and not cpu_kernels.bf16_kernels_serve():
+        return
+    layer = Linear(64, 48, bias=True, ops=Ops("cpu")).to(dtype)
+    before = layer.weight.detach().clone()
+    layer.pack()
+    assert layer.weight_in_panels and torch.equal(layer.dense_weight(), before)
+    with torch.no_grad():
+        x = torch.randn(2, 5, 64, dtype=dtype)
+        assert torch.equal(layer(x), layer(x.reshape(10, 64)).reshape(2, 5, 48))
+        assert layer(torch.empty(0, 64, dtype=dtype)).shape == (0, 48)
+    with pytest.raises(ValueError, match="before pack"):
+        layer.quantize(8, int4_rows=8)

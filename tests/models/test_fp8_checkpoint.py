@@ -77,7 +77,7 @@ def test_fp8_quantization_of_a_dense_checkpoint_matches_transformers(tiny_models
                              if hasattr(m, "prepacked") and getattr(m, "quantized", None) is None]
         assert dense_projections
         for name, module in dense_projections:
-            assert torch.equal(ours[name].quantized.dequantize(), fp8_per_group(module.weight)), name
+            assert torch.equal(ours[name].quantized.dequantize(), fp8_per_group(module.dense_weight())), name
         hf = helpers.load_hf(dense)
         with torch.no_grad():  # a new parameter each: unties lm_head from the embedding
             for name, module in hf.named_modules():

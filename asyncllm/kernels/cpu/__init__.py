@@ -272,6 +272,15 @@ def pack_panels(weight: torch.Tensor) -> torch.Tensor:
     return packed
 
 
+def unpack_panels(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """pack_panels' inverse: the weight [n, k] back out of its panels (a copy, bit for bit)."""
+    panels, pairs, width = packed.shape
+    if packed.dtype == torch.int32:  # each word two adjacent inputs' bf16 weights, the first in its low half
+        values = packed.view(torch.bfloat16).reshape(panels, pairs, width, 2).permute(0, 2, 1, 3)
+        return values.reshape(panels * width, pairs * 2)[:n].contiguous()
+    return packed.permute(0, 2, 1).reshape(panels * width, pairs)[:n].contiguous()
+
+
 def panels_dtype(packed: torch.Tensor) -> torch.dtype:
     """The dtype of the weight pack_panels made these panels of."""
     return torch.bfloat16 if packed.dtype == torch.int32 else torch.float32

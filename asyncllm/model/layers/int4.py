@@ -45,8 +45,9 @@ def int4_shape_supported(out_features: int, in_features: int) -> bool:
 class GroupQuantized:
     """A weight as integer codes with one scale (and, for 4 bits, one minimum) per group of
     GROUP_SIZE input columns: w ≈ codes * scale + low."""
-    codes: torch.Tensor  # [out_features, in_features] int32 (uint8 / int8 from a GGUF): 0..15 (4 bits), -127..127 (8 bits), e4m3 bytes
-    #                      0..255 (FP8_BITS: the value is the byte read as float8_e4m3fn)
+    # codes: [out_features, in_features] int32 (uint8 / int8 from a GGUF): 0..15 (4 bits), -127..127
+    # (8 bits), e4m3 bytes 0..255 (FP8_BITS: the value is the byte read as float8_e4m3fn)
+    codes: torch.Tensor
     scale: torch.Tensor  # [out_features, in_features / GROUP_SIZE] fp32
     low: torch.Tensor    # same shape; zeros for 8 bits
     bits: int = 4

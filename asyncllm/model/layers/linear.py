@@ -100,15 +100,21 @@ class PackedLinear:
                 return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
         return F.linear(x, weight, bias)
 
-    def silu_and_mul(self, x: torch.Tensor, weight: torch.Tensor,
+    @property
+    def serves_every_step(self) -> bool:
+        """The panel copy takes steps of every row count (PANEL_MIN_ROWS = 1, 2-D inputs): the
+        plain weight is then a second copy of the same values that no step reads."""
+        return self.panels is not None and cpu_kernels.PANEL_MIN_ROWS <= 1
+
+    def silu_and_mul(self, x: torch.Tensor, out_features: int,
                      bias: torch.Tensor | None = None) -> torch.Tensor | None:
         """silu(gate) * up of the fused gate/up projection in one pass over the panels (the same bits
         as linear() then cpu_kernels.silu_and_mul), or None where that kernel does not serve: no
         panel copy, fewer than PANEL_MIN_ROWS rows, or halves that are not whole panels."""
         if not self._takes_panels(x) or self.panels.dtype != torch.float32 or \
-                weight.shape[0] % (2 * self.panels.shape[2]):
+                out_features % (2 * self.panels.shape[2]):
             return None
-        return cpu_kernels.panel_linear_silu(x, self.panels, weight.shape[0], bias)
+        return cpu_kernels.panel_linear_silu(x, self.panels, out_features, bias)
 
 
 class Linear(nn.Linear):
@@ -128,8 +134,30 @@ class Linear(nn.Linear):
         self.checkpoint_groups: dict[int, GroupQuantized] = {}
 
     def pack(self) -> None:
-        if not self.dense_dropped:
-            self.prepacked.pack(self.weight)
+        """The packed copy (after quantisation: a projection kept only as blocks is not packed).
+        Where its panels serve every step and no quantised copy needs the dense weight, the plain
+        weight is freed: the panels hold the same values, and keeping both doubled the dense
+        model's memory (fp32 default model: 424 MB of projections held twice)."""
+        if self.dense_dropped:
+            return
+        self.prepacked.pack(self.weight)
+        if self.quantized is None and self.prepacked.serves_every_step:
+            self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype, device=self.weight.device),
+                                       requires_grad=False)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The weight [out, in] the steps compute with, wherever it lives: the plain weight, its
+        panel copy (unpacked) or, with only blocks kept, the blocks' values."""
+        if self.weight_in_panels:
+            return cpu_kernels.unpack_panels(self.prepacked.panels, self.out_features)
+        if self.dense_dropped:
+            return self.quantized.dequantize()
+        return self.weight.detach()
+
+    @property
+    def weight_in_panels(self) -> bool:
+        """The weight lives in its panel copy alone (pack() freed the plain one)."""
+        return self.weight.numel() == 0 and self.quantized is None and self.prepacked.panels is not None
 
     def take_checkpoint_groups(self, first_row: int, groups: GroupQuantized, keep_dense: bool) -> None:
         """Rows [first_row, first_row + n) of the weight as a checkpoint's exact groups. Once every
@@ -180,6 +208,8 @@ class Linear(nn.Linear):
         (4 bits only; 8-bit and fp8 copies need the C kernels)."""
         if self.dense_dropped:
             return  # kept only the checkpoint's own codes at load (take_checkpoint_groups)
+        if self.weight_in_panels:
+            raise ValueError("quantize() needs the dense weight: call it before pack(), which frees it")
         rows = block_quant.block_rows(self.weight, self.prepacked.ops, bits)
         if rows and isinstance(self.quantized, BlockQuantWeight) and self.quantized.bits == bits:
             return  # the checkpoint's own codes already (take_checkpoint_groups): exact
@@ -236,6 +266,8 @@ class Linear(nn.Linear):
             return out if self.bias is None else out + self.bias
         if self.dense_dropped:
             return self._linear_from_blocks(x)
+        if self.weight_in_panels:
+            return self._linear_from_panels(x)
         return self.prepacked.linear(x, self.weight, self.bias)
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -244,7 +276,16 @@ class Linear(nn.Linear):
         (also in a step with adapters, whose products add to gate/up before the activation)."""
         if self._reads_quantized(x) or self.dense_dropped or (self.lora is not None and self.lora.batch.active):
             return None
-        return self.prepacked.silu_and_mul(x, self.weight, self.bias)
+        return self.prepacked.silu_and_mul(x, self.out_features, self.bias)
+
+    def _linear_from_panels(self, x: torch.Tensor) -> torch.Tensor:
+        """Any input shape, as 2-D rows (what the panels take); the same call, so the same bits, as
+        a step of these rows with the plain weight kept."""
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.shape[0] == 0:
+            return x.new_empty(*x.shape[:-1], self.out_features)
+        out = cpu_kernels.panel_linear(rows, self.prepacked.panels, self.out_features, self.bias)
+        return out.reshape(*x.shape[:-1], self.out_features)
 
     def _linear_from_blocks(self, x: torch.Tensor) -> torch.Tensor:
         out = self.quantized.linear_many_rows(x.reshape(-1, x.shape[-1]), self.bias)  # fp32, as drop_dense asked
