@@ -204,7 +204,7 @@ class LlamaFamilyForCausalLM(nn.Module):
     @property
     def logits_only_blocks(self) -> bool:
         """quantized_weights_only freed the dense logits weight: logits_quant serves every step."""
-        return self.logits_quant is not None and self.logits_weight.numel() == 0
+        return self.logits_quant is not None and self.logits_weight.numel() == 0 and not self.logits_linear.is_packed
 
     @property
     def logits_weight(self) -> torch.Tensor:
@@ -247,6 +247,18 @@ class LlamaFamilyForCausalLM(nn.Module):
             projection.pack()
         if self.ctx.pipeline.is_last and not self.logits_only_blocks:  # the stage that computes logits
             self.logits_linear.pack(self.logits_weight)
+            if self.logits_linear.serves_every_step:
+                self._logits_weight_in_panels()
+
+    def _logits_weight_in_panels(self) -> None:
+        """The logits' panel copy serves every step, so the plain logits weight is freed: an untied
+        lm_head's, or a tied embedding's, whose lookups then read their rows from those panels (one
+        rank and stage: the embedding is not split there)."""
+        if self.lm_head is not None:
+            empty = torch.empty(0, self.lm_head.in_features, dtype=self.lm_head.weight.dtype)
+            self.lm_head.weight = nn.Parameter(empty, requires_grad=False)
+        elif self.ctx.parallel.is_single and self.ctx.pipeline.is_single and self.embed_tokens.blocks is None:
+            self.embed_tokens.read_rows_from_panels(self.logits_linear.panels)
 
     def quantize(self, bits: int, int4_rows: int) -> tuple[int, int]:
         """`bits`-bit copies of the projections whose shape the layouts take (whole groups of 32

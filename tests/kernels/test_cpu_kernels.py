@@ -351,6 +351,29 @@ def test_linear_packs_panels_for_the_c_kernels(dtype, amx, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_tied_embedding_reads_its_rows_from_the_logits_panels(dtype):
+    """Rows looked up in pack_panels' layout are the weight's rows, bit for bit, for any id shape."""
+    from asyncllm.model.layers.embedding import VocabParallelEmbedding
+
+    torch.manual_seed(4)
+    weight = torch.randn(100, 64).to(dtype)  # 100 rows: the last panel part-filled
+    embedding = VocabParallelEmbedding(100, 64).to(dtype)
+    embedding.weight.data.copy_(weight)
+    assert embedding.read_rows_from_panels(cpu_kernels.pack_panels(weight)) == weight.numel() * weight.element_size()
+    ids = torch.tensor([[0, 99, 17], [16, 15, 47]])
+    assert embedding.weight.numel() == 0 and torch.equal(embedding(ids), weight[ids])
+
+
+def test_the_default_model_holds_each_weight_once(default_llm):
+    """fp32 on the C kernels: projections and the tied embedding / logits weight live in their
+    panel copies alone (each step reads those), the embedding's lookups too."""
+    model = default_llm.engine.core.executor.worker.runner.model
+    assert all(p.weight_in_panels for p in model.projections())
+    assert model.embed_tokens.weight.numel() == 0 and model.embed_tokens.panels is model.logits_linear.panels
+    assert not model.logits_only_blocks
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_panels_unpack_to_the_weight_and_serve_any_input_shape_once_it_is_freed(dtype):
     """unpack_panels is pack_panels' inverse, bit for bit; a Linear that kept only its panels gives
     for 3-D inputs and empty ones what it gives for the same rows in 2-D, and refuses to quantise."""

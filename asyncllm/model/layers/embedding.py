@@ -29,6 +29,9 @@ class VocabParallelEmbedding(nn.Embedding):
         # quantized_weights_only: the rows as Q8_0 blocks instead of the dense weight (one rank),
         # each looked-up row unpacked as it is read (keep_only_blocks).
         self.blocks = None
+        # Tied logits on panels that serve every step: the rows read from that panel copy instead
+        # of a second copy of the same values (read_rows_from_panels).
+        self.panels: torch.Tensor | None = None
 
     def keep_only_blocks(self, blocks) -> int:
         """Looks rows up in `blocks` (a BlockQuantWeight of this weight) and frees the dense weight. → bytes freed."""
@@ -39,9 +42,30 @@ class VocabParallelEmbedding(nn.Embedding):
         self.weight = nn.Parameter(torch.empty(0, self.embedding_dim, dtype=self.weight.dtype), requires_grad=False)
         return freed
 
+    def read_rows_from_panels(self, panels: torch.Tensor) -> int:
+        """Looks rows up in the tied logits' panel copy of this weight (cpu_kernels.pack_panels'
+        layout: row r is column r % width of panel r // width) and frees the dense weight: the same
+        values, held once (113 MB in fp32 for the default model). One rank. → bytes freed."""
+        if not self.parallel.is_single:
+            raise ValueError("an embedding read from panels is not supported over several ranks")
+        freed = self.weight.numel() * self.weight.element_size()
+        self.panels = panels
+        self.weight = nn.Parameter(torch.empty(0, self.embedding_dim, dtype=self.weight.dtype), requires_grad=False)
+        return freed
+
+    def _rows_from_panels(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        width = self.panels.shape[2]
+        rows = self.panels[flat // width, :, flat % width]  # [tokens, k] (bf16: k / 2 words of two inputs each)
+        if self.panels.dtype == torch.int32:
+            rows = rows.contiguous().view(torch.bfloat16)  # each word's low half is the first input
+        return rows.reshape(*ids.shape, self.embedding_dim)
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.blocks is not None:
             return self.blocks.take(ids).to(self.weight.dtype)
+        if self.panels is not None:
+            return self._rows_from_panels(ids)
         if self.parallel.is_single:
             return super().forward(ids)
         first = self.parallel.rank * self.num_embeddings

@@ -69,8 +69,10 @@ class PackedLinear:
         self.panels: torch.Tensor | None = None  # panel_linear's layout
         self.min_rows = 2
         self.ops = ops
+        self.out_features = 0  # the packed weight's rows (the plain weight may be freed once packed)
 
     def pack(self, weight: torch.Tensor) -> None:
+        self.out_features = weight.shape[0]
         if self.ops.c_kernels and cpu_kernels.panel_weight_supported(weight) and (
                 weight.dtype == torch.float32 or cpu_kernels.bf16_kernels_serve()):
             self.panels, self.packed = cpu_kernels.pack_panels(weight.detach()), None
@@ -89,7 +91,7 @@ class PackedLinear:
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self._takes_panels(x):
-            return cpu_kernels.panel_linear(x, self.panels, weight.shape[0], bias)
+            return cpu_kernels.panel_linear(x, self.panels, self.out_features, bias)
         # fp32 only (bf16's packed AMX path is faster). One row too: MKL's gemv is no faster on
         # Intel and 2.5-3.3x slower on AMD EPYC (projections 26 vs 10 ms, logits 6.7 vs 2.0 ms).
         if self.ops.c_kernels and x.dtype == torch.float32 and cpu_kernels.few_rows_supported(x, weight):
