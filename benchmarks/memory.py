@@ -2,9 +2,10 @@
 
 Each variant loads in a fresh process, in stages:
 
-  runtime   RSS after `import asyncllm, torch` and the libraries that opening a checkpoint imports
-            (transformers' config, the GGUF tokenizer's conversion), measured by opening the same
-            checkpoint once and dropping it first: the process any model of this engine needs
+  runtime   RSS after `import asyncllm, torch`, the libraries that opening a checkpoint imports
+            (transformers' config, the GGUF tokenizer's conversion; measured by opening the same
+            checkpoint once and dropping it first) and torch's thread pool: the process any model
+            of this engine needs
   weights   RSS added by `LLM(model)` with a small KV cache, minus the KV cache's resident pages:
             the model's own memory (issue 33's measure, against the GGUF file's size)
   peak      the highest RSS during that load (ru_maxrss) above `runtime`
@@ -43,7 +44,7 @@ def measure(model: str | None, engine_args: dict, prompts: int, prompt_tokens: i
     """In this process (a fresh one: memory.py runs each variant apart)."""
     import gc
 
-    import torch  # noqa: F401  (the runtime, not the model)
+    import torch
 
     from asyncllm import LLM, SamplingParams
     from asyncllm.model.loader import load_checkpoint
@@ -60,6 +61,7 @@ def measure(model: str | None, engine_args: dict, prompts: int, prompt_tokens: i
 
     checkpoint = load_checkpoint(model)  # imports what opening a checkpoint needs; dropped again
     del checkpoint
+    torch.ones(512, 512) @ torch.ones(512, 512)  # the thread pool's stacks (~9 MB on 2 cores): runtime too
     gc.collect()
     return_freed_memory()
     runtime = rss_mb()
