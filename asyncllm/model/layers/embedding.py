@@ -35,21 +35,23 @@ class VocabParallelEmbedding(nn.Embedding):
 
     def keep_only_blocks(self, blocks) -> int:
         """Looks rows up in `blocks` (a BlockQuantWeight of this weight) and frees the dense weight. → bytes freed."""
-        if not self.parallel.is_single:
-            raise ValueError("an embedding kept as blocks is not supported over several ranks")
-        freed = self.weight.numel() * self.weight.element_size()
+        freed = self._free_weight("kept as blocks")
         self.blocks = blocks
-        self.weight = nn.Parameter(torch.empty(0, self.embedding_dim, dtype=self.weight.dtype), requires_grad=False)
         return freed
 
     def read_rows_from_panels(self, panels: torch.Tensor) -> int:
         """Looks rows up in the tied logits' panel copy of this weight (cpu_kernels.pack_panels'
         layout: row r is column r % width of panel r // width) and frees the dense weight: the same
         values, held once (113 MB in fp32 for the default model). One rank. → bytes freed."""
-        if not self.parallel.is_single:
-            raise ValueError("an embedding read from panels is not supported over several ranks")
-        freed = self.weight.numel() * self.weight.element_size()
+        freed = self._free_weight("read from panels")
         self.panels = panels
+        return freed
+
+    def _free_weight(self, instead: str) -> int:
+        """Frees the dense weight of one rank's whole embedding, read from another copy. → bytes freed."""
+        if not self.parallel.is_single:
+            raise ValueError(f"an embedding {instead} is not supported over several ranks")
+        freed = self.weight.numel() * self.weight.element_size()
         self.weight = nn.Parameter(torch.empty(0, self.embedding_dim, dtype=self.weight.dtype), requires_grad=False)
         return freed
 
