@@ -378,13 +378,13 @@ class LlamaFamilyForCausalLM(nn.Module):
         """A GGUF's embedding as exact 8-bit groups: with blocks_only (one rank, tied logits, fp32 on
         the C kernels) they become the logits' 8-bit copy and the lookup table, and no dense copy is
         made (113 MB in fp32 for the default model); otherwise the dense weight is written from them."""
-        blocks = BlockQuantWeight.from_groups(groups)
-        blocks.exact = True
         rows = block_quant.block_rows(dest, self.ctx.ops, 8)
         if not (self.ctx.blocks_only and self.lm_head is None and groups.bits == 8 and rows
                 and self.ctx.parallel.is_single and self.ctx.pipeline.is_single and dest.dtype == torch.float32):
             dest.copy_(groups.rounded_once())
             return
+        blocks = BlockQuantWeight.from_groups(groups)
+        blocks.exact = True
         self.logits_quant, self.logits_quant_max_rows = blocks, rows
         self.embed_tokens.keep_only_blocks(blocks)
 

@@ -138,8 +138,9 @@ class Worker:
 
     def _build(self, checkpoint: Checkpoint, dtype: torch.dtype, ctx: ModelContext,
                exact_bits: int | None = None) -> torch.nn.Module:
-        """The checkpoint's model with its weights loaded (and packed where prepacking applies);
-        `exact_bits`: a GGUF's projections that blocks of these bits hold exactly take the file's codes."""
+        """The checkpoint's model with its weights loaded, not yet packed (_prepack, after any
+        quantisation); `exact_bits`: a GGUF's projections that blocks of these bits hold exactly take
+        the file's codes."""
         if checkpoint.quantization is not None:  # runs from its codes: no dense copy where they serve
             ctx = dataclasses.replace(ctx, blocks_only=True)
         model = build_model(checkpoint.config, dtype, self.config.device, ctx)

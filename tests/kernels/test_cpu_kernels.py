@@ -388,6 +388,7 @@ def test_panels_unpack_to_the_weight_and_serve_any_input_shape_once_it_is_freed(
     layer = Linear(64, 48, bias=True, ops=Ops("cpu")).to(dtype)
     before = layer.weight.detach().clone()
     layer.pack()
+    layer.pack()  # a second call keeps what the first made
     assert layer.weight_in_panels and torch.equal(layer.dense_weight(), before)
     with torch.no_grad():
         x = torch.randn(2, 5, 64, dtype=dtype)

@@ -140,8 +140,8 @@ class Linear(nn.Linear):
         Where its panels serve every step and no quantised copy needs the dense weight, the plain
         weight is freed: the panels hold the same values, and keeping both doubled the dense
         model's memory (fp32 default model: 424 MB of projections held twice)."""
-        if self.dense_dropped:
-            return
+        if self.dense_dropped or self.weight_in_panels:
+            return  # nothing to pack from: blocks alone, or packed already
         self.prepacked.pack(self.weight)
         if self.quantized is None and self.prepacked.serves_every_step:
             self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype, device=self.weight.device),
