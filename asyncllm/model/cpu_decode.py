@@ -37,12 +37,12 @@ def _projection_fits(p) -> bool:
     """fp32, and either blocks for every step the stack takes, its panel copy, or a dense weight
     whose shape the few-rows matmul takes (torch's int4 layout: none of these); or bf16 with its
     panel copy (what the per-op path reads at every row count, so both give the same bits)."""
-    if p.weight.dtype == torch.bfloat16:
-        return _reads_panels(p)
+    if _reads_panels(p):
+        return p.weight.dtype in (torch.float32, torch.bfloat16)
     if p.weight.dtype != torch.float32:
         return False
     if p.quantized is None:
-        return _reads_panels(p) or cpu_kernels.few_rows_weight_supported(p.weight)
+        return cpu_kernels.few_rows_weight_supported(p.weight)
     return isinstance(p.quantized, BlockQuantWeight) and p.quantized_max_rows >= MAX_ROWS
 
 

@@ -255,8 +255,7 @@ class LlamaFamilyForCausalLM(nn.Module):
         lm_head's, or a tied embedding's, whose lookups then read their rows from those panels (one
         rank and stage: the embedding is not split there)."""
         if self.lm_head is not None:
-            empty = torch.empty(0, self.lm_head.in_features, dtype=self.lm_head.weight.dtype)
-            self.lm_head.weight = nn.Parameter(empty, requires_grad=False)
+            self.lm_head.free_weight()
         elif self.ctx.parallel.is_single and self.ctx.pipeline.is_single and self.embed_tokens.blocks is None:
             self.embed_tokens.read_rows_from_panels(self.logits_linear.panels)
 
@@ -315,9 +314,7 @@ class LlamaFamilyForCausalLM(nn.Module):
         self.logits_linear = PackedLinear(self.ctx.ops)
         freed += self.embed_tokens.keep_only_blocks(embedding)
         if self.lm_head is not None:
-            freed += self.lm_head.weight.numel() * self.lm_head.weight.element_size()
-            empty = torch.empty(0, self.lm_head.in_features, dtype=self.lm_head.weight.dtype)
-            self.lm_head.weight = nn.Parameter(empty, requires_grad=False)
+            freed += self.lm_head.free_weight()
         return freed
 
     # ------------------------------------------------------------------ weights

@@ -272,13 +272,18 @@ def pack_panels(weight: torch.Tensor) -> torch.Tensor:
     return packed
 
 
+def panel_rows(packed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows `rows` [m] of the weight pack_panels packed → [m, k] in its dtype, bit for bit: row r is
+    column r % width of panel r // width (bf16: each int32 word two adjacent inputs, the first in its
+    low half)."""
+    width = packed.shape[2]
+    values = packed[rows // width, :, rows % width]  # [m, k] (bf16: [m, k / 2] words)
+    return values.contiguous().view(torch.bfloat16) if packed.dtype == torch.int32 else values
+
+
 def unpack_panels(packed: torch.Tensor, n: int) -> torch.Tensor:
     """pack_panels' inverse: the weight [n, k] back out of its panels (a copy, bit for bit)."""
-    panels, pairs, width = packed.shape
-    if packed.dtype == torch.int32:  # each word two adjacent inputs' bf16 weights, the first in its low half
-        values = packed.view(torch.bfloat16).reshape(panels, pairs, width, 2).permute(0, 2, 1, 3)
-        return values.reshape(panels * width, pairs * 2)[:n].contiguous()
-    return packed.permute(0, 2, 1).reshape(panels * width, pairs)[:n].contiguous()
+    return panel_rows(packed, torch.arange(n))
 
 
 def panels_dtype(packed: torch.Tensor) -> torch.dtype:

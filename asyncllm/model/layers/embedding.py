@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from asyncllm.kernels import cpu as cpu_kernels
 from asyncllm.model.parallel import SINGLE, ParallelContext
 
 
@@ -55,19 +56,11 @@ class VocabParallelEmbedding(nn.Embedding):
         self.weight = nn.Parameter(torch.empty(0, self.embedding_dim, dtype=self.weight.dtype), requires_grad=False)
         return freed
 
-    def _rows_from_panels(self, ids: torch.Tensor) -> torch.Tensor:
-        flat = ids.reshape(-1)
-        width = self.panels.shape[2]
-        rows = self.panels[flat // width, :, flat % width]  # [tokens, k] (bf16: k / 2 words of two inputs each)
-        if self.panels.dtype == torch.int32:
-            rows = rows.contiguous().view(torch.bfloat16)  # each word's low half is the first input
-        return rows.reshape(*ids.shape, self.embedding_dim)
-
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.blocks is not None:
             return self.blocks.take(ids).to(self.weight.dtype)
         if self.panels is not None:
-            return self._rows_from_panels(ids)
+            return cpu_kernels.panel_rows(self.panels, ids.reshape(-1)).reshape(*ids.shape, self.embedding_dim)
         if self.parallel.is_single:
             return super().forward(ids)
         first = self.parallel.rank * self.num_embeddings
@@ -87,3 +80,10 @@ class ParallelLMHead(nn.Linear):
     def __init__(self, hidden_size: int, vocab_size: int, parallel: ParallelContext = SINGLE):
         super().__init__(hidden_size, parallel.local_size(vocab_size, "vocabulary"), bias=False)
         self.parallel = parallel
+
+    def free_weight(self) -> int:
+        """Frees the weight once the logits are read from another copy of it (blocks or panels). → bytes freed."""
+        freed = self.weight.numel() * self.weight.element_size()
+        empty = torch.empty(0, self.in_features, dtype=self.weight.dtype)
+        self.weight = nn.Parameter(empty, requires_grad=False)
+        return freed

@@ -108,15 +108,14 @@ class PackedLinear:
         plain weight is then a second copy of the same values that no step reads."""
         return self.panels is not None and cpu_kernels.PANEL_MIN_ROWS <= 1
 
-    def silu_and_mul(self, x: torch.Tensor, out_features: int,
-                     bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    def silu_and_mul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
         """silu(gate) * up of the fused gate/up projection in one pass over the panels (the same bits
         as linear() then cpu_kernels.silu_and_mul), or None where that kernel does not serve: no
         panel copy, fewer than PANEL_MIN_ROWS rows, or halves that are not whole panels."""
         if not self._takes_panels(x) or self.panels.dtype != torch.float32 or \
-                out_features % (2 * self.panels.shape[2]):
+                self.out_features % (2 * self.panels.shape[2]):
             return None
-        return cpu_kernels.panel_linear_silu(x, self.panels, out_features, bias)
+        return cpu_kernels.panel_linear_silu(x, self.panels, self.out_features, bias)
 
 
 class Linear(nn.Linear):
@@ -278,19 +277,21 @@ class Linear(nn.Linear):
         (also in a step with adapters, whose products add to gate/up before the activation)."""
         if self._reads_quantized(x) or self.dense_dropped or (self.lora is not None and self.lora.batch.active):
             return None
-        return self.prepacked.silu_and_mul(x, self.out_features, self.bias)
+        return self.prepacked.silu_and_mul(x, self.bias)
 
     def _linear_from_panels(self, x: torch.Tensor) -> torch.Tensor:
-        """Any input shape, as 2-D rows (what the panels take); the same call, so the same bits, as
-        a step of these rows with the plain weight kept."""
-        rows = x.reshape(-1, x.shape[-1])
-        if rows.shape[0] == 0:
-            return x.new_empty(*x.shape[:-1], self.out_features)
-        out = cpu_kernels.panel_linear(rows, self.prepacked.panels, self.out_features, self.bias)
-        return out.reshape(*x.shape[:-1], self.out_features)
+        """The same call, so the same bits, as a step of these rows with the plain weight kept."""
+        return self._on_rows(x, lambda rows: cpu_kernels.panel_linear(rows, self.prepacked.panels,
+                                                                      self.out_features, self.bias))
 
     def _linear_from_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.quantized.linear_many_rows(x.reshape(-1, x.shape[-1]), self.bias)  # fp32, as drop_dense asked
+        """fp32, as drop_dense asked: the panel GEMM on panels unpacked from the blocks."""
+        return self._on_rows(x, lambda rows: self.quantized.linear_many_rows(rows, self.bias))
+
+    def _on_rows(self, x: torch.Tensor, matmul) -> torch.Tensor:
+        """x of any shape as the 2-D rows these kernels take, and the output back in x's shape."""
+        rows = x.reshape(-1, x.shape[-1])
+        out = matmul(rows) if rows.shape[0] else rows.new_empty(0, self.out_features)
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
